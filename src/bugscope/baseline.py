@@ -1,0 +1,76 @@
+"""The unpatched model's answers: decision logit differences, accuracy per format, greedy check."""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from bugscope.forward import decision_logits, iter_batches, logit_diff
+from bugscope.stats import bootstrap_mean_ci
+
+_NUMBER = re.compile(r"\d+\.\d+")
+
+
+def score_prompts(model, rows: Sequence[dict], *, batch_size: int, pad_token_id: int) -> pl.DataFrame:
+    """One row per prompt: prompt_id, logit_diff (correct minus wrong), is_correct."""
+    device = next(model.parameters()).device
+    ids, diffs = [], []
+    for batch in tqdm(list(iter_batches(rows, batch_size, pad_token_id, device)), desc="scoring", unit="batch"):
+        diffs.append(logit_diff(decision_logits(model, batch), batch))
+        ids.append(batch.prompt_ids)
+    diff = torch.cat(diffs)
+    return pl.DataFrame({
+        "prompt_id": torch.cat(ids).numpy().astype("int32"),
+        "logit_diff": diff.numpy().astype("float64"),
+        "is_correct": (diff > 0).numpy(),
+    })
+
+
+def accuracy_by_format(scores: pl.DataFrame, *, n_resamples: int, confidence: float, seed: int) -> pl.DataFrame:
+    """Accuracy and mean logit difference per format, each with a bootstrap CI over prompts."""
+    out = []
+    for fmt in sorted(scores["format"].unique().to_list()):
+        sub = scores.filter(pl.col("format") == fmt)
+        acc, acc_lo, acc_hi = bootstrap_mean_ci(sub["is_correct"].cast(pl.Float64).to_numpy(),
+                                                n_resamples=n_resamples, confidence=confidence, seed=seed)
+        ld, ld_lo, ld_hi = bootstrap_mean_ci(sub["logit_diff"].to_numpy(),
+                                             n_resamples=n_resamples, confidence=confidence, seed=seed)
+        out.append({"format": fmt, "n_prompts": sub.height, "accuracy": acc, "accuracy_low": acc_lo,
+                    "accuracy_high": acc_hi, "mean_logit_diff": ld, "logit_diff_low": ld_lo,
+                    "logit_diff_high": ld_hi, "confidence": confidence})
+    return pl.DataFrame(out)
+
+
+def parse_answer(generated: str, correct: str, wrong: str) -> str:
+    """'correct', 'wrong' or 'other': the first decimal number in the generated text."""
+    m = _NUMBER.search(generated)
+    if not m:
+        return "other"
+    return {correct: "correct", wrong: "wrong"}.get(m.group(0), "other")
+
+
+@torch.inference_mode()
+def greedy_check(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int, batch_size: int,
+                 add_special_tokens: bool = True) -> pl.DataFrame:
+    """Greedy continuation of each prompt text; one row per prompt with the parsed answer.
+
+    `generate` derives position_ids from the left-padded attention mask itself. Texts rendered by
+    a chat template carry their special tokens already: pass add_special_tokens=False for them.
+    """
+    device = next(model.parameters()).device
+    out = []
+    for start in tqdm(range(0, len(rows), batch_size), desc="greedy check", unit="batch"):
+        chunk = rows[start:start + batch_size]
+        enc = tokenizer([r["text"] for r in chunk], return_tensors="pt", padding=True,
+                        add_special_tokens=add_special_tokens).to(device)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for r, text in zip(chunk, texts):
+            out.append({"prompt_id": r["prompt_id"], "generated": text,
+                        "generated_answer": parse_answer(text, r["correct"], r["wrong"])})
+    return pl.DataFrame(out, schema={"prompt_id": pl.Int32, "generated": pl.String, "generated_answer": pl.String})

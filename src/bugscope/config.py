@@ -1,0 +1,133 @@
+"""Config validation: the JSON schema (`config.schema.yaml`) plus the checks a schema cannot say.
+
+`validate_config` fills in every default, so the rest of the code reads keys without fallbacks.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. The message says which key, what was found and how to fix it."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(resources.files("bugscope").joinpath("config.schema.yaml").read_text())
+
+
+def _with_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    def fill_additional(validator, additional, instance, schema):
+        # Defaults inside additionalProperties (e.g. each prompt format) are filled too.
+        if isinstance(instance, dict) and isinstance(additional, dict):
+            known = schema.get("properties", {})
+            for name, value in instance.items():
+                if name not in known and isinstance(value, dict):
+                    for key, sub in additional.get("properties", {}).items():
+                        if "default" in sub and key not in value:
+                            value[key] = copy.deepcopy(sub["default"])
+        yield from jsonschema.Draft202012Validator.VALIDATORS["additionalProperties"](
+            validator, additional, instance, schema
+        )
+
+    return jsonschema.validators.extend(
+        validator_class, {"properties": set_defaults, "additionalProperties": fill_additional}
+    )
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def validate_config(config: dict, source: str = "config") -> dict:
+    """Return a validated copy of `config` with every default filled in; raise ConfigError."""
+    config = copy.deepcopy(dict(config))
+    errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        raise ConfigError(
+            f"Invalid config ({source}): at key '{_where(e)}': {e.message}. "
+            "See config/README.md for every key, its type and its default, and fix that entry "
+            f"({len(errors)} problem(s) in all)."
+        )
+    _check_semantics(config, source)
+    return config
+
+
+def _check_semantics(config: dict, source: str) -> None:
+    n = config["model"]["num_layers"]
+    layers = config["layers"]
+    if layers != "all":
+        bad = [layer for layer in layers if layer >= n]
+        if bad:
+            raise ConfigError(
+                f"Invalid config ({source}): layers {bad} are out of range for "
+                f"{config['model']['name']}, which has layers 0..{n - 1} (model.num_layers={n}). "
+                "Remove them from 'layers' or fix model.num_layers."
+            )
+    prompts = config["prompts"]
+    for key in ("buggy_format", "correct_format"):
+        if prompts[key] not in prompts["formats"]:
+            raise ConfigError(
+                f"Invalid config ({source}): prompts.{key} is {prompts[key]!r}, which is not one "
+                f"of the formats defined in prompts.formats ({', '.join(prompts['formats'])})."
+            )
+    if prompts["buggy_format"] == prompts["correct_format"]:
+        raise ConfigError(
+            f"Invalid config ({source}): prompts.buggy_format and prompts.correct_format are both "
+            f"{prompts['buggy_format']!r}; the study contrasts two different formats."
+        )
+    for name, fmt in prompts["formats"].items():
+        if fmt.get("chat_template") == ("template" in fmt):
+            raise ConfigError(
+                f"Invalid config ({source}): prompts.formats.{name} must have either a 'template' "
+                "containing {question} or 'chat_template: true', not both or neither."
+            )
+    if "{a}" not in prompts["question"] or "{b}" not in prompts["question"]:
+        raise ConfigError(
+            f"Invalid config ({source}): prompts.question must contain both {{a}} and {{b}}."
+        )
+    lo, hi = prompts["integer_range"]
+    if lo > hi:
+        raise ConfigError(f"Invalid config ({source}): prompts.integer_range {lo}..{hi} is empty.")
+
+
+def load_config(path: str | Path) -> dict:
+    with open(path) as fh:
+        raw = yaml.safe_load(fh) or {}
+    return validate_config(raw, source=str(path))
+
+
+def analysed_layers(config: dict) -> list[int]:
+    layers = config["layers"]
+    return list(range(config["model"]["num_layers"])) if layers == "all" else sorted(layers)
+
+
+def config_hash(config: dict, *sections: str) -> str:
+    """Hash of the config sections a table depends on (all of them when none are named).
+
+    Stored in every table so that readers can refuse a stale one. Naming the sections keeps an
+    edit to, say, the figure settings from invalidating the activation cache.
+    """
+    part = {k: config.get(k) for k in sections} if sections else config
+    blob = json.dumps(part, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

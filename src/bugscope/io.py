@@ -1,0 +1,164 @@
+"""Crash-safe files and provenance-carrying Parquet tables.
+
+Every file the pipeline writes goes through `atomic_path`: it is written under a temporary name in
+its final folder, fsynced and renamed, so a killed job never leaves a file that looks complete.
+Every Parquet table carries `bugscope.*` metadata (kind, config hash, model, ...) and readers refuse
+a table whose kind or config hash is not the one they expect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+META_PREFIX = "bugscope."
+TMP_MARKER = ".tmp-"
+
+
+class StaleTableError(RuntimeError):
+    """A Parquet table is truncated, foreign or was written under another config."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; on success fsync it and rename it into place.
+
+    On any exception the temporary file or folder is removed and `final` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=final.name + TMP_MARKER, dir=final.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=final.name + TMP_MARKER, dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        files = [p for p in tmp.rglob("*") if p.is_file()] if is_dir else [tmp]
+        for f in files:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if is_dir and final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def encode_metadata(meta: Mapping[str, object]) -> dict[bytes, bytes]:
+    return {(META_PREFIX + k).encode(): json.dumps(v, sort_keys=True).encode() for k, v in meta.items()}
+
+
+def decode_metadata(raw: Mapping[bytes, bytes] | None) -> dict[str, object]:
+    out = {}
+    for k, v in (raw or {}).items():
+        key = k.decode()
+        if key.startswith(META_PREFIX):
+            out[key[len(META_PREFIX):]] = json.loads(v)
+    return out
+
+
+def with_metadata(table: pa.Table, meta: Mapping[str, object]) -> pa.Table:
+    existing = dict(table.schema.metadata or {})
+    existing.update(encode_metadata(meta))
+    return table.replace_schema_metadata(existing)
+
+
+def write_table(table: pa.Table, path: str | os.PathLike, meta: Mapping[str, object]) -> None:
+    """Write `table` atomically with provenance `meta` (must include `kind`)."""
+    if "kind" not in meta:
+        raise ValueError("table metadata must name its kind")
+    table = with_metadata(table, meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, object]:
+    try:
+        return decode_metadata(pq.read_schema(path).metadata)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise StaleTableError(
+            f"{path} is not a readable Parquet file ({err}). It is truncated or foreign: delete it "
+            "and rerun the rule that writes it (snakemake --cores all --forcerun <rule>)."
+        ) from err
+
+
+def check_metadata(path, meta: Mapping[str, object], *, kind: str, config_hash: str | None) -> None:
+    found_kind = meta.get("kind")
+    if found_kind != kind:
+        raise StaleTableError(
+            f"{path} holds a {found_kind or 'non-bugscope'} table where a '{kind}' table was expected. "
+            "It was not written by this pipeline step: delete it and rerun the rule that writes it."
+        )
+    if config_hash is not None and meta.get("config_hash") != config_hash:
+        raise StaleTableError(
+            f"{path} was written under config hash {meta.get('config_hash')}, but the current config "
+            f"hashes to {config_hash}. It is stale: rerun the rule that writes it "
+            "(snakemake --cores all --rerun-triggers mtime params input)."
+        )
+
+
+def read_table(path, *, kind: str, config_hash: str | None = None, columns=None) -> tuple[pa.Table, dict]:
+    """Read a bugscope table, checking its kind and (if given) the config hash it was made under."""
+    meta = read_metadata(path)
+    check_metadata(path, meta, kind=kind, config_hash=config_hash)
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise StaleTableError(f"{path} cannot be read ({err}): rerun the rule that writes it.") from err
+    return table, meta
+
+
+# --- dense vectors in Parquet -------------------------------------------------------------------
+
+STORAGE_DTYPES = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
+
+
+def vectors_to_arrow(x: torch.Tensor, dtype: str) -> pa.FixedSizeListArray:
+    """[n, d] tensor -> FixedSizeList column. bfloat16 is stored as its raw 16 bits (uint16)."""
+    n, d = x.shape
+    x = x.detach().cpu()
+    if dtype == "bfloat16":
+        flat = x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    elif dtype == "float16":
+        flat = x.to(torch.float16).numpy().reshape(-1)
+    else:
+        flat = x.to(torch.float32).numpy().reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=STORAGE_DTYPES[dtype]), d)
+
+
+def arrow_to_vectors(col: pa.ChunkedArray | pa.FixedSizeListArray, dtype: str) -> torch.Tensor:
+    """Inverse of `vectors_to_arrow`, always returning float32 [n, d]."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    d = col.type.list_size
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    if dtype == "bfloat16":
+        t = torch.from_numpy(flat.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(flat))
+    return t.to(torch.float32).reshape(-1, d)

@@ -1,0 +1,34 @@
+"""The results layout: the one place that decides where every output lives.
+
+Snakemake rules (workflow/rules/common.smk) and tests both read paths from here. `{hook}` is a
+hook name such as `blocks.10.hook_resid_post` (see `bugscope.sites`); `{dataset}` is `prompts`
+(the analysis prompts) or `corpus` (SAE training text).
+"""
+
+from __future__ import annotations
+
+RESULTS = "results"
+
+MODEL_MANIFEST = f"{RESULTS}/model/model.json"
+MODEL_CHECKPOINT = f"{RESULTS}/model/checkpoint"
+
+PROMPTS = f"{RESULTS}/prompts/prompts.parquet"
+
+BASELINE_SCORES = f"{RESULTS}/baseline/scores.parquet"
+BASELINE_ACCURACY = f"{RESULTS}/baseline/accuracy.parquet"
+BASELINE_GENERATION = f"{RESULTS}/baseline/generation.parquet"
+
+ACTIVATIONS = f"{RESULTS}/activations/{{dataset}}/{{hook}}.parquet"
+CORPUS = f"{RESULTS}/corpus/corpus.parquet"
+
+SAE_DIR = f"{RESULTS}/sae/{{hook}}"
+FEATURES = f"{RESULTS}/features/{{hook}}.parquet"
+SAE_QUALITY_LAYER = f"{RESULTS}/sae_quality/{{hook}}.parquet"
+SAE_QUALITY = f"{RESULTS}/sae_quality.parquet"
+
+LOGS = "logs"
+BENCHMARKS = "benchmarks"
+
+
+def activations(dataset: str, hook: str) -> str:
+    return ACTIVATIONS.format(dataset=dataset, hook=hook)

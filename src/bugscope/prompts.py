@@ -1,0 +1,161 @@
+"""The contrastive prompt set: number pairs x question orders x formats, tokenised and aligned.
+
+Scoring (research notes section 4): the two answers, e.g. "9.8" and "9.11", share their first
+tokens. Each prompt's model input is the prompt plus the answer tokens both answers share; the
+decision position is its last position, and the answer is scored by the logits of the two tokens
+that follow there (correct minus wrong).
+
+Alignment: a position of one format is aligned with a position of another when both hold the same
+token over the same characters of the shared question (or of the shared answer prefix). The
+decision positions are always aligned. Every format of one question gets the same number of
+aligned positions, in the same order, so index i means the same thing in every format.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+ORDERS = ("correct_first", "wrong_first")
+
+
+class PromptError(ValueError):
+    """The prompt set cannot be scored or aligned; the message lists the offending rows."""
+
+
+def draw_number_pairs(prompts_cfg: dict, seed: int) -> list[tuple[str, str]]:
+    """(correct, wrong) pairs: the config's extra pairs, then X.Y vs X.ZW with Y > Z drawn with `seed`."""
+    pairs = [tuple(p) for p in prompts_cfg["extra_pairs"]]
+    lo, hi = prompts_cfg["integer_range"]
+    rng = random.Random(seed)
+    seen = set(pairs)
+    capacity = (hi - lo + 1) * sum(y - 1 for y in range(2, 10)) * 9
+    if prompts_cfg["n_pairs"] > capacity:
+        raise PromptError(f"prompts.n_pairs={prompts_cfg['n_pairs']} exceeds the {capacity} distinct pairs in integer_range.")
+    drawn = 0
+    while drawn < prompts_cfg["n_pairs"]:
+        x = rng.randint(lo, hi)
+        y = rng.randint(2, 9)
+        z = rng.randint(1, y - 1)
+        w = rng.randint(1, 9)
+        pair = (f"{x}.{y}", f"{x}.{z}{w}")
+        if pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+            drawn += 1
+    return pairs
+
+
+def render(fmt: dict, question: str, tokenizer) -> tuple[str, bool]:
+    """(prompt text, whether the text already carries its special tokens)."""
+    if fmt.get("chat_template"):
+        if not getattr(tokenizer, "chat_template", None):
+            raise PromptError("a format asks for the chat template, but this tokenizer has none; remove that format.")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        return text, True
+    return fmt["template"].replace("{question}", question), False
+
+
+@dataclass
+class _Scored:
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    decision_pos: int
+    correct_token: int
+    wrong_token: int
+
+
+def _score_tokens(tokenizer, prompt: str, prefix: str, correct: str, wrong: str, special: bool) -> _Scored | str:
+    enc = [
+        tokenizer(prompt + prefix + answer, add_special_tokens=not special, return_offsets_mapping=True)
+        for answer in (correct, wrong)
+    ]
+    a, b = enc[0]["input_ids"], enc[1]["input_ids"]
+    lcp = 0
+    while lcp < min(len(a), len(b)) and a[lcp] == b[lcp]:
+        lcp += 1
+    if lcp == len(a) or lcp == len(b):
+        return "the two answers never diverge in tokens"
+    if lcp == 0:
+        return "the two answers diverge at the first token"
+    if enc[0]["offset_mapping"][lcp - 1][1] < len(prompt):
+        return "the answers' tokens diverge inside the prompt text"
+    return _Scored(a[:lcp], [tuple(o) for o in enc[0]["offset_mapping"][:lcp]], lcp - 1, a[lcp], b[lcp])
+
+
+def _alignment_keys(scored: _Scored, text: str, question: str) -> dict[tuple, int]:
+    """Map (region, char start, char end, token) -> position, for tokens inside the question or the answer."""
+    q0 = text.find(question)
+    q1 = q0 + len(question)
+    keys = {}
+    for pos, ((s, e), tok) in enumerate(zip(scored.offsets, scored.input_ids)):
+        if e <= s:
+            continue
+        if q0 >= 0 and q0 <= s and e <= q1:
+            keys[("question", s - q0, e - q0, tok)] = pos
+        elif s >= len(text):
+            keys[("answer", s - len(text), e - len(text), tok)] = pos
+    return keys
+
+
+def build_prompt_table(config: dict, tokenizer) -> pa.Table:
+    pcfg = config["prompts"]
+    pairs = draw_number_pairs(pcfg, config["seed"])
+    rows, problems = [], []
+    for pair_id, (correct, wrong) in enumerate(pairs):
+        for order_idx, order in enumerate(ORDERS):
+            a, b = (correct, wrong) if order == "correct_first" else (wrong, correct)
+            question = pcfg["question"].replace("{a}", a).replace("{b}", b)
+            question_id = 2 * pair_id + order_idx
+            group = []
+            for fmt_name, fmt in pcfg["formats"].items():
+                text, special = render(fmt, question, tokenizer)
+                scored = _score_tokens(tokenizer, text, fmt["answer_prefix"], correct, wrong, special)
+                if isinstance(scored, str):
+                    problems.append(f"question {question_id} ({correct} vs {wrong}, {order}), format {fmt_name}: {scored}")
+                    continue
+                group.append((fmt_name, text, scored, _alignment_keys(scored, text + fmt["answer_prefix"], question)))
+            if len(group) != len(pcfg["formats"]):
+                continue
+            shared = set.intersection(*(set(k) for *_, k in group))
+            if not any(key[0] == "question" for key in shared):
+                problems.append(
+                    f"question {question_id} ({correct} vs {wrong}, {order}): formats "
+                    f"{', '.join(g[0] for g in group)} share no question token, so they cannot be aligned"
+                )
+                continue
+            ordered = sorted(shared, key=lambda k: (k[0] != "question", k[1]))
+            for fmt_name, text, scored, keys in group:
+                aligned = [keys[k] for k in ordered if keys[k] != scored.decision_pos] + [scored.decision_pos]
+                rows.append({
+                    "question_id": question_id, "pair_id": pair_id, "order": order, "format": fmt_name,
+                    "text": text, "correct": correct, "wrong": wrong,
+                    "input_ids": scored.input_ids, "n_tokens": len(scored.input_ids),
+                    "decision_pos": scored.decision_pos, "correct_token": scored.correct_token,
+                    "wrong_token": scored.wrong_token, "aligned_positions": aligned,
+                })
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        raise PromptError(
+            f"{len(problems)} prompt(s) cannot be scored or aligned:\n  {shown}\n"
+            "Fix the formats (prompts.formats), the answer_prefix or the pairs (prompts.extra_pairs) "
+            "so that the two answers diverge in tokens after the prompt and every format contains the question verbatim."
+        )
+    if not rows:
+        raise PromptError("The prompt set is empty: set prompts.n_pairs > 0 or list prompts.extra_pairs.")
+    for prompt_id, row in enumerate(rows):
+        row["prompt_id"] = prompt_id
+    return pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
+
+
+PROMPT_SCHEMA = pa.schema([
+    ("prompt_id", pa.int32()), ("question_id", pa.int32()), ("pair_id", pa.int32()),
+    ("order", pa.string()), ("format", pa.string()), ("text", pa.string()),
+    ("correct", pa.string()), ("wrong", pa.string()), ("input_ids", pa.list_(pa.int32())),
+    ("n_tokens", pa.int32()), ("decision_pos", pa.int32()), ("correct_token", pa.int32()),
+    ("wrong_token", pa.int32()), ("aligned_positions", pa.list_(pa.int32())),
+])

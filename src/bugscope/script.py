@@ -1,0 +1,42 @@
+"""The glue every workflow script uses: logging to the rule's log, thread count, clean failures."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+import torch
+
+from bugscope.model import seed_everything
+
+log = logging.getLogger("bugscope")
+
+# Errors whose message already says what is wrong, where and how to fix it: shown as one
+# paragraph, without a traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError)
+
+
+def run(snakemake, main) -> None:
+    """Run `main(snakemake)` with stderr in the rule's log and a one-paragraph error on failure."""
+    terminal = sys.stderr
+    log_path = snakemake.log[0] if len(snakemake.log) else None
+    if log_path:
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        sys.stderr = open(log_path, "w", buffering=1)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    torch.set_num_threads(max(1, snakemake.threads))
+    seed_everything(snakemake.config.get("seed", 0))
+    try:
+        main(snakemake)
+    except USER_ERRORS as err:
+        traceback.print_exc(file=sys.stderr)
+        message = f"bugscope: rule {snakemake.rule} failed: {err}"
+        print(message, file=sys.stderr)
+        print(message, file=terminal)
+        sys.exit(1)
+    finally:
+        if log_path:
+            sys.stderr.flush()

@@ -1,0 +1,47 @@
+import bugscope.layout as layout
+from bugscope.config import validate_config, analysed_layers, config_hash
+from bugscope.sites import hook_name
+
+# Validate once at start-up; every default is filled in, so rules read keys without fallbacks.
+config.update(validate_config(config, source="the Snakemake config"))
+
+LAYERS = analysed_layers(config)
+SITE = config["cache"]["site"]
+HOOKS = [hook_name(layer, SITE) for layer in LAYERS]
+
+
+wildcard_constraints:
+    hook=r"blocks\.\d+\.hook_(resid_post|mlp_out|attn_out)",
+    dataset=r"prompts|corpus",
+
+
+localrules:
+    all,
+    build_prompts,
+
+
+def final_outputs():
+    return [
+        layout.BASELINE_ACCURACY,
+        layout.BASELINE_GENERATION,
+        *[layout.activations("prompts", hook) for hook in HOOKS],
+    ]
+
+
+def model_job_resources(n_prompts_hint=None, n_layers=1):
+    """Resources of a job that runs the model: the one place that sizes GPU jobs.
+
+    Scales with model size (billions of parameters), the number of prompts and the layers the job
+    handles, so a config change resizes every GPU rule consistently.
+    """
+    size_b = config["model"]["size_b"]
+    n_prompts = n_prompts_hint or 3 * 2 * (config["prompts"]["n_pairs"] + len(config["prompts"]["extra_pairs"]))
+    scale = config["resources"]["minutes_per_b_per_100_prompts"]
+    runtime = int(10 + scale * max(size_b, 0.1) * (n_prompts / 100) * max(1, n_layers / 8))
+    weights_mb = int(size_b * 1000 * (4 if config["model"]["dtype"] == "float32" else 2))
+    return {
+        "gpu": 1,
+        "runtime": runtime,
+        "mem_mb": 4000 + 2 * weights_mb,
+        "cpus_per_task": 2,
+    }

@@ -1,0 +1,43 @@
+import polars as pl
+
+from bugscope.baseline import accuracy_by_format, greedy_check, score_prompts
+from bugscope.io import read_table, write_table
+from bugscope.model import ModelManifest, load_model
+from bugscope.script import log, run
+
+
+def main(smk):
+    cfg = smk.config
+    manifest = ModelManifest.load(smk.input.manifest)
+    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts")[0])
+    model, tokenizer = load_model(manifest, cfg["device"])
+    rows = prompts.to_dicts()
+    scores = score_prompts(model, rows, batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id)
+    scores = prompts.select("prompt_id", "question_id", "pair_id", "order", "format").join(scores, on="prompt_id")
+    boot = cfg["bootstrap"]
+    accuracy = accuracy_by_format(scores, n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=cfg["seed"])
+
+    # Greedy generation on the first prompts of each format, as a second opinion on the logit metric.
+    n = cfg["baseline"]["generation_sample"]
+    generated = []
+    for fmt_name, fmt in cfg["prompts"]["formats"].items():
+        sample = prompts.filter(pl.col("format") == fmt_name).head(n).to_dicts()
+        if sample:
+            generated.append(greedy_check(model, tokenizer, sample, max_new_tokens=cfg["baseline"]["max_new_tokens"],
+                                          batch_size=cfg["cache"]["batch_size"],
+                                          add_special_tokens=not fmt["chat_template"]))
+    generation = pl.concat(generated).join(scores.select("prompt_id", "format", "is_correct"), on="prompt_id")
+    parsed = generation.filter(pl.col("generated_answer") != "other")
+    agreement = (parsed["generated_answer"] == "correct").eq(parsed["is_correct"]).mean() if parsed.height else None
+    log.info("greedy check: %d of %d parsed, agreement with the logit metric %s",
+             parsed.height, generation.height, agreement)
+
+    meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], **manifest.provenance()}
+    write_table(scores.to_arrow(), smk.output.scores, {"kind": "baseline_scores", **meta})
+    write_table(accuracy.to_arrow(), smk.output.accuracy, {"kind": "baseline_accuracy", **meta})
+    write_table(generation.to_arrow(), smk.output.generation, {
+        "kind": "baseline_generation", "n_parsed": parsed.height, "agreement": agreement, **meta})
+    log.info("accuracy by format:\n%s", accuracy)
+
+
+run(snakemake, main)  # noqa: F821

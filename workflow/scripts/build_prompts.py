@@ -1,0 +1,19 @@
+from bugscope.io import write_table
+from bugscope.model import ModelManifest
+from bugscope.prompts import build_prompt_table
+from bugscope.script import log, run
+from transformers import AutoTokenizer
+
+
+def main(smk):
+    manifest = ModelManifest.load(smk.input.manifest)
+    tokenizer = AutoTokenizer.from_pretrained(manifest.path, revision=manifest.revision)
+    table = build_prompt_table(smk.config, tokenizer)
+    write_table(table, smk.output.prompts, {
+        "kind": "prompts", "config_hash": smk.params.config_hash, "seed": smk.config["seed"],
+        **manifest.provenance(),
+    })
+    log.info("wrote %d prompts", table.num_rows)
+
+
+run(snakemake, main)  # noqa: F821

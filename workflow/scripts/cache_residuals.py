@@ -1,0 +1,25 @@
+import polars as pl
+
+from bugscope.cache import cache_activations, positions_for
+from bugscope.io import read_table
+from bugscope.model import ModelManifest, load_model
+from bugscope.script import log, run
+
+
+def main(smk):
+    cfg = smk.config
+    manifest = ModelManifest.load(smk.input.manifest)
+    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts")[0])
+    model, tokenizer = load_model(manifest, cfg["device"])
+    rows = [{**r, "positions": positions_for(r, cfg["cache"]["positions"])} for r in prompts.to_dicts()]
+    n = cache_activations(
+        model, rows, layers=smk.params.layers, site=cfg["cache"]["site"], dtype=cfg["cache"]["dtype"],
+        out_paths=dict(zip(smk.params.layers, smk.output.activations)),
+        meta={"dataset": "prompts", "config_hash": smk.params.config_hash, "positions": cfg["cache"]["positions"],
+              **manifest.provenance()},
+        batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id, desc="caching prompts",
+    )
+    log.info("cached %d rows per layer for %d layers", n, len(smk.params.layers))
+
+
+run(snakemake, main)  # noqa: F821

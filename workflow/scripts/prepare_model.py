@@ -1,0 +1,10 @@
+from bugscope.model import prepare_model
+from bugscope.script import log, run
+
+
+def main(smk):
+    manifest = prepare_model(smk.params.model, smk.params.checkpoint_dir, smk.output.manifest)
+    log.info("prepared %s", manifest)
+
+
+run(snakemake, main)  # noqa: F821
