@@ -1,0 +1,66 @@
+"""Shared fixtures: the real embedded model (converted once per machine) and a workflow runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The converted embedded checkpoint is cached across test sessions (conversion takes ~40 s).
+MODEL_CACHE = Path(os.environ.get("BUGSCOPE_TEST_CACHE", REPO / ".pytest_cache" / "bugscope"))
+
+
+@pytest.fixture(scope="session")
+def embedded_manifest():
+    from bugscope.config import load_config
+    from bugscope.model import prepare_model
+
+    cfg = load_config(REPO / "config" / "ci.yaml")
+    return prepare_model(cfg["model"], MODEL_CACHE / "checkpoint", MODEL_CACHE / "model.json")
+
+
+@pytest.fixture(scope="session")
+def embedded(embedded_manifest):
+    """(model, tokenizer) of SmolLM2-135M-Instruct on the CPU, float32."""
+    import torch
+
+    from bugscope.model import load_model
+
+    torch.set_num_threads(2)
+    return load_model(embedded_manifest, "cpu")
+
+
+@pytest.fixture(scope="session")
+def ci_config():
+    from bugscope.config import load_config
+
+    return load_config(REPO / "config" / "ci.yaml")
+
+
+def run_snakemake(workdir: Path, *args: str, configfile: str | Path = REPO / "config" / "ci.yaml",
+                  check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """Run the real workflow through the CLI in `workdir`, with the converted model pre-seeded."""
+    workdir = Path(workdir)
+    seeded = workdir / "results" / "model" / "checkpoint"
+    if not seeded.exists() and (MODEL_CACHE / "checkpoint" / "model.safetensors").exists():
+        seeded.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(MODEL_CACHE / "checkpoint", seeded)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(configfile), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def ci_workflow(tmp_path_factory, embedded_manifest):
+    """A finished run of the ci.yaml workflow (all default targets); returns its work directory."""
+    workdir = tmp_path_factory.mktemp("ci_workflow")
+    run_snakemake(workdir)
+    return workdir
