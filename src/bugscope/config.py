@@ -75,14 +75,16 @@ def validate_config(config: dict, source: str = "config") -> dict:
 
 def _check_semantics(config: dict, source: str) -> None:
     n = config["model"]["num_layers"]
-    layers = config["layers"]
-    if layers != "all":
+    for key in ("layers", "focus_layers"):
+        layers = config[key]
+        if not isinstance(layers, list):
+            continue
         bad = [layer for layer in layers if layer >= n]
         if bad:
             raise ConfigError(
-                f"Invalid config ({source}): layers {bad} are out of range for "
+                f"Invalid config ({source}): {key} {bad} are out of range for "
                 f"{config['model']['name']}, which has layers 0..{n - 1} (model.num_layers={n}). "
-                "Remove them from 'layers' or fix model.num_layers."
+                f"Remove them from '{key}' or fix model.num_layers."
             )
     prompts = config["prompts"]
     for key in ("buggy_format", "correct_format"):
