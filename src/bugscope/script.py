@@ -17,6 +17,9 @@ log = logging.getLogger("bugscope")
 # paragraph, without a traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError)
 
+# Fault injection for tests: `BUGSCOPE_FAIL_RULE=<rule>` makes that rule fail before doing any work.
+FAIL_RULE_ENV = "BUGSCOPE_FAIL_RULE"
+
 
 def run(snakemake, main) -> None:
     """Run `main(snakemake)` with stderr in the rule's log and a one-paragraph error on failure."""
@@ -29,7 +32,12 @@ def run(snakemake, main) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     torch.set_num_threads(max(1, snakemake.threads))
     seed_everything(snakemake.config.get("seed", 0))
+    # Where the job ran: the SLURM test (tests/slurm) reads this line to check each GPU job got a card.
+    log.info("job environment: host=%s SLURM_JOB_ID=%s CUDA_VISIBLE_DEVICES=%s", os.uname().nodename,
+             os.environ.get("SLURM_JOB_ID", "-"), os.environ.get("CUDA_VISIBLE_DEVICES", "-"))
     try:
+        if os.environ.get(FAIL_RULE_ENV) == snakemake.rule:
+            raise RuntimeError(f"injected failure ({FAIL_RULE_ENV}={snakemake.rule}); unset {FAIL_RULE_ENV} and rerun")
         main(snakemake)
     except USER_ERRORS as err:
         traceback.print_exc(file=sys.stderr)

@@ -17,6 +17,7 @@ wildcard_constraints:
 
 localrules:
     all,
+    prepare_model,
     build_prompts,
 
 
@@ -32,7 +33,9 @@ def model_job_resources(n_prompts_hint=None, n_layers=1):
     """Resources of a job that runs the model: the one place that sizes GPU jobs.
 
     Scales with model size (billions of parameters), the number of prompts and the layers the job
-    handles, so a config change resizes every GPU rule consistently.
+    handles, so a config change resizes every GPU rule consistently. Runtime and memory grow with
+    the attempt, so a job retried after hitting its time or memory limit (`retries` in the SLURM
+    profile) gets twice as much.
     """
     size_b = config["model"]["size_b"]
     n_prompts = n_prompts_hint or 3 * 2 * (config["prompts"]["n_pairs"] + len(config["prompts"]["extra_pairs"]))
@@ -41,7 +44,7 @@ def model_job_resources(n_prompts_hint=None, n_layers=1):
     weights_mb = int(size_b * 1000 * (4 if config["model"]["dtype"] == "float32" else 2))
     return {
         "gpu": 1,
-        "runtime": runtime,
-        "mem_mb": 4000 + 2 * weights_mb,
+        "runtime": lambda wildcards, attempt: runtime * attempt,
+        "mem_mb": lambda wildcards, attempt: (4000 + 2 * weights_mb) * attempt,
         "cpus_per_task": 2,
     }
