@@ -1,0 +1,261 @@
+"""Feature analyses: overlap and amplification on hand-made sets, the attribution identity on the
+real model, and the calibration of the parity permutation test."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from scipy import stats as sps
+
+from bugscope import features as F
+
+
+def _sparse(rows):
+    """rows: (prompt_id, position, feature_id, activation) -> a feature table as the SAE stage writes it."""
+    return pl.DataFrame(rows, schema={"prompt_id": pl.Int32, "position": pl.Int32, "feature_id": pl.Int32,
+                                      "activation": pl.Float32}, orient="row")
+
+
+def _prompts(n_questions: int, decision_pos: int = 5, aligned=(0, 2, 5)):
+    rows = []
+    for q in range(n_questions):
+        for j, fmt in enumerate(("qa", "simple")):
+            rows.append({"prompt_id": 2 * q + j, "question_id": q, "pair_id": q // 2, "format": fmt,
+                         "decision_pos": decision_pos, "aligned_positions": list(aligned)})
+    return pl.DataFrame(rows, schema_overrides={"prompt_id": pl.Int32, "aligned_positions": pl.List(pl.Int32)})
+
+
+# --- overlap and amplification ------------------------------------------------------------------
+
+
+@pytest.fixture
+def handmade():
+    d = 5
+    rows = [
+        # q0: top-3 buggy {1, 2, 3}, correct {5, 1, 2}: shared {1, 2}, amplification (5/2.5 + 4/2)/2 = 2
+        (0, d, 1, 5.0), (0, d, 2, 4.0), (0, d, 3, 3.0), (0, d, 4, 1.0),
+        (1, d, 1, 2.5), (1, d, 2, 2.0), (1, d, 5, 6.0),
+        # q1: no shared feature
+        (2, d, 7, 1.0), (3, d, 8, 1.0),
+        # q2: zero activations only (buggy) and nothing at all (correct)
+        (4, d, 9, 0.0),
+        # q3: ties at the buggy top-3 border (smaller id wins); shared {3} with ratio 1/2
+        (6, d, 1, 1.0), (6, d, 2, 1.0), (6, d, 3, 1.0), (6, d, 4, 1.0),
+        (7, d, 4, 1.0), (7, d, 3, 2.0),
+        # activations off the decision position do not count in "decision" mode
+        (7, 0, 1, 9.0),
+    ]
+    prompts = _prompts(4)
+    pairs = F.prompt_pairs(prompts, "qa", "simple")
+    values = F.prompt_values(_sparse(rows), F.position_weights(prompts, "decision"))
+    return prompts, pairs, values
+
+
+def test_pair_overlap_known_answers(handmade):
+    _, pairs, values = handmade
+    out = F.pair_overlap(values, pairs, k=3).sort("question_id")
+    assert out["shared"].to_list() == [2, 0, 0, 1]
+    assert out["buggy_only"].to_list() == [1, 1, 0, 2]
+    assert out["correct_only"].to_list() == [1, 1, 0, 1]
+    assert out["n_top_buggy"].to_list() == [3, 1, 0, 3]
+    assert out["overlap_pct"].to_list() == pytest.approx([200 / 3, 0.0, 0.0, 100 / 3])
+    jac = out["jaccard"].to_list()
+    assert jac[0] == pytest.approx(0.5) and jac[1] == 0.0 and jac[2] is None and jac[3] == pytest.approx(0.25)
+    amp = out["amplification"].to_list()
+    assert amp[0] == pytest.approx(2.0) and amp[1] is None and amp[2] is None and amp[3] == pytest.approx(0.5)
+
+
+def test_aligned_mean_and_pooled(handmade):
+    prompts, pairs, _ = handmade
+    rows = [(0, 0, 1, 3.0), (0, 5, 1, 3.0), (0, 4, 1, 100.0),  # position 4 is not aligned
+            (1, 2, 1, 1.5), (1, 2, 2, 3.0)]
+    values = F.prompt_values(_sparse(rows), F.position_weights(prompts, "aligned_mean")).sort("prompt_id", "feature_id")
+    assert values.rows() == [(0, 1, pytest.approx(2.0)), (1, 1, pytest.approx(0.5)), (1, 2, pytest.approx(1.0))]
+    pooled = F.pooled_overlap(values, pairs, k=1)
+    # format means over 4 pairs: buggy {1: 0.5}, correct {1: 0.125, 2: 0.25}; top-1: {1} vs {2}
+    assert pooled["shared"] == 0 and pooled["overlap_pct"] == 0 and pooled["amplification"] is None
+    pooled = F.pooled_overlap(values, pairs, k=2)
+    assert pooled["shared"] == 1 and pooled["amplification"] == pytest.approx(4.0)
+    assert pooled["jaccard"] == pytest.approx(0.5)
+    empty = F.pooled_overlap(values.clear(), pairs, k=2)
+    assert empty["shared"] == 0 and empty["jaccard"] is None
+
+
+def test_summary_marks_and_intervals():
+    rng = np.random.default_rng(0)
+    n = 40
+    frames = []
+    for layer, centre in [(0, 60.0), (5, 20.0), (10, 80.0), (15, 70.0), (29, 50.0)]:
+        frames.append(pl.DataFrame({
+            "question_id": np.arange(n), "layer": layer,
+            "overlap_pct": np.clip(centre + rng.normal(0, 5, n), 0, 100), "jaccard": rng.random(n),
+            "amplification": np.where(rng.random(n) < 0.2, np.nan, rng.random(n) + 1),
+            "shared": rng.integers(0, 20, n), "buggy_only": rng.integers(0, 20, n),
+            "correct_only": rng.integers(0, 20, n)}))
+    per_pair = pl.concat(frames)
+    pooled = pl.DataFrame({"layer": [0, 5, 10, 15, 29], "overlap_pct": [1.0] * 5})
+    out = F.summarise_overlap(per_pair, pooled, k=20, num_layers=30, middle_fraction=[0.25, 0.75],
+                              n_resamples=500, confidence=0.95, seed=1)
+    pp = out.filter(pl.col("variant") == "per_pair").sort("layer")
+    assert pp.filter("is_min_overlap")["layer"].to_list() == [5]
+    assert pp.filter("is_max_overlap_middle")["layer"].to_list() == [10]
+    assert pp["is_middle"].to_list() == [False, False, True, True, False]
+    assert (pp["overlap_pct_low"] <= pp["overlap_pct"]).all() and (pp["overlap_pct"] <= pp["overlap_pct_high"]).all()
+    assert pp.filter(pl.col("layer") == 5)["argmin_frequency"].item() == pytest.approx(1.0)
+    assert pp["n_pairs_amplification"].max() < n
+    again = F.summarise_overlap(per_pair, pooled, k=20, num_layers=30, middle_fraction=[0.25, 0.75],
+                                n_resamples=500, confidence=0.95, seed=1)
+    assert again.equals(out)
+    assert out.filter(pl.col("variant") == "pooled").height == 5
+
+
+# --- discriminative and named features ----------------------------------------------------------
+
+
+def test_discriminative_finds_planted_feature():
+    rng = np.random.default_rng(3)
+    n_q = 30
+    prompts = _prompts(n_q)
+    pairs = F.prompt_pairs(prompts, "qa", "simple")
+    rows = []
+    for q in range(n_q):
+        for j in range(2):
+            pid = 2 * q + j
+            rows.append((pid, 5, 100, 3.0 + (2.0 if j == 0 else 0.0) + rng.normal(0, 0.3)))  # up in buggy
+            rows.append((pid, 5, 200, 3.0 + (1.5 if j == 1 else 0.0) + rng.normal(0, 0.3)))  # down in buggy
+            rows += [(pid, 5, f, float(rng.exponential())) for f in range(10) if rng.random() < 0.5]
+    values = F.prompt_values(_sparse(rows), F.position_weights(prompts, "decision"))
+    scores = pl.DataFrame({"prompt_id": np.arange(2 * n_q, dtype=np.int32), "is_correct": np.arange(2 * n_q) % 4 < 2})
+    cfg = {"test": "wilcoxon", "min_firing_rate": 0.05, "fdr_alpha": 0.05, "top_n": 3, "min_group_size": 5}
+    out = F.discriminative_features(values, pairs, scores, layer=7, cfg=cfg)
+    bvc = out.filter(pl.col("comparison") == "buggy_vs_correct")
+    up = bvc.filter(pl.col("direction") == "up", pl.col("rank") == 0).row(0, named=True)
+    down = bvc.filter(pl.col("direction") == "down", pl.col("rank") == 0).row(0, named=True)
+    assert up["feature_id"] == 100 and up["significant"] and up["q_value"] < 1e-4 and up["effect_size"] > 2
+    assert down["feature_id"] == 200 and down["significant"]
+    assert bvc.filter(~pl.col("feature_id").is_in([100, 200]))["significant"].sum() == 0
+    assert set(out["comparison"].unique()) == {"buggy_vs_correct", "wrong_vs_right"}
+    assert out.filter(pl.col("comparison") == "wrong_vs_right")["n_a"].unique().to_list() == [n_q // 2]
+
+
+def test_bh_matches_definition():
+    p = np.array([0.01, 0.04, 0.03, 0.2, np.nan])
+    q = F.bh_qvalues(p)
+    # m = 5 (NaN counts as p = 1): sorted q = 0.01*5/1, min(0.03*5/2, 0.04*5/3), 0.04*5/3, 0.2*5/4, 1
+    assert q == pytest.approx([0.05, 1 / 15, 1 / 15, 0.25, 1.0])
+
+
+def test_named_ratio_and_zero_denominator():
+    prompts = _prompts(3)
+    pairs = F.prompt_pairs(prompts, "qa", "simple")
+    rows = [(0, 5, 1, 3.0), (2, 5, 1, 3.0), (4, 5, 1, 3.0), (1, 5, 1, 2.0), (3, 5, 1, 2.0), (5, 5, 1, 2.0),
+            (0, 5, 2, 1.0)]
+    values = F.prompt_values(_sparse(rows), F.position_weights(prompts, "decision"))
+    out = F.named_features(values, pairs, layer=3, named={"fmt": [1, 2], "none": [3]}, n_resamples=200,
+                           confidence=0.95, seed=0).sort("feature_id")
+    r1, r2, r3 = out.rows(named=True)
+    assert r1["ratio"] == pytest.approx(1.5) and r1["ratio_low"] == pytest.approx(1.5) and r1["firing_rate_buggy"] == 1.0
+    assert r2["ratio"] is None and r2["mean_buggy"] == pytest.approx(1 / 3) and r2["firing_rate_correct"] == 0.0
+    assert r3["ratio"] is None and r3["mean_buggy"] == 0.0 and r3["category"] == "none"
+
+
+# --- parity permutation test --------------------------------------------------------------------
+
+
+def test_parity_detects_planted_parity():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(9, 12))
+    m[1::2] += 3.0
+    res = F.parity_test(m, n_permutations=10_000, seed=0)
+    assert res.exact and res.n_permutations == math.comb(9, 4)
+    assert res.p_value == pytest.approx(1 / math.comb(9, 4)) and res.eta_squared > 0.5
+    assert (res.r > 0.5).all()
+
+
+@pytest.mark.parametrize("n_heads,n_permutations", [(9, 10_000), (32, 199)])
+def test_parity_p_uniform_under_shuffled_labels(n_heads, n_permutations):
+    """Head labels shuffled at random: the p-value must be uniform (here: KS test and P(p <= a) <= a)."""
+    rng = np.random.default_rng(123)
+    ps, rps = [], []
+    for seed in range(400):
+        m = rng.normal(size=(n_heads, 8)) + rng.normal(size=(1, 8)) * 3  # feature effects, no head effect
+        m[1::2] += 2.0  # a real parity effect ...
+        m = m[rng.permutation(n_heads)]  # ... destroyed by shuffling the head labels
+        res = F.parity_test(m, n_permutations=n_permutations, seed=seed)
+        ps.append(res.p_value)
+        rps.append(res.r_p_value[0])
+    ps, rps = np.array(ps), np.array(rps)
+    assert sps.kstest(ps, "uniform").pvalue > 0.01
+    assert sps.kstest(rps, "uniform").pvalue > 0.01
+    for a in (0.05, 0.1, 0.25, 0.5):
+        assert np.mean(ps <= a) <= a + 3 * math.sqrt(a * (1 - a) / len(ps))
+
+
+# --- attribution identity on the real model -----------------------------------------------------
+
+
+def _make_sae(kind: str, normalisation: str, d_in: int, seed: int = 0):
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(seed)
+    if kind == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=384, k=24, normalize_activations=normalisation,
+                                    rescale_acts_by_decoder_norm=True))
+    else:
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=384, normalize_activations=normalisation))
+        with torch.no_grad():
+            sae.threshold.fill_(0.05)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.5)
+        sae.b_enc.normal_(0, 0.1)
+        sae.W_dec.mul_(torch.rand(sae.cfg.d_sae, 1) + 0.5)
+        if normalisation == "none":
+            sae.W_enc.div_(100.0)
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def decision_capture(embedded, ci_config):
+    from bugscope.prompts import build_prompt_table
+
+    model, tokenizer = embedded
+    prompts = pl.from_arrow(build_prompt_table(ci_config, tokenizer)).head(12)
+    ids, caps = F.capture_decision(model, prompts.to_dicts(), layers=[3, 10], batch_size=6,
+                                   pad_token_id=tokenizer.pad_token_id)
+    return prompts, ids, caps
+
+
+@pytest.mark.parametrize("kind,normalisation", [("topk", "none"), ("topk", "constant_norm_rescale"),
+                                                ("jumprelu", "layer_norm")])
+def test_head_attributions_reconstruct_sae_pre_activation(embedded, decision_capture, kind, normalisation):
+    model, _ = embedded
+    prompts, ids, caps = decision_capture
+    n_heads = model.config.num_attention_heads
+    sae = _make_sae(kind, normalisation, model.config.hidden_size)
+    feats = list(range(0, 384, 7))
+    for layer in (3, 10):
+        cap = caps[layer]
+        # the captured pieces are the layer's residual stream: pre + attention + MLP = post
+        torch.testing.assert_close(cap.resid_pre + cap.attn_out + cap.mlp_out, cap.resid_post, atol=1e-4, rtol=0)
+        res = F.attribute_layer(model, layer, sae, cap, feats, n_heads=n_heads)
+        scale = res["pre"].abs().max().item()
+        assert scale > 1e-2
+        assert res["attn_identity_error"] < 1e-4, res["attn_identity_error"]
+        assert res["identity_error"] < 1e-4, res["identity_error"]
+        # every head contributes something distinct
+        assert res["heads"].abs().amax(dim=(1, 2)).min() > 0
+        # ablation check: zero-ablating head h moves the pre-activation by about minus its direct
+        # attribution (exactly so, up to layer L's MLP and the input scale, which it also moves)
+        direct = res["heads"].reshape(n_heads, -1)
+        delta = res["zero_pre"].reshape(n_heads, -1)
+        corr = np.corrcoef(direct.flatten().numpy(), -delta.flatten().numpy())[0, 1]
+        assert corr > 0.5, corr
+    formats = pl.DataFrame({"prompt_id": ids.astype(np.int32)}).join(
+        prompts.select("prompt_id", "format"), on="prompt_id", how="left", maintain_order="left")["format"].to_numpy()
+    rows = F.summarise_attribution(res, layer=10, feature_ids=feats, sources=["x"] * len(feats), formats=formats)
+    sums = rows.group_by("format", "feature_id").agg(pl.col("direct_attribution").sum(), pl.col("pre_activation").first())
+    assert (sums["direct_attribution"] - sums["pre_activation"]).abs().max() < 1e-4
