@@ -160,5 +160,5 @@ def arrow_to_vectors(col: pa.ChunkedArray | pa.FixedSizeListArray, dtype: str) -
     if dtype == "bfloat16":
         t = torch.from_numpy(flat.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
     else:
-        t = torch.from_numpy(np.ascontiguousarray(flat))
+        t = torch.from_numpy(np.array(flat, dtype=np.float32))
     return t.to(torch.float32).reshape(-1, d)

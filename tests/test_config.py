@@ -1,0 +1,49 @@
+"""Config validation: defaults, schema errors and the checks a schema cannot express."""
+
+import copy
+
+import pytest
+import yaml
+
+from bugscope.config import ConfigError, analysed_layers, config_hash, load_config, validate_config
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "ci.yaml", "llama31_8b.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(REPO / "config" / name)
+    assert cfg["model"]["num_layers"] >= max(analysed_layers(cfg)) + 1
+
+
+def test_defaults_are_filled():
+    cfg = validate_config({"model": {"name": "m", "checkpoint": "embedded", "num_layers": 4, "num_heads": 2}})
+    assert cfg["layers"] == "all" and analysed_layers(cfg) == [0, 1, 2, 3]
+    assert set(cfg["prompts"]["formats"]) == {"qa", "simple", "chat"}
+    assert cfg["prompts"]["formats"]["qa"]["chat_template"] is False
+    assert cfg["cache"]["dtype"] == "float32"
+
+
+def raw_ci():
+    return yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(unknown_key=1), "Additional properties are not allowed"),
+    (lambda c: c["cache"].update(batch_size="big"), "cache.batch_size"),
+    (lambda c: c.update(layers=[0, 30]), r"layers \[30\] are out of range"),
+    (lambda c: c["prompts"].update(buggy_format="nope"), "prompts.buggy_format"),
+    (lambda c: c["prompts"].update(question="Which is bigger: {a}?"), r"\{b\}"),
+])
+def test_bad_configs_fail_with_the_key(edit, message):
+    cfg = raw_ci()
+    edit(cfg)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+
+
+def test_config_hash_depends_only_on_named_sections():
+    a = validate_config(raw_ci())
+    b = copy.deepcopy(a)
+    b["baseline"]["max_new_tokens"] += 1
+    assert config_hash(a, "model", "prompts") == config_hash(b, "model", "prompts")
+    assert config_hash(a) != config_hash(b)

@@ -1,0 +1,72 @@
+"""Parquet round trips with provenance metadata, refusal of stale/foreign files, atomic writes."""
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bugscope.io import (StaleTableError, arrow_to_vectors, atomic_path, read_table, vectors_to_arrow,
+                         write_table)
+
+
+def test_table_round_trip_keeps_metadata(tmp_path):
+    path = tmp_path / "t.parquet"
+    table = pa.table({"prompt_id": pa.array([0, 1, 2], pa.int32()), "x": [0.5, 1.5, -2.0]})
+    write_table(table, path, {"kind": "demo", "config_hash": "abc", "layer": 3})
+    back, meta = read_table(path, kind="demo", config_hash="abc")
+    assert back.equals(table.replace_schema_metadata(back.schema.metadata))
+    assert meta["layer"] == 3 and meta["config_hash"] == "abc"
+
+
+def test_stale_and_foreign_tables_are_refused(tmp_path):
+    path = tmp_path / "t.parquet"
+    write_table(pa.table({"a": [1]}), path, {"kind": "demo", "config_hash": "abc"})
+    with pytest.raises(StaleTableError, match="config hash"):
+        read_table(path, kind="demo", config_hash="other")
+    with pytest.raises(StaleTableError, match="'activations' table was expected"):
+        read_table(path, kind="activations")
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"a": [1]}), foreign)
+    with pytest.raises(StaleTableError, match="non-bugscope"):
+        read_table(foreign, kind="demo")
+
+
+def test_truncated_parquet_is_refused(tmp_path):
+    path = tmp_path / "t.parquet"
+    write_table(pa.table({"a": list(range(1000))}), path, {"kind": "demo"})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StaleTableError, match="truncated or foreign"):
+        read_table(path, kind="demo")
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 0.0), ("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_vectors_round_trip(dtype, tol):
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    back = arrow_to_vectors(vectors_to_arrow(x, dtype), dtype)
+    assert back.shape == x.shape
+    assert torch.allclose(back, x, rtol=tol, atol=tol)
+    if dtype == "bfloat16":
+        assert torch.equal(back, x.to(torch.bfloat16).float())
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "out.parquet"
+    with pytest.raises(RuntimeError):
+        with atomic_path(final) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert not final.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    final = tmp_path / "out.txt"
+    final.write_text("old")
+    with atomic_path(final) as tmp:
+        tmp.write_text("new")
+        assert final.read_text() == "old"
+    assert final.read_text() == "new"
+    assert os.listdir(tmp_path) == ["out.txt"]

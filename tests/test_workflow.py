@@ -1,0 +1,53 @@
+"""The real workflow through the Snakemake CLI: the ci.yaml run, lint, the 8B dry run, no-op reruns."""
+
+import subprocess
+import sys
+
+import polars as pl
+
+from bugscope import layout
+from bugscope.config import analysed_layers, load_config
+from bugscope.io import read_table
+from bugscope.sites import hook_name
+from tests.conftest import REPO, run_snakemake
+
+
+def test_ci_workflow_produces_baseline_and_cache(ci_workflow, ci_config):
+    accuracy, meta = read_table(ci_workflow / layout.BASELINE_ACCURACY, kind="baseline_accuracy")
+    acc = pl.from_arrow(accuracy)
+    assert set(acc["format"]) == {"qa", "simple"}
+    assert (acc["accuracy_low"] <= acc["accuracy"]).all() and (acc["accuracy"] <= acc["accuracy_high"]).all()
+    assert meta["model"] == "SmolLM2-135M-Instruct"
+    prompts = pl.from_arrow(read_table(ci_workflow / layout.PROMPTS, kind="prompts")[0])
+    n_rows = prompts["aligned_positions"].list.len().sum()
+    for layer in analysed_layers(ci_config):
+        table, meta = read_table(ci_workflow / layout.activations("prompts", hook_name(layer)), kind="activations")
+        assert table.num_rows == n_rows and meta["layer"] == layer
+
+
+def test_rerun_with_nothing_changed_does_no_work(ci_workflow):
+    proc = run_snakemake(ci_workflow, "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_lint_is_clean():
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--cores", "1"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert "Congratulations" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_llama_8b_config_dry_runs_without_weights(tmp_path):
+    proc = run_snakemake(tmp_path, "-n", configfile=REPO / "config" / "llama31_8b.yaml")
+    out = proc.stdout + proc.stderr
+    cfg = load_config(REPO / "config" / "llama31_8b.yaml")
+    assert "prepare_model" in out and "cache_residuals" in out
+    assert len(analysed_layers(cfg)) == 32
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "config" / "ci.yaml").read_text().replace("layers: [0, 10, 29]", "layers: [0, 10, 31]"))
+    proc = run_snakemake(tmp_path, configfile=bad, check=False)
+    assert proc.returncode != 0
+    assert "layers [31] are out of range" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results" / "prompts").exists()
