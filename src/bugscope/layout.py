@@ -26,6 +26,14 @@ FEATURES = f"{RESULTS}/features/{{hook}}.parquet"
 SAE_QUALITY_LAYER = f"{RESULTS}/sae_quality/{{hook}}.parquet"
 SAE_QUALITY = f"{RESULTS}/sae_quality.parquet"
 
+# Feature analyses (bugscope.features, workflow/rules/features.smk)
+FEATURE_OVERLAP = f"{RESULTS}/analysis/overlap.parquet"
+FEATURE_OVERLAP_PAIRS = f"{RESULTS}/analysis/overlap_pairs.parquet"
+DISCRIMINATIVE_FEATURES = f"{RESULTS}/analysis/discriminative.parquet"
+NAMED_FEATURES = f"{RESULTS}/analysis/named_features.parquet"
+HEAD_FEATURE_ATTRIBUTION = f"{RESULTS}/analysis/head_feature_attribution.parquet"
+HEAD_PARITY = f"{RESULTS}/analysis/head_parity.parquet"
+
 LOGS = "logs"
 BENCHMARKS = "benchmarks"
 

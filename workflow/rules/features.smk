@@ -1,0 +1,96 @@
+# Feature analyses (issue 4): overlap between formats, discriminative and named features, and the
+# direct attribution of attention heads to SAE features. Logic: bugscope.features.
+import bugscope.features as bugscope_features
+
+bugscope_features.check_config(config)
+
+FEATURE_CONFIG_HASH = config_hash(config, "model", "prompts", "seed", "cache", "sae", "features", "bootstrap")
+NAMED_LAYERS = sorted(int(layer) for layer in config["features"]["named"])
+ATTRIBUTION_LAYERS = bugscope_features.attribution_layers(config)
+
+
+localrules:
+    feature_overlap,
+    discriminative_features,
+    named_features,
+
+
+rule feature_overlap:
+    input:
+        prompts=layout.PROMPTS,
+        features=[layout.FEATURES.format(hook=hook) for hook in HOOKS],
+    output:
+        overlap=layout.FEATURE_OVERLAP,
+        pairs=layout.FEATURE_OVERLAP_PAIRS,
+    params:
+        layers=LAYERS,
+        config_hash=FEATURE_CONFIG_HASH,
+    log:
+        f"{layout.LOGS}/features/feature_overlap.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/features/feature_overlap.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/feature_overlap.py"
+
+
+rule discriminative_features:
+    input:
+        prompts=layout.PROMPTS,
+        scores=layout.BASELINE_SCORES,
+        features=[layout.FEATURES.format(hook=hook) for hook in HOOKS],
+    output:
+        discriminative=layout.DISCRIMINATIVE_FEATURES,
+    params:
+        layers=LAYERS,
+        config_hash=FEATURE_CONFIG_HASH,
+    log:
+        f"{layout.LOGS}/features/discriminative_features.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/features/discriminative_features.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/discriminative_features.py"
+
+
+rule named_features:
+    input:
+        prompts=layout.PROMPTS,
+        features=[layout.FEATURES.format(hook=hook_name(layer, SITE)) for layer in NAMED_LAYERS],
+    output:
+        named=layout.NAMED_FEATURES,
+    params:
+        layers=NAMED_LAYERS,
+        config_hash=FEATURE_CONFIG_HASH,
+    log:
+        f"{layout.LOGS}/features/named_features.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/named_features.py"
+
+
+rule head_feature_attribution:
+    input:
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+        discriminative=layout.DISCRIMINATIVE_FEATURES,
+        saes=[layout.SAE_DIR.format(hook=hook_name(layer, SITE)) for layer in ATTRIBUTION_LAYERS],
+    output:
+        attribution=layout.HEAD_FEATURE_ATTRIBUTION,
+        parity=layout.HEAD_PARITY,
+    params:
+        layers=ATTRIBUTION_LAYERS,
+        config_hash=FEATURE_CONFIG_HASH,
+    resources:
+        **model_job_resources(n_layers=len(ATTRIBUTION_LAYERS)),
+    log:
+        f"{layout.LOGS}/features/head_feature_attribution.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/features/head_feature_attribution.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/head_feature_attribution.py"

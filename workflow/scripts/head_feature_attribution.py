@@ -1,0 +1,20 @@
+from bugscope.features import run_attribution
+from bugscope.io import write_table
+from bugscope.model import ModelManifest, load_model
+from bugscope.script import log, run
+
+
+def main(smk):
+    cfg = smk.config
+    manifest = ModelManifest.load(smk.input.manifest)
+    model, tokenizer = load_model(manifest, cfg["device"])
+    table, parity, meta = run_attribution(cfg, model, tokenizer, smk.input.prompts, smk.input.discriminative,
+                                          dict(zip(smk.params.layers, smk.input.saes)))
+    meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], **manifest.provenance(), **meta}
+    write_table(table.to_arrow(), smk.output.attribution, {"kind": "head_feature_attribution", **meta})
+    write_table(parity.to_arrow(), smk.output.parity, {"kind": "head_parity", **meta})
+    log.info("parity (eta^2 over all attributed features):\n%s",
+             parity.filter(parity["statistic"] == "eta_squared"))
+
+
+run(snakemake, main)  # noqa: F821
