@@ -259,3 +259,67 @@ def test_head_attributions_reconstruct_sae_pre_activation(embedded, decision_cap
     rows = F.summarise_attribution(res, layer=10, feature_ids=feats, sources=["x"] * len(feats), formats=formats)
     sums = rows.group_by("format", "feature_id").agg(pl.col("direct_attribution").sum(), pl.col("pre_activation").first())
     assert (sums["direct_attribution"] - sums["pre_activation"]).abs().max() < 1e-4
+
+
+# --- stage drivers on hand-made tables ----------------------------------------------------------
+
+
+@pytest.fixture
+def stage_inputs(tmp_path, ci_config):
+    """A prompt table, baseline scores and two layers of sparse features written as the pipeline writes them."""
+    from bugscope.io import write_table
+
+    rng = np.random.default_rng(0)
+    n_q = 12
+    prompts = _prompts(n_q)
+    write_table(prompts.to_arrow(), tmp_path / "prompts.parquet", {"kind": "prompts"})
+    scores = pl.DataFrame({"prompt_id": prompts["prompt_id"], "format": prompts["format"],
+                           "is_correct": rng.random(prompts.height) < 0.5})
+    write_table(scores.to_arrow(), tmp_path / "scores.parquet", {"kind": "baseline_scores"})
+    paths = {}
+    for layer in (0, 10):
+        rows = [(pid, pos, int(f), float(rng.exponential()))
+                for pid in prompts["prompt_id"] for pos in (0, 2, 5) for f in rng.choice(50, 8, replace=False)]
+        paths[layer] = tmp_path / f"blocks.{layer}.hook_resid_post.parquet"
+        write_table(_sparse(rows).to_arrow(), paths[layer], {"kind": "features", "d_sae": 50, "sae": "hand-made"})
+    return ci_config, tmp_path, paths
+
+
+def test_stage_drivers(stage_inputs):
+    import copy
+
+    from bugscope.io import read_metadata
+
+    config, tmp, paths = stage_inputs
+    summary, per_pair, meta = F.run_overlap(config, tmp / "prompts.parquet", paths)
+    assert per_pair.height == 2 * 12 and set(per_pair["layer"]) == {0, 10}
+    assert summary.group_by("variant").len().sort("variant")["len"].to_list() == [2, 2]
+    assert meta["sources"]["10"]["sae"] == "hand-made"
+    table, _ = F.run_discriminative(config, tmp / "prompts.parquet", tmp / "scores.parquet", paths)
+    assert set(table["layer"]) == {0, 10} and table["q_value"].is_between(0, 1).all()
+    cfg = copy.deepcopy(config)
+    cfg["features"]["named"] = {"10": {"cat": [3, 7]}}
+    named, nmeta = F.run_named(cfg, tmp / "prompts.parquet", paths)
+    assert named["feature_id"].to_list() == [3, 7] and named["layer"].to_list() == [10, 10]
+    cfg["features"]["named"] = {"10": {"cat": [3, 25523]}}
+    with pytest.raises(ValueError, match="out of range"):
+        F.run_named(cfg, tmp / "prompts.parquet", paths)
+    cfg["features"]["position"] = "aligned_mean"
+    summary_aligned, _, _ = F.run_overlap(cfg, tmp / "prompts.parquet", paths)
+    assert not summary_aligned.equals(summary)
+    assert read_metadata(paths[0])["kind"] == "features"
+
+
+def test_check_config_rejects_unanalysed_layers(ci_config):
+    import copy
+
+    from bugscope.config import ConfigError
+
+    cfg = copy.deepcopy(ci_config)
+    cfg["features"]["named"] = {"11": {"x": [1]}}
+    with pytest.raises(ConfigError, match="not analysed"):
+        F.check_config(cfg)
+    cfg["features"]["named"] = {}
+    cfg["features"]["attribution"]["layers"] = [10, 12]
+    with pytest.raises(ConfigError, match="not analysed"):
+        F.check_config(cfg)

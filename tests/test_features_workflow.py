@@ -1,0 +1,50 @@
+"""The feature-analysis rules inside the real ci.yaml workflow (needs the SAE stage's rules)."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from bugscope import layout
+from bugscope.config import analysed_layers
+from bugscope.io import read_metadata, read_table
+
+from tests.conftest import REPO
+
+TABLES = {
+    layout.FEATURE_OVERLAP: "feature_overlap",
+    layout.FEATURE_OVERLAP_PAIRS: "feature_overlap_pairs",
+    layout.DISCRIMINATIVE_FEATURES: "discriminative_features",
+    layout.NAMED_FEATURES: "named_features",
+    layout.HEAD_FEATURE_ATTRIBUTION: "head_feature_attribution",
+    layout.HEAD_PARITY: "head_parity",
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(request):
+    if not (REPO / "workflow" / "rules" / "sae.smk").exists():
+        pytest.skip("the SAE stage (workflow/rules/sae.smk) is not in the workflow yet")
+    return request.getfixturevalue("ci_workflow")
+
+
+def test_feature_tables_exist_with_provenance(workdir, ci_config):
+    layers = analysed_layers(ci_config)
+    for path, kind in TABLES.items():
+        meta = read_metadata(workdir / path)
+        assert meta["kind"] == kind and meta["config_hash"] and meta["model"], path
+    overlap, _ = read_table(workdir / layout.FEATURE_OVERLAP, kind="feature_overlap")
+    overlap = pl.from_arrow(overlap)
+    for variant in ("per_pair", "pooled"):
+        assert overlap.filter(pl.col("variant") == variant)["layer"].sort().to_list() == layers
+    per_pair = overlap.filter(pl.col("variant") == "per_pair")
+    assert per_pair["is_min_overlap"].sum() == 1 and per_pair["is_max_overlap_middle"].sum() == 1
+    assert (per_pair["overlap_pct_low"] <= per_pair["overlap_pct_high"]).all()
+    disc = pl.from_arrow(read_table(workdir / layout.DISCRIMINATIVE_FEATURES, kind="discriminative_features")[0])
+    assert sorted(disc["layer"].unique().to_list()) == layers
+    meta = read_metadata(workdir / layout.HEAD_FEATURE_ATTRIBUTION)
+    for layer, err in meta["identity"].items():
+        assert err["identity_error"] <= 1e-5 * max(1.0, err["pre_activation_scale"]) + 1e-4, (layer, err)
+    parity = pl.from_arrow(read_table(workdir / layout.HEAD_PARITY, kind="head_parity")[0])
+    eta = parity.filter(pl.col("statistic") == "eta_squared")
+    assert eta.height == 3 * len(layers) and eta["p_value"].is_between(0, 1).all()
