@@ -229,9 +229,11 @@ def decision_capture(embedded, ci_config):
     return prompts, ids, caps
 
 
-@pytest.mark.parametrize("kind,normalisation", [("topk", "none"), ("topk", "constant_norm_rescale"),
-                                                ("jumprelu", "layer_norm")])
-def test_head_attributions_reconstruct_sae_pre_activation(embedded, decision_capture, kind, normalisation):
+@pytest.mark.parametrize("kind,normalisation,site", [("topk", "none", "resid_post"),
+                                                     ("topk", "constant_norm_rescale", "resid_post"),
+                                                     ("jumprelu", "layer_norm", "resid_post"),
+                                                     ("topk", "constant_norm_rescale", "attn_out")])
+def test_head_attributions_reconstruct_sae_pre_activation(embedded, decision_capture, kind, normalisation, site):
     model, _ = embedded
     prompts, ids, caps = decision_capture
     n_heads = model.config.num_attention_heads
@@ -241,7 +243,7 @@ def test_head_attributions_reconstruct_sae_pre_activation(embedded, decision_cap
         cap = caps[layer]
         # the captured pieces are the layer's residual stream: pre + attention + MLP = post
         torch.testing.assert_close(cap.resid_pre + cap.attn_out + cap.mlp_out, cap.resid_post, atol=1e-4, rtol=0)
-        res = F.attribute_layer(model, layer, sae, cap, feats, n_heads=n_heads)
+        res = F.attribute_layer(model, layer, sae, cap, feats, n_heads=n_heads, site=site)
         scale = res["pre"].abs().max().item()
         assert scale > 1e-2
         assert res["attn_identity_error"] < 1e-4, res["attn_identity_error"]

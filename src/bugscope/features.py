@@ -686,7 +686,7 @@ COMPONENTS = ("resid_pre", "mlp_out", "attn_bias", "sae_bias")
 
 
 def attribute_layer(model, layer: int, sae, cap: LayerCapture, feature_ids: Sequence[int], *,
-                    n_heads: int) -> dict[str, torch.Tensor | float]:
+                    n_heads: int, site: str = "resid_post") -> dict[str, torch.Tensor | float]:
     """Direct attributions of every head to `feature_ids` at one layer, per prompt, and the ablation check.
 
     Returns float64 CPU tensors: 'pre' and 'act' [n, F] (the SAE's own pre-activation and
@@ -707,15 +707,20 @@ def attribute_layer(model, layer: int, sae, cap: LayerCapture, feature_ids: Sequ
         pre, act = sae_pre_and_acts(sae, x.to(sae_device), ids)
         return pre.to("cpu", torch.float64), act.to("cpu", torch.float64)
 
-    x = cap.resid_post
+    if site not in ("resid_post", "attn_out"):
+        raise ValueError(f"The head attribution needs SAEs on resid_post or attn_out, not {site!r}: heads have "
+                         "no direct path into mlp_out. Set cache.site, or leave this stage out.")
+    # attn_out SAEs read sum_h W_O[h] z_h + b_O only: the resid_pre and mlp_out terms are then 0.
+    on_resid = site == "resid_post"
+    x = cap.resid_post if on_resid else cap.attn_out
     n = x.shape[0]
     s = view.scale(x)  # [n]
     heads = head_outputs(model, layer, cap.z, n_heads)  # [H, n, d]
     bias = _o_bias(model, layer, x.shape[1]).expand(n, -1)
     out = {
         "heads": view.contribution(heads, s),
-        "resid_pre": view.contribution(cap.resid_pre, s),
-        "mlp_out": view.contribution(cap.mlp_out, s),
+        "resid_pre": view.contribution(cap.resid_pre if on_resid else torch.zeros_like(x), s),
+        "mlp_out": view.contribution(cap.mlp_out if on_resid else torch.zeros_like(x), s),
         "attn_bias": view.contribution(bias, s),
         "sae_bias": view.const.expand(n, -1).clone(),
     }
@@ -727,14 +732,16 @@ def attribute_layer(model, layer: int, sae, cap: LayerCapture, feature_ids: Sequ
 
     # Ablation: only the decision position of layer L changes, and it is the last position, so
     # resid_post' = resid_mid' + MLP(resid_mid') is exact without another forward pass.
-    resid_mid = cap.resid_pre + cap.attn_out
-    base_pre, base_act = encode(_mlp_tail(model, layer, resid_mid))
+    def read(attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode(_mlp_tail(model, layer, cap.resid_pre + attn_out) if on_resid else attn_out)
+
+    base_pre, base_act = read(cap.attn_out)
     mean_heads = head_outputs(model, layer, cap.z.mean(0, keepdim=True), n_heads)  # [H, 1, d]
     for mode in ("zero", "mean"):
         pres, acts = [], []
         for h in range(n_heads):
             replaced = torch.zeros_like(heads[h]) if mode == "zero" else mean_heads[h].expand(n, -1)
-            pre, act = encode(_mlp_tail(model, layer, resid_mid - heads[h] + replaced))
+            pre, act = read(cap.attn_out - heads[h] + replaced)
             pres.append(pre - base_pre)
             acts.append(act - base_act)
         out[f"{mode}_pre"], out[f"{mode}_act"] = torch.stack(pres), torch.stack(acts)
@@ -961,6 +968,7 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
 
     from bugscope.io import read_table
     from bugscope.model import pick_device
+    from bugscope.sites import hook_name
 
     fcfg, pcfg = config["features"], config["prompts"]
     buggy, correct = pcfg["buggy_format"], pcfg["correct_format"]
@@ -968,6 +976,7 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
     discriminative = pl.from_arrow(read_table(discriminative_path, kind="discriminative_features")[0])
     named = named_feature_ids(fcfg["named"])
     layers = sorted(sae_dirs)
+    site = config["cache"]["site"]
     n_heads = model.config.num_attention_heads
     ids, caps = capture_decision(model, prompts.to_dicts(), layers=layers, batch_size=config["cache"]["batch_size"],
                                  pad_token_id=tokenizer.pad_token_id)
@@ -981,9 +990,14 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
             log.warning("layer %d: no discriminative or named features to attribute", layer)
             continue
         sae = SAE.load_from_disk(sae_dirs[layer], device=str(device)).eval()
+        hook = hook_name(layer, site)
+        sae_hook = getattr(sae.cfg.metadata, "hook_name", None)
+        if (sae_hook and sae_hook != hook) or sae.cfg.d_in != model.config.hidden_size:
+            raise ValueError(f"{sae_dirs[layer]} holds an SAE for {sae_hook} with d_in={sae.cfg.d_in}, but layer {layer} "
+                             f"needs one for {hook} with d_in={model.config.hidden_size}: rerun the SAE stage.")
         sae_meta[str(layer)] = {"path": str(sae_dirs[layer]), "architecture": sae.cfg.architecture(),
                                 "d_sae": sae.cfg.d_sae, "normalize_activations": sae.cfg.normalize_activations}
-        res = attribute_layer(model, layer, sae, caps.pop(layer), feats, n_heads=n_heads)
+        res = attribute_layer(model, layer, sae, caps.pop(layer), feats, n_heads=n_heads, site=site)
         scale = float(res["pre"].abs().max()) if res["pre"].numel() else 0.0
         errors[str(layer)] = {"identity_error": res["identity_error"], "attn_identity_error": res["attn_identity_error"],
                               "pre_activation_scale": scale}
@@ -996,6 +1010,6 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
         del sae
     if not tables:
         raise ValueError("No layer had features to attribute: check the discriminative table and features.named.")
-    meta = {"position": "decision", "buggy_format": buggy, "correct_format": correct, "n_heads": n_heads,
+    meta = {"position": "decision", "site": site, "buggy_format": buggy, "correct_format": correct, "n_heads": n_heads,
             "identity": errors, "saes": sae_meta, "n_permutations": fcfg["attribution"]["n_permutations"]}
     return pl.concat(tables), pl.concat(parity), meta
