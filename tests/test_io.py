@@ -70,3 +70,28 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
         assert final.read_text() == "old"
     assert final.read_text() == "new"
     assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_disk_full_write_is_clear_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import bugscope.io as bio
+
+    def full(table, where, **kwargs):
+        with open(where, "wb") as fh:
+            fh.write(b"PAR1 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bio.pq, "write_table", full)
+    with pytest.raises(bio.DiskFullError, match="is full") as err:
+        write_table(pa.table({"a": [1]}), tmp_path / "t.parquet", {"kind": "demo"})
+    assert "nothing was left behind" in str(err.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_temporaries_of_a_killed_writer_are_removed(tmp_path):
+    (tmp_path / "out.parquet.tmp-abc123").write_text("left by a SIGKILLed job")
+    (tmp_path / "out.parquet.tmp-dir999").mkdir()
+    (tmp_path / "other.parquet.tmp-keep").write_text("another output's writer")
+    write_table(pa.table({"a": [1]}), tmp_path / "out.parquet", {"kind": "demo"})
+    assert sorted(os.listdir(tmp_path)) == ["other.parquet.tmp-keep", "out.parquet"]

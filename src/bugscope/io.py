@@ -9,6 +9,7 @@ a table whose kind or config hash is not the one they expect.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -23,6 +24,10 @@ import torch
 
 META_PREFIX = "bugscope."
 TMP_MARKER = ".tmp-"
+
+
+class DiskFullError(OSError):
+    """An output could not be written because its disk is full."""
 
 
 class StaleTableError(RuntimeError):
@@ -45,6 +50,10 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # Temporaries of a writer that was killed (SIGKILL, node failure) never got cleaned up; only
+    # one job writes a given output at a time, so any left beside `final` are dead.
+    for stale in final.parent.glob(final.name + TMP_MARKER + "*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=final.name + TMP_MARKER, dir=final.parent))
     else:
@@ -61,11 +70,17 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as err:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise DiskFullError(
+                f"The disk holding {final.parent} is full: {final.name} could not be written and "
+                "nothing was left behind. Free some space (or point the workflow at a larger disk "
+                "with snakemake --directory) and rerun; finished outputs are kept."
+            ) from err
         raise
 
 

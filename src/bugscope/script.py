@@ -9,13 +9,14 @@ import traceback
 
 import torch
 
+from bugscope.io import DiskFullError
 from bugscope.model import seed_everything
 
 log = logging.getLogger("bugscope")
 
 # Errors whose message already says what is wrong, where and how to fix it: shown as one
 # paragraph, without a traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError)
+USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, DiskFullError)
 
 # Fault injection for tests: `BUGSCOPE_FAIL_RULE=<rule>` makes that rule fail before doing any work.
 FAIL_RULE_ENV = "BUGSCOPE_FAIL_RULE"
