@@ -42,8 +42,13 @@ def ci_config():
     return load_config(REPO / "config" / "ci.yaml")
 
 
+# A credential-shaped canary set in the environment of the CI workflow run: tests grep every
+# output for it. Built at run time so that no token-shaped literal sits in the repository.
+CANARY_TOKEN = "hf_" + "bugscopeCanary" * 3
+
+
 def run_snakemake(workdir: Path, *args: str, configfile: str | Path = REPO / "config" / "ci.yaml",
-                  check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
+                  check: bool = True, timeout: int = 1800, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real workflow through the CLI in `workdir`, with the converted model pre-seeded."""
     workdir = Path(workdir)
     seeded = workdir / "results" / "model" / "checkpoint"
@@ -52,7 +57,8 @@ def run_snakemake(workdir: Path, *args: str, configfile: str | Path = REPO / "co
         shutil.copytree(MODEL_CACHE / "checkpoint", seeded)
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
            "--configfile", str(configfile), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
@@ -62,5 +68,5 @@ def run_snakemake(workdir: Path, *args: str, configfile: str | Path = REPO / "co
 def ci_workflow(tmp_path_factory, embedded_manifest):
     """A finished run of the ci.yaml workflow (all default targets); returns its work directory."""
     workdir = tmp_path_factory.mktemp("ci_workflow")
-    run_snakemake(workdir)
+    run_snakemake(workdir, env={"HF_TOKEN": CANARY_TOKEN})
     return workdir

@@ -51,3 +51,16 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "layers [31] are out of range" in proc.stdout + proc.stderr
     assert not (tmp_path / "results" / "prompts").exists()
+
+
+def test_credentials_never_reach_an_output(ci_workflow):
+    """HF_TOKEN was set for the whole CI run: no table, log, figure or metadata may contain it."""
+    from tests.conftest import CANARY_TOKEN
+
+    needle = CANARY_TOKEN.encode()
+    checked = 0
+    for path in ci_workflow.rglob("*"):
+        if path.is_file() and "checkpoint" not in path.parts:
+            assert needle not in path.read_bytes(), f"{path} contains the HF_TOKEN value"
+            checked += 1
+    assert checked > 10
