@@ -38,7 +38,8 @@ def model_job_resources(n_prompts_hint=None, n_layers=1):
     profile) gets twice as much.
     """
     size_b = config["model"]["size_b"]
-    n_prompts = n_prompts_hint or 3 * 2 * (config["prompts"]["n_pairs"] + len(config["prompts"]["extra_pairs"]))
+    prompts = config["prompts"]
+    n_prompts = n_prompts_hint or len(prompts["formats"]) * 2 * (prompts["n_pairs"] + len(prompts["extra_pairs"]))
     scale = config["resources"]["minutes_per_b_per_100_prompts"]
     runtime = int(10 + scale * max(size_b, 0.1) * (n_prompts / 100) * max(1, n_layers / 8))
     weights_mb = int(size_b * 1000 * (4 if config["model"]["dtype"] == "float32" else 2))
