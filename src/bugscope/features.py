@@ -618,7 +618,8 @@ def capture_decision(model, rows: Sequence[dict], *, layers: Sequence[int], batc
     handles = []
 
     def keep(layer, key, t):
-        store[layer][key].append(t[:, -1, :].detach().to("cpu", torch.float64))
+        # float32 holds a float32 or bfloat16 model's values exactly; attribute_layer works in float64
+        store[layer][key].append(t[:, -1, :].detach().to("cpu", torch.float32))
 
     for layer in layers:
         block = decoder_layers(model)[layer]
@@ -698,6 +699,7 @@ def attribute_layer(model, layer: int, sae, cap: LayerCapture, feature_ids: Sequ
     'identity_error' = max |sum of all terms - pre| and 'attn_identity_error' = max |sum over heads
     + attn_bias - contribution of the captured attention output|.
     """
+    cap = LayerCapture(**{k: v.to(torch.float64) for k, v in vars(cap).items()})
     view = encoder_view(sae, feature_ids)
     view.w, view.const = view.w.cpu(), view.const.cpu()
     ids = torch.as_tensor(list(feature_ids), dtype=torch.long, device=sae.W_enc.device)
