@@ -7,15 +7,17 @@
 #
 # Needs root on a Debian-like machine (CI, a fresh container). It refuses to touch a machine that
 # already has its own /etc/slurm/slurm.conf. The partition is named after $BUGSCOPE_SLURM_PARTITION
-# (default "bugscope"). The node offers Gres=gpu:2, two character devices made with mknod (no real
-# GPU behind them), so two GPU jobs run side by side, one seeing CUDA_VISIBLE_DEVICES=0 and the
-# other 1. The node declares at least 4 CPUs (SlurmdParameters=config_overrides) so that two jobs of
-# cpus_per_task=2 fit on a 2-core CI machine; they then share its cores.
+# (default "bugscope"). The node offers Gres=gpu:$BUGSCOPE_SLURM_GPUS (default 4), character devices
+# made with mknod (no real GPU behind them), so that many GPU jobs run side by side, each seeing its
+# own CUDA_VISIBLE_DEVICES. The node declares 2 CPUs per fake GPU, at least the real count
+# (SlurmdParameters=config_overrides), so the jobs (cpus_per_task=2) fit on a 2-core CI machine,
+# where they then share the cores: the point is to overlap SLURM's and Snakemake's latencies.
 set -euo pipefail
 
 action=${1:?usage: cluster.sh start|stop DIR}
 dir=${2:?usage: cluster.sh start|stop DIR}
 partition=${BUGSCOPE_SLURM_PARTITION:-bugscope}
+gpus=${BUGSCOPE_SLURM_GPUS:-4}
 marker=.bugscope-slurm-cluster
 
 ours() {  # is /etc/slurm/$1 a link into a cluster made by this script?
@@ -63,10 +65,12 @@ start() {
     local host cpus mem
     host=$(hostname -s)
     cpus=$(nproc)
-    (( cpus >= 4 )) || cpus=4
+    (( cpus >= 2 * gpus )) || cpus=$((2 * gpus))
     mem=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
-    [[ -c "$dir/nvidia0" ]] || mknod "$dir/nvidia0" c 195 0
-    [[ -c "$dir/nvidia1" ]] || mknod "$dir/nvidia1" c 195 1
+    local i
+    for ((i = 0; i < gpus; i++)); do
+        [[ -c "$dir/nvidia$i" ]] || mknod "$dir/nvidia$i" c 195 "$i"
+    done
 
     cat >"$dir/slurm.conf" <<EOF
 # Written by tests/slurm/cluster.sh: a one-node test cluster.
@@ -98,12 +102,12 @@ SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=$host CPUs=$cpus RealMemory=$mem Gres=gpu:2 State=UNKNOWN
+NodeName=$host CPUs=$cpus RealMemory=$mem Gres=gpu:$gpus State=UNKNOWN
 PartitionName=$partition Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
     cat >"$dir/gres.conf" <<EOF
 AutoDetect=off
-NodeName=$host Name=gpu File=$dir/nvidia[0-1]
+NodeName=$host Name=gpu File=$dir/nvidia[0-$((gpus - 1))]
 EOF
     # The config must be at /etc/slurm/slurm.conf: inside a job the plugin clears SLURM_CONF.
     mkdir -p /etc/slurm
@@ -127,7 +131,7 @@ EOF
         stop
         exit 1
     fi
-    echo "cluster.sh: cluster up in $dir (node $host, partition $partition, $cpus CPUs, ${mem} MB, gpu:2)" >&2
+    echo "cluster.sh: cluster up in $dir (node $host, partition $partition, $cpus CPUs, ${mem} MB, gpu:$gpus)" >&2
 }
 
 case $action in

@@ -4,7 +4,7 @@
 #   tests/slurm/run_slurm_test.sh [--reference DIR] [--keep]
 #
 # Needs root on Debian (installs slurm-wlm). Steps, each checked by check_slurm_run.py:
-#   1. start a one-node cluster with two fake GPUs (cluster.sh), stopped by pid on any exit;
+#   1. start a one-node cluster with four fake GPUs (cluster.sh), stopped by pid on any exit;
 #   2. copy the SLURM profile and edit exactly its two placeholder lines, as a user would;
 #   3. run the pipeline with BUGSCOPE_FAIL_RULE=baseline: the GPU job fails on the cluster, is
 #      retried once with doubled runtime and memory, and Snakemake stops naming the rule;
