@@ -1,0 +1,451 @@
+"""The claims ledger: every quantitative claim of the seed study, checked against the measured tables.
+
+`config/claims.yaml` lists the claims. Each claim has one or more *forms*, tried in order: the
+`literal` form tests the seed's statement as written (its layer numbers and feature ids, so it
+usually `requires_model` Llama-3.1-8B); an `agnostic` form tests what the claim means on any model
+("a middle layer of maximum overlap between two layers of low overlap"). The first form that can be
+tested decides the verdict:
+
+- `holds`: every check of the form passes;
+- `fails`: a check does not pass;
+- `not testable here`: no form can be tested (the model is not the one the ids belong to, a table
+  was not produced, no row matches, the metric is null); `detail` says why, form by form.
+
+A check selects rows of one table (`where`), reduces them to one row (`aggregate`), reads `metric`
+(a column, or `a / b` for the ratio of two columns) and applies one test:
+
+    near: {target, tolerance}     |value - target| <= tolerance (target defaults to seed_value)
+    range: [low, high]            low <= value <= high
+    at_least: x / at_most: x      value >= x / value <= x
+    below: {where: {...}}         value < the same metric on the row the inner `where` selects
+    local_max: true               the selected layer's CI lies above the CI of some earlier and
+                                  some later layer (feature_overlap rows)
+
+`also: {column: at_most/at_least x}` adds a condition on other columns of the selected row (e.g. a
+p-value). Decisions use point estimates; each row reports the interval and n beside them.
+
+`where` values: a scalar (equality), a list (membership), `{not: v}`, `{between: [a, b]}`,
+`{depth: f}` (the layer round(f * (num_layers - 1)): a layer at the same relative depth as the
+seed's), `{after: <bool column>, by: n}` (the analysed layer n places after the row marked by that
+column), and the tokens `$focus` (the focus layers), `$buggy_format`, `$correct_format`,
+`$half_even_heads` / `$quarter_even_heads` (half / a quarter of the even heads: 8 / 4 of Llama's 16).
+An aggregate ending in `_abs` tests the absolute value (correlation strengths).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import polars as pl
+import yaml
+
+from bugscope import layout
+
+VERDICTS = ("holds", "fails", "not testable here")
+TESTS = ("near", "range", "at_least", "at_most", "below", "local_max")
+AGGREGATES = ("single", "min", "max", "max_abs", "min_abs")
+CLAIMS_KIND = "claims"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table the ledger can test: where it lives, its kind and the column that counts its sample."""
+
+    path: str | None
+    kind: str
+    n_column: str | None = None
+
+
+TABLES: dict[str, TableSpec] = {
+    "baseline_accuracy": TableSpec(layout.BASELINE_ACCURACY, "baseline_accuracy", "n_prompts"),
+    "baseline_scores": TableSpec(layout.BASELINE_SCORES, "baseline_scores"),
+    "feature_overlap": TableSpec(layout.FEATURE_OVERLAP, "feature_overlap", "n_pairs"),
+    "discriminative_features": TableSpec(layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "n_a"),
+    "named_features": TableSpec(layout.NAMED_FEATURES, "named_features", "n_pairs"),
+    "head_parity": TableSpec(layout.HEAD_PARITY, "head_parity", "n_heads"),
+    # Stages that have not landed yet: no path, so every check on them is "not testable here".
+    # Their columns follow bugscope.patching.summarise (one row per layer and head set).
+    "head_patching": TableSpec(None, "patching_summary", "n_prompts"),
+    "sae_quality": TableSpec(None, "sae_quality"),
+}
+PENDING_TABLES = [name for name, spec in TABLES.items() if spec.path is None]
+
+RESULT_SCHEMA = {
+    "claim_id": pl.String, "section": pl.String, "claim": pl.String, "seed_value": pl.String,
+    "verdict": pl.String, "form": pl.String, "form_tested": pl.String, "table": pl.String, "metric": pl.String,
+    "rule": pl.String, "selected": pl.String, "measured": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
+    "n": pl.Int64, "detail": pl.String,
+}
+
+
+class LedgerError(ValueError):
+    """The ledger file is malformed; the message names the claim and the key."""
+
+
+class NotTestable(Exception):
+    """This form cannot be tested on these tables; the message says why."""
+
+
+@dataclass
+class Context:
+    """What the ledger needs from the run: the model, the formats and the focus layers."""
+
+    model_name: str
+    model_checkpoint: str
+    num_layers: int
+    num_heads: int
+    buggy_format: str
+    correct_format: str
+    focus: list[int] | None  # None: unresolved (focus_layers auto and no overlap table)
+
+    @classmethod
+    def from_config(cls, config: Mapping, focus: list[int] | None) -> "Context":
+        return cls(config["model"]["name"], config["model"]["checkpoint"], config["model"]["num_layers"],
+                   config["model"]["num_heads"], config["prompts"]["buggy_format"], config["prompts"]["correct_format"], focus)
+
+    def is_model(self, wanted: str) -> bool:
+        norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())  # noqa: E731
+        return norm(wanted) in norm(self.model_name) or norm(wanted) in norm(self.model_checkpoint)
+
+
+# --- ledger file ----------------------------------------------------------------------------------
+
+
+def load_ledger(path: str | Path) -> list[dict]:
+    """The claims of a ledger file, checked for shape (not for columns: see `check_columns`)."""
+    with open(path) as fh:
+        doc = yaml.safe_load(fh) or {}
+    claims = doc.get("claims")
+    if not isinstance(claims, list) or not claims:
+        raise LedgerError(f"{path}: expected a top-level 'claims:' list with at least one claim.")
+    seen = set()
+    for c in claims:
+        cid = c.get("id")
+        for key in ("id", "section", "claim", "seed_value", "forms"):
+            if key not in c:
+                raise LedgerError(f"{path}: claim {cid or '?'} has no '{key}'.")
+        if cid in seen:
+            raise LedgerError(f"{path}: claim id {cid!r} appears twice.")
+        seen.add(cid)
+        for form in c["forms"]:
+            if form.get("form") not in ("literal", "agnostic"):
+                raise LedgerError(f"{path}: claim {cid}: each form needs 'form: literal' or 'form: agnostic'.")
+            if "description" not in form or not form.get("checks"):
+                raise LedgerError(f"{path}: claim {cid} ({form['form']}): a form needs a description and checks.")
+            for check in form["checks"]:
+                _check_shape(cid, check, path)
+    return claims
+
+
+def _check_shape(cid: str, check: dict, path) -> None:
+    if check.get("table") not in TABLES:
+        raise LedgerError(f"{path}: claim {cid}: table {check.get('table')!r} is not one of {', '.join(TABLES)}.")
+    if "metric" not in check:
+        raise LedgerError(f"{path}: claim {cid}: a check needs a 'metric' (a column or 'a / b').")
+    tests = [t for t in TESTS if t in check]
+    if len(tests) != 1:
+        raise LedgerError(f"{path}: claim {cid}: a check needs exactly one test of {', '.join(TESTS)}; found {tests}.")
+    if check.get("aggregate", "single") not in AGGREGATES:
+        raise LedgerError(f"{path}: claim {cid}: aggregate must be one of {', '.join(AGGREGATES)}.")
+
+
+def metric_columns(metric: str) -> list[str]:
+    return [p.strip() for p in metric.split("/")]
+
+
+def referenced_columns(check: dict) -> list[str]:
+    """Every column of its table a check reads: where keys, metric, CI, `also` and `after` marks."""
+    cols = list(check.get("where", {}))
+    cols += metric_columns(check["metric"])
+    cols += list(check.get("ci", []))
+    cols += list(check.get("also", {}))
+    for v in check.get("where", {}).values():
+        if isinstance(v, dict) and "after" in v:
+            cols.append(v["after"])
+    if "below" in check:
+        cols += list(check["below"].get("where", {}))
+    return cols
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+def _resolve(value: Any, ctx: Context) -> Any:
+    if isinstance(value, str) and value.startswith("$"):
+        if value == "$buggy_format":
+            return ctx.buggy_format
+        if value == "$correct_format":
+            return ctx.correct_format
+        if value == "$focus":
+            if ctx.focus is None:
+                raise NotTestable("the focus layer is unresolved (focus_layers auto and no overlap table)")
+            return list(ctx.focus)
+        if value == "$half_even_heads":
+            return (ctx.num_heads + 1) // 2 // 2
+        if value == "$quarter_even_heads":
+            return max(1, (ctx.num_heads + 1) // 2 // 4)
+        raise LedgerError(f"unknown token {value!r}; expected $focus, $buggy_format, $correct_format, "
+                          "$half_even_heads or $quarter_even_heads.")
+    return value
+
+
+def select(df: pl.DataFrame, where: Mapping[str, Any], ctx: Context) -> pl.DataFrame:
+    """Rows of `df` matching `where` (see the module docstring); `after` marks are applied last."""
+    later = {}
+    for col, raw in where.items():
+        if col not in df.columns:
+            raise LedgerError(f"column {col!r} is not in the table (columns: {', '.join(df.columns)}).")
+        if isinstance(raw, dict) and "after" in raw:
+            later[col] = raw
+            continue
+        if isinstance(raw, dict) and "not" in raw:
+            v = _resolve(raw["not"], ctx)
+            cond = ~pl.col(col).is_in(v) if isinstance(v, list) else pl.col(col) != v
+        elif isinstance(raw, dict) and "between" in raw:
+            lo, hi = raw["between"]
+            cond = pl.col(col).is_between(lo, hi)
+        elif isinstance(raw, dict) and "depth" in raw:
+            cond = pl.col(col) == round(float(raw["depth"]) * (ctx.num_layers - 1))
+        else:
+            v = _resolve(raw, ctx)
+            cond = pl.col(col).is_in(v) if isinstance(v, list) else pl.col(col) == v
+        df = df.filter(cond)
+    for col, raw in later.items():
+        mark, by = raw["after"], int(raw.get("by", 1))
+        ordered = df.sort(col)
+        marked = ordered.with_row_index("_i").filter(pl.col(mark))
+        if marked.height != 1:
+            raise NotTestable(f"expected one row marked {mark}, found {marked.height}")
+        i = int(marked["_i"][0]) + by
+        if not 0 <= i < ordered.height:
+            raise NotTestable(f"no analysed {col} {by} place(s) after the one marked {mark}")
+        df = ordered.slice(i, 1)
+    return df
+
+
+def _values(df: pl.DataFrame, metric: str) -> pl.Series:
+    cols = metric_columns(metric)
+    for c in cols:
+        if c not in df.columns:
+            raise LedgerError(f"metric column {c!r} is not in the table (columns: {', '.join(df.columns)}).")
+    if len(cols) == 1:
+        return df[cols[0]].cast(pl.Float64)
+    if len(cols) == 2:
+        a, b = df[cols[0]].cast(pl.Float64), df[cols[1]].cast(pl.Float64)
+        return pl.Series([x / y if (x is not None and y not in (None, 0)) else None for x, y in zip(a, b)],
+                         dtype=pl.Float64)
+    raise LedgerError(f"metric {metric!r}: expected a column or 'a / b'.")
+
+
+def _pick(df: pl.DataFrame, values: pl.Series, aggregate: str) -> int:
+    """Row index chosen by the aggregate among rows with a finite metric."""
+    ok = [i for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+    if not ok:
+        raise NotTestable("the metric is null on every selected row")
+    if aggregate == "single":
+        if df.height != 1:
+            raise LedgerError(f"the selection matches {df.height} rows where one was expected; narrow 'where' "
+                              "or give an aggregate (min, max, max_abs, min_abs).")
+        return 0
+    key = {"min": lambda i: values[i], "max": lambda i: -values[i],
+           "max_abs": lambda i: -abs(values[i]), "min_abs": lambda i: abs(values[i])}[aggregate]
+    return min(ok, key=key)
+
+
+def _ci(df: pl.DataFrame, row: int, check: dict, value: float) -> tuple[float | None, float | None]:
+    metric = check["metric"]
+    names = check.get("ci") or [f"{metric}_low", f"{metric}_high"]
+    if "/" in metric or not all(n in df.columns for n in names):
+        return None, None
+    lo, hi = df[names[0]][row], df[names[1]][row]
+    if check.get("aggregate", "").endswith("_abs") and value < 0 and lo is not None and hi is not None:
+        lo, hi = -hi, -lo
+    return lo, hi
+
+
+def _describe_row(df: pl.DataFrame, row: int, where: Mapping) -> str:
+    keys = [k for k in ("layer", "feature_id") if k in df.columns]
+    keys += [k for k, v in where.items() if k in df.columns and k not in keys and not k.startswith("is_")
+             and not isinstance(v, (dict, list))]
+    return ", ".join(f"{k}={df[k][row]}" for k in keys if df[k][row] is not None)
+
+
+def _rule_text(check: dict, seed_value) -> str:
+    m = check["metric"]
+    if check.get("aggregate", "single") != "single":
+        m = f"{check['aggregate']}({m})"
+    if "near" in check:
+        t = check["near"].get("target", seed_value)
+        return f"|{m} - {t}| <= {check['near']['tolerance']}"
+    if "range" in check:
+        return f"{check['range'][0]} <= {m} <= {check['range'][1]}"
+    if "at_least" in check:
+        return f"{m} >= {check['at_least']}"
+    if "at_most" in check:
+        return f"{m} <= {check['at_most']}"
+    if "below" in check:
+        return f"{m} < {check['metric']} at {check['below']['where']}"
+    return f"{m}: CI above the CI of an earlier and a later layer"
+
+
+def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context, seed_value) -> dict:
+    """Evaluate one check: {'ok', 'value', 'low', 'high', 'n', 'selected', 'note'}; raises NotTestable."""
+    name = check["table"]
+    df = tables.get(name)
+    if df is None:
+        raise NotTestable(f"table {name} was not produced by this workflow (its stage is missing or did not run)")
+    where = check.get("where", {})
+    sel = select(df, where, ctx)
+    if sel.height == 0:
+        raise NotTestable(f"no row of {name} matches {dict(where)}")
+    values = _values(sel, check["metric"])
+    row = _pick(sel, values, check.get("aggregate", "single"))
+    value = float(values[row])
+    low, high = _ci(sel, row, check, value)
+    if check.get("aggregate", "single").endswith("_abs"):
+        value = abs(value)
+    spec = TABLES[name]
+    n = int(sel[spec.n_column][row]) if spec.n_column and sel[spec.n_column][row] is not None else None
+    if n is None and name == "baseline_scores":
+        n = 1
+    note = ""
+    if "near" in check:
+        target = float(check["near"].get("target", seed_value))
+        ok = abs(value - target) <= float(check["near"]["tolerance"])
+    elif "range" in check:
+        ok = check["range"][0] <= value <= check["range"][1]
+    elif "at_least" in check:
+        ok = value >= check["at_least"]
+    elif "at_most" in check:
+        ok = value <= check["at_most"]
+    elif "below" in check:
+        other = select(df, check["below"]["where"], ctx)
+        if other.height != 1:
+            raise NotTestable(f"the comparison row {check['below']['where']} matches {other.height} rows of {name}")
+        ref = _values(other, check["metric"])[0]
+        if ref is None:
+            raise NotTestable("the comparison row's metric is null")
+        ok = value < ref
+        note = f"compared with {ref:.4g} at {_describe_row(other, 0, check['below']['where'])}"
+    else:  # local_max over the layers of the same variant
+        lo_col, hi_col = check.get("ci") or [f"{check['metric']}_low", f"{check['metric']}_high"]
+        layer = sel["layer"][row]
+        rest = select(df, {k: v for k, v in where.items() if k != "layer" and not isinstance(v, dict)
+                           and not (k.startswith("is_") and v is True)}, ctx)
+        if low is None:
+            raise NotTestable("local_max needs a CI on the selected row")
+        earlier = rest.filter(pl.col("layer") < layer, pl.col(hi_col) < low)["layer"].to_list()
+        later = rest.filter(pl.col("layer") > layer, pl.col(hi_col) < low)["layer"].to_list()
+        ok = bool(earlier) and bool(later)
+        note = (f"lower layers (CI entirely below): before {earlier or 'none'}, after {later or 'none'}")
+    for col, cond in check.get("also", {}).items():
+        v = sel[col][row]
+        if v is None:
+            raise NotTestable(f"{col} is null on the selected row")
+        for op, x in cond.items():
+            passed = v <= x if op == "at_most" else v >= x
+            ok = ok and passed
+            note = (note + "; " if note else "") + f"{col}={v:.3g} ({op} {x})"
+    return {"ok": bool(ok), "value": value, "low": low, "high": high, "n": n,
+            "selected": _describe_row(sel, row, where), "note": note}
+
+
+def evaluate_claim(claim: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context) -> dict:
+    """One ledger row: the verdict of the first testable form, or why no form could be tested."""
+    reasons = []
+    base = {"claim_id": claim["id"], "section": claim["section"], "claim": claim["claim"].strip(),
+            "seed_value": str(claim["seed_value"])}
+    for form in claim["forms"]:
+        kind = form["form"]
+        try:
+            if "requires_model" in form and not ctx.is_model(form["requires_model"]):
+                raise NotTestable(f"its feature ids/layers belong to {form['requires_model']}; this run is {ctx.model_name}")
+            results = [run_check(c, tables, ctx, claim["seed_value"]) for c in form["checks"]]
+        except NotTestable as why:
+            reasons.append(f"{kind}: {why}")
+            continue
+        first, check = results[0], form["checks"][0]
+        notes = [r["note"] for r in results if r["note"]]
+        notes += [f"check {i + 1}: {_rule_text(c, claim['seed_value'])} -> {r['value']:.4g} at {r['selected']} "
+                  f"({'pass' if r['ok'] else 'fail'})" for i, (c, r) in enumerate(zip(form["checks"], results)) if i > 0]
+        return {**base, "verdict": "holds" if all(r["ok"] for r in results) else "fails", "form": kind,
+                "form_tested": form["description"].strip(),
+                "table": ", ".join(dict.fromkeys(c["table"] for c in form["checks"])), "metric": check["metric"],
+                "rule": "; ".join(_rule_text(c, claim["seed_value"]) for c in form["checks"]),
+                "selected": first["selected"], "measured": first["value"], "ci_low": first["low"],
+                "ci_high": first["high"], "n": first["n"], "detail": "; ".join([*reasons, *notes])}
+    return {**base, "verdict": "not testable here", "form": None, "form_tested": None,
+            "table": ", ".join(dict.fromkeys(c["table"] for f in claim["forms"] for c in f["checks"])),
+            "metric": claim["forms"][0]["checks"][0]["metric"], "rule": None, "selected": None, "measured": None,
+            "ci_low": None, "ci_high": None, "n": None, "detail": "; ".join(reasons)}
+
+
+def evaluate(claims: list[dict], tables: Mapping[str, pl.DataFrame | None], ctx: Context) -> pl.DataFrame:
+    rows = [evaluate_claim(c, tables, ctx) for c in claims]
+    return pl.DataFrame(rows, schema=RESULT_SCHEMA)
+
+
+def prepare_tables(raw: Mapping[str, pl.DataFrame], prompts: pl.DataFrame | None) -> dict[str, pl.DataFrame]:
+    """Tables as the ledger reads them: baseline scores gain the prompt's numbers (`correct`, `wrong`)."""
+    out = dict(raw)
+    if "baseline_scores" in out and prompts is not None and "correct" not in out["baseline_scores"].columns:
+        out["baseline_scores"] = out["baseline_scores"].join(
+            prompts.select("prompt_id", "correct", "wrong"), on="prompt_id", how="left")
+    return out
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+DISPLAY = [("claim_id", "claim"), ("claim", "what the seed asserts"), ("seed_value", "seed value"),
+           ("verdict", "verdict"), ("form", "form"), ("form_tested", "form tested"), ("rule", "decision rule"),
+           ("selected", "row"), ("measured", "measured"), ("ci", "CI"), ("n", "n"), ("detail", "detail")]
+
+
+def _display_rows(ledger: pl.DataFrame) -> list[dict]:
+    rows = []
+    for r in ledger.to_dicts():
+        ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["ci_low"] is not None else ""
+        rows.append({**{k: _fmt(r[k]) if k in r else "" for k, _ in DISPLAY if k != "ci"}, "ci": ci})
+    return rows
+
+
+def to_markdown(ledger: pl.DataFrame, title: str) -> str:
+    counts = ledger["verdict"].value_counts().sort("verdict")
+    lines = [f"# {title}", "", ", ".join(f"{v}: {c}" for v, c in counts.iter_rows()), "",
+             "| " + " | ".join(h for _, h in DISPLAY) + " |", "|" + "---|" * len(DISPLAY)]
+    for r in _display_rows(ledger):
+        lines.append("| " + " | ".join(str(r[k]).replace("|", "\\|").replace("\n", " ") for k, _ in DISPLAY) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_html(ledger: pl.DataFrame, title: str) -> str:
+    import html
+
+    colours = {"holds": "#009E73", "fails": "#D55E00", "not testable here": "#999999"}
+    counts = ", ".join(f"{v}: {c}" for v, c in ledger["verdict"].value_counts().sort("verdict").iter_rows())
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in DISPLAY)
+    body = []
+    for r in _display_rows(ledger):
+        cells = []
+        for k, _ in DISPLAY:
+            text = html.escape(str(r[k]))
+            if k == "verdict":
+                text = f'<b style="color:{colours.get(r[k], "black")}">{text}</b>'
+            cells.append(f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:left}"
+            "th{background:#eee}</style></head><body>"
+            f"<h2>{html.escape(title)}</h2><p>{html.escape(counts)}</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></body></html>")

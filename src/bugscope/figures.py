@@ -1,0 +1,330 @@
+"""The study's figures: one function per figure, each building an Altair chart from Polars tables.
+
+Every function takes the tables it draws (as read by `bugscope.io.read_table`) plus a `Labels`
+(model name, format names) and returns a chart whose title says what is plotted and on how many
+prompts. `save_chart` writes the chart as SVG and PNG (rendered by vl-convert, no browser) and as
+an interactive HTML page with Vega, Vega-Lite and Vega-Embed inlined, so it works offline; every
+file is written atomically.
+
+Colours: the Okabe-Ito palette (distinguishable under the common colour-vision deficiencies) for
+categories, `viridis` for sequential and `blueorange` for diverging heatmaps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import altair as alt
+import polars as pl
+import vl_convert as vlc
+
+from bugscope.io import atomic_path
+
+# Okabe & Ito (2008), "Color Universal Design".
+OKABE_ITO = {
+    "orange": "#E69F00", "sky_blue": "#56B4E9", "green": "#009E73", "yellow": "#F0E442",
+    "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7", "black": "#000000", "grey": "#999999",
+}
+BUGGY_COLOUR = OKABE_ITO["vermillion"]
+CORRECT_COLOUR = OKABE_ITO["blue"]
+SEQUENTIAL = "viridis"
+DIVERGING = "blueorange"
+WIDTH, HEIGHT = 520, 300
+FIGURE_EXTS = ("svg", "png", "html")
+
+
+@dataclass(frozen=True)
+class Labels:
+    """What the titles need: the model and the two formats of the contrast."""
+
+    model: str
+    buggy_format: str = "qa"
+    correct_format: str = "simple"
+    confidence: float = 0.95
+
+    @property
+    def ci(self) -> str:
+        return f"{round(100 * self.confidence)} % CI"
+
+    @classmethod
+    def from_config(cls, config) -> "Labels":
+        return cls(config["model"]["name"], config["prompts"]["buggy_format"], config["prompts"]["correct_format"],
+                   config["bootstrap"]["confidence"])
+
+
+def _title(text: str, subtitle: str | Sequence[str] | None = None) -> alt.TitleParams:
+    return alt.TitleParams(text, subtitle=subtitle or "", anchor="start")
+
+
+def _n(values) -> str:
+    """'64' or '60-64' for a column of counts."""
+    values = [int(v) for v in values if v is not None]
+    if not values:
+        return "?"
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def head_order(n_heads: int) -> list[str]:
+    """Head labels, even heads first then odd: h0, h2, ..., h1, h3, ..."""
+    return [f"h{h}" for h in [*range(0, n_heads, 2), *range(1, n_heads, 2)]]
+
+
+# --- 1. baseline ----------------------------------------------------------------------------------
+
+
+def baseline_accuracy(accuracy: pl.DataFrame, labels: Labels) -> alt.LayerChart:
+    """Accuracy per prompt format (decision-logit metric) with bootstrap CIs."""
+    role = {labels.buggy_format: "buggy", labels.correct_format: "correct"}
+    df = accuracy.with_columns(
+        pl.col("format").replace_strict(role, default="other").alias("role"),
+        (pl.col("format") + pl.lit(" (n=") + pl.col("n_prompts").cast(pl.String) + pl.lit(")")).alias("format_n"),
+    )
+    colour = alt.Color("role:N", title="role in the contrast",
+                       scale=alt.Scale(domain=["buggy", "correct", "other"],
+                                       range=[BUGGY_COLOUR, CORRECT_COLOUR, OKABE_ITO["grey"]]))
+    base = alt.Chart(df).encode(
+        x=alt.X("format_n:N", title="prompt format (number of prompts)", sort=df["format_n"].to_list()))
+    bars = base.mark_bar(opacity=0.8).encode(
+        y=alt.Y("accuracy:Q", title=f"accuracy (fraction answered right, {labels.ci})",
+                scale=alt.Scale(domain=[0, 1])),
+        color=colour,
+        tooltip=["format", "n_prompts", alt.Tooltip("accuracy:Q", format=".3f"),
+                 alt.Tooltip("accuracy_low:Q", format=".3f"), alt.Tooltip("accuracy_high:Q", format=".3f"),
+                 alt.Tooltip("mean_logit_diff:Q", format=".3f")])
+    err = base.mark_errorbar(ticks=True, color="black").encode(
+        y=alt.Y("accuracy_low:Q", title=""), y2="accuracy_high:Q")
+    chance = alt.Chart(pl.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color=OKABE_ITO["grey"]).encode(y="y:Q")
+    return alt.layer(bars, err, chance).properties(
+        width=WIDTH // 2 + 60, height=HEIGHT,
+        title=_title(f"Baseline accuracy per prompt format ({labels.model})",
+                     f"decision-token logit difference > 0; {_n(df['n_prompts'])} prompts per format; "
+                     f"bars: {labels.ci} (bootstrap over prompts); dashed: chance"))
+
+
+# --- 2./3. overlap and amplification --------------------------------------------------------------
+
+
+def feature_overlap(overlap: pl.DataFrame, labels: Labels) -> alt.VConcatChart:
+    """Top-k overlap % per layer (per-pair mean with CI band, pooled line) over stacked set sizes."""
+    per_pair = overlap.filter(pl.col("variant") == "per_pair").sort("layer")
+    pooled = overlap.filter(pl.col("variant") == "pooled").sort("layer")
+    k = int(overlap["k"][0])
+    n_pairs = _n(per_pair["n_pairs"])
+    mean_label = f"mean over prompt pairs ({labels.ci})"
+    pooled_label = "seed's pooled variant (top-k of format means)"
+    lines = pl.concat([
+        per_pair.select("layer", "overlap_pct", "overlap_pct_low", "overlap_pct_high",
+                        pl.lit(mean_label).alias("variant")),
+        pooled.select("layer", "overlap_pct", pl.lit(None, pl.Float64).alias("overlap_pct_low"),
+                      pl.lit(None, pl.Float64).alias("overlap_pct_high"), pl.lit(pooled_label).alias("variant")),
+    ])
+    colour = alt.Color("variant:N", title=None, legend=alt.Legend(orient="top", labelLimit=400),
+                       scale=alt.Scale(domain=[mean_label, pooled_label],
+                                       range=[OKABE_ITO["blue"], OKABE_ITO["orange"]]))
+    x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d"))
+    band = alt.Chart(per_pair).mark_area(opacity=0.25, color=OKABE_ITO["blue"]).encode(
+        x=x, y=alt.Y("overlap_pct_low:Q"), y2="overlap_pct_high:Q")
+    line = alt.Chart(lines).mark_line(point=True).encode(
+        x=x, y=alt.Y("overlap_pct:Q", title=f"top-{k} overlap (% of {k})", scale=alt.Scale(domain=[0, 100])),
+        color=colour, strokeDash=alt.StrokeDash("variant:N", legend=None),
+        tooltip=["layer", "variant", alt.Tooltip("overlap_pct:Q", format=".1f"),
+                 alt.Tooltip("overlap_pct_low:Q", format=".1f"), alt.Tooltip("overlap_pct_high:Q", format=".1f")])
+    marks = per_pair.filter(pl.col("is_min_overlap") | pl.col("is_max_overlap_middle")).with_columns(
+        pl.when(pl.col("is_min_overlap")).then(pl.lit("min")).otherwise(pl.lit("middle max")).alias("mark"))
+    mark_text = alt.Chart(marks).mark_text(dy=-12, fontWeight="bold").encode(x=x, y="overlap_pct:Q", text="mark:N")
+    top = alt.layer(band, line, mark_text).properties(
+        width=WIDTH, height=HEIGHT,
+        title=_title(f"Top-{k} SAE feature overlap between {labels.buggy_format} and {labels.correct_format} "
+                     f"prompts, per layer ({labels.model})",
+                     f"{n_pairs} prompt pairs; band: {labels.ci} (bootstrap over pairs)"))
+    sets = ["shared", "buggy_only", "correct_only"]
+    set_names = {"shared": "shared", "buggy_only": f"{labels.buggy_format} only",
+                 "correct_only": f"{labels.correct_format} only"}
+    stacked = (per_pair.select("layer", *sets)
+               .unpivot(index="layer", on=sets, variable_name="set", value_name="features")
+               .with_columns(pl.col("set").replace_strict(set_names).alias("set"),
+                             pl.col("set").replace_strict({s: i for i, s in enumerate(sets)}).alias("order")))
+    bars = alt.Chart(stacked).mark_bar().encode(
+        x=alt.X("layer:O", title="layer"),
+        y=alt.Y("features:Q", title=f"features (mean per pair, of {k} + {k})", stack="zero"),
+        color=alt.Color("set:N", title=f"top-{k} set", sort=[set_names[s] for s in sets],
+                        scale=alt.Scale(domain=[set_names[s] for s in sets],
+                                        range=[OKABE_ITO["green"], BUGGY_COLOUR, CORRECT_COLOUR])),
+        order="order:Q",
+        tooltip=["layer", "set", alt.Tooltip("features:Q", format=".2f")],
+    ).properties(width=WIDTH, height=HEIGHT * 2 // 3,
+                 title=_title("Shared and format-specific features of each pair's two top-k sets",
+                              f"mean over {n_pairs} prompt pairs"))
+    return alt.vconcat(top, bars).resolve_scale(color="independent")
+
+
+def amplification(overlap: pl.DataFrame, labels: Labels) -> alt.LayerChart:
+    """Mean ratio buggy/correct over shared features, per layer, with CIs; pooled as a second mark."""
+    per_pair = overlap.filter(pl.col("variant") == "per_pair").sort("layer")
+    pooled = overlap.filter(pl.col("variant") == "pooled").sort("layer")
+    mean_label = f"mean over prompt pairs ({labels.ci})"
+    pooled_label = "seed's pooled variant"
+    colour = alt.Color("variant:N", title=None, legend=alt.Legend(orient="top"),
+                       scale=alt.Scale(domain=[mean_label, pooled_label], range=[OKABE_ITO["blue"], OKABE_ITO["orange"]]))
+    x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d"))
+    df = pl.concat([
+        per_pair.select("layer", "amplification", "amplification_low", "amplification_high",
+                        "n_pairs_amplification", pl.lit(mean_label).alias("variant")),
+        pooled.select("layer", "amplification", pl.lit(None, pl.Float64).alias("amplification_low"),
+                      pl.lit(None, pl.Float64).alias("amplification_high"),
+                      pl.lit(None, pl.Int64).alias("n_pairs_amplification"), pl.lit(pooled_label).alias("variant")),
+    ], how="vertical_relaxed")
+    err = alt.Chart(per_pair).mark_errorbar(ticks=True, color=OKABE_ITO["blue"]).encode(
+        x=x, y=alt.Y("amplification_low:Q", title=""), y2="amplification_high:Q")
+    pts = alt.Chart(df).mark_line(point=True).encode(
+        x=x, y=alt.Y("amplification:Q", title=f"amplification ({labels.buggy_format} / {labels.correct_format} "
+                     "activation, mean over shared features)", scale=alt.Scale(zero=False)),
+        color=colour, strokeDash=alt.StrokeDash("variant:N", legend=None),
+        tooltip=["layer", "variant", alt.Tooltip("amplification:Q", format=".3f"),
+                 alt.Tooltip("amplification_low:Q", format=".3f"), alt.Tooltip("amplification_high:Q", format=".3f"),
+                 "n_pairs_amplification"])
+    one = alt.Chart(pl.DataFrame({"y": [1.0]})).mark_rule(strokeDash=[4, 4], color=OKABE_ITO["grey"]).encode(y="y:Q")
+    return alt.layer(one, err, pts).properties(
+        width=WIDTH, height=HEIGHT,
+        title=_title(f"Amplification of shared top-k features per layer ({labels.model})",
+                     f"pairs with at least one shared feature: {_n(per_pair['n_pairs_amplification'])} of "
+                     f"{_n(per_pair['n_pairs'])}; bars: {labels.ci}; dashed: no amplification (1)"))
+
+
+# --- 4. format-sensitive features -----------------------------------------------------------------
+
+
+def format_features(discriminative: pl.DataFrame, named: pl.DataFrame, labels: Labels,
+                    focus: Sequence[int]) -> alt.FacetChart | alt.LayerChart:
+    """Mean activation in the buggy vs the correct format of the top buggy-vs-correct features."""
+    disc = (discriminative.filter(pl.col("comparison") == "buggy_vs_correct", pl.col("layer").is_in(list(focus)))
+            .with_columns(pl.lit("top discriminative").alias("kind"),
+                          pl.when(pl.col("direction") == "up").then(pl.lit(f"higher in {labels.buggy_format}"))
+                          .otherwise(pl.lit(f"higher in {labels.correct_format}")).alias("direction"),
+                          pl.when(pl.col("rank") == 0).then(pl.format("f{}", "feature_id")).otherwise(pl.lit(""))
+                          .alias("label"))
+            .select("layer", "feature_id", pl.col("mean_a").alias("mean_buggy"), pl.col("mean_b").alias("mean_correct"),
+                    "direction", "kind", "label", "effect_size", "q_value", "significant", "n_a"))
+    nam = (named.filter(pl.col("layer").is_in(list(focus)))
+           .with_columns(pl.lit("named").alias("kind"), pl.lit("named feature").alias("direction"),
+                         pl.format("f{} ({}, {}x)", "feature_id", "category", pl.col("ratio").round(2)).alias("label"))
+           .select("layer", "feature_id", "mean_buggy", "mean_correct", "direction", "kind", "label"))
+    df = pl.concat([disc, nam], how="diagonal_relaxed")
+    n_pairs = _n(disc["n_a"]) if disc.height else _n(named["n_pairs"])
+    hi = max(float(df.select(pl.max_horizontal("mean_buggy", "mean_correct").max()).item() or 1.0), 1e-6)
+    axis = alt.Scale(domain=[0, hi * 1.05], nice=False)
+    colour = alt.Color("direction:N", title=None, legend=alt.Legend(orient="top"),
+                       scale=alt.Scale(domain=[f"higher in {labels.buggy_format}", f"higher in {labels.correct_format}",
+                                               "named feature"],
+                                       range=[BUGGY_COLOUR, CORRECT_COLOUR, OKABE_ITO["black"]]))
+    x = alt.X("mean_correct:Q", title=f"mean activation, {labels.correct_format} format (correct)", scale=axis)
+    y = alt.Y("mean_buggy:Q", title=f"mean activation, {labels.buggy_format} format (buggy)", scale=axis)
+    diag = alt.Chart(pl.DataFrame({"mean_correct": [0.0, hi * 1.05], "mean_buggy": [0.0, hi * 1.05]})).mark_line(
+        strokeDash=[4, 4], color=OKABE_ITO["grey"]).encode(x=x, y=y)
+    points = alt.Chart().mark_point(filled=True, size=70, opacity=0.85).encode(
+        x=x, y=y, color=colour, shape=alt.Shape("kind:N", legend=None),
+        tooltip=["layer", "feature_id", "kind", "direction", alt.Tooltip("mean_buggy:Q", format=".3f"),
+                 alt.Tooltip("mean_correct:Q", format=".3f"), alt.Tooltip("effect_size:Q", format=".2f"),
+                 alt.Tooltip("q_value:Q", format=".2g"), "significant"])
+    text = alt.Chart().mark_text(align="left", dx=6, dy=-6, fontSize=10).encode(x=x, y=y, text="label:N")
+    layered = alt.layer(diag, points, text, data=df).properties(width=WIDTH - 120, height=WIDTH - 120)
+    title = _title(f"Format-sensitive SAE features at focus layer {', '.join(map(str, focus))} ({labels.model})",
+                   f"top buggy-vs-correct features per direction and named features; means over {n_pairs} prompt "
+                   "pairs; dashed: equal activation")
+    if len(focus) > 1:
+        return layered.facet(column=alt.Column("layer:O", title="layer")).properties(title=title)
+    return layered.properties(title=title)
+
+
+# --- 8. head -> feature attribution ---------------------------------------------------------------
+
+
+def head_attribution(attribution: pl.DataFrame, labels: Labels, focus: Sequence[int]) -> alt.FacetChart:
+    """Direct attribution of each head to each feature at the focus layer(s): buggy, correct, difference."""
+    heads = attribution.filter(pl.col("component") == "head", pl.col("layer").is_in(list(focus)))
+    n_heads = int(heads["head"].max()) + 1 if heads.height else 0
+    order = head_order(n_heads)
+    wide = heads.pivot(on="format", index=["layer", "feature_id", "feature_source", "head"],
+                       values="direct_attribution")
+    diff_name = f"{labels.buggy_format} - {labels.correct_format}"
+    wide = wide.with_columns((pl.col(labels.buggy_format) - pl.col(labels.correct_format)).alias(diff_name))
+    panels = [labels.buggy_format, labels.correct_format, diff_name]
+    long = (wide.unpivot(index=["layer", "feature_id", "feature_source", "head"], on=panels,
+                         variable_name="panel", value_name="direct_attribution")
+            .with_columns(pl.format("h{}", "head").alias("head_label"),
+                          pl.when(pl.col("head") % 2 == 0).then(pl.lit("even")).otherwise(pl.lit("odd")).alias("parity"),
+                          pl.format("f{} ({})", "feature_id", "feature_source").alias("feature")))
+    n_prompts = _n(heads["n_prompts"])
+    lim = float(long["direct_attribution"].abs().max() or 1.0)
+    chart = alt.Chart(long).mark_rect().encode(
+        x=alt.X("head_label:N", sort=order, title="head (even, then odd)"),
+        y=alt.Y("feature:N", title="SAE feature (why it was attributed)"),
+        color=alt.Color("direct_attribution:Q", title="direct attribution",
+                        scale=alt.Scale(scheme=DIVERGING, domain=[-lim, lim], domainMid=0)),
+        tooltip=["layer", "panel", "head", "parity", "feature_id", "feature_source",
+                 alt.Tooltip("direct_attribution:Q", format=".4f")],
+    ).properties(width=24 * max(n_heads, 4), height=alt.Step(16))
+    return chart.facet(
+        column=alt.Column("panel:N", sort=panels, title=None),
+        row=alt.Row("layer:O", title="layer"),
+    ).properties(title=_title(
+        f"Direct attribution of attention heads to SAE features at focus layer {', '.join(map(str, focus))} "
+        f"({labels.model})",
+        f"mean contribution of each head to the feature's pre-activation at the decision position, per format "
+        f"({n_prompts} prompts per format) and their difference"))
+
+
+# --- saving ---------------------------------------------------------------------------------------
+
+
+def save_chart(chart: alt.TopLevelMixin, outputs: dict[str, str | Path], *, png_scale: float = 2.0) -> dict:
+    """Write `chart` to the paths in `outputs` (keys among svg, png, html), each atomically.
+
+    Returns the rendered Vega-Lite spec (a dict), which the tests inspect.
+    """
+    unknown = set(outputs) - set(FIGURE_EXTS)
+    if unknown:
+        raise ValueError(f"save_chart: unknown output kinds {sorted(unknown)}; expected some of {FIGURE_EXTS}.")
+    spec = chart.to_dict()
+    if "svg" in outputs:
+        svg = vlc.vegalite_to_svg(spec)
+        with atomic_path(outputs["svg"]) as tmp:
+            tmp.write_text(svg)
+    if "png" in outputs:
+        png = vlc.vegalite_to_png(spec, scale=png_scale)
+        with atomic_path(outputs["png"]) as tmp:
+            tmp.write_bytes(png)
+    if "html" in outputs:
+        html = chart.to_html(inline=True)
+        with atomic_path(outputs["html"]) as tmp:
+            tmp.write_text(html)
+    return spec
+
+
+def table_html(df: pl.DataFrame, title: str, caption: str = "") -> str:
+    """A results table as a small self-contained HTML page for the report (floats to 4 significant digits)."""
+    import html
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return html.escape("" if v is None else str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in df.iter_rows())
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;font-size:12px}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 5px;text-align:right}th{background:#eee}</style></head><body>"
+            f"<h3>{html.escape(title)}</h3><p>{html.escape(caption)}</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></body></html>")
+
+
+def png_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; raises ValueError for anything that is not a PNG."""
+    head = Path(path).read_bytes()[:24]
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise ValueError(f"{path} is not a PNG file")
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")

@@ -1,0 +1,161 @@
+# Figures, report tables and the claims ledger (issue 6). Logic: bugscope.figures, bugscope.claims.
+# One rule per figure, each reading only the tables it draws, so that editing one figure's script
+# reruns only that rule. A figure joins the default target (figure_targets in common.smk) once the
+# workflow has rules producing its tables, so the stages can land one at a time.
+from pathlib import Path
+
+import bugscope.claims as bugscope_claims
+
+FEATURES_ROOT = [layout.FEATURES.format(hook=HOOKS[0])]
+ATTRIBUTION_ROOT = [*FEATURES_ROOT, *(layout.SAE_DIR.format(hook=hook_name(layer, SITE)) for layer in ATTRIBUTION_LAYERS[:1])]
+# Tables whose rules exist before their upstream stage has landed: also check that stage's output.
+TABLE_ROOTS = {
+    layout.FEATURE_OVERLAP: FEATURES_ROOT,
+    layout.FEATURE_OVERLAP_PAIRS: FEATURES_ROOT,
+    layout.DISCRIMINATIVE_FEATURES: FEATURES_ROOT,
+    layout.NAMED_FEATURES: FEATURES_ROOT,
+    layout.HEAD_FEATURE_ATTRIBUTION: ATTRIBUTION_ROOT,
+    layout.HEAD_PARITY: ATTRIBUTION_ROOT,
+}
+# The overlap table resolves focus_layers "auto"; a figure at the focus layer reads it only then.
+FOCUS_INPUT = {"overlap": layout.FEATURE_OVERLAP} if config["focus_layers"] == "auto" else {}
+# figure name -> the tables it draws (figure_targets adds a figure once all are available)
+FIGURES = {
+    "baseline_accuracy": [layout.BASELINE_ACCURACY],
+    "feature_overlap": [layout.FEATURE_OVERLAP],
+    "amplification": [layout.FEATURE_OVERLAP],
+    "format_features": [layout.DISCRIMINATIVE_FEATURES, layout.NAMED_FEATURES, *FOCUS_INPUT.values()],
+    "head_attribution": [layout.HEAD_FEATURE_ATTRIBUTION, *FOCUS_INPUT.values()],
+}
+# report table name -> table
+REPORT_TABLES = {
+    "baseline_accuracy": layout.BASELINE_ACCURACY,
+    "feature_overlap": layout.FEATURE_OVERLAP,
+    "named_features": layout.NAMED_FEATURES,
+}
+CLAIMS_LEDGER = config["claims"]["ledger"] or str(Path(str(workflow.current_basedir)).parents[1] / "config" / "claims.yaml")
+PNG_SCALE = config["figures"]["png_scale"]
+
+
+localrules:
+    fig_baseline_accuracy,
+    fig_feature_overlap,
+    fig_amplification,
+    fig_format_features,
+    fig_head_attribution,
+    report_table,
+    claims_ledger,
+
+
+rule fig_baseline_accuracy:
+    input:
+        accuracy=layout.BASELINE_ACCURACY,
+    output:
+        **figure_outputs("baseline_accuracy", "1. Baseline"),
+    params:
+        png_scale=PNG_SCALE,
+    log:
+        f"{layout.LOGS}/figures/baseline_accuracy.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/fig_baseline_accuracy.py"
+
+
+rule fig_feature_overlap:
+    input:
+        overlap=layout.FEATURE_OVERLAP,
+    output:
+        **figure_outputs("feature_overlap", "2. SAE features"),
+    params:
+        png_scale=PNG_SCALE,
+    log:
+        f"{layout.LOGS}/figures/feature_overlap.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/fig_feature_overlap.py"
+
+
+rule fig_amplification:
+    input:
+        overlap=layout.FEATURE_OVERLAP,
+    output:
+        **figure_outputs("amplification", "2. SAE features"),
+    params:
+        png_scale=PNG_SCALE,
+    log:
+        f"{layout.LOGS}/figures/amplification.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/fig_amplification.py"
+
+
+rule fig_format_features:
+    input:
+        discriminative=layout.DISCRIMINATIVE_FEATURES,
+        named=layout.NAMED_FEATURES,
+        **FOCUS_INPUT,
+    output:
+        **figure_outputs("format_features", "2. SAE features"),
+    params:
+        png_scale=PNG_SCALE,
+    log:
+        f"{layout.LOGS}/figures/format_features.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/fig_format_features.py"
+
+
+rule fig_head_attribution:
+    input:
+        attribution=layout.HEAD_FEATURE_ATTRIBUTION,
+        **FOCUS_INPUT,
+    output:
+        **figure_outputs("head_attribution", "3. Attention heads"),
+    params:
+        png_scale=PNG_SCALE,
+    log:
+        f"{layout.LOGS}/figures/head_attribution.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/fig_head_attribution.py"
+
+
+rule report_table:
+    input:
+        table=lambda wildcards: REPORT_TABLES[wildcards.name],
+    output:
+        report(
+            layout.REPORT_TABLE,
+            caption="../report/tables.rst",
+            category="5. Tables",
+            labels={"table": "{name}"},
+        ),
+    wildcard_constraints:
+        name="|".join(REPORT_TABLES),
+    log:
+        f"{layout.LOGS}/figures/table_{{name}}.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/report_table.py"
+
+
+rule claims_ledger:
+    input:
+        unpack(claims_inputs),
+    output:
+        claims=layout.CLAIMS,
+        markdown=layout.CLAIMS_MARKDOWN,
+        html=report(layout.CLAIMS_HTML, caption="../report/claims.rst", category="4. Claims ledger",
+                    labels={"table": "claims ledger"}),
+    log:
+        f"{layout.LOGS}/figures/claims_ledger.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/claims_ledger.py"

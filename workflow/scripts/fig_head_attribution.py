@@ -1,0 +1,23 @@
+import polars as pl
+
+from bugscope import figures
+from bugscope.features import focus_layers
+from bugscope.io import read_table
+from bugscope.script import log, run
+
+
+def main(smk):
+    attribution = pl.from_arrow(read_table(smk.input.attribution, kind="head_feature_attribution")[0])
+    overlap = pl.from_arrow(read_table(smk.input.overlap, kind="feature_overlap")[0]) if "overlap" in smk.input.keys() else None
+    focus = focus_layers(smk.config, overlap)
+    attributed = sorted(attribution["layer"].unique().to_list())
+    missing = [layer for layer in focus if layer not in attributed]
+    if missing:
+        raise ValueError(f"focus layer(s) {missing} have no head attribution (attributed layers: {attributed}); "
+                         "add them to features.attribution.layers or set it to 'all'.")
+    log.info("focus layers: %s", focus)
+    chart = figures.head_attribution(attribution, figures.Labels.from_config(smk.config), focus)
+    figures.save_chart(chart, {ext: smk.output[ext] for ext in figures.FIGURE_EXTS}, png_scale=smk.params.png_scale)
+
+
+run(snakemake, main)  # noqa: F821
