@@ -34,9 +34,20 @@ NAMED_FEATURES = f"{RESULTS}/analysis/named_features.parquet"
 HEAD_FEATURE_ATTRIBUTION = f"{RESULTS}/analysis/head_feature_attribution.parquet"
 HEAD_PARITY = f"{RESULTS}/analysis/head_parity.parquet"
 
+# Figures, report tables and the claims ledger (bugscope.figures, bugscope.claims, workflow/rules/figures.smk)
+FIGURE = f"{RESULTS}/figures/{{name}}.{{ext}}"
+REPORT_TABLE = f"{RESULTS}/tables/{{name}}.html"
+CLAIMS = f"{RESULTS}/claims.parquet"
+CLAIMS_MARKDOWN = f"{RESULTS}/claims.md"
+CLAIMS_HTML = f"{RESULTS}/claims.html"
+
 LOGS = "logs"
 BENCHMARKS = "benchmarks"
 
 
 def activations(dataset: str, hook: str) -> str:
     return ACTIVATIONS.format(dataset=dataset, hook=hook)
+
+
+def figure(name: str, ext: str) -> str:
+    return FIGURE.format(name=name, ext=ext)

@@ -26,6 +26,7 @@ def final_outputs():
         layout.BASELINE_ACCURACY,
         layout.BASELINE_GENERATION,
         *[layout.activations("prompts", hook) for hook in HOOKS],
+        figure_targets,
     ]
 
 
@@ -49,3 +50,50 @@ def model_job_resources(n_prompts_hint=None, n_layers=1):
         "mem_mb": lambda wildcards, attempt: (4000 + 2 * weights_mb) * attempt,
         "cpus_per_task": 2,
     }
+
+
+# --- figures, report tables and the claims ledger (workflow/rules/figures.smk) ------------------
+
+
+def producible(path):
+    """True when a rule of this workflow writes `path` (a stage that has not landed has none)."""
+    return any(rule.is_producer(path) for rule in workflow.rules)
+
+
+def available(path):
+    """`path` and the upstream stage output it depends on (TABLE_ROOTS) both have a rule."""
+    return producible(path) and all(producible(root) for root in TABLE_ROOTS.get(path, []))
+
+
+def figure_targets(wildcards):
+    """Input function of `all`: every figure and report table whose tables are available, and the ledger.
+
+    Evaluated when the DAG is built, after every rules file is read.
+    """
+    out = [layout.CLAIMS, layout.CLAIMS_MARKDOWN, layout.CLAIMS_HTML]
+    for name, tables in FIGURES.items():
+        if all(available(t) for t in tables):
+            out += [layout.figure(name, ext) for ext in ("svg", "png", "html")]
+    out += [layout.REPORT_TABLE.format(name=name) for name, table in REPORT_TABLES.items() if available(table)]
+    return out
+
+
+def figure_outputs(name, category):
+    """The SVG, PNG and HTML outputs of a figure rule; SVG (inline) and HTML (interactive) go in the report."""
+    caption = f"../report/{name}.rst"
+    return {
+        "svg": report(layout.figure(name, "svg"), caption=caption, category=category,
+                      labels={"figure": name, "file": "SVG"}),
+        "png": layout.figure(name, "png"),
+        "html": report(layout.figure(name, "html"), caption=caption, category=category,
+                       labels={"figure": name, "file": "interactive HTML"}),
+    }
+
+
+def claims_inputs(wildcards):
+    """The ledger file, the prompt table and every table the ledger tests that this workflow can produce."""
+    tables = {name: spec.path for name, spec in bugscope_claims.TABLES.items()
+              if spec.path is not None and available(spec.path)}
+    if config["focus_layers"] == "auto" and available(layout.FEATURE_OVERLAP):
+        tables["feature_overlap"] = layout.FEATURE_OVERLAP
+    return {"ledger": CLAIMS_LEDGER, "prompts": layout.PROMPTS, **tables}
