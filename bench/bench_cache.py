@@ -1,0 +1,71 @@
+"""Residual-caching throughput as a ratio to a bare forward pass over the same batches.
+
+Run: python bench/bench_cache.py [--repeats 5] [--layers all|0,10,29]
+The bare pass is `model.model(...)` over the same left-padded batches with no hooks; the caching
+pass gathers the configured positions of every layer and writes one Parquet file per layer.
+Prints the median time of each and the throughput ratio (target >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from bugscope.cache import cache_activations, positions_for
+from bugscope.config import analysed_layers, load_config
+from bugscope.forward import iter_batches
+from bugscope.model import load_model, prepare_model
+from bugscope.prompts import build_prompt_table
+from bugscope.sites import hook_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=96)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    cfg = load_config(args.config)
+    cache_dir = REPO / ".pytest_cache" / "bugscope"
+    manifest = prepare_model(cfg["model"], cache_dir / "checkpoint", cache_dir / "model.json")
+    model, tok = load_model(manifest, "cpu")
+    rows = pl.from_arrow(build_prompt_table(cfg, tok)).head(args.prompts).to_dicts()
+    rows = [{**r, "positions": positions_for(r, cfg["cache"]["positions"])} for r in rows]
+    layers = analysed_layers(cfg)
+    bs = cfg["cache"]["batch_size"]
+
+    def bare():
+        with torch.inference_mode():
+            for batch in iter_batches(rows, bs, tok.pad_token_id, "cpu"):
+                model.model(**batch.model_inputs(), use_cache=False)
+
+    def cached():
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = {layer: f"{tmp}/{hook_name(layer)}.parquet" for layer in layers}
+            cache_activations(model, rows, layers=layers, site="resid_post", dtype=cfg["cache"]["dtype"],
+                              out_paths=paths, meta={}, batch_size=bs, pad_token_id=tok.pad_token_id, desc="bench")
+
+    bare()  # warm-up
+    t_bare, t_cache = [], []
+    for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
+        t0 = time.perf_counter(); bare(); t_bare.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); cached(); t_cache.append(time.perf_counter() - t0)
+    mb, mc = statistics.median(t_bare), statistics.median(t_cache)
+    n_tokens = sum(len(r["input_ids"]) for r in rows)
+    print(f"{len(rows)} prompts, {n_tokens} tokens, {len(layers)} layers, batch {bs}, {args.repeats} repeats")
+    print(f"bare forward : median {mb:.3f} s ({n_tokens / mb:.0f} tokens/s)")
+    print(f"cache+write  : median {mc:.3f} s ({n_tokens / mc:.0f} tokens/s)")
+    print(f"throughput ratio cache/bare: {mb / mc:.3f} (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
