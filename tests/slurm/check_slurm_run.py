@@ -8,7 +8,7 @@
 
 RUN_LOG is Snakemake's output of one run with --verbose (the plugin logs its sbatch calls at debug
 level). Each phase asks `scontrol show job` about the jobs of its own runs, so call it right after the
-run (the test cluster forgets finished jobs after MinJobAge=300 s).
+run (the test cluster forgets finished jobs after MinJobAge=3600 s).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def check_jobs(jobs: list[Job], workdir: Path, problems: list[str]) -> None:
             envs = [JOB_ENV.search(line) for p in job.log if (workdir / p).is_file()
                     for line in (workdir / p).read_text(errors="replace").splitlines()]
             envs = [m.groups() for m in envs if m]
-            if (last, ) not in {(jid, ) for jid, cvd in envs if cvd not in ("-", "")}:
+            if not any(jid == last and cvd not in ("-", "") for jid, cvd in envs):
                 problems.append(f"{name}: its log does not show SLURM job {last} with CUDA_VISIBLE_DEVICES set "
                                 f"(found {envs or 'no job-environment line'})")
 
@@ -235,7 +235,7 @@ def phase_complete(workdir: Path, reference: Path, run_logs: list[Path]) -> list
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) >= 3 and argv[0] == "failed" and len(argv) == 4:
+    if len(argv) == 4 and argv[0] == "failed":
         problems = phase_failed(Path(argv[1]), Path(argv[2]), argv[3])
     elif len(argv) >= 4 and argv[0] == "complete":
         problems = phase_complete(Path(argv[1]), Path(argv[2]), [Path(p) for p in argv[3:]])
