@@ -353,10 +353,14 @@ def _top_rows(layer: int, comparison: str, feature_ids: np.ndarray, a: np.ndarra
         pl.when(pl.col("effect_size") > 0).then(pl.lit("up")).when(pl.col("effect_size") < 0)
         .then(pl.lit("down")).otherwise(None).alias("direction"),
     ).filter(pl.col("direction").is_not_null())
-    table = (table.with_columns(pl.col("effect_size").abs().alias("_abs"))
-             .sort(["direction", "q_value", "_abs", "feature_id"], descending=[False, False, True, False])
+    # Ranking: features significant at the FDR level first, by |effect size| (their p-values are
+    # often all tiny, so q alone would rank by numerical noise), then the rest by q-value.
+    table = (table.with_columns(
+                (pl.col("q_value") <= alpha).alias("_sig"),
+                pl.when(pl.col("q_value") <= alpha).then(-pl.col("effect_size").abs()).otherwise(pl.col("q_value")).alias("_key"))
+             .sort(["direction", "_sig", "_key", "feature_id"], descending=[False, True, False, False])
              .with_columns(pl.int_range(pl.len()).over("direction").cast(pl.Int32).alias("rank"))
-             .filter(pl.col("rank") < top_n).drop("_abs"))
+             .filter(pl.col("rank") < top_n).drop("_sig", "_key"))
     return table.with_columns(
         pl.lit(layer, pl.Int32).alias("layer"), pl.lit(comparison).alias("comparison"),
         (pl.col("q_value") <= alpha).alias("significant"),
@@ -734,19 +738,25 @@ def attribute_layer(model, layer: int, sae, cap: LayerCapture, feature_ids: Sequ
 
     # Ablation: only the decision position of layer L changes, and it is the last position, so
     # resid_post' = resid_mid' + MLP(resid_mid') is exact without another forward pass.
-    def read(attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode(_mlp_tail(model, layer, cap.resid_pre + attn_out) if on_resid else attn_out)
+    def read(attn_out: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAE pre-activation and activation at the decision position for attention outputs [..., n, d]."""
+        flat = attn_out.reshape(-1, attn_out.shape[-1])
+        pres, acts = [], []
+        resid_pre = cap.resid_pre.expand(*attn_out.shape[:-2], -1, -1).reshape(-1, attn_out.shape[-1])
+        for start in range(0, flat.shape[0], chunk):
+            a = flat[start:start + chunk]
+            pre, act = encode(_mlp_tail(model, layer, resid_pre[start:start + chunk] + a) if on_resid else a)
+            pres.append(pre)
+            acts.append(act)
+        shape = (*attn_out.shape[:-1], len(feature_ids))
+        return torch.cat(pres).reshape(shape), torch.cat(acts).reshape(shape)
 
     base_pre, base_act = read(cap.attn_out)
     mean_heads = head_outputs(model, layer, cap.z.mean(0, keepdim=True), n_heads)  # [H, 1, d]
     for mode in ("zero", "mean"):
-        pres, acts = [], []
-        for h in range(n_heads):
-            replaced = torch.zeros_like(heads[h]) if mode == "zero" else mean_heads[h].expand(n, -1)
-            pre, act = read(cap.attn_out - heads[h] + replaced)
-            pres.append(pre - base_pre)
-            acts.append(act - base_act)
-        out[f"{mode}_pre"], out[f"{mode}_act"] = torch.stack(pres), torch.stack(acts)
+        replaced = torch.zeros_like(heads) if mode == "zero" else mean_heads.expand(-1, n, -1)
+        pre, act = read(cap.attn_out[None] - heads + replaced)  # [H, n, F]
+        out[f"{mode}_pre"], out[f"{mode}_act"] = pre - base_pre, act - base_act
     return out
 
 
