@@ -27,7 +27,19 @@ def final_outputs():
         layout.BASELINE_GENERATION,
         *[layout.activations("prompts", hook) for hook in HOOKS],
         figure_targets,
+        feature_targets,
     ]
+
+
+def feature_targets(wildcards):
+    """The feature-analysis tables (workflow/rules/features.smk), once rules produce their inputs
+    (the SAE stage's feature tables and SAEs), so the stages can land one at a time."""
+    if not all(producible(layout.FEATURES.format(hook=hook)) for hook in HOOKS):
+        return []
+    out = [layout.FEATURE_OVERLAP, layout.FEATURE_OVERLAP_PAIRS, layout.DISCRIMINATIVE_FEATURES, layout.NAMED_FEATURES]
+    if all(producible(layout.SAE_DIR.format(hook=hook_name(layer, SITE))) for layer in ATTRIBUTION_LAYERS):
+        out += [layout.HEAD_FEATURE_ATTRIBUTION, layout.HEAD_PARITY]
+    return out
 
 
 def model_job_resources(n_prompts_hint=None, n_layers=1):
