@@ -85,7 +85,8 @@ rule head_feature_attribution:
         layers=ATTRIBUTION_LAYERS,
         config_hash=FEATURE_CONFIG_HASH,
     resources:
-        **model_job_resources(n_layers=len(ATTRIBUTION_LAYERS)),
+        # one forward pass over the buggy- and correct-format prompts serves every layer
+        **model_job_resources(n_prompts_hint=2 * 2 * (config["prompts"]["n_pairs"] + len(config["prompts"]["extra_pairs"]))),
     log:
         f"{layout.LOGS}/features/head_feature_attribution.log",
     benchmark:
