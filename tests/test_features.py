@@ -309,6 +309,7 @@ def test_stage_drivers(stage_inputs):
     cfg["features"]["position"] = "aligned_mean"
     summary_aligned, _, _ = F.run_overlap(cfg, tmp / "prompts.parquet", paths)
     assert not summary_aligned.equals(summary)
+    assert F.run_overlap(cfg, tmp / "prompts.parquet", paths)[0].equals(summary_aligned)  # deterministic
     assert read_metadata(paths[0])["kind"] == "features"
 
 

@@ -93,8 +93,10 @@ def prompt_values(features: pl.DataFrame, weights: pl.DataFrame) -> pl.DataFrame
             "features.position: aligned_mean the cache must hold the aligned positions "
             "(cache.positions: aligned or all)."
         )
+    # sorted and order-keeping, so every float sum is taken in the same order on every run
     return (features.join(weights, on=["prompt_id", "position"], how="inner")
-            .group_by("prompt_id", "feature_id")
+            .sort("prompt_id", "feature_id", "position")
+            .group_by("prompt_id", "feature_id", maintain_order=True)
             .agg((pl.col("activation").cast(pl.Float64) * pl.col("weight")).sum().alias("value"))
             .filter(pl.col("value") > 0))
 
