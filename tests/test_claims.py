@@ -1,0 +1,190 @@
+"""The claims ledger: verdicts on hand-made tables, the shipped ledger resolves to real columns, and
+the ledger table of the real ci.yaml run."""
+
+from __future__ import annotations
+
+
+import polars as pl
+import pytest
+
+from bugscope import claims, layout
+from bugscope.features import DISCRIMINATIVE_COLUMNS, NAMED_SCHEMA, PARITY_COLUMNS
+from bugscope.io import read_metadata, read_table
+
+from tests.conftest import REPO
+from tests.test_figures import accuracy_table, overlap_table
+
+LEDGER = REPO / "config" / "claims.yaml"
+
+
+def ctx(model="SmolLM2-135M-Instruct", focus=(5,), num_heads=9, num_layers=14) -> claims.Context:
+    return claims.Context(model, "embedded", num_layers, num_heads, "qa", "simple", list(focus) if focus else None)
+
+
+def overlap_rows(values: dict[int, float], ci: float = 2.0) -> pl.DataFrame:
+    """A hand-made per_pair overlap table; marks the min layer and the max of layers 3..10."""
+    layers = sorted(values)
+    mids = [layer for layer in layers if 3 <= layer <= 10]
+    lo = min(layers, key=values.get)
+    hi = max(mids, key=values.get)
+    return pl.DataFrame({
+        "layer": layers, "variant": ["per_pair"] * len(layers), "n_pairs": [20] * len(layers),
+        "is_min_overlap": [layer == lo for layer in layers], "is_max_overlap_middle": [layer == hi for layer in layers],
+        "overlap_pct": [values[layer] for layer in layers],
+        "overlap_pct_low": [values[layer] - ci for layer in layers],
+        "overlap_pct_high": [values[layer] + ci for layer in layers],
+    })
+
+
+def claim(*forms, seed_value=10) -> dict:
+    return {"id": "c", "section": "test", "claim": "a claim", "seed_value": seed_value, "forms": list(forms)}
+
+
+NEAR_MIN = {"form": "agnostic", "description": "min overlap about 10",
+            "checks": [{"table": "feature_overlap", "where": {"variant": "per_pair", "is_min_overlap": True},
+                        "metric": "overlap_pct", "near": {"tolerance": 10}}]}
+LITERAL_L7 = {"form": "literal", "requires_model": "Llama-3.1-8B", "description": "layer 7",
+              "checks": [{"table": "feature_overlap", "where": {"variant": "per_pair", "layer": 7},
+                          "metric": "overlap_pct", "near": {"tolerance": 10}}]}
+
+
+def test_near_holds_and_fails():
+    holds = claims.evaluate_claim(claim(NEAR_MIN), {"feature_overlap": overlap_rows({0: 50, 2: 12, 5: 70, 12: 40})}, ctx())
+    assert holds["verdict"] == "holds" and holds["measured"] == 12 and holds["form"] == "agnostic"
+    assert (holds["ci_low"], holds["ci_high"], holds["n"]) == (10, 14, 20) and "layer=2" in holds["selected"]
+    fails = claims.evaluate_claim(claim(NEAR_MIN), {"feature_overlap": overlap_rows({0: 50, 2: 35, 5: 70, 12: 40})}, ctx())
+    assert fails["verdict"] == "fails" and fails["measured"] == 35
+
+
+def test_literal_form_needs_the_model_and_falls_back_to_the_agnostic_form():
+    tables = {"feature_overlap": overlap_rows({0: 50, 2: 12, 7: 45, 12: 40})}
+    small = claims.evaluate_claim(claim(LITERAL_L7, NEAR_MIN), tables, ctx())
+    assert small["form"] == "agnostic" and small["verdict"] == "holds" and "Llama-3.1-8B" in small["detail"]
+    llama = claims.evaluate_claim(claim(LITERAL_L7, NEAR_MIN), tables, ctx(model="Llama-3.1-8B-Instruct"))
+    assert llama["form"] == "literal" and llama["verdict"] == "fails" and llama["measured"] == 45
+
+
+def test_not_testable_here():
+    # feature ids of another model, with no agnostic form
+    only_literal = claims.evaluate_claim(claim(LITERAL_L7), {"feature_overlap": overlap_rows({0: 50, 7: 10})}, ctx())
+    assert only_literal["verdict"] == "not testable here" and only_literal["measured"] is None
+    # the table was not produced (stage missing)
+    missing = claims.evaluate_claim(claim(NEAR_MIN), {}, ctx())
+    assert missing["verdict"] == "not testable here" and "not produced" in missing["detail"]
+    # the literal layer was not analysed
+    llama = claims.evaluate_claim(claim(LITERAL_L7), {"feature_overlap": overlap_rows({0: 50, 8: 10})},
+                                  ctx(model="meta-llama/Llama-3.1-8B-Instruct"))
+    assert llama["verdict"] == "not testable here" and "no row" in llama["detail"]
+    # $focus unresolved
+    focus = {"form": "agnostic", "description": "d", "checks": [
+        {"table": "feature_overlap", "where": {"layer": "$focus"}, "metric": "overlap_pct", "at_least": 0}]}
+    unresolved = claims.evaluate_claim(claim(focus), {"feature_overlap": overlap_rows({0: 1, 5: 2})}, ctx(focus=None))
+    assert unresolved["verdict"] == "not testable here" and "focus" in unresolved["detail"]
+
+
+def test_local_max_below_and_abs():
+    form = {"form": "agnostic", "description": "re-entanglement", "checks": [
+        {"table": "feature_overlap", "where": {"variant": "per_pair", "is_max_overlap_middle": True},
+         "metric": "overlap_pct", "local_max": True}]}
+    valley_peak = overlap_rows({0: 50, 2: 10, 6: 80, 12: 45})
+    assert claims.evaluate_claim(claim(form), {"feature_overlap": valley_peak}, ctx())["verdict"] == "holds"
+    monotone = overlap_rows({0: 10, 2: 20, 6: 80, 12: 85})
+    assert claims.evaluate_claim(claim(form), {"feature_overlap": monotone}, ctx())["verdict"] == "fails"
+
+    below = {"form": "agnostic", "description": "bug", "checks": [
+        {"table": "baseline_accuracy", "where": {"format": "$buggy_format"}, "metric": "accuracy",
+         "below": {"where": {"format": "$correct_format"}}}]}
+    acc = pl.DataFrame({"format": ["qa", "simple"], "n_prompts": [40, 40], "accuracy": [0.3, 0.7],
+                        "accuracy_low": [0.2, 0.6], "accuracy_high": [0.4, 0.8]})
+    assert claims.evaluate_claim(claim(below), {"baseline_accuracy": acc}, ctx())["verdict"] == "holds"
+    swapped = acc.with_columns(pl.Series("accuracy", [0.7, 0.3]))
+    assert claims.evaluate_claim(claim(below), {"baseline_accuracy": swapped}, ctx())["verdict"] == "fails"
+
+    corr = {"form": "agnostic", "description": "r", "checks": [
+        {"table": "head_parity", "where": {"layer": "$focus", "statistic": "point_biserial_r"}, "metric": "value",
+         "aggregate": "max_abs", "at_least": 0.85, "also": {"p_value": {"at_most": 0.05}}}]}
+    parity = pl.DataFrame({"layer": [5, 5, 5], "statistic": ["point_biserial_r"] * 3, "feature_id": [1, 2, 3],
+                           "value": [0.2, -0.9, 0.5], "p_value": [0.5, 0.02, 0.3], "n_heads": [9, 9, 9]})
+    r = claims.evaluate_claim(claim(corr), {"head_parity": parity}, ctx())
+    assert r["verdict"] == "holds" and r["measured"] == pytest.approx(0.9) and "feature_id=2" in r["selected"]
+    weak = parity.with_columns(pl.Series("p_value", [0.5, 0.2, 0.3]))
+    assert claims.evaluate_claim(claim(corr), {"head_parity": weak}, ctx())["verdict"] == "fails"
+
+
+def test_head_count_tokens():
+    assert claims._resolve("$half_even_heads", ctx(num_heads=32)) == 8
+    assert claims._resolve("$quarter_even_heads", ctx(num_heads=32)) == 4
+    assert claims._resolve("$half_even_heads", ctx(num_heads=9)) == 2
+
+
+def test_ledger_shape_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("claims:\n  - {id: a, section: s, claim: c, seed_value: 1, forms: "
+                   "[{form: literal, description: d, checks: [{table: nope, metric: x, at_least: 1}]}]}\n")
+    with pytest.raises(claims.LedgerError, match="table 'nope'"):
+        claims.load_ledger(bad)
+
+
+# --- the shipped ledger ---------------------------------------------------------------------------
+
+REQUIRED_IDS = {"overlap_layer_7", "overlap_layer_8", "overlap_layer_10", "overlap_layer_25", "feature_25523_ratio",
+                "feature_22441_ratio", "even_heads_16", "even_heads_8", "even_heads_4", "even_heads_0",
+                "odd_heads_never", "only_layer_10", "even_head_feature_correlation", "re_entanglement"}
+
+
+def producer_columns() -> dict[str, set[str]]:
+    """Columns of each ledger table as its producer writes them (tables of stages not landed: absent)."""
+    return {
+        "feature_overlap": set(overlap_table().columns),
+        "baseline_accuracy": set(accuracy_table().columns),
+        "discriminative_features": set(DISCRIMINATIVE_COLUMNS),
+        "named_features": set(NAMED_SCHEMA),
+        "head_parity": set(PARITY_COLUMNS),
+    }
+
+
+def test_every_claim_resolves_to_a_table_column():
+    ledger = claims.load_ledger(LEDGER)
+    assert REQUIRED_IDS <= {c["id"] for c in ledger}
+    known = producer_columns()
+    pending = []
+    for c in ledger:
+        assert c["seed_value"] is not None
+        for form in c["forms"]:
+            for check in form["checks"]:
+                table = check["table"]
+                if table in claims.PENDING_TABLES:
+                    pending.append((c["id"], table))
+                    continue
+                if table not in known:  # baseline_scores: checked on the real run below
+                    continue
+                missing = set(claims.referenced_columns(check)) - known[table]
+                assert not missing, (c["id"], form["form"], table, missing)
+    # claims waiting for a stage that has not landed are exactly the head-patching and SAE-quality ones
+    assert {t for _, t in pending} <= {"head_patching", "sae_quality"}
+
+
+def test_ci_ledger(ci_workflow):
+    table, meta = read_table(ci_workflow / layout.CLAIMS, kind=claims.CLAIMS_KIND)
+    ledger = pl.from_arrow(table)
+    ids = [c["id"] for c in claims.load_ledger(LEDGER)]
+    assert ledger["claim_id"].to_list() == ids
+    assert set(ledger["verdict"].unique()) <= set(claims.VERDICTS)
+    tested = ledger.filter(pl.col("verdict") != "not testable here")
+    assert tested["measured"].null_count() == 0 and tested["form"].null_count() == 0
+    untested = ledger.filter(pl.col("verdict") == "not testable here")
+    assert (untested["detail"].str.len_chars() > 0).all()
+    # literal Llama forms are never tested on the embedded model
+    assert tested.filter(pl.col("form") == "literal")["claim_id"].to_list() == ["bug_seed_prompt"]
+    # every real table the ledger read has the columns its checks name
+    for name in meta["tables"]:
+        cols = set(pl.from_arrow(read_table(ci_workflow / claims.TABLES[name].path, kind=claims.TABLES[name].kind)[0]).columns)
+        if name == "baseline_scores":
+            cols |= {"correct", "wrong"}
+        for c in claims.load_ledger(LEDGER):
+            for form in c["forms"]:
+                for check in form["checks"]:
+                    if check["table"] == name:
+                        assert set(claims.referenced_columns(check)) <= cols, (c["id"], name)
+    assert read_metadata(ci_workflow / layout.CLAIMS)["model"]
+    assert (ci_workflow / layout.CLAIMS_MARKDOWN).read_text().startswith("# Claims ledger")

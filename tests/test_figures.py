@@ -1,0 +1,276 @@
+"""Figures: each chart encodes the intended columns (on tables built by the producers' own code and on
+the real ci.yaml workflow output), the PNGs are real images of the SVG's size times the scale, the
+report builds, and editing one figure's script reruns only that figure's rule."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from bugscope import figures, layout
+from bugscope.features import NAMED_SCHEMA, pair_overlap, pooled_overlap, summarise_overlap
+from bugscope.io import read_table
+
+from tests.conftest import REPO, run_snakemake
+
+LABELS = figures.Labels("SmolLM2-135M-Instruct", "qa", "simple", 0.95)
+
+
+# --- tables with the producers' schemas -----------------------------------------------------------
+
+
+def overlap_table(layers=(0, 3, 5, 8, 10, 13), n_pairs=12, k=5, num_layers=14, seed=0) -> pl.DataFrame:
+    """A feature_overlap table made by bugscope.features from random sparse feature values."""
+    rng = np.random.default_rng(seed)
+    pairs = pl.DataFrame({"question_id": np.arange(n_pairs, dtype=np.int32), "pair_id": np.arange(n_pairs, dtype=np.int32),
+                          "prompt_id_buggy": np.arange(n_pairs, dtype=np.int32) * 2,
+                          "prompt_id_correct": np.arange(n_pairs, dtype=np.int32) * 2 + 1})
+    per_pair, pooled = [], []
+    for layer in layers:
+        rows = [(p, f, float(rng.exponential())) for p in range(2 * n_pairs)
+                for f in rng.choice(3 * k, size=2 * k, replace=False)]
+        values = pl.DataFrame(rows, schema={"prompt_id": pl.Int32, "feature_id": pl.Int32, "value": pl.Float64}, orient="row")
+        per_pair.append(pair_overlap(values, pairs, k).with_columns(pl.lit(layer).alias("layer")))
+        pooled.append({"layer": layer, **pooled_overlap(values, pairs, k)})
+    return summarise_overlap(pl.concat(per_pair), pl.DataFrame(pooled), k=k, num_layers=num_layers,
+                             middle_fraction=[0.25, 0.75], n_resamples=200, confidence=0.95, seed=seed)
+
+
+def accuracy_table() -> pl.DataFrame:
+    from bugscope.baseline import accuracy_by_format
+
+    rng = np.random.default_rng(1)
+    scores = pl.DataFrame({"format": ["qa"] * 20 + ["simple"] * 20 + ["chat"] * 20,
+                           "logit_diff": rng.normal(size=60)}).with_columns((pl.col("logit_diff") > 0).alias("is_correct"))
+    return accuracy_by_format(scores, n_resamples=200, confidence=0.95, seed=0)
+
+
+def discriminative_table(layer=8) -> pl.DataFrame:
+    from bugscope.features import DISCRIMINATIVE_COLUMNS
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for direction, sign in (("up", 1), ("down", -1)):
+        for rank in range(3):
+            a, b = rng.uniform(0.5, 3, size=2)
+            a, b = (max(a, b), min(a, b)) if sign > 0 else (min(a, b), max(a, b))
+            rows.append({"layer": layer, "comparison": "buggy_vs_correct", "direction": direction, "rank": rank,
+                         "feature_id": 100 * rank + (1 if sign > 0 else 2), "effect_size": sign * 1.2, "mean_diff": a - b,
+                         "mean_a": a, "mean_b": b, "firing_rate_a": 0.8, "firing_rate_b": 0.4, "p_value": 0.001,
+                         "q_value": 0.01, "significant": True, "n_a": 12, "n_b": 12, "n_tested": 50})
+    return pl.DataFrame(rows).with_columns(pl.col("layer", "rank", "feature_id").cast(pl.Int32)).select(DISCRIMINATIVE_COLUMNS)
+
+
+def named_table(layer=8) -> pl.DataFrame:
+    return pl.DataFrame({"layer": [layer], "category": ["format"], "feature_id": [777], "mean_buggy": [2.0],
+                         "mean_correct": [1.25], "ratio": [1.6], "ratio_low": [1.3], "ratio_high": [1.9],
+                         "firing_rate_buggy": [0.9], "firing_rate_correct": [0.6], "n_pairs": [12]}, schema=NAMED_SCHEMA)
+
+
+def attribution_table(layer=8, n_heads=9, feature_ids=(5, 17, 99)) -> pl.DataFrame:
+    from bugscope.features import ATTRIBUTION_COLUMNS
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for fmt in ("qa", "simple"):
+        for f in feature_ids:
+            for comp, head in [*(("head", h) for h in range(n_heads)), ("resid_pre", None)]:
+                rows.append({"layer": layer, "feature_id": f, "feature_source": "buggy_up", "format": fmt, "component": comp,
+                             "head": head, "n_prompts": 12, "direct_attribution": float(rng.normal()),
+                             "zero_ablation_delta_pre": 0.0, "zero_ablation_delta_act": 0.0,
+                             "mean_ablation_delta_pre": 0.0, "mean_ablation_delta_act": 0.0,
+                             "pre_activation": 1.0, "activation": 1.0})
+    return pl.DataFrame(rows).with_columns(pl.col("layer", "feature_id", "head").cast(pl.Int32),
+                                           pl.col("n_prompts").cast(pl.Int32)).select(ATTRIBUTION_COLUMNS)
+
+
+# --- spec inspection ------------------------------------------------------------------------------
+
+
+def encoded_fields(spec) -> set[str]:
+    """Every `field` an encoding channel of the Vega-Lite spec (any layer, facet or concat) reads."""
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "encoding" in node:
+                for channel in node["encoding"].values():
+                    for enc in channel if isinstance(channel, list) else [channel]:
+                        if isinstance(enc, dict) and "field" in enc:
+                            found.add(enc["field"])
+            if "facet" in node and isinstance(node["facet"], dict):
+                for enc in node["facet"].values():
+                    if isinstance(enc, dict) and "field" in enc:
+                        found.add(enc["field"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(spec)
+    return found
+
+
+def titles(spec) -> str:
+    text = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            t = node.get("title")
+            if isinstance(t, dict):
+                text.extend([str(t.get("text", "")), str(t.get("subtitle", ""))])
+            elif isinstance(t, str):
+                text.append(t)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(spec)
+    return " ".join(text)
+
+
+def svg_size(path: Path) -> tuple[float, float]:
+    head = path.read_text()[:400]
+    return float(re.search(r'width="([\d.]+)"', head).group(1)), float(re.search(r'height="([\d.]+)"', head).group(1))
+
+
+def check_saved(tmp: Path, name: str, chart, scale: float = 2.0) -> dict:
+    outputs = {ext: tmp / f"{name}.{ext}" for ext in figures.FIGURE_EXTS}
+    spec = figures.save_chart(chart, outputs, png_scale=scale)
+    w, h = svg_size(outputs["svg"])
+    assert figures.png_size(outputs["png"]) == (round(w * scale), round(h * scale))
+    html = outputs["html"].read_text()
+    assert "<script src=" not in html and "vega-embed" in html.lower()  # libraries inlined: works offline
+    return spec
+
+
+# --- figure functions on producer-schema tables ---------------------------------------------------
+
+EXPECTED = {
+    "baseline_accuracy": {"format_n", "accuracy", "accuracy_low", "accuracy_high", "role"},
+    "feature_overlap": {"layer", "overlap_pct", "overlap_pct_low", "overlap_pct_high", "variant", "set", "features"},
+    "amplification": {"layer", "amplification", "amplification_low", "amplification_high", "variant"},
+    "format_features": {"mean_buggy", "mean_correct", "direction", "label"},
+    "head_attribution": {"head_label", "feature", "direct_attribution", "panel", "layer"},
+}
+
+
+def test_figures_encode_intended_columns(tmp_path):
+    overlap = overlap_table()
+    charts = {
+        "baseline_accuracy": figures.baseline_accuracy(accuracy_table(), LABELS),
+        "feature_overlap": figures.feature_overlap(overlap, LABELS),
+        "amplification": figures.amplification(overlap, LABELS),
+        "format_features": figures.format_features(discriminative_table(), named_table(), LABELS, [8]),
+        "head_attribution": figures.head_attribution(attribution_table(), LABELS, [8]),
+    }
+    for name, chart in charts.items():
+        spec = check_saved(tmp_path, name, chart)
+        assert EXPECTED[name] <= encoded_fields(spec), (name, encoded_fields(spec))
+        assert "SmolLM2-135M-Instruct" in titles(spec), name
+    # overlap: the pooled variant is the second line, the mean is drawn with its CI band
+    spec = charts["feature_overlap"].to_dict()
+    assert "seed's pooled variant" in str(spec) and "mean over prompt pairs" in str(spec)
+    # named features are labelled; heads ordered even first then odd
+    assert "f777 (format, 1.6x)" in str(charts["format_features"].to_dict())
+    assert figures.head_order(9) == ["h0", "h2", "h4", "h6", "h8", "h1", "h3", "h5", "h7"]
+    assert figures.head_order(9) == charts["head_attribution"].to_dict()["spec"]["encoding"]["x"]["sort"]
+
+
+def test_png_scale_and_png_size_rejects_non_png(tmp_path):
+    spec_scale = check_saved(tmp_path, "acc", figures.baseline_accuracy(accuracy_table(), LABELS), scale=1.0)
+    assert spec_scale
+    (tmp_path / "x.png").write_text("not a png")
+    with pytest.raises(ValueError):
+        figures.png_size(tmp_path / "x.png")
+
+
+# --- the real ci.yaml workflow --------------------------------------------------------------------
+
+
+def available_figures(workdir: Path) -> list[str]:
+    """Figures whose input tables the ci workflow produced (the others wait for their stage)."""
+    needs = {"baseline_accuracy": [layout.BASELINE_ACCURACY], "feature_overlap": [layout.FEATURE_OVERLAP],
+             "amplification": [layout.FEATURE_OVERLAP],
+             "format_features": [layout.DISCRIMINATIVE_FEATURES, layout.NAMED_FEATURES],
+             "head_attribution": [layout.HEAD_FEATURE_ATTRIBUTION]}
+    return [name for name, tables in needs.items() if all((workdir / t).exists() for t in tables)]
+
+
+def test_ci_workflow_figures(ci_workflow, ci_config):
+    names = available_figures(ci_workflow)
+    assert "baseline_accuracy" in names
+    scale = ci_config["figures"]["png_scale"]
+    for name in names:
+        paths = {ext: ci_workflow / layout.figure(name, ext) for ext in figures.FIGURE_EXTS}
+        for ext, path in paths.items():
+            assert path.exists() and path.stat().st_size > 1000, (name, ext)
+        w, h = svg_size(paths["svg"])
+        assert figures.png_size(paths["png"]) == (round(w * scale), round(h * scale)), name
+        assert w >= 300 and h >= 200, (name, w, h)
+    # the baseline figure, rebuilt from the real table, encodes the intended columns and its n
+    acc = pl.from_arrow(read_table(ci_workflow / layout.BASELINE_ACCURACY, kind="baseline_accuracy")[0])
+    spec = figures.baseline_accuracy(acc, figures.Labels.from_config(ci_config)).to_dict()
+    assert EXPECTED["baseline_accuracy"] <= encoded_fields(spec)
+    n = int(acc["n_prompts"][0])
+    assert f"{n} prompts per format" in titles(spec)
+    assert ci_config["model"]["name"] in (ci_workflow / layout.figure("baseline_accuracy", "svg")).read_text()
+    for name in names[1:]:  # feature figures, once the SAE stage has produced their tables
+        assert ci_config["model"]["name"] in (ci_workflow / layout.figure(name, "svg")).read_text(), name
+
+
+def test_report_builds_offline(ci_workflow, tmp_path):
+    wd = tmp_path / "wd"
+    shutil.copytree(ci_workflow, wd, symlinks=True)
+    run_snakemake(wd, "--report", "report.zip")
+    with zipfile.ZipFile(wd / "report.zip") as z:
+        names = z.namelist()
+        html = z.read([n for n in names if n.endswith("report/report.html")][0]).decode()
+        members = {Path(n).name for n in names}
+        for name in available_figures(ci_workflow):
+            assert {f"{name}.svg", f"{name}.html"} <= members, name
+        assert "claims.html" in members
+        figure_html = [z.read(n).decode() for n in names if n.endswith("baseline_accuracy.html")]
+    assert figure_html and all("<script src=" not in h for h in figure_html)
+    assert "<script src=\"http" not in html
+
+
+def test_editing_one_figure_script_reruns_only_that_rule(ci_workflow, tmp_path):
+    """On a copy of the repository (mtimes kept) and of the finished ci run: touch one script, dry-run."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for part in ("Snakefile", "workflow", "config", "environment.yml"):
+        src = REPO / part
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, repo / part)
+    wd = tmp_path / "wd"
+    shutil.copytree(ci_workflow, wd, symlinks=True)
+    # the ledger file is an input of claims_ledger: keep its path the one the ci run recorded
+    ledger = f"claims={{ledger: {REPO / 'config' / 'claims.yaml'}}}"
+
+    def planned() -> dict[str, int]:
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(wd), "--configfile",
+               str(repo / "config" / "ci.yaml"), "--cores", "1", "-n", "--quiet", "rules", "--config", ledger]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        jobs = {}
+        for line in proc.stdout.splitlines():
+            m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+            if m and m.group(1) != "total":
+                jobs[m.group(1)] = int(m.group(2))
+        return jobs
+
+    assert planned() == {}, "a fresh copy of a finished run must have nothing to do"
+    script = repo / "workflow" / "scripts" / "fig_baseline_accuracy.py"
+    script.write_text(script.read_text() + "\n# edited\n")
+    assert set(planned()) - {"default", "all"} == {"fig_baseline_accuracy"}
