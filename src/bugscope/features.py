@@ -976,7 +976,7 @@ def run_named(config: dict, prompts_path, feature_paths: dict[int, str]) -> tupl
 
 
 def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative_path,
-                    sae_dirs: dict[int, str]) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+                    sae_dirs: dict[int, str], config_hash: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """(attribution table, parity table, metadata) for the layers of `sae_dirs`."""
     from sae_lens import SAE
 
@@ -987,7 +987,8 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
     fcfg, pcfg = config["features"], config["prompts"]
     buggy, correct = pcfg["buggy_format"], pcfg["correct_format"]
     prompts = pl.from_arrow(read_table(prompts_path, kind="prompts")[0]).filter(pl.col("format").is_in([buggy, correct]))
-    discriminative = pl.from_arrow(read_table(discriminative_path, kind="discriminative_features")[0])
+    discriminative = pl.from_arrow(read_table(discriminative_path, kind="discriminative_features",
+                                              config_hash=config_hash)[0])
     named = named_feature_ids(fcfg["named"])
     layers = sorted(sae_dirs)
     site = config["cache"]["site"]
