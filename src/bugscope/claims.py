@@ -67,7 +67,7 @@ TABLES: dict[str, TableSpec] = {
     "named_features": TableSpec(layout.NAMED_FEATURES, "named_features", "n_pairs"),
     "head_parity": TableSpec(layout.HEAD_PARITY, "head_parity", "n_heads"),
     # Stages that have not landed yet: no path, so every check on them is "not testable here".
-    # Their columns follow bugscope.patching.summarise (one row per layer and head set).
+    # Columns expected: bugscope.patching.summarise (per layer, head set) and bugscope.sae.quality_row.
     "head_patching": TableSpec(None, "patching_summary", "n_prompts"),
     "sae_quality": TableSpec(None, "sae_quality"),
 }
