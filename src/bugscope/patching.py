@@ -1,0 +1,660 @@
+"""Attention-head patching: true per-head patches, head-set sweeps, and the seed's method beside them.
+
+A head's output is the *input* of `self_attn.o_proj`, columns `h*head_dim:(h+1)*head_dim`
+(research notes section 3). A patch replaces those columns of a set of heads at layer L, at some
+positions of a *target* prompt, by the same columns of a *source* prompt (operation `patch`), by
+zeros (`zero`) or by their mean over the prompt set (`mean`). The target is scored by its decision
+logit difference (correct minus wrong token, > 0 = right).
+
+Positions (`PatchingConfig.positions`), always given as pairs (target position, source position)
+of the unpadded prompts:
+- `aligned`: the prompt table's aligned positions (same tokens of the shared question and answer);
+- `decision`: the decision position only;
+- `suffix`: the longest common token suffix of the two prompts, matched from the end (always at
+  least the decision position).
+
+The seed-method option (`site="attn_out"`, positions `seed`) reproduces the original procedure:
+the *output* of `self_attn` (after `o_proj`, residual space) cut into n_heads equal slices, patched
+at positions `[:min_len]` of the two prompts, whatever they hold.
+
+Speed, without changing a number (tests compare against `sweep_naive`, one full forward per head
+set): the unpatched target run is done once per prompt batch and gives the residual stream entering
+every layer (so layers < L are never rerun) and the keys/values of every layer; a patched run starts
+at layer L, covers only the columns from the first patched position on (earlier positions cannot
+change, so their keys/values are reused), carries many head sets at once (one replica of the prompt
+batch per head set), and reads out only the two logits that are scored at the decision position.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from bugscope.config import ConfigError
+from bugscope.forward import Batch, make_batch
+from bugscope.sites import decoder_layers, head_input_module, output_tensor, site_module
+
+POSITION_MODES = ("aligned", "decision", "suffix")
+SEED_POSITIONS = "seed"  # the seed method's positions [:min_len]
+OPERATIONS = ("patch", "zero", "mean")
+DIRECTIONS = ("fix", "break")
+SITES = ("head", "attn_out")  # o_proj input (true heads) or self_attn output (the seed's slices)
+POOLS = ("even", "odd", "all")
+PATCH_KIND = "patching_prompts"
+SUMMARY_KIND = "patching_summary"
+
+
+class PatchingConfigError(ConfigError):
+    """A head set, layer or patching option does not fit the model; the message says how to fix it."""
+
+
+# --- head sets ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadSet:
+    """A set of heads of one layer. `family`: all | even | odd | single | subset."""
+
+    name: str  # unique within a layer: "all", "even", "odd", "head03", "even_k2_s05"
+    family: str
+    heads: tuple[int, ...]
+    pool: str  # the heads it was drawn from: all | even | odd (single: all)
+    sample: int = -1  # index of a random subset within (pool, k); -1 for named sets
+
+    @property
+    def k(self) -> int:
+        return len(self.heads)
+
+
+def pool_heads(pool: str, n_heads: int) -> list[int]:
+    if pool == "all":
+        return list(range(n_heads))
+    if pool == "even":
+        return list(range(0, n_heads, 2))
+    if pool == "odd":
+        return list(range(1, n_heads, 2))
+    raise PatchingConfigError(f"unknown head pool {pool!r}; expected one of {', '.join(POOLS)}.")
+
+
+def check_head_set(heads: Sequence[int], *, n_heads: int, layer: int, n_layers: int, what: str = "head set") -> None:
+    """Raise PatchingConfigError for an empty set, a head or a layer outside the model."""
+    if not 0 <= layer < n_layers:
+        raise PatchingConfigError(
+            f"Patching layer {layer} is outside the model, which has layers 0..{n_layers - 1}. "
+            "Fix 'layers' / 'focus_layers' in the config (or model.num_layers if the model changed)."
+        )
+    if len(heads) == 0:
+        raise PatchingConfigError(
+            f"The {what} at layer {layer} is empty: a patch needs at least one head. "
+            "Remove it, or give at least one head index (patching.subsets.sizes must be >= 1)."
+        )
+    bad = [h for h in heads if not 0 <= int(h) < n_heads]
+    if bad:
+        raise PatchingConfigError(
+            f"The {what} at layer {layer} names head(s) {bad}, but each layer has heads 0..{n_heads - 1} "
+            f"(model.num_heads={n_heads}). Fix the head indices or model.num_heads."
+        )
+    if len(set(heads)) != len(heads):
+        raise PatchingConfigError(f"The {what} at layer {layer} repeats a head: {list(heads)}. List each head once.")
+
+
+def named_head_sets(n_heads: int) -> list[HeadSet]:
+    """all, even, odd (each only if non-empty) and every single head."""
+    sets = [HeadSet(p, p, tuple(pool_heads(p, n_heads)), p) for p in POOLS if pool_heads(p, n_heads)]
+    width = len(str(n_heads - 1))
+    sets += [HeadSet(f"head{h:0{width}d}", "single", (h,), "all") for h in range(n_heads)]
+    return sets
+
+
+def subset_head_sets(n_heads: int, *, pools: Sequence[str], sizes: Sequence[int] | None, samples: int,
+                     seed: int, layer: int) -> list[HeadSet]:
+    """Random k-subsets of each pool: every subset where C(n, k) <= samples, else `samples` distinct ones.
+
+    Sizes larger than a pool are skipped for that pool. The draw for (layer, pool, k) uses its own
+    generator seeded with (seed, layer, pool index, k), so adding a size or a pool leaves the others alone.
+    """
+    out = []
+    for pool in pools:
+        members = pool_heads(pool, n_heads)
+        ks = range(1, len(members) + 1) if sizes is None else sizes
+        for k in ks:
+            if k < 1:
+                raise PatchingConfigError(
+                    f"patching.subsets.sizes contains {k}: an empty head set cannot be patched. Use sizes >= 1."
+                )
+            if k > len(members):
+                continue
+            total = math.comb(len(members), k)
+            if total <= samples:
+                combos = list(itertools.combinations(members, k))
+            else:
+                rng = np.random.default_rng([seed, layer, POOLS.index(pool), k])
+                seen: set[tuple[int, ...]] = set()
+                combos = []
+                while len(combos) < samples:
+                    c = tuple(sorted(int(h) for h in rng.choice(members, size=k, replace=False)))
+                    if c not in seen:
+                        seen.add(c)
+                        combos.append(c)
+            out += [HeadSet(f"{pool}_k{k}_s{i:02d}", "subset", c, pool, i) for i, c in enumerate(combos)]
+    return out
+
+
+def head_set_table(layer_sets: dict[int, list[HeadSet]]) -> pl.DataFrame:
+    rows = [{"layer": layer, "head_set": s.name, "family": s.family, "pool": s.pool, "k": s.k,
+             "sample": s.sample, "heads": list(s.heads)}
+            for layer, sets in layer_sets.items() for s in sets]
+    return pl.DataFrame(rows, schema={"layer": pl.Int32, "head_set": pl.String, "family": pl.String,
+                                      "pool": pl.String, "k": pl.Int32, "sample": pl.Int32,
+                                      "heads": pl.List(pl.Int32)})
+
+
+# --- what to patch where --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """How one sweep patches: the site, the positions and the operation."""
+
+    site: str = "head"
+    positions: str = "aligned"
+    operation: str = "patch"
+
+    def __post_init__(self):
+        if self.site not in SITES:
+            raise PatchingConfigError(f"unknown patch site {self.site!r}; expected one of {', '.join(SITES)}.")
+        if self.positions not in (*POSITION_MODES, SEED_POSITIONS):
+            raise PatchingConfigError(
+                f"patching.positions is {self.positions!r}; expected one of {', '.join(POSITION_MODES)}.")
+        if self.operation not in OPERATIONS:
+            raise PatchingConfigError(
+                f"patching.operation is {self.operation!r}; expected one of {', '.join(OPERATIONS)}.")
+
+    @property
+    def method(self) -> str:
+        return "seed" if self.site == "attn_out" else "per_head"
+
+
+SEED_METHOD = PatchSpec(site="attn_out", positions=SEED_POSITIONS, operation="patch")
+
+
+@dataclass
+class PatchPair:
+    """One target prompt, the source prompt of the same question, and the positions patched."""
+
+    target: dict
+    source: dict
+    target_positions: list[int] = field(default_factory=list)
+    source_positions: list[int] = field(default_factory=list)
+
+
+def common_suffix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def positions_for_pair(target: dict, source: dict, mode: str) -> tuple[list[int], list[int]]:
+    """(target positions, source positions), matched index by index."""
+    if mode == "aligned":
+        return list(target["aligned_positions"]), list(source["aligned_positions"])
+    if mode == "decision":
+        return [target["decision_pos"]], [source["decision_pos"]]
+    if mode == "suffix":
+        n = max(1, common_suffix_length(target["input_ids"], source["input_ids"]))
+        nt, ns = len(target["input_ids"]), len(source["input_ids"])
+        return list(range(nt - n, nt)), list(range(ns - n, ns))
+    if mode == SEED_POSITIONS:
+        m = min(len(target["input_ids"]), len(source["input_ids"]))
+        return list(range(m)), list(range(m))
+    raise PatchingConfigError(f"unknown position mode {mode!r}; expected one of {', '.join(POSITION_MODES)}.")
+
+
+def direction_formats(prompts_cfg: dict, direction: str) -> tuple[str, str]:
+    """(target format, source format): fix patches the correct format into the buggy one."""
+    if direction == "fix":
+        return prompts_cfg["buggy_format"], prompts_cfg["correct_format"]
+    if direction == "break":
+        return prompts_cfg["correct_format"], prompts_cfg["buggy_format"]
+    raise PatchingConfigError(f"patching.direction is {direction!r}; expected one of {', '.join(DIRECTIONS)}.")
+
+
+def make_pairs(prompts: pl.DataFrame, target_format: str, source_format: str, mode: str) -> list[PatchPair]:
+    """One pair per question that exists in both formats, in question order."""
+    t = {r["question_id"]: r for r in prompts.filter(pl.col("format") == target_format).to_dicts()}
+    s = {r["question_id"]: r for r in prompts.filter(pl.col("format") == source_format).to_dicts()}
+    shared = sorted(set(t) & set(s))
+    if not shared:
+        raise PatchingConfigError(
+            f"No question exists in both the target format {target_format!r} and the source format "
+            f"{source_format!r} of the prompt table. Check prompts.formats, buggy_format and correct_format."
+        )
+    pairs = []
+    for q in shared:
+        tp, sp = positions_for_pair(t[q], s[q], mode)
+        if len(tp) != len(sp):
+            raise PatchingConfigError(
+                f"question {q}: {len(tp)} target positions but {len(sp)} source positions in mode {mode!r}; "
+                "the prompt table's aligned_positions must have the same length in every format. Rebuild it.")
+        pairs.append(PatchPair(t[q], s[q], tp, sp))
+    return pairs
+
+
+# --- the engine -----------------------------------------------------------------------------------
+
+
+class _RecordKV:
+    """A stand-in for a transformers Cache that keeps every layer's keys and values ([b, kv_head, pos, d])."""
+
+    def __init__(self):
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = (key, value)
+        return key, value
+
+
+class _PrefixKV:
+    """Prepends the recorded keys/values of the unpatched earlier positions, repeated per replica."""
+
+    def __init__(self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]], n_cols: int, replicas: int):
+        self.prefix, self.n_cols, self.replicas = prefix, n_cols, replicas
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        pk, pv = self.prefix[layer_idx]
+        pk = pk[:, :, :self.n_cols].repeat(self.replicas, 1, 1, 1)
+        pv = pv[:, :, :self.n_cols].repeat(self.replicas, 1, 1, 1)
+        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+
+
+@dataclass
+class _Prepared:
+    """One prompt batch: padded target inputs, patch values per layer, the unpatched run's records."""
+
+    batch: Batch
+    pos_mask: torch.Tensor  # [b, pos] bool: patched columns
+    values: dict[int, torch.Tensor]  # layer -> [b, pos, head, d_head] values written at patched columns
+    hidden_in: dict[int, torch.Tensor]  # layer -> [b, pos, d_model] residual entering the layer (unpatched)
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> unpatched keys, values
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor  # [b, 1, pos, pos] additive attention mask
+    baseline: torch.Tensor  # [b] unpatched logit difference
+
+
+class HeadPatcher:
+    """Runs patched forwards of a Hugging Face Llama-style model (`model.model.layers[i].self_attn.o_proj`)."""
+
+    def __init__(self, model, *, pad_token_id: int, batch_rows: int | str = "auto", max_prompts: int = 128,
+                 memory_fraction: float = 0.5, kv_reuse: bool = True, progress: bool = True):
+        cfg = model.config
+        if getattr(cfg, "final_logit_softcapping", None):
+            raise PatchingConfigError(
+                "This model soft-caps its final logits, which the decision-logit readout does not implement.")
+        self.model = model
+        self.inner = model.model
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.d_model = cfg.hidden_size
+        self.n_kv = cfg.num_key_value_heads
+        self.pad_token_id = pad_token_id
+        self.batch_rows = batch_rows
+        self.max_prompts = max_prompts
+        self.memory_fraction = memory_fraction
+        self.kv_reuse = kv_reuse
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    # -- pieces of a forward pass --
+
+    def _slice_width(self, site: str) -> int:
+        if site == "head":
+            return self.head_dim
+        if self.d_model % self.n_heads:
+            raise PatchingConfigError(
+                f"The seed method cuts the attention output (d_model={self.d_model}) into {self.n_heads} equal "
+                "slices, which this model's width does not allow. Turn patching.seed_method.enabled off.")
+        return self.d_model // self.n_heads
+
+    def _attention_mask(self, batch: Batch) -> torch.Tensor:
+        """[b, 1, pos, pos] additive mask: causal, no padded keys; a padded query sees itself only."""
+        valid = batch.attention_mask.bool()  # [b, pos]
+        n = valid.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
+        allowed = causal[None] & valid[:, None, :]
+        allowed |= torch.eye(n, dtype=torch.bool, device=valid.device)[None]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=valid.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask[:, None]
+
+    def _run_layer(self, layer: int, hidden, mask, cos_sin, position_ids, kv):
+        out = decoder_layers(self.model)[layer](
+            hidden, attention_mask=mask, position_ids=position_ids, past_key_values=kv, use_cache=False,
+            position_embeddings=cos_sin)
+        return output_tensor(out)
+
+    def _readout(self, hidden_last: torch.Tensor, batch: Batch, replicas: int = 1) -> torch.Tensor:
+        """[replicas * b] logit difference from the last column's residual [replicas * b, d_model]."""
+        h = self.inner.norm(hidden_last).float()
+        w = self.model.lm_head.weight
+        c = batch.correct_token.to(self.device).repeat(replicas)
+        wr = batch.wrong_token.to(self.device).repeat(replicas)
+        lc = (h * w[c].float()).sum(-1)
+        lw = (h * w[wr].float()).sum(-1)
+        bias = getattr(self.model.lm_head, "bias", None)
+        if bias is not None:
+            lc, lw = lc + bias[c].float(), lw + bias[wr].float()
+        return (lc - lw).cpu()
+
+    def _hook(self, layer: int, site: str, write: Callable[[torch.Tensor], torch.Tensor]):
+        """Register `write` on the site's tensor at `layer`; returns the handle."""
+        if site == "head":
+            def pre_hook(_module, args):
+                return (write(args[0]),) + tuple(args[1:])
+            return head_input_module(self.model, layer).register_forward_pre_hook(pre_hook)
+
+        def post_hook(_module, _inputs, output):
+            if isinstance(output, tuple):
+                return (write(output[0]),) + tuple(output[1:])
+            return write(output)
+        return site_module(self.model, layer, "attn_out").register_forward_hook(post_hook)
+
+    @torch.inference_mode()
+    def capture(self, rows: Sequence[dict], layers: Sequence[int], site: str) -> tuple[Batch, dict[int, torch.Tensor]]:
+        """Unpatched site tensors ([b, pos, head, d_slice]) at `layers` for one batch of prompts."""
+        batch = make_batch(rows, self.pad_token_id, self.device)
+        got: dict[int, torch.Tensor] = {}
+        width = self._slice_width(site)
+
+        def grab(layer):
+            def write(x):
+                got[layer] = x.reshape(*x.shape[:2], self.n_heads, width).clone()
+                return x
+            return write
+
+        handles = [self._hook(layer, site, grab(layer)) for layer in layers]
+        try:
+            hidden = self.inner.embed_tokens(batch.input_ids)
+            cos_sin = self.inner.rotary_emb(hidden, batch.position_ids)
+            mask = self._attention_mask(batch)
+            for layer in range(max(layers) + 1):
+                hidden = self._run_layer(layer, hidden, mask, cos_sin, batch.position_ids, None)
+        finally:
+            for h in handles:
+                h.remove()
+        return batch, got
+
+    # -- patch values --
+
+    def mean_values(self, pairs: Sequence[PatchPair], layers: Sequence[int], site: str) -> dict[int, torch.Tensor]:
+        """layer -> [rank, head, d_slice]: the mean over all prompts of both formats at each patched rank.
+
+        Rank 0 is the last patched position (the decision position), rank 1 the one before, and so
+        on: the mean is taken over the prompts that have a position at that rank.
+        """
+        entries = [(p.target, p.target_positions) for p in pairs] + [(p.source, p.source_positions) for p in pairs]
+        n_rank = max(len(pos) for _, pos in entries)
+        width = self._slice_width(site)
+        sums = {layer: torch.zeros(n_rank, self.n_heads, width, dtype=torch.float64) for layer in layers}
+        counts = torch.zeros(n_rank, dtype=torch.float64)
+        step = max(1, self.max_prompts)
+        for start in range(0, len(entries), step):
+            chunk = entries[start:start + step]
+            batch, got = self.capture([r for r, _ in chunk], layers, site)
+            for i, (_, pos) in enumerate(chunk):
+                cols = torch.tensor([int(batch.pad[i]) + p for p in pos][::-1])  # rank order
+                counts[:len(pos)] += 1
+                for layer in layers:
+                    sums[layer][:len(pos)] += got[layer][i, cols].double().cpu()
+        return {layer: (s / counts[:, None, None]).to(self.dtype) for layer, s in sums.items()}
+
+    def _placed(self, pairs: Sequence[PatchPair], batch: Batch, layers: Sequence[int], spec: PatchSpec,
+                means: dict[int, torch.Tensor] | None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The patched-column mask [b, pos] and the values written there per layer [b, pos, head, d_slice]."""
+        b, n = batch.input_ids.shape
+        width = self._slice_width(spec.site)
+        pos_mask = torch.zeros(b, n, dtype=torch.bool, device=self.device)
+        values = {layer: torch.zeros(b, n, self.n_heads, width, dtype=self.dtype, device=self.device)
+                  for layer in layers}
+        src = None
+        if spec.operation == "patch":
+            sbatch, src = self.capture([p.source for p in pairs], layers, spec.site)
+        for i, p in enumerate(pairs):
+            tcols = torch.tensor([int(batch.pad[i]) + t for t in p.target_positions], device=self.device)
+            pos_mask[i, tcols] = True
+            for layer in layers:
+                if spec.operation == "patch":
+                    scols = torch.tensor([int(sbatch.pad[i]) + s for s in p.source_positions], device=self.device)
+                    values[layer][i, tcols] = src[layer][i, scols]
+                elif spec.operation == "mean":
+                    ranks = torch.arange(len(tcols) - 1, -1, -1)
+                    values[layer][i, tcols] = means[layer][ranks].to(self.device)
+        return pos_mask, values
+
+    def _writer(self, values: torch.Tensor, pos_mask: torch.Tensor, head_mask: torch.Tensor, site: str):
+        """Replace heads (head_mask [replicas, head]) at patched columns (pos_mask [b, cols]) by `values`."""
+        r, b, cols = head_mask.shape[0], pos_mask.shape[0], pos_mask.shape[1]
+        where = head_mask[:, None, None, :] & pos_mask[None, :, :, None]  # [replicas, b, cols, head]
+        width = self._slice_width(site)
+
+        def write(x):  # x: [replicas * b, cols, head * d_slice]
+            y = x.reshape(r, b, cols, self.n_heads, width)
+            y = torch.where(where[..., None], values[None], y)
+            return y.reshape(x.shape)
+        return write
+
+    @torch.inference_mode()
+    def prepare(self, pairs: Sequence[PatchPair], layers: Sequence[int], spec: PatchSpec,
+                means: dict[int, torch.Tensor] | None = None) -> _Prepared:
+        """The unpatched target run of one prompt batch, recorded for reuse by every patched run."""
+        batch = make_batch([p.target for p in pairs], self.pad_token_id, self.device)
+        pos_mask, values = self._placed(pairs, batch, layers, spec, means)
+        hidden = self.inner.embed_tokens(batch.input_ids)
+        cos_sin = self.inner.rotary_emb(hidden, batch.position_ids)
+        mask = self._attention_mask(batch)
+        rec = _RecordKV()
+        hidden_in = {}
+        for layer in range(self.n_layers):
+            if layer in values:
+                hidden_in[layer] = hidden
+            hidden = self._run_layer(layer, hidden, mask, cos_sin, batch.position_ids, rec)
+        baseline = self._readout(hidden[:, -1], batch)
+        return _Prepared(batch, pos_mask, values, hidden_in, rec.kv, cos_sin, mask, baseline)
+
+    @torch.inference_mode()
+    def run_patched(self, prep: _Prepared, layer: int, head_sets: Sequence[HeadSet], site: str) -> torch.Tensor:
+        """[len(head_sets), b] logit differences, all head sets in one forward from layer `layer` on."""
+        batch = prep.batch
+        b, n = batch.input_ids.shape
+        r = len(head_sets)
+        start = 0
+        if self.kv_reuse:
+            patched_cols = prep.pos_mask.any(0).nonzero()
+            start = int(patched_cols.min()) if len(patched_cols) else n - 1
+        head_mask = torch.zeros(r, self.n_heads, dtype=torch.bool, device=self.device)
+        for j, s in enumerate(head_sets):
+            head_mask[j, list(s.heads)] = True
+        write = self._writer(prep.values[layer][:, start:], prep.pos_mask[:, start:], head_mask, site)
+        hidden = prep.hidden_in[layer][:, start:].repeat(r, 1, 1)
+        cos, sin = prep.cos_sin
+        cos_sin = (cos[:, start:].repeat(r, 1, 1), sin[:, start:].repeat(r, 1, 1))
+        position_ids = batch.position_ids[:, start:].repeat(r, 1)
+        mask = prep.mask[:, :, start:].repeat(r, 1, 1, 1)
+        kv = _PrefixKV(prep.kv, start, r) if start > 0 else None
+        handle = self._hook(layer, site, write)
+        try:
+            for li in range(layer, self.n_layers):
+                hidden = self._run_layer(li, hidden, mask, cos_sin, position_ids, kv)
+        finally:
+            handle.remove()
+        return self._readout(hidden[:, -1], batch, r).reshape(r, b)
+
+    # -- batch sizes --
+
+    def rows_per_forward(self, n_cols: int, n_ctx: int) -> int:
+        """Rows (prompt x head set) of one patched forward that fit in `memory_fraction` of free memory."""
+        if self.batch_rows != "auto":
+            return int(self.batch_rows)
+        cfg = self.model.config
+        nbytes = torch.finfo(self.dtype).bits // 8
+        inter = getattr(cfg, "intermediate_size", 4 * self.d_model)
+        per_token = 8 * self.d_model + 3 * inter + 2 * self.n_heads * self.head_dim
+        per_row = nbytes * (n_cols * per_token + 2 * self.n_heads * n_cols * n_ctx
+                            + 4 * self.n_kv * self.head_dim * n_ctx * 2) + 4 * 4 * self.d_model
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            cap = 1 << 16
+        else:
+            free = _available_cpu_memory()
+            cap = 4096  # beyond this, CPU matmuls gain nothing and memory churns
+        return max(1, min(cap, int(free * self.memory_fraction) // max(1, per_row)))
+
+    # -- sweeps --
+
+    def sweep(self, pairs: Sequence[PatchPair], layer_sets: dict[int, list[HeadSet]], spec: PatchSpec,
+              desc: str = "patching") -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Patched and unpatched logit differences of every target prompt.
+
+        Returns (patched: one row per layer, head_set, prompt_id; baseline: one row per prompt_id).
+        """
+        layers = sorted(layer_sets)
+        for layer in layers:
+            for s in layer_sets[layer]:
+                check_head_set(s.heads, n_heads=self.n_heads, layer=layer, n_layers=self.n_layers,
+                               what=f"head set {s.name!r}")
+        means = self.mean_values(pairs, layers, spec.site) if spec.operation == "mean" else None
+        n_ctx = max(len(p.target["input_ids"]) for p in pairs)
+        n_cols = n_ctx if not self.kv_reuse else n_ctx - min(min(p.target_positions) for p in pairs)
+        rows = self.rows_per_forward(n_cols, n_ctx)
+        per_batch = max(1, min(len(pairs), self.max_prompts, rows))
+        sets_per_forward = max(1, rows // per_batch)
+        chunks = [(layer, layer_sets[layer][i:i + sets_per_forward])
+                  for layer in layers for i in range(0, len(layer_sets[layer]), sets_per_forward)]
+        n_batches = math.ceil(len(pairs) / per_batch)
+        out, base = [], []
+        bar = tqdm(total=n_batches * len(chunks), desc=desc, unit="forward", disable=not self.progress)
+        for start in range(0, len(pairs), per_batch):
+            part = pairs[start:start + per_batch]
+            prep = self.prepare(part, layers, spec, means)
+            pids = [p.target["prompt_id"] for p in part]
+            base.append(pl.DataFrame({"prompt_id": pids, "baseline_logit_diff": prep.baseline.double().numpy()}))
+            for layer, sets in chunks:
+                diffs = self.run_patched(prep, layer, sets, spec.site)
+                out.append(_long(layer, sets, pids, diffs))
+                bar.update()
+            del prep
+        bar.close()
+        return pl.concat(out), pl.concat(base)
+
+    @torch.inference_mode()
+    def sweep_naive(self, pairs: Sequence[PatchPair], layer_sets: dict[int, list[HeadSet]], spec: PatchSpec,
+                    desc: str = "patching (naive)") -> pl.DataFrame:
+        """Reference: one full forward of the whole model per head set and prompt batch, no reuse."""
+        from bugscope.forward import logit_diff
+
+        layers = sorted(layer_sets)
+        means = self.mean_values(pairs, layers, spec.site) if spec.operation == "mean" else None
+        out = []
+        step = max(1, self.max_prompts)
+        total = math.ceil(len(pairs) / step) * sum(len(v) for v in layer_sets.values())
+        bar = tqdm(total=total, desc=desc, unit="forward", disable=not self.progress)
+        for start in range(0, len(pairs), step):
+            part = pairs[start:start + step]
+            batch = make_batch([p.target for p in part], self.pad_token_id, self.device)
+            pos_mask, values = self._placed(part, batch, layers, spec, means)
+            pids = [p.target["prompt_id"] for p in part]
+            for layer in layers:
+                for s in layer_sets[layer]:
+                    head_mask = torch.zeros(1, self.n_heads, dtype=torch.bool, device=self.device)
+                    head_mask[0, list(s.heads)] = True
+                    handle = self._hook(layer, spec.site, self._writer(values[layer], pos_mask, head_mask, spec.site))
+                    try:
+                        logits = self.model(**batch.model_inputs(), logits_to_keep=1, use_cache=False).logits[:, -1]
+                    finally:
+                        handle.remove()
+                    out.append(_long(layer, [s], pids, logit_diff(logits, batch)[None]))
+                    bar.update()
+        bar.close()
+        return pl.concat(out)
+
+
+def _long(layer: int, sets: Sequence[HeadSet], prompt_ids: Sequence[int], diffs: torch.Tensor) -> pl.DataFrame:
+    """[len(sets), len(prompt_ids)] -> rows (layer, head_set, prompt_id, logit_diff)."""
+    r, b = len(sets), len(prompt_ids)
+    return pl.DataFrame({
+        "layer": np.full(r * b, layer, dtype=np.int32),
+        "head_set": np.repeat([s.name for s in sets], b),
+        "prompt_id": np.tile(np.asarray(prompt_ids, dtype=np.int32), r),
+        "logit_diff": diffs.double().numpy().reshape(-1),
+    })
+
+
+def _available_cpu_memory() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+def summarise(per_prompt: pl.DataFrame, *, keys: Sequence[str], n_resamples: int, confidence: float,
+              seed: int) -> pl.DataFrame:
+    """One row per `keys` group (e.g. layer, head_set): rates and mean logit difference with bootstrap CIs.
+
+    - success_rate: among target prompts that are *wrong* unpatched, the fraction right after the patch;
+    - broken_rate: among target prompts that are *right* unpatched, the fraction wrong after the patch;
+    - accuracy: the fraction of all target prompts right after the patch (baseline_accuracy beside it);
+    - mean_logit_diff: mean patched logit difference over all target prompts.
+    Every interval is a percentile bootstrap over prompts; all groups share the same resampled
+    prompts (the same seed), so their intervals are comparable.
+    """
+    keys = list(keys)
+    groups = per_prompt.select(keys).unique(maintain_order=True)
+    pids = np.sort(per_prompt["prompt_id"].unique().to_numpy())
+    base = (per_prompt.unique("prompt_id").sort("prompt_id")["baseline_logit_diff"].to_numpy())
+    index = {pid: i for i, pid in enumerate(pids)}
+    n, m = len(pids), groups.height
+    mat = np.full((n, m), np.nan)
+    gkey = per_prompt.select(keys).join(groups.with_row_index("_g"), on=keys, how="left", maintain_order="left")["_g"]
+    rows_idx = np.array([index[p] for p in per_prompt["prompt_id"].to_list()])
+    mat[rows_idx, gkey.to_numpy()] = per_prompt["logit_diff"].to_numpy()
+    if np.isnan(mat).any():
+        raise ValueError("summarise: some (group, prompt) cells are missing; every group must cover every prompt.")
+    wrong, right = base <= 0, base > 0
+    boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
+    from bugscope.stats import bootstrap_mean_ci, bootstrap_mean_ci_columns
+
+    succ = bootstrap_mean_ci_columns((mat[wrong] > 0).astype(float), **boot)
+    brok = bootstrap_mean_ci_columns((mat[right] <= 0).astype(float), **boot)
+    acc = bootstrap_mean_ci_columns((mat > 0).astype(float), **boot)
+    ld = bootstrap_mean_ci_columns(mat, **boot)
+    b_acc = bootstrap_mean_ci(right.astype(float), **boot)
+    b_ld = bootstrap_mean_ci(base, **boot)
+    cols = {
+        "n_prompts": np.full(m, n), "n_baseline_wrong": np.full(m, int(wrong.sum())),
+        "n_baseline_right": np.full(m, int(right.sum())),
+        "success_rate": succ[0], "success_low": succ[1], "success_high": succ[2],
+        "broken_rate": brok[0], "broken_low": brok[1], "broken_high": brok[2],
+        "accuracy": acc[0], "accuracy_low": acc[1], "accuracy_high": acc[2],
+        "baseline_accuracy": np.full(m, b_acc[0]), "baseline_accuracy_low": np.full(m, b_acc[1]),
+        "baseline_accuracy_high": np.full(m, b_acc[2]),
+        "mean_logit_diff": ld[0], "logit_diff_low": ld[1], "logit_diff_high": ld[2],
+        "baseline_mean_logit_diff": np.full(m, b_ld[0]),
+        "baseline_logit_diff_low": np.full(m, b_ld[1]), "baseline_logit_diff_high": np.full(m, b_ld[2]),
+    }
+    return groups.with_columns(**{k: pl.Series(k, v) for k, v in cols.items()}).with_columns(
+        pl.lit(confidence).alias("confidence"))
