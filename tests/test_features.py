@@ -71,10 +71,17 @@ def test_pair_overlap_known_answers(handmade):
 
 def test_aligned_mean_and_pooled(handmade):
     prompts, pairs, _ = handmade
-    rows = [(0, 0, 1, 3.0), (0, 5, 1, 3.0), (0, 4, 1, 100.0),  # position 4 is not aligned
+    # aligned positions (1, 2, 5): position 4 is not aligned
+    prompts = prompts.with_columns(pl.lit([1, 2, 5], pl.List(pl.Int32)).alias("aligned_positions"))
+    rows = [(0, 1, 1, 3.0), (0, 5, 1, 3.0), (0, 4, 1, 100.0),
             (1, 2, 1, 1.5), (1, 2, 2, 3.0)]
     values = F.prompt_values(_sparse(rows), F.position_weights(prompts, "aligned_mean")).sort("prompt_id", "feature_id")
     assert values.rows() == [(0, 1, pytest.approx(2.0)), (1, 1, pytest.approx(0.5)), (1, 2, pytest.approx(1.0))]
+    # position 0 (the attention sink) of one format drops that aligned index from both formats
+    sink = prompts.with_columns(pl.when(pl.col("format") == "simple").then(pl.lit([0, 2, 5], pl.List(pl.Int32)))
+                                .otherwise(pl.col("aligned_positions")).alias("aligned_positions"))
+    w = F.position_weights(sink, "aligned_mean").filter(pl.col("prompt_id") < 2)
+    assert w.rows() == [(0, 2, 0.5), (0, 5, 0.5), (1, 2, 0.5), (1, 5, 0.5)]
     pooled = F.pooled_overlap(values, pairs, k=1)
     # format means over 4 pairs: buggy {1: 0.5}, correct {1: 0.125, 2: 0.25}; top-1: {1} vs {2}
     assert pooled["shared"] == 0 and pooled["overlap_pct"] == 0 and pooled["amplification"] is None

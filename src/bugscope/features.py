@@ -72,9 +72,16 @@ def position_weights(prompts: pl.DataFrame, mode: str) -> pl.DataFrame:
     if mode == "decision":
         return prompts.select("prompt_id", pl.col("decision_pos").alias("position"), pl.lit(1.0).alias("weight"))
     if mode == "aligned_mean":
-        return (prompts.select("prompt_id", pl.col("aligned_positions").alias("position"))
-                .with_columns((1.0 / pl.col("position").list.len()).alias("weight"))
-                .explode("position"))
+        # Position 0 is an attention sink whose SAE code is junk (research notes 3). An aligned
+        # index is dropped for every format of a question when it is position 0 in any of them,
+        # so the formats still average over the same tokens.
+        long = (prompts.select("prompt_id", "question_id", pl.col("aligned_positions").alias("position"))
+                .with_columns(pl.int_ranges(pl.col("position").list.len()).alias("index"))
+                .explode("position", "index"))
+        sink = long.filter(pl.col("position") == 0).select("question_id", "index").unique()
+        kept = long.join(sink, on=["question_id", "index"], how="anti")
+        return (kept.with_columns((1.0 / pl.len().over("prompt_id")).alias("weight"))
+                .select("prompt_id", "position", "weight").sort("prompt_id", "position"))
     raise ValueError(f"features.position is {mode!r}; expected one of {', '.join(POSITION_MODES)}")
 
 
