@@ -1,0 +1,536 @@
+"""SAEs for every analysed layer: pretrained from SAE-Lens's directory, or trained here with SAE-Lens.
+
+One config section (`sae:`), two sources:
+- `pretrained`: an SAE-Lens release (e.g. `llama_scope_lxr_8x`) and an sae-id template
+  (`l{layer}r_8x`). The release, every id and every hook name are checked against SAE-Lens's own
+  directory of pretrained SAEs (`pretrained_saes.yaml`) before anything is downloaded.
+- `train`: SAE-Lens's `TopKTrainingSAE` trained by SAE-Lens's `SAETrainer`, fed by
+  `ActivationStream`, which streams batches from the cached activation Parquet files one row group
+  at a time (never all tokens in memory).
+
+Either way the SAE is saved in SAE-Lens's format (`cfg.json` + `sae_weights.safetensors`), so
+`SAE.load_from_disk(results/sae/<hook>)` works anywhere, plus `bugscope.json` with provenance.
+
+Position 0 of every sequence is an attention sink with a huge norm (research notes section 3): it
+is left out of training and of every quality metric.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from bugscope.cache import NonFiniteActivationError
+from bugscope.io import arrow_to_vectors, atomic_path, read_metadata
+from bugscope.sites import hook_name, parse_hook_name
+
+SINK_POSITION = 0
+PROVENANCE_FILE = "bugscope.json"
+FEATURES_KIND = "features"
+QUALITY_KIND = "sae_quality"
+
+FEATURE_SCHEMA = pa.schema([
+    ("prompt_id", pa.int32()), ("position", pa.int32()),
+    ("feature_id", pa.int32()), ("activation", pa.float32()),
+])
+
+
+class SAEConfigError(ValueError):
+    """The `sae:` config names an SAE that does not exist or does not fit the model or the cache."""
+
+
+# --- the pretrained directory ------------------------------------------------------------------
+
+# Llama Scope's neuronpedia ids name the site ("llama3.1-8b/10-llamascope-res-32k").
+_NEURONPEDIA_SITE = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_out"}
+_NEURONPEDIA_RE = re.compile(r"/(\d+)-[a-z0-9]*-(res|mlp|att)-")
+
+
+def pretrained_directory() -> dict:
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return get_pretrained_saes_directory()
+
+
+def directory_hook_name(release: str, sae_id: str) -> str | None:
+    """The hook name SAE-Lens's directory implies for one SAE, or None if it does not say.
+
+    The directory has no hook-name field; it names the site through the sae id itself (e.g.
+    `blocks.8.hook_resid_pre` in GPT-2 releases) or through the neuronpedia id (Llama Scope:
+    `llama3.1-8b/10-llamascope-res-32k`). The loaded SAE's `hook_name` is checked again after loading.
+    """
+    if re.fullmatch(r"blocks\.\d+\.hook_\w+", sae_id):
+        return sae_id
+    lookup = pretrained_directory()[release]
+    m = _NEURONPEDIA_RE.search(lookup.neuronpedia_id.get(sae_id) or "")
+    if m:
+        return hook_name(int(m.group(1)), _NEURONPEDIA_SITE[m.group(2)])
+    return None
+
+
+def resolve_pretrained(release: str | None, sae_id_template: str | None, layers: Sequence[int],
+                       site: str) -> dict[int, str]:
+    """{layer: sae_id} for `source: pretrained`, checked against SAE-Lens's directory before any download.
+
+    Raises SAEConfigError naming the valid releases or ids when one is unknown, and when the
+    directory says an SAE reads another hook than the cached site (`cache.site`).
+    """
+    directory = pretrained_directory()
+    if not release or release not in directory:
+        close = difflib.get_close_matches(str(release), directory, n=8, cutoff=0.5)
+        scope = sorted(r for r in directory if r.startswith("llama_scope"))
+        raise SAEConfigError(
+            f"sae.release {release!r} is not in SAE-Lens's directory of pretrained SAEs "
+            f"(sae_lens/pretrained_saes.yaml, {len(directory)} releases). "
+            f"Closest: {', '.join(close) or 'none'}. Llama Scope releases: {', '.join(scope)}. "
+            "Fix sae.release in the config (or use sae.source: train)."
+        )
+    if not sae_id_template or "{layer}" not in sae_id_template:
+        raise SAEConfigError(
+            f"sae.sae_id must be a template containing {{layer}}, e.g. 'l{{layer}}r_8x'; found {sae_id_template!r}."
+        )
+    valid = list(directory[release].saes_map)
+    ids, wrong_site = {}, []
+    for layer in layers:
+        sae_id = sae_id_template.replace("{layer}", str(layer))
+        if sae_id not in valid:
+            shown = ", ".join(valid[:8]) + (", ..." if len(valid) > 8 else "")
+            raise SAEConfigError(
+                f"sae.sae_id {sae_id_template!r} gives {sae_id!r} for layer {layer}, which release "
+                f"{release!r} does not have. Its {len(valid)} ids are: {shown}. Fix sae.sae_id, or "
+                "leave that layer out of 'layers'."
+            )
+        expected = hook_name(layer, site)
+        found = directory_hook_name(release, sae_id)
+        if found is not None and found != expected:
+            wrong_site.append(f"{sae_id} reads {found}")
+        ids[layer] = sae_id
+    if wrong_site:
+        raise SAEConfigError(
+            f"The SAEs of release {release!r} do not read the cached site cache.site={site!r} "
+            f"({'; '.join(wrong_site[:4])}). The activations must be cached at the SAE's own hook: set "
+            "cache.site to the SAE's site, or pick the release for that site (R = resid_post, "
+            "M = mlp_out, A = attn_out in Llama Scope)."
+        )
+    return ids
+
+
+def load_pretrained_sae(release: str, sae_id: str, *, device: str = "cpu", dtype: str = "float32"):
+    """Load one pretrained SAE through SAE-Lens (its conversion and normalisation folding included)."""
+    from sae_lens import SAE
+
+    sae, _cfg, _sparsity = SAE.from_pretrained_with_cfg_and_sparsity(release, sae_id, device=device, dtype=dtype)
+    return sae
+
+
+def check_sae_fits(sae, *, expected_hook: str, d_model: int, where: str) -> None:
+    """The SAE must read the cached hook and have d_in equal to the model's width."""
+    found = sae.cfg.metadata.hook_name
+    if found != expected_hook:
+        raise SAEConfigError(
+            f"{where}: the SAE reads {found!r}, but the activations are cached at {expected_hook!r}. "
+            "The SAE must be applied to the activations it was trained on: set cache.site to the SAE's "
+            "site, or choose an SAE for the cached site."
+        )
+    if sae.cfg.d_in != d_model:
+        raise SAEConfigError(
+            f"{where}: the SAE has d_in={sae.cfg.d_in} but the model's residual width is d_model={d_model}. "
+            "It was trained for another model: choose an SAE release for this model (model.checkpoint) "
+            "or use sae.source: train."
+        )
+
+
+# --- streaming activations ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ActivationSource:
+    """One cached activation Parquet file and the rows of it to use."""
+
+    path: str
+    prompt_ids: frozenset[int] | None = None  # None: every prompt id
+    drop_positions: frozenset[int] = frozenset({SINK_POSITION})
+
+
+def _check_finite(x: torch.Tensor, ids: np.ndarray, path) -> None:
+    if not torch.isfinite(x).all():
+        bad = sorted(set(ids[(~torch.isfinite(x)).any(-1).numpy()].tolist()))
+        raise NonFiniteActivationError(
+            f"{path} holds NaN or Inf activations (prompt ids {bad[:10]}). The cache is corrupt or the "
+            "model overflowed in its dtype: rerun the caching rule, in float32 (model.dtype) if it recurs."
+        )
+
+
+def read_row_group(source: ActivationSource, pf: pq.ParquetFile, i: int, dtype: str):
+    """(prompt_id, position, activations [n, d]) of one row group, filtered and checked for NaN/Inf."""
+    t = pf.read_row_group(i, columns=["prompt_id", "position", "activation"])
+    ids = t.column("prompt_id").to_numpy()
+    pos = t.column("position").to_numpy()
+    keep = ~np.isin(pos, list(source.drop_positions))
+    if source.prompt_ids is not None:
+        keep &= np.isin(ids, list(source.prompt_ids))
+    if not keep.any():
+        return ids[:0], pos[:0], None
+    idx = np.nonzero(keep)[0]
+    x = arrow_to_vectors(t.column("activation").take(pa.array(idx)), dtype)
+    _check_finite(x, ids[idx], source.path)
+    return ids[idx], pos[idx], x
+
+
+def iter_activations(sources: Sequence[ActivationSource]) -> Iterator[tuple]:
+    """Yield (prompt_id, position, [n, d] float32) per row group, in file order."""
+    for source in sources:
+        pf = pq.ParquetFile(source.path)
+        dtype = _file_dtype(source.path)
+        for i in range(pf.num_row_groups):
+            ids, pos, x = read_row_group(source, pf, i, dtype)
+            if x is not None:
+                yield ids, pos, x
+
+
+def _file_dtype(path) -> str:
+    return read_metadata(path).get("dtype", "float32")
+
+
+class ActivationStream:
+    """An endless iterator of shuffled [batch_size, d_in] float32 batches from cached Parquet files.
+
+    Each epoch visits the row groups of all sources in an order drawn from `seed`; rows go through
+    a mixing buffer of `buffer_rows` rows that is shuffled before batches are taken from it. Memory
+    holds one buffer, never a whole file. This is SAE-Lens's `DataProvider` (an iterator of batches).
+    """
+
+    def __init__(self, sources: Sequence[ActivationSource], *, batch_size: int, seed: int,
+                 buffer_rows: int = 16384, device: str = "cpu"):
+        self.sources = list(sources)
+        self.batch_size = batch_size
+        self.buffer_rows = max(buffer_rows, 2 * batch_size)
+        self.device = device
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.files = [(s, pq.ParquetFile(s.path), _file_dtype(s.path)) for s in self.sources]
+        self.groups = [(f, g) for f, (_, pf, _) in enumerate(self.files) for g in range(pf.num_row_groups)]
+        self._it = self._batches()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return next(self._it)
+
+    def count_rows(self) -> int:
+        return sum(x.shape[0] for _, _, x in iter_activations(self.sources))
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        buffer: list[torch.Tensor] = []
+        n_buffered = 0
+        while True:
+            order = list(self.groups)
+            self.rng.shuffle(order)
+            produced = False
+            for f, g in order:
+                source, pf, dtype = self.files[f]
+                _, _, x = read_row_group(source, pf, g, dtype)
+                if x is None:
+                    continue
+                buffer.append(x)
+                n_buffered += x.shape[0]
+                produced = True
+                if n_buffered >= self.buffer_rows:
+                    yield from self._drain(buffer, keep_half=True)
+                    n_buffered = sum(b.shape[0] for b in buffer)
+            if not produced:
+                raise ValueError(
+                    f"No activation rows to train on in {', '.join(s.path for s in self.sources)} "
+                    "(after leaving out position 0 and held-out prompts). Increase sae.corpus.train_tokens."
+                )
+            if n_buffered >= self.batch_size:
+                yield from self._drain(buffer, keep_half=False)
+                n_buffered = sum(b.shape[0] for b in buffer)
+
+    def _drain(self, buffer: list[torch.Tensor], keep_half: bool) -> Iterator[torch.Tensor]:
+        data = torch.cat(buffer)
+        data = data[torch.randperm(data.shape[0], generator=self.gen)]
+        n_out = data.shape[0] // 2 if keep_half else data.shape[0]
+        n_out -= n_out % self.batch_size
+        buffer.clear()
+        if n_out < data.shape[0]:
+            buffer.append(data[n_out:])
+        for start in range(0, n_out, self.batch_size):
+            yield data[start:start + self.batch_size].to(self.device)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    sae: object
+    seed: int
+    n_steps: int
+    n_tokens: int
+    train_l0: float | None
+    train_dead_fraction: float | None
+    extra: dict = field(default_factory=dict)
+
+
+def layer_seed(master_seed: int, layer: int) -> int:
+    """The seed of one layer's SAE: derived from the master seed, recorded with the SAE."""
+    return (master_seed * 1_000_003 + 7919 * (layer + 1)) % (2**31 - 1)
+
+
+def train_topk_sae(stream: ActivationStream, *, d_in: int, layer: int, hook: str, sae_cfg: dict,
+                   seed: int, device: str = "cpu", model_name: str = "") -> TrainResult:
+    """Train one TopK SAE with SAE-Lens's TopKTrainingSAE and SAETrainer on `stream`.
+
+    Activations are normalised to mean norm sqrt(d_in) during training (SAE-Lens's
+    `expected_average_only_in`), and the scale is folded into the weights at the end, so the saved
+    SAE takes raw activations. b_dec starts at the mean activation of the first batches.
+    """
+    from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(seed)
+    batch_size = sae_cfg["batch_size"]
+    n_steps = max(1, sae_cfg["training_tokens"] // batch_size)
+    cfg = TopKTrainingSAEConfig(
+        d_in=d_in, d_sae=sae_cfg["expansion"] * d_in, k=sae_cfg["k"], dtype="float32", device=device,
+        normalize_activations="expected_average_only_in",
+        metadata=SAEMetadata(model_name=model_name, hook_name=hook, hook_head_index=None,
+                             prepend_bos=False, seqpos_slice=[1, None]),
+    )
+    sae = TopKTrainingSAE(cfg)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=n_steps * batch_size, train_batch_size_samples=batch_size,
+        lr=sae_cfg["lr"], lr_end=sae_cfg["lr"], lr_scheduler_name="constant",
+        lr_warm_up_steps=0, lr_decay_steps=n_steps // 5, device=device,
+        dead_feature_window=max(10, n_steps // 4), feature_sampling_window=n_steps + 1,
+        n_checkpoints=0, save_final_checkpoint=False,
+    )
+    trainer = SAETrainer(trainer_cfg, sae, stream)
+    # Normalisation scale and b_dec from the first batches; then SAE-Lens trains.
+    first = torch.cat([next(stream) for _ in range(max(1, min(8, n_steps // 4)))]).float()
+    scale = d_in ** 0.5 / first.norm(dim=-1).mean().item()
+    trainer.activation_scaler.scaling_factor = scale
+    with torch.no_grad():
+        sae.b_dec.copy_((first.mean(0) * scale).to(sae.b_dec.dtype))
+    sae = trainer.fit()
+    meta = sae.cfg.metadata
+    return TrainResult(
+        sae=sae, seed=seed, n_steps=n_steps, n_tokens=n_steps * batch_size,
+        train_l0=meta.get("l0"), train_dead_fraction=(meta.get("num_dead_features") or 0) / cfg.d_sae,
+        extra={"norm_scaling_factor": scale},
+    )
+
+
+# --- saving and loading ------------------------------------------------------------------------
+
+def save_sae(sae, out_dir: str | Path, provenance: dict) -> None:
+    """Write an SAE in SAE-Lens's format plus `bugscope.json`, atomically (a folder renamed into place)."""
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        if hasattr(sae, "save_inference_model"):
+            sae.save_inference_model(tmp)  # a training SAE: SAE-Lens saves its inference form
+        else:
+            sae.save_model(tmp)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+
+
+def load_sae(sae_dir: str | Path, *, device: str = "cpu"):
+    """(SAE, provenance) from a folder written by `save_sae`, through `SAE.load_from_disk`."""
+    from sae_lens import SAE
+
+    sae_dir = Path(sae_dir)
+    if not (sae_dir / "cfg.json").is_file():
+        raise FileNotFoundError(
+            f"{sae_dir} holds no SAE (cfg.json missing). Rerun the SAE rule (snakemake --forcerun train_sae_*)."
+        )
+    sae = SAE.load_from_disk(sae_dir, device=device)
+    sae.eval()
+    prov_path = sae_dir / PROVENANCE_FILE
+    provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    return sae, provenance
+
+
+def sae_provenance_meta(provenance: dict) -> dict:
+    """The SAE fields copied into the metadata of every table made with it."""
+    keys = ("source", "release", "sae_id", "hook_name", "d_sae", "architecture", "seed", "training")
+    return {"sae": {k: provenance.get(k) for k in keys if k in provenance}}
+
+
+# --- encoding ----------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def encode_sparse(sae, x: torch.Tensor, *, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row [nnz], feature_id [nnz], activation [nnz]) of `sae.encode(x)` for x [n, d_in]; nonzeros only."""
+    rows, feats, vals = [], [], []
+    device = next(sae.parameters()).device
+    for start in range(0, x.shape[0], batch_size):
+        acts = sae.encode(x[start:start + batch_size].to(device))  # [b, d_sae]
+        r, f = acts.nonzero(as_tuple=True)
+        rows.append(r + start)
+        feats.append(f)
+        vals.append(acts[r, f].float())
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, torch.zeros(0)
+    return torch.cat(rows).cpu(), torch.cat(feats).cpu(), torch.cat(vals).cpu()
+
+
+def encode_activation_file(sae, activations_path: str | Path, *, batch_size: int = 4096) -> pa.Table:
+    """Sparse features of every cached (prompt, position) of one activation file."""
+    pieces = []
+    for ids, pos, x in iter_activations([ActivationSource(str(activations_path), drop_positions=frozenset())]):
+        r, f, v = encode_sparse(sae, x, batch_size=batch_size)
+        r = r.numpy()
+        pieces.append(pa.Table.from_arrays([
+            pa.array(ids[r], pa.int32()), pa.array(pos[r], pa.int32()),
+            pa.array(f.numpy(), pa.int32()), pa.array(v.numpy(), pa.float32()),
+        ], schema=FEATURE_SCHEMA))
+    return pa.concat_tables(pieces) if pieces else FEATURE_SCHEMA.empty_table()
+
+
+def sparse_to_dense(features: pa.Table, keys: Sequence[tuple[int, int]], d_sae: int) -> torch.Tensor:
+    """[len(keys), d_sae] dense features for the (prompt_id, position) keys, zeros where no row exists."""
+    index = {(int(p), int(q)): i for i, (p, q) in enumerate(keys)}
+    out = torch.zeros(len(keys), d_sae)
+    pid = features.column("prompt_id").to_pylist()
+    pos = features.column("position").to_pylist()
+    rows = torch.tensor([index[(a, b)] for a, b in zip(pid, pos)], dtype=torch.long)
+    if len(rows):
+        out[rows, torch.from_numpy(features.column("feature_id").to_numpy().astype(np.int64))] = torch.from_numpy(
+            features.column("activation").to_numpy().astype(np.float32))
+    return out
+
+
+# --- quality -----------------------------------------------------------------------------------
+
+class ReconstructionStats:
+    """Streaming reconstruction metrics over batches of activations.
+
+    EV = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (SAE-Lens's `explained_variance`),
+    MSE = mean over tokens and dimensions of (x - x_hat)^2, L0 = mean number of non-zero features
+    per token; `fired` marks every feature that was non-zero on at least one token.
+    """
+
+    def __init__(self, d_in: int, d_sae: int):
+        self.n = 0
+        self.d_in = d_in
+        self.sse = 0.0
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
+        self.sum_x2 = torch.zeros(d_in, dtype=torch.float64)
+        self.l0_sum = 0.0
+        self.fired = torch.zeros(d_sae, dtype=torch.bool)
+
+    @torch.inference_mode()
+    def update(self, sae, x: torch.Tensor) -> None:
+        device = next(sae.parameters()).device
+        feats = sae.encode(x.to(device))
+        recon = sae.decode(feats).float().cpu()
+        x = x.float().cpu()
+        x64 = x.double()
+        self.n += x.shape[0]
+        self.sse += (x - recon).double().pow(2).sum().item()
+        self.sum_x += x64.sum(0)
+        self.sum_x2 += x64.pow(2).sum(0)
+        nz = (feats != 0).cpu()
+        self.l0_sum += nz.sum().item()
+        self.fired |= nz.any(0)
+
+    def result(self) -> dict:
+        if self.n == 0:
+            return {"ev": None, "mse": None, "l0": None, "n_tokens": 0}
+        total_var = (self.sum_x2 - self.sum_x.pow(2) / self.n).sum().item()
+        return {"ev": 1 - self.sse / total_var if total_var > 0 else None,
+                "mse": self.sse / (self.n * self.d_in), "l0": self.l0_sum / self.n, "n_tokens": self.n}
+
+
+@torch.inference_mode()
+def spliced_logit_diffs(model, sae, rows: Sequence[dict], *, layer: int, site: str, batch_size: int,
+                        pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean, spliced) decision logit differences [n_prompts] (> 0 = correct).
+
+    Spliced: the site's output at `layer` is replaced by the SAE reconstruction at every real
+    position but the first (the attention sink keeps its own activation; padding is untouched).
+    """
+    from bugscope.forward import decision_logits, iter_batches, logit_diff
+    from bugscope.sites import output_tensor, site_module
+
+    device = next(model.parameters()).device
+    module = site_module(model, layer, site)
+    clean, spliced = [], []
+    for batch in iter_batches(list(rows), batch_size, pad_token_id, device):
+        clean.append(logit_diff(decision_logits(model, batch), batch))
+        mask = (batch.attention_mask == 1) & (batch.position_ids > SINK_POSITION)  # [batch, pos]
+
+        def replace(_module, _inputs, output, mask=mask):
+            hidden = output_tensor(output)
+            new = hidden.clone()
+            x = hidden[mask]
+            new[mask] = sae.decode(sae.encode(x.to(sae.dtype))).to(hidden.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handle = module.register_forward_hook(replace)
+        try:
+            spliced.append(logit_diff(decision_logits(model, batch), batch))
+        finally:
+            handle.remove()
+    return torch.cat(clean), torch.cat(spliced)
+
+
+def quality_row(*, layer: int, hook: str, sae, provenance: dict, prompt_stats: dict, corpus_stats: dict,
+                fired: torch.Tensor, clean: torch.Tensor, spliced: torch.Tensor) -> dict:
+    """One row of the SAE quality table."""
+    n = clean.numel()
+    return {
+        "layer": layer, "hook_name": hook, "source": provenance.get("source"), "d_sae": sae.cfg.d_sae,
+        "ev_prompts": prompt_stats["ev"], "mse_prompts": prompt_stats["mse"], "l0_prompts": prompt_stats["l0"],
+        "n_tokens_prompts": prompt_stats["n_tokens"],
+        "ev_corpus": corpus_stats["ev"], "mse_corpus": corpus_stats["mse"], "l0_corpus": corpus_stats["l0"],
+        "n_tokens_corpus": corpus_stats["n_tokens"],
+        "dead_fraction": 1.0 - fired.float().mean().item(),
+        "train_l0": (provenance.get("training") or {}).get("train_l0"),
+        "train_dead_fraction": (provenance.get("training") or {}).get("train_dead_fraction"),
+        "n_prompts": n,
+        "logit_diff_clean": clean.mean().item() if n else None,
+        "logit_diff_sae": spliced.mean().item() if n else None,
+        "delta_logit_diff": (spliced - clean).mean().item() if n else None,
+        "accuracy_clean": (clean > 0).float().mean().item() if n else None,
+        "accuracy_sae": (spliced > 0).float().mean().item() if n else None,
+    }
+
+
+QUALITY_SCHEMA = pa.schema([
+    ("layer", pa.int32()), ("hook_name", pa.string()), ("source", pa.string()), ("d_sae", pa.int32()),
+    ("ev_prompts", pa.float64()), ("mse_prompts", pa.float64()), ("l0_prompts", pa.float64()),
+    ("n_tokens_prompts", pa.int64()),
+    ("ev_corpus", pa.float64()), ("mse_corpus", pa.float64()), ("l0_corpus", pa.float64()),
+    ("n_tokens_corpus", pa.int64()),
+    ("dead_fraction", pa.float64()), ("train_l0", pa.float64()), ("train_dead_fraction", pa.float64()),
+    ("n_prompts", pa.int32()), ("logit_diff_clean", pa.float64()), ("logit_diff_sae", pa.float64()),
+    ("delta_logit_diff", pa.float64()), ("accuracy_clean", pa.float64()), ("accuracy_sae", pa.float64()),
+])
+
+
+def hook_layer(hook: str) -> int:
+    return parse_hook_name(hook)[0]
+
+
+def layer_groups(layers: Sequence[int], layers_per_job: int) -> dict[str, list[int]]:
+    """The SAE jobs: consecutive analysed layers in groups of `layers_per_job`, named L<first>_<last>.
+
+    Each job writes one output per layer; grouping only saves the start-up (imports, model load)
+    that per-layer jobs would repeat.
+    """
+    layers = sorted(layers)
+    groups = [layers[i:i + layers_per_job] for i in range(0, len(layers), layers_per_job)]
+    return {f"L{g[0]}_{g[-1]}" if len(g) > 1 else f"L{g[0]}": g for g in groups}

@@ -1,0 +1,173 @@
+# SAE stage (issue 3): the training corpus and its activations, one SAE per analysed layer (trained
+# here with SAE-Lens, or pretrained from SAE-Lens's directory), sparse feature tables and SAE
+# quality. Logic: bugscope.sae and bugscope.corpus. Jobs handle resources.layers_per_job layers
+# each (SAE_GROUPS) and write one output per layer.
+import bugscope.sae as bugscope_sae
+
+SAE_CFG = config["sae"]
+SAE_CONFIG_HASH = config_hash(config, "model", "prompts", "seed", "cache", "sae")
+SAE_GROUPS = bugscope_sae.layer_groups(LAYERS, config["resources"]["layers_per_job"])
+# Pretrained: release, ids and hook sites are checked against SAE-Lens's directory now, before any job.
+SAE_IDS = (
+    bugscope_sae.resolve_pretrained(SAE_CFG["release"], SAE_CFG["sae_id"], LAYERS, SITE)
+    if SAE_CFG["source"] == "pretrained"
+    else {}
+)
+
+
+localrules:
+    prepare_corpus,
+    aggregate_sae_quality,
+
+
+rule prepare_corpus:
+    input:
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+    output:
+        corpus=layout.CORPUS,
+    params:
+        config_hash=SAE_CONFIG_HASH,
+    log:
+        f"{layout.LOGS}/sae/prepare_corpus.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/prepare_corpus.py"
+
+
+rule cache_corpus:
+    input:
+        manifest=layout.MODEL_MANIFEST,
+        corpus=layout.CORPUS,
+    output:
+        activations=[layout.activations("corpus", hook) for hook in HOOKS],
+    params:
+        layers=LAYERS,
+        config_hash=SAE_CONFIG_HASH,
+    resources:
+        **model_job_resources(n_layers=len(LAYERS)),
+    log:
+        f"{layout.LOGS}/sae/cache_corpus.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/sae/cache_corpus.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/cache_corpus.py"
+
+
+for group, group_layers in SAE_GROUPS.items():
+    group_hooks = [hook_name(layer, SITE) for layer in group_layers]
+
+    if SAE_CFG["source"] == "train":
+
+        rule:
+            name:
+                f"train_sae_{group}"
+            input:
+                manifest=layout.MODEL_MANIFEST,
+                corpus=layout.CORPUS,
+                activations=[layout.activations("corpus", hook) for hook in group_hooks],
+            output:
+                saes=[directory(layout.SAE_DIR.format(hook=hook)) for hook in group_hooks],
+            params:
+                layers=group_layers,
+                config_hash=SAE_CONFIG_HASH,
+            resources:
+                **model_job_resources(n_layers=len(group_layers)),
+            log:
+                f"{layout.LOGS}/sae/train_sae_{group}.log",
+            benchmark:
+                f"{layout.BENCHMARKS}/sae/train_sae_{group}.tsv"
+            conda:
+                "../../environment.yml"
+            script:
+                "../scripts/train_sae.py"
+
+    else:
+
+        rule:
+            name:
+                f"load_pretrained_sae_{group}"
+            input:
+                manifest=layout.MODEL_MANIFEST,
+            output:
+                saes=[directory(layout.SAE_DIR.format(hook=hook)) for hook in group_hooks],
+            params:
+                layers=group_layers,
+                sae_ids=[SAE_IDS[layer] for layer in group_layers],
+                config_hash=SAE_CONFIG_HASH,
+            resources:
+                **model_job_resources(n_layers=len(group_layers)),
+            log:
+                f"{layout.LOGS}/sae/load_pretrained_sae_{group}.log",
+            benchmark:
+                f"{layout.BENCHMARKS}/sae/load_pretrained_sae_{group}.tsv"
+            conda:
+                "../../environment.yml"
+            script:
+                "../scripts/load_pretrained_sae.py"
+
+    rule:
+        name:
+            f"encode_features_{group}"
+        input:
+            saes=[layout.SAE_DIR.format(hook=hook) for hook in group_hooks],
+            activations=[layout.activations("prompts", hook) for hook in group_hooks],
+        output:
+            features=[layout.FEATURES.format(hook=hook) for hook in group_hooks],
+        params:
+            layers=group_layers,
+            config_hash=SAE_CONFIG_HASH,
+        resources:
+            **model_job_resources(n_layers=len(group_layers)),
+        log:
+            f"{layout.LOGS}/sae/encode_features_{group}.log",
+        benchmark:
+            f"{layout.BENCHMARKS}/sae/encode_features_{group}.tsv"
+        conda:
+            "../../environment.yml"
+        script:
+            "../scripts/encode_features.py"
+
+    rule:
+        name:
+            f"sae_quality_{group}"
+        input:
+            manifest=layout.MODEL_MANIFEST,
+            prompts=layout.PROMPTS,
+            corpus=layout.CORPUS,
+            saes=[layout.SAE_DIR.format(hook=hook) for hook in group_hooks],
+            prompt_activations=[layout.activations("prompts", hook) for hook in group_hooks],
+            corpus_activations=[layout.activations("corpus", hook) for hook in group_hooks],
+        output:
+            quality=[layout.SAE_QUALITY_LAYER.format(hook=hook) for hook in group_hooks],
+        params:
+            layers=group_layers,
+            config_hash=SAE_CONFIG_HASH,
+        resources:
+            **model_job_resources(n_layers=len(group_layers)),
+        log:
+            f"{layout.LOGS}/sae/sae_quality_{group}.log",
+        benchmark:
+            f"{layout.BENCHMARKS}/sae/sae_quality_{group}.tsv"
+        conda:
+            "../../environment.yml"
+        script:
+            "../scripts/sae_quality.py"
+
+
+rule aggregate_sae_quality:
+    input:
+        quality=[layout.SAE_QUALITY_LAYER.format(hook=hook) for hook in HOOKS],
+    output:
+        quality=layout.SAE_QUALITY,
+    params:
+        config_hash=SAE_CONFIG_HASH,
+    log:
+        f"{layout.LOGS}/sae/aggregate_sae_quality.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/aggregate_sae_quality.py"

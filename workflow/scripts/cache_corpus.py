@@ -1,0 +1,24 @@
+from bugscope.cache import cache_activations
+from bugscope.corpus import CORPUS_KIND, cache_rows
+from bugscope.io import read_table
+from bugscope.model import ModelManifest, load_model
+from bugscope.script import log, run
+
+
+def main(smk):
+    cfg = smk.config
+    manifest = ModelManifest.load(smk.input.manifest)
+    corpus, corpus_meta = read_table(smk.input.corpus, kind=CORPUS_KIND, config_hash=smk.params.config_hash)
+    model, tokenizer = load_model(manifest, cfg["device"])
+    # The same caching code as the analysis prompts; position 0 (the attention sink) is not cached.
+    n = cache_activations(
+        model, cache_rows(corpus), layers=smk.params.layers, site=cfg["cache"]["site"],
+        dtype=cfg["sae"]["corpus"]["dtype"], out_paths=dict(zip(smk.params.layers, smk.output.activations)),
+        meta={"dataset": "corpus", "config_hash": smk.params.config_hash, "positions": "all_but_first",
+              "corpus": corpus_meta["corpus"], **manifest.provenance()},
+        batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id, desc="caching corpus",
+    )
+    log.info("cached %d corpus tokens per layer for %d layers", n, len(smk.params.layers))
+
+
+run(snakemake, main)  # noqa: F821

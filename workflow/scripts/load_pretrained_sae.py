@@ -1,0 +1,28 @@
+from bugscope.model import ModelManifest, pick_device
+from bugscope.sae import check_sae_fits, load_pretrained_sae, save_sae
+from bugscope.sites import hook_name
+from bugscope.script import log, run
+
+
+def main(smk):
+    cfg, sae_cfg = smk.config, smk.config["sae"]
+    manifest = ModelManifest.load(smk.input.manifest)
+    device = str(pick_device(cfg["device"]))
+    for layer, sae_id, out_dir in zip(smk.params.layers, smk.params.sae_ids, smk.output.saes):
+        hook = hook_name(layer, cfg["cache"]["site"])
+        sae = load_pretrained_sae(sae_cfg["release"], sae_id, device=device, dtype=sae_cfg["dtype"])
+        where = f"SAE-Lens release {sae_cfg['release']!r}, id {sae_id!r}"
+        check_sae_fits(sae, expected_hook=hook, d_model=manifest.d_model, where=where)
+        if sae.cfg.metadata.model_name and sae.cfg.metadata.model_name != manifest.name:
+            log.warning("%s was trained on %s; it is applied to %s", where, sae.cfg.metadata.model_name, manifest.name)
+        save_sae(sae, out_dir, {
+            "source": "pretrained", "release": sae_cfg["release"], "sae_id": sae_id, "hook_name": hook,
+            "layer": layer, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "architecture": sae.cfg.architecture(),
+            "sae_model_name": sae.cfg.metadata.model_name, "config_hash": smk.params.config_hash,
+            **manifest.provenance(),
+        })
+        log.info("layer %d: %s (%s, d_sae %d) saved to %s", layer, sae_id, sae.cfg.architecture(), sae.cfg.d_sae, out_dir)
+        del sae
+
+
+run(snakemake, main)  # noqa: F821

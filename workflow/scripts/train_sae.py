@@ -1,0 +1,48 @@
+import pyarrow.compute as pc
+
+from bugscope.corpus import CORPUS_KIND
+from bugscope.io import read_table
+from bugscope.model import ModelManifest, pick_device
+from bugscope.sae import ActivationSource, ActivationStream, check_sae_fits, layer_seed, save_sae, train_topk_sae
+from bugscope.sites import hook_name
+from bugscope.script import log, run
+
+
+def main(smk):
+    cfg, sae_cfg = smk.config, smk.config["sae"]
+    manifest = ModelManifest.load(smk.input.manifest)
+    corpus, corpus_meta = read_table(smk.input.corpus, kind=CORPUS_KIND, config_hash=smk.params.config_hash,
+                                     columns=["prompt_id", "split"])
+    train_ids = frozenset(corpus.filter(pc.equal(corpus.column("split"), "train")).column("prompt_id").to_pylist())
+    device = str(pick_device(cfg["device"]))
+    trained = []
+    for layer, acts_path in zip(smk.params.layers, smk.input.activations):
+        hook = hook_name(layer, cfg["cache"]["site"])
+        seed = layer_seed(cfg["seed"], layer)
+        stream = ActivationStream([ActivationSource(acts_path, prompt_ids=train_ids)],
+                                  batch_size=sae_cfg["batch_size"], seed=seed, device=device)
+        result = train_topk_sae(stream, d_in=manifest.d_model, layer=layer, hook=hook, sae_cfg=sae_cfg,
+                                seed=seed, device=device, model_name=manifest.name)
+        check_sae_fits(result.sae, expected_hook=hook, d_model=manifest.d_model, where=f"trained SAE for layer {layer}")
+        log.info("layer %d: %d steps, %d token-steps, training L0 %.1f, dead fraction %.3f", layer, result.n_steps,
+                 result.n_tokens, result.train_l0 or float("nan"), result.train_dead_fraction or 0.0)
+        trained.append((layer, hook, result))
+    # Every SAE of the group is trained before any is written: a failure leaves no partial outputs.
+    for (layer, hook, result), out_dir in zip(trained, smk.output.saes):
+        sae = result.sae.to(dtype=getattr(__import__("torch"), sae_cfg["dtype"]))
+        sae.cfg.dtype = sae_cfg["dtype"]
+        save_sae(sae, out_dir, {
+            "source": "train", "release": None, "sae_id": None, "hook_name": hook, "layer": layer,
+            "d_in": manifest.d_model, "d_sae": result.sae.cfg.d_sae, "architecture": "topk", "seed": result.seed,
+            "config_hash": smk.params.config_hash, "corpus": corpus_meta["corpus"],
+            "heldout_pair_ids": corpus_meta["heldout_pair_ids"],
+            "training": {"k": sae_cfg["k"], "expansion": sae_cfg["expansion"], "lr": sae_cfg["lr"],
+                         "batch_size": sae_cfg["batch_size"], "n_steps": result.n_steps,
+                         "training_tokens": result.n_tokens, "train_l0": result.train_l0,
+                         "train_dead_fraction": result.train_dead_fraction, **result.extra,
+                         "excluded_positions": [0], "trainer": "sae_lens.SAETrainer"},
+            **manifest.provenance(),
+        })
+
+
+run(snakemake, main)  # noqa: F821
