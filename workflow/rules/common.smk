@@ -26,6 +26,8 @@ def final_outputs():
         layout.BASELINE_ACCURACY,
         layout.BASELINE_GENERATION,
         *[layout.activations("prompts", hook) for hook in HOOKS],
+        *[layout.FEATURES.format(hook=hook) for hook in HOOKS],
+        layout.SAE_QUALITY,
         figure_targets,
         feature_targets,
     ]
