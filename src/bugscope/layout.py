@@ -34,6 +34,15 @@ NAMED_FEATURES = f"{RESULTS}/analysis/named_features.parquet"
 HEAD_FEATURE_ATTRIBUTION = f"{RESULTS}/analysis/head_feature_attribution.parquet"
 HEAD_PARITY = f"{RESULTS}/analysis/head_parity.parquet"
 
+# Attention-head patching (bugscope.patching, workflow/rules/patching.smk). `{group}` is a layer
+# group such as `layers00-07` (resources.layers_per_job layers per job).
+PATCHING_SWEEP_GROUP = f"{RESULTS}/patching/sweep/{{group}}.parquet"
+PATCHING_SUBSETS_PROMPTS = f"{RESULTS}/patching/subsets.parquet"
+PATCHING_PROMPTS = f"{RESULTS}/patching/heads_prompts.parquet"
+PATCHING_SUMMARY = f"{RESULTS}/patching/heads.parquet"
+PATCHING_SEED_METHOD_PROMPTS = f"{RESULTS}/patching/seed_method_prompts.parquet"
+PATCHING_SEED_METHOD = f"{RESULTS}/patching/seed_method.parquet"
+
 # Figures, report tables and the claims ledger (bugscope.figures, bugscope.claims, workflow/rules/figures.smk)
 FIGURE = f"{RESULTS}/figures/{{name}}.{{ext}}"
 REPORT_TABLE = f"{RESULTS}/tables/{{name}}.html"

@@ -66,7 +66,7 @@ class HeadSet:
     name: str  # unique within a layer: "all", "even", "odd", "head03", "even_k2_s05"
     family: str
     heads: tuple[int, ...]
-    pool: str  # the heads it was drawn from: all | even | odd (single: all)
+    pool: str  # the heads it was drawn from: all | even | odd (a single head: its parity)
     sample: int = -1  # index of a random subset within (pool, k); -1 for named sets
 
     @property
@@ -110,7 +110,7 @@ def named_head_sets(n_heads: int) -> list[HeadSet]:
     """all, even, odd (each only if non-empty) and every single head."""
     sets = [HeadSet(p, p, tuple(pool_heads(p, n_heads)), p) for p in POOLS if pool_heads(p, n_heads)]
     width = len(str(n_heads - 1))
-    sets += [HeadSet(f"head{h:0{width}d}", "single", (h,), "all") for h in range(n_heads)]
+    sets += [HeadSet(f"head{h:0{width}d}", "single", (h,), "even" if h % 2 == 0 else "odd") for h in range(n_heads)]
     return sets
 
 
@@ -658,3 +658,93 @@ def summarise(per_prompt: pl.DataFrame, *, keys: Sequence[str], n_resamples: int
     }
     return groups.with_columns(**{k: pl.Series(k, v) for k, v in cols.items()}).with_columns(
         pl.lit(confidence).alias("confidence"))
+
+
+# --- study-level helpers (used by the workflow scripts) -------------------------------------------
+
+
+def layer_groups(layers: Sequence[int], per_job: int) -> dict[str, list[int]]:
+    """Consecutive chunks of `per_job` layers, named `layers{first:02d}-{last:02d}` (one job each)."""
+    layers = sorted(layers)
+    chunks = [layers[i:i + per_job] for i in range(0, len(layers), per_job)]
+    return {f"layers{c[0]:02d}-{c[-1]:02d}": c for c in chunks}
+
+
+def focus_layer_fallback(num_layers: int) -> int:
+    """The focus layer when focus_layers is auto and no overlap stage runs: the middle layer."""
+    return num_layers // 2
+
+
+def resolve_focus_layers(config: dict, overlap: pl.DataFrame | None) -> tuple[list[int], str]:
+    """(focus layers, where they came from): the config's list, the overlap table's marked
+    max-overlap middle layer, or (auto without an overlap table) the middle layer."""
+    n = config["model"]["num_layers"]
+    if config["focus_layers"] != "auto":
+        layers, source = sorted(config["focus_layers"]), "config"
+    elif overlap is not None:
+        from bugscope.features import focus_layers
+
+        layers, source = focus_layers(config, overlap), "overlap"
+    else:
+        layers, source = [focus_layer_fallback(n)], "fallback_middle_layer"
+    for layer in layers:
+        check_head_set([0], n_heads=1, layer=layer, n_layers=n, what="focus layer")
+    return layers, source
+
+
+def spec_from_config(config: dict) -> tuple[PatchSpec, str, str]:
+    """(the per-head PatchSpec, target format, source format) of `config['patching']`."""
+    pc = config["patching"]
+    target, source = direction_formats(config["prompts"], pc["direction"])
+    return PatchSpec(site="head", positions=pc["positions"], operation=pc["operation"]), target, source
+
+
+def patcher_from_config(model, config: dict, pad_token_id: int) -> HeadPatcher:
+    pc = config["patching"]
+    return HeadPatcher(model, pad_token_id=pad_token_id, batch_rows=pc["batch_rows"],
+                       max_prompts=pc["max_prompts"], memory_fraction=pc["memory_fraction"])
+
+
+def run_study_sweep(patcher: HeadPatcher, prompts: pl.DataFrame, layer_sets: dict[int, list[HeadSet]],
+                    spec: PatchSpec, *, target_format: str, source_format: str, direction: str,
+                    desc: str) -> pl.DataFrame:
+    """The tidy per-prompt table of one sweep: one row per (layer, head set, target prompt)."""
+    pairs = make_pairs(prompts, target_format, source_format,
+                       spec.positions if spec.positions != SEED_POSITIONS else SEED_POSITIONS)
+    patched, baseline = patcher.sweep(pairs, layer_sets, spec, desc=desc)
+    link = pl.DataFrame({
+        "prompt_id": [p.target["prompt_id"] for p in pairs],
+        "source_prompt_id": [p.source["prompt_id"] for p in pairs],
+        "n_patched_positions": [len(p.target_positions) for p in pairs],
+    }, schema={"prompt_id": pl.Int32, "source_prompt_id": pl.Int32, "n_patched_positions": pl.Int32})
+    meta = prompts.select("prompt_id", "question_id", "pair_id", "order")
+    out = (patched.with_columns(pl.col("prompt_id").cast(pl.Int32))
+           .join(baseline.with_columns(pl.col("prompt_id").cast(pl.Int32)), on="prompt_id")
+           .join(link, on="prompt_id").join(meta, on="prompt_id")
+           .join(head_set_table(layer_sets), on=["layer", "head_set"]))
+    return out.with_columns(
+        pl.lit(spec.method).alias("method"), pl.lit(spec.positions).alias("positions"),
+        pl.lit(spec.operation).alias("operation"), pl.lit(direction).alias("direction"),
+        pl.lit(target_format).alias("target_format"), pl.lit(source_format).alias("source_format"),
+        (pl.col("logit_diff") > 0).alias("is_correct"), (pl.col("baseline_logit_diff") > 0).alias("baseline_correct"),
+    ).select(PROMPT_COLUMNS).sort("method", "positions", "layer", "head_set", "prompt_id")
+
+
+PROMPT_COLUMNS = ["method", "positions", "operation", "direction", "target_format", "source_format", "layer",
+                  "head_set", "family", "pool", "k", "sample", "heads", "prompt_id", "source_prompt_id",
+                  "question_id", "pair_id", "order", "n_patched_positions", "logit_diff", "baseline_logit_diff",
+                  "is_correct", "baseline_correct"]
+SUMMARY_KEYS = ["method", "positions", "operation", "direction", "target_format", "source_format", "layer", "head_set"]
+HEAD_SET_COLUMNS = ["family", "pool", "k", "sample", "heads"]
+
+
+def summary_table(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: float, seed: int) -> pl.DataFrame:
+    """One row per (method, positions, ..., layer, head set): `summarise` plus the head-set columns."""
+    sets = per_prompt.select(*SUMMARY_KEYS, *HEAD_SET_COLUMNS).unique(SUMMARY_KEYS, maintain_order=True)
+    parts = []
+    for _, sub in per_prompt.group_by(["method", "positions", "operation", "direction"], maintain_order=True):
+        parts.append(summarise(sub, keys=SUMMARY_KEYS, n_resamples=n_resamples, confidence=confidence, seed=seed))
+    out = pl.concat(parts).join(sets, on=SUMMARY_KEYS, how="left", maintain_order="left")
+    first = [*SUMMARY_KEYS, *HEAD_SET_COLUMNS]
+    return out.select(*first, *[c for c in out.columns if c not in first]).sort(
+        "method", "positions", "layer", "family", "head_set")

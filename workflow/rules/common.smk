@@ -1,6 +1,7 @@
 import bugscope.layout as layout
 from bugscope.config import validate_config, analysed_layers, config_hash
 from bugscope.sites import hook_name
+import bugscope.patching as bugscope_patching
 
 # Validate once at start-up; every default is filled in, so rules read keys without fallbacks.
 config.update(validate_config(config, source="the Snakemake config"))
@@ -30,6 +31,7 @@ def final_outputs():
         layout.SAE_QUALITY,
         figure_targets,
         feature_targets,
+        patching_targets,
     ]
 
 
@@ -111,3 +113,27 @@ def claims_inputs(wildcards):
     if config["focus_layers"] == "auto" and available(layout.FEATURE_OVERLAP):
         tables["feature_overlap"] = layout.FEATURE_OVERLAP
     return {"ledger": CLAIMS_LEDGER, "prompts": layout.PROMPTS, **tables}
+
+
+# --- attention-head patching (workflow/rules/patching.smk) ---------------------------------------
+
+PATCH_GROUPS = bugscope_patching.layer_groups(LAYERS, config["resources"]["layers_per_job"])
+
+
+def patching_targets(wildcards):
+    """The head-patching summary and (patching.seed_method) the seed-method comparison."""
+    out = [layout.PATCHING_SUMMARY]
+    if config["patching"]["seed_method"]:
+        out.append(layout.PATCHING_SEED_METHOD)
+    return out
+
+
+def patching_focus_input(wildcards):
+    """The overlap table, when focus_layers is auto and this workflow can produce it.
+
+    Without it (the overlap stage has no rule, or its SAE inputs have none), focus_layers "auto"
+    falls back to the middle layer (bugscope.patching.focus_layer_fallback); outputs record which.
+    """
+    if config["focus_layers"] == "auto" and available(layout.FEATURE_OVERLAP):
+        return {"overlap": layout.FEATURE_OVERLAP}
+    return {}

@@ -1,0 +1,103 @@
+# Attention-head patching (issue 5): true per-head patching swept over layers and head sets, random
+# head subsets at the focus layers, and the seed's method beside per-head patching. Logic:
+# bugscope.patching; layer groups and the focus-layer input: workflow/rules/common.smk.
+
+# The sweep does not depend on focus_layers; the focus-layer rules do.
+PATCH_SWEEP_HASH = config_hash(config, "model", "prompts", "seed", "patching")
+PATCH_FOCUS_HASH = config_hash(config, "model", "prompts", "seed", "patching", "focus_layers")
+PATCH_SUMMARY_HASH = config_hash(config, "model", "prompts", "seed", "patching", "layers", "focus_layers", "bootstrap")
+
+
+wildcard_constraints:
+    group=r"layers\d+-\d+",
+
+
+localrules:
+    head_patching_summary,
+
+
+rule head_sweep:
+    input:
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+    output:
+        prompts=layout.PATCHING_SWEEP_GROUP,
+    params:
+        mode="sweep",
+        layers=lambda wildcards: PATCH_GROUPS[wildcards.group],
+        config_hash=PATCH_SWEEP_HASH,
+    resources:
+        **model_job_resources(n_layers=config["resources"]["layers_per_job"]),
+    log:
+        f"{layout.LOGS}/patching/head_sweep_{{group}}.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/patching/head_sweep_{{group}}.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/head_patching.py"
+
+
+rule head_subsets:
+    input:
+        unpack(patching_focus_input),
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+    output:
+        prompts=layout.PATCHING_SUBSETS_PROMPTS,
+    params:
+        mode="subsets",
+        config_hash=PATCH_FOCUS_HASH,
+    resources:
+        **model_job_resources(n_layers=8),
+    log:
+        f"{layout.LOGS}/patching/head_subsets.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/patching/head_subsets.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/head_patching.py"
+
+
+rule head_seed_method:
+    input:
+        unpack(patching_focus_input),
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+    output:
+        prompts=layout.PATCHING_SEED_METHOD_PROMPTS,
+        summary=layout.PATCHING_SEED_METHOD,
+    params:
+        mode="seed_method",
+        config_hash=PATCH_FOCUS_HASH,
+    resources:
+        **model_job_resources(),
+    log:
+        f"{layout.LOGS}/patching/head_seed_method.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/patching/head_seed_method.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/head_patching.py"
+
+
+rule head_patching_summary:
+    input:
+        sweep=[layout.PATCHING_SWEEP_GROUP.format(group=group) for group in PATCH_GROUPS],
+        subsets=layout.PATCHING_SUBSETS_PROMPTS,
+        scores=layout.BASELINE_SCORES,
+    output:
+        prompts=layout.PATCHING_PROMPTS,
+        summary=layout.PATCHING_SUMMARY,
+    params:
+        sweep_hash=PATCH_SWEEP_HASH,
+        subsets_hash=PATCH_FOCUS_HASH,
+        config_hash=PATCH_SUMMARY_HASH,
+    log:
+        f"{layout.LOGS}/patching/head_patching_summary.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/head_patching_summary.py"

@@ -1,0 +1,82 @@
+"""Rules head_sweep, head_subsets and head_seed_method: patched logit differences per prompt.
+
+mode (params.mode):
+- sweep: all / even / odd / single heads at the layers of one layer group;
+- subsets: random k-subsets of the even, odd and all heads at the focus layers;
+- seed_method: the seed's procedure (post-o_proj slices, positions [:min_len]) and true per-head
+  patching (configured positions, and aligned positions if those differ) of the named head sets at
+  the focus layers, on the same prompts; also writes their summary.
+"""
+
+import polars as pl
+
+from bugscope import patching
+from bugscope.io import read_table, write_table
+from bugscope.model import ModelManifest, load_model
+from bugscope.script import log, run
+
+
+def main(smk):
+    cfg = smk.config
+    pc = cfg["patching"]
+    mode = smk.params.mode
+    manifest = ModelManifest.load(smk.input.manifest)
+    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts")[0])
+    spec, target, source = patching.spec_from_config(cfg)
+    meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], "mode": mode,
+            "positions": pc["positions"], "operation": pc["operation"], "direction": pc["direction"],
+            **manifest.provenance()}
+
+    if mode == "sweep":
+        layers = list(smk.params.layers)
+        meta["layers"] = layers
+    else:
+        overlap = None
+        if "overlap" in smk.input.keys():
+            overlap = pl.from_arrow(read_table(smk.input.overlap, kind="feature_overlap")[0])
+        layers, focus_source = patching.resolve_focus_layers(cfg, overlap)
+        meta.update(focus_layers=layers, focus_layer_source=focus_source)
+        log.info("focus layers %s (from %s)", layers, focus_source)
+
+    model, tokenizer = load_model(manifest, cfg["device"])
+    patcher = patching.patcher_from_config(model, cfg, tokenizer.pad_token_id)
+    n_heads = manifest.num_heads
+    common = {"target_format": target, "source_format": source, "direction": pc["direction"]}
+
+    if mode == "sweep":
+        sets = {layer: patching.named_head_sets(n_heads) for layer in layers}
+        table = patching.run_study_sweep(patcher, prompts, sets, spec, desc=f"head sweep {smk.wildcards.group}", **common)
+    elif mode == "subsets":
+        sub = pc["subsets"]
+        sets = {layer: patching.subset_head_sets(n_heads, pools=sub["pools"], sizes=sub["sizes"],
+                                                 samples=sub["samples"], seed=cfg["seed"], layer=layer)
+                for layer in layers}
+        meta["subset_seed"] = cfg["seed"]
+        meta["n_head_sets"] = {str(k): len(v) for k, v in sets.items()}
+        table = patching.run_study_sweep(patcher, prompts, sets, spec, desc="head subsets", **common)
+    else:
+        if pc["operation"] != "patch":
+            log.info("the seed method only patches; it runs with operation 'patch' beside per-head '%s'", pc["operation"])
+        sets = {layer: patching.named_head_sets(n_heads) for layer in layers}
+        specs = [spec]
+        if spec.positions != "aligned":
+            specs.append(patching.PatchSpec(site="head", positions="aligned", operation=spec.operation))
+        specs.append(patching.SEED_METHOD)
+        table = pl.concat([
+            patching.run_study_sweep(patcher, prompts, sets, s, desc=f"{s.method} ({s.positions})", **common)
+            for s in specs])
+        boot = cfg["bootstrap"]
+        summary = patching.summary_table(table, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
+                                         seed=cfg["seed"])
+        write_table(summary.to_arrow(), smk.output.summary, {"kind": patching.SUMMARY_KIND, **meta})
+        shown = summary.filter(pl.col("family") != "single").select(
+            "method", "positions", "layer", "head_set", "success_rate", "success_low", "success_high",
+            "broken_rate", "mean_logit_diff")
+        log.info("seed method vs per-head:\n%s", shown)
+
+    write_table(table.to_arrow(), smk.output.prompts, {"kind": patching.PATCH_KIND, **meta})
+    log.info("wrote %d rows (%d head sets x %d prompts)", table.height,
+             table.select("method", "positions", "layer", "head_set").n_unique(), table["prompt_id"].n_unique())
+
+
+run(snakemake, main)  # noqa: F821

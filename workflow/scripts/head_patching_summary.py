@@ -1,0 +1,45 @@
+"""Rule head_patching_summary: gather the sweep groups and the subsets; one row per (layer, head set)."""
+
+import polars as pl
+
+from bugscope import patching
+from bugscope.io import read_table, write_table
+from bugscope.script import log, run
+
+
+def main(smk):
+    cfg = smk.config
+    parts, metas = [], []
+    inputs = [(path, smk.params.sweep_hash) for path in smk.input.sweep] + [(smk.input.subsets, smk.params.subsets_hash)]
+    for path, expected in inputs:
+        table, meta = read_table(path, kind=patching.PATCH_KIND, config_hash=expected)
+        parts.append(pl.from_arrow(table))
+        metas.append(meta)
+    per_prompt = pl.concat(parts)
+    scores = pl.from_arrow(read_table(smk.input.scores, kind="baseline_scores")[0])
+
+    # The unpatched run inside the patching engine must agree with the baseline stage.
+    check = (per_prompt.unique("prompt_id").join(scores.select("prompt_id", "logit_diff"), on="prompt_id", suffix="_scores")
+             .select((pl.col("baseline_logit_diff") - pl.col("logit_diff_scores")).abs().max()).item())
+    log.info("unpatched logit difference vs baseline stage: max |difference| %.2e", check)
+
+    boot = cfg["bootstrap"]
+    summary = patching.summary_table(per_prompt, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
+                                     seed=cfg["seed"])
+    accuracy = scores.group_by("format").agg(pl.col("is_correct").mean().alias("acc"))
+    acc = dict(zip(accuracy["format"], accuracy["acc"]))
+    summary = summary.with_columns(
+        pl.col("source_format").replace_strict(acc, default=None, return_dtype=pl.Float64).alias("source_baseline_accuracy"))
+    focus = next((m for m in metas if "focus_layers" in m), {})
+    meta = {k: v for k, v in metas[0].items() if k not in ("layers", "mode", "kind")}
+    meta.update(config_hash=smk.params.config_hash, focus_layers=focus.get("focus_layers"),
+                focus_layer_source=focus.get("focus_layer_source"), subset_seed=focus.get("subset_seed"),
+                baseline_max_abs_difference=check, n_resamples=boot["n_resamples"], confidence=boot["confidence"])
+    write_table(per_prompt.to_arrow(), smk.output.prompts, {"kind": patching.PATCH_KIND, **meta})
+    write_table(summary.to_arrow(), smk.output.summary, {"kind": patching.SUMMARY_KIND, **meta})
+    top = summary.filter(pl.col("family") != "subset").sort("success_rate", descending=True).head(10)
+    log.info("top head sets by success rate:\n%s", top.select("layer", "head_set", "success_rate", "success_low",
+                                                                "success_high", "broken_rate", "mean_logit_diff"))
+
+
+run(snakemake, main)  # noqa: F821
