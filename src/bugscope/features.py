@@ -922,7 +922,13 @@ def run_overlap(config: dict, prompts_path, feature_paths: dict[int, str]) -> tu
     per_pair, pooled, metas = [], [], {}
     for layer, path in sorted(feature_paths.items()):
         values, metas[layer] = load_layer_values(path, weights)
-        per_pair.append(pair_overlap(values, pairs, k).with_columns(pl.lit(layer, pl.Int32).alias("layer")))
+        layer_pairs = pair_overlap(values, pairs, k)
+        short = float((pl.min_horizontal("n_top_buggy", "n_top_correct") < k).mean() or 0.0) if layer_pairs.height else 0.0
+        if short > 0.5:
+            log.warning("layer %d: %.0f%% of the pairs have a top-k set with fewer than k=%d active features (SAE L0 "
+                        "below k?); overlap_pct = shared / k is then capped below 100 (jaccard is not).", layer,
+                        100 * short, k)
+        per_pair.append(layer_pairs.with_columns(pl.lit(layer, pl.Int32).alias("layer")))
         pooled.append({"layer": layer, **pooled_overlap(values, pairs, k)})
     per_pair = pl.concat(per_pair).select("layer", pl.exclude("layer"))
     summary = summarise_overlap(
