@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The pipeline on a real SLURM cluster: the ci.yaml config through workflow/profiles/slurm.
 #
-#   tests/slurm/run_slurm_test.sh [--reference DIR] [--keep]
+#   tests/slurm/run_slurm_test.sh [--reference DIR] [--keep] [TARGET...]
 #
 # Needs root on Debian (installs slurm-wlm). Steps, each checked by check_slurm_run.py:
 #   1. start a one-node cluster with four fake GPUs (cluster.sh), stopped by pid on any exit;
@@ -12,21 +12,25 @@
 #      (CUDA_VISIBLE_DEVICES in the rule's log, gres/gpu in scontrol), local rules stayed local;
 #   5. the Parquet tables equal those of a local run of the same config: DIR if given (a finished
 #      local run of config/ci.yaml, e.g. the tests' ci_workflow), else one run here first.
-# Each Snakemake run is under `timeout -s INT -k 15` (a hung Snakemake ignores SIGTERM).
+# TARGETs (default: the whole pipeline) limit every run to those outputs or rules, e.g. to keep CI
+# short; the tables made are then compared with those of the reference.
+# Each Snakemake run is under `timeout -s INT -k 15` (a hung Snakemake ignores SIGTERM), of
+# $BUGSCOPE_SLURM_RUN_TIMEOUT seconds (default 1200).
 # The scratch folder is removed on success, kept on failure (or with --keep).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 PYTHON=${PYTHON:-$([[ -x $REPO/.venv/bin/python ]] && echo "$REPO/.venv/bin/python" || echo python3)}
-RUN_TIMEOUT=${BUGSCOPE_SLURM_RUN_TIMEOUT:-420}
+RUN_TIMEOUT=${BUGSCOPE_SLURM_RUN_TIMEOUT:-1200}
 FAIL_RULE=baseline
 MODEL_CACHE=${BUGSCOPE_TEST_CACHE:-$REPO/.pytest_cache/bugscope}
-reference="" keep=0
+reference="" keep=0 targets=()
 while (($#)); do
     case $1 in
         --reference) reference=$(cd "$2" && pwd -P); shift 2 ;;
         --keep) keep=1; shift ;;
-        *) echo "usage: $0 [--reference DIR] [--keep]" >&2; exit 2 ;;
+        -*) echo "usage: $0 [--reference DIR] [--keep] [TARGET...]" >&2; exit 2 ;;
+        *) targets+=("$1"); shift ;;
     esac
 done
 
@@ -80,12 +84,12 @@ if [[ -z $reference ]]; then
     reference=$scratch/local
     say "local reference run (default profile)"
     seed_model "$reference"
-    snakemake_run "$reference" "$scratch/local.log" --cores 2 || { say "the local run failed:"; tail -n 40 "$scratch/local.log" >&2; exit 1; }
+    snakemake_run "$reference" "$scratch/local.log" --cores 2 "${targets[@]}" || { say "the local run failed:"; tail -n 40 "$scratch/local.log" >&2; exit 1; }
 fi
 
 work=$scratch/slurm
 seed_model "$work"
-slurm_args=(--workflow-profile "$scratch/profile" --verbose)
+slurm_args=(--workflow-profile "$scratch/profile" --verbose "${targets[@]}")
 
 say "SLURM run with an injected failure in rule $FAIL_RULE"
 rc=0
@@ -95,6 +99,7 @@ if ((rc == 0)); then say "the run with an injected failure succeeded"; exit 1; f
 
 say "SLURM rerun after the fix"
 snakemake_run "$work" "$scratch/run2.log" "${slurm_args[@]}" || { say "the rerun failed:"; tail -n 60 "$scratch/run2.log" >&2; exit 1; }
-"$PYTHON" "$REPO/tests/slurm/check_slurm_run.py" complete "$work" "$reference" "$scratch/run1.log" "$scratch/run2.log"
+subset=$( ((${#targets[@]})) && echo --subset || true)
+"$PYTHON" "$REPO/tests/slurm/check_slurm_run.py" complete $subset "$work" "$reference" "$scratch/run1.log" "$scratch/run2.log"
 
 status=0
