@@ -337,6 +337,9 @@ def train_topk_sae(stream: ActivationStream, *, d_in: int, layer: int, hook: str
 
 def save_sae(sae, out_dir: str | Path, provenance: dict) -> None:
     """Write an SAE in SAE-Lens's format plus `bugscope.json`, atomically (a folder renamed into place)."""
+    with torch.no_grad():  # converted checkpoints hold transposed views, which safetensors refuses
+        for param in sae.parameters():
+            param.data = param.data.contiguous()
     with atomic_path(out_dir, is_dir=True) as tmp:
         if hasattr(sae, "save_inference_model"):
             sae.save_inference_model(tmp)  # a training SAE: SAE-Lens saves its inference form
