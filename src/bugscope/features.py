@@ -923,7 +923,7 @@ def run_overlap(config: dict, prompts_path, feature_paths: dict[int, str]) -> tu
     for layer, path in sorted(feature_paths.items()):
         values, metas[layer] = load_layer_values(path, weights)
         layer_pairs = pair_overlap(values, pairs, k)
-        short = float((pl.min_horizontal("n_top_buggy", "n_top_correct") < k).mean() or 0.0) if layer_pairs.height else 0.0
+        short = layer_pairs.select((pl.min_horizontal("n_top_buggy", "n_top_correct") < k).mean()).item() or 0.0
         if short > 0.5:
             log.warning("layer %d: %.0f%% of the pairs have a top-k set with fewer than k=%d active features (SAE L0 "
                         "below k?); overlap_pct = shared / k is then capped below 100 (jaccard is not).", layer,
