@@ -12,7 +12,7 @@ from bugscope.features import DISCRIMINATIVE_COLUMNS, NAMED_SCHEMA, PARITY_COLUM
 from bugscope.io import read_metadata, read_table
 
 from tests.conftest import REPO
-from tests.test_figures import accuracy_table, overlap_table
+from tests.test_figures import accuracy_table, overlap_table, patching_summary
 
 LEDGER = REPO / "config" / "claims.yaml"
 
@@ -111,6 +111,49 @@ def test_local_max_below_and_abs():
     assert claims.evaluate_claim(claim(corr), {"head_parity": weak}, ctx())["verdict"] == "fails"
 
 
+def test_above_on_head_patching_tables():
+    """even > odd with disjoint CIs, a unique best layer, and success rising with k, on a real summary table."""
+    table = patching_summary(layers=(0, 5, 10), focus=(5,))
+    even_odd = {"form": "agnostic", "description": "even above odd", "checks": [
+        {"table": "head_patching", "where": {"layer": "$focus", "head_set": "even"}, "metric": "success_rate",
+         "above": {"where": {"layer": "$focus", "head_set": "odd"}, "ci": True}, "ci": ["success_low", "success_high"]}]}
+
+    def with_rates(rates: dict) -> pl.DataFrame:
+        """Overwrite (layer, head_set) -> (rate, low, high)."""
+        df = table
+        for (layer, hs), (r, lo, hi) in rates.items():
+            m = (pl.col("layer") == layer) & (pl.col("head_set") == hs)
+            df = df.with_columns(pl.when(m).then(r).otherwise(pl.col("success_rate")).alias("success_rate"),
+                                 pl.when(m).then(lo).otherwise(pl.col("success_low")).alias("success_low"),
+                                 pl.when(m).then(hi).otherwise(pl.col("success_high")).alias("success_high"))
+        return df
+
+    apart = with_rates({(5, "even"): (0.9, 0.8, 1.0), (5, "odd"): (0.1, 0.0, 0.3)})
+    r = claims.evaluate_claim(claim(even_odd), {"head_patching": apart}, ctx())
+    assert r["verdict"] == "holds" and r["measured"] == 0.9 and (r["ci_low"], r["ci_high"]) == (0.8, 1.0)
+    assert r["n"] == int(table["n_baseline_wrong"][0]) and "head_set=even" in r["selected"]
+    overlapping = with_rates({(5, "even"): (0.9, 0.5, 1.0), (5, "odd"): (0.4, 0.1, 0.6)})
+    assert claims.evaluate_claim(claim(even_odd), {"head_patching": overlapping}, ctx())["verdict"] == "fails"
+
+    best = {"form": "agnostic", "description": "unique best layer", "checks": [
+        {"table": "head_patching", "where": {"layer": "$focus", "head_set": "even"}, "metric": "success_rate",
+         "above": {"where": {"layer": {"not": "$focus"}, "head_set": "even"}, "ci": True},
+         "ci": ["success_low", "success_high"]}]}
+    unique = with_rates({(0, "even"): (0.1, 0.0, 0.2), (5, "even"): (0.9, 0.8, 1.0), (10, "even"): (0.3, 0.1, 0.5)})
+    assert claims.evaluate_claim(claim(best), {"head_patching": unique}, ctx())["verdict"] == "holds"
+    tie = with_rates({(0, "even"): (0.1, 0.0, 0.2), (5, "even"): (0.9, 0.8, 1.0), (10, "even"): (0.85, 0.7, 1.0)})
+    r = claims.evaluate_claim(claim(best), {"head_patching": tie}, ctx())
+    assert r["verdict"] == "fails" and "layer=10" in r["detail"]
+
+    rising = {"form": "agnostic", "description": "threshold", "checks": [
+        {"table": "head_patching", "where": {"layer": "$focus", "pool": "even", "k": 2}, "metric": "success_rate",
+         "aggregate": "min", "above": {"where": {"layer": "$focus", "pool": "even", "k": 1}}}]}
+    k1 = table.filter(pl.col("layer") == 5, pl.col("pool") == "even", pl.col("k") == 1)["success_rate"].max()
+    k2 = table.filter(pl.col("layer") == 5, pl.col("pool") == "even", pl.col("k") == 2)["success_rate"].min()
+    r = claims.evaluate_claim(claim(rising), {"head_patching": table}, ctx())
+    assert r["verdict"] == ("holds" if k2 > k1 else "fails") and r["measured"] == pytest.approx(k2)
+
+
 def test_head_count_tokens():
     assert claims._resolve("$half_even_heads", ctx(num_heads=32)) == 8
     assert claims._resolve("$quarter_even_heads", ctx(num_heads=32)) == 4
@@ -133,35 +176,36 @@ REQUIRED_IDS = {"overlap_layer_7", "overlap_layer_8", "overlap_layer_10", "overl
 
 
 def producer_columns() -> dict[str, set[str]]:
-    """Columns of each ledger table as its producer writes them (tables of stages not landed: absent)."""
+    """Columns of each ledger table as its producer writes them."""
+    from bugscope.sae import QUALITY_SCHEMA
+
     return {
         "feature_overlap": set(overlap_table().columns),
         "baseline_accuracy": set(accuracy_table().columns),
         "discriminative_features": set(DISCRIMINATIVE_COLUMNS),
         "named_features": set(NAMED_SCHEMA),
         "head_parity": set(PARITY_COLUMNS),
+        "head_patching": set(patching_summary().columns),
+        "sae_quality": set(QUALITY_SCHEMA.names),
     }
 
 
 def test_every_claim_resolves_to_a_table_column():
     ledger = claims.load_ledger(LEDGER)
     assert REQUIRED_IDS <= {c["id"] for c in ledger}
+    assert all(spec.path for spec in claims.TABLES.values())  # every stage has landed: no pending table
     known = producer_columns()
-    pending = []
     for c in ledger:
         assert c["seed_value"] is not None
         for form in c["forms"]:
             for check in form["checks"]:
                 table = check["table"]
-                if table in claims.PENDING_TABLES:
-                    pending.append((c["id"], table))
-                    continue
                 if table not in known:  # baseline_scores: checked on the real run below
                     continue
                 missing = set(claims.referenced_columns(check)) - known[table]
                 assert not missing, (c["id"], form["form"], table, missing)
-    # claims waiting for a stage that has not landed are exactly the head-patching and SAE-quality ones
-    assert {t for _, t in pending} <= {"head_patching", "sae_quality"}
+        for spec in {check["table"] for form in c["forms"] for check in form["checks"]}:
+            assert claims.TABLES[spec].n_column is None or claims.TABLES[spec].n_column in known.get(spec, {claims.TABLES[spec].n_column})
 
 
 def test_ci_ledger(ci_workflow):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from bugscope import figures, layout
@@ -92,6 +93,48 @@ def attribution_table(layer=8, n_heads=9, feature_ids=(5, 17, 99)) -> pl.DataFra
                                            pl.col("n_prompts").cast(pl.Int32)).select(ATTRIBUTION_COLUMNS)
 
 
+def patching_summary(layers=(0, 5, 10), focus=(5,), n_heads=9, n_prompts=16, seed=4, method="per_head",
+                     positions="decision") -> pl.DataFrame:
+    """A patching summary made by bugscope.patching from random per-prompt logit differences: the named
+    head sets at every layer, random even/odd subsets of sizes 1 and 2 at the focus layers."""
+    from bugscope import patching
+
+    rng = np.random.default_rng(seed)
+    sets = {layer: patching.named_head_sets(n_heads) for layer in layers}
+    for layer in focus:
+        sets[layer] = sets[layer] + patching.subset_head_sets(n_heads, pools=["even", "odd"], sizes=[1, 2], samples=3,
+                                                              seed=0, layer=layer)
+    rows = [{"layer": layer, "head_set": s.name, "prompt_id": p, "logit_diff": float(rng.normal() + 0.2 * s.k)}
+            for layer, ss in sets.items() for s in ss for p in range(n_prompts)]
+    per_prompt = (pl.DataFrame(rows).with_columns(pl.col("layer", "prompt_id").cast(pl.Int32))
+                  .join(pl.DataFrame({"prompt_id": np.arange(n_prompts, dtype=np.int32),
+                                      "baseline_logit_diff": rng.normal(size=n_prompts)}), on="prompt_id")
+                  .join(patching.head_set_table(sets), on=["layer", "head_set"])
+                  .with_columns(pl.lit(method).alias("method"), pl.lit(positions).alias("positions"),
+                                pl.lit("patch").alias("operation"), pl.lit("fix").alias("direction"),
+                                pl.lit("qa").alias("target_format"), pl.lit("simple").alias("source_format")))
+    return patching.summary_table(per_prompt, n_resamples=200, confidence=0.95, seed=0)
+
+
+def seed_method_table(layer=5) -> pl.DataFrame:
+    return pl.concat([patching_summary(layers=(layer,), focus=(), method=m, positions=p, seed=i)
+                      for i, (m, p) in enumerate([("seed", "seed"), ("per_head", "decision"), ("per_head", "aligned")])])
+
+
+def sae_quality_table(layers=(0, 10, 29)) -> pl.DataFrame:
+    """A table with bugscope.sae's QUALITY_SCHEMA."""
+    from bugscope.sae import QUALITY_SCHEMA
+
+    n = len(layers)
+    rows = [{"layer": layer, "hook_name": f"blocks.{layer}.hook_resid_post", "source": "train", "d_sae": 576,
+             "ev_prompts": 0.9 - 0.01 * layer, "mse_prompts": 0.1, "l0_prompts": 16.0, "n_tokens_prompts": 300,
+             "ev_corpus": 0.95 - 0.01 * layer, "mse_corpus": 0.1, "l0_corpus": 15.5, "n_tokens_corpus": 500,
+             "dead_fraction": 0.1 * (i + 1) / n, "train_l0": 16.0, "train_dead_fraction": 0.05, "n_prompts": 8,
+             "logit_diff_clean": 1.0, "logit_diff_sae": 0.8, "delta_logit_diff": -0.2, "accuracy_clean": 0.5,
+             "accuracy_sae": 0.5} for i, layer in enumerate(layers)]
+    return pl.from_arrow(pa.Table.from_pylist(rows, schema=QUALITY_SCHEMA))
+
+
 # --- spec inspection ------------------------------------------------------------------------------
 
 
@@ -163,6 +206,10 @@ EXPECTED = {
     "amplification": {"layer", "amplification", "amplification_low", "amplification_high", "variant"},
     "format_features": {"mean_buggy", "mean_correct", "direction", "label"},
     "head_attribution": {"head_label", "feature", "direct_attribution", "panel", "layer"},
+    "sae_quality": {"layer", "ev", "l0", "tokens", "dead_fraction"},
+    "head_sweep": {"layer", "head_set_label", "success_rate"},
+    "head_subsets": {"k_jitter", "success_rate", "success_low", "success_high", "pool", "k", "mean_success"},
+    "seed_method": {"head_set_label", "method_label", "success_rate", "success_low", "success_high", "layer"},
 }
 
 
@@ -174,6 +221,10 @@ def test_figures_encode_intended_columns(tmp_path):
         "amplification": figures.amplification(overlap, LABELS),
         "format_features": figures.format_features(discriminative_table(), named_table(), LABELS, [8]),
         "head_attribution": figures.head_attribution(attribution_table(), LABELS, [8]),
+        "sae_quality": figures.sae_quality(sae_quality_table(), LABELS),
+        "head_sweep": figures.head_sweep(patching_summary(), LABELS, 9),
+        "head_subsets": figures.head_subsets(patching_summary(), LABELS, [5]),
+        "seed_method": figures.seed_method(seed_method_table(), LABELS, 9),
     }
     for name, chart in charts.items():
         spec = check_saved(tmp_path, name, chart)
@@ -186,6 +237,21 @@ def test_figures_encode_intended_columns(tmp_path):
     assert "f777 (format, 1.6x)" in str(charts["format_features"].to_dict())
     assert figures.head_order(9) == ["h0", "h2", "h4", "h6", "h8", "h1", "h3", "h5", "h7"]
     assert figures.head_order(9) == charts["head_attribution"].to_dict()["spec"]["encoding"]["x"]["sort"]
+    # head sets: all, even, odd, then single heads even first; success rates on a fixed 0-1 scale
+    sweep = charts["head_sweep"].to_dict()
+    assert figures.head_set_order(9) == ["all", "even", "odd", *figures.head_order(9)]
+    assert figures.head_set_order(9) in [layer["encoding"]["x"].get("sort") for layer in sweep["layer"]]
+    wrong = int(patching_summary()["n_baseline_wrong"][0])
+    assert f"of the {wrong} target prompts (of 16) answered wrong unpatched" in titles(sweep)
+    # subsets: the whole pools (k = pool size) and each random subset, at the focus layer only
+    subsets = charts["head_subsets"].to_dict()
+    data = [r for d in subsets["datasets"].values() for r in d]
+    assert {(r["pool"], r["k"]) for r in data if r.get("kind") == "whole pool"} == {("even", 5), ("odd", 4), ("all", 9)}
+    assert {r["layer"] for r in data} == {5}
+    # seed method beside the per-head variants: one colour per (method, positions), same head sets
+    seed = charts["seed_method"].to_dict()
+    labels = {r["method_label"] for d in seed["datasets"].values() for r in d}
+    assert len(labels) == 3 and any(label.startswith("seed method") for label in labels)
 
 
 def test_png_scale_and_png_size_rejects_non_png(tmp_path):
@@ -199,18 +265,17 @@ def test_png_scale_and_png_size_rejects_non_png(tmp_path):
 # --- the real ci.yaml workflow --------------------------------------------------------------------
 
 
+ALL_FIGURES = ["baseline_accuracy", "feature_overlap", "amplification", "format_features", "sae_quality", "head_sweep",
+               "head_subsets", "head_attribution", "seed_method"]
+
+
 def available_figures(workdir: Path) -> list[str]:
-    """Figures whose input tables the ci workflow produced (the others wait for their stage)."""
-    needs = {"baseline_accuracy": [layout.BASELINE_ACCURACY], "feature_overlap": [layout.FEATURE_OVERLAP],
-             "amplification": [layout.FEATURE_OVERLAP],
-             "format_features": [layout.DISCRIMINATIVE_FEATURES, layout.NAMED_FEATURES],
-             "head_attribution": [layout.HEAD_FEATURE_ATTRIBUTION]}
-    return [name for name, tables in needs.items() if all((workdir / t).exists() for t in tables)]
+    """The nine figures of the study: the ci workflow draws them all."""
+    return ALL_FIGURES
 
 
 def test_ci_workflow_figures(ci_workflow, ci_config):
     names = available_figures(ci_workflow)
-    assert "baseline_accuracy" in names
     scale = ci_config["figures"]["png_scale"]
     for name in names:
         paths = {ext: ci_workflow / layout.figure(name, ext) for ext in figures.FIGURE_EXTS}
@@ -226,8 +291,44 @@ def test_ci_workflow_figures(ci_workflow, ci_config):
     n = int(acc["n_prompts"][0])
     assert f"{n} prompts per format" in titles(spec)
     assert ci_config["model"]["name"] in (ci_workflow / layout.figure("baseline_accuracy", "svg")).read_text()
-    for name in names[1:]:  # feature figures, once the SAE stage has produced their tables
+    for name in names[1:]:
         assert ci_config["model"]["name"] in (ci_workflow / layout.figure(name, "svg")).read_text(), name
+
+
+def test_ci_workflow_sae_and_patching_figures(ci_workflow, ci_config):
+    """Figures 5, 6, 7 and 9 rebuilt from the real ci tables encode the intended columns and say their n."""
+    from bugscope.patching import SUMMARY_KIND
+    from bugscope.sae import QUALITY_KIND
+
+    labels = figures.Labels.from_config(ci_config)
+    n_heads = ci_config["model"]["num_heads"]
+    quality = pl.from_arrow(read_table(ci_workflow / layout.SAE_QUALITY, kind=QUALITY_KIND)[0])
+    table, meta = read_table(ci_workflow / layout.PATCHING_SUMMARY, kind=SUMMARY_KIND)
+    summary = pl.from_arrow(table)
+    seed = pl.from_arrow(read_table(ci_workflow / layout.PATCHING_SEED_METHOD, kind=SUMMARY_KIND)[0])
+    focus = meta["focus_layers"]
+    specs = {
+        "sae_quality": figures.sae_quality(quality, labels).to_dict(),
+        "head_sweep": figures.head_sweep(summary, labels, n_heads).to_dict(),
+        "head_subsets": figures.head_subsets(summary, labels, focus).to_dict(),
+        "seed_method": figures.seed_method(seed, labels, n_heads).to_dict(),
+    }
+    for name, spec in specs.items():
+        assert EXPECTED[name] <= encoded_fields(spec), (name, encoded_fields(spec))
+        assert ci_config["model"]["name"] in titles(spec), name
+    assert f"{int(quality['n_tokens_corpus'][0])} tokens" in titles(specs["sae_quality"])
+    wrong, n = int(summary["n_baseline_wrong"][0]), int(summary["n_prompts"][0])
+    for name in ("head_sweep", "head_subsets"):
+        assert f"of the {wrong} target prompts (of {n}) answered wrong unpatched" in titles(specs[name]), name
+    # the heatmap: every analysed layer x (all, even, odd + every head); the subsets: the focus layers
+    cells = {(r["layer"], r["head_set_label"]) for d in specs["head_sweep"]["datasets"].values() for r in d}
+    assert cells == {(layer, h) for layer in ci_config["layers"] for h in figures.head_set_order(n_heads)}
+    sub = [r for d in specs["head_subsets"]["datasets"].values() for r in d]
+    assert {r["layer"] for r in sub} == set(focus)
+    assert {r["pool"] for r in sub if r.get("kind") == "random subset"} == set(ci_config["patching"]["subsets"]["pools"])
+    # seed method and per-head on the same prompts: one n for every bar
+    assert seed["n_prompts"].n_unique() == 1 and seed["n_baseline_wrong"].n_unique() == 1
+    assert set(seed["method"]) == {"seed", "per_head"}
 
 
 def test_report_builds_offline(ci_workflow, tmp_path):

@@ -18,6 +18,9 @@ A check selects rows of one table (`where`), reduces them to one row (`aggregate
     range: [low, high]            low <= value <= high
     at_least: x / at_most: x      value >= x / value <= x
     below: {where: {...}}         value < the same metric on the row the inner `where` selects
+    above: {where: {...}, ci: b}  value > the same metric on every row the inner `where` selects;
+                                  with `ci: true` the selected row's CI lies entirely above all of
+                                  theirs (its lower bound above the highest of their upper bounds)
     local_max: true               the selected layer's CI lies above the CI of some earlier and
                                   some later layer (feature_overlap rows)
 
@@ -45,7 +48,7 @@ import yaml
 from bugscope import layout
 
 VERDICTS = ("holds", "fails", "not testable here")
-TESTS = ("near", "range", "at_least", "at_most", "below", "local_max")
+TESTS = ("near", "range", "at_least", "at_most", "below", "above", "local_max")
 AGGREGATES = ("single", "min", "max", "max_abs", "min_abs")
 CLAIMS_KIND = "claims"
 
@@ -66,12 +69,11 @@ TABLES: dict[str, TableSpec] = {
     "discriminative_features": TableSpec(layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "n_a"),
     "named_features": TableSpec(layout.NAMED_FEATURES, "named_features", "n_pairs"),
     "head_parity": TableSpec(layout.HEAD_PARITY, "head_parity", "n_heads"),
-    # Stages that have not landed yet: no path, so every check on them is "not testable here".
-    # Columns expected: bugscope.patching.summarise (per layer, head set) and bugscope.sae.quality_row.
-    "head_patching": TableSpec(None, "patching_summary", "n_prompts"),
-    "sae_quality": TableSpec(None, "sae_quality"),
+    # bugscope.patching.summary_table: one row per (layer, head set); success_rate is a fraction of
+    # the n_baseline_wrong prompts answered wrong unpatched, so that is its n.
+    "head_patching": TableSpec(layout.PATCHING_SUMMARY, "patching_summary", "n_baseline_wrong"),
+    "sae_quality": TableSpec(layout.SAE_QUALITY, "sae_quality", "n_tokens_corpus"),
 }
-PENDING_TABLES = [name for name, spec in TABLES.items() if spec.path is None]
 
 RESULT_SCHEMA = {
     "claim_id": pl.String, "section": pl.String, "claim": pl.String, "seed_value": pl.String,
@@ -165,8 +167,9 @@ def referenced_columns(check: dict) -> list[str]:
     for v in check.get("where", {}).values():
         if isinstance(v, dict) and "after" in v:
             cols.append(v["after"])
-    if "below" in check:
-        cols += list(check["below"].get("where", {}))
+    for test in ("below", "above"):
+        if test in check:
+            cols += list(check[test].get("where", {}))
     return cols
 
 
@@ -267,7 +270,7 @@ def _ci(df: pl.DataFrame, row: int, check: dict, value: float) -> tuple[float | 
 
 
 def _describe_row(df: pl.DataFrame, row: int, where: Mapping) -> str:
-    keys = [k for k in ("layer", "feature_id") if k in df.columns]
+    keys = [k for k in ("layer", "feature_id", "head_set") if k in df.columns]
     keys += [k for k, v in where.items() if k in df.columns and k not in keys and not k.startswith("is_")
              and not isinstance(v, (dict, list))]
     return ", ".join(f"{k}={df[k][row]}" for k in keys if df[k][row] is not None)
@@ -288,6 +291,10 @@ def _rule_text(check: dict, seed_value) -> str:
         return f"{m} <= {check['at_most']}"
     if "below" in check:
         return f"{m} < {check['metric']} at {check['below']['where']}"
+    if "above" in check:
+        if check["above"].get("ci"):
+            return f"CI of {m} above the CI of {check['metric']} at every row of {check['above']['where']}"
+        return f"{m} > {check['metric']} at every row of {check['above']['where']}"
     return f"{m}: CI above the CI of an earlier and a later layer"
 
 
@@ -330,6 +337,31 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
             raise NotTestable("the comparison row's metric is null")
         ok = value < ref
         note = f"compared with {ref:.4g} at {_describe_row(other, 0, check['below']['where'])}"
+    elif "above" in check:
+        other = select(df, check["above"]["where"], ctx)
+        if other.height == 0:
+            raise NotTestable(f"no row of {name} matches the comparison {check['above']['where']}")
+        ref_values = _values(other, check["metric"])
+        if check["above"].get("ci"):
+            lo_col, hi_col = check.get("ci") or [f"{check['metric']}_low", f"{check['metric']}_high"]
+            if low is None or hi_col not in other.columns:
+                raise NotTestable("above with ci: true needs a CI on the selected and the comparison rows")
+            highs = [h for h in other[hi_col].to_list() if h is not None and math.isfinite(h)]
+            if not highs:
+                raise NotTestable("the comparison rows have no CI")
+            i = max(range(other.height), key=lambda j: -math.inf if other[hi_col][j] is None
+                    or not math.isfinite(other[hi_col][j]) else other[hi_col][j])
+            ok = low > max(highs)
+            note = (f"CI [{low:.3g}, {high:.3g}] vs highest comparison CI [{other[lo_col][i]:.3g}, {max(highs):.3g}] "
+                    f"at {_describe_row(other, i, check['above']['where'])} ({other.height} comparison rows)")
+        else:
+            finite = [j for j, v in enumerate(ref_values) if v is not None and math.isfinite(v)]
+            if not finite:
+                raise NotTestable("the comparison rows' metric is null")
+            i = max(finite, key=lambda j: ref_values[j])
+            ok = value > ref_values[i]
+            note = (f"compared with the highest of {other.height} comparison rows, {ref_values[i]:.4g} at "
+                    f"{_describe_row(other, i, check['above']['where'])}")
     else:  # local_max over the layers of the same variant
         lo_col, hi_col = check.get("ci") or [f"{check['metric']}_low", f"{check['metric']}_high"]
         layer = sel["layer"][row]

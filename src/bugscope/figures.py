@@ -239,6 +239,190 @@ def format_features(discriminative: pl.DataFrame, named: pl.DataFrame, labels: L
     return layered.properties(title=title)
 
 
+# --- 5. SAE quality -------------------------------------------------------------------------------
+
+
+def sae_quality(quality: pl.DataFrame, labels: Labels) -> alt.HConcatChart:
+    """Per layer: explained variance on held-out prompt and corpus tokens, L0, and the dead fraction."""
+    q = quality.sort("layer")
+    prompts_label = f"held-out analysis prompts ({_n(q['n_tokens_prompts'])} tokens)"
+    corpus_label = f"held-out corpus ({_n(q['n_tokens_corpus'])} tokens)"
+    domain = [prompts_label, corpus_label]
+    colour = alt.Color("tokens:N", title="evaluated on", legend=alt.Legend(orient="top", labelLimit=400, direction="vertical"),
+                       scale=alt.Scale(domain=domain, range=[BUGGY_COLOUR, CORRECT_COLOUR]))
+    long = pl.concat([
+        q.select("layer", pl.col("ev_prompts").alias("ev"), pl.col("l0_prompts").alias("l0"),
+                 pl.lit(prompts_label).alias("tokens")),
+        q.select("layer", pl.col("ev_corpus").alias("ev"), pl.col("l0_corpus").alias("l0"),
+                 pl.lit(corpus_label).alias("tokens")),
+    ])
+    x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d"))
+    width = WIDTH * 2 // 3
+    tip = ["layer", "tokens", alt.Tooltip("ev:Q", format=".3f"), alt.Tooltip("l0:Q", format=".1f")]
+    ev = alt.Chart(long).mark_line(point=True).encode(
+        x=x, y=alt.Y("ev:Q", title="explained variance (1 = perfect reconstruction)", scale=alt.Scale(domainMax=1)),
+        color=colour, strokeDash=alt.StrokeDash("tokens:N", legend=None), tooltip=tip,
+    ).properties(width=width, height=HEIGHT, title=_title("Explained variance"))
+    l0 = alt.Chart(long).mark_line(point=True).encode(
+        x=x, y=alt.Y("l0:Q", title="L0 (mean active features per token)", scale=alt.Scale(zero=True)),
+        color=colour, strokeDash=alt.StrokeDash("tokens:N", legend=None), tooltip=tip,
+    ).properties(width=width, height=HEIGHT, title=_title("L0"))
+    dead = alt.Chart(q).mark_bar(color=OKABE_ITO["grey"]).encode(
+        x=alt.X("layer:O", title="layer"),
+        y=alt.Y("dead_fraction:Q", title="dead fraction (never active on held-out tokens)",
+                scale=alt.Scale(domain=[0, 1])),
+        tooltip=["layer", "d_sae", "source", alt.Tooltip("dead_fraction:Q", format=".3f"),
+                 alt.Tooltip("train_dead_fraction:Q", format=".3f")],
+    ).properties(width=width // 2 + 40, height=HEIGHT, title=_title("Dead features"))
+    source = ", ".join(sorted(set(q["source"].drop_nulls().to_list()))) or "?"
+    return alt.hconcat(ev, l0, dead).properties(title=_title(
+        f"SAE quality per layer ({labels.model}; {source} SAEs, {_n(q['d_sae'])} features)",
+        f"reconstruction of held-out tokens of the {_n(q['n_prompts'])} held-out analysis prompts and of the "
+        "held-out corpus; the attention-sink position 0 is left out"))
+
+
+# --- 6./7./9. head patching -----------------------------------------------------------------------
+
+
+def _success_title(df: pl.DataFrame) -> str:
+    """'success rate: fraction of the N prompts answered wrong unpatched that the patch makes right'"""
+    return (f"success rate: of the {_n(df['n_baseline_wrong'])} target prompts (of {_n(df['n_prompts'])}) answered "
+            "wrong unpatched, the fraction the patch makes right")
+
+
+def _direction_text(df: pl.DataFrame) -> str:
+    row = df.row(0, named=True)
+    return (f"{row['source_format']} -> {row['target_format']} ({row['direction']}), {row['method']} patch "
+            f"at {row['positions']} positions")
+
+
+def head_set_order(n_heads: int) -> list[str]:
+    """Head-set labels of the sweep heatmap: all, even, odd, then single heads even first then odd."""
+    return ["all", "even", "odd", *head_order(n_heads)]
+
+
+def _head_set_label(df: pl.DataFrame) -> pl.DataFrame:
+    """Adds head_set_label (all / even / odd / h<i>) and turns the heads list into text (for tooltips)."""
+    return df.with_columns(pl.when(pl.col("family") == "single").then(pl.format("h{}", pl.col("heads").list.first()))
+                           .otherwise(pl.col("head_set")).alias("head_set_label"),
+                           pl.col("heads").cast(pl.List(pl.String)).list.join(",").alias("heads"))
+
+
+def head_sweep(summary: pl.DataFrame, labels: Labels, n_heads: int) -> alt.LayerChart:
+    """Heatmap: layer x head set (all / even / odd / single heads), coloured by the success rate."""
+    df = _head_set_label(summary.filter(pl.col("family").is_in(["all", "even", "odd", "single"]))).with_columns(
+        pl.when(pl.col("success_rate").is_not_nan()).then(pl.col("success_rate")).alias("success_rate"))
+    order = head_set_order(n_heads)
+    base = alt.Chart(df).encode(
+        x=alt.X("head_set_label:N", sort=order, title="head set patched (all, even, odd, then single heads: even, odd)",
+                axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("layer:O", title="layer", sort="ascending"))
+    rect = base.mark_rect().encode(
+        color=alt.Color("success_rate:Q", title="success rate", scale=alt.Scale(scheme=SEQUENTIAL, domain=[0, 1])),
+        tooltip=["layer", "head_set", "heads", alt.Tooltip("success_rate:Q", format=".3f"),
+                 alt.Tooltip("success_low:Q", format=".3f"), alt.Tooltip("success_high:Q", format=".3f"),
+                 alt.Tooltip("broken_rate:Q", format=".3f"), alt.Tooltip("mean_logit_diff:Q", format=".3f"),
+                 "n_baseline_wrong", "n_prompts"])
+    layers = df["layer"].n_unique()
+    chart = rect
+    if layers * len(order) <= 400:  # small grids: print the rates in the cells
+        text = base.mark_text(fontSize=9).encode(
+            text=alt.Text("success_rate:Q", format=".2f"),
+            color=alt.condition(alt.datum.success_rate > 0.6, alt.value("black"), alt.value("white")))
+        chart = alt.layer(rect, text)
+    return chart.properties(
+        width=max(26 * len(order), 300), height=max(18 * layers, 120),
+        title=_title(f"Head patching sweep: success rate per layer and head set ({labels.model})",
+                     [_success_title(df), _direction_text(df)]))
+
+
+def head_subsets(summary: pl.DataFrame, labels: Labels, focus: Sequence[int]) -> alt.FacetChart | alt.LayerChart:
+    """Success rate vs the number of heads patched (k) for the even, odd and all pools at the focus layers.
+
+    Points: each random k-subset with its bootstrap CI; the full pools (k = pool size) are the
+    named even / odd / all sets; line: mean over the subsets of each k.
+    """
+    df = _head_set_label(summary.filter(pl.col("layer").is_in(list(focus)),
+                                        pl.col("family").is_in(["subset", "all", "even", "odd"])))
+    df = df.with_columns(
+        pl.when(pl.col("success_rate").is_not_nan()).then(pl.col("success_rate")).alias("success_rate"),
+        pl.when(pl.col("family") == "subset").then(pl.lit("random subset")).otherwise(pl.lit("whole pool")).alias("kind"),
+        pl.col("sample").clip(lower_bound=0).alias("_s"))
+    n_samples = df.group_by("layer", "pool", "k").agg(pl.len().alias("_m"))
+    offset = {"even": -0.12, "odd": 0.12, "all": 0.0}
+    df = (df.join(n_samples, on=["layer", "pool", "k"])
+          .with_columns((pl.col("k") + pl.col("pool").replace_strict(offset, default=0.0)
+                         + (pl.col("_s") - (pl.col("_m") - 1) / 2) * 0.05).alias("k_jitter")))
+    means = df.group_by("layer", "pool", "k").agg(pl.col("success_rate").mean().alias("mean_success"),
+                                                  pl.len().alias("n_subsets")).sort("layer", "pool", "k")
+    pools = [p for p in ("even", "odd", "all") if p in df["pool"].unique().to_list()]
+    per_k = df.filter(pl.col("family") == "subset").group_by("layer", "pool", "k").agg(pl.len().alias("n_subsets"))
+    colour = alt.Color("pool:N", title="heads drawn from",
+                       scale=alt.Scale(domain=["even", "odd", "all"],
+                                       range=[OKABE_ITO["blue"], OKABE_ITO["orange"], OKABE_ITO["black"]]))
+    k_max = int(df["k"].max() or 1)
+    x = alt.X("k_jitter:Q", title="number of heads patched (k)", axis=alt.Axis(tickMinStep=1, format="d"),
+              scale=alt.Scale(domain=[0, k_max + 0.5], nice=False))
+    y = alt.Y("success_rate:Q", title=f"success rate ({labels.ci})", scale=alt.Scale(domain=[0, 1]))
+    line = alt.Chart().mark_line(opacity=0.7).transform_filter(alt.datum.mean_success != None).encode(  # noqa: E711
+        x=alt.X("k:Q", title="number of heads patched (k)", scale=alt.Scale(domain=[0, k_max + 0.5], nice=False)),
+        y=alt.Y("mean_success:Q", title=""), color=colour,
+        detail="pool:N")
+    err = alt.Chart().mark_errorbar(ticks=False, opacity=0.6).encode(
+        x=x, y=alt.Y("success_low:Q", title=""), y2="success_high:Q", color=colour)
+    pts = alt.Chart().mark_point(filled=True, size=45).encode(
+        x=x, y=y, color=colour, shape=alt.Shape("kind:N", title=None, scale=alt.Scale(domain=["random subset", "whole pool"],
+                                                                                     range=["circle", "diamond"])),
+        tooltip=["layer", "pool", "k", "head_set", "heads", alt.Tooltip("success_rate:Q", format=".3f"),
+                 alt.Tooltip("success_low:Q", format=".3f"), alt.Tooltip("success_high:Q", format=".3f"),
+                 "n_baseline_wrong"])
+    data = pl.concat([df, means], how="diagonal_relaxed")
+    layered = alt.layer(line, err, pts, data=data).properties(width=WIDTH - 80, height=HEIGHT)
+    title = _title(f"Success rate vs number of heads patched at focus layer {', '.join(map(str, focus))} "
+                   f"({labels.model})",
+                   [_success_title(df),
+                    f"pools: {', '.join(pools)}; points: random k-subsets ({_n(per_k['n_subsets'])} per pool and k) with {labels.ci} (bootstrap over prompts); diamonds: the whole pool; line: mean over subsets",
+                    _direction_text(df)])
+    if len(focus) > 1:
+        return layered.facet(column=alt.Column("layer:O", title="layer")).properties(title=title)
+    return layered.properties(title=title)
+
+
+def seed_method(comparison: pl.DataFrame, labels: Labels, n_heads: int) -> alt.FacetChart:
+    """The seed's method (post-o_proj slices, positions [:min_len]) beside true per-head patching, same prompts."""
+    df = _head_set_label(comparison).with_columns(
+        pl.when(pl.col("success_rate").is_not_nan()).then(pl.col("success_rate")).alias("success_rate"),
+        pl.when(pl.col("method") == "seed").then(pl.lit("seed method: attn output slices, positions [:min_len]"))
+        .otherwise(pl.format("per-head: o_proj input, {} positions", "positions")).alias("method_label"))
+    methods = (df.select("method", "positions", "method_label").unique()
+               .sort(pl.col("method") == "seed", "positions", descending=[True, False])["method_label"].to_list())
+    palette = [OKABE_ITO["vermillion"], OKABE_ITO["blue"], OKABE_ITO["sky_blue"], OKABE_ITO["green"]]
+    colour = alt.Color("method_label:N", title=None, sort=methods, legend=alt.Legend(orient="top", labelLimit=500,
+                                                                                      direction="vertical"),
+                       scale=alt.Scale(domain=methods, range=palette[:len(methods)]))
+    order = head_set_order(n_heads)
+    x = alt.X("head_set_label:N", sort=order, title="head set patched (all, even, odd, then single heads: even, odd)",
+              axis=alt.Axis(labelAngle=0))
+    bars = alt.Chart().mark_bar().encode(
+        x=x, xOffset=alt.XOffset("method_label:N", sort=methods), color=colour,
+        y=alt.Y("success_rate:Q", title=f"success rate ({labels.ci})", scale=alt.Scale(domain=[0, 1])),
+        tooltip=["layer", "method", "positions", "head_set", alt.Tooltip("success_rate:Q", format=".3f"),
+                 alt.Tooltip("success_low:Q", format=".3f"), alt.Tooltip("success_high:Q", format=".3f"),
+                 alt.Tooltip("broken_rate:Q", format=".3f"), alt.Tooltip("mean_logit_diff:Q", format=".3f"),
+                 "n_baseline_wrong", "n_prompts"])
+    err = alt.Chart().mark_errorbar(ticks=True, color="black").encode(
+        x=x, xOffset=alt.XOffset("method_label:N", sort=methods), y=alt.Y("success_low:Q", title=""),
+        y2="success_high:Q")
+    layered = alt.layer(bars, err, data=df).properties(width=max(22 * len(order) * len(methods) // 2, 360),
+                                                        height=HEIGHT * 2 // 3)
+    row = df.row(0, named=True)
+    return layered.facet(row=alt.Row("layer:O", title="focus layer")).properties(title=_title(
+        f"The seed's head patching vs true per-head patching, same prompts ({labels.model})",
+        [_success_title(df),
+         f"{row['source_format']} -> {row['target_format']} ({row['direction']}); bars: {labels.ci} "
+         "(bootstrap over prompts)"]))
+
+
 # --- 8. head -> feature attribution ---------------------------------------------------------------
 
 

@@ -23,27 +23,23 @@ localrules:
 
 
 def final_outputs():
+    """The default target: every table, figure, report table and the claims ledger."""
     return [
         layout.BASELINE_ACCURACY,
         layout.BASELINE_GENERATION,
         *[layout.activations("prompts", hook) for hook in HOOKS],
         *[layout.FEATURES.format(hook=hook) for hook in HOOKS],
         layout.SAE_QUALITY,
-        figure_targets,
-        feature_targets,
-        patching_targets,
+        *feature_targets(),
+        *patching_targets(),
+        *figure_targets(),
     ]
 
 
-def feature_targets(wildcards):
-    """The feature-analysis tables (workflow/rules/features.smk), once rules produce their inputs
-    (the SAE stage's feature tables and SAEs), so the stages can land one at a time."""
-    if not all(producible(layout.FEATURES.format(hook=hook)) for hook in HOOKS):
-        return []
-    out = [layout.FEATURE_OVERLAP, layout.FEATURE_OVERLAP_PAIRS, layout.DISCRIMINATIVE_FEATURES, layout.NAMED_FEATURES]
-    if all(producible(layout.SAE_DIR.format(hook=hook_name(layer, SITE))) for layer in ATTRIBUTION_LAYERS):
-        out += [layout.HEAD_FEATURE_ATTRIBUTION, layout.HEAD_PARITY]
-    return out
+def feature_targets():
+    """The feature-analysis tables (workflow/rules/features.smk)."""
+    return [layout.FEATURE_OVERLAP, layout.FEATURE_OVERLAP_PAIRS, layout.DISCRIMINATIVE_FEATURES,
+            layout.NAMED_FEATURES, layout.HEAD_FEATURE_ATTRIBUTION, layout.HEAD_PARITY]
 
 
 def model_job_resources(n_prompts_hint=None, n_layers=1):
@@ -71,27 +67,35 @@ def model_job_resources(n_prompts_hint=None, n_layers=1):
 # --- figures, report tables and the claims ledger (workflow/rules/figures.smk) ------------------
 
 
-def producible(path):
-    """True when a rule of this workflow writes `path` (a stage that has not landed has none)."""
-    return any(rule.is_producer(path) for rule in workflow.rules)
+# The figures (one rule fig_<name> each in figures.smk) and the tables the report shows.
+FIGURES = [
+    "baseline_accuracy",
+    "feature_overlap",
+    "amplification",
+    "format_features",
+    "sae_quality",
+    "head_sweep",
+    "head_subsets",
+    "head_attribution",
+    *(["seed_method"] if config["patching"]["seed_method"] else []),
+]
+REPORT_TABLES = {
+    "baseline_accuracy": layout.BASELINE_ACCURACY,
+    "feature_overlap": layout.FEATURE_OVERLAP,
+    "named_features": layout.NAMED_FEATURES,
+    "sae_quality": layout.SAE_QUALITY,
+}
 
 
-def available(path):
-    """`path` and the upstream stage output it depends on (TABLE_ROOTS) both have a rule."""
-    return producible(path) and all(producible(root) for root in TABLE_ROOTS.get(path, []))
-
-
-def figure_targets(wildcards):
-    """Input function of `all`: every figure and report table whose tables are available, and the ledger.
-
-    Evaluated when the DAG is built, after every rules file is read.
-    """
-    out = [layout.CLAIMS, layout.CLAIMS_MARKDOWN, layout.CLAIMS_HTML]
-    for name, tables in FIGURES.items():
-        if all(available(t) for t in tables):
-            out += [layout.figure(name, ext) for ext in ("svg", "png", "html")]
-    out += [layout.REPORT_TABLE.format(name=name) for name, table in REPORT_TABLES.items() if available(table)]
-    return out
+def figure_targets():
+    """Every figure in SVG, PNG and HTML, the report tables and the ledger."""
+    return [
+        *[layout.figure(name, ext) for name in FIGURES for ext in ("svg", "png", "html")],
+        *[layout.REPORT_TABLE.format(name=name) for name in REPORT_TABLES],
+        layout.CLAIMS,
+        layout.CLAIMS_MARKDOWN,
+        layout.CLAIMS_HTML,
+    ]
 
 
 def figure_outputs(name, category):
@@ -107,11 +111,8 @@ def figure_outputs(name, category):
 
 
 def claims_inputs(wildcards):
-    """The ledger file, the prompt table and every table the ledger tests that this workflow can produce."""
-    tables = {name: spec.path for name, spec in bugscope_claims.TABLES.items()
-              if spec.path is not None and available(spec.path)}
-    if config["focus_layers"] == "auto" and available(layout.FEATURE_OVERLAP):
-        tables["feature_overlap"] = layout.FEATURE_OVERLAP
+    """The ledger file, the prompt table and every table the ledger tests."""
+    tables = {name: spec.path for name, spec in bugscope_claims.TABLES.items()}
     return {"ledger": CLAIMS_LEDGER, "prompts": layout.PROMPTS, **tables}
 
 
@@ -120,7 +121,7 @@ def claims_inputs(wildcards):
 PATCH_GROUPS = bugscope_patching.layer_groups(LAYERS, config["resources"]["layers_per_job"])
 
 
-def patching_targets(wildcards):
+def patching_targets():
     """The head-patching summary and (patching.seed_method) the seed-method comparison."""
     out = [layout.PATCHING_SUMMARY]
     if config["patching"]["seed_method"]:
@@ -129,11 +130,7 @@ def patching_targets(wildcards):
 
 
 def patching_focus_input(wildcards):
-    """The overlap table, when focus_layers is auto and this workflow can produce it.
-
-    Without it (the overlap stage has no rule, or its SAE inputs have none), focus_layers "auto"
-    falls back to the middle layer (bugscope.patching.focus_layer_fallback); outputs record which.
-    """
-    if config["focus_layers"] == "auto" and available(layout.FEATURE_OVERLAP):
+    """The overlap table, when focus_layers is auto (it resolves the focus layers)."""
+    if config["focus_layers"] == "auto":
         return {"overlap": layout.FEATURE_OVERLAP}
     return {}

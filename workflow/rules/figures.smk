@@ -1,38 +1,13 @@
 # Figures, report tables and the claims ledger (issue 6). Logic: bugscope.figures, bugscope.claims.
 # One rule per figure, each reading only the tables it draws, so that editing one figure's script
-# reruns only that rule. A figure joins the default target (figure_targets in common.smk) once the
-# workflow has rules producing its tables, so the stages can land one at a time.
+# reruns only that rule. Every figure, report table and the ledger are default targets
+# (FIGURES, REPORT_TABLES and figure_targets in common.smk).
 from pathlib import Path
 
 import bugscope.claims as bugscope_claims
 
-FEATURES_ROOT = [layout.FEATURES.format(hook=HOOKS[0])]
-ATTRIBUTION_ROOT = [*FEATURES_ROOT, *(layout.SAE_DIR.format(hook=hook_name(layer, SITE)) for layer in ATTRIBUTION_LAYERS[:1])]
-# Tables whose rules exist before their upstream stage has landed: also check that stage's output.
-TABLE_ROOTS = {
-    layout.FEATURE_OVERLAP: FEATURES_ROOT,
-    layout.FEATURE_OVERLAP_PAIRS: FEATURES_ROOT,
-    layout.DISCRIMINATIVE_FEATURES: FEATURES_ROOT,
-    layout.NAMED_FEATURES: FEATURES_ROOT,
-    layout.HEAD_FEATURE_ATTRIBUTION: ATTRIBUTION_ROOT,
-    layout.HEAD_PARITY: ATTRIBUTION_ROOT,
-}
 # The overlap table resolves focus_layers "auto"; a figure at the focus layer reads it only then.
 FOCUS_INPUT = {"overlap": layout.FEATURE_OVERLAP} if config["focus_layers"] == "auto" else {}
-# figure name -> the tables it draws (figure_targets adds a figure once all are available)
-FIGURES = {
-    "baseline_accuracy": [layout.BASELINE_ACCURACY],
-    "feature_overlap": [layout.FEATURE_OVERLAP],
-    "amplification": [layout.FEATURE_OVERLAP],
-    "format_features": [layout.DISCRIMINATIVE_FEATURES, layout.NAMED_FEATURES, *FOCUS_INPUT.values()],
-    "head_attribution": [layout.HEAD_FEATURE_ATTRIBUTION, *FOCUS_INPUT.values()],
-}
-# report table name -> table
-REPORT_TABLES = {
-    "baseline_accuracy": layout.BASELINE_ACCURACY,
-    "feature_overlap": layout.FEATURE_OVERLAP,
-    "named_features": layout.NAMED_FEATURES,
-}
 CLAIMS_LEDGER = config["claims"]["ledger"] or str(Path(str(workflow.current_basedir)).parents[1] / "config" / "claims.yaml")
 PNG_SCALE = config["figures"]["png_scale"]
 
@@ -43,6 +18,10 @@ localrules:
     fig_amplification,
     fig_format_features,
     fig_head_attribution,
+    fig_sae_quality,
+    fig_head_sweep,
+    fig_head_subsets,
+    fig_seed_method,
     report_table,
     claims_ledger,
 
@@ -123,6 +102,66 @@ rule fig_head_attribution:
         "../../environment.yml"
     script:
         "../scripts/fig_head_attribution.py"
+
+
+rule fig_sae_quality:
+    input:
+        quality=layout.SAE_QUALITY,
+    output:
+        **figure_outputs("sae_quality", "2. SAE features"),
+    params:
+        png_scale=PNG_SCALE,
+    log:
+        f"{layout.LOGS}/figures/sae_quality.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/fig_sae_quality.py"
+
+
+rule fig_head_sweep:
+    input:
+        summary=layout.PATCHING_SUMMARY,
+    output:
+        **figure_outputs("head_sweep", "3. Attention heads"),
+    params:
+        png_scale=PNG_SCALE,
+    log:
+        f"{layout.LOGS}/figures/head_sweep.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/fig_head_sweep.py"
+
+
+rule fig_head_subsets:
+    input:
+        summary=layout.PATCHING_SUMMARY,
+    output:
+        **figure_outputs("head_subsets", "3. Attention heads"),
+    params:
+        png_scale=PNG_SCALE,
+    log:
+        f"{layout.LOGS}/figures/head_subsets.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/fig_head_subsets.py"
+
+
+rule fig_seed_method:
+    input:
+        comparison=layout.PATCHING_SEED_METHOD,
+    output:
+        **figure_outputs("seed_method", "3. Attention heads"),
+    params:
+        png_scale=PNG_SCALE,
+    log:
+        f"{layout.LOGS}/figures/seed_method.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/fig_seed_method.py"
 
 
 rule report_table:

@@ -1,0 +1,21 @@
+import polars as pl
+
+from bugscope import figures
+from bugscope.io import read_table
+from bugscope.patching import SUMMARY_KIND
+from bugscope.script import log, run
+
+
+def main(smk):
+    table, meta = read_table(smk.input.summary, kind=SUMMARY_KIND)
+    summary = pl.from_arrow(table)
+    # the focus layers the patching stage resolved (and drew its subsets at)
+    focus = sorted(meta.get("focus_layers") or summary.filter(pl.col("family") == "subset")["layer"].unique().to_list())
+    if not focus:
+        raise ValueError(f"{smk.input.summary} records no focus layers and has no head subsets to draw.")
+    log.info("focus layers: %s (from %s)", focus, meta.get("focus_layer_source"))
+    chart = figures.head_subsets(summary, figures.Labels.from_config(smk.config), focus)
+    figures.save_chart(chart, {ext: smk.output[ext] for ext in figures.FIGURE_EXTS}, png_scale=smk.params.png_scale)
+
+
+run(snakemake, main)  # noqa: F821

@@ -1,0 +1,15 @@
+import polars as pl
+
+from bugscope import figures
+from bugscope.io import read_table
+from bugscope.sae import QUALITY_KIND
+from bugscope.script import run
+
+
+def main(smk):
+    quality = pl.from_arrow(read_table(smk.input.quality, kind=QUALITY_KIND)[0])
+    chart = figures.sae_quality(quality, figures.Labels.from_config(smk.config))
+    figures.save_chart(chart, {ext: smk.output[ext] for ext in figures.FIGURE_EXTS}, png_scale=smk.params.png_scale)
+
+
+run(snakemake, main)  # noqa: F821
