@@ -377,16 +377,38 @@ def encode_sparse(sae, x: torch.Tensor, *, batch_size: int = 4096) -> tuple[torc
     """(row [nnz], feature_id [nnz], activation [nnz]) of `sae.encode(x)` for x [n, d_in]; nonzeros only."""
     rows, feats, vals = [], [], []
     device = next(sae.parameters()).device
+    topk = sae.cfg.architecture() == "topk"
     for start in range(0, x.shape[0], batch_size):
-        acts = sae.encode(x[start:start + batch_size].to(device))  # [b, d_sae]
-        r, f = acts.nonzero(as_tuple=True)
+        xb = x[start:start + batch_size].to(device)
+        if topk:
+            r, f, v = _topk_sparse(sae, xb)
+        else:
+            acts = sae.encode(xb)  # [b, d_sae]
+            r, f = acts.nonzero(as_tuple=True)
+            v = acts[r, f]
         rows.append(r + start)
         feats.append(f)
-        vals.append(acts[r, f].float())
+        vals.append(v.float())
     if not rows:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty, torch.zeros(0)
     return torch.cat(rows).cpu(), torch.cat(feats).cpu(), torch.cat(vals).cpu()
+
+
+def _topk_sparse(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-zeros of a TopK SAE's `encode(x)` straight from its top-k, without the dense [b, d_sae] scatter.
+
+    Same computation as SAE-Lens's TopKSAE.encode (pre-activation, optional decoder-norm rescale,
+    torch.topk, ReLU); tests check equality with `sae.encode`.
+    """
+    pre = sae.process_sae_in(x) @ sae.W_enc + sae.b_enc  # [b, d_sae]
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        pre = pre * sae.W_dec.norm(dim=-1)
+    values, index = torch.topk(pre, k=sae.cfg.k, dim=-1, sorted=False)  # [b, k]
+    values = values.relu()
+    keep = values > 0
+    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(index)
+    return rows[keep], index[keep], values[keep]
 
 
 def encode_activation_file(sae, activations_path: str | Path, *, batch_size: int = 4096) -> pa.Table:
