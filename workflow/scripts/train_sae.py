@@ -1,4 +1,5 @@
 import pyarrow.compute as pc
+import torch
 
 from bugscope.corpus import CORPUS_KIND
 from bugscope.io import read_table
@@ -29,7 +30,7 @@ def main(smk):
         trained.append((layer, hook, result))
     # Every SAE of the group is trained before any is written: a failure leaves no partial outputs.
     for (layer, hook, result), out_dir in zip(trained, smk.output.saes):
-        sae = result.sae.to(dtype=getattr(__import__("torch"), sae_cfg["dtype"]))
+        sae = result.sae.to(dtype=getattr(torch, sae_cfg["dtype"]))
         sae.cfg.dtype = sae_cfg["dtype"]
         save_sae(sae, out_dir, {
             "source": "train", "release": None, "sae_id": None, "hook_name": hook, "layer": layer,
