@@ -1,0 +1,78 @@
+"""Speed-up of the optimised head sweep over the naive loop, same prompts and head sets, one run.
+
+naive: one full model forward (all layers, full vocabulary logits) per (layer, head set, prompt batch).
+optimised (bugscope.patching.HeadPatcher.sweep): one unpatched run per prompt batch reused by every
+layer (prefix) and every patched run (keys/values of earlier positions), many head sets per forward,
+two logits read out at the decision position.
+
+    python bench/bench_patching.py                       # embedded model, config/config.yaml settings
+    python bench/bench_patching.py --positions aligned --questions 32 --layers 5 15 25
+
+Needs results/model/model.json and results/prompts/prompts.parquet of a finished run (or --results).
+Prints both times, the ratio, and the largest difference between the two paths' logit differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from bugscope import patching
+from bugscope.config import load_config
+from bugscope.io import read_table
+from bugscope.model import ModelManifest, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
+    ap.add_argument("--results", default=str(REPO / "results"), help="results folder of a finished run")
+    ap.add_argument("--questions", type=int, default=64, help="target prompts (questions) benchmarked")
+    ap.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20, 29])
+    ap.add_argument("--positions", default=None, help="aligned | decision | suffix (default: the config's)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    results = Path(args.results)
+    manifest = ModelManifest.load(results / "model" / "model.json")
+    if not Path(manifest.path).is_absolute():
+        manifest = ModelManifest(**{**manifest.__dict__, "path": str(results.parent / manifest.path)})
+    model, tok = load_model(manifest, args.device)
+    prompts = pl.from_arrow(read_table(results / "prompts" / "prompts.parquet", kind="prompts")[0])
+    prompts = prompts.filter(pl.col("question_id") < args.questions)
+    spec, target, source = patching.spec_from_config(cfg)
+    if args.positions:
+        spec = patching.PatchSpec(positions=args.positions, operation=spec.operation)
+    pairs = patching.make_pairs(prompts, target, source, spec.positions)
+    plan = {layer: patching.named_head_sets(manifest.num_heads) for layer in args.layers}
+    n_sets = sum(len(v) for v in plan.values())
+    patcher = patching.patcher_from_config(model, cfg, tok.pad_token_id)
+    print(f"{manifest.name} on {args.device} ({args.threads} threads): {len(pairs)} target prompts, "
+          f"layers {args.layers}, {n_sets} (layer, head set) combinations, positions={spec.positions}, "
+          f"operation={spec.operation}")
+
+    t0 = time.perf_counter()
+    slow = patcher.sweep_naive(pairs, plan, spec)
+    t_naive = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fast, _ = patcher.sweep(pairs, plan, spec)
+    t_fast = time.perf_counter() - t0
+
+    joined = fast.join(slow, on=["layer", "head_set", "prompt_id"], suffix="_naive")
+    diff = (joined["logit_diff"] - joined["logit_diff_naive"]).abs().max()
+    print(f"naive loop:      {t_naive:8.2f} s")
+    print(f"optimised sweep: {t_fast:8.2f} s")
+    print(f"speed-up:        {t_naive / t_fast:8.2f}x   (max |logit diff difference| {diff:.2e} over {joined.height} rows)")
+
+
+if __name__ == "__main__":
+    main()

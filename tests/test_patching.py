@@ -1,0 +1,188 @@
+"""Head patching on the real embedded model and real prompts: exactness, the seed method, config errors."""
+
+import math
+
+import polars as pl
+import pytest
+import torch
+
+from bugscope import layout
+from bugscope.config import ConfigError, validate_config
+from bugscope.forward import decision_logits, logit_diff, make_batch
+from bugscope.io import read_table
+from bugscope.patching import (
+    SEED_METHOD, HeadPatcher, HeadSet, PatchingConfigError, PatchPair, PatchSpec, check_head_set, make_pairs,
+    named_head_sets, resolve_focus_layers, subset_head_sets,
+)
+from bugscope.prompts import build_prompt_table
+from bugscope.sites import head_input_module, site_module
+
+LAYER = 10
+
+
+@pytest.fixture(scope="module")
+def prompts(ci_config, embedded):
+    _, tok = embedded
+    return pl.from_arrow(build_prompt_table(ci_config, tok))
+
+
+@pytest.fixture(scope="module")
+def patcher(embedded):
+    model, tok = embedded
+    return HeadPatcher(model, pad_token_id=tok.pad_token_id, max_prompts=2, batch_rows=5, progress=False)
+
+
+def _all_heads(n):
+    return HeadSet("all", "all", tuple(range(n)), "all")
+
+
+def _capture(model, layer):
+    """Hooks recording the o_proj input and the attention output ([b, pos, width]) of `layer`."""
+    got = {}
+    h1 = head_input_module(model, layer).register_forward_pre_hook(lambda m, a: got.__setitem__("o_in", a[0].clone()))
+    h2 = site_module(model, layer, "attn_out").register_forward_hook(
+        lambda m, i, o: got.__setitem__("attn_out", (o[0] if isinstance(o, tuple) else o).clone()))
+    return got, (h1, h2)
+
+
+def test_identity_patch_leaves_logits_unchanged(prompts, patcher, embedded):
+    model, tok = embedded
+    rows = prompts.filter(pl.col("question_id") < 3).to_dicts()
+    pairs = [PatchPair(r, r, list(range(r["n_tokens"])), list(range(r["n_tokens"]))) for r in rows]
+    patched, base = patcher.sweep(pairs, {LAYER: [_all_heads(patcher.n_heads)], 0: [_all_heads(patcher.n_heads)]},
+                                  PatchSpec(positions="aligned"))
+    plain = {}
+    for start in range(0, len(rows), patcher.max_prompts):  # the patcher's batches: same padding
+        batch = make_batch(rows[start:start + patcher.max_prompts], tok.pad_token_id, "cpu")
+        plain.update(zip(batch.prompt_ids.tolist(), logit_diff(decision_logits(model, batch), batch).tolist()))
+    for row in patched.join(base, on="prompt_id").iter_rows(named=True):
+        assert abs(row["logit_diff"] - row["baseline_logit_diff"]) <= 1e-5
+        # The engine's own unpatched run matches a plain model forward (readout of two logits only).
+        assert abs(row["baseline_logit_diff"] - plain[row["prompt_id"]]) <= 1e-4
+
+
+def test_all_heads_all_positions_reproduce_source_attention_output(prompts, embedded):
+    model, tok = embedded
+    qa = prompts.filter(pl.col("format") == "qa")
+    n = qa.group_by("n_tokens").len().filter(pl.col("len") >= 2)["n_tokens"][0]
+    a, b = qa.filter(pl.col("n_tokens") == n).head(2).to_dicts()
+    assert a["input_ids"] != b["input_ids"]
+    patcher = HeadPatcher(model, pad_token_id=tok.pad_token_id, progress=False)
+    got, handles = _capture(model, LAYER)
+    try:
+        patcher.capture([a], [LAYER], "head")
+        clean_a = got["attn_out"]
+        prep = patcher.prepare([PatchPair(b, a, list(range(n)), list(range(n)))], [LAYER], PatchSpec())
+        patcher.run_patched(prep, LAYER, [_all_heads(patcher.n_heads)], "head")
+        patched_b = got["attn_out"]
+    finally:
+        for h in handles:
+            h.remove()
+    assert patched_b.shape == clean_a.shape
+    assert torch.allclose(patched_b, clean_a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spec", [PatchSpec(positions="aligned"), PatchSpec(positions="decision", operation="mean"),
+                                  PatchSpec(positions="suffix", operation="zero"), SEED_METHOD],
+                         ids=["aligned-patch", "decision-mean", "suffix-zero", "seed-method"])
+def test_optimised_equals_naive(prompts, patcher, spec):
+    pairs = make_pairs(prompts.filter(pl.col("question_id") < 3), "qa", "simple", spec.positions)
+    sets = named_head_sets(patcher.n_heads)
+    plan = {2: [sets[1], sets[-1]], 20: sets[:3]}
+    fast, _ = patcher.sweep(pairs, plan, spec)
+    slow = patcher.sweep_naive(pairs, plan, spec)
+    joined = fast.join(slow, on=["layer", "head_set", "prompt_id"], suffix="_naive")
+    assert joined.height == fast.height == slow.height == len(pairs) * 5
+    assert (joined["logit_diff"] - joined["logit_diff_naive"]).abs().max() <= 1e-4
+
+
+def test_seed_method_slices_after_o_proj(prompts, embedded):
+    model, tok = embedded
+    (pair,) = make_pairs(prompts.filter(pl.col("question_id") == 0), "qa", "simple", "seed")
+    patcher = HeadPatcher(model, pad_token_id=tok.pad_token_id, progress=False)
+    width = patcher.d_model // patcher.n_heads
+    m, h = len(pair.target_positions), 2
+    block = model.model.layers[LAYER]
+    got, handles = _capture(model, LAYER)
+    # The residual after the attention block (input of post_attention_layernorm) sees the patched output.
+    handles += (block.post_attention_layernorm.register_forward_pre_hook(
+        lambda mod, a: got.__setitem__("mid", a[0].clone())),)
+    try:
+        patcher.capture([pair.target], [LAYER], "head")
+        clean_t = {k: v[0] for k, v in got.items() if k != "mid"}
+        patcher.capture([pair.source], [LAYER], "head")
+        clean_s = {k: v[0] for k, v in got.items() if k != "mid"}
+        prep = patcher.prepare([pair], [LAYER], SEED_METHOD)
+        clean_mid = got["mid"][0]
+        patcher.run_patched(prep, LAYER, [HeadSet("head2", "single", (h,), "even")], "attn_out")
+        out = {k: v[0] for k, v in got.items()}
+    finally:
+        for hd in handles:
+            hd.remove()
+    cols = slice(h * width, (h + 1) * width)
+    # The o_proj input (the true heads) is untouched ...
+    assert torch.equal(out["o_in"], clean_t["o_in"])
+    # ... and the attention output changes exactly in slice h of the o_proj *output*, at [:min_len],
+    # by source minus target.
+    change = out["mid"] - clean_mid
+    expected = torch.zeros_like(change)
+    expected[:m, cols] = clean_s["attn_out"][:m, cols] - clean_t["attn_out"][:m, cols]
+    assert torch.allclose(change, expected, atol=1e-4, rtol=0)
+    assert change[:m, cols].abs().max() > 1e-2
+
+
+def test_clear_errors_for_heads_layers_and_empty_sets(patcher, prompts):
+    n, layers = patcher.n_heads, patcher.n_layers
+    with pytest.raises(PatchingConfigError, match=rf"heads 0\.\.{n - 1}"):
+        check_head_set([0, n], n_heads=n, layer=3, n_layers=layers)
+    with pytest.raises(PatchingConfigError, match=rf"layers 0\.\.{layers - 1}"):
+        check_head_set([0], n_heads=n, layer=layers, n_layers=layers)
+    with pytest.raises(PatchingConfigError, match="empty"):
+        check_head_set([], n_heads=n, layer=3, n_layers=layers)
+    pairs = make_pairs(prompts.filter(pl.col("question_id") == 0), "qa", "simple", "decision")
+    with pytest.raises(PatchingConfigError, match="names head"):
+        patcher.sweep(pairs, {3: [HeadSet("bad", "subset", (n + 3,), "all")]}, PatchSpec())
+    with pytest.raises(PatchingConfigError, match="outside the model"):
+        patcher.sweep(pairs, {layers + 2: [HeadSet("all", "all", (0,), "all")]}, PatchSpec())
+    with pytest.raises(PatchingConfigError, match="sizes must be >= 1|empty head set"):
+        subset_head_sets(n, pools=["even"], sizes=[0], samples=3, seed=0, layer=3)
+    assert issubclass(PatchingConfigError, ConfigError)
+
+
+def test_config_section_defaults_and_validation(ci_config):
+    cfg = validate_config({"model": ci_config["model"]})
+    assert cfg["patching"]["positions"] == "aligned" and cfg["patching"]["subsets"]["samples"] == 20
+    with pytest.raises(ConfigError, match="patching"):
+        validate_config({"model": ci_config["model"], "patching": {"subsets": {"sizes": [0]}}})
+    with pytest.raises(ConfigError, match="patching"):
+        validate_config({"model": ci_config["model"], "patching": {"positions": "everywhere"}})
+    layers, source = resolve_focus_layers(cfg, None)
+    assert layers == [cfg["model"]["num_layers"] // 2] and source == "fallback_middle_layer"
+
+
+def test_subsets_are_seeded_distinct_and_complete_when_small():
+    kw = {"pools": ["even", "odd", "all"], "sizes": None, "samples": 20, "seed": 0, "layer": 10}
+    a, b = subset_head_sets(9, **kw), subset_head_sets(9, **kw)
+    assert a == b
+    by = {}
+    for s in a:
+        by.setdefault((s.pool, s.k), []).append(s.heads)
+    assert len(by[("even", 2)]) == math.comb(5, 2)  # 10 <= 20: every subset
+    assert len(by[("all", 4)]) == 20 and len(set(by[("all", 4)])) == 20
+    assert all(h % 2 == 1 for heads in by[("odd", 3)] for h in heads)
+    assert subset_head_sets(9, **{**kw, "seed": 1}) != a
+
+
+def test_workflow_tables(ci_workflow):
+    summary, meta = read_table(ci_workflow / layout.PATCHING_SUMMARY, kind="patching_summary")
+    summary = pl.from_arrow(summary)
+    assert {"config_hash", "model", "focus_layers", "focus_layer_source", "seed"} <= set(meta)
+    named = summary.filter(pl.col("family") != "subset")
+    assert named.group_by("layer").len()["len"].to_list() == [12] * named["layer"].n_unique()
+    assert summary.filter(pl.col("family") == "subset")["layer"].unique().to_list() == meta["focus_layers"]
+    for col in ("success_rate", "broken_rate", "mean_logit_diff"):
+        lo, hi = {"success_rate": ("success_low", "success_high"), "broken_rate": ("broken_low", "broken_high"),
+                  "mean_logit_diff": ("logit_diff_low", "logit_diff_high")}[col]
+        assert (summary[lo] <= summary[col] + 1e-12).all() and (summary[col] <= summary[hi] + 1e-12).all()
+    seed, _ = read_table(ci_workflow / layout.PATCHING_SEED_METHOD, kind="patching_summary")
+    assert set(pl.from_arrow(seed)["method"].unique()) == {"seed", "per_head"}
