@@ -26,11 +26,15 @@ def main(smk):
     held_corpus_ids = frozenset(pl.from_arrow(corpus).filter(pl.col("split") == "heldout")["prompt_id"].to_list())
     model, tokenizer = load_model(manifest, cfg["device"])
     device = next(model.parameters()).device
-    rows = held_prompts.to_dicts()
+    # The spliced forward passes run on the held-out prompts of the two contrasted formats only: one
+    # pass per layer over every token is the stage's largest cost.
+    contrast = [cfg["prompts"]["buggy_format"], cfg["prompts"]["correct_format"]]
+    rows = held_prompts.filter(pl.col("format").is_in(contrast)).to_dicts()
     meta = {"kind": QUALITY_KIND, "config_hash": smk.params.config_hash, "heldout_pair_ids": held_pairs,
             "prompts_heldout": bool(held_pairs), "excluded_positions": [0], "corpus": corpus_meta["corpus"],
             "ev_definition": "1 - sum|x - x_hat|^2 / sum|x - mean(x)|^2 over held-out tokens",
             "dead_definition": "features never active on the held-out prompt and corpus tokens",
+            "logit_diff_prompts": "held-out pairs, formats " + " and ".join(contrast),
             **manifest.provenance()}
     with contextlib.ExitStack() as stack:  # all outputs of the group are renamed into place together
         for layer, sae_dir, p_acts, c_acts, out in zip(smk.params.layers, smk.input.saes, smk.input.prompt_activations,
