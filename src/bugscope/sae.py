@@ -405,7 +405,10 @@ def _topk_sparse(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         pre = pre * sae.W_dec.norm(dim=-1)
     values, index = torch.topk(pre, k=sae.cfg.k, dim=-1, sorted=False)  # [b, k]
-    values = values.relu()
+    # topk's order is unspecified (it differs between machines); order by feature id, as dense
+    # nonzero() does, so the feature table is byte-identical wherever it is computed.
+    index, order = index.sort(dim=-1)
+    values = values.gather(-1, order).relu()
     keep = values > 0
     rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(index)
     return rows[keep], index[keep], values[keep]
