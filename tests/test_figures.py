@@ -265,17 +265,13 @@ def test_png_scale_and_png_size_rejects_non_png(tmp_path):
 # --- the real ci.yaml workflow --------------------------------------------------------------------
 
 
+# The nine figures of the study (FIGURES in workflow/rules/common.smk): the ci workflow draws them all.
 ALL_FIGURES = ["baseline_accuracy", "feature_overlap", "amplification", "format_features", "sae_quality", "head_sweep",
                "head_subsets", "head_attribution", "seed_method"]
 
 
-def available_figures(workdir: Path) -> list[str]:
-    """The nine figures of the study: the ci workflow draws them all."""
-    return ALL_FIGURES
-
-
 def test_ci_workflow_figures(ci_workflow, ci_config):
-    names = available_figures(ci_workflow)
+    names = ALL_FIGURES
     scale = ci_config["figures"]["png_scale"]
     for name in names:
         paths = {ext: ci_workflow / layout.figure(name, ext) for ext in figures.FIGURE_EXTS}
@@ -316,7 +312,7 @@ def test_ci_workflow_sae_and_patching_figures(ci_workflow, ci_config):
     for name, spec in specs.items():
         assert EXPECTED[name] <= encoded_fields(spec), (name, encoded_fields(spec))
         assert ci_config["model"]["name"] in titles(spec), name
-    assert f"{int(quality['n_tokens_corpus'][0])} tokens" in titles(specs["sae_quality"])
+    assert f"held-out corpus ({int(quality['n_tokens_corpus'][0])} tokens)" in str(specs["sae_quality"])  # legend
     wrong, n = int(summary["n_baseline_wrong"][0]), int(summary["n_prompts"][0])
     for name in ("head_sweep", "head_subsets"):
         assert f"of the {wrong} target prompts (of {n}) answered wrong unpatched" in titles(specs[name]), name
@@ -339,7 +335,7 @@ def test_report_builds_offline(ci_workflow, tmp_path):
         names = z.namelist()
         html = z.read([n for n in names if n.endswith("report/report.html")][0]).decode()
         members = {Path(n).name for n in names}
-        for name in available_figures(ci_workflow):
+        for name in ALL_FIGURES:
             assert {f"{name}.svg", f"{name}.html"} <= members, name
         assert "claims.html" in members
         figure_html = [z.read(n).decode() for n in names if n.endswith("baseline_accuracy.html")]
