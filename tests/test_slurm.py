@@ -1,7 +1,7 @@
 """The pipeline on a real, throw-away SLURM cluster (tests/slurm/run_slurm_test.sh).
 
 Opt-in: it needs root on Debian (it installs slurm-wlm and writes /etc/slurm), so it runs only with
-BUGSCOPE_SLURM=1, as in CI. The local reference is this session's ci_workflow run, so the pipeline
+BUGSCOPE_SLURM=1, or in CI (CI=true, where .ci/run runs the README's plain test command). The local reference is this session's ci_workflow run, so the pipeline
 is not run locally a second time.
 """
 
@@ -19,7 +19,7 @@ SCRIPT = Path(__file__).resolve().parent / "slurm" / "run_slurm_test.sh"
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("BUGSCOPE_SLURM") != "1",
+    pytest.mark.skipif(os.environ.get("BUGSCOPE_SLURM", "1" if os.environ.get("CI") == "true" else "0") != "1",
                        reason="set BUGSCOPE_SLURM=1 (root on Debian) to run the pipeline on a throw-away SLURM cluster"),
 ]
 
