@@ -4,8 +4,8 @@ mode (params.mode):
 - sweep: all / even / odd / single heads at the layers of one layer group;
 - subsets: random k-subsets of the even, odd and all heads at the focus layers;
 - seed_method: the seed's procedure (post-o_proj slices, positions [:min_len]) and true per-head
-  patching (configured positions, and aligned positions if those differ) of the named head sets at
-  the focus layers, on the same prompts; also writes their summary.
+  patching (configured positions, and aligned positions if those differ) of the all / even / odd
+  head sets at the focus layers, on the same prompts; also writes their summary.
 """
 
 import polars as pl
@@ -57,7 +57,9 @@ def main(smk):
     else:
         if pc["operation"] != "patch":
             log.info("the seed method only patches; it runs with operation 'patch' beside per-head '%s'", pc["operation"])
-        sets = {layer: patching.named_head_sets(n_heads) for layer in layers}
+        # all / even / odd: the seed's head sets (single heads are in the sweep); two of the three
+        # methods here run every position, so this keeps the comparison cheap.
+        sets = {layer: [s for s in patching.named_head_sets(n_heads) if s.family != "single"] for layer in layers}
         specs = [spec]
         if spec.positions != "aligned":
             specs.append(patching.PatchSpec(site="head", positions="aligned", operation=spec.operation))
