@@ -42,6 +42,10 @@ def feature_targets():
             layout.NAMED_FEATURES, layout.HEAD_FEATURE_ATTRIBUTION, layout.HEAD_PARITY]
 
 
+# Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
+MODEL_JOB_THREADS = 2
+
+
 def model_job_resources(n_prompts_hint=None, n_layers=1):
     """Resources of a job that runs the model: the one place that sizes GPU jobs.
 
@@ -60,7 +64,7 @@ def model_job_resources(n_prompts_hint=None, n_layers=1):
         "gpu": 1,
         "runtime": lambda wildcards, attempt: runtime * attempt,
         "mem_mb": lambda wildcards, attempt: (4000 + 2 * weights_mb) * attempt,
-        "cpus_per_task": 2,
+        "cpus_per_task": MODEL_JOB_THREADS,
     }
 
 

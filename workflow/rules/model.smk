@@ -37,6 +37,7 @@ rule baseline:
         generation=layout.BASELINE_GENERATION,
     params:
         config_hash=config_hash(config, "model", "prompts", "seed", "baseline", "bootstrap"),
+    threads: MODEL_JOB_THREADS
     resources:
         **model_job_resources(),
     log:
@@ -58,6 +59,7 @@ rule cache_residuals:
     params:
         layers=LAYERS,
         config_hash=config_hash(config, "model", "prompts", "seed", "cache"),
+    threads: MODEL_JOB_THREADS
     resources:
         **model_job_resources(n_layers=len(LAYERS)),
     log:

@@ -26,7 +26,7 @@ rule head_sweep:
         mode="sweep",
         layers=lambda wildcards: PATCH_GROUPS[wildcards.group],
         config_hash=PATCH_SWEEP_HASH,
-    threads: 2
+    threads: MODEL_JOB_THREADS
     resources:
         **model_job_resources(n_layers=config["resources"]["layers_per_job"]),
     log:
@@ -49,7 +49,7 @@ rule head_subsets:
     params:
         mode="subsets",
         config_hash=PATCH_FOCUS_HASH,
-    threads: 2
+    threads: MODEL_JOB_THREADS
     resources:
         **model_job_resources(n_layers=8),
     log:
@@ -73,7 +73,7 @@ rule head_seed_method:
     params:
         mode="seed_method",
         config_hash=PATCH_FOCUS_HASH,
-    threads: 2
+    threads: MODEL_JOB_THREADS
     resources:
         **model_job_resources(),
     log:

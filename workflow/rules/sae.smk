@@ -45,6 +45,7 @@ rule cache_corpus:
     params:
         layers=LAYERS,
         config_hash=SAE_CONFIG_HASH,
+    threads: MODEL_JOB_THREADS
     resources:
         **model_job_resources(n_layers=len(LAYERS)),
     log:
@@ -74,6 +75,7 @@ for group, group_layers in SAE_GROUPS.items():
             params:
                 layers=group_layers,
                 config_hash=SAE_CONFIG_HASH,
+            threads: MODEL_JOB_THREADS
             resources:
                 **model_job_resources(n_layers=len(group_layers)),
             log:
@@ -98,6 +100,7 @@ for group, group_layers in SAE_GROUPS.items():
                 layers=group_layers,
                 sae_ids=[SAE_IDS[layer] for layer in group_layers],
                 config_hash=SAE_CONFIG_HASH,
+            threads: MODEL_JOB_THREADS
             resources:
                 **model_job_resources(n_layers=len(group_layers)),
             log:
@@ -120,6 +123,7 @@ for group, group_layers in SAE_GROUPS.items():
         params:
             layers=group_layers,
             config_hash=SAE_CONFIG_HASH,
+        threads: MODEL_JOB_THREADS
         resources:
             **model_job_resources(n_layers=len(group_layers)),
         log:
@@ -146,6 +150,7 @@ for group, group_layers in SAE_GROUPS.items():
         params:
             layers=group_layers,
             config_hash=SAE_CONFIG_HASH,
+        threads: MODEL_JOB_THREADS
         resources:
             **model_job_resources(n_layers=len(group_layers)),
         log:
