@@ -51,6 +51,8 @@ def run_until_killed(workdir: Path, rule: str, delay: float, timeout: float = 60
 
     Returns 'killed', 'finished' (the rule finished first) or 'not started' (it was already done).
     """
+    # A SIGKILLed Snakemake leaves its lock behind; a user then runs --unlock, and so does this test.
+    run_snakemake(workdir, "--unlock")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
            "--configfile", str(REPO / "config" / "ci.yaml"), "--cores", "2", "--rerun-incomplete",
            "--until", rule]
@@ -95,6 +97,7 @@ def resumed_workflow(tmp_path_factory, ci_workflow):
     for seed in targets:
         rule, delay = rules[seed % len(rules)], random.Random(seed).uniform(0.3, 2.5)
         log.append((rule, round(delay, 2), run_until_killed(workdir, rule, delay)))
+    run_snakemake(workdir, "--unlock")
     final = run_snakemake(workdir, "--rerun-incomplete")
     return workdir, log, final
 

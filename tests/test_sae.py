@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from bugscope import sae as bsae
+from bugscope.baseline import score_prompts
 from bugscope.cache import NonFiniteActivationError, activation_schema, cache_activations, positions_for
 from bugscope.corpus import SOURCES, build_corpus_table, cache_rows, heldout_pair_ids
 from bugscope.io import read_metadata, vectors_to_arrow
@@ -196,12 +197,14 @@ def test_spliced_exact_reconstruction_leaves_logit_diff_unchanged(embedded, laye
     eye = torch.eye(576)
     exact = _jumprelu(torch.cat([eye, -eye], 1), torch.zeros(1152), torch.cat([eye, -eye], 0), torch.zeros(576), 0.0)
     rows = layer_data.prompts.to_pylist()[:2]
-    clean, spliced = bsae.spliced_logit_diffs(model, exact, rows, layer=LAYER, site="resid_post", batch_size=2,
-                                              pad_token_id=tokenizer.pad_token_id)
+    clean = torch.from_numpy(score_prompts(model, rows, batch_size=2, pad_token_id=tokenizer.pad_token_id)
+                             ["logit_diff"].to_numpy()).float()
+    spliced = bsae.spliced_logit_diffs(model, exact, rows, layer=LAYER, site="resid_post", batch_size=2,
+                                       pad_token_id=tokenizer.pad_token_id)
     assert torch.allclose(clean, spliced, atol=1e-3)
     zero = _jumprelu(torch.zeros(576, 4), torch.zeros(4), torch.zeros(4, 576), torch.zeros(576), 0.0)
-    _, broken = bsae.spliced_logit_diffs(model, zero, rows, layer=LAYER, site="resid_post", batch_size=2,
-                                         pad_token_id=tokenizer.pad_token_id)
+    broken = bsae.spliced_logit_diffs(model, zero, rows, layer=LAYER, site="resid_post", batch_size=2,
+                                      pad_token_id=tokenizer.pad_token_id)
     assert not torch.allclose(clean, broken, atol=1e-2)  # the splice really replaces the activation
 
 

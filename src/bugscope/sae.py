@@ -484,20 +484,20 @@ class ReconstructionStats:
 
 @torch.inference_mode()
 def spliced_logit_diffs(model, sae, rows: Sequence[dict], *, layer: int, site: str, batch_size: int,
-                        pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clean, spliced) decision logit differences [n_prompts] (> 0 = correct).
+                        pad_token_id: int) -> torch.Tensor:
+    """Decision logit differences [n_prompts] (> 0 = correct) with the SAE spliced in.
 
-    Spliced: the site's output at `layer` is replaced by the SAE reconstruction at every real
-    position but the first (the attention sink keeps its own activation; padding is untouched).
+    The site's output at `layer` is replaced by the SAE reconstruction at every real position but
+    the first (the attention sink keeps its own activation; padding is untouched). The clean
+    differences, the same for every layer, come from `bugscope.baseline.score_prompts`.
     """
     from bugscope.forward import decision_logits, iter_batches, logit_diff
     from bugscope.sites import output_tensor, site_module
 
     device = next(model.parameters()).device
     module = site_module(model, layer, site)
-    clean, spliced = [], []
+    spliced = []
     for batch in iter_batches(list(rows), batch_size, pad_token_id, device):
-        clean.append(logit_diff(decision_logits(model, batch), batch))
         mask = (batch.attention_mask == 1) & (batch.position_ids > SINK_POSITION)  # [batch, pos]
 
         def replace(_module, _inputs, output, mask=mask):
@@ -512,7 +512,7 @@ def spliced_logit_diffs(model, sae, rows: Sequence[dict], *, layer: int, site: s
             spliced.append(logit_diff(decision_logits(model, batch), batch))
         finally:
             handle.remove()
-    return torch.cat(clean), torch.cat(spliced)
+    return torch.cat(spliced)
 
 
 def quality_row(*, layer: int, hook: str, sae, provenance: dict, prompt_stats: dict, corpus_stats: dict,

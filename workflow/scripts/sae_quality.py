@@ -3,7 +3,9 @@ import contextlib
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from bugscope.baseline import score_prompts
 from bugscope.corpus import CORPUS_KIND
 from bugscope.io import atomic_path, encode_metadata, read_table
 from bugscope.model import ModelManifest, load_model
@@ -30,6 +32,8 @@ def main(smk):
     # pass per layer over every token is the stage's largest cost.
     contrast = [cfg["prompts"]["buggy_format"], cfg["prompts"]["correct_format"]]
     rows = held_prompts.filter(pl.col("format").is_in(contrast)).to_dicts()
+    clean = torch.from_numpy(score_prompts(model, rows, batch_size=cfg["cache"]["batch_size"],
+                                           pad_token_id=tokenizer.pad_token_id)["logit_diff"].to_numpy()).float()
     meta = {"kind": QUALITY_KIND, "config_hash": smk.params.config_hash, "heldout_pair_ids": held_pairs,
             "prompts_heldout": bool(held_pairs), "excluded_positions": [0], "corpus": corpus_meta["corpus"],
             "ev_definition": "1 - sum|x - x_hat|^2 / sum|x - mean(x)|^2 over held-out tokens",
@@ -52,7 +56,7 @@ def main(smk):
                         acc.update(sae, x[start:start + cfg["sae"]["encode_batch_size"]])
                 stats[name] = acc.result()
                 fired = acc.fired if fired is None else fired | acc.fired
-            clean, spliced = spliced_logit_diffs(model, sae, rows, layer=layer, site=site,
+            spliced = spliced_logit_diffs(model, sae, rows, layer=layer, site=site,
                                                  batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id)
             row = quality_row(layer=layer, hook=hook, sae=sae, provenance=provenance, prompt_stats=stats["prompts"],
                               corpus_stats=stats["corpus"], fired=fired, clean=clean, spliced=spliced)
