@@ -20,6 +20,7 @@ def cached(ci_config, embedded, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache")
     paths = {0: str(out / f"{hook_name(0)}.parquet"), last: str(out / f"{hook_name(last)}.parquet")}
     # batch_size 4 mixes lengths (qa and simple rows), so left padding is exercised.
+    assert any(b.pad.max() > 0 for b in iter_batches(rows, 4, tok.pad_token_id, "cpu"))
     cache_activations(model, rows, layers=[0, last], site="resid_post", dtype="float32", out_paths=paths,
                       meta={"config_hash": "test"}, batch_size=4, pad_token_id=tok.pad_token_id)
     return prompts, paths, last

@@ -3,14 +3,12 @@ the ledger table of the real ci.yaml run."""
 
 from __future__ import annotations
 
-
 import polars as pl
 import pytest
 
 from bugscope import claims, layout
 from bugscope.features import DISCRIMINATIVE_COLUMNS, NAMED_SCHEMA, PARITY_COLUMNS
 from bugscope.io import read_metadata, read_table
-
 from tests.conftest import REPO
 from tests.test_figures import accuracy_table, overlap_table, patching_summary
 

@@ -8,7 +8,6 @@ import pytest
 from bugscope import layout
 from bugscope.config import analysed_layers
 from bugscope.io import read_metadata, read_table
-
 from tests.conftest import REPO
 
 TABLES = {

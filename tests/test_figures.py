@@ -17,9 +17,13 @@ import pyarrow as pa
 import pytest
 
 from bugscope import figures, layout
-from bugscope.features import NAMED_SCHEMA, pair_overlap, pooled_overlap, summarise_overlap
+from bugscope.features import (
+    NAMED_SCHEMA,
+    pair_overlap,
+    pooled_overlap,
+    summarise_overlap,
+)
 from bugscope.io import read_table
-
 from tests.conftest import REPO, run_snakemake
 
 LABELS = figures.Labels("SmolLM2-135M-Instruct", "qa", "simple", 0.95)

@@ -7,8 +7,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bugscope.io import (StaleTableError, arrow_to_vectors, atomic_path, read_table, vectors_to_arrow,
-                         write_table)
+from bugscope.io import (
+    StaleTableError,
+    arrow_to_vectors,
+    atomic_path,
+    read_table,
+    vectors_to_arrow,
+    write_table,
+)
 
 
 def test_table_round_trip_keeps_metadata(tmp_path):

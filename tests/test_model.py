@@ -5,7 +5,12 @@ import copy
 import pytest
 import torch
 
-from bugscope.model import ModelManifest, ModelUnavailableError, check_hub_access, prepare_model
+from bugscope.model import (
+    ModelManifest,
+    ModelUnavailableError,
+    check_hub_access,
+    prepare_model,
+)
 from tests.conftest import MODEL_CACHE, REPO, run_snakemake
 
 

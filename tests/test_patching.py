@@ -11,8 +11,17 @@ from bugscope.config import ConfigError, validate_config
 from bugscope.forward import decision_logits, logit_diff, make_batch
 from bugscope.io import read_table
 from bugscope.patching import (
-    SEED_METHOD, HeadPatcher, HeadSet, PatchingConfigError, PatchPair, PatchSpec, check_head_set, make_pairs,
-    named_head_sets, resolve_focus_layers, subset_head_sets,
+    SEED_METHOD,
+    HeadPatcher,
+    HeadSet,
+    PatchingConfigError,
+    PatchPair,
+    PatchSpec,
+    check_head_set,
+    make_pairs,
+    named_head_sets,
+    resolve_focus_layers,
+    subset_head_sets,
 )
 from bugscope.prompts import build_prompt_table
 from bugscope.sites import head_input_module, site_module

@@ -23,7 +23,12 @@ import torch
 
 from bugscope import sae as bsae
 from bugscope.baseline import score_prompts
-from bugscope.cache import NonFiniteActivationError, activation_schema, cache_activations, positions_for
+from bugscope.cache import (
+    NonFiniteActivationError,
+    activation_schema,
+    cache_activations,
+    positions_for,
+)
 from bugscope.corpus import SOURCES, build_corpus_table, cache_rows, heldout_pair_ids
 from bugscope.io import read_metadata, vectors_to_arrow
 
@@ -199,13 +204,13 @@ def test_spliced_exact_reconstruction_leaves_logit_diff_unchanged(embedded, laye
     rows = layer_data.prompts.to_pylist()[:2]
     clean = torch.from_numpy(score_prompts(model, rows, batch_size=2, pad_token_id=tokenizer.pad_token_id)
                              ["logit_diff"].to_numpy()).float()
-    spliced = bsae.spliced_logit_diffs(model, exact, rows, layer=LAYER, site="resid_post", batch_size=2,
-                                       pad_token_id=tokenizer.pad_token_id)
-    assert torch.allclose(clean, spliced, atol=1e-3)
     zero = _jumprelu(torch.zeros(576, 4), torch.zeros(4), torch.zeros(4, 576), torch.zeros(576), 0.0)
-    broken = bsae.spliced_logit_diffs(model, zero, rows, layer=LAYER, site="resid_post", batch_size=2,
-                                      pad_token_id=tokenizer.pad_token_id)
-    assert not torch.allclose(clean, broken, atol=1e-2)  # the splice really replaces the activation
+    # One call splices each layer's SAE separately, from the same unspliced prefix.
+    spliced = bsae.spliced_logit_diffs(model, {0: exact, LAYER: exact, LAYER + 1: zero}, rows, site="resid_post",
+                                       batch_size=2, pad_token_id=tokenizer.pad_token_id)
+    assert torch.allclose(clean, spliced[0], atol=1e-3)
+    assert torch.allclose(clean, spliced[LAYER], atol=1e-3)
+    assert not torch.allclose(clean, spliced[LAYER + 1], atol=1e-2)  # the splice really replaces the activation
 
 
 # --- the pretrained path, offline ----------------------------------------------------------------
@@ -231,9 +236,8 @@ def test_bad_pretrained_config_fails_before_download(release, sae_id, site, matc
 
 def _write_llama_scope_checkpoint(cache: Path, layer: int, d_in: int, d_sae: int, site_letter: str = "R"):
     """An SAE in Llama Scope's own published form, in a local Hugging Face cache, as from_pretrained finds it."""
-    from safetensors.torch import save_file
-
     from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
+    from safetensors.torch import save_file
 
     release = f"llama_scope_lx{site_letter.lower()}_8x"
     sae_id = f"l{layer}{site_letter.lower()}_8x"

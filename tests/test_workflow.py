@@ -64,3 +64,24 @@ def test_credentials_never_reach_an_output(ci_workflow):
             assert needle not in path.read_bytes(), f"{path} contains the HF_TOKEN value"
             checked += 1
     assert checked > 10
+
+
+def test_reader_refuses_a_table_made_under_other_settings(ci_workflow, tmp_path):
+    """Change a baseline setting but keep Snakemake from rerunning the baseline (--rerun-triggers
+    mtime): the figure that reads the baseline table must refuse it and say how to remake it."""
+    import shutil
+
+    wd = tmp_path / "wd"
+    shutil.copytree(ci_workflow, wd, symlinks=True)
+    figure = wd / layout.figure("baseline_accuracy", "svg")
+    for ext in ("svg", "png", "html"):
+        (wd / layout.figure("baseline_accuracy", ext)).unlink()
+    changed = tmp_path / "changed.yaml"
+    ci_yaml = (REPO / "config" / "ci.yaml").read_text()
+    assert "  max_new_tokens: 6\n" in ci_yaml
+    changed.write_text(ci_yaml.replace("  max_new_tokens: 6\n", "  max_new_tokens: 5\n"))
+    proc = run_snakemake(wd, str(figure), "--rerun-triggers", "mtime", configfile=changed, check=False)
+    log = (wd / "logs" / "figures" / "baseline_accuracy.log").read_text()
+    assert proc.returncode != 0
+    assert "It is stale" in log and f"--force {layout.BASELINE_ACCURACY}" in log
+    assert not figure.exists()

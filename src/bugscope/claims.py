@@ -55,24 +55,26 @@ CLAIMS_KIND = "claims"
 
 @dataclass(frozen=True)
 class TableSpec:
-    """A table the ledger can test: where it lives, its kind and the column that counts its sample."""
+    """A table the ledger can test: where it lives, its kind, the stage that writes it
+    (bugscope.config.STAGE_SECTIONS) and the column that counts its sample."""
 
     path: str | None
     kind: str
+    stage: str
     n_column: str | None = None
 
 
 TABLES: dict[str, TableSpec] = {
-    "baseline_accuracy": TableSpec(layout.BASELINE_ACCURACY, "baseline_accuracy", "n_prompts"),
-    "baseline_scores": TableSpec(layout.BASELINE_SCORES, "baseline_scores"),
-    "feature_overlap": TableSpec(layout.FEATURE_OVERLAP, "feature_overlap", "n_pairs"),
-    "discriminative_features": TableSpec(layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "n_a"),
-    "named_features": TableSpec(layout.NAMED_FEATURES, "named_features", "n_pairs"),
-    "head_parity": TableSpec(layout.HEAD_PARITY, "head_parity", "n_heads"),
+    "baseline_accuracy": TableSpec(layout.BASELINE_ACCURACY, "baseline_accuracy", "baseline", "n_prompts"),
+    "baseline_scores": TableSpec(layout.BASELINE_SCORES, "baseline_scores", "baseline"),
+    "feature_overlap": TableSpec(layout.FEATURE_OVERLAP, "feature_overlap", "features", "n_pairs"),
+    "discriminative_features": TableSpec(layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "features", "n_a"),
+    "named_features": TableSpec(layout.NAMED_FEATURES, "named_features", "features", "n_pairs"),
+    "head_parity": TableSpec(layout.HEAD_PARITY, "head_parity", "features", "n_heads"),
     # bugscope.patching.summary_table: one row per (layer, head set); success_rate is a fraction of
     # the n_baseline_wrong prompts answered wrong unpatched, so that is its n.
-    "head_patching": TableSpec(layout.PATCHING_SUMMARY, "patching_summary", "n_baseline_wrong"),
-    "sae_quality": TableSpec(layout.SAE_QUALITY, "sae_quality", "n_tokens_corpus"),
+    "head_patching": TableSpec(layout.PATCHING_SUMMARY, "patching_summary", "patching_summary", "n_baseline_wrong"),
+    "sae_quality": TableSpec(layout.SAE_QUALITY, "sae_quality", "sae", "n_tokens_corpus"),
 }
 
 RESULT_SCHEMA = {

@@ -124,6 +124,18 @@ def analysed_layers(config: dict) -> list[int]:
     return list(range(config["model"]["num_layers"])) if layers == "all" else sorted(layers)
 
 
+def layer_groups(layers: list[int], layers_per_job: int) -> dict[str, list[int]]:
+    """The model jobs of a per-layer stage: consecutive analysed layers in groups of
+    `resources.layers_per_job`, named `L<first>_<last>` (valid in rule and file names).
+
+    Each job writes one output per layer; grouping only saves the start-up (imports, model load,
+    the unpatched forward passes) that per-layer jobs would repeat.
+    """
+    layers = sorted(layers)
+    groups = [layers[i:i + layers_per_job] for i in range(0, len(layers), layers_per_job)]
+    return {f"L{g[0]:02d}_{g[-1]:02d}": g for g in groups}
+
+
 def config_hash(config: dict, *sections: str) -> str:
     """Hash of the config sections a table depends on (all of them when none are named).
 
@@ -133,3 +145,24 @@ def config_hash(config: dict, *sections: str) -> str:
     part = {k: config.get(k) for k in sections} if sections else config
     blob = json.dumps(part, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# The config sections each stage's tables depend on: the one place that decides them. A rule stores
+# `stage_hash(config, stage)` in its tables and a reader recomputes it from the current config, so a
+# table made under other settings is refused with the rule to rerun (bugscope.io.read_table).
+_BASE = ("model", "prompts", "seed")
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prompts": _BASE,
+    "baseline": (*_BASE, "baseline", "bootstrap"),
+    "activations": (*_BASE, "cache"),
+    "sae": (*_BASE, "cache", "sae"),  # corpus, its activations, SAEs, feature tables, SAE quality
+    "features": (*_BASE, "cache", "sae", "features", "bootstrap"),
+    "patching_sweep": (*_BASE, "patching"),
+    "patching_focus": (*_BASE, "patching", "focus_layers"),
+    "patching_summary": (*_BASE, "patching", "layers", "focus_layers", "bootstrap"),
+}
+
+
+def stage_hash(config: dict, stage: str) -> str:
+    """The config hash of `stage`'s tables (STAGE_SECTIONS)."""
+    return config_hash(config, *STAGE_SECTIONS[stage])

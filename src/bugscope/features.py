@@ -891,19 +891,21 @@ def attribution_layers(config: dict) -> list[int]:
     return analysed_layers(config) if layers == "all" else sorted(layers)
 
 
-def load_prompt_frame(path) -> pl.DataFrame:
+def load_prompt_frame(path, config: dict) -> pl.DataFrame:
+    from bugscope.config import stage_hash
     from bugscope.io import read_table
 
-    table, _ = read_table(path, kind="prompts", columns=["prompt_id", "question_id", "pair_id", "format",
+    table, _ = read_table(path, kind="prompts", config_hash=stage_hash(config, "prompts"), columns=["prompt_id", "question_id", "pair_id", "format",
                                                          "decision_pos", "aligned_positions"])
     return pl.from_arrow(table)
 
 
-def load_layer_values(path, weights: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+def load_layer_values(path, weights: pl.DataFrame, config: dict) -> tuple[pl.DataFrame, dict]:
     """(prompt_id, feature_id, value) of one layer's feature table, and the table's metadata."""
+    from bugscope.config import stage_hash
     from bugscope.io import read_table
 
-    table, meta = read_table(path, kind=FEATURES_KIND, columns=["prompt_id", "position", "feature_id", "activation"])
+    table, meta = read_table(path, kind=FEATURES_KIND, config_hash=stage_hash(config, "sae"), columns=["prompt_id", "position", "feature_id", "activation"])
     return prompt_values(pl.from_arrow(table), weights), meta
 
 
@@ -916,12 +918,12 @@ def run_overlap(config: dict, prompts_path, feature_paths: dict[int, str]) -> tu
     """(per-layer summary, per-pair table, metadata) of the overlap stage."""
     fcfg, pcfg, boot = config["features"], config["prompts"], config["bootstrap"]
     k = fcfg["overlap"]["k"]
-    prompts = load_prompt_frame(prompts_path)
+    prompts = load_prompt_frame(prompts_path, config)
     pairs = prompt_pairs(prompts, pcfg["buggy_format"], pcfg["correct_format"])
     weights = position_weights(prompts, fcfg["position"])
     per_pair, pooled, metas = [], [], {}
     for layer, path in sorted(feature_paths.items()):
-        values, metas[layer] = load_layer_values(path, weights)
+        values, metas[layer] = load_layer_values(path, weights, config)
         layer_pairs = pair_overlap(values, pairs, k)
         short = layer_pairs.select((pl.min_horizontal("n_top_buggy", "n_top_correct") < k).mean()).item() or 0.0
         if short > 0.5:
@@ -942,16 +944,18 @@ def run_overlap(config: dict, prompts_path, feature_paths: dict[int, str]) -> tu
 
 
 def run_discriminative(config: dict, prompts_path, scores_path, feature_paths: dict[int, str]) -> tuple[pl.DataFrame, dict]:
+    from bugscope.config import stage_hash
     from bugscope.io import read_table
 
     fcfg, pcfg = config["features"], config["prompts"]
-    prompts = load_prompt_frame(prompts_path)
+    prompts = load_prompt_frame(prompts_path, config)
     pairs = prompt_pairs(prompts, pcfg["buggy_format"], pcfg["correct_format"])
     weights = position_weights(prompts, fcfg["position"])
-    scores = pl.from_arrow(read_table(scores_path, kind="baseline_scores", columns=["prompt_id", "is_correct"])[0])
+    scores = pl.from_arrow(read_table(scores_path, kind="baseline_scores", config_hash=stage_hash(config, "baseline"),
+                                      columns=["prompt_id", "is_correct"])[0])
     out, metas = [], {}
     for layer, path in sorted(feature_paths.items()):
-        values, metas[layer] = load_layer_values(path, weights)
+        values, metas[layer] = load_layer_values(path, weights, config)
         out.append(discriminative_features(values, pairs, scores, layer=layer, cfg=fcfg["discriminative"]))
     meta = {"position": fcfg["position"], **{k: v for k, v in fcfg["discriminative"].items()},
             "a_b": {"buggy_vs_correct": [pcfg["buggy_format"], pcfg["correct_format"]],
@@ -968,14 +972,14 @@ NAMED_SCHEMA = {"layer": pl.Int32, "category": pl.String, "feature_id": pl.Int32
 def run_named(config: dict, prompts_path, feature_paths: dict[int, str]) -> tuple[pl.DataFrame, dict]:
     fcfg, pcfg, boot = config["features"], config["prompts"], config["bootstrap"]
     named = named_feature_ids(fcfg["named"])
-    prompts = load_prompt_frame(prompts_path)
+    prompts = load_prompt_frame(prompts_path, config)
     pairs = prompt_pairs(prompts, pcfg["buggy_format"], pcfg["correct_format"])
     weights = position_weights(prompts, fcfg["position"])
     out, metas = [pl.DataFrame(schema=NAMED_SCHEMA)], {}
     for layer, path in sorted(feature_paths.items()):
         if layer not in named:
             continue
-        values, metas[layer] = load_layer_values(path, weights)
+        values, metas[layer] = load_layer_values(path, weights, config)
         d_sae = metas[layer].get("d_sae")
         too_big = [f for ids in named[layer].values() for f in ids if d_sae is not None and f >= d_sae]
         if too_big:
@@ -989,19 +993,20 @@ def run_named(config: dict, prompts_path, feature_paths: dict[int, str]) -> tupl
 
 
 def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative_path,
-                    sae_dirs: dict[int, str], config_hash: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+                    sae_dirs: dict[int, str]) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """(attribution table, parity table, metadata) for the layers of `sae_dirs`."""
     from sae_lens import SAE
 
+    from bugscope.config import stage_hash
     from bugscope.io import read_table
     from bugscope.model import pick_device
     from bugscope.sites import hook_name
 
     fcfg, pcfg = config["features"], config["prompts"]
     buggy, correct = pcfg["buggy_format"], pcfg["correct_format"]
-    prompts = pl.from_arrow(read_table(prompts_path, kind="prompts")[0]).filter(pl.col("format").is_in([buggy, correct]))
+    prompts = pl.from_arrow(read_table(prompts_path, kind="prompts", config_hash=stage_hash(config, "prompts"))[0]).filter(pl.col("format").is_in([buggy, correct]))
     discriminative = pl.from_arrow(read_table(discriminative_path, kind="discriminative_features",
-                                              config_hash=config_hash)[0])
+                                              config_hash=stage_hash(config, "features"))[0])
     named = named_feature_ids(fcfg["named"])
     layers = sorted(sae_dirs)
     site = config["cache"]["site"]

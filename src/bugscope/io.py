@@ -117,8 +117,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, object]:
         return decode_metadata(pq.read_schema(path).metadata)
     except (pa.ArrowInvalid, OSError) as err:
         raise StaleTableError(
-            f"{path} is not a readable Parquet file ({err}). It is truncated or foreign: delete it "
-            "and rerun the rule that writes it (snakemake --cores all --forcerun <rule>)."
+            f"{path} is not a readable Parquet file ({err}). It is truncated or foreign: remake it "
+            f"with `snakemake --cores all --force {path}`, then rerun the pipeline."
         ) from err
 
 
@@ -127,14 +127,24 @@ def check_metadata(path, meta: Mapping[str, object], *, kind: str, config_hash: 
     if found_kind != kind:
         raise StaleTableError(
             f"{path} holds a {found_kind or 'non-bugscope'} table where a '{kind}' table was expected. "
-            "It was not written by this pipeline step: delete it and rerun the rule that writes it."
+            f"It was not written by this pipeline step: remake it with `snakemake --cores all --force {path}`."
         )
     if config_hash is not None and meta.get("config_hash") != config_hash:
         raise StaleTableError(
             f"{path} was written under config hash {meta.get('config_hash')}, but the current config "
-            f"hashes to {config_hash}. It is stale: rerun the rule that writes it "
-            "(snakemake --cores all --rerun-triggers mtime params input)."
+            f"hashes to {config_hash} for the settings this table depends on. It is stale: remake it "
+            f"with `snakemake --cores all --force {path}`, then rerun the pipeline (by default "
+            "Snakemake reruns a rule whose settings changed; this happens with --rerun-triggers mtime "
+            "or a file copied from another run)."
         )
+
+
+def check_table(path, *, kind: str, config_hash: str | None) -> dict:
+    """The metadata of a bugscope table, after checking its kind and config hash (for readers that
+    stream the file themselves)."""
+    meta = read_metadata(path)
+    check_metadata(path, meta, kind=kind, config_hash=config_hash)
+    return meta
 
 
 def read_table(path, *, kind: str, config_hash: str | None = None, columns=None) -> tuple[pa.Table, dict]:

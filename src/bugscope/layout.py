@@ -35,7 +35,7 @@ HEAD_FEATURE_ATTRIBUTION = f"{RESULTS}/analysis/head_feature_attribution.parquet
 HEAD_PARITY = f"{RESULTS}/analysis/head_parity.parquet"
 
 # Attention-head patching (bugscope.patching, workflow/rules/patching.smk). `{group}` is a layer
-# group such as `layers00-07` (resources.layers_per_job layers per job).
+# group such as `L00_07` (bugscope.config.layer_groups, resources.layers_per_job layers per job).
 PATCHING_SWEEP_GROUP = f"{RESULTS}/patching/sweep/{{group}}.parquet"
 PATCHING_SUBSETS_PROMPTS = f"{RESULTS}/patching/subsets.parquet"
 PATCHING_PROMPTS = f"{RESULTS}/patching/heads_prompts.parquet"

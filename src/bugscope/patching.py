@@ -31,7 +31,7 @@ import itertools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import polars as pl
@@ -39,8 +39,8 @@ import torch
 from tqdm import tqdm
 
 from bugscope.config import ConfigError
-from bugscope.forward import Batch, make_batch
-from bugscope.sites import decoder_layers, head_input_module, output_tensor, site_module
+from bugscope.forward import Batch, LayerContext, LayerRunner, make_batch
+from bugscope.sites import head_input_module, site_module
 
 POSITION_MODES = ("aligned", "decision", "suffix")
 SEED_POSITIONS = "seed"  # the seed method's positions [:min_len]
@@ -285,8 +285,7 @@ class _Prepared:
     values: dict[int, torch.Tensor]  # layer -> [b, pos, head, d_head] values written at patched columns
     hidden_in: dict[int, torch.Tensor]  # layer -> [b, pos, d_model] residual entering the layer (unpatched)
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> unpatched keys, values
-    cos_sin: tuple[torch.Tensor, torch.Tensor]
-    mask: torch.Tensor  # [b, 1, pos, pos] additive attention mask
+    ctx: LayerContext
     baseline: torch.Tensor  # [b] unpatched logit difference
 
 
@@ -300,7 +299,7 @@ class HeadPatcher:
             raise PatchingConfigError(
                 "This model soft-caps its final logits, which the decision-logit readout does not implement.")
         self.model = model
-        self.inner = model.model
+        self.runner = LayerRunner(model)
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -325,36 +324,6 @@ class HeadPatcher:
                 f"The seed method cuts the attention output (d_model={self.d_model}) into {self.n_heads} equal "
                 "slices, which this model's width does not allow. Turn patching.seed_method.enabled off.")
         return self.d_model // self.n_heads
-
-    def _attention_mask(self, batch: Batch) -> torch.Tensor:
-        """[b, 1, pos, pos] additive mask: causal, no padded keys; a padded query sees itself only."""
-        valid = batch.attention_mask.bool()  # [b, pos]
-        n = valid.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
-        allowed = causal[None] & valid[:, None, :]
-        allowed |= torch.eye(n, dtype=torch.bool, device=valid.device)[None]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=valid.device)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        return mask[:, None]
-
-    def _run_layer(self, layer: int, hidden, mask, cos_sin, position_ids, kv):
-        out = decoder_layers(self.model)[layer](
-            hidden, attention_mask=mask, position_ids=position_ids, past_key_values=kv, use_cache=False,
-            position_embeddings=cos_sin)
-        return output_tensor(out)
-
-    def _readout(self, hidden_last: torch.Tensor, batch: Batch, replicas: int = 1) -> torch.Tensor:
-        """[replicas * b] logit difference from the last column's residual [replicas * b, d_model]."""
-        h = self.inner.norm(hidden_last).float()
-        w = self.model.lm_head.weight
-        c = batch.correct_token.to(self.device).repeat(replicas)
-        wr = batch.wrong_token.to(self.device).repeat(replicas)
-        lc = (h * w[c].float()).sum(-1)
-        lw = (h * w[wr].float()).sum(-1)
-        bias = getattr(self.model.lm_head, "bias", None)
-        if bias is not None:
-            lc, lw = lc + bias[c].float(), lw + bias[wr].float()
-        return (lc - lw).cpu()
 
     def _hook(self, layer: int, site: str, write: Callable[[torch.Tensor], torch.Tensor]):
         """Register `write` on the site's tensor at `layer`; returns the handle."""
@@ -384,11 +353,9 @@ class HeadPatcher:
 
         handles = [self._hook(layer, site, grab(layer)) for layer in layers]
         try:
-            hidden = self.inner.embed_tokens(batch.input_ids)
-            cos_sin = self.inner.rotary_emb(hidden, batch.position_ids)
-            mask = self._attention_mask(batch)
+            hidden, ctx = self.runner.begin(batch)
             for layer in range(max(layers) + 1):
-                hidden = self._run_layer(layer, hidden, mask, cos_sin, batch.position_ids, None)
+                hidden = self.runner.layer(layer, hidden, ctx)
         finally:
             for h in handles:
                 h.remove()
@@ -459,17 +426,15 @@ class HeadPatcher:
         """The unpatched target run of one prompt batch, recorded for reuse by every patched run."""
         batch = make_batch([p.target for p in pairs], self.pad_token_id, self.device)
         pos_mask, values = self._placed(pairs, batch, layers, spec, means)
-        hidden = self.inner.embed_tokens(batch.input_ids)
-        cos_sin = self.inner.rotary_emb(hidden, batch.position_ids)
-        mask = self._attention_mask(batch)
+        hidden, ctx = self.runner.begin(batch)
         rec = _RecordKV()
         hidden_in = {}
         for layer in range(self.n_layers):
             if layer in values:
                 hidden_in[layer] = hidden
-            hidden = self._run_layer(layer, hidden, mask, cos_sin, batch.position_ids, rec)
-        baseline = self._readout(hidden[:, -1], batch)
-        return _Prepared(batch, pos_mask, values, hidden_in, rec.kv, cos_sin, mask, baseline)
+            hidden = self.runner.layer(layer, hidden, ctx, rec)
+        baseline = self.runner.decision_logit_diff(hidden[:, -1], batch)
+        return _Prepared(batch, pos_mask, values, hidden_in, rec.kv, ctx, baseline)
 
     @torch.inference_mode()
     def run_patched(self, prep: _Prepared, layer: int, head_sets: Sequence[HeadSet], site: str) -> torch.Tensor:
@@ -486,18 +451,13 @@ class HeadPatcher:
             head_mask[j, list(s.heads)] = True
         write = self._writer(prep.values[layer][:, start:], prep.pos_mask[:, start:], head_mask, site)
         hidden = prep.hidden_in[layer][:, start:].repeat(r, 1, 1)
-        cos, sin = prep.cos_sin
-        cos_sin = (cos[:, start:].repeat(r, 1, 1), sin[:, start:].repeat(r, 1, 1))
-        position_ids = batch.position_ids[:, start:].repeat(r, 1)
-        mask = prep.mask[:, :, start:].repeat(r, 1, 1, 1)
         kv = _PrefixKV(prep.kv, start, r) if start > 0 else None
         handle = self._hook(layer, site, write)
         try:
-            for li in range(layer, self.n_layers):
-                hidden = self._run_layer(li, hidden, mask, cos_sin, position_ids, kv)
+            hidden = self.runner.run(layer, hidden, prep.ctx.tail(start, r), kv)
         finally:
             handle.remove()
-        return self._readout(hidden[:, -1], batch, r).reshape(r, b)
+        return self.runner.decision_logit_diff(hidden[:, -1], batch, r).reshape(r, b)
 
     # -- batch sizes --
 
@@ -661,13 +621,6 @@ def summarise(per_prompt: pl.DataFrame, *, keys: Sequence[str], n_resamples: int
 
 
 # --- study-level helpers (used by the workflow scripts) -------------------------------------------
-
-
-def layer_groups(layers: Sequence[int], per_job: int) -> dict[str, list[int]]:
-    """Consecutive chunks of `per_job` layers, named `layers{first:02d}-{last:02d}` (one job each)."""
-    layers = sorted(layers)
-    chunks = [layers[i:i + per_job] for i in range(0, len(layers), per_job)]
-    return {f"layers{c[0]:02d}-{c[-1]:02d}": c for c in chunks}
 
 
 def focus_layer_fallback(num_layers: int) -> int:

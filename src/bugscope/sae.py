@@ -29,7 +29,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from bugscope.cache import NonFiniteActivationError
 from bugscope.io import arrow_to_vectors, atomic_path, read_metadata
@@ -483,36 +482,44 @@ class ReconstructionStats:
 
 
 @torch.inference_mode()
-def spliced_logit_diffs(model, sae, rows: Sequence[dict], *, layer: int, site: str, batch_size: int,
-                        pad_token_id: int) -> torch.Tensor:
-    """Decision logit differences [n_prompts] (> 0 = correct) with the SAE spliced in.
+@torch.inference_mode()
+def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, batch_size: int,
+                        pad_token_id: int) -> dict[int, torch.Tensor]:
+    """layer -> decision logit differences [n_prompts] (> 0 = correct) with that layer's SAE spliced in.
 
-    The site's output at `layer` is replaced by the SAE reconstruction at every real position but
-    the first (the attention sink keeps its own activation; padding is untouched). The clean
-    differences, the same for every layer, come from `bugscope.baseline.score_prompts`.
+    The site's output at the layer is replaced by the SAE reconstruction at every real position but
+    the first (the attention sink keeps its own activation; padding is untouched). Prompts come in
+    `iter_batches` order, as in `bugscope.baseline.score_prompts`, which gives the clean differences.
+    One unspliced pass per batch records the residual entering each spliced layer, and each spliced
+    pass starts there: the layers before the splice are never recomputed.
     """
-    from bugscope.forward import decision_logits, iter_batches, logit_diff
+    from bugscope.forward import LayerRunner, iter_batches
     from bugscope.sites import output_tensor, site_module
 
-    device = next(model.parameters()).device
-    module = site_module(model, layer, site)
-    spliced = []
-    for batch in iter_batches(list(rows), batch_size, pad_token_id, device):
+    runner = LayerRunner(model)
+    spliced: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
+    for batch in iter_batches(list(rows), batch_size, pad_token_id, runner.device):
         mask = (batch.attention_mask == 1) & (batch.position_ids > SINK_POSITION)  # [batch, pos]
+        hidden, ctx = runner.begin(batch)
+        entering = {}
+        for i in range(max(saes) + 1):
+            if i in saes:
+                entering[i] = hidden
+            hidden = runner.layer(i, hidden, ctx)
+        for layer, sae in saes.items():
+            def replace(_module, _inputs, output, sae=sae):
+                hidden = output_tensor(output)
+                new = hidden.clone()
+                new[mask] = sae.decode(sae.encode(hidden[mask].to(sae.dtype))).to(hidden.dtype)
+                return (new, *output[1:]) if isinstance(output, tuple) else new
 
-        def replace(_module, _inputs, output, mask=mask):
-            hidden = output_tensor(output)
-            new = hidden.clone()
-            x = hidden[mask]
-            new[mask] = sae.decode(sae.encode(x.to(sae.dtype))).to(hidden.dtype)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        handle = module.register_forward_hook(replace)
-        try:
-            spliced.append(logit_diff(decision_logits(model, batch), batch))
-        finally:
-            handle.remove()
-    return torch.cat(spliced)
+            handle = site_module(model, layer, site).register_forward_hook(replace)
+            try:
+                last = runner.run(layer, entering[layer], ctx)[:, -1]
+            finally:
+                handle.remove()
+            spliced[layer].append(runner.decision_logit_diff(last, batch))
+    return {layer: torch.cat(parts) for layer, parts in spliced.items()}
 
 
 def quality_row(*, layer: int, hook: str, sae, provenance: dict, prompt_stats: dict, corpus_stats: dict,
@@ -551,14 +558,3 @@ QUALITY_SCHEMA = pa.schema([
 
 def hook_layer(hook: str) -> int:
     return parse_hook_name(hook)[0]
-
-
-def layer_groups(layers: Sequence[int], layers_per_job: int) -> dict[str, list[int]]:
-    """The SAE jobs: consecutive analysed layers in groups of `layers_per_job`, named L<first>_<last>.
-
-    Each job writes one output per layer; grouping only saves the start-up (imports, model load)
-    that per-layer jobs would repeat.
-    """
-    layers = sorted(layers)
-    groups = [layers[i:i + layers_per_job] for i in range(0, len(layers), layers_per_job)]
-    return {f"L{g[0]}_{g[-1]}" if len(g) > 1 else f"L{g[0]}": g for g in groups}

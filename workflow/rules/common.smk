@@ -1,5 +1,5 @@
 import bugscope.layout as layout
-from bugscope.config import validate_config, analysed_layers, config_hash
+from bugscope.config import validate_config, analysed_layers, layer_groups, stage_hash
 from bugscope.sites import hook_name
 import bugscope.patching as bugscope_patching
 
@@ -9,6 +9,8 @@ config.update(validate_config(config, source="the Snakemake config"))
 LAYERS = analysed_layers(config)
 SITE = config["cache"]["site"]
 HOOKS = [hook_name(layer, SITE) for layer in LAYERS]
+# The per-layer model stages (SAEs, head sweep) run one job per group of layers.
+LAYER_GROUPS = layer_groups(LAYERS, config["resources"]["layers_per_job"])
 
 
 wildcard_constraints:
@@ -122,7 +124,6 @@ def claims_inputs(wildcards):
 
 # --- attention-head patching (workflow/rules/patching.smk) ---------------------------------------
 
-PATCH_GROUPS = bugscope_patching.layer_groups(LAYERS, config["resources"]["layers_per_job"])
 
 
 def patching_targets():

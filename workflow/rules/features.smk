@@ -4,7 +4,7 @@ import bugscope.features as bugscope_features
 
 bugscope_features.check_config(config)
 
-FEATURE_CONFIG_HASH = config_hash(config, "model", "prompts", "seed", "cache", "sae", "features", "bootstrap")
+FEATURE_CONFIG_HASH = stage_hash(config, "features")
 NAMED_LAYERS = sorted(int(layer) for layer in config["features"]["named"])
 ATTRIBUTION_LAYERS = bugscope_features.attribution_layers(config)
 

@@ -18,7 +18,7 @@ rule build_prompts:
     output:
         prompts=layout.PROMPTS,
     params:
-        config_hash=config_hash(config, "model", "prompts", "seed"),
+        config_hash=stage_hash(config, "prompts"),
     log:
         f"{layout.LOGS}/build_prompts.log",
     conda:
@@ -36,7 +36,7 @@ rule baseline:
         accuracy=layout.BASELINE_ACCURACY,
         generation=layout.BASELINE_GENERATION,
     params:
-        config_hash=config_hash(config, "model", "prompts", "seed", "baseline", "bootstrap"),
+        config_hash=stage_hash(config, "baseline"),
     threads: MODEL_JOB_THREADS
     resources:
         **model_job_resources(),
@@ -58,7 +58,7 @@ rule cache_residuals:
         activations=[layout.activations("prompts", hook) for hook in HOOKS],
     params:
         layers=LAYERS,
-        config_hash=config_hash(config, "model", "prompts", "seed", "cache"),
+        config_hash=stage_hash(config, "activations"),
     threads: MODEL_JOB_THREADS
     resources:
         **model_job_resources(n_layers=len(LAYERS)),

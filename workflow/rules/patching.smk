@@ -3,13 +3,13 @@
 # bugscope.patching; layer groups and the focus-layer input: workflow/rules/common.smk.
 
 # The sweep does not depend on focus_layers; the focus-layer rules do.
-PATCH_SWEEP_HASH = config_hash(config, "model", "prompts", "seed", "patching")
-PATCH_FOCUS_HASH = config_hash(config, "model", "prompts", "seed", "patching", "focus_layers")
-PATCH_SUMMARY_HASH = config_hash(config, "model", "prompts", "seed", "patching", "layers", "focus_layers", "bootstrap")
+PATCH_SWEEP_HASH = stage_hash(config, "patching_sweep")
+PATCH_FOCUS_HASH = stage_hash(config, "patching_focus")
+PATCH_SUMMARY_HASH = stage_hash(config, "patching_summary")
 
 
 wildcard_constraints:
-    group=r"layers\d+-\d+",
+    group=r"L\d+_\d+",
 
 
 localrules:
@@ -24,7 +24,7 @@ rule head_sweep:
         prompts=layout.PATCHING_SWEEP_GROUP,
     params:
         mode="sweep",
-        layers=lambda wildcards: PATCH_GROUPS[wildcards.group],
+        layers=lambda wildcards: LAYER_GROUPS[wildcards.group],
         config_hash=PATCH_SWEEP_HASH,
     threads: MODEL_JOB_THREADS
     resources:
@@ -88,7 +88,7 @@ rule head_seed_method:
 
 rule head_patching_summary:
     input:
-        sweep=[layout.PATCHING_SWEEP_GROUP.format(group=group) for group in PATCH_GROUPS],
+        sweep=[layout.PATCHING_SWEEP_GROUP.format(group=group) for group in LAYER_GROUPS],
         subsets=layout.PATCHING_SUBSETS_PROMPTS,
         scores=layout.BASELINE_SCORES,
     output:

@@ -1,12 +1,11 @@
 # SAE stage (issue 3): the training corpus and its activations, one SAE per analysed layer (trained
 # here with SAE-Lens, or pretrained from SAE-Lens's directory), sparse feature tables and SAE
 # quality. Logic: bugscope.sae and bugscope.corpus. Jobs handle resources.layers_per_job layers
-# each (SAE_GROUPS) and write one output per layer.
+# each (LAYER_GROUPS) and write one output per layer.
 import bugscope.sae as bugscope_sae
 
 SAE_CFG = config["sae"]
-SAE_CONFIG_HASH = config_hash(config, "model", "prompts", "seed", "cache", "sae")
-SAE_GROUPS = bugscope_sae.layer_groups(LAYERS, config["resources"]["layers_per_job"])
+SAE_CONFIG_HASH = stage_hash(config, "sae")
 # Pretrained: release, ids and hook sites are checked against SAE-Lens's directory now, before any job.
 SAE_IDS = (
     bugscope_sae.resolve_pretrained(SAE_CFG["release"], SAE_CFG["sae_id"], LAYERS, SITE)
@@ -58,7 +57,7 @@ rule cache_corpus:
         "../scripts/cache_corpus.py"
 
 
-for group, group_layers in SAE_GROUPS.items():
+for group, group_layers in LAYER_GROUPS.items():
     group_hooks = [hook_name(layer, SITE) for layer in group_layers]
 
     if SAE_CFG["source"] == "train":

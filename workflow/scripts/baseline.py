@@ -1,6 +1,7 @@
 import polars as pl
 
 from bugscope.baseline import accuracy_by_format, greedy_check, score_prompts
+from bugscope.config import stage_hash
 from bugscope.io import read_table, write_table
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
@@ -9,7 +10,7 @@ from bugscope.script import log, run
 def main(smk):
     cfg = smk.config
     manifest = ModelManifest.load(smk.input.manifest)
-    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts")[0])
+    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts", config_hash=stage_hash(smk.config, "prompts"))[0])
     model, tokenizer = load_model(manifest, cfg["device"])
     rows = prompts.to_dicts()
     scores = score_prompts(model, rows, batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id)

@@ -1,8 +1,9 @@
+from transformers import AutoTokenizer
+
 from bugscope.io import write_table
 from bugscope.model import ModelManifest
 from bugscope.prompts import build_prompt_table
 from bugscope.script import log, run
-from transformers import AutoTokenizer
 
 
 def main(smk):

@@ -1,6 +1,7 @@
 import polars as pl
 
 from bugscope.cache import cache_activations, positions_for
+from bugscope.config import stage_hash
 from bugscope.io import read_table
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
@@ -9,7 +10,7 @@ from bugscope.script import log, run
 def main(smk):
     cfg = smk.config
     manifest = ModelManifest.load(smk.input.manifest)
-    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts")[0])
+    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts", config_hash=stage_hash(smk.config, "prompts"))[0])
     model, tokenizer = load_model(manifest, cfg["device"])
     rows = [{**r, "positions": positions_for(r, cfg["cache"]["positions"])} for r in prompts.to_dicts()]
     n = cache_activations(

@@ -1,6 +1,7 @@
 import polars as pl
 
 from bugscope import claims
+from bugscope.config import stage_hash
 from bugscope.features import focus_layers
 from bugscope.io import atomic_path, read_table, write_table
 from bugscope.script import log, run
@@ -9,8 +10,9 @@ from bugscope.script import log, run
 def main(smk):
     ledger = claims.load_ledger(smk.input.ledger)
     names = [k for k in smk.input.keys() if k in claims.TABLES]
-    raw = {name: pl.from_arrow(read_table(smk.input[name], kind=claims.TABLES[name].kind)[0]) for name in names}
-    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts", columns=["prompt_id", "correct", "wrong"])[0])
+    raw = {name: pl.from_arrow(read_table(smk.input[name], kind=claims.TABLES[name].kind,
+                                                     config_hash=stage_hash(smk.config, claims.TABLES[name].stage))[0]) for name in names}
+    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts", config_hash=stage_hash(smk.config, "prompts"), columns=["prompt_id", "correct", "wrong"])[0])
     tables = claims.prepare_tables(raw, prompts)
     overlap = tables.get("feature_overlap")
     focus = focus_layers(smk.config, overlap) if (overlap is not None or smk.config["focus_layers"] != "auto") else None

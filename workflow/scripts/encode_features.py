@@ -2,11 +2,19 @@ import contextlib
 
 import pyarrow.parquet as pq
 
-from bugscope.io import atomic_path, encode_metadata, read_metadata
+from bugscope.cache import ACTIVATIONS_KIND
+from bugscope.config import stage_hash
+from bugscope.io import atomic_path, check_table, encode_metadata
 from bugscope.model import pick_device
-from bugscope.sae import FEATURES_KIND, check_sae_fits, encode_activation_file, load_sae, sae_provenance_meta
-from bugscope.sites import hook_name
+from bugscope.sae import (
+    FEATURES_KIND,
+    check_sae_fits,
+    encode_activation_file,
+    load_sae,
+    sae_provenance_meta,
+)
 from bugscope.script import log, run
+from bugscope.sites import hook_name
 
 
 def main(smk):
@@ -17,7 +25,7 @@ def main(smk):
                                                  smk.output.features):
             hook = hook_name(layer, cfg["cache"]["site"])
             sae, provenance = load_sae(sae_dir, device=device)
-            acts_meta = read_metadata(acts_path)
+            acts_meta = check_table(acts_path, kind=ACTIVATIONS_KIND, config_hash=stage_hash(cfg, "activations"))
             check_sae_fits(sae, expected_hook=hook, d_model=acts_meta["d_model"], where=str(sae_dir))
             table = encode_activation_file(sae, acts_path, batch_size=cfg["sae"]["encode_batch_size"])
             meta = {"kind": FEATURES_KIND, "config_hash": smk.params.config_hash, "layer": layer, "hook_name": hook,

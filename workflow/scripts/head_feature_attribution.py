@@ -9,7 +9,7 @@ def main(smk):
     manifest = ModelManifest.load(smk.input.manifest)
     model, tokenizer = load_model(manifest, cfg["device"])
     table, parity, meta = run_attribution(cfg, model, tokenizer, smk.input.prompts, smk.input.discriminative,
-                                          dict(zip(smk.params.layers, smk.input.saes)), smk.params.config_hash)
+                                          dict(zip(smk.params.layers, smk.input.saes)))
     meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], **manifest.provenance(), **meta}
     write_table(table.to_arrow(), smk.output.attribution, {"kind": "head_feature_attribution", **meta})
     write_table(parity.to_arrow(), smk.output.parity, {"kind": "head_parity", **meta})

@@ -11,6 +11,7 @@ mode (params.mode):
 import polars as pl
 
 from bugscope import patching
+from bugscope.config import stage_hash
 from bugscope.io import read_table, write_table
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
@@ -21,7 +22,7 @@ def main(smk):
     pc = cfg["patching"]
     mode = smk.params.mode
     manifest = ModelManifest.load(smk.input.manifest)
-    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts")[0])
+    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts", config_hash=stage_hash(smk.config, "prompts"))[0])
     spec, target, source = patching.spec_from_config(cfg)
     meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], "mode": mode,
             "positions": pc["positions"], "operation": pc["operation"], "direction": pc["direction"],
@@ -33,7 +34,7 @@ def main(smk):
     else:
         overlap = None
         if "overlap" in smk.input.keys():
-            overlap = pl.from_arrow(read_table(smk.input.overlap, kind="feature_overlap")[0])
+            overlap = pl.from_arrow(read_table(smk.input.overlap, kind="feature_overlap", config_hash=stage_hash(smk.config, "features"))[0])
         layers, focus_source = patching.resolve_focus_layers(cfg, overlap)
         meta.update(focus_layers=layers, focus_layer_source=focus_source)
         log.info("focus layers %s (from %s)", layers, focus_source)

@@ -3,6 +3,7 @@
 import polars as pl
 
 from bugscope import patching
+from bugscope.config import stage_hash
 from bugscope.io import read_table, write_table
 from bugscope.script import log, run
 
@@ -16,7 +17,7 @@ def main(smk):
         parts.append(pl.from_arrow(table))
         metas.append(meta)
     per_prompt = pl.concat(parts)
-    scores = pl.from_arrow(read_table(smk.input.scores, kind="baseline_scores")[0])
+    scores = pl.from_arrow(read_table(smk.input.scores, kind="baseline_scores", config_hash=stage_hash(smk.config, "baseline"))[0])
 
     # The unpatched run inside the patching engine must agree with the baseline stage.
     check = (per_prompt.unique("prompt_id").join(scores.select("prompt_id", "logit_diff"), on="prompt_id", suffix="_scores")

@@ -1,7 +1,7 @@
 from bugscope.model import ModelManifest, pick_device
 from bugscope.sae import check_sae_fits, load_pretrained_sae, save_sae
-from bugscope.sites import hook_name
 from bugscope.script import log, run
+from bugscope.sites import hook_name
 
 
 def main(smk):

@@ -1,5 +1,6 @@
 import polars as pl
 
+from bugscope.config import stage_hash
 from bugscope.corpus import CORPUS_KIND, build_corpus_table
 from bugscope.io import read_table, write_table
 from bugscope.model import ModelManifest
@@ -11,7 +12,7 @@ def main(smk):
 
     cfg = smk.config
     manifest = ModelManifest.load(smk.input.manifest)
-    prompts = read_table(smk.input.prompts, kind="prompts")[0]
+    prompts = read_table(smk.input.prompts, kind="prompts", config_hash=stage_hash(smk.config, "prompts"))[0]
     tokenizer = AutoTokenizer.from_pretrained(manifest.path, revision=manifest.revision)
     table, meta = build_corpus_table(cfg["sae"]["corpus"], prompts, tokenizer, seed=cfg["seed"],
                                      include_train=cfg["sae"]["source"] == "train")

@@ -1,6 +1,5 @@
-import pyarrow.parquet as pq
-
 import polars as pl
+import pyarrow.parquet as pq
 
 from bugscope import figures
 from bugscope.io import atomic_path, read_metadata

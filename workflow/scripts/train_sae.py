@@ -1,12 +1,20 @@
 import pyarrow.compute as pc
 import torch
 
+from bugscope.cache import ACTIVATIONS_KIND
 from bugscope.corpus import CORPUS_KIND
-from bugscope.io import read_table
+from bugscope.io import check_table, read_table
 from bugscope.model import ModelManifest, pick_device
-from bugscope.sae import ActivationSource, ActivationStream, check_sae_fits, layer_seed, save_sae, train_topk_sae
-from bugscope.sites import hook_name
+from bugscope.sae import (
+    ActivationSource,
+    ActivationStream,
+    check_sae_fits,
+    layer_seed,
+    save_sae,
+    train_topk_sae,
+)
 from bugscope.script import log, run
+from bugscope.sites import hook_name
 
 
 def main(smk):
@@ -17,6 +25,8 @@ def main(smk):
     train_ids = frozenset(corpus.filter(pc.equal(corpus.column("split"), "train")).column("prompt_id").to_pylist())
     device = str(pick_device(cfg["device"]))
     trained = []
+    for acts_path in smk.input.activations:
+        check_table(acts_path, kind=ACTIVATIONS_KIND, config_hash=smk.params.config_hash)
     for layer, acts_path in zip(smk.params.layers, smk.input.activations):
         hook = hook_name(layer, cfg["cache"]["site"])
         seed = layer_seed(cfg["seed"], layer)
