@@ -8,7 +8,7 @@ throughputs says how much the rest costs (target >= 0.5).
     python bench/bench_encode.py            # both shapes, on CUDA when visible
     python bench/bench_encode.py --rows 8192 --repeats 5
 
-Shapes: the default config's trained TopK SAE (d_in 576, d_sae 1152, k 32) and a Llama Scope 8x
+Shapes: the default config's trained TopK SAE (d_in 576, d_sae 1152, k 48) and a Llama Scope 8x
 JumpReLU SAE (d_in 4096, d_sae 32768, threshold set for L0 about 50). Weights are random: the
 cost does not depend on their values, only on shapes and L0.
 """
@@ -82,7 +82,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     x = torch.randn(args.rows, 576, device=device)
-    ratios = [run("trained TopK (default config)", make_topk(576, 1152, 32, device), x, args.repeats, sync)]
+    ratios = [run("trained TopK (default config)", make_topk(576, 1152, 48, device), x, args.repeats, sync)]
     big_rows = args.rows if device == "cuda" else max(256, args.rows // 8)
     xb = torch.randn(big_rows, 4096, device=device)
     ratios.append(run("Llama Scope 8x JumpReLU", make_jumprelu(4096, 32768, 50, xb, device), xb, args.repeats, sync))

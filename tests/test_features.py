@@ -276,21 +276,25 @@ def test_head_attributions_reconstruct_sae_pre_activation(embedded, decision_cap
 @pytest.fixture
 def stage_inputs(tmp_path, ci_config):
     """A prompt table, baseline scores and two layers of sparse features written as the pipeline writes them."""
+    from bugscope.config import stage_hash
     from bugscope.io import write_table
 
     rng = np.random.default_rng(0)
     n_q = 12
     prompts = _prompts(n_q)
-    write_table(prompts.to_arrow(), tmp_path / "prompts.parquet", {"kind": "prompts"})
+    write_table(prompts.to_arrow(), tmp_path / "prompts.parquet",
+                {"kind": "prompts", "config_hash": stage_hash(ci_config, "prompts")})
     scores = pl.DataFrame({"prompt_id": prompts["prompt_id"], "format": prompts["format"],
                            "is_correct": rng.random(prompts.height) < 0.5})
-    write_table(scores.to_arrow(), tmp_path / "scores.parquet", {"kind": "baseline_scores"})
+    write_table(scores.to_arrow(), tmp_path / "scores.parquet",
+                {"kind": "baseline_scores", "config_hash": stage_hash(ci_config, "baseline")})
     paths = {}
     for layer in (0, 10):
         rows = [(pid, pos, int(f), float(rng.exponential()))
                 for pid in prompts["prompt_id"] for pos in (0, 2, 5) for f in rng.choice(50, 8, replace=False)]
         paths[layer] = tmp_path / f"blocks.{layer}.hook_resid_post.parquet"
-        write_table(_sparse(rows).to_arrow(), paths[layer], {"kind": "features", "d_sae": 50, "sae": "hand-made"})
+        write_table(_sparse(rows).to_arrow(), paths[layer], {"kind": "features", "d_sae": 50, "sae": "hand-made",
+                                                          "config_hash": stage_hash(ci_config, "sae")})
     return ci_config, tmp_path, paths
 
 

@@ -40,8 +40,13 @@ CORPUS_CFG = {"train_tokens": 700, "heldout_tokens": 200, "seq_len": 64, "includ
               "heldout_pair_fraction": 0.25, "dtype": "float16"}
 
 
+# The stage whose config hash each activation file carries (as cache_residuals and cache_corpus write them).
+STAGE_OF = {"prompts": "activations", "corpus": "sae"}
+
+
 @pytest.fixture(scope="module")
 def layer_data(tmp_path_factory, embedded, ci_config):
+    from bugscope.config import stage_hash
     from bugscope.prompts import build_prompt_table
 
     model, tokenizer = embedded
@@ -52,7 +57,8 @@ def layer_data(tmp_path_factory, embedded, ci_config):
     paths = {"prompts": root / "prompts.parquet", "corpus": root / "corpus.parquet"}
     for name, rows, dtype in (("prompts", prompt_rows, "float32"), ("corpus", cache_rows(corpus), "float16")):
         cache_activations(model, rows, layers=[LAYER], site="resid_post", dtype=dtype, out_paths={LAYER: paths[name]},
-                          meta={"dataset": name}, batch_size=16, pad_token_id=tokenizer.pad_token_id)
+                          meta={"dataset": name, "config_hash": stage_hash(ci_config, STAGE_OF[name])},
+                          batch_size=16, pad_token_id=tokenizer.pad_token_id)
     train_ids = frozenset(pc.filter(corpus.column("prompt_id"), pc.equal(corpus.column("split"), "train")).to_pylist())
     stream = bsae.ActivationStream([bsae.ActivationSource(str(paths["corpus"]), prompt_ids=train_ids)],
                                    batch_size=SAE_CFG["batch_size"], seed=1, buffer_rows=256)

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 
 from bugscope.cache import ACTIVATIONS_KIND
 from bugscope.config import stage_hash
-from bugscope.io import atomic_path, check_table, encode_metadata
+from bugscope.io import atomic_path, check_metadata, encode_metadata, read_metadata
 from bugscope.model import pick_device
 from bugscope.sae import (
     FEATURES_KIND,
@@ -25,8 +25,9 @@ def main(smk):
                                                  smk.output.features):
             hook = hook_name(layer, cfg["cache"]["site"])
             sae, provenance = load_sae(sae_dir, device=device)
-            acts_meta = check_table(acts_path, kind=ACTIVATIONS_KIND, config_hash=stage_hash(cfg, "activations"))
+            acts_meta = read_metadata(acts_path)
             check_sae_fits(sae, expected_hook=hook, d_model=acts_meta["d_model"], where=str(sae_dir))
+            check_metadata(acts_path, acts_meta, kind=ACTIVATIONS_KIND, config_hash=stage_hash(cfg, "activations"))
             table = encode_activation_file(sae, acts_path, batch_size=cfg["sae"]["encode_batch_size"])
             meta = {"kind": FEATURES_KIND, "config_hash": smk.params.config_hash, "layer": layer, "hook_name": hook,
                     "d_sae": sae.cfg.d_sae, "sae_dir": str(sae_dir), "positions": acts_meta.get("positions"),
