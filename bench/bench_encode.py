@@ -16,6 +16,7 @@ cost does not depend on their values, only on shapes and L0.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -23,16 +24,20 @@ import torch
 from bugscope.sae import encode_sparse
 
 
-def best_time(fn, repeats: int, sync) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def median_times(fns, repeats: int, sync) -> list[float]:
+    """Median wall time of each function, the functions interleaved in every repeat so that a
+    noisy neighbour slows them alike."""
+    for fn in fns:
         fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    sync()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def make_topk(d_in: int, d_sae: int, k: int, device: str):
@@ -59,8 +64,7 @@ def make_jumprelu(d_in: int, d_sae: int, l0: int, x: torch.Tensor, device: str):
 
 def run(name: str, sae, x: torch.Tensor, repeats: int, sync) -> float:
     w = sae.W_enc.detach()
-    t_mm = best_time(lambda: x @ w, repeats, sync)
-    t_enc = best_time(lambda: encode_sparse(sae, x, batch_size=x.shape[0]), repeats, sync)
+    t_mm, t_enc = median_times([lambda: x @ w, lambda: encode_sparse(sae, x, batch_size=x.shape[0])], repeats, sync)
     nnz = encode_sparse(sae, x[:1024], batch_size=1024)[0].numel() / min(1024, x.shape[0])
     ratio = t_mm / t_enc
     print(f"{name}: rows {x.shape[0]}, d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}, L0 {nnz:.1f}\n"
@@ -73,7 +77,7 @@ def run(name: str, sae, x: torch.Tensor, repeats: int, sync) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
