@@ -80,8 +80,12 @@ def test_reader_refuses_a_table_made_under_other_settings(ci_workflow, tmp_path)
     ci_yaml = (REPO / "config" / "ci.yaml").read_text()
     assert "  max_new_tokens: 6\n" in ci_yaml
     changed.write_text(ci_yaml.replace("  max_new_tokens: 6\n", "  max_new_tokens: 5\n"))
-    proc = run_snakemake(wd, str(figure), "--rerun-triggers", "mtime", configfile=changed, check=False)
-    log = (wd / "logs" / "figures" / "baseline_accuracy.log").read_text()
-    assert proc.returncode != 0
+    log_path = wd / "logs" / "figures" / "baseline_accuracy.log"
+    log_path.unlink()  # the copied run's log
+    proc = run_snakemake(wd, layout.figure("baseline_accuracy", "svg"), "--rerun-triggers", "mtime",
+                         configfile=changed, check=False)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "fig_baseline_accuracy" in proc.stdout + proc.stderr  # it failed in the figure rule, not before
+    log = log_path.read_text()
     assert "It is stale" in log and f"--force {layout.BASELINE_ACCURACY}" in log
     assert not figure.exists()
