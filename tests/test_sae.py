@@ -212,8 +212,8 @@ def test_spliced_exact_reconstruction_leaves_logit_diff_unchanged(embedded, laye
                              ["logit_diff"].to_numpy()).float()
     zero = _jumprelu(torch.zeros(576, 4), torch.zeros(4), torch.zeros(4, 576), torch.zeros(576), 0.0)
     # One call splices each layer's SAE separately, from the same unspliced prefix.
-    spliced = bsae.spliced_logit_diffs(model, {0: exact, LAYER: exact, LAYER + 1: zero}, rows, site="resid_post",
-                                       batch_size=2, pad_token_id=tokenizer.pad_token_id)
+    _, spliced = bsae.spliced_logit_diffs(model, {0: exact, LAYER: exact, LAYER + 1: zero}, rows, site="resid_post",
+                                          batch_size=2, pad_token_id=tokenizer.pad_token_id)
     assert torch.allclose(clean, spliced[0], atol=1e-3)
     assert torch.allclose(clean, spliced[LAYER], atol=1e-3)
     assert not torch.allclose(clean, spliced[LAYER + 1], atol=1e-2)  # the splice really replaces the activation

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from bugscope.sites import output_tensor, site_module
+from bugscope.sites import decoder_layers, output_tensor, site_module
 
 
 @dataclass
@@ -134,7 +134,7 @@ class LayerRunner:
         return mask[:, None]
 
     def layer(self, i: int, hidden: torch.Tensor, ctx: LayerContext, kv=None) -> torch.Tensor:
-        out = self.inner.layers[i](hidden, attention_mask=ctx.mask, position_ids=ctx.position_ids,
+        out = decoder_layers(self.model)[i](hidden, attention_mask=ctx.mask, position_ids=ctx.position_ids,
                                    past_key_values=kv, use_cache=False, position_embeddings=ctx.cos_sin)
         return output_tensor(out)
 

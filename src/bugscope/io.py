@@ -149,8 +149,7 @@ def check_table(path, *, kind: str, config_hash: str | None) -> dict:
 
 def read_table(path, *, kind: str, config_hash: str | None = None, columns=None) -> tuple[pa.Table, dict]:
     """Read a bugscope table, checking its kind and (if given) the config hash it was made under."""
-    meta = read_metadata(path)
-    check_metadata(path, meta, kind=kind, config_hash=config_hash)
+    meta = check_table(path, kind=kind, config_hash=config_hash)
     try:
         table = pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as err:

@@ -484,28 +484,30 @@ class ReconstructionStats:
 @torch.inference_mode()
 @torch.inference_mode()
 def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, batch_size: int,
-                        pad_token_id: int) -> dict[int, torch.Tensor]:
-    """layer -> decision logit differences [n_prompts] (> 0 = correct) with that layer's SAE spliced in.
+                        pad_token_id: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """(clean, {layer: spliced}): decision logit differences [n_prompts] (> 0 = correct) of the
+    unspliced model and with each layer's SAE spliced in, the prompts in the same order.
 
     The site's output at the layer is replaced by the SAE reconstruction at every real position but
-    the first (the attention sink keeps its own activation; padding is untouched). Prompts come in
-    `iter_batches` order, as in `bugscope.baseline.score_prompts`, which gives the clean differences.
-    One unspliced pass per batch records the residual entering each spliced layer, and each spliced
-    pass starts there: the layers before the splice are never recomputed.
+    the first (the attention sink keeps its own activation; padding is untouched). One unspliced
+    pass per batch gives the clean differences and the residual entering each spliced layer; each
+    spliced pass starts there, so the layers before the splice are never recomputed.
     """
     from bugscope.forward import LayerRunner, iter_batches
     from bugscope.sites import output_tensor, site_module
 
     runner = LayerRunner(model)
+    clean: list[torch.Tensor] = []
     spliced: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
     for batch in iter_batches(list(rows), batch_size, pad_token_id, runner.device):
         mask = (batch.attention_mask == 1) & (batch.position_ids > SINK_POSITION)  # [batch, pos]
         hidden, ctx = runner.begin(batch)
         entering = {}
-        for i in range(max(saes) + 1):
+        for i in range(runner.n_layers):
             if i in saes:
                 entering[i] = hidden
             hidden = runner.layer(i, hidden, ctx)
+        clean.append(runner.decision_logit_diff(hidden[:, -1], batch))
         for layer, sae in saes.items():
             def replace(_module, _inputs, output, sae=sae):
                 hidden = output_tensor(output)
@@ -519,7 +521,7 @@ def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, b
             finally:
                 handle.remove()
             spliced[layer].append(runner.decision_logit_diff(last, batch))
-    return {layer: torch.cat(parts) for layer, parts in spliced.items()}
+    return torch.cat(clean), {layer: torch.cat(parts) for layer, parts in spliced.items()}
 
 
 def quality_row(*, layer: int, hook: str, sae, provenance: dict, prompt_stats: dict, corpus_stats: dict,

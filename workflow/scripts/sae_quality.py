@@ -3,9 +3,7 @@ import contextlib
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from bugscope.baseline import score_prompts
 from bugscope.cache import ACTIVATIONS_KIND
 from bugscope.config import stage_hash
 from bugscope.corpus import CORPUS_KIND
@@ -44,8 +42,6 @@ def main(smk):
     # pass per layer over every token is the stage's largest cost.
     contrast = [cfg["prompts"]["buggy_format"], cfg["prompts"]["correct_format"]]
     rows = held_prompts.filter(pl.col("format").is_in(contrast)).to_dicts()
-    clean = torch.from_numpy(score_prompts(model, rows, batch_size=cfg["cache"]["batch_size"],
-                                           pad_token_id=tokenizer.pad_token_id)["logit_diff"].to_numpy()).float()
     meta = {"kind": QUALITY_KIND, "config_hash": smk.params.config_hash, "heldout_pair_ids": held_pairs,
             "prompts_heldout": bool(held_pairs), "excluded_positions": [0], "corpus": corpus_meta["corpus"],
             "ev_definition": "1 - sum|x - x_hat|^2 / sum|x - mean(x)|^2 over held-out tokens",
@@ -60,7 +56,7 @@ def main(smk):
     for layer, sae_dir in zip(smk.params.layers, smk.input.saes):
         saes[layer] = load_sae(sae_dir, device=str(device))
         check_sae_fits(saes[layer][0], expected_hook=hook_name(layer, site), d_model=manifest.d_model, where=str(sae_dir))
-    spliced = spliced_logit_diffs(model, {layer: sae for layer, (sae, _) in saes.items()}, rows, site=site,
+    clean, spliced = spliced_logit_diffs(model, {layer: sae for layer, (sae, _) in saes.items()}, rows, site=site,
                                   batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id)
     with contextlib.ExitStack() as stack:  # all outputs of the group are renamed into place together
         for layer, p_acts, c_acts, out in zip(smk.params.layers, smk.input.prompt_activations,
