@@ -57,8 +57,10 @@ def main() -> None:
     bare()  # warm-up
     t_bare, t_cache = [], []
     for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-        t0 = time.perf_counter(); bare(); t_bare.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); cached(); t_cache.append(time.perf_counter() - t0)
+        for run, times in ((bare, t_bare), (cached, t_cache)):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
     mb, mc = statistics.median(t_bare), statistics.median(t_cache)
     n_tokens = sum(len(r["input_ids"]) for r in rows)
     print(f"{len(rows)} prompts, {n_tokens} tokens, {len(layers)} layers, batch {bs}, {args.repeats} repeats")

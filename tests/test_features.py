@@ -12,6 +12,7 @@ import torch
 from scipy import stats as sps
 
 from bugscope import features as F
+from tests.numerics import max_abs, rounding_tolerance
 
 
 def _sparse(rows):
@@ -240,6 +241,7 @@ def decision_capture(embedded, ci_config):
                                                      ("topk", "constant_norm_rescale", "resid_post"),
                                                      ("jumprelu", "layer_norm", "resid_post"),
                                                      ("topk", "constant_norm_rescale", "attn_out")])
+@pytest.mark.numerical
 def test_head_attributions_reconstruct_sae_pre_activation(embedded, decision_capture, kind, normalisation, site):
     model, _ = embedded
     prompts, ids, caps = decision_capture
@@ -249,12 +251,16 @@ def test_head_attributions_reconstruct_sae_pre_activation(embedded, decision_cap
     for layer in (3, 10):
         cap = caps[layer]
         # the captured pieces are the layer's residual stream: pre + attention + MLP = post
-        torch.testing.assert_close(cap.resid_pre + cap.attn_out + cap.mlp_out, cap.resid_post, atol=1e-4, rtol=0)
+        add_tol = rounding_tolerance(torch.float32, scale=max_abs(cap.resid_post), reduction=3)
+        assert (cap.resid_pre + cap.attn_out + cap.mlp_out - cap.resid_post).abs().max() <= add_tol
         res = F.attribute_layer(model, layer, sae, cap, feats, n_heads=n_heads, site=site)
-        scale = res["pre"].abs().max().item()
-        assert scale > 1e-2
-        assert res["attn_identity_error"] < 1e-4, res["attn_identity_error"]
-        assert res["identity_error"] < 1e-4, res["identity_error"]
+        assert res["pre"].abs().max().item() > 1e-2
+        # The float64 decomposition against the SAE's own float32 encoding of the float32 capture:
+        # float32 rounding of the largest term, through o_proj and the encoder.
+        terms = max(max_abs(res[k]) for k in ("heads", "resid_pre", "mlp_out", "attn_bias", "sae_bias", "pre"))
+        tol = rounding_tolerance(torch.float32, scale=terms, reduction=model.config.hidden_size, depth=2)
+        assert res["attn_identity_error"] <= tol, (res["attn_identity_error"], tol)
+        assert res["identity_error"] <= tol, (res["identity_error"], tol)
         # every head contributes something distinct
         assert res["heads"].abs().amax(dim=(1, 2)).min() > 0
         # ablation check: zero-ablating head h moves the pre-activation by about minus its direct
@@ -267,7 +273,7 @@ def test_head_attributions_reconstruct_sae_pre_activation(embedded, decision_cap
         prompts.select("prompt_id", "format"), on="prompt_id", how="left", maintain_order="left")["format"].to_numpy()
     rows = F.summarise_attribution(res, layer=10, feature_ids=feats, sources=["x"] * len(feats), formats=formats)
     sums = rows.group_by("format", "feature_id").agg(pl.col("direct_attribution").sum(), pl.col("pre_activation").first())
-    assert (sums["direct_attribution"] - sums["pre_activation"]).abs().max() < 1e-4
+    assert (sums["direct_attribution"] - sums["pre_activation"]).abs().max() <= tol
 
 
 # --- stage drivers on hand-made tables ----------------------------------------------------------

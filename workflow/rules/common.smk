@@ -40,8 +40,14 @@ def final_outputs():
 
 def feature_targets():
     """The feature-analysis tables (workflow/rules/features.smk)."""
-    return [layout.FEATURE_OVERLAP, layout.FEATURE_OVERLAP_PAIRS, layout.DISCRIMINATIVE_FEATURES,
-            layout.NAMED_FEATURES, layout.HEAD_FEATURE_ATTRIBUTION, layout.HEAD_PARITY]
+    return [
+        layout.FEATURE_OVERLAP,
+        layout.FEATURE_OVERLAP_PAIRS,
+        layout.DISCRIMINATIVE_FEATURES,
+        layout.NAMED_FEATURES,
+        layout.HEAD_FEATURE_ATTRIBUTION,
+        layout.HEAD_PARITY,
+    ]
 
 
 # Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
@@ -58,10 +64,16 @@ def model_job_resources(n_prompts_hint=None, n_layers=1):
     """
     size_b = config["model"]["size_b"]
     prompts = config["prompts"]
-    n_prompts = n_prompts_hint or len(prompts["formats"]) * 2 * (prompts["n_pairs"] + len(prompts["extra_pairs"]))
+    n_prompts = n_prompts_hint or len(prompts["formats"]) * 2 * (
+        prompts["n_pairs"] + len(prompts["extra_pairs"])
+    )
     scale = config["resources"]["minutes_per_b_per_100_prompts"]
-    runtime = int(10 + scale * max(size_b, 0.1) * (n_prompts / 100) * max(1, n_layers / 8))
-    weights_mb = int(size_b * 1000 * (4 if config["model"]["dtype"] == "float32" else 2))
+    runtime = int(
+        10 + scale * max(size_b, 0.1) * (n_prompts / 100) * max(1, n_layers / 8)
+    )
+    weights_mb = int(
+        size_b * 1000 * (4 if config["model"]["dtype"] == "float32" else 2)
+    )
     return {
         "gpu": 1,
         "runtime": lambda wildcards, attempt: runtime * attempt,
@@ -96,7 +108,11 @@ REPORT_TABLES = {
 def figure_targets():
     """Every figure in SVG, PNG and HTML, the report tables and the ledger."""
     return [
-        *[layout.figure(name, ext) for name in FIGURES for ext in ("svg", "png", "html")],
+        *[
+            layout.figure(name, ext)
+            for name in FIGURES
+            for ext in ("svg", "png", "html")
+        ],
         *[layout.REPORT_TABLE.format(name=name) for name in REPORT_TABLES],
         layout.CLAIMS,
         layout.CLAIMS_MARKDOWN,
@@ -108,11 +124,19 @@ def figure_outputs(name, category):
     """The SVG, PNG and HTML outputs of a figure rule; SVG (inline) and HTML (interactive) go in the report."""
     caption = f"../report/{name}.rst"
     return {
-        "svg": report(layout.figure(name, "svg"), caption=caption, category=category,
-                      labels={"figure": name, "file": "SVG"}),
+        "svg": report(
+            layout.figure(name, "svg"),
+            caption=caption,
+            category=category,
+            labels={"figure": name, "file": "SVG"},
+        ),
         "png": layout.figure(name, "png"),
-        "html": report(layout.figure(name, "html"), caption=caption, category=category,
-                       labels={"figure": name, "file": "interactive HTML"}),
+        "html": report(
+            layout.figure(name, "html"),
+            caption=caption,
+            category=category,
+            labels={"figure": name, "file": "interactive HTML"},
+        ),
     }
 
 
@@ -123,7 +147,6 @@ def claims_inputs(wildcards):
 
 
 # --- attention-head patching (workflow/rules/patching.smk) ---------------------------------------
-
 
 
 def patching_targets():

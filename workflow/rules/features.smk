@@ -22,15 +22,15 @@ rule feature_overlap:
     output:
         overlap=layout.FEATURE_OVERLAP,
         pairs=layout.FEATURE_OVERLAP_PAIRS,
-    params:
-        layers=LAYERS,
-        config_hash=FEATURE_CONFIG_HASH,
     log:
         f"{layout.LOGS}/features/feature_overlap.log",
     benchmark:
         f"{layout.BENCHMARKS}/features/feature_overlap.tsv"
     conda:
         "../../environment.yml"
+    params:
+        layers=LAYERS,
+        config_hash=FEATURE_CONFIG_HASH,
     script:
         "../scripts/feature_overlap.py"
 
@@ -42,15 +42,15 @@ rule discriminative_features:
         features=[layout.FEATURES.format(hook=hook) for hook in HOOKS],
     output:
         discriminative=layout.DISCRIMINATIVE_FEATURES,
-    params:
-        layers=LAYERS,
-        config_hash=FEATURE_CONFIG_HASH,
     log:
         f"{layout.LOGS}/features/discriminative_features.log",
     benchmark:
         f"{layout.BENCHMARKS}/features/discriminative_features.tsv"
     conda:
         "../../environment.yml"
+    params:
+        layers=LAYERS,
+        config_hash=FEATURE_CONFIG_HASH,
     script:
         "../scripts/discriminative_features.py"
 
@@ -58,16 +58,19 @@ rule discriminative_features:
 rule named_features:
     input:
         prompts=layout.PROMPTS,
-        features=[layout.FEATURES.format(hook=hook_name(layer, SITE)) for layer in NAMED_LAYERS],
+        features=[
+            layout.FEATURES.format(hook=hook_name(layer, SITE))
+            for layer in NAMED_LAYERS
+        ],
     output:
         named=layout.NAMED_FEATURES,
-    params:
-        layers=NAMED_LAYERS,
-        config_hash=FEATURE_CONFIG_HASH,
     log:
         f"{layout.LOGS}/features/named_features.log",
     conda:
         "../../environment.yml"
+    params:
+        layers=NAMED_LAYERS,
+        config_hash=FEATURE_CONFIG_HASH,
     script:
         "../scripts/named_features.py"
 
@@ -77,22 +80,29 @@ rule head_feature_attribution:
         manifest=layout.MODEL_MANIFEST,
         prompts=layout.PROMPTS,
         discriminative=layout.DISCRIMINATIVE_FEATURES,
-        saes=[layout.SAE_DIR.format(hook=hook_name(layer, SITE)) for layer in ATTRIBUTION_LAYERS],
+        saes=[
+            layout.SAE_DIR.format(hook=hook_name(layer, SITE))
+            for layer in ATTRIBUTION_LAYERS
+        ],
     output:
         attribution=layout.HEAD_FEATURE_ATTRIBUTION,
         parity=layout.HEAD_PARITY,
-    params:
-        layers=ATTRIBUTION_LAYERS,
-        config_hash=FEATURE_CONFIG_HASH,
-    threads: MODEL_JOB_THREADS
-    resources:
-        # one forward pass over the buggy- and correct-format prompts serves every layer
-        **model_job_resources(n_prompts_hint=2 * 2 * (config["prompts"]["n_pairs"] + len(config["prompts"]["extra_pairs"]))),
     log:
         f"{layout.LOGS}/features/head_feature_attribution.log",
     benchmark:
         f"{layout.BENCHMARKS}/features/head_feature_attribution.tsv"
     conda:
         "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        # one forward pass over the buggy- and correct-format prompts serves every layer
+        **model_job_resources(
+            n_prompts_hint=2
+            * 2
+            * (config["prompts"]["n_pairs"] + len(config["prompts"]["extra_pairs"]))
+        ),
+    params:
+        layers=ATTRIBUTION_LAYERS,
+        config_hash=FEATURE_CONFIG_HASH,
     script:
         "../scripts/head_feature_attribution.py"

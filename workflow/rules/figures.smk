@@ -7,8 +7,12 @@ from pathlib import Path
 import bugscope.claims as bugscope_claims
 
 # The overlap table resolves focus_layers "auto"; a figure at the focus layer reads it only then.
-FOCUS_INPUT = {"overlap": layout.FEATURE_OVERLAP} if config["focus_layers"] == "auto" else {}
-CLAIMS_LEDGER = config["claims"]["ledger"] or str(Path(str(workflow.current_basedir)).parents[1] / "config" / "claims.yaml")
+FOCUS_INPUT = (
+    {"overlap": layout.FEATURE_OVERLAP} if config["focus_layers"] == "auto" else {}
+)
+CLAIMS_LEDGER = config["claims"]["ledger"] or str(
+    Path(str(workflow.current_basedir)).parents[1] / "config" / "claims.yaml"
+)
 PNG_SCALE = config["figures"]["png_scale"]
 
 
@@ -31,12 +35,12 @@ rule fig_baseline_accuracy:
         accuracy=layout.BASELINE_ACCURACY,
     output:
         **figure_outputs("baseline_accuracy", "1. Baseline"),
-    params:
-        png_scale=PNG_SCALE,
     log:
         f"{layout.LOGS}/figures/baseline_accuracy.log",
     conda:
         "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
     script:
         "../scripts/fig_baseline_accuracy.py"
 
@@ -46,12 +50,12 @@ rule fig_feature_overlap:
         overlap=layout.FEATURE_OVERLAP,
     output:
         **figure_outputs("feature_overlap", "2. SAE features"),
-    params:
-        png_scale=PNG_SCALE,
     log:
         f"{layout.LOGS}/figures/feature_overlap.log",
     conda:
         "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
     script:
         "../scripts/fig_feature_overlap.py"
 
@@ -61,45 +65,45 @@ rule fig_amplification:
         overlap=layout.FEATURE_OVERLAP,
     output:
         **figure_outputs("amplification", "2. SAE features"),
-    params:
-        png_scale=PNG_SCALE,
     log:
         f"{layout.LOGS}/figures/amplification.log",
     conda:
         "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
     script:
         "../scripts/fig_amplification.py"
 
 
 rule fig_format_features:
     input:
+        **FOCUS_INPUT,
         discriminative=layout.DISCRIMINATIVE_FEATURES,
         named=layout.NAMED_FEATURES,
-        **FOCUS_INPUT,
     output:
         **figure_outputs("format_features", "2. SAE features"),
-    params:
-        png_scale=PNG_SCALE,
     log:
         f"{layout.LOGS}/figures/format_features.log",
     conda:
         "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
     script:
         "../scripts/fig_format_features.py"
 
 
 rule fig_head_attribution:
     input:
-        attribution=layout.HEAD_FEATURE_ATTRIBUTION,
         **FOCUS_INPUT,
+        attribution=layout.HEAD_FEATURE_ATTRIBUTION,
     output:
         **figure_outputs("head_attribution", "3. Attention heads"),
-    params:
-        png_scale=PNG_SCALE,
     log:
         f"{layout.LOGS}/figures/head_attribution.log",
     conda:
         "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
     script:
         "../scripts/fig_head_attribution.py"
 
@@ -109,12 +113,12 @@ rule fig_sae_quality:
         quality=layout.SAE_QUALITY,
     output:
         **figure_outputs("sae_quality", "2. SAE features"),
-    params:
-        png_scale=PNG_SCALE,
     log:
         f"{layout.LOGS}/figures/sae_quality.log",
     conda:
         "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
     script:
         "../scripts/fig_sae_quality.py"
 
@@ -124,12 +128,12 @@ rule fig_head_sweep:
         summary=layout.PATCHING_SUMMARY,
     output:
         **figure_outputs("head_sweep", "3. Attention heads"),
-    params:
-        png_scale=PNG_SCALE,
     log:
         f"{layout.LOGS}/figures/head_sweep.log",
     conda:
         "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
     script:
         "../scripts/fig_head_sweep.py"
 
@@ -139,12 +143,12 @@ rule fig_head_subsets:
         summary=layout.PATCHING_SUMMARY,
     output:
         **figure_outputs("head_subsets", "3. Attention heads"),
-    params:
-        png_scale=PNG_SCALE,
     log:
         f"{layout.LOGS}/figures/head_subsets.log",
     conda:
         "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
     script:
         "../scripts/fig_head_subsets.py"
 
@@ -154,12 +158,12 @@ rule fig_seed_method:
         comparison=layout.PATCHING_SEED_METHOD,
     output:
         **figure_outputs("seed_method", "3. Attention heads"),
-    params:
-        png_scale=PNG_SCALE,
     log:
         f"{layout.LOGS}/figures/seed_method.log",
     conda:
         "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
     script:
         "../scripts/fig_seed_method.py"
 
@@ -174,10 +178,10 @@ rule report_table:
             category="5. Tables",
             labels={"table": "{name}"},
         ),
-    wildcard_constraints:
-        name="|".join(REPORT_TABLES),
     log:
         f"{layout.LOGS}/figures/table_{{name}}.log",
+    wildcard_constraints:
+        name="|".join(REPORT_TABLES),
     conda:
         "../../environment.yml"
     script:
@@ -190,8 +194,12 @@ rule claims_ledger:
     output:
         claims=layout.CLAIMS,
         markdown=layout.CLAIMS_MARKDOWN,
-        html=report(layout.CLAIMS_HTML, caption="../report/claims.rst", category="4. Claims ledger",
-                    labels={"table": "claims ledger"}),
+        html=report(
+            layout.CLAIMS_HTML,
+            caption="../report/claims.rst",
+            category="4. Claims ledger",
+            labels={"table": "claims ledger"},
+        ),
     log:
         f"{layout.LOGS}/figures/claims_ledger.log",
     conda:

@@ -1,13 +1,13 @@
 rule prepare_model:
     output:
         manifest=layout.MODEL_MANIFEST,
-    params:
-        model=config["model"],
-        checkpoint_dir=layout.MODEL_CHECKPOINT,
     log:
         f"{layout.LOGS}/prepare_model.log",
     conda:
         "../../environment.yml"
+    params:
+        model=config["model"],
+        checkpoint_dir=layout.MODEL_CHECKPOINT,
     script:
         "../scripts/prepare_model.py"
 
@@ -17,12 +17,12 @@ rule build_prompts:
         manifest=layout.MODEL_MANIFEST,
     output:
         prompts=layout.PROMPTS,
-    params:
-        config_hash=stage_hash(config, "prompts"),
     log:
         f"{layout.LOGS}/build_prompts.log",
     conda:
         "../../environment.yml"
+    params:
+        config_hash=stage_hash(config, "prompts"),
     script:
         "../scripts/build_prompts.py"
 
@@ -35,17 +35,17 @@ rule baseline:
         scores=layout.BASELINE_SCORES,
         accuracy=layout.BASELINE_ACCURACY,
         generation=layout.BASELINE_GENERATION,
-    params:
-        config_hash=stage_hash(config, "baseline"),
-    threads: MODEL_JOB_THREADS
-    resources:
-        **model_job_resources(),
     log:
         f"{layout.LOGS}/baseline.log",
     benchmark:
         f"{layout.BENCHMARKS}/baseline.tsv"
     conda:
         "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources(),
+    params:
+        config_hash=stage_hash(config, "baseline"),
     script:
         "../scripts/baseline.py"
 
@@ -56,17 +56,17 @@ rule cache_residuals:
         prompts=layout.PROMPTS,
     output:
         activations=[layout.activations("prompts", hook) for hook in HOOKS],
-    params:
-        layers=LAYERS,
-        config_hash=stage_hash(config, "activations"),
-    threads: MODEL_JOB_THREADS
-    resources:
-        **model_job_resources(n_layers=len(LAYERS)),
     log:
         f"{layout.LOGS}/cache_residuals.log",
     benchmark:
         f"{layout.BENCHMARKS}/cache_residuals.tsv"
     conda:
         "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources(n_layers=len(LAYERS)),
+    params:
+        layers=LAYERS,
+        config_hash=stage_hash(config, "activations"),
     script:
         "../scripts/cache_residuals.py"

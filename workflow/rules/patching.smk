@@ -22,19 +22,19 @@ rule head_sweep:
         prompts=layout.PROMPTS,
     output:
         prompts=layout.PATCHING_SWEEP_GROUP,
-    params:
-        mode="sweep",
-        layers=lambda wildcards: LAYER_GROUPS[wildcards.group],
-        config_hash=PATCH_SWEEP_HASH,
-    threads: MODEL_JOB_THREADS
-    resources:
-        **model_job_resources(n_layers=config["resources"]["layers_per_job"]),
     log:
         f"{layout.LOGS}/patching/head_sweep_{{group}}.log",
     benchmark:
         f"{layout.BENCHMARKS}/patching/head_sweep_{{group}}.tsv"
     conda:
         "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources(n_layers=config["resources"]["layers_per_job"]),
+    params:
+        mode="sweep",
+        layers=lambda wildcards: LAYER_GROUPS[wildcards.group],
+        config_hash=PATCH_SWEEP_HASH,
     script:
         "../scripts/head_patching.py"
 
@@ -46,18 +46,18 @@ rule head_subsets:
         prompts=layout.PROMPTS,
     output:
         prompts=layout.PATCHING_SUBSETS_PROMPTS,
-    params:
-        mode="subsets",
-        config_hash=PATCH_FOCUS_HASH,
-    threads: MODEL_JOB_THREADS
-    resources:
-        **model_job_resources(n_layers=8),
     log:
         f"{layout.LOGS}/patching/head_subsets.log",
     benchmark:
         f"{layout.BENCHMARKS}/patching/head_subsets.tsv"
     conda:
         "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources(n_layers=8),
+    params:
+        mode="subsets",
+        config_hash=PATCH_FOCUS_HASH,
     script:
         "../scripts/head_patching.py"
 
@@ -70,37 +70,39 @@ rule head_seed_method:
     output:
         prompts=layout.PATCHING_SEED_METHOD_PROMPTS,
         summary=layout.PATCHING_SEED_METHOD,
-    params:
-        mode="seed_method",
-        config_hash=PATCH_FOCUS_HASH,
-    threads: MODEL_JOB_THREADS
-    resources:
-        **model_job_resources(),
     log:
         f"{layout.LOGS}/patching/head_seed_method.log",
     benchmark:
         f"{layout.BENCHMARKS}/patching/head_seed_method.tsv"
     conda:
         "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources(),
+    params:
+        mode="seed_method",
+        config_hash=PATCH_FOCUS_HASH,
     script:
         "../scripts/head_patching.py"
 
 
 rule head_patching_summary:
     input:
-        sweep=[layout.PATCHING_SWEEP_GROUP.format(group=group) for group in LAYER_GROUPS],
+        sweep=[
+            layout.PATCHING_SWEEP_GROUP.format(group=group) for group in LAYER_GROUPS
+        ],
         subsets=layout.PATCHING_SUBSETS_PROMPTS,
         scores=layout.BASELINE_SCORES,
     output:
         prompts=layout.PATCHING_PROMPTS,
         summary=layout.PATCHING_SUMMARY,
-    params:
-        sweep_hash=PATCH_SWEEP_HASH,
-        subsets_hash=PATCH_FOCUS_HASH,
-        config_hash=PATCH_SUMMARY_HASH,
     log:
         f"{layout.LOGS}/patching/head_patching_summary.log",
     conda:
         "../../environment.yml"
+    params:
+        sweep_hash=PATCH_SWEEP_HASH,
+        subsets_hash=PATCH_FOCUS_HASH,
+        config_hash=PATCH_SUMMARY_HASH,
     script:
         "../scripts/head_patching_summary.py"

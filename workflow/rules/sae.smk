@@ -25,12 +25,12 @@ rule prepare_corpus:
         prompts=layout.PROMPTS,
     output:
         corpus=layout.CORPUS,
-    params:
-        config_hash=SAE_CONFIG_HASH,
     log:
         f"{layout.LOGS}/sae/prepare_corpus.log",
     conda:
         "../../environment.yml"
+    params:
+        config_hash=SAE_CONFIG_HASH,
     script:
         "../scripts/prepare_corpus.py"
 
@@ -41,18 +41,18 @@ rule cache_corpus:
         corpus=layout.CORPUS,
     output:
         activations=[layout.activations("corpus", hook) for hook in HOOKS],
-    params:
-        layers=LAYERS,
-        config_hash=SAE_CONFIG_HASH,
-    threads: MODEL_JOB_THREADS
-    resources:
-        **model_job_resources(n_layers=len(LAYERS)),
     log:
         f"{layout.LOGS}/sae/cache_corpus.log",
     benchmark:
         f"{layout.BENCHMARKS}/sae/cache_corpus.tsv"
     conda:
         "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources(n_layers=len(LAYERS)),
+    params:
+        layers=LAYERS,
+        config_hash=SAE_CONFIG_HASH,
     script:
         "../scripts/cache_corpus.py"
 
@@ -70,19 +70,21 @@ for group, group_layers in LAYER_GROUPS.items():
                 corpus=layout.CORPUS,
                 activations=[layout.activations("corpus", hook) for hook in group_hooks],
             output:
-                saes=[directory(layout.SAE_DIR.format(hook=hook)) for hook in group_hooks],
-            params:
-                layers=group_layers,
-                config_hash=SAE_CONFIG_HASH,
-            threads: MODEL_JOB_THREADS
-            resources:
-                **model_job_resources(n_layers=len(group_layers)),
+                saes=[
+                    directory(layout.SAE_DIR.format(hook=hook)) for hook in group_hooks
+                ],
             log:
                 f"{layout.LOGS}/sae/train_sae_{group}.log",
             benchmark:
                 f"{layout.BENCHMARKS}/sae/train_sae_{group}.tsv"
             conda:
                 "../../environment.yml"
+            threads: MODEL_JOB_THREADS
+            resources:
+                **model_job_resources(n_layers=len(group_layers)),
+            params:
+                layers=group_layers,
+                config_hash=SAE_CONFIG_HASH,
             script:
                 "../scripts/train_sae.py"
 
@@ -94,20 +96,22 @@ for group, group_layers in LAYER_GROUPS.items():
             input:
                 manifest=layout.MODEL_MANIFEST,
             output:
-                saes=[directory(layout.SAE_DIR.format(hook=hook)) for hook in group_hooks],
-            params:
-                layers=group_layers,
-                sae_ids=[SAE_IDS[layer] for layer in group_layers],
-                config_hash=SAE_CONFIG_HASH,
-            threads: MODEL_JOB_THREADS
-            resources:
-                **model_job_resources(n_layers=len(group_layers)),
+                saes=[
+                    directory(layout.SAE_DIR.format(hook=hook)) for hook in group_hooks
+                ],
             log:
                 f"{layout.LOGS}/sae/load_pretrained_sae_{group}.log",
             benchmark:
                 f"{layout.BENCHMARKS}/sae/load_pretrained_sae_{group}.tsv"
             conda:
                 "../../environment.yml"
+            threads: MODEL_JOB_THREADS
+            resources:
+                **model_job_resources(n_layers=len(group_layers)),
+            params:
+                layers=group_layers,
+                sae_ids=[SAE_IDS[layer] for layer in group_layers],
+                config_hash=SAE_CONFIG_HASH,
             script:
                 "../scripts/load_pretrained_sae.py"
 
@@ -119,18 +123,18 @@ for group, group_layers in LAYER_GROUPS.items():
             activations=[layout.activations("prompts", hook) for hook in group_hooks],
         output:
             features=[layout.FEATURES.format(hook=hook) for hook in group_hooks],
-        params:
-            layers=group_layers,
-            config_hash=SAE_CONFIG_HASH,
-        threads: MODEL_JOB_THREADS
-        resources:
-            **model_job_resources(n_layers=len(group_layers)),
         log:
             f"{layout.LOGS}/sae/encode_features_{group}.log",
         benchmark:
             f"{layout.BENCHMARKS}/sae/encode_features_{group}.tsv"
         conda:
             "../../environment.yml"
+        threads: MODEL_JOB_THREADS
+        resources:
+            **model_job_resources(n_layers=len(group_layers)),
+        params:
+            layers=group_layers,
+            config_hash=SAE_CONFIG_HASH,
         script:
             "../scripts/encode_features.py"
 
@@ -142,22 +146,26 @@ for group, group_layers in LAYER_GROUPS.items():
             prompts=layout.PROMPTS,
             corpus=layout.CORPUS,
             saes=[layout.SAE_DIR.format(hook=hook) for hook in group_hooks],
-            prompt_activations=[layout.activations("prompts", hook) for hook in group_hooks],
-            corpus_activations=[layout.activations("corpus", hook) for hook in group_hooks],
+            prompt_activations=[
+                layout.activations("prompts", hook) for hook in group_hooks
+            ],
+            corpus_activations=[
+                layout.activations("corpus", hook) for hook in group_hooks
+            ],
         output:
             quality=[layout.SAE_QUALITY_LAYER.format(hook=hook) for hook in group_hooks],
-        params:
-            layers=group_layers,
-            config_hash=SAE_CONFIG_HASH,
-        threads: MODEL_JOB_THREADS
-        resources:
-            **model_job_resources(n_layers=len(group_layers)),
         log:
             f"{layout.LOGS}/sae/sae_quality_{group}.log",
         benchmark:
             f"{layout.BENCHMARKS}/sae/sae_quality_{group}.tsv"
         conda:
             "../../environment.yml"
+        threads: MODEL_JOB_THREADS
+        resources:
+            **model_job_resources(n_layers=len(group_layers)),
+        params:
+            layers=group_layers,
+            config_hash=SAE_CONFIG_HASH,
         script:
             "../scripts/sae_quality.py"
 
@@ -167,11 +175,11 @@ rule aggregate_sae_quality:
         quality=[layout.SAE_QUALITY_LAYER.format(hook=hook) for hook in HOOKS],
     output:
         quality=layout.SAE_QUALITY,
-    params:
-        config_hash=SAE_CONFIG_HASH,
     log:
         f"{layout.LOGS}/sae/aggregate_sae_quality.log",
     conda:
         "../../environment.yml"
+    params:
+        config_hash=SAE_CONFIG_HASH,
     script:
         "../scripts/aggregate_sae_quality.py"
