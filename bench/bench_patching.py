@@ -15,6 +15,7 @@ Prints both times, the ratio, and the largest difference between the two paths' 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from bugscope import patching
 from bugscope.config import load_config
 from bugscope.io import read_table
 from bugscope.model import ModelManifest, load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.oracle import sweep_naive  # noqa: E402  (the reference lives with the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +65,7 @@ def main() -> None:
           f"operation={spec.operation}")
 
     t0 = time.perf_counter()
-    slow = patcher.sweep_naive(pairs, plan, spec)
+    slow = sweep_naive(patcher, pairs, plan, spec)
     t_naive = time.perf_counter() - t0
     t0 = time.perf_counter()
     fast, _ = patcher.sweep(pairs, plan, spec)

@@ -1,7 +1,6 @@
 """The results-folder comparison reports a changed value, a changed metadata key and a missing file."""
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from bugscope.io import write_table
 from tests.compare_results import compare

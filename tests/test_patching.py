@@ -26,6 +26,7 @@ from bugscope.patching import (
 from bugscope.prompts import build_prompt_table
 from bugscope.sites import head_input_module, site_module
 from tests.numerics import forward_tolerance, max_abs
+from tests.oracle import sweep_naive
 
 LAYER = 10
 
@@ -92,10 +93,10 @@ def test_all_heads_all_positions_reproduce_source_attention_output(prompts, embe
     patcher = HeadPatcher(model, pad_token_id=tok.pad_token_id, progress=False)
     got, handles = _capture(model, LAYER)
     try:
-        patcher.capture([a], [LAYER], "head")
+        patcher.capture([a], [LAYER], "z")
         clean_a = got["attn_out"]
         prep = patcher.prepare([PatchPair(b, a, list(range(n)), list(range(n)))], [LAYER], PatchSpec())
-        patcher.run_patched(prep, LAYER, [_all_heads(patcher.n_heads)], "head")
+        patcher.run_patched(prep, LAYER, [_all_heads(patcher.n_heads)], "z")
         patched_b = got["attn_out"]
     finally:
         for h in handles:
@@ -114,11 +115,27 @@ def test_optimised_equals_naive(prompts, patcher, spec, embedded, logit_scale):
     sets = named_head_sets(patcher.n_heads)
     plan = {2: [sets[1], sets[-1]], 20: sets[:3]}
     fast, _ = patcher.sweep(pairs, plan, spec)
-    slow = patcher.sweep_naive(pairs, plan, spec)
+    slow = sweep_naive(patcher, pairs, plan, spec)
     joined = fast.join(slow, on=["layer", "head_set", "prompt_id"], suffix="_naive")
     assert joined.height == fast.height == slow.height == len(pairs) * 5
     assert (joined["logit_diff"] - joined["logit_diff_naive"]).abs().max() <= forward_tolerance(
         embedded[0], scale=logit_scale)
+
+
+def test_patched_run_reuses_keys_and_values_at_every_layer(prompts, patcher, monkeypatch):
+    """With decision positions only, a patched run starts at the last column: every layer it runs
+    must take the earlier columns' keys and values from the stand-in cache, or its attention would
+    see one position only. A transformers release that stops passing our cache would fail here."""
+    from bugscope import forward
+
+    calls = []
+    update = forward.KVPrefix.update
+    monkeypatch.setattr(forward.KVPrefix, "update", lambda self, k, v, layer_idx, *a, **kw: (
+        calls.append(layer_idx), update(self, k, v, layer_idx, *a, **kw))[1])
+    pairs = make_pairs(prompts.filter(pl.col("question_id") < 2), "qa", "simple", "decision")
+    prep = patcher.prepare(pairs, [LAYER], PatchSpec(positions="decision"))
+    patcher.run_patched(prep, LAYER, [_all_heads(patcher.n_heads)], "z")
+    assert calls == list(range(LAYER, patcher.n_layers))
 
 
 @pytest.mark.numerical
@@ -134,9 +151,9 @@ def test_seed_method_slices_after_o_proj(prompts, embedded):
     handles += (block.post_attention_layernorm.register_forward_pre_hook(
         lambda mod, a: got.__setitem__("mid", a[0].clone())),)
     try:
-        patcher.capture([pair.target], [LAYER], "head")
+        patcher.capture([pair.target], [LAYER], "z")
         clean_t = {k: v[0] for k, v in got.items() if k != "mid"}
-        patcher.capture([pair.source], [LAYER], "head")
+        patcher.capture([pair.source], [LAYER], "z")
         clean_s = {k: v[0] for k, v in got.items() if k != "mid"}
         prep = patcher.prepare([pair], [LAYER], SEED_METHOD)
         clean_mid = got["mid"][0]

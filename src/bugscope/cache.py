@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from bugscope.forward import capture_sites, iter_batches
+from bugscope.forward import capture_sites, iter_batches, run_decoder
 from bugscope.io import STORAGE_DTYPES, atomic_path, encode_metadata, vectors_to_arrow
 from bugscope.sites import hook_name
 
@@ -97,7 +97,7 @@ def cache_activations(
 
             with capture_sites(model, layers, site, on_output):
                 try:
-                    model.model(**batch.model_inputs(), use_cache=False)
+                    run_decoder(model, batch)
                 except _StopForward:
                     pass
             written += len(prompt_col)

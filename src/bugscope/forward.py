@@ -2,6 +2,10 @@
 
 Each prompt's input ends at its decision position (see `bugscope.prompts`), so with left padding
 the decision position of every row is the last column and `logits_to_keep=1` scores it.
+
+With `bugscope.sites`, this is the only module that runs transformers internals: the decoder stack
+layer by layer (`LayerRunner`), the stand-ins for a transformers KV cache that let a patched run
+reuse the unpatched run's keys and values, and the recorded unpatched run itself (`RecordedRun`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,14 @@ from typing import Iterator, Sequence
 
 import torch
 
-from bugscope.sites import decoder_layers, output_tensor, site_module
+from bugscope.sites import (
+    attention_writer_hook,
+    cache_keyword,
+    decoder_layers,
+    inner_model,
+    output_tensor,
+    site_module,
+)
 
 
 @dataclass
@@ -71,6 +82,11 @@ def decision_logits(model, batch: Batch) -> torch.Tensor:
     return out.logits[:, -1, :]
 
 
+def run_decoder(model, batch: Batch):
+    """The decoder stack without the unembedding (for hooks that read every layer's output)."""
+    return inner_model(model)(**batch.model_inputs(), use_cache=False)
+
+
 @contextlib.contextmanager
 def capture_sites(model, layers: Sequence[int], site: str, on_output):
     """Call `on_output(layer, tensor [batch, pos, d_model])` for each layer's site output in a forward."""
@@ -111,7 +127,7 @@ class LayerRunner:
 
     def __init__(self, model):
         self.model = model
-        self.inner = model.model
+        self.inner = inner_model(model)
         self.n_layers = model.config.num_hidden_layers
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
@@ -134,8 +150,9 @@ class LayerRunner:
         return mask[:, None]
 
     def layer(self, i: int, hidden: torch.Tensor, ctx: LayerContext, kv=None) -> torch.Tensor:
-        out = decoder_layers(self.model)[i](hidden, attention_mask=ctx.mask, position_ids=ctx.position_ids,
-                                   past_key_values=kv, use_cache=False, position_embeddings=ctx.cos_sin)
+        block = decoder_layers(self.model)[i]
+        out = block(hidden, attention_mask=ctx.mask, position_ids=ctx.position_ids, use_cache=False,
+                    position_embeddings=ctx.cos_sin, **{cache_keyword(block): kv})
         return output_tensor(out)
 
     def run(self, start: int, hidden: torch.Tensor, ctx: LayerContext, kv=None) -> torch.Tensor:
@@ -157,3 +174,88 @@ class LayerRunner:
         if bias is not None:
             lc, lw = lc + bias[c].float(), lw + bias[wr].float()
         return (lc - lw).cpu()
+
+    @torch.inference_mode()
+    def capture_attention(self, batch: Batch, layers: Sequence[int], site: str, n_slices: int) -> dict[int, torch.Tensor]:
+        """Unpatched per-head outputs (site "z") or attention-output slices (site "attn_out") at
+        `layers`: layer -> [b, pos, n_slices, width]. Stops after the last layer asked for."""
+        got: dict[int, torch.Tensor] = {}
+
+        def grab(layer):
+            def write(x):
+                got[layer] = x.reshape(*x.shape[:2], n_slices, -1).clone()
+                return x
+            return write
+
+        handles = [attention_writer_hook(self.model, layer, site, grab(layer)) for layer in layers]
+        try:
+            hidden, ctx = self.begin(batch)
+            for layer in range(max(layers) + 1):
+                hidden = self.layer(layer, hidden, ctx)
+        finally:
+            for h in handles:
+                h.remove()
+        return got
+
+    @torch.inference_mode()
+    def record(self, batch: Batch, layers: Sequence[int]) -> "RecordedRun":
+        """The unpatched run of one batch: the residual entering each of `layers`, every layer's keys
+        and values, and the decision logit difference."""
+        hidden, ctx = self.begin(batch)
+        rec = KVRecorder()
+        hidden_in = {}
+        for layer in range(self.n_layers):
+            if layer in layers:
+                hidden_in[layer] = hidden
+            hidden = self.layer(layer, hidden, ctx, rec)
+        return RecordedRun(batch, ctx, hidden_in, rec.kv, self.decision_logit_diff(hidden[:, -1], batch))
+
+    @torch.inference_mode()
+    def run_written(self, run: "RecordedRun", layer: int, site: str, write, *, start: int, replicas: int) -> torch.Tensor:
+        """[replicas * b] decision logit differences with `write` applied to the attention output
+        (`site`) of `layer`, over `replicas` copies of the batch, from query column `start` on.
+
+        Columns before `start` cannot change, so their keys and values come from `run`."""
+        hidden = run.hidden_in[layer][:, start:].repeat(replicas, 1, 1)
+        kv = KVPrefix(run.kv, start, replicas) if start > 0 else None
+        handle = attention_writer_hook(self.model, layer, site, write)
+        try:
+            hidden = self.run(layer, hidden, run.ctx.tail(start, replicas), kv)
+        finally:
+            handle.remove()
+        return self.decision_logit_diff(hidden[:, -1], run.batch, replicas)
+
+
+@dataclass
+class RecordedRun:
+    """One prompt batch's unpatched run, reused by every patched run of that batch."""
+
+    batch: Batch
+    ctx: LayerContext
+    hidden_in: dict[int, torch.Tensor]  # layer -> [b, pos, d_model] residual entering the layer
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> keys, values [b, kv_head, pos, d_head]
+    baseline: torch.Tensor  # [b] decision logit difference
+
+
+class KVRecorder:
+    """A stand-in for a transformers Cache that keeps every layer's keys and values ([b, kv_head, pos, d])."""
+
+    def __init__(self):
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = (key, value)
+        return key, value
+
+
+class KVPrefix:
+    """Prepends the recorded keys/values of the unpatched earlier positions, repeated per replica."""
+
+    def __init__(self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]], n_cols: int, replicas: int):
+        self.prefix, self.n_cols, self.replicas = prefix, n_cols, replicas
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        pk, pv = self.prefix[layer_idx]
+        pk = pk[:, :, :self.n_cols].repeat(self.replicas, 1, 1, 1)
+        pv = pv[:, :, :self.n_cols].repeat(self.replicas, 1, 1, 1)
+        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)

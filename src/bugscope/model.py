@@ -57,6 +57,24 @@ class ModelManifest:
         return {"model": self.name, "model_path": self.path, "revision": self.revision}
 
 
+MANIFEST_GEOMETRY = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "d_model", "vocab_size")
+
+
+def model_geometry(hf_config) -> dict[str, int]:
+    """The model's shape, read from its Hugging Face config: the one place that works out head_dim
+    (Llama-style configs may omit it) and the MLP width."""
+    d_model = hf_config.hidden_size
+    return {
+        "num_layers": hf_config.num_hidden_layers,
+        "num_heads": hf_config.num_attention_heads,
+        "num_kv_heads": hf_config.num_key_value_heads,
+        "head_dim": getattr(hf_config, "head_dim", None) or d_model // hf_config.num_attention_heads,
+        "d_model": d_model,
+        "d_mlp": getattr(hf_config, "intermediate_size", 4 * d_model),
+        "vocab_size": hf_config.vocab_size,
+    }
+
+
 def embedded_gguf_path() -> Path:
     try:
         dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
@@ -151,12 +169,10 @@ def prepare_model(model_cfg: dict, checkpoint_dir: str | Path, manifest_path: st
         check_hub_access(checkpoint, revision)
         source, path = "hub", checkpoint
     hf_config = AutoConfig.from_pretrained(path, revision=revision)
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    geometry = model_geometry(hf_config)
     manifest = ModelManifest(
         name=model_cfg["name"], source=source, path=path, revision=revision, dtype=model_cfg["dtype"],
-        num_layers=hf_config.num_hidden_layers, num_heads=hf_config.num_attention_heads,
-        num_kv_heads=hf_config.num_key_value_heads, head_dim=head_dim,
-        d_model=hf_config.hidden_size, vocab_size=hf_config.vocab_size,
+        **{k: geometry[k] for k in MANIFEST_GEOMETRY},
     )
     for key in ("num_layers", "num_heads"):
         if getattr(manifest, key) != model_cfg[key]:

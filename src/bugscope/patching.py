@@ -27,134 +27,37 @@ batch per head set), and reads out only the two logits that are scored at the de
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import polars as pl
 import torch
 from tqdm import tqdm
 
-from bugscope.config import ConfigError
-from bugscope.forward import Batch, LayerContext, LayerRunner, make_batch
-from bugscope.sites import head_input_module, site_module
+from bugscope.forward import Batch, LayerRunner, RecordedRun, make_batch
+from bugscope.head_sets import (  # noqa: F401  (re-exported: the head-set vocabulary of every sweep)
+    POOLS,
+    HeadSet,
+    PatchingConfigError,
+    check_head_set,
+    head_set_table,
+    named_head_sets,
+    pool_heads,
+    subset_head_sets,
+)
+from bugscope.model import model_geometry
+from bugscope.sites import HEAD_SITE
 
 POSITION_MODES = ("aligned", "decision", "suffix")
 SEED_POSITIONS = "seed"  # the seed method's positions [:min_len]
 OPERATIONS = ("patch", "zero", "mean")
 DIRECTIONS = ("fix", "break")
-SITES = ("head", "attn_out")  # o_proj input (true heads) or self_attn output (the seed's slices)
-POOLS = ("even", "odd", "all")
+SITES = (HEAD_SITE, "attn_out")  # o_proj input (true heads) or self_attn output (the seed's slices)
 PATCH_KIND = "patching_prompts"
 SUMMARY_KIND = "patching_summary"
-
-
-class PatchingConfigError(ConfigError):
-    """A head set, layer or patching option does not fit the model; the message says how to fix it."""
-
-
-# --- head sets ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HeadSet:
-    """A set of heads of one layer. `family`: all | even | odd | single | subset."""
-
-    name: str  # unique within a layer: "all", "even", "odd", "head03", "even_k2_s05"
-    family: str
-    heads: tuple[int, ...]
-    pool: str  # the heads it was drawn from: all | even | odd (a single head: its parity)
-    sample: int = -1  # index of a random subset within (pool, k); -1 for named sets
-
-    @property
-    def k(self) -> int:
-        return len(self.heads)
-
-
-def pool_heads(pool: str, n_heads: int) -> list[int]:
-    if pool == "all":
-        return list(range(n_heads))
-    if pool == "even":
-        return list(range(0, n_heads, 2))
-    if pool == "odd":
-        return list(range(1, n_heads, 2))
-    raise PatchingConfigError(f"unknown head pool {pool!r}; expected one of {', '.join(POOLS)}.")
-
-
-def check_head_set(heads: Sequence[int], *, n_heads: int, layer: int, n_layers: int, what: str = "head set") -> None:
-    """Raise PatchingConfigError for an empty set, a head or a layer outside the model."""
-    if not 0 <= layer < n_layers:
-        raise PatchingConfigError(
-            f"Patching layer {layer} is outside the model, which has layers 0..{n_layers - 1}. "
-            "Fix 'layers' / 'focus_layers' in the config (or model.num_layers if the model changed)."
-        )
-    if len(heads) == 0:
-        raise PatchingConfigError(
-            f"The {what} at layer {layer} is empty: a patch needs at least one head. "
-            "Remove it, or give at least one head index (patching.subsets.sizes must be >= 1)."
-        )
-    bad = [h for h in heads if not 0 <= int(h) < n_heads]
-    if bad:
-        raise PatchingConfigError(
-            f"The {what} at layer {layer} names head(s) {bad}, but each layer has heads 0..{n_heads - 1} "
-            f"(model.num_heads={n_heads}). Fix the head indices or model.num_heads."
-        )
-    if len(set(heads)) != len(heads):
-        raise PatchingConfigError(f"The {what} at layer {layer} repeats a head: {list(heads)}. List each head once.")
-
-
-def named_head_sets(n_heads: int) -> list[HeadSet]:
-    """all, even, odd (each only if non-empty) and every single head."""
-    sets = [HeadSet(p, p, tuple(pool_heads(p, n_heads)), p) for p in POOLS if pool_heads(p, n_heads)]
-    width = len(str(n_heads - 1))
-    sets += [HeadSet(f"head{h:0{width}d}", "single", (h,), "even" if h % 2 == 0 else "odd") for h in range(n_heads)]
-    return sets
-
-
-def subset_head_sets(n_heads: int, *, pools: Sequence[str], sizes: Sequence[int] | None, samples: int,
-                     seed: int, layer: int) -> list[HeadSet]:
-    """Random k-subsets of each pool: every subset where C(n, k) <= samples, else `samples` distinct ones.
-
-    Sizes larger than a pool are skipped for that pool. The draw for (layer, pool, k) uses its own
-    generator seeded with (seed, layer, pool index, k), so adding a size or a pool leaves the others alone.
-    """
-    out = []
-    for pool in pools:
-        members = pool_heads(pool, n_heads)
-        ks = range(1, len(members) + 1) if sizes is None else sizes
-        for k in ks:
-            if k < 1:
-                raise PatchingConfigError(
-                    f"patching.subsets.sizes contains {k}: an empty head set cannot be patched. Use sizes >= 1."
-                )
-            if k > len(members):
-                continue
-            total = math.comb(len(members), k)
-            if total <= samples:
-                combos = list(itertools.combinations(members, k))
-            else:
-                rng = np.random.default_rng([seed, layer, POOLS.index(pool), k])
-                seen: set[tuple[int, ...]] = set()
-                combos = []
-                while len(combos) < samples:
-                    c = tuple(sorted(int(h) for h in rng.choice(members, size=k, replace=False)))
-                    if c not in seen:
-                        seen.add(c)
-                        combos.append(c)
-            out += [HeadSet(f"{pool}_k{k}_s{i:02d}", "subset", c, pool, i) for i, c in enumerate(combos)]
-    return out
-
-
-def head_set_table(layer_sets: dict[int, list[HeadSet]]) -> pl.DataFrame:
-    rows = [{"layer": layer, "head_set": s.name, "family": s.family, "pool": s.pool, "k": s.k,
-             "sample": s.sample, "heads": list(s.heads)}
-            for layer, sets in layer_sets.items() for s in sets]
-    return pl.DataFrame(rows, schema={"layer": pl.Int32, "head_set": pl.String, "family": pl.String,
-                                      "pool": pl.String, "k": pl.Int32, "sample": pl.Int32,
-                                      "heads": pl.List(pl.Int32)})
 
 
 # --- what to patch where --------------------------------------------------------------------------
@@ -164,7 +67,7 @@ def head_set_table(layer_sets: dict[int, list[HeadSet]]) -> pl.DataFrame:
 class PatchSpec:
     """How one sweep patches: the site, the positions and the operation."""
 
-    site: str = "head"
+    site: str = HEAD_SITE
     positions: str = "aligned"
     operation: str = "patch"
 
@@ -252,59 +155,77 @@ def make_pairs(prompts: pl.DataFrame, target_format: str, source_format: str, mo
 # --- the engine -----------------------------------------------------------------------------------
 
 
-class _RecordKV:
-    """A stand-in for a transformers Cache that keeps every layer's keys and values ([b, kv_head, pos, d])."""
-
-    def __init__(self):
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        self.kv[layer_idx] = (key, value)
-        return key, value
-
-
-class _PrefixKV:
-    """Prepends the recorded keys/values of the unpatched earlier positions, repeated per replica."""
-
-    def __init__(self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]], n_cols: int, replicas: int):
-        self.prefix, self.n_cols, self.replicas = prefix, n_cols, replicas
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        pk, pv = self.prefix[layer_idx]
-        pk = pk[:, :, :self.n_cols].repeat(self.replicas, 1, 1, 1)
-        pv = pv[:, :, :self.n_cols].repeat(self.replicas, 1, 1, 1)
-        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
-
-
 @dataclass
 class _Prepared:
-    """One prompt batch: padded target inputs, patch values per layer, the unpatched run's records."""
+    """One prompt batch: its unpatched run, and where and what every patched run writes."""
 
-    batch: Batch
+    run: RecordedRun
     pos_mask: torch.Tensor  # [b, pos] bool: patched columns
-    values: dict[int, torch.Tensor]  # layer -> [b, pos, head, d_head] values written at patched columns
-    hidden_in: dict[int, torch.Tensor]  # layer -> [b, pos, d_model] residual entering the layer (unpatched)
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> unpatched keys, values
-    ctx: LayerContext
-    baseline: torch.Tensor  # [b] unpatched logit difference
+    values: dict[int, torch.Tensor]  # layer -> [b, pos, head, d_slice] values written at patched columns
+
+    @property
+    def batch(self) -> Batch:
+        return self.run.batch
+
+    @property
+    def baseline(self) -> torch.Tensor:
+        return self.run.baseline
+
+
+def place_values(pairs: Sequence[PatchPair], target_pad: torch.Tensor, shape: tuple[int, int, int, int],
+                 operation: str, *, source: dict[int, torch.Tensor] | None, source_pad: torch.Tensor | None,
+                 means: dict[int, torch.Tensor] | None, layers: Sequence[int], dtype, device
+                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The patched-column mask [b, pos] and the values written there per layer [b, pos, head, d_slice].
+
+    patch: the source prompt's tensor at the matched source positions; mean: the mean at the
+    same rank from the end; zero: zeros. `shape` is (b, pos, head, d_slice) of the target batch.
+    """
+    b, n = shape[:2]
+    pos_mask = torch.zeros(b, n, dtype=torch.bool, device=device)
+    values = {layer: torch.zeros(*shape, dtype=dtype, device=device) for layer in layers}
+    for i, p in enumerate(pairs):
+        tcols = torch.tensor([int(target_pad[i]) + t for t in p.target_positions], device=device)
+        pos_mask[i, tcols] = True
+        for layer in layers:
+            if operation == "patch":
+                scols = torch.tensor([int(source_pad[i]) + s for s in p.source_positions], device=device)
+                values[layer][i, tcols] = source[layer][i, scols]
+            elif operation == "mean":
+                ranks = torch.arange(len(tcols) - 1, -1, -1)
+                values[layer][i, tcols] = means[layer][ranks].to(device)
+    return pos_mask, values
+
+
+def head_writer(values: torch.Tensor, pos_mask: torch.Tensor, head_mask: torch.Tensor, n_heads: int, width: int):
+    """Replace heads (head_mask [replicas, head]) at patched columns (pos_mask [b, cols]) by `values`."""
+    r, b, cols = head_mask.shape[0], pos_mask.shape[0], pos_mask.shape[1]
+    where = head_mask[:, None, None, :] & pos_mask[None, :, :, None]  # [replicas, b, cols, head]
+
+    def write(x):  # x: [replicas * b, cols, head * d_slice]
+        y = x.reshape(r, b, cols, n_heads, width)
+        y = torch.where(where[..., None], values[None], y)
+        return y.reshape(x.shape)
+    return write
 
 
 class HeadPatcher:
-    """Runs patched forwards of a Hugging Face Llama-style model (`model.model.layers[i].self_attn.o_proj`)."""
+    """Sweeps head-set patches over prompt pairs with `bugscope.forward.LayerRunner`."""
 
     def __init__(self, model, *, pad_token_id: int, batch_rows: int | str = "auto", max_prompts: int = 128,
                  memory_fraction: float = 0.5, kv_reuse: bool = True, progress: bool = True):
-        cfg = model.config
-        if getattr(cfg, "final_logit_softcapping", None):
+        if getattr(model.config, "final_logit_softcapping", None):
             raise PatchingConfigError(
                 "This model soft-caps its final logits, which the decision-logit readout does not implement.")
+        geometry = model_geometry(model.config)
         self.model = model
         self.runner = LayerRunner(model)
-        self.n_layers = cfg.num_hidden_layers
-        self.n_heads = cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.d_model = cfg.hidden_size
-        self.n_kv = cfg.num_key_value_heads
+        self.n_layers = geometry["num_layers"]
+        self.n_heads = geometry["num_heads"]
+        self.head_dim = geometry["head_dim"]
+        self.d_model = geometry["d_model"]
+        self.n_kv = geometry["num_kv_heads"]
+        self.d_mlp = geometry["d_mlp"]
         self.pad_token_id = pad_token_id
         self.batch_rows = batch_rows
         self.max_prompts = max_prompts
@@ -314,10 +235,8 @@ class HeadPatcher:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
-    # -- pieces of a forward pass --
-
-    def _slice_width(self, site: str) -> int:
-        if site == "head":
+    def slice_width(self, site: str) -> int:
+        if site == HEAD_SITE:
             return self.head_dim
         if self.d_model % self.n_heads:
             raise PatchingConfigError(
@@ -325,41 +244,11 @@ class HeadPatcher:
                 "slices, which this model's width does not allow. Turn patching.seed_method.enabled off.")
         return self.d_model // self.n_heads
 
-    def _hook(self, layer: int, site: str, write: Callable[[torch.Tensor], torch.Tensor]):
-        """Register `write` on the site's tensor at `layer`; returns the handle."""
-        if site == "head":
-            def pre_hook(_module, args):
-                return (write(args[0]),) + tuple(args[1:])
-            return head_input_module(self.model, layer).register_forward_pre_hook(pre_hook)
-
-        def post_hook(_module, _inputs, output):
-            if isinstance(output, tuple):
-                return (write(output[0]),) + tuple(output[1:])
-            return write(output)
-        return site_module(self.model, layer, "attn_out").register_forward_hook(post_hook)
-
-    @torch.inference_mode()
     def capture(self, rows: Sequence[dict], layers: Sequence[int], site: str) -> tuple[Batch, dict[int, torch.Tensor]]:
         """Unpatched site tensors ([b, pos, head, d_slice]) at `layers` for one batch of prompts."""
         batch = make_batch(rows, self.pad_token_id, self.device)
-        got: dict[int, torch.Tensor] = {}
-        width = self._slice_width(site)
-
-        def grab(layer):
-            def write(x):
-                got[layer] = x.reshape(*x.shape[:2], self.n_heads, width).clone()
-                return x
-            return write
-
-        handles = [self._hook(layer, site, grab(layer)) for layer in layers]
-        try:
-            hidden, ctx = self.runner.begin(batch)
-            for layer in range(max(layers) + 1):
-                hidden = self.runner.layer(layer, hidden, ctx)
-        finally:
-            for h in handles:
-                h.remove()
-        return batch, got
+        self.slice_width(site)
+        return batch, self.runner.capture_attention(batch, layers, site, self.n_heads)
 
     # -- patch values --
 
@@ -371,7 +260,7 @@ class HeadPatcher:
         """
         entries = [(p.target, p.target_positions) for p in pairs] + [(p.source, p.source_positions) for p in pairs]
         n_rank = max(len(pos) for _, pos in entries)
-        width = self._slice_width(site)
+        width = self.slice_width(site)
         sums = {layer: torch.zeros(n_rank, self.n_heads, width, dtype=torch.float64) for layer in layers}
         counts = torch.zeros(n_rank, dtype=torch.float64)
         step = max(1, self.max_prompts)
@@ -385,79 +274,46 @@ class HeadPatcher:
                     sums[layer][:len(pos)] += got[layer][i, cols].double().cpu()
         return {layer: (s / counts[:, None, None]).to(self.dtype) for layer, s in sums.items()}
 
-    def _placed(self, pairs: Sequence[PatchPair], batch: Batch, layers: Sequence[int], spec: PatchSpec,
-                means: dict[int, torch.Tensor] | None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The patched-column mask [b, pos] and the values written there per layer [b, pos, head, d_slice]."""
-        b, n = batch.input_ids.shape
-        width = self._slice_width(spec.site)
-        pos_mask = torch.zeros(b, n, dtype=torch.bool, device=self.device)
-        values = {layer: torch.zeros(b, n, self.n_heads, width, dtype=self.dtype, device=self.device)
-                  for layer in layers}
-        src = None
+    def placed(self, pairs: Sequence[PatchPair], batch: Batch, layers: Sequence[int], spec: PatchSpec,
+               means: dict[int, torch.Tensor] | None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """`place_values` for one target batch, capturing the source prompts' values first."""
+        source = source_pad = None
         if spec.operation == "patch":
-            sbatch, src = self.capture([p.source for p in pairs], layers, spec.site)
-        for i, p in enumerate(pairs):
-            tcols = torch.tensor([int(batch.pad[i]) + t for t in p.target_positions], device=self.device)
-            pos_mask[i, tcols] = True
-            for layer in layers:
-                if spec.operation == "patch":
-                    scols = torch.tensor([int(sbatch.pad[i]) + s for s in p.source_positions], device=self.device)
-                    values[layer][i, tcols] = src[layer][i, scols]
-                elif spec.operation == "mean":
-                    ranks = torch.arange(len(tcols) - 1, -1, -1)
-                    values[layer][i, tcols] = means[layer][ranks].to(self.device)
-        return pos_mask, values
+            sbatch, source = self.capture([p.source for p in pairs], layers, spec.site)
+            source_pad = sbatch.pad
+        shape = (*batch.input_ids.shape, self.n_heads, self.slice_width(spec.site))
+        return place_values(pairs, batch.pad, shape, spec.operation, source=source, source_pad=source_pad,
+                            means=means, layers=layers, dtype=self.dtype, device=self.device)
 
-    def _writer(self, values: torch.Tensor, pos_mask: torch.Tensor, head_mask: torch.Tensor, site: str):
-        """Replace heads (head_mask [replicas, head]) at patched columns (pos_mask [b, cols]) by `values`."""
-        r, b, cols = head_mask.shape[0], pos_mask.shape[0], pos_mask.shape[1]
-        where = head_mask[:, None, None, :] & pos_mask[None, :, :, None]  # [replicas, b, cols, head]
-        width = self._slice_width(site)
+    def writer(self, values: torch.Tensor, pos_mask: torch.Tensor, head_mask: torch.Tensor, site: str):
+        return head_writer(values, pos_mask, head_mask, self.n_heads, self.slice_width(site))
 
-        def write(x):  # x: [replicas * b, cols, head * d_slice]
-            y = x.reshape(r, b, cols, self.n_heads, width)
-            y = torch.where(where[..., None], values[None], y)
-            return y.reshape(x.shape)
-        return write
+    def head_mask(self, head_sets: Sequence[HeadSet]) -> torch.Tensor:
+        """[len(head_sets), n_heads] bool."""
+        mask = torch.zeros(len(head_sets), self.n_heads, dtype=torch.bool, device=self.device)
+        for j, s in enumerate(head_sets):
+            mask[j, list(s.heads)] = True
+        return mask
 
     @torch.inference_mode()
     def prepare(self, pairs: Sequence[PatchPair], layers: Sequence[int], spec: PatchSpec,
                 means: dict[int, torch.Tensor] | None = None) -> _Prepared:
         """The unpatched target run of one prompt batch, recorded for reuse by every patched run."""
         batch = make_batch([p.target for p in pairs], self.pad_token_id, self.device)
-        pos_mask, values = self._placed(pairs, batch, layers, spec, means)
-        hidden, ctx = self.runner.begin(batch)
-        rec = _RecordKV()
-        hidden_in = {}
-        for layer in range(self.n_layers):
-            if layer in values:
-                hidden_in[layer] = hidden
-            hidden = self.runner.layer(layer, hidden, ctx, rec)
-        baseline = self.runner.decision_logit_diff(hidden[:, -1], batch)
-        return _Prepared(batch, pos_mask, values, hidden_in, rec.kv, ctx, baseline)
+        pos_mask, values = self.placed(pairs, batch, layers, spec, means)
+        return _Prepared(self.runner.record(batch, layers), pos_mask, values)
 
     @torch.inference_mode()
     def run_patched(self, prep: _Prepared, layer: int, head_sets: Sequence[HeadSet], site: str) -> torch.Tensor:
         """[len(head_sets), b] logit differences, all head sets in one forward from layer `layer` on."""
-        batch = prep.batch
-        b, n = batch.input_ids.shape
+        b, n = prep.batch.input_ids.shape
         r = len(head_sets)
         start = 0
         if self.kv_reuse:
             patched_cols = prep.pos_mask.any(0).nonzero()
             start = int(patched_cols.min()) if len(patched_cols) else n - 1
-        head_mask = torch.zeros(r, self.n_heads, dtype=torch.bool, device=self.device)
-        for j, s in enumerate(head_sets):
-            head_mask[j, list(s.heads)] = True
-        write = self._writer(prep.values[layer][:, start:], prep.pos_mask[:, start:], head_mask, site)
-        hidden = prep.hidden_in[layer][:, start:].repeat(r, 1, 1)
-        kv = _PrefixKV(prep.kv, start, r) if start > 0 else None
-        handle = self._hook(layer, site, write)
-        try:
-            hidden = self.runner.run(layer, hidden, prep.ctx.tail(start, r), kv)
-        finally:
-            handle.remove()
-        return self.runner.decision_logit_diff(hidden[:, -1], batch, r).reshape(r, b)
+        write = self.writer(prep.values[layer][:, start:], prep.pos_mask[:, start:], self.head_mask(head_sets), site)
+        return self.runner.run_written(prep.run, layer, site, write, start=start, replicas=r).reshape(r, b)
 
     # -- batch sizes --
 
@@ -465,9 +321,8 @@ class HeadPatcher:
         """Rows (prompt x head set) of one patched forward that fit in `memory_fraction` of free memory."""
         if self.batch_rows != "auto":
             return int(self.batch_rows)
-        cfg = self.model.config
         nbytes = torch.finfo(self.dtype).bits // 8
-        inter = getattr(cfg, "intermediate_size", 4 * self.d_model)
+        inter = self.d_mlp
         per_token = 8 * self.d_model + 3 * inter + 2 * self.n_heads * self.head_dim
         per_row = nbytes * (n_cols * per_token + 2 * self.n_heads * n_cols * n_ctx
                             + 4 * self.n_kv * self.head_dim * n_ctx * 2) + 4 * 4 * self.d_model
@@ -515,37 +370,6 @@ class HeadPatcher:
             del prep
         bar.close()
         return pl.concat(out), pl.concat(base)
-
-    @torch.inference_mode()
-    def sweep_naive(self, pairs: Sequence[PatchPair], layer_sets: dict[int, list[HeadSet]], spec: PatchSpec,
-                    desc: str = "patching (naive)") -> pl.DataFrame:
-        """Reference: one full forward of the whole model per head set and prompt batch, no reuse."""
-        from bugscope.forward import logit_diff
-
-        layers = sorted(layer_sets)
-        means = self.mean_values(pairs, layers, spec.site) if spec.operation == "mean" else None
-        out = []
-        step = max(1, self.max_prompts)
-        total = math.ceil(len(pairs) / step) * sum(len(v) for v in layer_sets.values())
-        bar = tqdm(total=total, desc=desc, unit="forward", disable=not self.progress)
-        for start in range(0, len(pairs), step):
-            part = pairs[start:start + step]
-            batch = make_batch([p.target for p in part], self.pad_token_id, self.device)
-            pos_mask, values = self._placed(part, batch, layers, spec, means)
-            pids = [p.target["prompt_id"] for p in part]
-            for layer in layers:
-                for s in layer_sets[layer]:
-                    head_mask = torch.zeros(1, self.n_heads, dtype=torch.bool, device=self.device)
-                    head_mask[0, list(s.heads)] = True
-                    handle = self._hook(layer, spec.site, self._writer(values[layer], pos_mask, head_mask, spec.site))
-                    try:
-                        logits = self.model(**batch.model_inputs(), logits_to_keep=1, use_cache=False).logits[:, -1]
-                    finally:
-                        handle.remove()
-                    out.append(_long(layer, [s], pids, logit_diff(logits, batch)[None]))
-                    bar.update()
-        bar.close()
-        return pl.concat(out)
 
 
 def _long(layer: int, sets: Sequence[HeadSet], prompt_ids: Sequence[int], diffs: torch.Tensor) -> pl.DataFrame:
@@ -649,7 +473,7 @@ def spec_from_config(config: dict) -> tuple[PatchSpec, str, str]:
     """(the per-head PatchSpec, target format, source format) of `config['patching']`."""
     pc = config["patching"]
     target, source = direction_formats(config["prompts"], pc["direction"])
-    return PatchSpec(site="head", positions=pc["positions"], operation=pc["operation"]), target, source
+    return PatchSpec(site=HEAD_SITE, positions=pc["positions"], operation=pc["operation"]), target, source
 
 
 def patcher_from_config(model, config: dict, pad_token_id: int) -> HeadPatcher:

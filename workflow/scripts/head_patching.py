@@ -15,6 +15,7 @@ from bugscope.config import stage_hash
 from bugscope.io import read_table, write_table
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
+from bugscope.sites import HEAD_SITE
 
 
 def main(smk):
@@ -63,7 +64,7 @@ def main(smk):
         sets = {layer: [s for s in patching.named_head_sets(n_heads) if s.family != "single"] for layer in layers}
         specs = [spec]
         if spec.positions != "aligned":
-            specs.append(patching.PatchSpec(site="head", positions="aligned", operation=spec.operation))
+            specs.append(patching.PatchSpec(site=HEAD_SITE, positions="aligned", operation=spec.operation))
         specs.append(patching.SEED_METHOD)
         table = pl.concat([
             patching.run_study_sweep(patcher, prompts, sets, s, desc=f"{s.method} ({s.positions})", **common)
