@@ -50,3 +50,20 @@ def output_tensor(output) -> torch.Tensor:
 def head_input_module(model, layer: int) -> torch.nn.Module:
     """`o_proj`: its *input* is the concatenation of the per-head outputs, [batch, pos, head*d_head]."""
     return decoder_layers(model)[layer].self_attn.o_proj
+
+
+# --- accessors used by bugscope.attribution ---
+
+
+def decoder_stack(model) -> torch.nn.Module:
+    """The decoder without the LM head (embeddings, decoder layers, final norm)."""
+    return model.model
+
+
+def mlp_tail(model, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
+    """The second half of a decoder layer: resid_mid + mlp(post_attention_layernorm(resid_mid)).
+
+    `resid_mid` (the residual stream after the attention block) is on the model's device and dtype.
+    """
+    block = decoder_layers(model)[layer]
+    return resid_mid + block.mlp(block.post_attention_layernorm(resid_mid))
