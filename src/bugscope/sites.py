@@ -88,3 +88,12 @@ def attention_writer_hook(model, layer: int, site: str, write: Callable[[torch.T
             return (write(output[0]),) + tuple(output[1:])
         return write(output)
     return site_module(model, layer, "attn_out").register_forward_hook(post_hook)
+
+
+def mlp_tail(model, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
+    """The second half of a decoder layer: resid_mid + mlp(post_attention_layernorm(resid_mid)).
+
+    `resid_mid` (the residual stream after the attention block) is on the model's device and dtype.
+    """
+    block = decoder_layers(model)[layer]
+    return resid_mid + block.mlp(block.post_attention_layernorm(resid_mid))

@@ -1,0 +1,84 @@
+"""Feature analyses on the encoded SAE features: overlap between the formats, discriminative and
+named features (workflow/rules/features.smk).
+
+Modules: `values` (prompt pairs and per-prompt feature values), `overlap`, `discriminative`,
+`named` and `stages` (the stage drivers). The direct attribution of attention heads to SAE
+features lives in bugscope.attribution, the bootstrap helpers in bugscope.stats; their names are
+re-exported here so that `from bugscope.features import ...` keeps working.
+"""
+
+from bugscope.attribution import (
+    ATTRIBUTION_COLUMNS,
+    COMPONENTS,
+    NORMALISATIONS,
+    PARITY_COLUMNS,
+    EncoderView,
+    LayerCapture,
+    ParityResult,
+    attribute_layer,
+    attribution_features,
+    capture_decision,
+    encoder_view,
+    head_outputs,
+    parity_rows,
+    parity_test,
+    sae_pre_and_acts,
+    summarise_attribution,
+)
+from bugscope.features.discriminative import (
+    DISCRIMINATIVE_COLUMNS,
+    bh_qvalues,
+    discriminative_features,
+    paired_test,
+    unpaired_test,
+)
+from bugscope.features.named import NAMED_SCHEMA, named_feature_ids, named_features
+from bugscope.features.overlap import (
+    OVERLAP_STATS,
+    focus_layers,
+    middle_layers,
+    pair_overlap,
+    pooled_overlap,
+    summarise_overlap,
+)
+from bugscope.features.stages import (
+    attribution_layers,
+    check_config,
+    load_layer_values,
+    load_prompt_frame,
+    run_attribution,
+    run_discriminative,
+    run_named,
+    run_overlap,
+    source_provenance,
+)
+from bugscope.features.values import (
+    POSITION_MODES,
+    dense_matrix,
+    position_weights,
+    prompt_pairs,
+    prompt_values,
+    top_k,
+)
+from bugscope.sae import FEATURES_KIND
+from bugscope.stats import bootstrap_indices, derived_seed, ratio_bootstrap
+
+__all__ = [
+    # values
+    "POSITION_MODES", "prompt_pairs", "position_weights", "prompt_values", "top_k", "dense_matrix",
+    # overlap
+    "OVERLAP_STATS", "pair_overlap", "pooled_overlap", "middle_layers", "summarise_overlap", "focus_layers",
+    # discriminative
+    "DISCRIMINATIVE_COLUMNS", "bh_qvalues", "paired_test", "unpaired_test", "discriminative_features",
+    # named
+    "NAMED_SCHEMA", "named_feature_ids", "named_features",
+    # stages
+    "check_config", "attribution_layers", "load_prompt_frame", "load_layer_values", "source_provenance",
+    "run_overlap", "run_discriminative", "run_named", "run_attribution",
+    # bugscope.attribution
+    "NORMALISATIONS", "COMPONENTS", "ATTRIBUTION_COLUMNS", "PARITY_COLUMNS", "EncoderView", "LayerCapture",
+    "ParityResult", "encoder_view", "sae_pre_and_acts", "capture_decision", "head_outputs", "attribute_layer",
+    "summarise_attribution", "parity_test", "parity_rows", "attribution_features",
+    # bugscope.stats, bugscope.sae
+    "derived_seed", "bootstrap_indices", "ratio_bootstrap", "FEATURES_KIND",
+]

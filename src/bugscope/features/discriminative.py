@@ -1,0 +1,139 @@
+"""Discriminative features: paired (buggy vs correct format) and unpaired (answered wrong vs right)
+tests per feature, BH q-values, and the top features per layer, comparison and direction."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import polars as pl
+from scipy import stats as sps
+
+from bugscope.features.values import dense_matrix
+
+log = logging.getLogger("bugscope.features")
+
+
+def bh_qvalues(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (NaN p-values are treated as 1)."""
+    p = np.where(np.isfinite(p), p, 1.0)
+    if p.size == 0:
+        return p
+    return sps.false_discovery_control(p, method="bh")
+
+
+def paired_test(a: np.ndarray, b: np.ndarray, test: str) -> tuple[np.ndarray, np.ndarray]:
+    """Column-wise paired test of a vs b ([n, m] each): (p-value, Cohen's d_z of a - b).
+
+    A column without any non-zero difference gets p = 1 and effect 0.
+    """
+    d = a - b
+    nonzero = (d != 0).any(axis=0)
+    p = np.ones(d.shape[1])
+    sd = d.std(axis=0, ddof=1) if d.shape[0] > 1 else np.zeros(d.shape[1])
+    with np.errstate(all="ignore"):
+        effect = np.where(sd > 0, d.mean(axis=0) / sd, 0.0)
+    if nonzero.any() and d.shape[0] > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if test == "wilcoxon":
+                res = sps.wilcoxon(d[:, nonzero], axis=0, zero_method="wilcox", method="approx")
+            elif test == "ttest":
+                res = sps.ttest_rel(a[:, nonzero], b[:, nonzero], axis=0)
+            else:
+                raise ValueError(f"features.discriminative.test is {test!r}; expected wilcoxon or ttest")
+        p[nonzero] = np.where(np.isfinite(res.pvalue), res.pvalue, 1.0)
+    return p, effect
+
+
+def unpaired_test(a: np.ndarray, b: np.ndarray, test: str) -> tuple[np.ndarray, np.ndarray]:
+    """Column-wise two-sample test of a ([n_a, m]) vs b ([n_b, m]): (p-value, Cohen's d, pooled SD)."""
+    n_a, n_b = a.shape[0], b.shape[0]
+    pooled = np.sqrt(((n_a - 1) * a.var(axis=0, ddof=1) + (n_b - 1) * b.var(axis=0, ddof=1)) / (n_a + n_b - 2))
+    with np.errstate(all="ignore"):
+        effect = np.where(pooled > 0, (a.mean(axis=0) - b.mean(axis=0)) / pooled, 0.0)
+    varying = np.concatenate([a, b]).std(axis=0) > 0
+    p = np.ones(a.shape[1])
+    if varying.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if test == "wilcoxon":
+                res = sps.mannwhitneyu(a[:, varying], b[:, varying], axis=0, method="asymptotic")
+            elif test == "ttest":
+                res = sps.ttest_ind(a[:, varying], b[:, varying], axis=0, equal_var=False)
+            else:
+                raise ValueError(f"features.discriminative.test is {test!r}; expected wilcoxon or ttest")
+        p[varying] = np.where(np.isfinite(res.pvalue), res.pvalue, 1.0)
+    return p, effect
+
+
+def _top_rows(layer: int, comparison: str, feature_ids: np.ndarray, a: np.ndarray, b: np.ndarray,
+              p: np.ndarray, effect: np.ndarray, *, top_n: int, alpha: float, n_tested: int) -> pl.DataFrame:
+    q = bh_qvalues(p)
+    table = pl.DataFrame({
+        "feature_id": feature_ids.astype(np.int32), "effect_size": effect,
+        "mean_a": a.mean(axis=0), "mean_b": b.mean(axis=0),
+        "firing_rate_a": (a > 0).mean(axis=0), "firing_rate_b": (b > 0).mean(axis=0),
+        "p_value": p, "q_value": q,
+    }).with_columns(
+        (pl.col("mean_a") - pl.col("mean_b")).alias("mean_diff"),
+        pl.when(pl.col("effect_size") > 0).then(pl.lit("up")).when(pl.col("effect_size") < 0)
+        .then(pl.lit("down")).otherwise(None).alias("direction"),
+    ).filter(pl.col("direction").is_not_null())
+    # Ranking: features significant at the FDR level first, by |effect size| (their p-values are
+    # often all tiny, so q alone would rank by numerical noise), then the rest by q-value.
+    table = (table.with_columns(
+                (pl.col("q_value") <= alpha).alias("_sig"),
+                pl.when(pl.col("q_value") <= alpha).then(-pl.col("effect_size").abs()).otherwise(pl.col("q_value")).alias("_key"))
+             .sort(["direction", "_sig", "_key", "feature_id"], descending=[False, True, False, False])
+             .with_columns(pl.int_range(pl.len()).over("direction").cast(pl.Int32).alias("rank"))
+             .filter(pl.col("rank") < top_n).drop("_sig", "_key"))
+    return table.with_columns(
+        pl.lit(layer, pl.Int32).alias("layer"), pl.lit(comparison).alias("comparison"),
+        (pl.col("q_value") <= alpha).alias("significant"),
+        pl.lit(a.shape[0], pl.Int32).alias("n_a"), pl.lit(b.shape[0], pl.Int32).alias("n_b"),
+        pl.lit(n_tested, pl.Int32).alias("n_tested"))
+
+
+DISCRIMINATIVE_COLUMNS = ["layer", "comparison", "direction", "rank", "feature_id", "effect_size", "mean_diff",
+                          "mean_a", "mean_b", "firing_rate_a", "firing_rate_b", "p_value", "q_value",
+                          "significant", "n_a", "n_b", "n_tested"]
+
+
+def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: pl.DataFrame, *, layer: int,
+                            cfg: dict) -> pl.DataFrame:
+    """Top features of one layer per comparison and direction (see config/README.md).
+
+    buggy_vs_correct: paired test across prompt pairs (a = buggy format, b = correct format).
+    wrong_vs_right: within the buggy format, prompts answered wrong (a) vs right (b), unpaired.
+    Only features firing in at least `min_firing_rate` of the prompts of either side are tested;
+    BH-FDR runs over the tested features of the layer and comparison.
+    """
+    out = []
+    buggy_ids = pairs["prompt_id_buggy"].to_numpy()
+    correct_ids = pairs["prompt_id_correct"].to_numpy()
+    feature_ids = np.sort(values["feature_id"].unique().to_numpy())
+    a = dense_matrix(values, buggy_ids, feature_ids)
+    b = dense_matrix(values, correct_ids, feature_ids)
+    keep = np.maximum((a > 0).mean(axis=0), (b > 0).mean(axis=0)) >= cfg["min_firing_rate"]
+    p, effect = paired_test(a[:, keep], b[:, keep], cfg["test"])
+    out.append(_top_rows(layer, "buggy_vs_correct", feature_ids[keep], a[:, keep], b[:, keep], p, effect,
+                         top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum())))
+
+    answered = pl.DataFrame({"prompt_id": buggy_ids.astype(np.int32)}).join(
+        scores.select(pl.col("prompt_id").cast(pl.Int32), "is_correct"), on="prompt_id", how="left")
+    if answered["is_correct"].null_count():
+        raise ValueError("The baseline scores miss prompts of the prompt table: rerun the baseline rule.")
+    right = answered["is_correct"].to_numpy().astype(bool)
+    n_wrong, n_right = int((~right).sum()), int(right.sum())
+    if min(n_wrong, n_right) < cfg["min_group_size"]:
+        log.warning("layer %d: wrong_vs_right skipped, %d wrong and %d right buggy-format prompts (< min_group_size %d)",
+                    layer, n_wrong, n_right, cfg["min_group_size"])
+    else:
+        wrong_m, right_m = a[~right], a[right]
+        keep = np.maximum((wrong_m > 0).mean(axis=0), (right_m > 0).mean(axis=0)) >= cfg["min_firing_rate"]
+        p, effect = unpaired_test(wrong_m[:, keep], right_m[:, keep], cfg["test"])
+        out.append(_top_rows(layer, "wrong_vs_right", feature_ids[keep], wrong_m[:, keep], right_m[:, keep], p,
+                             effect, top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum())))
+    return pl.concat(out, how="vertical_relaxed").select(DISCRIMINATIVE_COLUMNS)

@@ -1,0 +1,206 @@
+"""Stage drivers of the feature analyses (called by workflow/scripts/*.py; testable without Snakemake)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import polars as pl
+
+from bugscope.attribution import (
+    attribute_layer,
+    attribution_features,
+    capture_decision,
+    parity_rows,
+    summarise_attribution,
+)
+from bugscope.features.discriminative import discriminative_features
+from bugscope.features.named import NAMED_SCHEMA, named_feature_ids, named_features
+from bugscope.features.overlap import pair_overlap, pooled_overlap, summarise_overlap
+from bugscope.features.values import position_weights, prompt_pairs, prompt_values
+from bugscope.sae import FEATURES_KIND
+from bugscope.stats import derived_seed
+
+log = logging.getLogger("bugscope.features")
+
+
+def check_config(config: dict) -> None:
+    """Checks on the features section that the schema cannot express."""
+    from bugscope.config import ConfigError, analysed_layers
+
+    fcfg = config["features"]
+    layers = set(analysed_layers(config))
+    bad_named = sorted(int(layer) for layer in fcfg["named"] if int(layer) not in layers)
+    if bad_named:
+        raise ConfigError(
+            f"features.named lists layers {bad_named}, which are not analysed (layers: {sorted(layers)}). "
+            "Add them to 'layers' or remove them from features.named.")
+    attr = fcfg["attribution"]["layers"]
+    if attr != "all":
+        bad = sorted(set(attr) - layers)
+        if bad:
+            raise ConfigError(
+                f"features.attribution.layers lists {bad}, which are not analysed (layers: {sorted(layers)}). "
+                "Add them to 'layers' or remove them from features.attribution.layers.")
+    lo, hi = fcfg["overlap"]["middle_fraction"]
+    if lo > hi:
+        raise ConfigError(f"features.overlap.middle_fraction [{lo}, {hi}] is empty: write it as [low, high].")
+
+
+def attribution_layers(config: dict) -> list[int]:
+    from bugscope.config import analysed_layers
+
+    layers = config["features"]["attribution"]["layers"]
+    return analysed_layers(config) if layers == "all" else sorted(layers)
+
+
+def load_prompt_frame(path, config: dict) -> pl.DataFrame:
+    from bugscope.config import stage_hash
+    from bugscope.io import read_table
+
+    table, _ = read_table(path, kind="prompts", config_hash=stage_hash(config, "prompts"), columns=["prompt_id", "question_id", "pair_id", "format",
+                                                         "decision_pos", "aligned_positions"])
+    return pl.from_arrow(table)
+
+
+def load_layer_values(path, weights: pl.DataFrame, config: dict) -> tuple[pl.DataFrame, dict]:
+    """(prompt_id, feature_id, value) of one layer's feature table, and the table's metadata."""
+    from bugscope.config import stage_hash
+    from bugscope.io import read_table
+
+    table, meta = read_table(path, kind=FEATURES_KIND, config_hash=stage_hash(config, "sae"), columns=["prompt_id", "position", "feature_id", "activation"])
+    return prompt_values(pl.from_arrow(table), weights), meta
+
+
+def source_provenance(metas: dict[int, dict]) -> dict:
+    """Provenance of the input feature tables (SAE, model, config hash) keyed by layer."""
+    return {str(layer): {k: v for k, v in meta.items() if k != "kind"} for layer, meta in metas.items()}
+
+
+def run_overlap(config: dict, prompts_path, feature_paths: dict[int, str]) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """(per-layer summary, per-pair table, metadata) of the overlap stage."""
+    fcfg, pcfg, boot = config["features"], config["prompts"], config["bootstrap"]
+    k = fcfg["overlap"]["k"]
+    prompts = load_prompt_frame(prompts_path, config)
+    pairs = prompt_pairs(prompts, pcfg["buggy_format"], pcfg["correct_format"])
+    weights = position_weights(prompts, fcfg["position"])
+    per_pair, pooled, metas = [], [], {}
+    for layer, path in sorted(feature_paths.items()):
+        values, metas[layer] = load_layer_values(path, weights, config)
+        layer_pairs = pair_overlap(values, pairs, k)
+        short = layer_pairs.select((pl.min_horizontal("n_top_buggy", "n_top_correct") < k).mean()).item() or 0.0
+        if short > 0.5:
+            log.warning("layer %d: %.0f%% of the pairs have a top-k set with fewer than k=%d active features (SAE L0 "
+                        "below k?); overlap_pct = shared / k is then capped below 100 (jaccard is not).", layer,
+                        100 * short, k)
+        per_pair.append(layer_pairs.with_columns(pl.lit(layer, pl.Int32).alias("layer")))
+        pooled.append({"layer": layer, **pooled_overlap(values, pairs, k)})
+    per_pair = pl.concat(per_pair).select("layer", pl.exclude("layer"))
+    summary = summarise_overlap(
+        per_pair, pl.DataFrame(pooled), k=k, num_layers=config["model"]["num_layers"],
+        middle_fraction=fcfg["overlap"]["middle_fraction"], n_resamples=boot["n_resamples"],
+        confidence=boot["confidence"], seed=derived_seed(config["seed"], 1))
+    meta = {"position": fcfg["position"], "k": k, "confidence": boot["confidence"],
+            "n_resamples": boot["n_resamples"], "buggy_format": pcfg["buggy_format"],
+            "correct_format": pcfg["correct_format"], "sources": source_provenance(metas)}
+    return summary, per_pair, meta
+
+
+def run_discriminative(config: dict, prompts_path, scores_path, feature_paths: dict[int, str]) -> tuple[pl.DataFrame, dict]:
+    from bugscope.config import stage_hash
+    from bugscope.io import read_table
+
+    fcfg, pcfg = config["features"], config["prompts"]
+    prompts = load_prompt_frame(prompts_path, config)
+    pairs = prompt_pairs(prompts, pcfg["buggy_format"], pcfg["correct_format"])
+    weights = position_weights(prompts, fcfg["position"])
+    scores = pl.from_arrow(read_table(scores_path, kind="baseline_scores", config_hash=stage_hash(config, "baseline"),
+                                      columns=["prompt_id", "is_correct"])[0])
+    out, metas = [], {}
+    for layer, path in sorted(feature_paths.items()):
+        values, metas[layer] = load_layer_values(path, weights, config)
+        out.append(discriminative_features(values, pairs, scores, layer=layer, cfg=fcfg["discriminative"]))
+    meta = {"position": fcfg["position"], **{k: v for k, v in fcfg["discriminative"].items()},
+            "a_b": {"buggy_vs_correct": [pcfg["buggy_format"], pcfg["correct_format"]],
+                    "wrong_vs_right": [f"{pcfg['buggy_format']} answered wrong", f"{pcfg['buggy_format']} answered right"]},
+            "sources": source_provenance(metas)}
+    return pl.concat(out, how="vertical_relaxed"), meta
+
+
+def run_named(config: dict, prompts_path, feature_paths: dict[int, str]) -> tuple[pl.DataFrame, dict]:
+    fcfg, pcfg, boot = config["features"], config["prompts"], config["bootstrap"]
+    named = named_feature_ids(fcfg["named"])
+    prompts = load_prompt_frame(prompts_path, config)
+    pairs = prompt_pairs(prompts, pcfg["buggy_format"], pcfg["correct_format"])
+    weights = position_weights(prompts, fcfg["position"])
+    out, metas = [pl.DataFrame(schema=NAMED_SCHEMA)], {}
+    for layer, path in sorted(feature_paths.items()):
+        if layer not in named:
+            continue
+        values, metas[layer] = load_layer_values(path, weights, config)
+        d_sae = metas[layer].get("d_sae")
+        too_big = [f for ids in named[layer].values() for f in ids if d_sae is not None and f >= d_sae]
+        if too_big:
+            raise ValueError(f"features.named at layer {layer} lists ids {too_big}, out of range for its SAE "
+                             f"(d_sae={d_sae}). These ids belong to another SAE: fix features.named.")
+        out.append(named_features(values, pairs, layer=layer, named=named[layer], n_resamples=boot["n_resamples"],
+                                  confidence=boot["confidence"], seed=derived_seed(config["seed"], 2, layer)))
+    meta = {"position": fcfg["position"], "confidence": boot["confidence"], "n_resamples": boot["n_resamples"],
+            "named": {str(k): v for k, v in named.items()}, "sources": source_provenance(metas)}
+    return pl.concat(out, how="vertical_relaxed").cast(NAMED_SCHEMA), meta
+
+
+def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative_path,
+                    sae_dirs: dict[int, str]) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """(attribution table, parity table, metadata) for the layers of `sae_dirs`."""
+    from sae_lens import SAE
+
+    from bugscope.config import stage_hash
+    from bugscope.io import read_table
+    from bugscope.model import pick_device
+    from bugscope.sites import hook_name
+
+    fcfg, pcfg = config["features"], config["prompts"]
+    buggy, correct = pcfg["buggy_format"], pcfg["correct_format"]
+    prompts = pl.from_arrow(read_table(prompts_path, kind="prompts", config_hash=stage_hash(config, "prompts"))[0]).filter(pl.col("format").is_in([buggy, correct]))
+    discriminative = pl.from_arrow(read_table(discriminative_path, kind="discriminative_features",
+                                              config_hash=stage_hash(config, "features"))[0])
+    named = named_feature_ids(fcfg["named"])
+    layers = sorted(sae_dirs)
+    site = config["cache"]["site"]
+    n_heads = model.config.num_attention_heads
+    ids, caps = capture_decision(model, prompts.to_dicts(), layers=layers, batch_size=config["cache"]["batch_size"],
+                                 pad_token_id=tokenizer.pad_token_id)
+    formats = pl.DataFrame({"prompt_id": ids.astype(np.int32)}).join(
+        prompts.select("prompt_id", "format"), on="prompt_id", how="left", maintain_order="left")["format"].to_numpy()
+    device = pick_device(config["device"])
+    tables, parity, errors, sae_meta = [], [], {}, {}
+    for layer in layers:
+        feats, sources = attribution_features(discriminative, named, layer, fcfg["attribution"]["n_features"])
+        if not feats:
+            log.warning("layer %d: no discriminative or named features to attribute", layer)
+            continue
+        sae = SAE.load_from_disk(sae_dirs[layer], device=str(device)).eval()
+        hook = hook_name(layer, site)
+        sae_hook = getattr(sae.cfg.metadata, "hook_name", None)
+        if (sae_hook and sae_hook != hook) or sae.cfg.d_in != model.config.hidden_size:
+            raise ValueError(f"{sae_dirs[layer]} holds an SAE for {sae_hook} with d_in={sae.cfg.d_in}, but layer {layer} "
+                             f"needs one for {hook} with d_in={model.config.hidden_size}: rerun the SAE stage.")
+        sae_meta[str(layer)] = {"path": str(sae_dirs[layer]), "architecture": sae.cfg.architecture(),
+                                "d_sae": sae.cfg.d_sae, "normalize_activations": sae.cfg.normalize_activations}
+        res = attribute_layer(model, layer, sae, caps.pop(layer), feats, n_heads=n_heads, site=site)
+        scale = float(res["pre"].abs().max()) if res["pre"].numel() else 0.0
+        errors[str(layer)] = {"identity_error": res["identity_error"], "attn_identity_error": res["attn_identity_error"],
+                              "pre_activation_scale": scale}
+        log.info("layer %d: %d features; identity error %.2e (attention part %.2e) at pre-activation scale %.2f",
+                 layer, len(feats), res["identity_error"], res["attn_identity_error"], scale)
+        table = summarise_attribution(res, layer=layer, feature_ids=feats, sources=sources, formats=formats)
+        tables.append(table)
+        parity.append(parity_rows(table, layer=layer, buggy_format=buggy, correct_format=correct,
+                                  n_permutations=fcfg["attribution"]["n_permutations"], seed=config["seed"]))
+        del sae
+    if not tables:
+        raise ValueError("No layer had features to attribute: check the discriminative table and features.named.")
+    meta = {"position": "decision", "site": site, "buggy_format": buggy, "correct_format": correct, "n_heads": n_heads,
+            "identity": errors, "saes": sae_meta, "n_permutations": fcfg["attribution"]["n_permutations"]}
+    return pl.concat(tables), pl.concat(parity), meta
