@@ -175,7 +175,7 @@ REQUIRED_IDS = {"overlap_layer_7", "overlap_layer_8", "overlap_layer_10", "overl
 
 def producer_columns() -> dict[str, set[str]]:
     """Columns of each ledger table as its producer writes them."""
-    from bugscope.sae import QUALITY_SCHEMA
+    from bugscope.sae_quality import QUALITY_SCHEMA
 
     return {
         "feature_overlap": set(overlap_table().columns),

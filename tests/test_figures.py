@@ -25,6 +25,7 @@ from bugscope.features import (
 )
 from bugscope.io import read_table
 from tests.conftest import REPO, run_snakemake
+from tests.helpers import png_size
 
 LABELS = figures.Labels("SmolLM2-135M-Instruct", "qa", "simple", 0.95)
 
@@ -101,7 +102,7 @@ def patching_summary(layers=(0, 5, 10), focus=(5,), n_heads=9, n_prompts=16, see
                      positions="decision") -> pl.DataFrame:
     """A patching summary made by bugscope.patching from random per-prompt logit differences: the named
     head sets at every layer, random even/odd subsets of sizes 1 and 2 at the focus layers."""
-    from bugscope import patching
+    from bugscope import patch_summary, patching
 
     rng = np.random.default_rng(seed)
     sets = {layer: patching.named_head_sets(n_heads) for layer in layers}
@@ -117,7 +118,7 @@ def patching_summary(layers=(0, 5, 10), focus=(5,), n_heads=9, n_prompts=16, see
                   .with_columns(pl.lit(method).alias("method"), pl.lit(positions).alias("positions"),
                                 pl.lit("patch").alias("operation"), pl.lit("fix").alias("direction"),
                                 pl.lit("qa").alias("target_format"), pl.lit("simple").alias("source_format")))
-    return patching.summary_table(per_prompt, n_resamples=200, confidence=0.95, seed=0)
+    return patch_summary.summary_table(per_prompt, n_resamples=200, confidence=0.95, seed=0)
 
 
 def seed_method_table(layer=5) -> pl.DataFrame:
@@ -127,7 +128,7 @@ def seed_method_table(layer=5) -> pl.DataFrame:
 
 def sae_quality_table(layers=(0, 10, 29)) -> pl.DataFrame:
     """A table with bugscope.sae's QUALITY_SCHEMA."""
-    from bugscope.sae import QUALITY_SCHEMA
+    from bugscope.sae_quality import QUALITY_SCHEMA
 
     n = len(layers)
     rows = [{"layer": layer, "hook_name": f"blocks.{layer}.hook_resid_post", "source": "train", "d_sae": 576,
@@ -196,7 +197,7 @@ def check_saved(tmp: Path, name: str, chart, scale: float = 2.0) -> dict:
     outputs = {ext: tmp / f"{name}.{ext}" for ext in figures.FIGURE_EXTS}
     spec = figures.save_chart(chart, outputs, png_scale=scale)
     w, h = svg_size(outputs["svg"])
-    assert figures.png_size(outputs["png"]) == (round(w * scale), round(h * scale))
+    assert png_size(outputs["png"]) == (round(w * scale), round(h * scale))
     html = outputs["html"].read_text()
     assert "<script src=" not in html and "vega-embed" in html.lower()  # libraries inlined: works offline
     return spec
@@ -263,7 +264,7 @@ def test_png_scale_and_png_size_rejects_non_png(tmp_path):
     assert spec_scale
     (tmp_path / "x.png").write_text("not a png")
     with pytest.raises(ValueError):
-        figures.png_size(tmp_path / "x.png")
+        png_size(tmp_path / "x.png")
 
 
 # --- the real ci.yaml workflow --------------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_ci_workflow_figures(ci_workflow, ci_config):
         for ext, path in paths.items():
             assert path.exists() and path.stat().st_size > 1000, (name, ext)
         w, h = svg_size(paths["svg"])
-        assert figures.png_size(paths["png"]) == (round(w * scale), round(h * scale)), name
+        assert png_size(paths["png"]) == (round(w * scale), round(h * scale)), name
         assert w >= 300 and h >= 200, (name, w, h)
     # the baseline figure, rebuilt from the real table, encodes the intended columns and its n
     acc = pl.from_arrow(read_table(ci_workflow / layout.BASELINE_ACCURACY, kind="baseline_accuracy")[0])
@@ -298,7 +299,7 @@ def test_ci_workflow_figures(ci_workflow, ci_config):
 def test_ci_workflow_sae_and_patching_figures(ci_workflow, ci_config):
     """Figures 5, 6, 7 and 9 rebuilt from the real ci tables encode the intended columns and say their n."""
     from bugscope.patching import SUMMARY_KIND
-    from bugscope.sae import QUALITY_KIND
+    from bugscope.sae_quality import QUALITY_KIND
 
     labels = figures.Labels.from_config(ci_config)
     n_heads = ci_config["model"]["num_heads"]

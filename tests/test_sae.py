@@ -32,6 +32,8 @@ from bugscope.cache import (
 from bugscope.corpus import SOURCES, build_corpus_table, cache_rows, heldout_pair_ids
 from bugscope.forward import decision_logits, make_batch
 from bugscope.io import read_metadata, vectors_to_arrow
+from bugscope.sae_quality import QUALITY_KIND, ReconstructionStats, spliced_logit_diffs
+from tests.helpers import sparse_to_dense
 from tests.numerics import forward_tolerance, max_abs, rounding_tolerance
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +157,7 @@ def test_features_equal_sae_encode_and_round_trip_to_dense(layer_data):
     keys, x = _read_acts(layer_data.paths["prompts"])
     with torch.no_grad():
         expected = sae.encode(x)
-    dense = bsae.sparse_to_dense(table, keys, sae.cfg.d_sae)
+    dense = sparse_to_dense(table, keys, sae.cfg.d_sae)
     assert torch.equal(dense, expected)
     assert table.num_rows == int((expected != 0).sum())
 
@@ -193,7 +195,7 @@ def test_quality_metrics_on_known_cases():
     eye = torch.eye(6)
     # [I, -I] encoder, [I; -I] decoder, threshold 0: an exact reconstruction, L0 = non-zero coordinates.
     exact = _jumprelu(torch.cat([eye, -eye], 1), torch.zeros(12), torch.cat([eye, -eye], 0), torch.zeros(6), 0.0)
-    stats = bsae.ReconstructionStats(6, 12)
+    stats = ReconstructionStats(6, 12)
     for chunk in x.split(128):
         stats.update(exact, chunk)
     r = stats.result()
@@ -202,7 +204,7 @@ def test_quality_metrics_on_known_cases():
     assert r["ev"] == pytest.approx(1.0, abs=exact_tol) and r["mse"] == pytest.approx(0.0, abs=exact_tol)
     assert r["l0"] == pytest.approx(6.0) and r["n_tokens"] == 500 and stats.fired.all()
     # Encoder off, b_dec = the mean: EV 0, MSE = mean per-dimension variance, L0 0, every feature dead.
-    mean = bsae.ReconstructionStats(6, 12)
+    mean = ReconstructionStats(6, 12)
     mean_sae = _jumprelu(torch.zeros(6, 12), torch.zeros(12), torch.zeros(12, 6), x.mean(0), 0.0)
     mean.update(mean_sae, x)
     r = mean.result()
@@ -223,7 +225,7 @@ def test_spliced_exact_reconstruction_leaves_logit_diff_unchanged(embedded, laye
                              ["logit_diff"].to_numpy()).float()
     zero = _jumprelu(torch.zeros(576, 4), torch.zeros(4), torch.zeros(4, 576), torch.zeros(576), 0.0)
     # One call splices each layer's SAE separately, from the same unspliced prefix.
-    _, spliced = bsae.spliced_logit_diffs(model, {0: exact, LAYER: exact, LAYER + 1: zero}, rows, site="resid_post",
+    _, spliced = spliced_logit_diffs(model, {0: exact, LAYER: exact, LAYER + 1: zero}, rows, site="resid_post",
                                           batch_size=2, pad_token_id=tokenizer.pad_token_id)
     batch = make_batch(rows, tokenizer.pad_token_id, "cpu")
     tol = forward_tolerance(model, scale=max_abs(decision_logits(model, batch)))
@@ -313,7 +315,7 @@ def test_pretrained_llama_scope_form_loads_offline(offline_hub, layer_data):
     again, prov = bsae.load_sae(layer_data.root / "pre")
     table = bsae.encode_activation_file(again, layer_data.paths["prompts"])
     keys, _ = _read_acts(layer_data.paths["prompts"])
-    assert (bsae.sparse_to_dense(table, keys, 1024) - expected).abs().max() <= enc_tol
+    assert (sparse_to_dense(table, keys, 1024) - expected).abs().max() <= enc_tol
     assert prov["release"] == release
 
 
@@ -372,7 +374,7 @@ def test_ci_workflow_sae_outputs(ci_workflow, ci_config):
     from bugscope import layout
     from bugscope.io import read_table
 
-    quality, meta = read_table(ci_workflow / layout.SAE_QUALITY, kind=bsae.QUALITY_KIND)
+    quality, meta = read_table(ci_workflow / layout.SAE_QUALITY, kind=QUALITY_KIND)
     assert quality.column("layer").to_pylist() == ci_config["layers"]
     assert meta["excluded_positions"] == [0] and meta["heldout_pair_ids"]
     for layer in ci_config["layers"]:
@@ -385,7 +387,7 @@ def test_ci_workflow_sae_outputs(ci_workflow, ci_config):
         with torch.no_grad():
             dense = sae.encode(x)
         tol = rounding_tolerance(torch.float32, scale=max_abs(dense), reduction=x.shape[1])
-        assert (bsae.sparse_to_dense(features, keys, sae.cfg.d_sae) - dense).abs().max() <= tol
+        assert (sparse_to_dense(features, keys, sae.cfg.d_sae) - dense).abs().max() <= tol
     row = quality.to_pylist()[0]
     assert 0 < row["l0_corpus"] <= ci_config["sae"]["k"] and 0 <= row["dead_fraction"] <= 1
     assert row["n_tokens_corpus"] > 0 and row["n_tokens_prompts"] > 0 and row["n_prompts"] > 0

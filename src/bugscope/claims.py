@@ -71,7 +71,7 @@ TABLES: dict[str, TableSpec] = {
     "discriminative_features": TableSpec(layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "features", "n_a"),
     "named_features": TableSpec(layout.NAMED_FEATURES, "named_features", "features", "n_pairs"),
     "head_parity": TableSpec(layout.HEAD_PARITY, "head_parity", "features", "n_heads"),
-    # bugscope.patching.summary_table: one row per (layer, head set); success_rate is a fraction of
+    # bugscope.patch_summary.summary_table: one row per (layer, head set); success_rate is a fraction of
     # the n_baseline_wrong prompts answered wrong unpatched, so that is its n.
     "head_patching": TableSpec(layout.PATCHING_SUMMARY, "patching_summary", "patching_summary", "n_baseline_wrong"),
     "sae_quality": TableSpec(layout.SAE_QUALITY, "sae_quality", "sae", "n_tokens_corpus"),

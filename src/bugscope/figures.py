@@ -486,29 +486,3 @@ def save_chart(chart: alt.TopLevelMixin, outputs: dict[str, str | Path], *, png_
         with atomic_path(outputs["html"]) as tmp:
             tmp.write_text(html)
     return spec
-
-
-def table_html(df: pl.DataFrame, title: str, caption: str = "") -> str:
-    """A results table as a small self-contained HTML page for the report (floats to 4 significant digits)."""
-    import html
-
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return html.escape("" if v is None else str(v))
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in df.iter_rows())
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;font-size:12px}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 5px;text-align:right}th{background:#eee}</style></head><body>"
-            f"<h3>{html.escape(title)}</h3><p>{html.escape(caption)}</p>"
-            f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></body></html>")
-
-
-def png_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) from a PNG's IHDR chunk; raises ValueError for anything that is not a PNG."""
-    head = Path(path).read_bytes()[:24]
-    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        raise ValueError(f"{path} is not a PNG file")
-    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")

@@ -32,12 +32,11 @@ import torch
 
 from bugscope.cache import NonFiniteActivationError
 from bugscope.io import arrow_to_vectors, atomic_path, read_metadata
-from bugscope.sites import hook_name, parse_hook_name
+from bugscope.sites import hook_name
 
 SINK_POSITION = 0
 PROVENANCE_FILE = "bugscope.json"
 FEATURES_KIND = "features"
-QUALITY_KIND = "sae_quality"
 
 FEATURE_SCHEMA = pa.schema([
     ("prompt_id", pa.int32()), ("position", pa.int32()),
@@ -226,9 +225,6 @@ class ActivationStream:
 
     def __next__(self) -> torch.Tensor:
         return next(self._it)
-
-    def count_rows(self) -> int:
-        return sum(x.shape[0] for _, _, x in iter_activations(self.sources))
 
     def _batches(self) -> Iterator[torch.Tensor]:
         buffer: list[torch.Tensor] = []
@@ -424,139 +420,3 @@ def encode_activation_file(sae, activations_path: str | Path, *, batch_size: int
             pa.array(f.numpy(), pa.int32()), pa.array(v.numpy(), pa.float32()),
         ], schema=FEATURE_SCHEMA))
     return pa.concat_tables(pieces) if pieces else FEATURE_SCHEMA.empty_table()
-
-
-def sparse_to_dense(features: pa.Table, keys: Sequence[tuple[int, int]], d_sae: int) -> torch.Tensor:
-    """[len(keys), d_sae] dense features for the (prompt_id, position) keys, zeros where no row exists."""
-    index = {(int(p), int(q)): i for i, (p, q) in enumerate(keys)}
-    out = torch.zeros(len(keys), d_sae)
-    pid = features.column("prompt_id").to_pylist()
-    pos = features.column("position").to_pylist()
-    rows = torch.tensor([index[(a, b)] for a, b in zip(pid, pos)], dtype=torch.long)
-    if len(rows):
-        out[rows, torch.from_numpy(features.column("feature_id").to_numpy().astype(np.int64))] = torch.from_numpy(
-            features.column("activation").to_numpy().astype(np.float32))
-    return out
-
-
-# --- quality -----------------------------------------------------------------------------------
-
-class ReconstructionStats:
-    """Streaming reconstruction metrics over batches of activations.
-
-    EV = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (SAE-Lens's `explained_variance`),
-    MSE = mean over tokens and dimensions of (x - x_hat)^2, L0 = mean number of non-zero features
-    per token; `fired` marks every feature that was non-zero on at least one token.
-    """
-
-    def __init__(self, d_in: int, d_sae: int):
-        self.n = 0
-        self.d_in = d_in
-        self.sse = 0.0
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
-        self.sum_x2 = torch.zeros(d_in, dtype=torch.float64)
-        self.l0_sum = 0.0
-        self.fired = torch.zeros(d_sae, dtype=torch.bool)
-
-    @torch.inference_mode()
-    def update(self, sae, x: torch.Tensor) -> None:
-        device = next(sae.parameters()).device
-        feats = sae.encode(x.to(device))
-        recon = sae.decode(feats).float().cpu()
-        x = x.float().cpu()
-        x64 = x.double()
-        self.n += x.shape[0]
-        self.sse += (x - recon).double().pow(2).sum().item()
-        self.sum_x += x64.sum(0)
-        self.sum_x2 += x64.pow(2).sum(0)
-        nz = (feats != 0).cpu()
-        self.l0_sum += nz.sum().item()
-        self.fired |= nz.any(0)
-
-    def result(self) -> dict:
-        if self.n == 0:
-            return {"ev": None, "mse": None, "l0": None, "n_tokens": 0}
-        total_var = (self.sum_x2 - self.sum_x.pow(2) / self.n).sum().item()
-        return {"ev": 1 - self.sse / total_var if total_var > 0 else None,
-                "mse": self.sse / (self.n * self.d_in), "l0": self.l0_sum / self.n, "n_tokens": self.n}
-
-
-@torch.inference_mode()
-@torch.inference_mode()
-def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, batch_size: int,
-                        pad_token_id: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """(clean, {layer: spliced}): decision logit differences [n_prompts] (> 0 = correct) of the
-    unspliced model and with each layer's SAE spliced in, the prompts in the same order.
-
-    The site's output at the layer is replaced by the SAE reconstruction at every real position but
-    the first (the attention sink keeps its own activation; padding is untouched). One unspliced
-    pass per batch gives the clean differences and the residual entering each spliced layer; each
-    spliced pass starts there, so the layers before the splice are never recomputed.
-    """
-    from bugscope.forward import LayerRunner, iter_batches
-    from bugscope.sites import output_tensor, site_module
-
-    runner = LayerRunner(model)
-    clean: list[torch.Tensor] = []
-    spliced: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
-    for batch in iter_batches(list(rows), batch_size, pad_token_id, runner.device):
-        mask = (batch.attention_mask == 1) & (batch.position_ids > SINK_POSITION)  # [batch, pos]
-        hidden, ctx = runner.begin(batch)
-        entering = {}
-        for i in range(runner.n_layers):
-            if i in saes:
-                entering[i] = hidden
-            hidden = runner.layer(i, hidden, ctx)
-        clean.append(runner.decision_logit_diff(hidden[:, -1], batch))
-        for layer, sae in saes.items():
-            def replace(_module, _inputs, output, sae=sae):
-                hidden = output_tensor(output)
-                new = hidden.clone()
-                new[mask] = sae.decode(sae.encode(hidden[mask].to(sae.dtype))).to(hidden.dtype)
-                return (new, *output[1:]) if isinstance(output, tuple) else new
-
-            handle = site_module(model, layer, site).register_forward_hook(replace)
-            try:
-                last = runner.run(layer, entering[layer], ctx)[:, -1]
-            finally:
-                handle.remove()
-            spliced[layer].append(runner.decision_logit_diff(last, batch))
-    return torch.cat(clean), {layer: torch.cat(parts) for layer, parts in spliced.items()}
-
-
-def quality_row(*, layer: int, hook: str, sae, provenance: dict, prompt_stats: dict, corpus_stats: dict,
-                fired: torch.Tensor, clean: torch.Tensor, spliced: torch.Tensor) -> dict:
-    """One row of the SAE quality table."""
-    n = clean.numel()
-    return {
-        "layer": layer, "hook_name": hook, "source": provenance.get("source"), "d_sae": sae.cfg.d_sae,
-        "ev_prompts": prompt_stats["ev"], "mse_prompts": prompt_stats["mse"], "l0_prompts": prompt_stats["l0"],
-        "n_tokens_prompts": prompt_stats["n_tokens"],
-        "ev_corpus": corpus_stats["ev"], "mse_corpus": corpus_stats["mse"], "l0_corpus": corpus_stats["l0"],
-        "n_tokens_corpus": corpus_stats["n_tokens"],
-        "dead_fraction": 1.0 - fired.float().mean().item(),
-        "train_l0": (provenance.get("training") or {}).get("train_l0"),
-        "train_dead_fraction": (provenance.get("training") or {}).get("train_dead_fraction"),
-        "n_prompts": n,
-        "logit_diff_clean": clean.mean().item() if n else None,
-        "logit_diff_sae": spliced.mean().item() if n else None,
-        "delta_logit_diff": (spliced - clean).mean().item() if n else None,
-        "accuracy_clean": (clean > 0).float().mean().item() if n else None,
-        "accuracy_sae": (spliced > 0).float().mean().item() if n else None,
-    }
-
-
-QUALITY_SCHEMA = pa.schema([
-    ("layer", pa.int32()), ("hook_name", pa.string()), ("source", pa.string()), ("d_sae", pa.int32()),
-    ("ev_prompts", pa.float64()), ("mse_prompts", pa.float64()), ("l0_prompts", pa.float64()),
-    ("n_tokens_prompts", pa.int64()),
-    ("ev_corpus", pa.float64()), ("mse_corpus", pa.float64()), ("l0_corpus", pa.float64()),
-    ("n_tokens_corpus", pa.int64()),
-    ("dead_fraction", pa.float64()), ("train_l0", pa.float64()), ("train_dead_fraction", pa.float64()),
-    ("n_prompts", pa.int32()), ("logit_diff_clean", pa.float64()), ("logit_diff_sae", pa.float64()),
-    ("delta_logit_diff", pa.float64()), ("accuracy_clean", pa.float64()), ("accuracy_sae", pa.float64()),
-])
-
-
-def hook_layer(hook: str) -> int:
-    return parse_hook_name(hook)[0]

@@ -2,7 +2,7 @@ import polars as pl
 import pyarrow as pa
 
 from bugscope.io import read_table, write_table
-from bugscope.sae import QUALITY_KIND
+from bugscope.sae_quality import QUALITY_KIND
 from bugscope.script import log, run
 
 

@@ -3,7 +3,7 @@ import polars as pl
 from bugscope import figures
 from bugscope.config import stage_hash
 from bugscope.io import read_table
-from bugscope.sae import QUALITY_KIND
+from bugscope.sae_quality import QUALITY_KIND
 from bugscope.script import run
 
 

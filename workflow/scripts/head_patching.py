@@ -10,7 +10,7 @@ mode (params.mode):
 
 import polars as pl
 
-from bugscope import patching
+from bugscope import patch_summary, patching
 from bugscope.config import stage_hash
 from bugscope.io import read_table, write_table
 from bugscope.model import ModelManifest, load_model
@@ -70,7 +70,7 @@ def main(smk):
             patching.run_study_sweep(patcher, prompts, sets, s, desc=f"{s.method} ({s.positions})", **common)
             for s in specs])
         boot = cfg["bootstrap"]
-        summary = patching.summary_table(table, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
+        summary = patch_summary.summary_table(table, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
                                          seed=cfg["seed"])
         write_table(summary.to_arrow(), smk.output.summary, {"kind": patching.SUMMARY_KIND, **meta})
         shown = summary.filter(pl.col("family") != "single").select(

@@ -2,7 +2,7 @@
 
 import polars as pl
 
-from bugscope import patching
+from bugscope import patch_summary, patching
 from bugscope.config import stage_hash
 from bugscope.io import read_table, write_table
 from bugscope.script import log, run
@@ -25,7 +25,7 @@ def main(smk):
     log.info("unpatched logit difference vs baseline stage: max |difference| %.2e", check)
 
     boot = cfg["bootstrap"]
-    summary = patching.summary_table(per_prompt, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
+    summary = patch_summary.summary_table(per_prompt, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
                                      seed=cfg["seed"])
     accuracy = scores.group_by("format").agg(pl.col("is_correct").mean().alias("acc"))
     acc = dict(zip(accuracy["format"], accuracy["acc"]))

@@ -1,7 +1,7 @@
 import polars as pl
 import pyarrow.parquet as pq
 
-from bugscope import figures
+from bugscope import report
 from bugscope.io import atomic_path, read_metadata
 from bugscope.script import run
 
@@ -11,7 +11,7 @@ def main(smk):
     table = pl.from_arrow(pq.read_table(smk.input.table))
     caption = f"{smk.input.table} (kind {meta.get('kind')}, model {meta.get('model', '?')}, config hash {meta.get('config_hash', '?')})"
     with atomic_path(smk.output[0]) as tmp:
-        tmp.write_text(figures.table_html(table, smk.wildcards.name.replace("_", " "), caption))
+        tmp.write_text(report.table_html(table, smk.wildcards.name.replace("_", " "), caption))
 
 
 run(snakemake, main)  # noqa: F821

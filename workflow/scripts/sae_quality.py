@@ -9,18 +9,8 @@ from bugscope.config import stage_hash
 from bugscope.corpus import CORPUS_KIND
 from bugscope.io import atomic_path, check_table, encode_metadata, read_table
 from bugscope.model import ModelManifest, load_model
-from bugscope.sae import (
-    QUALITY_KIND,
-    QUALITY_SCHEMA,
-    ActivationSource,
-    ReconstructionStats,
-    check_sae_fits,
-    iter_activations,
-    load_sae,
-    quality_row,
-    sae_provenance_meta,
-    spliced_logit_diffs,
-)
+from bugscope.sae import ActivationSource, check_sae_fits, iter_activations, load_sae, sae_provenance_meta
+from bugscope.sae_quality import QUALITY_KIND, QUALITY_SCHEMA, ReconstructionStats, quality_row, spliced_logit_diffs
 from bugscope.script import log, run
 from bugscope.sites import hook_name
 
