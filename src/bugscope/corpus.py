@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from bugscope.prompts import SINK_POSITION
+
 CORPUS_PACKAGE = "gensim"
 CORPUS_VERSION = "4.4.0"
 CORPUS_KIND = "corpus"
@@ -163,14 +165,15 @@ def build_corpus_table(corpus_cfg: dict, prompts: pa.Table, tokenizer, *, seed: 
     for prompt_id, row in enumerate(rows):
         row["prompt_id"] = prompt_id
     meta = {"corpus": provenance, "heldout_pair_ids": held, "seq_len": seq_len,
-            "attention_sink_position": 0,
+            "attention_sink_position": SINK_POSITION,
             "train_tokens": sum(r["n_tokens"] for r in rows if r["split"] == "train"),
             "heldout_tokens": sum(r["n_tokens"] for r in rows if r["split"] == "heldout")}
     return pa.Table.from_pylist(rows, schema=CORPUS_SCHEMA), meta
 
 
 def cache_rows(corpus: pa.Table) -> list[dict]:
-    """Rows for `bugscope.cache.cache_activations`: every position but 0 (the attention sink)."""
-    rows = [{"prompt_id": r["prompt_id"], "input_ids": r["input_ids"], "positions": list(range(1, r["n_tokens"]))}
+    """Rows for `bugscope.cache.cache_activations`: every position after the attention sink."""
+    rows = [{"prompt_id": r["prompt_id"], "input_ids": r["input_ids"],
+             "positions": list(range(SINK_POSITION + 1, r["n_tokens"]))}
             for r in corpus.select(["prompt_id", "input_ids", "n_tokens"]).to_pylist()]
     return sorted(rows, key=lambda r: len(r["input_ids"]))  # similar lengths batched together: less padding

@@ -37,6 +37,7 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
+from bugscope.features.overlap import resolve_focus_layers  # noqa: F401  (the focus layers of every sweep)
 from bugscope.forward import Batch, LayerRunner, RecordedRun, make_batch
 from bugscope.head_sets import (  # noqa: F401  (re-exported: the head-set vocabulary of every sweep)
     POOLS,
@@ -393,28 +394,6 @@ def _available_cpu_memory() -> int:
 
 
 # --- study-level helpers (used by the workflow scripts) -------------------------------------------
-
-
-def focus_layer_fallback(num_layers: int) -> int:
-    """The focus layer when focus_layers is auto and no overlap stage runs: the middle layer."""
-    return num_layers // 2
-
-
-def resolve_focus_layers(config: dict, overlap: pl.DataFrame | None) -> tuple[list[int], str]:
-    """(focus layers, where they came from): the config's list, the overlap table's marked
-    max-overlap middle layer, or (auto without an overlap table) the middle layer."""
-    n = config["model"]["num_layers"]
-    if config["focus_layers"] != "auto":
-        layers, source = sorted(config["focus_layers"]), "config"
-    elif overlap is not None:
-        from bugscope.features import focus_layers
-
-        layers, source = focus_layers(config, overlap), "overlap"
-    else:
-        layers, source = [focus_layer_fallback(n)], "fallback_middle_layer"
-    for layer in layers:
-        check_head_set([0], n_heads=1, layer=layer, n_layers=n, what="focus layer")
-    return layers, source
 
 
 def spec_from_config(config: dict) -> tuple[PatchSpec, str, str]:

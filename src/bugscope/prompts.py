@@ -18,6 +18,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+# The first position of every sequence is an attention sink with a residual norm ~100x the rest
+# (research notes section 3); SmolLM2 adds no BOS, so it is whatever token comes first. SAE
+# training, quality metrics and the feature analyses leave it out.
+SINK_POSITION = 0
+
 ORDERS = ("correct_first", "wrong_first")
 
 

@@ -32,9 +32,9 @@ import torch
 
 from bugscope.cache import NonFiniteActivationError
 from bugscope.io import arrow_to_vectors, atomic_path, read_metadata
+from bugscope.prompts import SINK_POSITION  # noqa: F401  (re-exported for readers of SAE tables)
 from bugscope.sites import hook_name
 
-SINK_POSITION = 0
 PROVENANCE_FILE = "bugscope.json"
 FEATURES_KIND = "features"
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import pyarrow as pa
 import torch
 
-from bugscope.sae import SINK_POSITION
+from bugscope.prompts import SINK_POSITION
 
 QUALITY_KIND = "sae_quality"
 

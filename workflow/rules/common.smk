@@ -157,8 +157,9 @@ def patching_targets():
     return out
 
 
-def patching_focus_input(wildcards):
-    """The overlap table, when focus_layers is auto (it resolves the focus layers)."""
+def focus_layer_input(wildcards):
+    """The overlap table, when focus_layers is auto: it resolves the focus layers
+    (bugscope.features.overlap.resolve_focus_layers) for patching, figures and the ledger."""
     if config["focus_layers"] == "auto":
         return {"overlap": layout.FEATURE_OVERLAP}
     return {}

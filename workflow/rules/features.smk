@@ -1,4 +1,4 @@
-# Feature analyses (issue 4): overlap between formats, discriminative and named features, and the
+# Feature analyses: overlap between formats, discriminative and named features, and the
 # direct attribution of attention heads to SAE features. Logic: bugscope.features and bugscope.attribution.
 import bugscope.features as bugscope_features
 

@@ -1,4 +1,4 @@
-# Figures, report tables and the claims ledger (issue 6). Logic: bugscope.figures, bugscope.claims.
+# Figures, report tables and the claims ledger. Logic: bugscope.figures, bugscope.claims.
 # One rule per figure, each reading only the tables it draws, so that editing one figure's script
 # reruns only that rule. Every figure, report table and the ledger are default targets
 # (FIGURES, REPORT_TABLES and figure_targets in common.smk).
@@ -6,10 +6,6 @@ from pathlib import Path
 
 import bugscope.claims as bugscope_claims
 
-# The overlap table resolves focus_layers "auto"; a figure at the focus layer reads it only then.
-FOCUS_INPUT = (
-    {"overlap": layout.FEATURE_OVERLAP} if config["focus_layers"] == "auto" else {}
-)
 CLAIMS_LEDGER = config["claims"]["ledger"] or str(
     Path(str(workflow.current_basedir)).parents[1] / "config" / "claims.yaml"
 )
@@ -77,7 +73,7 @@ rule fig_amplification:
 
 rule fig_format_features:
     input:
-        **FOCUS_INPUT,
+        unpack(focus_layer_input),
         discriminative=layout.DISCRIMINATIVE_FEATURES,
         named=layout.NAMED_FEATURES,
     output:
@@ -94,7 +90,7 @@ rule fig_format_features:
 
 rule fig_head_attribution:
     input:
-        **FOCUS_INPUT,
+        unpack(focus_layer_input),
         attribution=layout.HEAD_FEATURE_ATTRIBUTION,
     output:
         **figure_outputs("head_attribution", "3. Attention heads"),

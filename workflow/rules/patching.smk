@@ -1,4 +1,4 @@
-# Attention-head patching (issue 5): true per-head patching swept over layers and head sets, random
+# Attention-head patching: true per-head patching swept over layers and head sets, random
 # head subsets at the focus layers, and the seed's method beside per-head patching. Logic:
 # bugscope.patching; layer groups and the focus-layer input: workflow/rules/common.smk.
 
@@ -41,7 +41,7 @@ rule head_sweep:
 
 rule head_subsets:
     input:
-        unpack(patching_focus_input),
+        unpack(focus_layer_input),
         manifest=layout.MODEL_MANIFEST,
         prompts=layout.PROMPTS,
     output:
@@ -64,7 +64,7 @@ rule head_subsets:
 
 rule head_seed_method:
     input:
-        unpack(patching_focus_input),
+        unpack(focus_layer_input),
         manifest=layout.MODEL_MANIFEST,
         prompts=layout.PROMPTS,
     output:

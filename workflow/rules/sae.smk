@@ -1,4 +1,4 @@
-# SAE stage (issue 3): the training corpus and its activations, one SAE per analysed layer (trained
+# SAE stage: the training corpus and its activations, one SAE per analysed layer (trained
 # here with SAE-Lens, or pretrained from SAE-Lens's directory), sparse feature tables and SAE
 # quality. Logic: bugscope.sae and bugscope.corpus. Jobs handle resources.layers_per_job layers
 # each (LAYER_GROUPS) and write one output per layer.

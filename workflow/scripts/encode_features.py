@@ -6,6 +6,7 @@ from bugscope.cache import ACTIVATIONS_KIND
 from bugscope.config import stage_hash
 from bugscope.io import atomic_path, check_metadata, encode_metadata, read_metadata
 from bugscope.model import pick_device
+from bugscope.prompts import SINK_POSITION
 from bugscope.sae import (
     FEATURES_KIND,
     check_sae_fits,
@@ -32,7 +33,7 @@ def main(smk):
             meta = {"kind": FEATURES_KIND, "config_hash": smk.params.config_hash, "layer": layer, "hook_name": hook,
                     "d_sae": sae.cfg.d_sae, "sae_dir": str(sae_dir), "positions": acts_meta.get("positions"),
                     "n_rows_encoded": int(pq.ParquetFile(acts_path).metadata.num_rows),
-                    "attention_sink_position": 0, **sae_provenance_meta(provenance),
+                    "attention_sink_position": SINK_POSITION, **sae_provenance_meta(provenance),
                     **{k: acts_meta.get(k) for k in ("model", "model_path", "revision")}}
             tmp = stack.enter_context(atomic_path(out))
             pq.write_table(table.replace_schema_metadata(encode_metadata(meta)), tmp, compression="zstd")

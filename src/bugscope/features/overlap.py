@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
+from bugscope.config import ConfigError
 from bugscope.features.values import top_k
 from bugscope.stats import _interval, _nanmean_axis1, bootstrap_indices
 
@@ -148,15 +149,31 @@ def summarise_overlap(per_pair: pl.DataFrame, pooled: pl.DataFrame, *, k: int, n
     return out.select(order).with_columns(pl.col("layer").cast(pl.Int32)).sort("variant", "layer", descending=[True, False])
 
 
-def focus_layers(config: dict, overlap: pl.DataFrame | None = None) -> list[int]:
-    """The configured focus layers, or ("auto") the max-overlap middle layer of the overlap table."""
+def resolve_focus_layers(config: dict, overlap: pl.DataFrame | None) -> tuple[list[int], str]:
+    """(focus layers, where they came from): the one place that decides them.
+
+    The config's list; or, for "auto", the overlap table's max-overlap middle layer; or, for "auto"
+    without an overlap stage, the model's middle layer.
+    """
+    n = config["model"]["num_layers"]
     if config["focus_layers"] != "auto":
-        return sorted(config["focus_layers"])
-    if overlap is None:
-        raise ValueError("focus_layers is 'auto': the overlap table (results/analysis/overlap.parquet) is needed to resolve it.")
-    marked = overlap.filter(pl.col("variant") == "per_pair", pl.col("is_max_overlap_middle"))["layer"].to_list()
-    if not marked:
-        raise ValueError(
-            "focus_layers is 'auto' but no analysed layer lies among the middle layers "
-            "(features.overlap.middle_fraction): list focus_layers explicitly or analyse more layers.")
-    return marked
+        layers, source = sorted(config["focus_layers"]), "config"
+    elif overlap is not None:
+        layers = overlap.filter(pl.col("variant") == "per_pair", pl.col("is_max_overlap_middle"))["layer"].to_list()
+        if not layers:
+            raise ValueError(
+                "focus_layers is 'auto' but no analysed layer lies among the middle layers "
+                "(features.overlap.middle_fraction): list focus_layers explicitly or analyse more layers.")
+        source = "overlap"
+    else:
+        layers, source = [n // 2], "fallback_middle_layer"
+    for layer in layers:
+        if not 0 <= layer < n:
+            raise ConfigError(f"Focus layer {layer} is outside the model, which has layers 0..{n - 1}. "
+                              "Fix 'focus_layers' in the config (or model.num_layers if the model changed).")
+    return layers, source
+
+
+def focus_layers(config: dict, overlap: pl.DataFrame | None = None) -> list[int]:
+    """The focus layers of `resolve_focus_layers`."""
+    return resolve_focus_layers(config, overlap)[0]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from bugscope.prompts import SINK_POSITION
+
 POSITION_MODES = ("decision", "aligned_mean")
 
 
@@ -48,7 +50,7 @@ def position_weights(prompts: pl.DataFrame, mode: str) -> pl.DataFrame:
         long = (prompts.select("prompt_id", "question_id", pl.col("aligned_positions").alias("position"))
                 .with_columns(pl.int_ranges(pl.col("position").list.len()).alias("index"))
                 .explode("position", "index"))
-        sink = long.filter(pl.col("position") == 0).select("question_id", "index").unique()
+        sink = long.filter(pl.col("position") == SINK_POSITION).select("question_id", "index").unique()
         kept = long.join(sink, on=["question_id", "index"], how="anti")
         return (kept.with_columns((1.0 / pl.len().over("prompt_id")).alias("weight"))
                 .select("prompt_id", "position", "weight").sort("prompt_id", "position"))
