@@ -5,7 +5,7 @@
 Parquet tables are compared on their data (schema and every value, bit for bit) and on their
 `bugscope.*` metadata, key by key, so that a renamed metadata key is reported as a rename rather
 than as a different table. Every other file (SAE weights, JSON, figures) is compared byte for byte.
-`--rename old=new` declares an expected metadata key or path rename. Exits 1 if anything differs
+`--rename old=new` declares an expected metadata key or path rename (a folder when it ends in /). Exits 1 if anything differs
 beyond the declared renames.
 """
 
@@ -59,9 +59,19 @@ def compare_parquet(a: Path, b: Path, renames: dict[str, str]) -> list[str]:
     return problems
 
 
+def renamed_path(name: str, renames: dict[str, str]) -> str:
+    """`name` after the declared renames: an exact path, or a folder prefix ending in '/'."""
+    if name in renames:
+        return renames[name]
+    for old, new in renames.items():
+        if old.endswith("/") and name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 def compare(before: Path, after: Path, renames: dict[str, str]) -> tuple[list[str], int]:
     fa, fb = files_under(before), files_under(after)
-    fa = {renames.get(k, k): v for k, v in fa.items()}
+    fa = {renamed_path(k, renames): v for k, v in fa.items()}
     lines, n_same = [], 0
     for name in sorted(set(fa) | set(fb)):
         if name not in fb:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from bugscope import claims, layout
+from bugscope import claims, layout, tables
 from bugscope.features import DISCRIMINATIVE_COLUMNS, NAMED_SCHEMA, PARITY_COLUMNS
 from bugscope.io import read_metadata, read_table
 from tests.conftest import REPO
@@ -207,7 +207,7 @@ def test_every_claim_resolves_to_a_table_column():
 
 
 def test_ci_ledger(ci_workflow):
-    table, meta = read_table(ci_workflow / layout.CLAIMS, kind=claims.CLAIMS_KIND)
+    table, meta = read_table(ci_workflow / layout.CLAIMS, kind=tables.CLAIMS.kind)
     ledger = pl.from_arrow(table)
     ids = [c["id"] for c in claims.load_ledger(LEDGER)]
     assert ledger["claim_id"].to_list() == ids

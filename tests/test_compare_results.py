@@ -26,3 +26,13 @@ def test_identical_folders_and_each_kind_of_difference(tmp_path):
     (a / "old.json").write_text("{}")
     lines, same = compare(a, b, {})
     assert same == 0 and lines == ["only in " + str(a) + ": old.json", "t.parquet: data differ", "w.bin: bytes differ"]
+
+
+def test_folder_renames_map_paths(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "analysis").mkdir(parents=True)
+    (b / "features").mkdir(parents=True)
+    _tables(a / "analysis", [1.0], {"kind": "demo"})
+    _tables(b / "features", [1.0], {"kind": "demo"})
+    assert compare(a, b, {"analysis/": "features/"}) == ([], 2)
+    assert compare(a, b, {})[1] == 0

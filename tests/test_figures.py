@@ -298,15 +298,14 @@ def test_ci_workflow_figures(ci_workflow, ci_config):
 
 def test_ci_workflow_sae_and_patching_figures(ci_workflow, ci_config):
     """Figures 5, 6, 7 and 9 rebuilt from the real ci tables encode the intended columns and say their n."""
-    from bugscope.patching import SUMMARY_KIND
-    from bugscope.sae_quality import QUALITY_KIND
+    from bugscope import tables
 
     labels = figures.Labels.from_config(ci_config)
     n_heads = ci_config["model"]["num_heads"]
-    quality = pl.from_arrow(read_table(ci_workflow / layout.SAE_QUALITY, kind=QUALITY_KIND)[0])
-    table, meta = read_table(ci_workflow / layout.PATCHING_SUMMARY, kind=SUMMARY_KIND)
+    quality = pl.from_arrow(read_table(ci_workflow / layout.SAE_QUALITY, kind=tables.SAE_QUALITY.kind)[0])
+    table, meta = read_table(ci_workflow / layout.PATCHING_SUMMARY, kind=tables.PATCHING_SUMMARY.kind)
     summary = pl.from_arrow(table)
-    seed = pl.from_arrow(read_table(ci_workflow / layout.PATCHING_SEED_METHOD, kind=SUMMARY_KIND)[0])
+    seed = pl.from_arrow(read_table(ci_workflow / layout.PATCHING_SEED_METHOD, kind=tables.PATCHING_SEED_METHOD.kind)[0])
     focus = meta["focus_layers"]
     specs = {
         "sae_quality": figures.sae_quality(quality, labels).to_dict(),

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from bugscope import sae as bsae
+from bugscope import tables
 from bugscope.baseline import score_prompts
 from bugscope.cache import (
     NonFiniteActivationError,
@@ -32,7 +33,7 @@ from bugscope.cache import (
 from bugscope.corpus import SOURCES, build_corpus_table, cache_rows, heldout_pair_ids
 from bugscope.forward import decision_logits, make_batch
 from bugscope.io import read_metadata, vectors_to_arrow
-from bugscope.sae_quality import QUALITY_KIND, ReconstructionStats, spliced_logit_diffs
+from bugscope.sae_quality import ReconstructionStats, spliced_logit_diffs
 from tests.helpers import sparse_to_dense
 from tests.numerics import forward_tolerance, max_abs, rounding_tolerance
 
@@ -374,7 +375,7 @@ def test_ci_workflow_sae_outputs(ci_workflow, ci_config):
     from bugscope import layout
     from bugscope.io import read_table
 
-    quality, meta = read_table(ci_workflow / layout.SAE_QUALITY, kind=QUALITY_KIND)
+    quality, meta = read_table(ci_workflow / layout.SAE_QUALITY, kind=tables.SAE_QUALITY.kind)
     assert quality.column("layer").to_pylist() == ci_config["layers"]
     assert meta["excluded_positions"] == [0] and meta["heldout_pair_ids"]
     for layer in ci_config["layers"]:

@@ -16,11 +16,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from bugscope import tables
 from bugscope.forward import capture_sites, iter_batches, run_decoder
 from bugscope.io import STORAGE_DTYPES, atomic_path, encode_metadata, vectors_to_arrow
 from bugscope.sites import hook_name
-
-ACTIVATIONS_KIND = "activations"
 
 
 class NonFiniteActivationError(RuntimeError):
@@ -62,7 +61,7 @@ def cache_activations(
         for layer in layers:
             tmp = stack.enter_context(atomic_path(out_paths[layer]))
             schema = activation_schema(d_model, dtype, {
-                **meta, "kind": ACTIVATIONS_KIND, "layer": layer, "site": site,
+                **meta, "kind": tables.PROMPT_ACTIVATIONS.kind, "layer": layer, "site": site,
                 "hook_name": hook_name(layer, site), "dtype": dtype, "d_model": d_model,
             })
             # Float activations barely compress; skipping compression keeps caching at forward speed.

@@ -45,36 +45,23 @@ from typing import Any, Mapping
 import polars as pl
 import yaml
 
-from bugscope import layout
+from bugscope import tables
 
 VERDICTS = ("holds", "fails", "not testable here")
 TESTS = ("near", "range", "at_least", "at_most", "below", "above", "local_max")
 AGGREGATES = ("single", "min", "max", "max_abs", "min_abs")
-CLAIMS_KIND = "claims"
 
 
-@dataclass(frozen=True)
-class TableSpec:
-    """A table the ledger can test: where it lives, its kind, the stage that writes it
-    (bugscope.config.STAGE_SECTIONS) and the column that counts its sample."""
-
-    path: str | None
-    kind: str
-    stage: str
-    n_column: str | None = None
-
-
-TABLES: dict[str, TableSpec] = {
-    "baseline_accuracy": TableSpec(layout.BASELINE_ACCURACY, "baseline_accuracy", "baseline", "n_prompts"),
-    "baseline_scores": TableSpec(layout.BASELINE_SCORES, "baseline_scores", "baseline"),
-    "feature_overlap": TableSpec(layout.FEATURE_OVERLAP, "feature_overlap", "features", "n_pairs"),
-    "discriminative_features": TableSpec(layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "features", "n_a"),
-    "named_features": TableSpec(layout.NAMED_FEATURES, "named_features", "features", "n_pairs"),
-    "head_parity": TableSpec(layout.HEAD_PARITY, "head_parity", "features", "n_heads"),
-    # bugscope.patch_summary.summary_table: one row per (layer, head set); success_rate is a fraction of
-    # the n_baseline_wrong prompts answered wrong unpatched, so that is its n.
-    "head_patching": TableSpec(layout.PATCHING_SUMMARY, "patching_summary", "patching_summary", "n_baseline_wrong"),
-    "sae_quality": TableSpec(layout.SAE_QUALITY, "sae_quality", "sae", "n_tokens_corpus"),
+# The tables the ledger can test, by the name a claim uses (bugscope.tables declares each).
+TABLES: dict[str, tables.Table] = {
+    "baseline_accuracy": tables.BASELINE_ACCURACY,
+    "baseline_scores": tables.BASELINE_SCORES,
+    "feature_overlap": tables.FEATURE_OVERLAP,
+    "discriminative_features": tables.DISCRIMINATIVE_FEATURES,
+    "named_features": tables.NAMED_FEATURES,
+    "head_parity": tables.HEAD_PARITY,
+    "head_patching": tables.PATCHING_SUMMARY,
+    "sae_quality": tables.SAE_QUALITY,
 }
 
 RESULT_SCHEMA = {

@@ -31,7 +31,6 @@ from bugscope.prompts import SINK_POSITION
 
 CORPUS_PACKAGE = "gensim"
 CORPUS_VERSION = "4.4.0"
-CORPUS_KIND = "corpus"
 
 
 @dataclass(frozen=True)

@@ -22,17 +22,18 @@ ACTIVATIONS = f"{RESULTS}/activations/{{dataset}}/{{hook}}.parquet"
 CORPUS = f"{RESULTS}/corpus/corpus.parquet"
 
 SAE_DIR = f"{RESULTS}/sae/{{hook}}"
-FEATURES = f"{RESULTS}/features/{{hook}}.parquet"
-SAE_QUALITY_LAYER = f"{RESULTS}/sae_quality/{{hook}}.parquet"
-SAE_QUALITY = f"{RESULTS}/sae_quality.parquet"
+# The SAE stage (workflow/rules/sae.smk): SAEs, their sparse codes of the prompts, their quality.
+FEATURES = f"{RESULTS}/sae/features/{{hook}}.parquet"
+SAE_QUALITY_LAYER = f"{RESULTS}/sae/quality/{{hook}}.parquet"
+SAE_QUALITY = f"{RESULTS}/sae/quality.parquet"
 
 # Feature analyses (bugscope.features, workflow/rules/features.smk)
-FEATURE_OVERLAP = f"{RESULTS}/analysis/overlap.parquet"
-FEATURE_OVERLAP_PAIRS = f"{RESULTS}/analysis/overlap_pairs.parquet"
-DISCRIMINATIVE_FEATURES = f"{RESULTS}/analysis/discriminative.parquet"
-NAMED_FEATURES = f"{RESULTS}/analysis/named_features.parquet"
-HEAD_FEATURE_ATTRIBUTION = f"{RESULTS}/analysis/head_feature_attribution.parquet"
-HEAD_PARITY = f"{RESULTS}/analysis/head_parity.parquet"
+FEATURE_OVERLAP = f"{RESULTS}/features/overlap.parquet"
+FEATURE_OVERLAP_PAIRS = f"{RESULTS}/features/overlap_pairs.parquet"
+DISCRIMINATIVE_FEATURES = f"{RESULTS}/features/discriminative.parquet"
+NAMED_FEATURES = f"{RESULTS}/features/named_features.parquet"
+HEAD_FEATURE_ATTRIBUTION = f"{RESULTS}/features/head_feature_attribution.parquet"
+HEAD_PARITY = f"{RESULTS}/features/head_parity.parquet"
 
 # Attention-head patching (bugscope.patching, workflow/rules/patching.smk). `{group}` is a layer
 # group such as `L00_07` (bugscope.config.layer_groups, resources.layers_per_job layers per job).

@@ -57,8 +57,6 @@ SEED_POSITIONS = "seed"  # the seed method's positions [:min_len]
 OPERATIONS = ("patch", "zero", "mean")
 DIRECTIONS = ("fix", "break")
 SITES = (HEAD_SITE, "attn_out")  # o_proj input (true heads) or self_attn output (the seed's slices)
-PATCH_KIND = "patching_prompts"
-SUMMARY_KIND = "patching_summary"
 
 
 # --- what to patch where --------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from bugscope.prompts import SINK_POSITION  # noqa: F401  (re-exported for reade
 from bugscope.sites import hook_name
 
 PROVENANCE_FILE = "bugscope.json"
-FEATURES_KIND = "features"
 
 FEATURE_SCHEMA = pa.schema([
     ("prompt_id", pa.int32()), ("position", pa.int32()),

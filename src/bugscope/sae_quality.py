@@ -10,8 +10,6 @@ import torch
 
 from bugscope.prompts import SINK_POSITION
 
-QUALITY_KIND = "sae_quality"
-
 
 class ReconstructionStats:
     """Streaming reconstruction metrics over batches of activations.

@@ -101,8 +101,6 @@ rule head_patching_summary:
     conda:
         "../../environment.yml"
     params:
-        sweep_hash=PATCH_SWEEP_HASH,
-        subsets_hash=PATCH_FOCUS_HASH,
         config_hash=PATCH_SUMMARY_HASH,
     script:
         "../scripts/head_patching_summary.py"

@@ -1,8 +1,7 @@
 import polars as pl
 
+from bugscope import tables
 from bugscope.baseline import accuracy_by_format, greedy_check, score_prompts
-from bugscope.config import stage_hash
-from bugscope.io import read_table, write_table
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
 
@@ -10,7 +9,7 @@ from bugscope.script import log, run
 def main(smk):
     cfg = smk.config
     manifest = ModelManifest.load(smk.input.manifest)
-    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts", config_hash=stage_hash(smk.config, "prompts"))[0])
+    prompts = tables.frame(tables.PROMPTS, smk.config, smk.input.prompts)
     model, tokenizer = load_model(manifest, cfg["device"])
     rows = prompts.to_dicts()
     scores = score_prompts(model, rows, batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id)
@@ -34,10 +33,11 @@ def main(smk):
              parsed.height, generation.height, agreement)
 
     meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], **manifest.provenance()}
-    write_table(scores.to_arrow(), smk.output.scores, {"kind": "baseline_scores", **meta})
-    write_table(accuracy.to_arrow(), smk.output.accuracy, {"kind": "baseline_accuracy", **meta})
-    write_table(generation.to_arrow(), smk.output.generation, {
-        "kind": "baseline_generation", "n_parsed": parsed.height, "agreement": agreement, **meta})
+    with tables.written_together() as put:
+        put(tables.BASELINE_SCORES, scores, smk.output.scores, meta)
+        put(tables.BASELINE_ACCURACY, accuracy, smk.output.accuracy, meta)
+        put(tables.BASELINE_GENERATION, generation, smk.output.generation,
+            {"n_parsed": parsed.height, "agreement": agreement, **meta})
     log.info("accuracy by format:\n%s", accuracy)
 
 

@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer
 
-from bugscope.io import write_table
+from bugscope import tables
 from bugscope.model import ModelManifest
 from bugscope.prompts import build_prompt_table
 from bugscope.script import log, run
@@ -10,10 +10,8 @@ def main(smk):
     manifest = ModelManifest.load(smk.input.manifest)
     tokenizer = AutoTokenizer.from_pretrained(manifest.path, revision=manifest.revision)
     table = build_prompt_table(smk.config, tokenizer)
-    write_table(table, smk.output.prompts, {
-        "kind": "prompts", "config_hash": smk.params.config_hash, "seed": smk.config["seed"],
-        **manifest.provenance(),
-    })
+    tables.write(tables.PROMPTS, table, smk.output.prompts, {
+        "config_hash": smk.params.config_hash, "seed": smk.config["seed"], **manifest.provenance()})
     log.info("wrote %d prompts", table.num_rows)
 
 

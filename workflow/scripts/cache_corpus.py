@@ -1,6 +1,6 @@
+from bugscope import tables
 from bugscope.cache import cache_activations
-from bugscope.corpus import CORPUS_KIND, cache_rows
-from bugscope.io import read_table
+from bugscope.corpus import cache_rows
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
 
@@ -8,7 +8,7 @@ from bugscope.script import log, run
 def main(smk):
     cfg = smk.config
     manifest = ModelManifest.load(smk.input.manifest)
-    corpus, corpus_meta = read_table(smk.input.corpus, kind=CORPUS_KIND, config_hash=smk.params.config_hash)
+    corpus, corpus_meta = tables.read(tables.CORPUS, cfg, smk.input.corpus)
     model, tokenizer = load_model(manifest, cfg["device"])
     # The same caching code as the analysis prompts; position 0 (the attention sink) is not cached.
     n = cache_activations(

@@ -1,8 +1,6 @@
-import polars as pl
 
+from bugscope import tables
 from bugscope.cache import cache_activations, positions_for
-from bugscope.config import stage_hash
-from bugscope.io import read_table
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
 
@@ -10,7 +8,7 @@ from bugscope.script import log, run
 def main(smk):
     cfg = smk.config
     manifest = ModelManifest.load(smk.input.manifest)
-    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts", config_hash=stage_hash(smk.config, "prompts"))[0])
+    prompts = tables.frame(tables.PROMPTS, smk.config, smk.input.prompts)
     model, tokenizer = load_model(manifest, cfg["device"])
     rows = [{**r, "positions": positions_for(r, cfg["cache"]["positions"])} for r in prompts.to_dicts()]
     n = cache_activations(

@@ -1,13 +1,14 @@
+from bugscope import tables
 from bugscope.features import run_overlap
-from bugscope.io import write_table
 from bugscope.script import log, run
 
 
 def main(smk):
     summary, per_pair, meta = run_overlap(smk.config, smk.input.prompts, dict(zip(smk.params.layers, smk.input.features)))
     meta = {"config_hash": smk.params.config_hash, "seed": smk.config["seed"], "model": smk.config["model"]["name"], **meta}
-    write_table(per_pair.to_arrow(), smk.output.pairs, {"kind": "feature_overlap_pairs", **meta})
-    write_table(summary.to_arrow(), smk.output.overlap, {"kind": "feature_overlap", **meta})
+    with tables.written_together() as put:
+        put(tables.FEATURE_OVERLAP_PAIRS, per_pair, smk.output.pairs, meta)
+        put(tables.FEATURE_OVERLAP, summary, smk.output.overlap, meta)
     log.info("overlap per layer:\n%s", summary.select("layer", "variant", "overlap_pct", "overlap_pct_low",
                                                        "overlap_pct_high", "is_min_overlap", "is_max_overlap_middle"))
 

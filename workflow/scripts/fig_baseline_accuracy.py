@@ -1,13 +1,10 @@
-import polars as pl
 
-from bugscope import figures
-from bugscope.config import stage_hash
-from bugscope.io import read_table
+from bugscope import figures, tables
 from bugscope.script import run
 
 
 def main(smk):
-    accuracy = pl.from_arrow(read_table(smk.input.accuracy, kind="baseline_accuracy", config_hash=stage_hash(smk.config, "baseline"))[0])
+    accuracy = tables.frame(tables.BASELINE_ACCURACY, smk.config, smk.input.accuracy)
     chart = figures.baseline_accuracy(accuracy, figures.Labels.from_config(smk.config))
     figures.save_chart(chart, {ext: smk.output[ext] for ext in figures.FIGURE_EXTS}, png_scale=smk.params.png_scale)
 

@@ -1,15 +1,12 @@
-import polars as pl
 
-from bugscope import figures
-from bugscope.config import stage_hash
+from bugscope import figures, tables
 from bugscope.features import focus_layers
-from bugscope.io import read_table
 from bugscope.script import log, run
 
 
 def main(smk):
-    attribution = pl.from_arrow(read_table(smk.input.attribution, kind="head_feature_attribution", config_hash=stage_hash(smk.config, "features"))[0])
-    overlap = pl.from_arrow(read_table(smk.input.overlap, kind="feature_overlap", config_hash=stage_hash(smk.config, "features"))[0]) if "overlap" in smk.input.keys() else None
+    attribution = tables.frame(tables.HEAD_FEATURE_ATTRIBUTION, smk.config, smk.input.attribution)
+    overlap = tables.frame(tables.FEATURE_OVERLAP, smk.config, smk.input.overlap) if "overlap" in smk.input.keys() else None
     focus = focus_layers(smk.config, overlap)
     attributed = sorted(attribution["layer"].unique().to_list())
     missing = [layer for layer in focus if layer not in attributed]

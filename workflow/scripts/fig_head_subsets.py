@@ -1,14 +1,11 @@
 import polars as pl
 
-from bugscope import figures
-from bugscope.config import stage_hash
-from bugscope.io import read_table
-from bugscope.patching import SUMMARY_KIND
+from bugscope import figures, tables
 from bugscope.script import log, run
 
 
 def main(smk):
-    table, meta = read_table(smk.input.summary, kind=SUMMARY_KIND, config_hash=stage_hash(smk.config, "patching_summary"))
+    table, meta = tables.read(tables.PATCHING_SUMMARY, smk.config, smk.input.summary)
     summary = pl.from_arrow(table)
     # the focus layers the patching stage resolved (and drew its subsets at)
     focus = sorted(meta.get("focus_layers") or summary.filter(pl.col("family") == "subset")["layer"].unique().to_list())

@@ -1,14 +1,10 @@
-import polars as pl
 
-from bugscope import figures
-from bugscope.config import stage_hash
-from bugscope.io import read_table
-from bugscope.patching import SUMMARY_KIND
+from bugscope import figures, tables
 from bugscope.script import run
 
 
 def main(smk):
-    comparison = pl.from_arrow(read_table(smk.input.comparison, kind=SUMMARY_KIND, config_hash=stage_hash(smk.config, "patching_focus"))[0])
+    comparison = tables.frame(tables.PATCHING_SEED_METHOD, smk.config, smk.input.comparison)
     chart = figures.seed_method(comparison, figures.Labels.from_config(smk.config), smk.config["model"]["num_heads"])
     figures.save_chart(chart, {ext: smk.output[ext] for ext in figures.FIGURE_EXTS}, png_scale=smk.params.png_scale)
 

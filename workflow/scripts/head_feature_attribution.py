@@ -1,5 +1,5 @@
+from bugscope import tables
 from bugscope.features import run_attribution
-from bugscope.io import write_table
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
 
@@ -11,8 +11,9 @@ def main(smk):
     table, parity, meta = run_attribution(cfg, model, tokenizer, smk.input.prompts, smk.input.discriminative,
                                           dict(zip(smk.params.layers, smk.input.saes)))
     meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], **manifest.provenance(), **meta}
-    write_table(table.to_arrow(), smk.output.attribution, {"kind": "head_feature_attribution", **meta})
-    write_table(parity.to_arrow(), smk.output.parity, {"kind": "head_parity", **meta})
+    with tables.written_together() as put:
+        put(tables.HEAD_FEATURE_ATTRIBUTION, table, smk.output.attribution, meta)
+        put(tables.HEAD_PARITY, parity, smk.output.parity, meta)
     log.info("parity (eta^2 over all attributed features):\n%s",
              parity.filter(parity["statistic"] == "eta_squared"))
 

@@ -10,9 +10,7 @@ mode (params.mode):
 
 import polars as pl
 
-from bugscope import patch_summary, patching
-from bugscope.config import stage_hash
-from bugscope.io import read_table, write_table
+from bugscope import patch_summary, patching, tables
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
 from bugscope.sites import HEAD_SITE
@@ -23,7 +21,7 @@ def main(smk):
     pc = cfg["patching"]
     mode = smk.params.mode
     manifest = ModelManifest.load(smk.input.manifest)
-    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts", config_hash=stage_hash(smk.config, "prompts"))[0])
+    prompts = tables.frame(tables.PROMPTS, smk.config, smk.input.prompts)
     spec, target, source = patching.spec_from_config(cfg)
     meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], "mode": mode,
             "positions": pc["positions"], "operation": pc["operation"], "direction": pc["direction"],
@@ -35,7 +33,7 @@ def main(smk):
     else:
         overlap = None
         if "overlap" in smk.input.keys():
-            overlap = pl.from_arrow(read_table(smk.input.overlap, kind="feature_overlap", config_hash=stage_hash(smk.config, "features"))[0])
+            overlap = tables.frame(tables.FEATURE_OVERLAP, smk.config, smk.input.overlap)
         layers, focus_source = patching.resolve_focus_layers(cfg, overlap)
         meta.update(focus_layers=layers, focus_layer_source=focus_source)
         log.info("focus layers %s (from %s)", layers, focus_source)
@@ -72,13 +70,17 @@ def main(smk):
         boot = cfg["bootstrap"]
         summary = patch_summary.summary_table(table, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
                                          seed=cfg["seed"])
-        write_table(summary.to_arrow(), smk.output.summary, {"kind": patching.SUMMARY_KIND, **meta})
         shown = summary.filter(pl.col("family") != "single").select(
             "method", "positions", "layer", "head_set", "success_rate", "success_low", "success_high",
             "broken_rate", "mean_logit_diff")
         log.info("seed method vs per-head:\n%s", shown)
 
-    write_table(table.to_arrow(), smk.output.prompts, {"kind": patching.PATCH_KIND, **meta})
+    declared = {"sweep": tables.PATCHING_SWEEP_GROUP, "subsets": tables.PATCHING_SUBSETS_PROMPTS,
+                "seed_method": tables.PATCHING_SEED_METHOD_PROMPTS}[mode]
+    with tables.written_together() as put:
+        if mode == "seed_method":
+            put(tables.PATCHING_SEED_METHOD, summary, smk.output.summary, meta)
+        put(declared, table, smk.output.prompts, meta)
     log.info("wrote %d rows (%d head sets x %d prompts)", table.height,
              table.select("method", "positions", "layer", "head_set").n_unique(), table["prompt_id"].n_unique())
 

@@ -2,22 +2,21 @@
 
 import polars as pl
 
-from bugscope import patch_summary, patching
-from bugscope.config import stage_hash
-from bugscope.io import read_table, write_table
+from bugscope import patch_summary, tables
 from bugscope.script import log, run
 
 
 def main(smk):
     cfg = smk.config
     parts, metas = [], []
-    inputs = [(path, smk.params.sweep_hash) for path in smk.input.sweep] + [(smk.input.subsets, smk.params.subsets_hash)]
-    for path, expected in inputs:
-        table, meta = read_table(path, kind=patching.PATCH_KIND, config_hash=expected)
+    inputs = [(tables.PATCHING_SWEEP_GROUP, path) for path in smk.input.sweep]
+    inputs.append((tables.PATCHING_SUBSETS_PROMPTS, smk.input.subsets))
+    for declared, path in inputs:
+        table, meta = tables.read(declared, cfg, path)
         parts.append(pl.from_arrow(table))
         metas.append(meta)
     per_prompt = pl.concat(parts)
-    scores = pl.from_arrow(read_table(smk.input.scores, kind="baseline_scores", config_hash=stage_hash(smk.config, "baseline"))[0])
+    scores = tables.frame(tables.BASELINE_SCORES, smk.config, smk.input.scores)
 
     # The unpatched run inside the patching engine must agree with the baseline stage.
     check = (per_prompt.unique("prompt_id").join(scores.select("prompt_id", "logit_diff"), on="prompt_id", suffix="_scores")
@@ -36,8 +35,9 @@ def main(smk):
     meta.update(config_hash=smk.params.config_hash, focus_layers=focus.get("focus_layers"),
                 focus_layer_source=focus.get("focus_layer_source"), subset_seed=focus.get("subset_seed"),
                 baseline_max_abs_difference=check, n_resamples=boot["n_resamples"], confidence=boot["confidence"])
-    write_table(per_prompt.to_arrow(), smk.output.prompts, {"kind": patching.PATCH_KIND, **meta})
-    write_table(summary.to_arrow(), smk.output.summary, {"kind": patching.SUMMARY_KIND, **meta})
+    with tables.written_together() as put:
+        put(tables.PATCHING_PROMPTS, per_prompt, smk.output.prompts, meta)
+        put(tables.PATCHING_SUMMARY, summary, smk.output.summary, meta)
     top = summary.filter(pl.col("family") != "subset").sort("success_rate", descending=True).head(10)
     log.info("top head sets by success rate:\n%s", top.select("layer", "head_set", "success_rate", "success_low",
                                                                 "success_high", "broken_rate", "mean_logit_diff"))

@@ -1,8 +1,7 @@
 import polars as pl
 
-from bugscope.config import stage_hash
-from bugscope.corpus import CORPUS_KIND, build_corpus_table
-from bugscope.io import read_table, write_table
+from bugscope import tables
+from bugscope.corpus import build_corpus_table
 from bugscope.model import ModelManifest
 from bugscope.script import log, run
 
@@ -12,12 +11,12 @@ def main(smk):
 
     cfg = smk.config
     manifest = ModelManifest.load(smk.input.manifest)
-    prompts = read_table(smk.input.prompts, kind="prompts", config_hash=stage_hash(smk.config, "prompts"))[0]
+    prompts = tables.read(tables.PROMPTS, smk.config, smk.input.prompts)[0]
     tokenizer = AutoTokenizer.from_pretrained(manifest.path, revision=manifest.revision)
     table, meta = build_corpus_table(cfg["sae"]["corpus"], prompts, tokenizer, seed=cfg["seed"],
                                      include_train=cfg["sae"]["source"] == "train")
-    write_table(table, smk.output.corpus, {"kind": CORPUS_KIND, "config_hash": smk.params.config_hash,
-                                           "seed": cfg["seed"], **meta, **manifest.provenance()})
+    tables.write(tables.CORPUS, table, smk.output.corpus, {"config_hash": smk.params.config_hash,
+                                                           "seed": cfg["seed"], **meta, **manifest.provenance()})
     summary = pl.from_arrow(table).group_by("source", "split").agg(pl.len().alias("rows"), pl.col("n_tokens").sum())
     log.info("corpus:\n%s\nheld-out pairs: %s", summary.sort("source"), meta["heldout_pair_ids"])
 

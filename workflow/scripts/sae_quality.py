@@ -1,16 +1,12 @@
-import contextlib
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from bugscope.cache import ACTIVATIONS_KIND
-from bugscope.config import stage_hash
-from bugscope.corpus import CORPUS_KIND
-from bugscope.io import atomic_path, check_table, encode_metadata, read_table
+from bugscope import tables
 from bugscope.model import ModelManifest, load_model
+from bugscope.prompts import SINK_POSITION
 from bugscope.sae import ActivationSource, check_sae_fits, iter_activations, load_sae, sae_provenance_meta
-from bugscope.sae_quality import QUALITY_KIND, QUALITY_SCHEMA, ReconstructionStats, quality_row, spliced_logit_diffs
+from bugscope.sae_quality import QUALITY_SCHEMA, ReconstructionStats, quality_row, spliced_logit_diffs
 from bugscope.script import log, run
 from bugscope.sites import hook_name
 
@@ -19,9 +15,8 @@ def main(smk):
     cfg = smk.config
     site = cfg["cache"]["site"]
     manifest = ModelManifest.load(smk.input.manifest)
-    prompts = pl.from_arrow(read_table(smk.input.prompts, kind="prompts", config_hash=stage_hash(smk.config, "prompts"))[0])
-    corpus, corpus_meta = read_table(smk.input.corpus, kind=CORPUS_KIND, config_hash=smk.params.config_hash,
-                                     columns=["prompt_id", "split"])
+    prompts = tables.frame(tables.PROMPTS, smk.config, smk.input.prompts)
+    corpus, corpus_meta = tables.read(tables.CORPUS, cfg, smk.input.corpus, columns=["prompt_id", "split"])
     held_pairs = corpus_meta["heldout_pair_ids"]
     held_prompts = prompts.filter(pl.col("pair_id").is_in(held_pairs)) if held_pairs else prompts
     held_prompt_ids = frozenset(held_prompts["prompt_id"].to_list())
@@ -32,23 +27,23 @@ def main(smk):
     # pass per layer over every token is the stage's largest cost.
     contrast = [cfg["prompts"]["buggy_format"], cfg["prompts"]["correct_format"]]
     rows = held_prompts.filter(pl.col("format").is_in(contrast)).to_dicts()
-    meta = {"kind": QUALITY_KIND, "config_hash": smk.params.config_hash, "heldout_pair_ids": held_pairs,
-            "prompts_heldout": bool(held_pairs), "excluded_positions": [0], "corpus": corpus_meta["corpus"],
+    meta = {"config_hash": smk.params.config_hash, "heldout_pair_ids": held_pairs,
+            "prompts_heldout": bool(held_pairs), "excluded_positions": [SINK_POSITION], "corpus": corpus_meta["corpus"],
             "ev_definition": "1 - sum|x - x_hat|^2 / sum|x - mean(x)|^2 over held-out tokens",
             "dead_definition": "features never active on the held-out prompt and corpus tokens",
             "logit_diff_prompts": "held-out pairs, formats " + " and ".join(contrast),
             **manifest.provenance()}
     for path in smk.input.prompt_activations:
-        check_table(path, kind=ACTIVATIONS_KIND, config_hash=stage_hash(cfg, "activations"))
+        tables.check(tables.PROMPT_ACTIVATIONS, cfg, path)
     for path in smk.input.corpus_activations:
-        check_table(path, kind=ACTIVATIONS_KIND, config_hash=smk.params.config_hash)
+        tables.check(tables.CORPUS_ACTIVATIONS, cfg, path)
     saes = {}
     for layer, sae_dir in zip(smk.params.layers, smk.input.saes):
         saes[layer] = load_sae(sae_dir, device=str(device))
         check_sae_fits(saes[layer][0], expected_hook=hook_name(layer, site), d_model=manifest.d_model, where=str(sae_dir))
     clean, spliced = spliced_logit_diffs(model, {layer: sae for layer, (sae, _) in saes.items()}, rows, site=site,
                                   batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id)
-    with contextlib.ExitStack() as stack:  # all outputs of the group are renamed into place together
+    with tables.written_together() as put:
         for layer, p_acts, c_acts, out in zip(smk.params.layers, smk.input.prompt_activations,
                                               smk.input.corpus_activations, smk.output.quality):
             hook = hook_name(layer, site)
@@ -70,7 +65,6 @@ def main(smk):
                      row["logit_diff_clean"] or float("nan"), row["logit_diff_sae"] or float("nan"))
             table = pa.Table.from_pylist([row], schema=QUALITY_SCHEMA)
             layer_meta = {**meta, "layer": layer, "hook_name": hook, **sae_provenance_meta(provenance)}
-            tmp = stack.enter_context(atomic_path(out))
-            pq.write_table(table.replace_schema_metadata(encode_metadata(layer_meta)), tmp, compression="zstd")
+            put(tables.SAE_QUALITY_LAYER, table, out, layer_meta)
 
 run(snakemake, main)  # noqa: F821

@@ -1,9 +1,7 @@
 import pyarrow.compute as pc
 import torch
 
-from bugscope.cache import ACTIVATIONS_KIND
-from bugscope.corpus import CORPUS_KIND
-from bugscope.io import check_table, read_table
+from bugscope import tables
 from bugscope.model import ModelManifest, pick_device
 from bugscope.sae import (
     ActivationSource,
@@ -20,13 +18,12 @@ from bugscope.sites import hook_name
 def main(smk):
     cfg, sae_cfg = smk.config, smk.config["sae"]
     manifest = ModelManifest.load(smk.input.manifest)
-    corpus, corpus_meta = read_table(smk.input.corpus, kind=CORPUS_KIND, config_hash=smk.params.config_hash,
-                                     columns=["prompt_id", "split"])
+    corpus, corpus_meta = tables.read(tables.CORPUS, cfg, smk.input.corpus, columns=["prompt_id", "split"])
     train_ids = frozenset(corpus.filter(pc.equal(corpus.column("split"), "train")).column("prompt_id").to_pylist())
     device = str(pick_device(cfg["device"]))
     trained = []
     for acts_path in smk.input.activations:
-        check_table(acts_path, kind=ACTIVATIONS_KIND, config_hash=smk.params.config_hash)
+        tables.check(tables.CORPUS_ACTIVATIONS, cfg, acts_path)
     for layer, acts_path in zip(smk.params.layers, smk.input.activations):
         hook = hook_name(layer, cfg["cache"]["site"])
         seed = layer_seed(cfg["seed"], layer)

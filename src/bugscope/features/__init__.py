@@ -60,7 +60,6 @@ from bugscope.features.values import (
     prompt_values,
     top_k,
 )
-from bugscope.sae import FEATURES_KIND
 from bugscope.stats import bootstrap_indices, derived_seed, ratio_bootstrap
 
 __all__ = [
@@ -80,5 +79,5 @@ __all__ = [
     "ParityResult", "encoder_view", "sae_pre_and_acts", "capture_decision", "head_outputs", "attribute_layer",
     "summarise_attribution", "parity_test", "parity_rows", "attribution_features",
     # bugscope.stats, bugscope.sae
-    "derived_seed", "bootstrap_indices", "ratio_bootstrap", "FEATURES_KIND",
+    "derived_seed", "bootstrap_indices", "ratio_bootstrap",
 ]

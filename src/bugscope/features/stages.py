@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import polars as pl
 
+from bugscope import tables
 from bugscope.attribution import (
     attribute_layer,
     attribution_features,
@@ -18,7 +19,6 @@ from bugscope.features.discriminative import discriminative_features
 from bugscope.features.named import NAMED_SCHEMA, named_feature_ids, named_features
 from bugscope.features.overlap import pair_overlap, pooled_overlap, summarise_overlap
 from bugscope.features.values import position_weights, prompt_pairs, prompt_values
-from bugscope.sae import FEATURES_KIND
 from bugscope.stats import derived_seed
 
 log = logging.getLogger("bugscope.features")
@@ -55,20 +55,13 @@ def attribution_layers(config: dict) -> list[int]:
 
 
 def load_prompt_frame(path, config: dict) -> pl.DataFrame:
-    from bugscope.config import stage_hash
-    from bugscope.io import read_table
-
-    table, _ = read_table(path, kind="prompts", config_hash=stage_hash(config, "prompts"), columns=["prompt_id", "question_id", "pair_id", "format",
-                                                         "decision_pos", "aligned_positions"])
-    return pl.from_arrow(table)
+    return tables.frame(tables.PROMPTS, config, path, columns=["prompt_id", "question_id", "pair_id", "format",
+                                                              "decision_pos", "aligned_positions"])
 
 
 def load_layer_values(path, weights: pl.DataFrame, config: dict) -> tuple[pl.DataFrame, dict]:
     """(prompt_id, feature_id, value) of one layer's feature table, and the table's metadata."""
-    from bugscope.config import stage_hash
-    from bugscope.io import read_table
-
-    table, meta = read_table(path, kind=FEATURES_KIND, config_hash=stage_hash(config, "sae"), columns=["prompt_id", "position", "feature_id", "activation"])
+    table, meta = tables.read(tables.FEATURES, config, path, columns=["prompt_id", "position", "feature_id", "activation"])
     return prompt_values(pl.from_arrow(table), weights), meta
 
 
@@ -107,15 +100,11 @@ def run_overlap(config: dict, prompts_path, feature_paths: dict[int, str]) -> tu
 
 
 def run_discriminative(config: dict, prompts_path, scores_path, feature_paths: dict[int, str]) -> tuple[pl.DataFrame, dict]:
-    from bugscope.config import stage_hash
-    from bugscope.io import read_table
-
     fcfg, pcfg = config["features"], config["prompts"]
     prompts = load_prompt_frame(prompts_path, config)
     pairs = prompt_pairs(prompts, pcfg["buggy_format"], pcfg["correct_format"])
     weights = position_weights(prompts, fcfg["position"])
-    scores = pl.from_arrow(read_table(scores_path, kind="baseline_scores", config_hash=stage_hash(config, "baseline"),
-                                      columns=["prompt_id", "is_correct"])[0])
+    scores = tables.frame(tables.BASELINE_SCORES, config, scores_path, columns=["prompt_id", "is_correct"])
     out, metas = [], {}
     for layer, path in sorted(feature_paths.items()):
         values, metas[layer] = load_layer_values(path, weights, config)
@@ -155,16 +144,13 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
     """(attribution table, parity table, metadata) for the layers of `sae_dirs`."""
     from sae_lens import SAE
 
-    from bugscope.config import stage_hash
-    from bugscope.io import read_table
     from bugscope.model import pick_device
     from bugscope.sites import hook_name
 
     fcfg, pcfg = config["features"], config["prompts"]
     buggy, correct = pcfg["buggy_format"], pcfg["correct_format"]
-    prompts = pl.from_arrow(read_table(prompts_path, kind="prompts", config_hash=stage_hash(config, "prompts"))[0]).filter(pl.col("format").is_in([buggy, correct]))
-    discriminative = pl.from_arrow(read_table(discriminative_path, kind="discriminative_features",
-                                              config_hash=stage_hash(config, "features"))[0])
+    prompts = tables.frame(tables.PROMPTS, config, prompts_path).filter(pl.col("format").is_in([buggy, correct]))
+    discriminative = tables.frame(tables.DISCRIMINATIVE_FEATURES, config, discriminative_path)
     named = named_feature_ids(fcfg["named"])
     layers = sorted(sae_dirs)
     site = config["cache"]["site"]
@@ -174,7 +160,7 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
     formats = pl.DataFrame({"prompt_id": ids.astype(np.int32)}).join(
         prompts.select("prompt_id", "format"), on="prompt_id", how="left", maintain_order="left")["format"].to_numpy()
     device = pick_device(config["device"])
-    tables, parity, errors, sae_meta = [], [], {}, {}
+    per_layer, parity, errors, sae_meta = [], [], {}, {}
     for layer in layers:
         feats, sources = attribution_features(discriminative, named, layer, fcfg["attribution"]["n_features"])
         if not feats:
@@ -195,12 +181,12 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
         log.info("layer %d: %d features; identity error %.2e (attention part %.2e) at pre-activation scale %.2f",
                  layer, len(feats), res["identity_error"], res["attn_identity_error"], scale)
         table = summarise_attribution(res, layer=layer, feature_ids=feats, sources=sources, formats=formats)
-        tables.append(table)
+        per_layer.append(table)
         parity.append(parity_rows(table, layer=layer, buggy_format=buggy, correct_format=correct,
                                   n_permutations=fcfg["attribution"]["n_permutations"], seed=config["seed"]))
         del sae
-    if not tables:
+    if not per_layer:
         raise ValueError("No layer had features to attribute: check the discriminative table and features.named.")
     meta = {"position": "decision", "site": site, "buggy_format": buggy, "correct_format": correct, "n_heads": n_heads,
             "identity": errors, "saes": sae_meta, "n_permutations": fcfg["attribution"]["n_permutations"]}
-    return pl.concat(tables), pl.concat(parity), meta
+    return pl.concat(per_layer), pl.concat(parity), meta

@@ -1,6 +1,6 @@
 """Per-prompt SAE feature values: prompt pairs, position weights, values, top-k sets, dense matrices.
 
-Inputs are the sparse feature tables of the SAE stage (`results/features/{hook}.parquet`: one row
+Inputs are the sparse feature tables of the SAE stage (`results/sae/features/{hook}.parquet`: one row
 per (prompt_id, position, feature_id) with a non-zero activation) and the prompt table. A *prompt
 pair* is the buggy-format row and the correct-format row of one `question_id`; every statistic
 "over pairs" resamples these pairs.

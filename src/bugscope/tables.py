@@ -1,0 +1,104 @@
+"""The table registry: every Parquet table of the pipeline, declared once.
+
+A declaration says where the table lives (`bugscope.layout`), its kind (the `bugscope.kind`
+metadata), the stage whose config sections it depends on (`bugscope.config.STAGE_SECTIONS`) and,
+where the claims ledger reads it, the column holding each row's n. Readers and writers take the
+declaration, so the kind and the stage's config hash are checked in one place (`read`, `check`)
+and written in one place (`write`, `written_together`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bugscope import io, layout
+from bugscope.config import stage_hash
+
+
+@dataclass(frozen=True)
+class Table:
+    path: str  # layout template; {hook}, {dataset}, {group} are filled by the rule
+    kind: str
+    stage: str | None  # key of STAGE_SECTIONS: the settings the table depends on (None: checked by its kind only)
+    n_column: str | None = None  # the column with each row's n (claims ledger)
+
+    def config_hash(self, config: dict) -> str | None:
+        return stage_hash(config, self.stage) if self.stage else None
+
+
+PROMPTS = Table(layout.PROMPTS, "prompts", "prompts")
+
+BASELINE_SCORES = Table(layout.BASELINE_SCORES, "baseline_scores", "baseline")
+BASELINE_ACCURACY = Table(layout.BASELINE_ACCURACY, "baseline_accuracy", "baseline", "n_prompts")
+BASELINE_GENERATION = Table(layout.BASELINE_GENERATION, "baseline_generation", "baseline")
+
+PROMPT_ACTIVATIONS = Table(layout.ACTIVATIONS.replace("{dataset}", "prompts"), "activations", "activations")
+CORPUS = Table(layout.CORPUS, "corpus", "sae")
+CORPUS_ACTIVATIONS = Table(layout.ACTIVATIONS.replace("{dataset}", "corpus"), "activations", "sae")
+FEATURES = Table(layout.FEATURES, "features", "sae")
+SAE_QUALITY_LAYER = Table(layout.SAE_QUALITY_LAYER, "sae_quality", "sae")
+SAE_QUALITY = Table(layout.SAE_QUALITY, "sae_quality", "sae", "n_tokens_corpus")
+
+FEATURE_OVERLAP = Table(layout.FEATURE_OVERLAP, "feature_overlap", "features", "n_pairs")
+FEATURE_OVERLAP_PAIRS = Table(layout.FEATURE_OVERLAP_PAIRS, "feature_overlap_pairs", "features")
+DISCRIMINATIVE_FEATURES = Table(layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "features", "n_a")
+NAMED_FEATURES = Table(layout.NAMED_FEATURES, "named_features", "features", "n_pairs")
+HEAD_FEATURE_ATTRIBUTION = Table(layout.HEAD_FEATURE_ATTRIBUTION, "head_feature_attribution", "features")
+HEAD_PARITY = Table(layout.HEAD_PARITY, "head_parity", "features", "n_heads")
+
+PATCHING_SWEEP_GROUP = Table(layout.PATCHING_SWEEP_GROUP, "patching_prompts", "patching_sweep")
+PATCHING_SUBSETS_PROMPTS = Table(layout.PATCHING_SUBSETS_PROMPTS, "patching_prompts", "patching_focus")
+PATCHING_SEED_METHOD_PROMPTS = Table(layout.PATCHING_SEED_METHOD_PROMPTS, "patching_prompts", "patching_focus")
+PATCHING_SEED_METHOD = Table(layout.PATCHING_SEED_METHOD, "patching_summary", "patching_focus")
+PATCHING_PROMPTS = Table(layout.PATCHING_PROMPTS, "patching_prompts", "patching_summary")
+# One row per (layer, head set); success_rate is a fraction of the n_baseline_wrong prompts
+# answered wrong unpatched, so that is its n.
+PATCHING_SUMMARY = Table(layout.PATCHING_SUMMARY, "patching_summary", "patching_summary", "n_baseline_wrong")
+
+# The ledger reads every table above that it names; it is a summary of them, so no hash of its own.
+CLAIMS = Table(layout.CLAIMS, "claims", None)
+
+
+def check(table: Table, config: dict, path: str | os.PathLike | None = None) -> dict:
+    """The metadata of `table` at `path`, after checking its kind and its stage's config hash
+    (for readers that stream the file themselves)."""
+    return io.check_table(path or table.path, kind=table.kind, config_hash=table.config_hash(config))
+
+
+def read(table: Table, config: dict, path: str | os.PathLike | None = None,
+         columns: Sequence[str] | None = None) -> tuple[pa.Table, dict]:
+    """(Arrow table, metadata) of a checked table; a stale, foreign or truncated one is refused
+    with the command that remakes it."""
+    return io.read_table(path or table.path, kind=table.kind, config_hash=table.config_hash(config), columns=columns)
+
+
+def frame(table: Table, config: dict, path: str | os.PathLike | None = None,
+          columns: Sequence[str] | None = None) -> pl.DataFrame:
+    """`read` as a Polars frame, without the metadata."""
+    return pl.from_arrow(read(table, config, path, columns)[0])
+
+
+def write(table: Table, data: pa.Table | pl.DataFrame, path: str | os.PathLike, meta: Mapping[str, object]) -> None:
+    """Write `data` atomically at `path` with its kind and provenance `meta` (config_hash included)."""
+    with written_together() as put:
+        put(table, data, path, meta)
+
+
+@contextlib.contextmanager
+def written_together() -> Iterator[Callable[..., None]]:
+    """Yield `put(table, data, path, meta)` for the outputs of one rule. Each is written at once
+    under a temporary name (so a group of large tables need not sit in memory together); all are
+    renamed into place when the block ends, and none appears if anything in it fails."""
+    with contextlib.ExitStack() as stack:
+        def put(table: Table, data: pa.Table | pl.DataFrame, path: str | os.PathLike, meta: Mapping[str, object]) -> None:
+            arrow = data.to_arrow() if isinstance(data, pl.DataFrame) else data
+            tmp = stack.enter_context(io.atomic_path(path))
+            pq.write_table(io.with_metadata(arrow, {"kind": table.kind, **meta}), tmp, compression="zstd")
+        yield put
