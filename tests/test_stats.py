@@ -1,0 +1,64 @@
+"""Bootstrap helpers: blocked resampling gives the numbers of the whole array, and a summary at
+the 8B study's sizes stays within a bounded memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from bugscope import stats
+
+
+def _unblocked(x, n_resamples, confidence, seed):
+    idx = np.random.default_rng(seed).integers(0, x.shape[0], size=(n_resamples, x.shape[0]))
+    alpha = (1 - confidence) / 2
+    return np.quantile(x[idx].mean(axis=1), [alpha, 1 - alpha], axis=0)
+
+
+@pytest.mark.parametrize("block_columns", [2, 3, 4, 16, 1000])
+def test_blocked_bootstrap_equals_the_whole_array(monkeypatch, block_columns):
+    x = np.random.default_rng(1).normal(size=(41, 17))
+    monkeypatch.setattr(stats, "BOOTSTRAP_BLOCK_BYTES", 8 * 300 * 41 * block_columns)
+    mean, low, high = stats.bootstrap_mean_ci_columns(x, n_resamples=300, confidence=0.9, seed=5)
+    ref_low, ref_high = _unblocked(x, 300, 0.9, 5)
+    assert np.array_equal(low, ref_low) and np.array_equal(high, ref_high)
+    assert np.array_equal(mean, x.mean(axis=0))
+
+
+# The 8B study: 256 pairs x 2 orders = 512 target prompts, 32 layers x 70 head sets (all, even,
+# odd, 32 single heads, subsets), 2,000 resamples. Before blocking, the summary built a
+# [2,000 x 512 x 2,240] float64 array: ~18 GB.
+PEAK_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    import numpy as np, polars as pl
+    from bugscope.patch_summary import summary_table
+    n_prompts, n_layers, n_sets = 512, 32, 70
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=n_prompts)
+    layer = np.repeat(np.arange(n_layers, dtype=np.int32), n_sets * n_prompts)
+    head_set = np.tile(np.repeat([f"s{i:02d}" for i in range(n_sets)], n_prompts), n_layers)
+    prompt = np.tile(np.arange(n_prompts, dtype=np.int32), n_layers * n_sets)
+    df = pl.DataFrame({"method": "per_head", "positions": "aligned", "operation": "patch", "direction": "fix",
+                       "target_format": "qa", "source_format": "simple", "layer": layer, "head_set": head_set,
+                       "family": "subset", "pool": "all", "k": 1, "sample": 0, "heads": [[0]] * len(layer),
+                       "prompt_id": prompt, "logit_diff": rng.normal(size=len(layer)),
+                       "baseline_logit_diff": np.tile(base, n_layers * n_sets)})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = summary_table(df, n_resamples=2000, confidence=0.95, seed=0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rows": out.height, "peak_mb": peak / 1024, "before_mb": before / 1024}))
+""")
+
+
+@pytest.mark.slow
+def test_patching_summary_at_8b_sizes_stays_under_2_gb():
+    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rows"] == 32 * 70
+    assert result["peak_mb"] <= 2048, result
