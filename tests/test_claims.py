@@ -34,8 +34,8 @@ def overlap_rows(values: dict[int, float], ci: float = 2.0) -> pl.DataFrame:
     })
 
 
-def claim(*forms, seed_value=10) -> dict:
-    return {"id": "c", "section": "test", "claim": "a claim", "seed_value": seed_value, "forms": list(forms)}
+def claim(*forms, study_value=10) -> dict:
+    return {"id": "c", "section": "test", "claim": "a claim", "study_value": study_value, "forms": list(forms)}
 
 
 NEAR_MIN = {"form": "agnostic", "description": "min overlap about 10",
@@ -160,7 +160,7 @@ def test_head_count_tokens():
 
 def test_ledger_shape_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("claims:\n  - {id: a, section: s, claim: c, seed_value: 1, forms: "
+    bad.write_text("claims:\n  - {id: a, section: s, claim: c, study_value: 1, forms: "
                    "[{form: literal, description: d, checks: [{table: nope, metric: x, at_least: 1}]}]}\n")
     with pytest.raises(claims.LedgerError, match="table 'nope'"):
         claims.load_ledger(bad)
@@ -194,7 +194,7 @@ def test_every_claim_resolves_to_a_table_column():
     assert all(spec.path for spec in claims.TABLES.values())  # every stage has landed: no pending table
     known = producer_columns()
     for c in ledger:
-        assert c["seed_value"] is not None
+        assert c["study_value"] is not None
         for form in c["forms"]:
             for check in form["checks"]:
                 table = check["table"]

@@ -53,3 +53,12 @@ def test_config_hash_depends_only_on_named_sections():
     b["baseline"]["max_new_tokens"] += 1
     assert config_hash(a, "model", "prompts") == config_hash(b, "model", "prompts")
     assert config_hash(a) != config_hash(b)
+
+
+def test_renamed_key_is_refused_with_its_new_name(ci_config):
+    from bugscope.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=r"'patching.seed_method' was renamed to 'patching.original_method'"):
+        validate_config({"model": ci_config["model"], "patching": {"seed_method": False}})
+    assert validate_config({"model": ci_config["model"], "patching": {"original_method": False}})["patching"][
+        "original_method"] is False

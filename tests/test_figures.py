@@ -121,9 +121,9 @@ def patching_summary(layers=(0, 5, 10), focus=(5,), n_heads=9, n_prompts=16, see
     return patch_summary.summary_table(per_prompt, n_resamples=200, confidence=0.95, seed=0)
 
 
-def seed_method_table(layer=5) -> pl.DataFrame:
+def original_method_table(layer=5) -> pl.DataFrame:
     return pl.concat([patching_summary(layers=(layer,), focus=(), method=m, positions=p, seed=i)
-                      for i, (m, p) in enumerate([("seed", "seed"), ("per_head", "decision"), ("per_head", "aligned")])])
+                      for i, (m, p) in enumerate([("original", "original"), ("per_head", "decision"), ("per_head", "aligned")])])
 
 
 def sae_quality_table(layers=(0, 10, 29)) -> pl.DataFrame:
@@ -214,7 +214,7 @@ EXPECTED = {
     "sae_quality": {"layer", "ev", "l0", "tokens", "dead_fraction"},
     "head_sweep": {"layer", "head_set_label", "success_rate"},
     "head_subsets": {"k_jitter", "success_rate", "success_low", "success_high", "pool", "k", "mean_success"},
-    "seed_method": {"head_set_label", "method_label", "success_rate", "success_low", "success_high", "layer"},
+    "original_method": {"head_set_label", "method_label", "success_rate", "success_low", "success_high", "layer"},
 }
 
 
@@ -229,7 +229,7 @@ def test_figures_encode_intended_columns(tmp_path):
         "sae_quality": figures.sae_quality(sae_quality_table(), LABELS),
         "head_sweep": figures.head_sweep(patching_summary(), LABELS, 9),
         "head_subsets": figures.head_subsets(patching_summary(), LABELS, [5]),
-        "seed_method": figures.seed_method(seed_method_table(), LABELS, 9),
+        "original_method": figures.original_method(original_method_table(), LABELS, 9),
     }
     for name, chart in charts.items():
         spec = check_saved(tmp_path, name, chart)
@@ -253,10 +253,10 @@ def test_figures_encode_intended_columns(tmp_path):
     data = [r for d in subsets["datasets"].values() for r in d]
     assert {(r["pool"], r["k"]) for r in data if r.get("kind") == "whole pool"} == {("even", 5), ("odd", 4), ("all", 9)}
     assert {r["layer"] for r in data} == {5}
-    # seed method beside the per-head variants: one colour per (method, positions), same head sets
-    seed = charts["seed_method"].to_dict()
+    # original method beside the per-head variants: one colour per (method, positions), same head sets
+    seed = charts["original_method"].to_dict()
     labels = {r["method_label"] for d in seed["datasets"].values() for r in d}
-    assert len(labels) == 3 and any(label.startswith("seed method") for label in labels)
+    assert len(labels) == 3 and any(label.startswith("original method") for label in labels)
 
 
 def test_png_scale_and_png_size_rejects_non_png(tmp_path):
@@ -272,7 +272,7 @@ def test_png_scale_and_png_size_rejects_non_png(tmp_path):
 
 # The nine figures of the study (FIGURES in workflow/rules/common.smk): the ci workflow draws them all.
 ALL_FIGURES = ["baseline_accuracy", "feature_overlap", "amplification", "format_features", "sae_quality", "head_sweep",
-               "head_subsets", "head_attribution", "seed_method"]
+               "head_subsets", "head_attribution", "original_method"]
 
 
 def test_ci_workflow_figures(ci_workflow, ci_config):
@@ -305,13 +305,13 @@ def test_ci_workflow_sae_and_patching_figures(ci_workflow, ci_config):
     quality = pl.from_arrow(read_table(ci_workflow / layout.SAE_QUALITY, kind=tables.SAE_QUALITY.kind)[0])
     table, meta = read_table(ci_workflow / layout.PATCHING_SUMMARY, kind=tables.PATCHING_SUMMARY.kind)
     summary = pl.from_arrow(table)
-    seed = pl.from_arrow(read_table(ci_workflow / layout.PATCHING_SEED_METHOD, kind=tables.PATCHING_SEED_METHOD.kind)[0])
+    seed = pl.from_arrow(read_table(ci_workflow / layout.PATCHING_ORIGINAL_METHOD, kind=tables.PATCHING_ORIGINAL_METHOD.kind)[0])
     focus = meta["focus_layers"]
     specs = {
         "sae_quality": figures.sae_quality(quality, labels).to_dict(),
         "head_sweep": figures.head_sweep(summary, labels, n_heads).to_dict(),
         "head_subsets": figures.head_subsets(summary, labels, focus).to_dict(),
-        "seed_method": figures.seed_method(seed, labels, n_heads).to_dict(),
+        "original_method": figures.original_method(seed, labels, n_heads).to_dict(),
     }
     for name, spec in specs.items():
         assert EXPECTED[name] <= encoded_fields(spec), (name, encoded_fields(spec))
@@ -326,9 +326,9 @@ def test_ci_workflow_sae_and_patching_figures(ci_workflow, ci_config):
     sub = [r for d in specs["head_subsets"]["datasets"].values() for r in d]
     assert {r["layer"] for r in sub} == set(focus)
     assert {r["pool"] for r in sub if r.get("kind") == "random subset"} == set(ci_config["patching"]["subsets"]["pools"])
-    # seed method and per-head on the same prompts: one n for every bar
+    # original method and per-head on the same prompts: one n for every bar
     assert seed["n_prompts"].n_unique() == 1 and seed["n_baseline_wrong"].n_unique() == 1
-    assert set(seed["method"]) == {"seed", "per_head"}
+    assert set(seed["method"]) == {"original", "per_head"}
 
 
 def test_report_builds_offline(ci_workflow, tmp_path):

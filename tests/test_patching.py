@@ -1,4 +1,4 @@
-"""Head patching on the real embedded model and real prompts: exactness, the seed method, config errors."""
+"""Head patching on the real embedded model and real prompts: exactness, the original method, config errors."""
 
 import math
 
@@ -11,7 +11,7 @@ from bugscope.config import ConfigError, validate_config
 from bugscope.forward import decision_logits, logit_diff, make_batch
 from bugscope.io import read_table
 from bugscope.patching import (
-    SEED_METHOD,
+    ORIGINAL_METHOD,
     HeadPatcher,
     HeadSet,
     PatchingConfigError,
@@ -107,8 +107,8 @@ def test_all_heads_all_positions_reproduce_source_attention_output(prompts, embe
 
 
 @pytest.mark.parametrize("spec", [PatchSpec(positions="aligned"), PatchSpec(positions="decision", operation="mean"),
-                                  PatchSpec(positions="suffix", operation="zero"), SEED_METHOD],
-                         ids=["aligned-patch", "decision-mean", "suffix-zero", "seed-method"])
+                                  PatchSpec(positions="suffix", operation="zero"), ORIGINAL_METHOD],
+                         ids=["aligned-patch", "decision-mean", "suffix-zero", "original-method"])
 @pytest.mark.numerical
 def test_optimised_equals_naive(prompts, patcher, spec, embedded, logit_scale):
     pairs = make_pairs(prompts.filter(pl.col("question_id") < 3), "qa", "simple", spec.positions)
@@ -139,9 +139,9 @@ def test_patched_run_reuses_keys_and_values_at_every_layer(prompts, patcher, mon
 
 
 @pytest.mark.numerical
-def test_seed_method_slices_after_o_proj(prompts, embedded):
+def test_original_method_slices_after_o_proj(prompts, embedded):
     model, tok = embedded
-    (pair,) = make_pairs(prompts.filter(pl.col("question_id") == 0), "qa", "simple", "seed")
+    (pair,) = make_pairs(prompts.filter(pl.col("question_id") == 0), "qa", "simple", "original")
     patcher = HeadPatcher(model, pad_token_id=tok.pad_token_id, progress=False)
     width = patcher.d_model // patcher.n_heads
     m, h = len(pair.target_positions), 2
@@ -155,7 +155,7 @@ def test_seed_method_slices_after_o_proj(prompts, embedded):
         clean_t = {k: v[0] for k, v in got.items() if k != "mid"}
         patcher.capture([pair.source], [LAYER], "z")
         clean_s = {k: v[0] for k, v in got.items() if k != "mid"}
-        prep = patcher.prepare([pair], [LAYER], SEED_METHOD)
+        prep = patcher.prepare([pair], [LAYER], ORIGINAL_METHOD)
         clean_mid = got["mid"][0]
         patcher.run_patched(prep, LAYER, [HeadSet("head2", "single", (h,), "even")], "attn_out")
         out = {k: v[0] for k, v in got.items()}
@@ -229,5 +229,5 @@ def test_workflow_tables(ci_workflow):
         lo, hi = {"success_rate": ("success_low", "success_high"), "broken_rate": ("broken_low", "broken_high"),
                   "mean_logit_diff": ("logit_diff_low", "logit_diff_high")}[col]
         assert (summary[lo] <= summary[col] + 1e-12).all() and (summary[col] <= summary[hi] + 1e-12).all()
-    seed, _ = read_table(ci_workflow / layout.PATCHING_SEED_METHOD, kind="patching_summary")
-    assert set(pl.from_arrow(seed)["method"].unique()) == {"seed", "per_head"}
+    seed, _ = read_table(ci_workflow / layout.PATCHING_ORIGINAL_METHOD, kind="patching_summary")
+    assert set(pl.from_arrow(seed)["method"].unique()) == {"original", "per_head"}

@@ -14,7 +14,7 @@ tested decides the verdict:
 A check selects rows of one table (`where`), reduces them to one row (`aggregate`), reads `metric`
 (a column, or `a / b` for the ratio of two columns) and applies one test:
 
-    near: {target, tolerance}     |value - target| <= tolerance (target defaults to seed_value)
+    near: {target, tolerance}     |value - target| <= tolerance (target defaults to study_value)
     range: [low, high]            low <= value <= high
     at_least: x / at_most: x      value >= x / value <= x
     below: {where: {...}}         value < the same metric on the row the inner `where` selects
@@ -65,7 +65,7 @@ TABLES: dict[str, tables.Table] = {
 }
 
 RESULT_SCHEMA = {
-    "claim_id": pl.String, "section": pl.String, "claim": pl.String, "seed_value": pl.String,
+    "claim_id": pl.String, "section": pl.String, "claim": pl.String, "study_value": pl.String,
     "verdict": pl.String, "form": pl.String, "form_tested": pl.String, "table": pl.String, "metric": pl.String,
     "rule": pl.String, "selected": pl.String, "measured": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
     "n": pl.Int64, "detail": pl.String,
@@ -115,7 +115,7 @@ def load_ledger(path: str | Path) -> list[dict]:
     seen = set()
     for c in claims:
         cid = c.get("id")
-        for key in ("id", "section", "claim", "seed_value", "forms"):
+        for key in ("id", "section", "claim", "study_value", "forms"):
             if key not in c:
                 raise LedgerError(f"{path}: claim {cid or '?'} has no '{key}'.")
         if cid in seen:
@@ -265,12 +265,12 @@ def _describe_row(df: pl.DataFrame, row: int, where: Mapping) -> str:
     return ", ".join(f"{k}={df[k][row]}" for k in keys if df[k][row] is not None)
 
 
-def _rule_text(check: dict, seed_value) -> str:
+def _rule_text(check: dict, study_value) -> str:
     m = check["metric"]
     if check.get("aggregate", "single") != "single":
         m = f"{check['aggregate']}({m})"
     if "near" in check:
-        t = check["near"].get("target", seed_value)
+        t = check["near"].get("target", study_value)
         return f"|{m} - {t}| <= {check['near']['tolerance']}"
     if "range" in check:
         return f"{check['range'][0]} <= {m} <= {check['range'][1]}"
@@ -287,7 +287,7 @@ def _rule_text(check: dict, seed_value) -> str:
     return f"{m}: CI above the CI of an earlier and a later layer"
 
 
-def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context, seed_value) -> dict:
+def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context, study_value) -> dict:
     """Evaluate one check: {'ok', 'value', 'low', 'high', 'n', 'selected', 'note'}; raises NotTestable."""
     name = check["table"]
     df = tables.get(name)
@@ -309,7 +309,7 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
         n = 1
     note = ""
     if "near" in check:
-        target = float(check["near"].get("target", seed_value))
+        target = float(check["near"].get("target", study_value))
         ok = abs(value - target) <= float(check["near"]["tolerance"])
     elif "range" in check:
         ok = check["range"][0] <= value <= check["range"][1]
@@ -378,24 +378,24 @@ def evaluate_claim(claim: dict, tables: Mapping[str, pl.DataFrame | None], ctx: 
     """One ledger row: the verdict of the first testable form, or why no form could be tested."""
     reasons = []
     base = {"claim_id": claim["id"], "section": claim["section"], "claim": claim["claim"].strip(),
-            "seed_value": str(claim["seed_value"])}
+            "study_value": str(claim["study_value"])}
     for form in claim["forms"]:
         kind = form["form"]
         try:
             if "requires_model" in form and not ctx.is_model(form["requires_model"]):
                 raise NotTestable(f"its feature ids/layers belong to {form['requires_model']}; this run is {ctx.model_name}")
-            results = [run_check(c, tables, ctx, claim["seed_value"]) for c in form["checks"]]
+            results = [run_check(c, tables, ctx, claim["study_value"]) for c in form["checks"]]
         except NotTestable as why:
             reasons.append(f"{kind}: {why}")
             continue
         first, check = results[0], form["checks"][0]
         notes = [r["note"] for r in results if r["note"]]
-        notes += [f"check {i + 1}: {_rule_text(c, claim['seed_value'])} -> {r['value']:.4g} at {r['selected']} "
+        notes += [f"check {i + 1}: {_rule_text(c, claim['study_value'])} -> {r['value']:.4g} at {r['selected']} "
                   f"({'pass' if r['ok'] else 'fail'})" for i, (c, r) in enumerate(zip(form["checks"], results)) if i > 0]
         return {**base, "verdict": "holds" if all(r["ok"] for r in results) else "fails", "form": kind,
                 "form_tested": form["description"].strip(),
                 "table": ", ".join(dict.fromkeys(c["table"] for c in form["checks"])), "metric": check["metric"],
-                "rule": "; ".join(_rule_text(c, claim["seed_value"]) for c in form["checks"]),
+                "rule": "; ".join(_rule_text(c, claim["study_value"]) for c in form["checks"]),
                 "selected": first["selected"], "measured": first["value"], "ci_low": first["low"],
                 "ci_high": first["high"], "n": first["n"], "detail": "; ".join([*reasons, *notes])}
     return {**base, "verdict": "not testable here", "form": None, "form_tested": None,
@@ -427,7 +427,7 @@ def _fmt(v, digits: int = 3) -> str:
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
-DISPLAY = [("claim_id", "claim"), ("claim", "what the seed asserts"), ("seed_value", "seed value"),
+DISPLAY = [("claim_id", "claim"), ("claim", "what the seed asserts"), ("study_value", "seed value"),
            ("verdict", "verdict"), ("form", "form"), ("form_tested", "form tested"), ("rule", "decision rule"),
            ("selected", "row"), ("measured", "measured"), ("ci", "CI"), ("n", "n"), ("detail", "detail")]
 

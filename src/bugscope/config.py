@@ -58,9 +58,24 @@ def _where(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
+# Keys that were renamed: an old config gets told the new name instead of a generic schema error.
+# "seed" means random seeds only; the published study's procedure is the "original" method.
+RENAMED_KEYS = {"patching.seed_method": "patching.original_method"}
+
+
+def _refuse_renamed_keys(config: dict, source: str) -> None:
+    for old, new in RENAMED_KEYS.items():
+        section, _, key = old.rpartition(".")
+        node = config.get(section) if section else config
+        if isinstance(node, dict) and key in node:
+            raise ConfigError(f"Invalid config ({source}): '{old}' was renamed to '{new}'. Rename the key "
+                              "(its meaning and values are unchanged).")
+
+
 def validate_config(config: dict, source: str = "config") -> dict:
     """Return a validated copy of `config` with every default filled in; raise ConfigError."""
     config = copy.deepcopy(dict(config))
+    _refuse_renamed_keys(config, source)
     errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]

@@ -388,14 +388,14 @@ def head_subsets(summary: pl.DataFrame, labels: Labels, focus: Sequence[int]) ->
     return layered.properties(title=title)
 
 
-def seed_method(comparison: pl.DataFrame, labels: Labels, n_heads: int) -> alt.FacetChart:
-    """The seed's method (post-o_proj slices, positions [:min_len]) beside true per-head patching, same prompts."""
+def original_method(comparison: pl.DataFrame, labels: Labels, n_heads: int) -> alt.FacetChart:
+    """The original method (post-o_proj slices, positions [:min_len]) beside true per-head patching, same prompts."""
     df = _head_set_label(comparison).with_columns(
         pl.when(pl.col("success_rate").is_not_nan()).then(pl.col("success_rate")).alias("success_rate"),
-        pl.when(pl.col("method") == "seed").then(pl.lit("seed method: attn output slices, positions [:min_len]"))
+        pl.when(pl.col("method") == "original").then(pl.lit("original method: attn output slices, positions [:min_len]"))
         .otherwise(pl.format("per-head: o_proj input, {} positions", "positions")).alias("method_label"))
     methods = (df.select("method", "positions", "method_label").unique()
-               .sort(pl.col("method") == "seed", "positions", descending=[True, False])["method_label"].to_list())
+               .sort(pl.col("method") == "original", "positions", descending=[True, False])["method_label"].to_list())
     palette = [OKABE_ITO["vermillion"], OKABE_ITO["blue"], OKABE_ITO["sky_blue"], OKABE_ITO["green"]]
     colour = alt.Color("method_label:N", title=None, sort=methods, legend=alt.Legend(orient="top", labelLimit=500,
                                                                                       direction="vertical"),

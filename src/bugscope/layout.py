@@ -41,8 +41,8 @@ PATCHING_SWEEP_GROUP = f"{RESULTS}/patching/sweep/{{group}}.parquet"
 PATCHING_SUBSETS_PROMPTS = f"{RESULTS}/patching/subsets.parquet"
 PATCHING_PROMPTS = f"{RESULTS}/patching/heads_prompts.parquet"
 PATCHING_SUMMARY = f"{RESULTS}/patching/heads.parquet"
-PATCHING_SEED_METHOD_PROMPTS = f"{RESULTS}/patching/seed_method_prompts.parquet"
-PATCHING_SEED_METHOD = f"{RESULTS}/patching/seed_method.parquet"
+PATCHING_ORIGINAL_METHOD_PROMPTS = f"{RESULTS}/patching/original_method_prompts.parquet"
+PATCHING_ORIGINAL_METHOD = f"{RESULTS}/patching/original_method.parquet"
 
 # Figures, report tables and the claims ledger (bugscope.figures, bugscope.claims, workflow/rules/figures.smk)
 FIGURE = f"{RESULTS}/figures/{{name}}.{{ext}}"

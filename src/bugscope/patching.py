@@ -1,4 +1,4 @@
-"""Attention-head patching: true per-head patches, head-set sweeps, and the seed's method beside them.
+"""Attention-head patching: true per-head patches, head-set sweeps, and the original method beside them.
 
 A head's output is the *input* of `self_attn.o_proj`, columns `h*head_dim:(h+1)*head_dim`
 (research notes section 3). A patch replaces those columns of a set of heads at layer L, at some
@@ -13,7 +13,7 @@ of the unpadded prompts:
 - `suffix`: the longest common token suffix of the two prompts, matched from the end (always at
   least the decision position).
 
-The seed-method option (`site="attn_out"`, positions `seed`) reproduces the original procedure:
+The original-method option (`site="attn_out"`, positions `seed`) reproduces the original procedure:
 the *output* of `self_attn` (after `o_proj`, residual space) cut into n_heads equal slices, patched
 at positions `[:min_len]` of the two prompts, whatever they hold.
 
@@ -53,7 +53,7 @@ from bugscope.model import model_geometry
 from bugscope.sites import HEAD_SITE
 
 POSITION_MODES = ("aligned", "decision", "suffix")
-SEED_POSITIONS = "seed"  # the seed method's positions [:min_len]
+ORIGINAL_POSITIONS = "original"  # the original method's positions [:min_len]
 OPERATIONS = ("patch", "zero", "mean")
 DIRECTIONS = ("fix", "break")
 SITES = (HEAD_SITE, "attn_out")  # o_proj input (true heads) or self_attn output (the seed's slices)
@@ -73,7 +73,7 @@ class PatchSpec:
     def __post_init__(self):
         if self.site not in SITES:
             raise PatchingConfigError(f"unknown patch site {self.site!r}; expected one of {', '.join(SITES)}.")
-        if self.positions not in (*POSITION_MODES, SEED_POSITIONS):
+        if self.positions not in (*POSITION_MODES, ORIGINAL_POSITIONS):
             raise PatchingConfigError(
                 f"patching.positions is {self.positions!r}; expected one of {', '.join(POSITION_MODES)}.")
         if self.operation not in OPERATIONS:
@@ -82,10 +82,10 @@ class PatchSpec:
 
     @property
     def method(self) -> str:
-        return "seed" if self.site == "attn_out" else "per_head"
+        return "original" if self.site == "attn_out" else "per_head"
 
 
-SEED_METHOD = PatchSpec(site="attn_out", positions=SEED_POSITIONS, operation="patch")
+ORIGINAL_METHOD = PatchSpec(site="attn_out", positions=ORIGINAL_POSITIONS, operation="patch")
 
 
 @dataclass
@@ -115,7 +115,7 @@ def positions_for_pair(target: dict, source: dict, mode: str) -> tuple[list[int]
         n = max(1, common_suffix_length(target["input_ids"], source["input_ids"]))
         nt, ns = len(target["input_ids"]), len(source["input_ids"])
         return list(range(nt - n, nt)), list(range(ns - n, ns))
-    if mode == SEED_POSITIONS:
+    if mode == ORIGINAL_POSITIONS:
         m = min(len(target["input_ids"]), len(source["input_ids"]))
         return list(range(m)), list(range(m))
     raise PatchingConfigError(f"unknown position mode {mode!r}; expected one of {', '.join(POSITION_MODES)}.")
@@ -239,8 +239,8 @@ class HeadPatcher:
             return self.head_dim
         if self.d_model % self.n_heads:
             raise PatchingConfigError(
-                f"The seed method cuts the attention output (d_model={self.d_model}) into {self.n_heads} equal "
-                "slices, which this model's width does not allow. Turn patching.seed_method.enabled off.")
+                f"The original method cuts the attention output (d_model={self.d_model}) into {self.n_heads} equal "
+                "slices, which this model's width does not allow. Turn patching.original_method.enabled off.")
         return self.d_model // self.n_heads
 
     def capture(self, rows: Sequence[dict], layers: Sequence[int], site: str) -> tuple[Batch, dict[int, torch.Tensor]]:

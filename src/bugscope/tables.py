@@ -55,8 +55,8 @@ HEAD_PARITY = Table(layout.HEAD_PARITY, "head_parity", "features", "n_heads")
 
 PATCHING_SWEEP_GROUP = Table(layout.PATCHING_SWEEP_GROUP, "patching_prompts", "patching_sweep")
 PATCHING_SUBSETS_PROMPTS = Table(layout.PATCHING_SUBSETS_PROMPTS, "patching_prompts", "patching_focus")
-PATCHING_SEED_METHOD_PROMPTS = Table(layout.PATCHING_SEED_METHOD_PROMPTS, "patching_prompts", "patching_focus")
-PATCHING_SEED_METHOD = Table(layout.PATCHING_SEED_METHOD, "patching_summary", "patching_focus")
+PATCHING_ORIGINAL_METHOD_PROMPTS = Table(layout.PATCHING_ORIGINAL_METHOD_PROMPTS, "patching_prompts", "patching_focus")
+PATCHING_ORIGINAL_METHOD = Table(layout.PATCHING_ORIGINAL_METHOD, "patching_summary", "patching_focus")
 PATCHING_PROMPTS = Table(layout.PATCHING_PROMPTS, "patching_prompts", "patching_summary")
 # One row per (layer, head set); success_rate is a fraction of the n_baseline_wrong prompts
 # answered wrong unpatched, so that is its n.

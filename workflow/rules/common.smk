@@ -95,7 +95,7 @@ FIGURES = [
     "head_sweep",
     "head_subsets",
     "head_attribution",
-    *(["seed_method"] if config["patching"]["seed_method"] else []),
+    *(["original_method"] if config["patching"]["original_method"] else []),
 ]
 REPORT_TABLES = {
     "baseline_accuracy": layout.BASELINE_ACCURACY,
@@ -150,10 +150,10 @@ def claims_inputs(wildcards):
 
 
 def patching_targets():
-    """The head-patching summary and (patching.seed_method) the seed-method comparison."""
+    """The head-patching summary and (patching.original_method) the original-method comparison."""
     out = [layout.PATCHING_SUMMARY]
-    if config["patching"]["seed_method"]:
-        out.append(layout.PATCHING_SEED_METHOD)
+    if config["patching"]["original_method"]:
+        out.append(layout.PATCHING_ORIGINAL_METHOD)
     return out
 
 

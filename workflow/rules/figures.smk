@@ -21,7 +21,7 @@ localrules:
     fig_sae_quality,
     fig_head_sweep,
     fig_head_subsets,
-    fig_seed_method,
+    fig_original_method,
     report_table,
     claims_ledger,
 
@@ -149,19 +149,19 @@ rule fig_head_subsets:
         "../scripts/fig_head_subsets.py"
 
 
-rule fig_seed_method:
+rule fig_original_method:
     input:
-        comparison=layout.PATCHING_SEED_METHOD,
+        comparison=layout.PATCHING_ORIGINAL_METHOD,
     output:
-        **figure_outputs("seed_method", "3. Attention heads"),
+        **figure_outputs("original_method", "3. Attention heads"),
     log:
-        f"{layout.LOGS}/figures/seed_method.log",
+        f"{layout.LOGS}/figures/original_method.log",
     conda:
         "../../environment.yml"
     params:
         png_scale=PNG_SCALE,
     script:
-        "../scripts/fig_seed_method.py"
+        "../scripts/fig_original_method.py"
 
 
 rule report_table:

@@ -1,5 +1,5 @@
 # Attention-head patching: true per-head patching swept over layers and head sets, random
-# head subsets at the focus layers, and the seed's method beside per-head patching. Logic:
+# head subsets at the focus layers, and the original method beside per-head patching. Logic:
 # bugscope.patching; layer groups and the focus-layer input: workflow/rules/common.smk.
 
 # The sweep does not depend on focus_layers; the focus-layer rules do.
@@ -62,25 +62,25 @@ rule head_subsets:
         "../scripts/head_patching.py"
 
 
-rule head_seed_method:
+rule head_original_method:
     input:
         unpack(focus_layer_input),
         manifest=layout.MODEL_MANIFEST,
         prompts=layout.PROMPTS,
     output:
-        prompts=layout.PATCHING_SEED_METHOD_PROMPTS,
-        summary=layout.PATCHING_SEED_METHOD,
+        prompts=layout.PATCHING_ORIGINAL_METHOD_PROMPTS,
+        summary=layout.PATCHING_ORIGINAL_METHOD,
     log:
-        f"{layout.LOGS}/patching/head_seed_method.log",
+        f"{layout.LOGS}/patching/head_original_method.log",
     benchmark:
-        f"{layout.BENCHMARKS}/patching/head_seed_method.tsv"
+        f"{layout.BENCHMARKS}/patching/head_original_method.tsv"
     conda:
         "../../environment.yml"
     threads: MODEL_JOB_THREADS
     resources:
         **model_job_resources(),
     params:
-        mode="seed_method",
+        mode="original_method",
         config_hash=PATCH_FOCUS_HASH,
     script:
         "../scripts/head_patching.py"

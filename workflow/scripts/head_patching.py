@@ -1,9 +1,9 @@
-"""Rules head_sweep, head_subsets and head_seed_method: patched logit differences per prompt.
+"""Rules head_sweep, head_subsets and head_original_method: patched logit differences per prompt.
 
 mode (params.mode):
 - sweep: all / even / odd / single heads at the layers of one layer group;
 - subsets: random k-subsets of the even, odd and all heads at the focus layers;
-- seed_method: the seed's procedure (post-o_proj slices, positions [:min_len]) and true per-head
+- original_method: the seed's procedure (post-o_proj slices, positions [:min_len]) and true per-head
   patching (configured positions, and aligned positions if those differ) of the all / even / odd
   head sets at the focus layers, on the same prompts; also writes their summary.
 """
@@ -56,14 +56,14 @@ def main(smk):
         table = patching.run_study_sweep(patcher, prompts, sets, spec, desc="head subsets", **common)
     else:
         if pc["operation"] != "patch":
-            log.info("the seed method only patches; it runs with operation 'patch' beside per-head '%s'", pc["operation"])
+            log.info("the original method only patches; it runs with operation 'patch' beside per-head '%s'", pc["operation"])
         # all / even / odd: the seed's head sets (single heads are in the sweep); two of the three
         # methods here run every position, so this keeps the comparison cheap.
         sets = {layer: [s for s in patching.named_head_sets(n_heads) if s.family != "single"] for layer in layers}
         specs = [spec]
         if spec.positions != "aligned":
             specs.append(patching.PatchSpec(site=HEAD_SITE, positions="aligned", operation=spec.operation))
-        specs.append(patching.SEED_METHOD)
+        specs.append(patching.ORIGINAL_METHOD)
         table = pl.concat([
             patching.run_study_sweep(patcher, prompts, sets, s, desc=f"{s.method} ({s.positions})", **common)
             for s in specs])
@@ -73,13 +73,13 @@ def main(smk):
         shown = summary.filter(pl.col("family") != "single").select(
             "method", "positions", "layer", "head_set", "success_rate", "success_low", "success_high",
             "broken_rate", "mean_logit_diff")
-        log.info("seed method vs per-head:\n%s", shown)
+        log.info("original method vs per-head:\n%s", shown)
 
     declared = {"sweep": tables.PATCHING_SWEEP_GROUP, "subsets": tables.PATCHING_SUBSETS_PROMPTS,
-                "seed_method": tables.PATCHING_SEED_METHOD_PROMPTS}[mode]
+                "original_method": tables.PATCHING_ORIGINAL_METHOD_PROMPTS}[mode]
     with tables.written_together() as put:
-        if mode == "seed_method":
-            put(tables.PATCHING_SEED_METHOD, summary, smk.output.summary, meta)
+        if mode == "original_method":
+            put(tables.PATCHING_ORIGINAL_METHOD, summary, smk.output.summary, meta)
         put(declared, table, smk.output.prompts, meta)
     log.info("wrote %d rows (%d head sets x %d prompts)", table.height,
              table.select("method", "positions", "layer", "head_set").n_unique(), table["prompt_id"].n_unique())
