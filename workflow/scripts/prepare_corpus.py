@@ -3,17 +3,15 @@ import polars as pl
 from bugscope.config import stage_hash
 from bugscope.corpus import CORPUS_KIND, build_corpus_table
 from bugscope.io import read_table, write_table
-from bugscope.model import ModelManifest
+from bugscope.model import ModelManifest, load_tokenizer
 from bugscope.script import log, run
 
 
 def main(smk):
-    from transformers import AutoTokenizer
-
     cfg = smk.config
     manifest = ModelManifest.load(smk.input.manifest)
     prompts = read_table(smk.input.prompts, kind="prompts", config_hash=stage_hash(smk.config, "prompts"))[0]
-    tokenizer = AutoTokenizer.from_pretrained(manifest.path, revision=manifest.revision)
+    tokenizer = load_tokenizer(manifest)
     table, meta = build_corpus_table(cfg["sae"]["corpus"], prompts, tokenizer, seed=cfg["seed"],
                                      include_train=cfg["sae"]["source"] == "train")
     write_table(table, smk.output.corpus, {"kind": CORPUS_KIND, "config_hash": smk.params.config_hash,
