@@ -20,7 +20,7 @@ M = [
  ("stale temporaries", "src/bugscope/io.py", "    for stale in final.parent.glob(final.name + TMP_MARKER + \"*\"):\n", "    for stale in []:\n", "tests/test_io.py::test_temporaries_of_a_killed_writer_are_removed"),
  ("schema", "src/bugscope/config.py", "    if errors:\n        e = errors[0]\n", "    if False:\n        e = errors[0]\n", "tests/test_config.py::test_bad_configs_fail_with_the_key"),
  ("layer range", "src/bugscope/config.py", "        bad = [layer for layer in layers if layer >= n]\n", "        bad = []\n", "tests/test_workflow.py::test_bad_config_fails_before_any_job"),
- ("gated model", "src/bugscope/model.py", "        auth_check(repo_id, revision=revision)\n", "        pass\n", "tests/test_model.py::test_gated_or_missing_hub_model"),
+ ("gated model", "src/bugscope/model.py", "    except GatedRepoError as err:\n", "    except ZeroDivisionError as err:\n", "tests/test_model.py::test_gated_or_missing_hub_model"),
  ("problems (diverge/align)", "src/bugscope/prompts.py", "    if problems:\n", "    if False:\n", "tests/test_prompts.py::test_answers_that_never_diverge_are_an_error tests/test_prompts.py::test_formats_that_cannot_be_aligned_are_an_error"),
  ("empty prompt set", "src/bugscope/prompts.py", "    if not rows:\n", "    if False:\n", "tests/test_prompts.py::test_empty_prompt_set_is_an_error"),
  ("NaN in cache", "src/bugscope/cache.py", "                if not torch.isfinite(acts).all():\n", "                if False:\n", "tests/test_cache.py::test_non_finite_activations_stop_the_cache"),

@@ -8,8 +8,8 @@ import torch
 from bugscope.model import (
     ModelManifest,
     ModelUnavailableError,
-    check_hub_access,
     prepare_model,
+    resolve_hub_model,
 )
 from tests.conftest import MODEL_CACHE, REPO, run_snakemake
 
@@ -35,12 +35,13 @@ def test_layer_count_mismatch_is_an_error(ci_config, tmp_path):
 def test_unreachable_hub_model_names_model_and_fixes(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelUnavailableError) as err:
-        check_hub_access("meta-llama/Llama-3.1-8B-Instruct", None)
+        resolve_hub_model("meta-llama/Llama-3.1-8B-Instruct", None)
     msg = str(err.value)
     assert "meta-llama/Llama-3.1-8B-Instruct" in msg and "HF_TOKEN" in msg and "local folder" in msg
 
 
-@pytest.mark.parametrize("error,expected", [("GatedRepoError", "is gated"), ("RepositoryNotFoundError", "was not found")])
+@pytest.mark.parametrize("error,expected", [("GatedRepoError", "is gated"), ("RepositoryNotFoundError", "was not found"),
+                                            ("RevisionNotFoundError", "has no revision 'v9'")])
 def test_gated_or_missing_hub_model(monkeypatch, error, expected):
     import huggingface_hub
     from huggingface_hub import utils
@@ -51,10 +52,11 @@ def test_gated_or_missing_hub_model(monkeypatch, error, expected):
         Exception.__init__(exc, f"{repo_id}: {error}")
         raise exc
 
-    monkeypatch.setattr(huggingface_hub, "auth_check", refuse)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
     with pytest.raises(ModelUnavailableError, match=expected) as err:
-        check_hub_access("meta-llama/Llama-3.1-8B-Instruct", None)
-    assert "HF_TOKEN" in str(err.value)
+        resolve_hub_model("meta-llama/Llama-3.1-8B-Instruct", "v9" if error == "RevisionNotFoundError" else None)
+    fix = "model.revision" if error == "RevisionNotFoundError" else "HF_TOKEN"
+    assert fix in str(err.value)
 
 
 def test_gated_model_stops_the_workflow_before_any_work(tmp_path):

@@ -296,7 +296,10 @@ def offline_hub(tmp_path, monkeypatch):
 def test_pretrained_llama_scope_form_loads_offline(offline_hub, layer_data):
     release, sae_id, factor, raw, hyper = _write_llama_scope_checkpoint(offline_hub, LAYER, 576, 1024)
     assert bsae.resolve_pretrained(release, "l{layer}r_8x", [LAYER], "resid_post") == {LAYER: sae_id}
-    sae = bsae.load_pretrained_sae(release, sae_id, dtype="float32")
+    sae, hub = bsae.load_pretrained_sae(release, sae_id, dtype="float32")
+    # The repo SAE-Lens's directory maps the release to, and the commit the cache resolved main to.
+    assert hub == {"sae_repo_id": "fnlp/Llama3_1-8B-Base-LXR-8x", "sae_folder": "Llama3_1-8B-Base-L10R-8x",
+                   "sae_revision": "0" * 40}
     assert sae.cfg.architecture() == "jumprelu" and sae.cfg.normalize_activations == "none"  # folded
     assert torch.unique(sae.threshold).numel() == 1  # one scalar threshold
     bsae.check_sae_fits(sae, expected_hook=HOOK, d_model=576, where="test")
@@ -312,17 +315,19 @@ def test_pretrained_llama_scope_form_loads_offline(offline_hub, layer_data):
         dec_tol = rounding_tolerance(torch.float32, scale=max_abs(recon), reduction=expected.shape[1], depth=2)
         assert (sae.decode(sae.encode(x)) - recon).abs().max() <= dec_tol
     # Saved and reloaded like a trained SAE, it encodes the same (what encode_features does).
-    bsae.save_sae(sae, layer_data.root / "pre", {"source": "pretrained", "release": release, "sae_id": sae_id})
+    bsae.save_sae(sae, layer_data.root / "pre", {"source": "pretrained", "release": release, "sae_id": sae_id, **hub})
     again, prov = bsae.load_sae(layer_data.root / "pre")
     table = bsae.encode_activation_file(again, layer_data.paths["prompts"])
     keys, _ = _read_acts(layer_data.paths["prompts"])
     assert (sparse_to_dense(table, keys, 1024) - expected).abs().max() <= enc_tol
     assert prov["release"] == release
+    assert (prov["sae_repo_id"], prov["sae_revision"]) == ("fnlp/Llama3_1-8B-Base-LXR-8x", "0" * 40)
+    assert bsae.sae_provenance_meta(prov)["sae"]["sae_revision"] == "0" * 40  # copied into feature tables
 
 
 def test_pretrained_d_in_and_site_mismatch_are_refused(offline_hub):
     release, sae_id, *_ = _write_llama_scope_checkpoint(offline_hub, 3, 64, 128)
-    sae = bsae.load_pretrained_sae(release, sae_id)
+    sae, _ = bsae.load_pretrained_sae(release, sae_id)
     with pytest.raises(bsae.SAEConfigError, match=r"d_in=64 but the model's residual width is d_model=576"):
         bsae.check_sae_fits(sae, expected_hook="blocks.3.hook_resid_post", d_model=576, where="test")
     with pytest.raises(bsae.SAEConfigError, match=r"reads 'blocks.3.hook_resid_post'.*cached at 'blocks.3.hook_mlp_out'"):

@@ -124,11 +124,38 @@ def resolve_pretrained(release: str | None, sae_id_template: str | None, layers:
 
 
 def load_pretrained_sae(release: str, sae_id: str, *, device: str = "cpu", dtype: str = "float32"):
-    """Load one pretrained SAE through SAE-Lens (its conversion and normalisation folding included)."""
+    """(SAE, hub source) of one pretrained SAE, loaded through SAE-Lens (its conversion and
+    normalisation folding included).
+
+    The hub source is {"sae_repo_id", "sae_folder", "sae_revision"}: the Hugging Face repo SAE-Lens's
+    directory maps the release to, the SAE's folder in it and the commit sha its files came from.
+    """
     from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
 
     sae, _cfg, _sparsity = SAE.from_pretrained_with_cfg_and_sparsity(release, sae_id, device=device, dtype=dtype)
-    return sae
+    repo_id, folder = get_repo_id_and_folder_name(release, sae_id)
+    return sae, {"sae_repo_id": repo_id, "sae_folder": folder, "sae_revision": cached_revision(repo_id, folder)}
+
+
+def cached_revision(repo_id: str, folder: str) -> str | None:
+    """The commit sha the local Hugging Face cache holds `folder` of `repo_id` at, read after SAE-Lens loaded it.
+
+    SAE-Lens's loaders call `hf_hub_download(repo_id, ...)` without a revision and take none from us,
+    so an SAE cannot be loaded at a pinned commit. What can be recorded is the commit that download
+    resolved: `hf_hub_download` writes the default branch's commit to `refs/main` in the cache (online)
+    or reads it from there (HF_HUB_OFFLINE=1). None when the cache does not hold the folder at that
+    commit (e.g. another job moved `refs/main` meanwhile): the provenance then says "unknown".
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    ref = storage / "refs" / constants.DEFAULT_REVISION
+    if not ref.is_file():
+        return None
+    commit = ref.read_text().strip()
+    return commit if (storage / "snapshots" / commit / folder).exists() else None
 
 
 def check_sae_fits(sae, *, expected_hook: str, d_model: int, where: str) -> None:
@@ -360,7 +387,8 @@ def load_sae(sae_dir: str | Path, *, device: str = "cpu"):
 
 def sae_provenance_meta(provenance: dict) -> dict:
     """The SAE fields copied into the metadata of every table made with it."""
-    keys = ("source", "release", "sae_id", "hook_name", "d_sae", "architecture", "seed", "training")
+    keys = ("source", "release", "sae_id", "sae_repo_id", "sae_revision", "hook_name", "d_sae", "architecture",
+            "seed", "training")
     return {"sae": {k: provenance.get(k) for k in keys if k in provenance}}
 
 

@@ -159,7 +159,8 @@ def patching_targets():
 
 def focus_layer_input(wildcards):
     """The overlap table, when focus_layers is auto: it resolves the focus layers
-    (bugscope.features.overlap.resolve_focus_layers) for patching, figures and the ledger."""
+    (bugscope.features.overlap.resolve_focus_layers) for patching, figures and the ledger.
+    """
     if config["focus_layers"] == "auto":
         return {"overlap": layout.FEATURE_OVERLAP}
     return {}

@@ -1,14 +1,12 @@
-from transformers import AutoTokenizer
-
 from bugscope import tables
-from bugscope.model import ModelManifest
+from bugscope.model import ModelManifest, load_tokenizer
 from bugscope.prompts import build_prompt_table
 from bugscope.script import log, run
 
 
 def main(smk):
     manifest = ModelManifest.load(smk.input.manifest)
-    tokenizer = AutoTokenizer.from_pretrained(manifest.path, revision=manifest.revision)
+    tokenizer = load_tokenizer(manifest)
     table = build_prompt_table(smk.config, tokenizer)
     tables.write(tables.PROMPTS, table, smk.output.prompts, {
         "config_hash": smk.params.config_hash, "seed": smk.config["seed"], **manifest.provenance()})

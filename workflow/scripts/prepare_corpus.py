@@ -2,17 +2,15 @@ import polars as pl
 
 from bugscope import tables
 from bugscope.corpus import build_corpus_table
-from bugscope.model import ModelManifest
+from bugscope.model import ModelManifest, load_tokenizer
 from bugscope.script import log, run
 
 
 def main(smk):
-    from transformers import AutoTokenizer
-
     cfg = smk.config
     manifest = ModelManifest.load(smk.input.manifest)
     prompts = tables.read(tables.PROMPTS, smk.config, smk.input.prompts)[0]
-    tokenizer = AutoTokenizer.from_pretrained(manifest.path, revision=manifest.revision)
+    tokenizer = load_tokenizer(manifest)
     table, meta = build_corpus_table(cfg["sae"]["corpus"], prompts, tokenizer, seed=cfg["seed"],
                                      include_train=cfg["sae"]["source"] == "train")
     tables.write(tables.CORPUS, table, smk.output.corpus, {"config_hash": smk.params.config_hash,
