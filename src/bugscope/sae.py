@@ -366,6 +366,10 @@ def save_sae(sae, out_dir: str | Path, provenance: dict) -> None:
             sae.save_inference_model(tmp)  # a training SAE: SAE-Lens saves its inference form
         else:
             sae.save_model(tmp)
+        # SAE-Lens writes cfg.json in set-iteration order, which changes with Python's hash seed:
+        # sorted, a rerun writes the same bytes.
+        cfg_file = tmp / "cfg.json"
+        cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()), sort_keys=True))
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
 
 

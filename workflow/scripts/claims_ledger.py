@@ -1,3 +1,5 @@
+import hashlib
+from pathlib import Path
 
 from bugscope import claims, tables
 from bugscope.features import focus_layers
@@ -15,7 +17,10 @@ def main(smk):
     focus = focus_layers(smk.config, overlap) if (overlap is not None or smk.config["focus_layers"] != "auto") else None
     ctx = claims.Context.from_config(smk.config, focus)
     result = claims.evaluate(ledger, prepared, ctx)
-    meta = {"model": smk.config["model"]["name"], "focus_layers": focus, "tables": names, "ledger": str(smk.input.ledger)}
+    # The ledger by name and content, not by where this checkout happens to live: two clones agree.
+    ledger_file = Path(smk.input.ledger)
+    meta = {"model": smk.config["model"]["name"], "focus_layers": focus, "tables": names, "ledger": ledger_file.name,
+            "ledger_sha256": hashlib.sha256(ledger_file.read_bytes()).hexdigest()}
     tables.write(tables.CLAIMS, result, smk.output.claims, meta)
     title = f"Claims ledger: the seed's claims on {smk.config['model']['name']}"
     with atomic_path(smk.output.markdown) as tmp:
