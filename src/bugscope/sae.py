@@ -380,7 +380,8 @@ def load_sae(sae_dir: str | Path, *, device: str = "cpu"):
     sae_dir = Path(sae_dir)
     if not (sae_dir / "cfg.json").is_file():
         raise FileNotFoundError(
-            f"{sae_dir} holds no SAE (cfg.json missing). Rerun the SAE rule (snakemake --forcerun train_sae_*)."
+            f"{sae_dir} holds no SAE (cfg.json missing). Remake it with the rule that writes it: "
+            f"`snakemake --cores all --force {sae_dir}`, then rerun the pipeline."
         )
     sae = SAE.load_from_disk(sae_dir, device=device)
     sae.eval()

@@ -8,35 +8,37 @@ PATCH_FOCUS_HASH = stage_hash(config, "patching_focus")
 PATCH_SUMMARY_HASH = stage_hash(config, "patching_summary")
 
 
-wildcard_constraints:
-    group=r"L\d+_\d+",
-
-
 localrules:
     head_patching_summary,
 
 
-rule head_sweep:
-    input:
-        manifest=layout.MODEL_MANIFEST,
-        prompts=layout.PROMPTS,
-    output:
-        prompts=layout.PATCHING_SWEEP_GROUP,
-    log:
-        f"{layout.LOGS}/patching/head_sweep_{{group}}.log",
-    benchmark:
-        f"{layout.BENCHMARKS}/patching/head_sweep_{{group}}.tsv"
-    conda:
-        "../../environment.yml"
-    threads: MODEL_JOB_THREADS
-    resources:
-        **model_job_resources(n_layers=config["resources"]["layers_per_job"]),
-    params:
-        mode="sweep",
-        layers=lambda wildcards: LAYER_GROUPS[wildcards.group],
-        config_hash=PATCH_SWEEP_HASH,
-    script:
-        "../scripts/head_patching.py"
+# One rule per layer group, named <stage>_<group> like the SAE stage's (workflow/rules/sae.smk).
+for group, group_layers in LAYER_GROUPS.items():
+
+    rule:
+        name:
+            f"head_sweep_{group}"
+        input:
+            manifest=layout.MODEL_MANIFEST,
+            prompts=layout.PROMPTS,
+        output:
+            prompts=layout.PATCHING_SWEEP_GROUP.format(group=group),
+        log:
+            f"{layout.LOGS}/patching/head_sweep_{group}.log",
+        benchmark:
+            f"{layout.BENCHMARKS}/patching/head_sweep_{group}.tsv"
+        conda:
+            "../../environment.yml"
+        threads: MODEL_JOB_THREADS
+        resources:
+            **model_job_resources(n_layers=len(group_layers)),
+        params:
+            mode="sweep",
+            layers=group_layers,
+            group=group,
+            config_hash=PATCH_SWEEP_HASH,
+        script:
+            "../scripts/head_patching.py"
 
 
 rule head_subsets:

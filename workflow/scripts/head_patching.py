@@ -1,4 +1,4 @@
-"""Rules head_sweep, head_subsets and head_original_method: patched logit differences per prompt.
+"""Rules head_sweep_<group>, head_subsets and head_original_method: patched logit differences per prompt.
 
 mode (params.mode):
 - sweep: all / even / odd / single heads at the layers of one layer group;
@@ -45,7 +45,7 @@ def main(smk):
 
     if mode == "sweep":
         sets = {layer: patching.named_head_sets(n_heads) for layer in layers}
-        table = patching.run_study_sweep(patcher, prompts, sets, spec, desc=f"head sweep {smk.wildcards.group}", **common)
+        table = patching.run_study_sweep(patcher, prompts, sets, spec, desc=f"head sweep {smk.params.group}", **common)
     elif mode == "subsets":
         sub = pc["subsets"]
         sets = {layer: patching.subset_head_sets(n_heads, pools=sub["pools"], sizes=sub["sizes"],
