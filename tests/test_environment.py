@@ -88,5 +88,5 @@ def test_the_workflow_exports_the_repository_for_the_post_deploy_script():
     # Snakemake runs the post-deploy script from .snakemake/conda/ with its own environment
     # variables; workflow/Snakefile sits one folder below the repository root. A text check only.
     text = (REPO / "workflow" / "Snakefile").read_text()
-    assert 'os.environ["BUGSCOPE_REPO"] = os.path.dirname(' in text
+    assert "os.environ.update(" in text and "BUGSCOPE_REPO=os.path.dirname(" in text
     assert (REPO / "workflow").resolve().parent == REPO.resolve()
