@@ -134,6 +134,14 @@ def load_config(path: str | Path) -> dict:
     return validate_config(raw, source=str(path))
 
 
+def n_prompts(config: dict, n_formats: int | None = None) -> int:
+    """Prompts in the prompt table: every number pair (random and extra) in both question orders,
+    in each of `n_formats` formats (default: all of prompts.formats)."""
+    p = config["prompts"]
+    formats = len(p["formats"]) if n_formats is None else n_formats
+    return formats * 2 * (p["n_pairs"] + len(p["extra_pairs"]))
+
+
 def analysed_layers(config: dict) -> list[int]:
     layers = config["layers"]
     return list(range(config["model"]["num_layers"])) if layers == "all" else sorted(layers)

@@ -1,5 +1,11 @@
 import bugscope.layout as layout
-from bugscope.config import validate_config, analysed_layers, layer_groups, stage_hash
+from bugscope.config import (
+    validate_config,
+    analysed_layers,
+    layer_groups,
+    n_prompts,
+    stage_hash,
+)
 from bugscope.sites import hook_name
 import bugscope.patching as bugscope_patching
 
@@ -63,13 +69,10 @@ def model_job_resources(n_prompts_hint=None, n_layers=1):
     profile) gets twice as much.
     """
     size_b = config["model"]["size_b"]
-    prompts = config["prompts"]
-    n_prompts = n_prompts_hint or len(prompts["formats"]) * 2 * (
-        prompts["n_pairs"] + len(prompts["extra_pairs"])
-    )
+    prompt_count = n_prompts_hint or n_prompts(config)
     scale = config["resources"]["minutes_per_b_per_100_prompts"]
     runtime = int(
-        10 + scale * max(size_b, 0.1) * (n_prompts / 100) * max(1, n_layers / 8)
+        10 + scale * max(size_b, 0.1) * (prompt_count / 100) * max(1, n_layers / 8)
     )
     weights_mb = int(
         size_b * 1000 * (4 if config["model"]["dtype"] == "float32" else 2)

@@ -96,11 +96,7 @@ rule head_feature_attribution:
     threads: MODEL_JOB_THREADS
     resources:
         # one forward pass over the buggy- and correct-format prompts serves every layer
-        **model_job_resources(
-            n_prompts_hint=2
-            * 2
-            * (config["prompts"]["n_pairs"] + len(config["prompts"]["extra_pairs"]))
-        ),
+        **model_job_resources(n_prompts_hint=n_prompts(config, n_formats=2)),
     params:
         layers=ATTRIBUTION_LAYERS,
         config_hash=FEATURE_CONFIG_HASH,
