@@ -7,10 +7,10 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import polars as pl
 
 from bugscope.config import ConfigError
+from bugscope.stats import subset_generator
 
 POOLS = ("even", "odd", "all")
 
@@ -96,7 +96,7 @@ def subset_head_sets(n_heads: int, *, pools: Sequence[str], sizes: Sequence[int]
             if total <= samples:
                 combos = list(itertools.combinations(members, k))
             else:
-                rng = np.random.default_rng([seed, layer, POOLS.index(pool), k])
+                rng = subset_generator(seed, layer, POOLS.index(pool), k)
                 seen: set[tuple[int, ...]] = set()
                 combos = []
                 while len(combos) < samples:

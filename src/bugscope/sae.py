@@ -304,10 +304,6 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
 
 
-def layer_seed(master_seed: int, layer: int) -> int:
-    """The seed of one layer's SAE: derived from the master seed, recorded with the SAE."""
-    return (master_seed * 1_000_003 + 7919 * (layer + 1)) % (2**31 - 1)
-
 
 def train_topk_sae(stream: ActivationStream, *, d_in: int, layer: int, hook: str, sae_cfg: dict,
                    seed: int, device: str = "cpu", model_name: str = "") -> TrainResult:

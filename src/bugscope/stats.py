@@ -53,9 +53,25 @@ def bootstrap_mean_ci_columns(matrix, *, n_resamples: int, confidence: float, se
     return x.mean(axis=0), low, high
 
 
+# --- seeds: every random draw derives from the config's master seed, here -----------------------
+# New draws use `derived_seed`. The SAE seeds and the head-subset draws predate it and keep their
+# own derivations, so that results made before stay reproducible bit for bit.
+
+
 def derived_seed(*parts: int) -> int:
     """A deterministic 63-bit seed from the master seed and labels (layer, statistic, ...)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def layer_seed(master_seed: int, layer: int) -> int:
+    """The seed of one layer's SAE (torch's generator wants it below 2**31), recorded with the SAE."""
+    return (master_seed * 1_000_003 + 7919 * (layer + 1)) % (2**31 - 1)
+
+
+def subset_generator(master_seed: int, layer: int, pool_index: int, k: int) -> np.random.Generator:
+    """The generator of the random k-subsets of one pool at one layer: its own stream, so adding a
+    size or a pool leaves the other draws alone."""
+    return np.random.default_rng([master_seed, layer, pool_index, k])
 
 
 # --- bootstrap over rows, NaN-tolerant (the feature analyses, bugscope.features) ---------------

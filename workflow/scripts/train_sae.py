@@ -7,12 +7,12 @@ from bugscope.sae import (
     ActivationSource,
     ActivationStream,
     check_sae_fits,
-    layer_seed,
     save_sae,
     train_topk_sae,
 )
 from bugscope.script import log, run
 from bugscope.sites import hook_name
+from bugscope.stats import layer_seed
 
 
 def main(smk):
