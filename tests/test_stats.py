@@ -62,3 +62,44 @@ def test_patching_summary_at_8b_sizes_stays_under_2_gb():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["rows"] == 32 * 70
     assert result["peak_mb"] <= 2048, result
+
+
+def test_cluster_bootstrap_matches_scipy_when_every_row_is_its_own_cluster():
+    from scipy.stats import bootstrap
+
+    x = np.random.default_rng(2).normal(size=60)
+    mean, low, high = stats.cluster_bootstrap_mean_ci_columns(x[:, None], np.arange(60), n_resamples=20000,
+                                                              confidence=0.95, seed=0)
+    ref = bootstrap((x,), np.mean, n_resamples=20000, confidence_level=0.95, method="percentile",
+                    random_state=np.random.default_rng(1)).confidence_interval
+    se = x.std(ddof=1) / np.sqrt(len(x))
+    assert mean[0] == pytest.approx(x.mean())
+    # Two Monte Carlo estimates of one percentile: equal within a few % of the standard error.
+    assert low[0] == pytest.approx(ref.low, abs=0.1 * se) and high[0] == pytest.approx(ref.high, abs=0.1 * se)
+
+
+def test_cluster_bootstrap_by_hand_on_a_clustered_case():
+    # Three clusters (pairs) of 2, 1 and 3 rows; column 1 is a conditional rate with a NaN row.
+    x = np.array([[1.0, 1.0], [3.0, np.nan], [10.0, 0.0], [2.0, 1.0], [2.0, 1.0], [5.0, 0.0]])
+    clusters = np.array([7, 7, 3, 9, 9, 9])
+    mean, low, high = stats.cluster_bootstrap_mean_ci_columns(x, clusters, n_resamples=50, confidence=0.8, seed=4)
+    assert mean == pytest.approx([23 / 6, 3 / 5])
+    # The same draws, by hand: clusters in sorted label order (3, 7, 9), all rows of a drawn cluster.
+    draws = np.random.default_rng(4).integers(0, 3, size=(50, 3))
+    rows = {0: [2], 1: [0, 1], 2: [3, 4, 5]}
+    by_hand = []
+    for d in draws:
+        picked = x[[r for cl in d for r in rows[cl]]]
+        by_hand.append(np.nanmean(picked, axis=0))
+    ref_low, ref_high = np.nanquantile(np.array(by_hand), [0.1, 0.9], axis=0)
+    assert low == pytest.approx(ref_low) and high == pytest.approx(ref_high)
+
+
+def test_pair_level_ci_is_wider_than_the_prompt_level_one_when_orders_move_together():
+    # Both orders of a pair get the same answer: 40 pairs are 40 observations, not 80.
+    pair_correct = np.random.default_rng(0).random(40) < 0.5
+    x = np.repeat(pair_correct.astype(float), 2)[:, None]
+    pairs = np.repeat(np.arange(40), 2)
+    _, p_low, p_high = stats.bootstrap_mean_ci_columns(x, n_resamples=4000, confidence=0.95, seed=0)
+    _, c_low, c_high = stats.cluster_bootstrap_mean_ci_columns(x, pairs, n_resamples=4000, confidence=0.95, seed=0)
+    assert (c_high - c_low)[0] > 1.3 * (p_high - p_low)[0]  # about sqrt(2) wider

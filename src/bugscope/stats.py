@@ -53,6 +53,43 @@ def bootstrap_mean_ci_columns(matrix, *, n_resamples: int, confidence: float, se
     return x.mean(axis=0), low, high
 
 
+# --- cluster bootstrap: resample number pairs, not prompts ---------------------------------------
+
+
+def cluster_bootstrap_mean_ci_columns(matrix, clusters, *, n_resamples: int, confidence: float, seed: int):
+    """Mean per column of an [n, m] array with a percentile CI that resamples *clusters*.
+
+    `clusters` [n] labels each row (a prompt) with its cluster (its number pair): a resample draws
+    clusters with replacement and keeps every row of a drawn cluster, so the two orders of a pair
+    (and its formats) move together, as they are not independent. NaN cells are left out of their
+    column (a conditional rate: NaN where the row is not eligible). The resampled mean of a column
+    is sum(w_c * S_c) / sum(w_c * N_c) over clusters c drawn w_c times, with S_c, N_c the cluster's
+    sum and count: memory is [n_resamples, m], whatever the number of rows.
+
+    Returns three arrays of shape [m]: mean, low, high (NaN for a column with no values).
+    """
+    x = np.asarray(matrix, dtype=np.float64)
+    n, m = x.shape
+    labels, cluster_of = np.unique(np.asarray(clusters), return_inverse=True)
+    c = len(labels)
+    if n == 0:
+        nan = np.full(m, np.nan)
+        return nan, nan.copy(), nan.copy()
+    valid = ~np.isnan(x)
+    sums = np.zeros((c, m))
+    counts = np.zeros((c, m))
+    np.add.at(sums, cluster_of, np.where(valid, x, 0.0))
+    np.add.at(counts, cluster_of, valid.astype(np.float64))
+    draws = np.random.default_rng(seed).integers(0, c, size=(n_resamples, c))
+    weights = np.zeros((n_resamples, c))
+    np.add.at(weights, (np.repeat(np.arange(n_resamples), c), draws.ravel()), 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = (weights @ sums) / (weights @ counts)  # [n_resamples, m]; NaN where nothing was drawn
+        point = sums.sum(0) / counts.sum(0)
+    low, high = _interval(means, confidence)
+    return point, low, high
+
+
 # --- seeds: every random draw derives from the config's master seed, here -----------------------
 # New draws use `derived_seed`. The SAE seeds and the head-subset draws predate it and keep their
 # own derivations, so that results made before stay reproducible bit for bit.
