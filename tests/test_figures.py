@@ -55,7 +55,7 @@ def accuracy_table() -> pl.DataFrame:
 
     rng = np.random.default_rng(1)
     scores = pl.DataFrame({"format": ["qa"] * 20 + ["simple"] * 20 + ["chat"] * 20,
-                           "logit_diff": rng.normal(size=60)}).with_columns((pl.col("logit_diff") > 0).alias("is_correct"))
+                           "pair_id": np.tile(np.arange(20) // 2, 3), "logit_diff": rng.normal(size=60)}).with_columns((pl.col("logit_diff") > 0).alias("is_correct"))
     return accuracy_by_format(scores, n_resamples=200, confidence=0.95, seed=0)
 
 
@@ -113,6 +113,7 @@ def patching_summary(layers=(0, 5, 10), focus=(5,), n_heads=9, n_prompts=16, see
             for layer, ss in sets.items() for s in ss for p in range(n_prompts)]
     per_prompt = (pl.DataFrame(rows).with_columns(pl.col("layer", "prompt_id").cast(pl.Int32))
                   .join(pl.DataFrame({"prompt_id": np.arange(n_prompts, dtype=np.int32),
+                                      "pair_id": np.arange(n_prompts, dtype=np.int32) // 2,
                                       "baseline_logit_diff": rng.normal(size=n_prompts)}), on="prompt_id")
                   .join(patching.head_set_table(sets), on=["layer", "head_set"])
                   .with_columns(pl.lit(method).alias("method"), pl.lit(positions).alias("positions"),

@@ -46,7 +46,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     df = pl.DataFrame({"method": "per_head", "positions": "aligned", "operation": "patch", "direction": "fix",
                        "target_format": "qa", "source_format": "simple", "layer": layer, "head_set": head_set,
                        "family": "subset", "pool": "all", "k": 1, "sample": 0, "heads": [[0]] * len(layer),
-                       "prompt_id": prompt, "logit_diff": rng.normal(size=len(layer)),
+                       "prompt_id": prompt, "pair_id": prompt // 2, "logit_diff": rng.normal(size=len(layer)),
                        "baseline_logit_diff": np.tile(base, n_layers * n_sets)})
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = summary_table(df, n_resamples=2000, confidence=0.95, seed=0)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+import numpy as np
 import polars as pl
 import torch
 from tqdm import tqdm
 
 from bugscope.forward import decision_logits, iter_batches, logit_diff
-from bugscope.stats import bootstrap_mean_ci
+from bugscope.stats import cluster_bootstrap_mean_ci_columns
 
 _NUMBER = re.compile(r"\d+\.\d+")
 
@@ -31,15 +32,16 @@ def score_prompts(model, rows: Sequence[dict], *, batch_size: int, pad_token_id:
 
 
 def accuracy_by_format(scores: pl.DataFrame, *, n_resamples: int, confidence: float, seed: int) -> pl.DataFrame:
-    """Accuracy and mean logit difference per format, each with a bootstrap CI over prompts."""
+    """Accuracy and mean logit difference per format, each with a bootstrap CI over number pairs
+    (`pair_id`: both orders of a pair are drawn together; they are not independent)."""
     out = []
     for fmt in sorted(scores["format"].unique().to_list()):
         sub = scores.filter(pl.col("format") == fmt)
-        acc, acc_lo, acc_hi = bootstrap_mean_ci(sub["is_correct"].cast(pl.Float64).to_numpy(),
-                                                n_resamples=n_resamples, confidence=confidence, seed=seed)
-        ld, ld_lo, ld_hi = bootstrap_mean_ci(sub["logit_diff"].to_numpy(),
-                                             n_resamples=n_resamples, confidence=confidence, seed=seed)
-        out.append({"format": fmt, "n_prompts": sub.height, "accuracy": acc, "accuracy_low": acc_lo,
+        values = np.stack([sub["is_correct"].cast(pl.Float64).to_numpy(), sub["logit_diff"].to_numpy()], axis=1)
+        (acc, ld), (acc_lo, ld_lo), (acc_hi, ld_hi) = cluster_bootstrap_mean_ci_columns(
+            values, sub["pair_id"].to_numpy(), n_resamples=n_resamples, confidence=confidence, seed=seed)
+        out.append({"format": fmt, "n_prompts": sub.height, "n_pairs": sub["pair_id"].n_unique(),
+                    "accuracy": acc, "accuracy_low": acc_lo,
                     "accuracy_high": acc_hi, "mean_logit_diff": ld, "logit_diff_low": ld_lo,
                     "logit_diff_high": ld_hi, "confidence": confidence})
     return pl.DataFrame(out)

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from bugscope.stats import bootstrap_mean_ci, bootstrap_mean_ci_columns
+from bugscope.stats import cluster_bootstrap_mean_ci_columns
 
 SUMMARY_KEYS = ["method", "positions", "operation", "direction", "target_format", "source_format", "layer", "head_set"]
 HEAD_SET_COLUMNS = ["family", "pool", "k", "sample", "heads"]
@@ -22,13 +22,16 @@ def summarise(per_prompt: pl.DataFrame, *, keys: Sequence[str], n_resamples: int
     - broken_rate: among target prompts that are *right* unpatched, the fraction wrong after the patch;
     - accuracy: the fraction of all target prompts right after the patch (baseline_accuracy beside it);
     - mean_logit_diff: mean patched logit difference over all target prompts.
-    Every interval is a percentile bootstrap over prompts; all groups share the same resampled
-    prompts (the same seed), so their intervals are comparable.
+    Every interval is a percentile bootstrap over number pairs (`pair_id`: the two orders of a pair
+    are not independent, research notes section 8); all groups share the same resampled pairs (the
+    same seed), so their intervals are comparable.
     """
     keys = list(keys)
     groups = per_prompt.select(keys).unique(maintain_order=True)
     pids = np.sort(per_prompt["prompt_id"].unique().to_numpy())
-    base = (per_prompt.unique("prompt_id").sort("prompt_id")["baseline_logit_diff"].to_numpy())
+    per_target = per_prompt.unique("prompt_id").sort("prompt_id")
+    base = per_target["baseline_logit_diff"].to_numpy()
+    pairs = per_target["pair_id"].to_numpy()
     index = {pid: i for i, pid in enumerate(pids)}
     n, m = len(pids), groups.height
     mat = np.full((n, m), np.nan)
@@ -40,14 +43,17 @@ def summarise(per_prompt: pl.DataFrame, *, keys: Sequence[str], n_resamples: int
     wrong, right = base <= 0, base > 0
     boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
 
-    succ = bootstrap_mean_ci_columns((mat[wrong] > 0).astype(float), **boot)
-    brok = bootstrap_mean_ci_columns((mat[right] <= 0).astype(float), **boot)
-    acc = bootstrap_mean_ci_columns((mat > 0).astype(float), **boot)
-    ld = bootstrap_mean_ci_columns(mat, **boot)
-    b_acc = bootstrap_mean_ci(right.astype(float), **boot)
-    b_ld = bootstrap_mean_ci(base, **boot)
+    def ci(values):  # rows outside a rate's condition are NaN
+        return cluster_bootstrap_mean_ci_columns(values, pairs, **boot)
+
+    succ = ci(np.where(wrong[:, None], mat > 0, np.nan))
+    brok = ci(np.where(right[:, None], mat <= 0, np.nan))
+    acc = ci((mat > 0).astype(float))
+    ld = ci(mat)
+    b_acc = [v[0] for v in ci(right.astype(float)[:, None])]
+    b_ld = [v[0] for v in ci(base[:, None])]
     cols = {
-        "n_prompts": np.full(m, n), "n_baseline_wrong": np.full(m, int(wrong.sum())),
+        "n_prompts": np.full(m, n), "n_pairs": np.full(m, len(np.unique(pairs))), "n_baseline_wrong": np.full(m, int(wrong.sum())),
         "n_baseline_right": np.full(m, int(right.sum())),
         "success_rate": succ[0], "success_low": succ[1], "success_high": succ[2],
         "broken_rate": brok[0], "broken_low": brok[1], "broken_high": brok[2],
