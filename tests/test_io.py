@@ -104,3 +104,20 @@ def test_temporaries_of_a_killed_writer_are_removed(tmp_path):
     (tmp_path / "other.parquet.tmp-keep").write_text("another output's writer")
     write_table(pa.table({"a": [1]}), tmp_path / "out.parquet", {"kind": "demo"})
     assert sorted(os.listdir(tmp_path)) == ["other.parquet.tmp-keep", "out.parquet"]
+
+
+def test_registry_refuses_a_table_without_its_declared_columns(tmp_path, ci_config):
+    from bugscope import tables
+    from bugscope.config import validate_config
+
+    cfg = validate_config(ci_config)
+    path = tmp_path / "scores.parquet"
+    meta = {"config_hash": tables.BASELINE_SCORES.config_hash(cfg)}
+    good = pa.table({c: [1] for c in tables.BASELINE_SCORES.columns})
+    tables.write(tables.BASELINE_SCORES, good, path, meta)
+    assert tables.read(tables.BASELINE_SCORES, cfg, path)[0].num_rows == 1
+    with pytest.raises(StaleTableError, match=r"lacks the column\(s\) \['is_correct'\]"):
+        tables.write(tables.BASELINE_SCORES, good.drop(["is_correct"]), path, meta)
+    write_table(good.drop(["is_correct"]), path, {"kind": "baseline_scores", **meta})  # an older writer
+    with pytest.raises(StaleTableError, match="--force"):
+        tables.read(tables.BASELINE_SCORES, cfg, path)

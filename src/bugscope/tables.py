@@ -1,8 +1,8 @@
 """The table registry: every Parquet table of the pipeline, declared once.
 
 A declaration says where the table lives (`bugscope.layout`), its kind (the `bugscope.kind`
-metadata), the stage whose config sections it depends on (`bugscope.config.STAGE_SECTIONS`) and,
-where the claims ledger reads it, the column holding each row's n. Readers and writers take the
+metadata), the stage whose config sections it depends on (`bugscope.config.STAGE_SECTIONS`), the columns
+its readers rely on and, where the claims ledger reads it, the column holding each row's n. Readers and writers take the
 declaration, so the kind and the stage's config hash are checked in one place (`read`, `check`)
 and written in one place (`write`, `written_together`).
 """
@@ -28,55 +28,119 @@ class Table:
     kind: str
     stage: str | None  # key of STAGE_SECTIONS: the settings the table depends on (None: checked by its kind only)
     n_column: str | None = None  # the column with each row's n (claims ledger)
+    columns: tuple[str, ...] = ()  # the columns its readers rely on (checked on read and on write)
 
     def config_hash(self, config: dict) -> str | None:
         return stage_hash(config, self.stage) if self.stage else None
 
 
-PROMPTS = Table(layout.PROMPTS, "prompts", "prompts")
+# Every patching table, per prompt and summarised, whichever rule writes it.
+PATCH_PROMPT_COLUMNS = ("method", "positions", "layer", "head_set", "prompt_id", "pair_id", "logit_diff",
+                        "baseline_logit_diff")
+PATCH_SUMMARY_COLUMNS = ("method", "positions", "layer", "head_set", "family", "success_rate", "n_baseline_wrong")
 
-BASELINE_SCORES = Table(layout.BASELINE_SCORES, "baseline_scores", "baseline")
-BASELINE_ACCURACY = Table(layout.BASELINE_ACCURACY, "baseline_accuracy", "baseline", "n_prompts")
-BASELINE_GENERATION = Table(layout.BASELINE_GENERATION, "baseline_generation", "baseline")
+PROMPTS = Table(
+    layout.PROMPTS, "prompts", "prompts",
+    columns=("prompt_id", "question_id", "pair_id", "order", "format", "input_ids", "decision_pos",
+             "correct_token", "wrong_token", "aligned_positions"))
 
-PROMPT_ACTIVATIONS = Table(layout.ACTIVATIONS.replace("{dataset}", "prompts"), "activations", "activations")
-CORPUS = Table(layout.CORPUS, "corpus", "sae")
-CORPUS_ACTIVATIONS = Table(layout.ACTIVATIONS.replace("{dataset}", "corpus"), "activations", "sae")
-FEATURES = Table(layout.FEATURES, "features", "sae")
-SAE_QUALITY_LAYER = Table(layout.SAE_QUALITY_LAYER, "sae_quality", "sae")
-SAE_QUALITY = Table(layout.SAE_QUALITY, "sae_quality", "sae", "n_tokens_corpus")
+BASELINE_SCORES = Table(
+    layout.BASELINE_SCORES, "baseline_scores", "baseline",
+    columns=("prompt_id", "pair_id", "format", "logit_diff", "is_correct"))
+BASELINE_ACCURACY = Table(
+    layout.BASELINE_ACCURACY, "baseline_accuracy", "baseline", "n_prompts",
+    columns=("format", "n_prompts", "accuracy", "accuracy_low", "accuracy_high"))
+BASELINE_GENERATION = Table(
+    layout.BASELINE_GENERATION, "baseline_generation", "baseline",
+    columns=("prompt_id", "generated_answer", "format", "is_correct"))
 
-FEATURE_OVERLAP = Table(layout.FEATURE_OVERLAP, "feature_overlap", "features", "n_pairs")
-FEATURE_OVERLAP_PAIRS = Table(layout.FEATURE_OVERLAP_PAIRS, "feature_overlap_pairs", "features")
-DISCRIMINATIVE_FEATURES = Table(layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "features", "n_a")
-NAMED_FEATURES = Table(layout.NAMED_FEATURES, "named_features", "features", "n_pairs")
-HEAD_FEATURE_ATTRIBUTION = Table(layout.HEAD_FEATURE_ATTRIBUTION, "head_feature_attribution", "features")
-HEAD_PARITY = Table(layout.HEAD_PARITY, "head_parity", "features", "n_heads")
+PROMPT_ACTIVATIONS = Table(
+    layout.ACTIVATIONS.replace("{dataset}", "prompts"), "activations", "activations",
+    columns=("prompt_id", "position", "activation"))
+CORPUS = Table(layout.CORPUS, "corpus", "sae", columns=("prompt_id", "source", "split", "input_ids", "n_tokens"))
+CORPUS_ACTIVATIONS = Table(
+    layout.ACTIVATIONS.replace("{dataset}", "corpus"), "activations", "sae",
+    columns=("prompt_id", "position", "activation"))
+FEATURES = Table(layout.FEATURES, "features", "sae", columns=("prompt_id", "position", "feature_id", "activation"))
+SAE_QUALITY_LAYER = Table(
+    layout.SAE_QUALITY_LAYER, "sae_quality", "sae",
+    columns=("layer", "hook_name", "ev_prompts", "ev_corpus", "l0_corpus", "dead_fraction"))
+SAE_QUALITY = Table(
+    layout.SAE_QUALITY, "sae_quality", "sae", "n_tokens_corpus",
+    columns=("layer", "hook_name", "ev_prompts", "ev_corpus", "l0_corpus", "dead_fraction"))
 
-PATCHING_SWEEP_GROUP = Table(layout.PATCHING_SWEEP_GROUP, "patching_prompts", "patching_sweep")
-PATCHING_SUBSETS_PROMPTS = Table(layout.PATCHING_SUBSETS_PROMPTS, "patching_prompts", "patching_focus")
-PATCHING_ORIGINAL_METHOD_PROMPTS = Table(layout.PATCHING_ORIGINAL_METHOD_PROMPTS, "patching_prompts", "patching_focus")
-PATCHING_ORIGINAL_METHOD = Table(layout.PATCHING_ORIGINAL_METHOD, "patching_summary", "patching_focus")
-PATCHING_PROMPTS = Table(layout.PATCHING_PROMPTS, "patching_prompts", "patching_summary")
+FEATURE_OVERLAP = Table(
+    layout.FEATURE_OVERLAP, "feature_overlap", "features", "n_pairs",
+    columns=("layer", "variant", "k", "n_pairs", "overlap_pct", "overlap_pct_low", "overlap_pct_high",
+             "is_max_overlap_middle"))
+FEATURE_OVERLAP_PAIRS = Table(
+    layout.FEATURE_OVERLAP_PAIRS, "feature_overlap_pairs", "features",
+    columns=("layer", "question_id", "pair_id", "overlap_pct"))
+DISCRIMINATIVE_FEATURES = Table(
+    layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "features", "n_a",
+    columns=("layer", "comparison", "direction", "rank", "feature_id", "q_value", "significant"))
+NAMED_FEATURES = Table(
+    layout.NAMED_FEATURES, "named_features", "features", "n_pairs",
+    columns=("layer", "category", "feature_id", "ratio", "n_pairs"))
+HEAD_FEATURE_ATTRIBUTION = Table(
+    layout.HEAD_FEATURE_ATTRIBUTION, "head_feature_attribution", "features",
+    columns=("layer", "feature_id", "format", "component", "head", "direct_attribution"))
+HEAD_PARITY = Table(
+    layout.HEAD_PARITY, "head_parity", "features", "n_heads",
+    columns=("layer", "target", "feature_id", "statistic", "value", "p_value"))
+
+PATCHING_SWEEP_GROUP = Table(
+    layout.PATCHING_SWEEP_GROUP, "patching_prompts", "patching_sweep",
+    columns=PATCH_PROMPT_COLUMNS)
+PATCHING_SUBSETS_PROMPTS = Table(
+    layout.PATCHING_SUBSETS_PROMPTS, "patching_prompts", "patching_focus",
+    columns=PATCH_PROMPT_COLUMNS)
+PATCHING_ORIGINAL_METHOD_PROMPTS = Table(
+    layout.PATCHING_ORIGINAL_METHOD_PROMPTS, "patching_prompts", "patching_focus",
+    columns=PATCH_PROMPT_COLUMNS)
+PATCHING_ORIGINAL_METHOD = Table(
+    layout.PATCHING_ORIGINAL_METHOD, "patching_summary", "patching_focus",
+    columns=PATCH_SUMMARY_COLUMNS)
+PATCHING_PROMPTS = Table(
+    layout.PATCHING_PROMPTS, "patching_prompts", "patching_summary",
+    columns=PATCH_PROMPT_COLUMNS)
 # One row per (layer, head set); success_rate is a fraction of the n_baseline_wrong prompts
 # answered wrong unpatched, so that is its n.
-PATCHING_SUMMARY = Table(layout.PATCHING_SUMMARY, "patching_summary", "patching_summary", "n_baseline_wrong")
+PATCHING_SUMMARY = Table(
+    layout.PATCHING_SUMMARY, "patching_summary", "patching_summary", "n_baseline_wrong",
+    columns=PATCH_SUMMARY_COLUMNS)
 
 # The ledger reads every table above that it names; it is a summary of them, so no hash of its own.
-CLAIMS = Table(layout.CLAIMS, "claims", None)
+CLAIMS = Table(
+    layout.CLAIMS, "claims", None,
+    columns=("claim_id", "verdict", "form", "measured", "ci_low", "ci_high", "n"))
 
 
 def check(table: Table, config: dict, path: str | os.PathLike | None = None) -> dict:
-    """The metadata of `table` at `path`, after checking its kind and its stage's config hash
-    (for readers that stream the file themselves)."""
-    return io.check_table(path or table.path, kind=table.kind, config_hash=table.config_hash(config))
+    """The metadata of `table` at `path`, after checking its kind, its stage's config hash and its
+    declared columns (for readers that stream the file themselves)."""
+    path = path or table.path
+    meta = io.check_table(path, kind=table.kind, config_hash=table.config_hash(config))
+    _check_columns(table, pq.read_schema(path).names, f"{path}")
+    return meta
+
+
+def _check_columns(table: Table, names: Sequence[str], where: str) -> None:
+    missing = [c for c in table.columns if c not in names]
+    if missing:
+        raise io.StaleTableError(
+            f"{where} lacks the column(s) {missing} of a '{table.kind}' table: it was written by another "
+            f"version of the pipeline. Remake it with `snakemake --cores all --force {where}`.")
 
 
 def read(table: Table, config: dict, path: str | os.PathLike | None = None,
          columns: Sequence[str] | None = None) -> tuple[pa.Table, dict]:
     """(Arrow table, metadata) of a checked table; a stale, foreign or truncated one is refused
     with the command that remakes it."""
-    return io.read_table(path or table.path, kind=table.kind, config_hash=table.config_hash(config), columns=columns)
+    path = path or table.path
+    data, meta = io.read_table(path, kind=table.kind, config_hash=table.config_hash(config), columns=columns)
+    _check_columns(table, pq.read_schema(path).names, f"{path}")
+    return data, meta
 
 
 def frame(table: Table, config: dict, path: str | os.PathLike | None = None,
@@ -97,8 +161,10 @@ def written_together() -> Iterator[Callable[..., None]]:
     under a temporary name (so a group of large tables need not sit in memory together); all are
     renamed into place when the block ends, and none appears if anything in it fails."""
     with contextlib.ExitStack() as stack:
-        def put(table: Table, data: pa.Table | pl.DataFrame, path: str | os.PathLike, meta: Mapping[str, object]) -> None:
+        def put(table: Table, data: pa.Table | pl.DataFrame, path: str | os.PathLike,
+                meta: Mapping[str, object]) -> None:
             arrow = data.to_arrow() if isinstance(data, pl.DataFrame) else data
+            _check_columns(table, arrow.schema.names, f"the {table.kind} table for {path}")
             tmp = stack.enter_context(io.atomic_path(path))
             pq.write_table(io.with_metadata(arrow, {"kind": table.kind, **meta}), tmp, compression="zstd")
         yield put
