@@ -2,6 +2,7 @@
 import pyarrow.parquet as pq
 
 from bugscope import tables
+from bugscope.io import read_metadata
 from bugscope.model import pick_device
 from bugscope.prompts import SINK_POSITION
 from bugscope.sae import (
@@ -22,8 +23,9 @@ def main(smk):
                                                  smk.output.features):
             hook = hook_name(layer, cfg["cache"]["site"])
             sae, provenance = load_sae(sae_dir, device=device)
+            # A wrong SAE for the cached site is the likelier mistake: say so before a stale hash.
+            check_sae_fits(sae, expected_hook=hook, d_model=read_metadata(acts_path)["d_model"], where=str(sae_dir))
             acts_meta = tables.check(tables.PROMPT_ACTIVATIONS, cfg, acts_path)
-            check_sae_fits(sae, expected_hook=hook, d_model=acts_meta["d_model"], where=str(sae_dir))
             table = encode_activation_file(sae, acts_path, batch_size=cfg["sae"]["encode_batch_size"])
             meta = {"config_hash": smk.params.config_hash, "layer": layer, "hook_name": hook,
                     "d_sae": sae.cfg.d_sae, "sae_dir": str(sae_dir), "positions": acts_meta.get("positions"),
