@@ -1,9 +1,12 @@
 """Residual-caching throughput as a ratio to a bare forward pass over the same batches.
 
-Run: python bench/bench_cache.py [--repeats 5] [--layers all|0,10,29]
+Run: python bench/bench_cache.py [--repeats 5] [--prompts 96]
+     python bench/bench_cache.py --config config/llama31_8b_shaped.yaml --manifest RESULTS/model/model.json \
+         --device cuda --prompts 512        (a run's model, on a GPU; see bench/gpu_check.sh)
 The bare pass is `model.model(...)` over the same left-padded batches with no hooks; the caching
 pass gathers the configured positions of every layer and writes one Parquet file per layer.
-Prints the median time of each and the throughput ratio (target >= 0.9).
+Prints the median time of each and the throughput ratio (target >= 0.9), the matmul TFLOP/s of
+the bare pass (bugscope.jobstats.MatmulFlops: a lower bound) and, on a GPU, the peak GPU memory.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 from bugscope.cache import cache_activations, positions_for
 from bugscope.config import analysed_layers, load_config
 from bugscope.forward import iter_batches
-from bugscope.model import load_model, prepare_model
+from bugscope.jobstats import MatmulFlops, peak_gpu_bytes
+from bugscope.model import ModelManifest, load_model, prepare_model
 from bugscope.prompts import build_prompt_table
 from bugscope.sites import hook_name
 
@@ -32,12 +36,24 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=96)
+    ap.add_argument("--manifest", default=None,
+                    help="model.json of a run (results/model/model.json); default: prepare the config's model here")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
-    cache_dir = REPO / ".pytest_cache" / "bugscope"
-    manifest = prepare_model(cfg["model"], cache_dir / "checkpoint", cache_dir / "model.json")
-    model, tok = load_model(manifest, "cpu")
+    if args.manifest:  # a run's manifest: the embedded test cache's model.json is left alone
+        manifest = ModelManifest.load(args.manifest)
+    else:
+        cache_dir = REPO / ".pytest_cache" / "bugscope"
+        manifest = prepare_model(cfg["model"], cache_dir / "checkpoint", cache_dir / "model.json")
+    model, tok = load_model(manifest, args.device)
+    device = next(model.parameters()).device
+
+    def sync():  # CUDA runs asynchronously: time the work, not its launch
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     rows = pl.from_arrow(build_prompt_table(cfg, tok)).head(args.prompts).to_dicts()
     rows = [{**r, "positions": positions_for(r, cfg["cache"]["positions"])} for r in rows]
     layers = analysed_layers(cfg)
@@ -45,8 +61,9 @@ def main() -> None:
 
     def bare():
         with torch.inference_mode():
-            for batch in iter_batches(rows, bs, tok.pad_token_id, "cpu"):
+            for batch in iter_batches(rows, bs, tok.pad_token_id, device):
                 model.model(**batch.model_inputs(), use_cache=False)
+        sync()
 
     def cached():
         with tempfile.TemporaryDirectory() as tmp:
@@ -54,7 +71,8 @@ def main() -> None:
             cache_activations(model, rows, layers=layers, site="resid_post", dtype=cfg["cache"]["dtype"],
                               out_paths=paths, meta={}, batch_size=bs, pad_token_id=tok.pad_token_id, desc="bench")
 
-    bare()  # warm-up
+    with MatmulFlops() as counter:
+        bare()  # warm-up; counts the FLOPs of one bare pass
     t_bare, t_cache = [], []
     for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
         for run, times in ((bare, t_bare), (cached, t_cache)):
@@ -67,6 +85,10 @@ def main() -> None:
     print(f"bare forward : median {mb:.3f} s ({n_tokens / mb:.0f} tokens/s)")
     print(f"cache+write  : median {mc:.3f} s ({n_tokens / mc:.0f} tokens/s)")
     print(f"throughput ratio cache/bare: {mb / mc:.3f} (target >= 0.9)")
+    print(f"bare forward : {counter.flops / 1e12:.3f} matmul TFLOP per pass, {counter.flops / mb / 1e12:.2f} TFLOP/s")
+    peak = peak_gpu_bytes()
+    if peak is not None:
+        print(f"peak GPU memory (torch.cuda.max_memory_allocated): {peak / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ two logits read out at the decision position.
     python bench/bench_patching.py --positions aligned --questions 32 --layers 5 15 25
 
 Needs results/model/model.json and results/prompts/prompts.parquet of a finished run (or --results).
-Prints both times, the ratio, and the largest difference between the two paths' logit differences.
+Prints both times, the ratio, the largest difference between the two paths' logit differences, the
+matmul TFLOP/s of each path (bugscope.jobstats.MatmulFlops: a lower bound) and, on a GPU, the
+peak GPU memory.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from bugscope import patching
 from bugscope.config import load_config
 from bugscope.io import read_table
+from bugscope.jobstats import MatmulFlops, peak_gpu_bytes
 from bugscope.model import ModelManifest, load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,18 +67,27 @@ def main() -> None:
           f"layers {args.layers}, {n_sets} (layer, head set) combinations, positions={spec.positions}, "
           f"operation={spec.operation}")
 
-    t0 = time.perf_counter()
-    slow = sweep_naive(patcher, pairs, plan, spec)
-    t_naive = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    fast, _ = patcher.sweep(pairs, plan, spec)
-    t_fast = time.perf_counter() - t0
+    # Both paths end every forward with a copy of its logit differences to the CPU, so the clock
+    # stops after the GPU has finished.
+    with MatmulFlops() as naive_flops:
+        t0 = time.perf_counter()
+        slow = sweep_naive(patcher, pairs, plan, spec)
+        t_naive = time.perf_counter() - t0
+    with MatmulFlops() as fast_flops:
+        t0 = time.perf_counter()
+        fast, _ = patcher.sweep(pairs, plan, spec)
+        t_fast = time.perf_counter() - t0
 
     joined = fast.join(slow, on=["layer", "head_set", "prompt_id"], suffix="_naive")
     diff = (joined["logit_diff"] - joined["logit_diff_naive"]).abs().max()
     print(f"naive loop:      {t_naive:8.2f} s")
     print(f"optimised sweep: {t_fast:8.2f} s")
     print(f"speed-up:        {t_naive / t_fast:8.2f}x   (max |logit diff difference| {diff:.2e} over {joined.height} rows)")
+    for name, flops, t in (("naive loop", naive_flops.flops, t_naive), ("optimised sweep", fast_flops.flops, t_fast)):
+        print(f"{name + ':':16s} {flops / 1e12:8.3f} matmul TFLOP, {flops / t / 1e12:8.2f} TFLOP/s")
+    peak = peak_gpu_bytes()
+    if peak is not None:
+        print(f"peak GPU memory (torch.cuda.max_memory_allocated): {peak / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

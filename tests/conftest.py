@@ -48,11 +48,13 @@ CANARY_TOKEN = "hf_" + "bugscopeCanary" * 3
 
 
 def run_snakemake(workdir: Path, *args: str, configfile: str | Path = REPO / "config" / "ci.yaml",
-                  check: bool = True, timeout: int = 1800, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real workflow through the CLI in `workdir`, with the converted model pre-seeded."""
+                  check: bool = True, timeout: int = 1800, env: dict | None = None,
+                  seed_model: bool = True) -> subprocess.CompletedProcess:
+    """Run the real workflow through the CLI in `workdir`, with the converted embedded model pre-seeded
+    (seed_model=False for a config that does not use it)."""
     workdir = Path(workdir)
     seeded = workdir / "results" / "model" / "checkpoint"
-    if not seeded.exists() and (MODEL_CACHE / "checkpoint" / "model.safetensors").exists():
+    if seed_model and not seeded.exists() and (MODEL_CACHE / "checkpoint" / "model.safetensors").exists():
         seeded.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(MODEL_CACHE / "checkpoint", seeded)
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),

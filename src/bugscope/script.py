@@ -10,6 +10,7 @@ import traceback
 import torch
 
 from bugscope.io import DiskFullError
+from bugscope.jobstats import job_stats
 from bugscope.model import seed_everything
 
 log = logging.getLogger("bugscope")
@@ -39,7 +40,9 @@ def run(snakemake, main) -> None:
     try:
         if os.environ.get(FAIL_RULE_ENV) == snakemake.rule:
             raise RuntimeError(f"injected failure ({FAIL_RULE_ENV}={snakemake.rule}); unset {FAIL_RULE_ENV} and rerun")
-        main(snakemake)
+        # BUGSCOPE_JOB_STATS=<file>: wall time, peak GPU memory and matmul FLOPs per job (bench/gpu_check.sh)
+        with job_stats(snakemake.rule):
+            main(snakemake)
     except USER_ERRORS as err:
         traceback.print_exc(file=sys.stderr)
         message = f"bugscope: rule {snakemake.rule} failed: {err}"
