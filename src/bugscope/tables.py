@@ -89,21 +89,17 @@ HEAD_PARITY = Table(
     layout.HEAD_PARITY, "head_parity", "features", "n_heads",
     columns=("layer", "target", "feature_id", "statistic", "value", "p_value"))
 
-PATCHING_SWEEP_GROUP = Table(
-    layout.PATCHING_SWEEP_GROUP, "patching_prompts", "patching_sweep",
-    columns=PATCH_PROMPT_COLUMNS)
-PATCHING_SUBSETS_PROMPTS = Table(
-    layout.PATCHING_SUBSETS_PROMPTS, "patching_prompts", "patching_focus",
-    columns=PATCH_PROMPT_COLUMNS)
-PATCHING_ORIGINAL_METHOD_PROMPTS = Table(
-    layout.PATCHING_ORIGINAL_METHOD_PROMPTS, "patching_prompts", "patching_focus",
-    columns=PATCH_PROMPT_COLUMNS)
-PATCHING_ORIGINAL_METHOD = Table(
-    layout.PATCHING_ORIGINAL_METHOD, "patching_summary", "patching_focus",
-    columns=PATCH_SUMMARY_COLUMNS)
-PATCHING_PROMPTS = Table(
-    layout.PATCHING_PROMPTS, "patching_prompts", "patching_summary",
-    columns=PATCH_PROMPT_COLUMNS)
+
+def _patching_prompts(path: str, stage: str) -> Table:
+    return Table(path, "patching_prompts", stage, columns=PATCH_PROMPT_COLUMNS)
+
+
+PATCHING_SWEEP_GROUP = _patching_prompts(layout.PATCHING_SWEEP_GROUP, "patching_sweep")
+PATCHING_SUBSETS_PROMPTS = _patching_prompts(layout.PATCHING_SUBSETS_PROMPTS, "patching_focus")
+PATCHING_ORIGINAL_METHOD_PROMPTS = _patching_prompts(layout.PATCHING_ORIGINAL_METHOD_PROMPTS, "patching_focus")
+PATCHING_PROMPTS = _patching_prompts(layout.PATCHING_PROMPTS, "patching_summary")
+PATCHING_ORIGINAL_METHOD = Table(layout.PATCHING_ORIGINAL_METHOD, "patching_summary", "patching_focus",
+                                 columns=PATCH_SUMMARY_COLUMNS)
 # One row per (layer, head set); success_rate is a fraction of the n_baseline_wrong prompts
 # answered wrong unpatched, so that is its n.
 PATCHING_SUMMARY = Table(
