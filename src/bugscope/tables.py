@@ -39,14 +39,11 @@ PATCH_PROMPT_COLUMNS = ("method", "positions", "layer", "head_set", "prompt_id",
                         "baseline_logit_diff")
 PATCH_SUMMARY_COLUMNS = ("method", "positions", "layer", "head_set", "family", "success_rate", "n_baseline_wrong")
 
-PROMPTS = Table(
-    layout.PROMPTS, "prompts", "prompts",
-    columns=("prompt_id", "question_id", "pair_id", "order", "format", "input_ids", "decision_pos",
-             "correct_token", "wrong_token", "aligned_positions"))
+# `columns` names what identifies a row and what every reader of the table uses, not all columns.
+PROMPTS = Table(layout.PROMPTS, "prompts", "prompts", columns=("prompt_id", "question_id", "pair_id", "format"))
 
-BASELINE_SCORES = Table(
-    layout.BASELINE_SCORES, "baseline_scores", "baseline",
-    columns=("prompt_id", "pair_id", "format", "logit_diff", "is_correct"))
+BASELINE_SCORES = Table(layout.BASELINE_SCORES, "baseline_scores", "baseline",
+                        columns=("prompt_id", "format", "is_correct"))
 BASELINE_ACCURACY = Table(
     layout.BASELINE_ACCURACY, "baseline_accuracy", "baseline", "n_prompts",
     columns=("format", "n_prompts", "accuracy", "accuracy_low", "accuracy_high"))
