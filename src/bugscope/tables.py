@@ -59,12 +59,9 @@ CORPUS_ACTIVATIONS = Table(
     layout.ACTIVATIONS.replace("{dataset}", "corpus"), "activations", "sae",
     columns=("prompt_id", "position", "activation"))
 FEATURES = Table(layout.FEATURES, "features", "sae", columns=("prompt_id", "position", "feature_id", "activation"))
-SAE_QUALITY_LAYER = Table(
-    layout.SAE_QUALITY_LAYER, "sae_quality", "sae",
-    columns=("layer", "hook_name", "ev_prompts", "ev_corpus", "l0_corpus", "dead_fraction"))
-SAE_QUALITY = Table(
-    layout.SAE_QUALITY, "sae_quality", "sae", "n_tokens_corpus",
-    columns=("layer", "hook_name", "ev_prompts", "ev_corpus", "l0_corpus", "dead_fraction"))
+SAE_QUALITY_COLUMNS = ("layer", "hook_name", "ev_prompts", "ev_corpus", "l0_corpus", "dead_fraction")
+SAE_QUALITY_LAYER = Table(layout.SAE_QUALITY_LAYER, "sae_quality", "sae", columns=SAE_QUALITY_COLUMNS)
+SAE_QUALITY = Table(layout.SAE_QUALITY, "sae_quality", "sae", "n_tokens_corpus", columns=SAE_QUALITY_COLUMNS)
 
 FEATURE_OVERLAP = Table(
     layout.FEATURE_OVERLAP, "feature_overlap", "features", "n_pairs",
