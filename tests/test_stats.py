@@ -34,7 +34,7 @@ def test_blocked_bootstrap_equals_the_whole_array(monkeypatch, block_columns):
 # odd, 32 single heads, subsets), 2,000 resamples. Before blocking, the summary built a
 # [2,000 x 512 x 2,240] float64 array: ~18 GB.
 PEAK_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import numpy as np, polars as pl
     from bugscope.patch_summary import summary_table
     n_prompts, n_layers, n_sets = 512, 32, 70
@@ -48,10 +48,14 @@ PEAK_SCRIPT = textwrap.dedent("""
                        "family": "subset", "pool": "all", "k": 1, "sample": 0, "heads": [[0]] * len(layer),
                        "prompt_id": prompt, "pair_id": prompt // 2, "logit_diff": rng.normal(size=len(layer)),
                        "baseline_logit_diff": np.tile(base, n_layers * n_sets)})
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM belongs to this process's address space (ru_maxrss would carry over pytest's own peak
+    # across exec on Linux).
+    def hwm_mb():
+        line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    before = hwm_mb()
     out = summary_table(df, n_resamples=2000, confidence=0.95, seed=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rows": out.height, "peak_mb": peak / 1024, "before_mb": before / 1024}))
+    print(json.dumps({"rows": out.height, "peak_mb": hwm_mb(), "before_mb": before}))
 """)
 
 
