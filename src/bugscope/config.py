@@ -172,7 +172,7 @@ def config_hash(config: dict, *sections: str) -> str:
 
 # The config sections each stage's tables depend on: the one place that decides them. A rule stores
 # `stage_hash(config, stage)` in its tables and a reader recomputes it from the current config, so a
-# table made under other settings is refused with the rule to rerun (bugscope.io.read_table).
+# table made under other settings is refused with the rule to rerun (bugscope.tables.read).
 _BASE = ("model", "prompts", "seed")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prompts": _BASE,

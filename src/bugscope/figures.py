@@ -1,6 +1,6 @@
 """The study's figures: one function per figure, each building an Altair chart from Polars tables.
 
-Every function takes the tables it draws (as read by `bugscope.io.read_table`) plus a `Labels`
+Every function takes the tables it draws (as read by `bugscope.tables.read`) plus a `Labels`
 (model name, format names) and returns a chart whose title says what is plotted and on how many
 prompts. `save_chart` writes the chart as SVG and PNG (rendered by vl-convert, no browser) and as
 an interactive HTML page with Vega, Vega-Lite and Vega-Embed inlined, so it works offline; every

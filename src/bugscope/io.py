@@ -126,9 +126,13 @@ def write_table(table: pa.Table, path: str | os.PathLike, meta: Mapping[str, obj
     """Write `table` atomically with provenance `meta` (must include `kind`)."""
     if "kind" not in meta:
         raise ValueError("table metadata must name its kind")
-    table = with_metadata(table, meta)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        write_parquet(table, tmp, meta)
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike, meta: Mapping[str, object]) -> None:
+    """The pipeline's Parquet encoding (zstd) with `bugscope.*` metadata, written at `path` as is."""
+    pq.write_table(with_metadata(table, meta), path, compression="zstd")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, object]:

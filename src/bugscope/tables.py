@@ -156,5 +156,5 @@ def written_together() -> Iterator[Callable[..., None]]:
             arrow = data.to_arrow() if isinstance(data, pl.DataFrame) else data
             _check_columns(table, arrow.schema.names, f"the {table.kind} table for {path}")
             tmp = stack.enter_context(io.atomic_path(path))
-            pq.write_table(io.with_metadata(arrow, {"kind": table.kind, **meta}), tmp, compression="zstd")
+            io.write_parquet(arrow, tmp, {"kind": table.kind, **meta})
         yield put
