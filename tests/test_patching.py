@@ -10,6 +10,7 @@ from bugscope import layout
 from bugscope.config import ConfigError, validate_config
 from bugscope.forward import decision_logits, logit_diff, make_batch
 from bugscope.io import read_table
+from bugscope.patch_summary import bug_kind_rows, summarise
 from bugscope.patching import (
     ORIGINAL_METHOD,
     HeadPatcher,
@@ -218,16 +219,45 @@ def test_subsets_are_seeded_distinct_and_complete_when_small():
     assert subset_head_sets(9, **{**kw, "seed": 1}) != a
 
 
+def test_success_counts_only_eligible_targets():
+    # Four number pairs; the patch fixes targets 0 and 1, but target 1's source is wrong, so it is
+    # not eligible; target 2 is eligible and stays wrong; target 3 is right unpatched.
+    per_prompt = pl.DataFrame({
+        "layer": [0] * 4, "head_set": ["even"] * 4, "prompt_id": [0, 1, 2, 3], "pair_id": [0, 1, 2, 3],
+        "baseline_logit_diff": [-1.0, -1.0, -2.0, 1.0], "source_logit_diff": [1.0, -0.5, 2.0, 1.0],
+        "logit_diff": [0.5, 0.2, -1.0, 1.0]})
+    row = summarise(per_prompt, keys=["layer", "head_set"], n_resamples=200, confidence=0.95, seed=0).row(0, named=True)
+    assert row["n_eligible"] == 2 and row["n_baseline_wrong"] == 3
+    assert row["success_rate"] == 0.5  # 1 of the 2 eligible; the original's measure says 2 of 3
+    assert abs(row["fixed_rate_all_wrong"] - 2 / 3) < 1e-12
+    # recovery: ((0.5 + 1) + (-1 + 2)) / ((1 + 1) + (2 + 2)): a ratio of sums
+    assert abs(row["recovery"] - 2.5 / 6) < 1e-12
+    assert row["flip_rate"] == 0.5 and row["broken_rate"] == 0.0
+
+
 def test_workflow_tables(ci_workflow):
     summary, meta = read_table(ci_workflow / layout.PATCHING_SUMMARY, kind="patching_summary")
     summary = pl.from_arrow(summary)
     assert {"config_hash", "model", "focus_layers", "focus_layer_source", "seed"} <= set(meta)
-    named = summary.filter(pl.col("family") != "subset")
-    assert named.group_by("layer").len()["len"].to_list() == [12] * named["layer"].n_unique()
-    assert summary.filter(pl.col("family") == "subset")["layer"].unique().to_list() == meta["focus_layers"]
-    for col in ("success_rate", "broken_rate", "mean_logit_diff"):
-        lo, hi = {"success_rate": ("success_low", "success_high"), "broken_rate": ("broken_low", "broken_high"),
-                  "mean_logit_diff": ("logit_diff_low", "logit_diff_high")}[col]
-        assert (summary[lo] <= summary[col] + 1e-12).all() and (summary[col] <= summary[hi] + 1e-12).all()
+    # Every pair kind and order, each pooled too; the ledger and figures read the bug's kind pooled.
+    assert set(summary["pair_kind"]) == {"all", "shorter_bigger", "longer_bigger", "same_length"}
+    assert set(summary["order"]) == {"all", "correct_first", "wrong_first"}
+    pooled = bug_kind_rows(summary)
+    named = pooled.filter(pl.col("family").is_in(["all", "even", "odd", "single", "ceiling"]))
+    # all, even, odd, 9 single heads and the ceiling at every layer
+    assert named.group_by("layer").len()["len"].to_list() == [13] * named["layer"].n_unique()
+    assert sorted(pooled.filter(pl.col("family") == "subset")["layer"].unique().to_list()) == meta["focus_layers"]
+    control = pooled.filter(pl.col("family") == "random_control")
+    assert sorted(control["head_set"].unique().to_list()) == ["random_k4", "random_k5"]  # odd and even pool sizes
+    assert (pooled["n_eligible"] <= pooled["n_baseline_wrong"]).all()
+    for col, (lo, hi) in {"success_rate": ("success_low", "success_high"), "broken_rate": ("broken_low", "broken_high"),
+                          "recovery": ("recovery_low", "recovery_high"),
+                          "mean_logit_diff": ("logit_diff_low", "logit_diff_high")}.items():
+        ok = summary.filter(pl.col(col).is_not_nan() & pl.col(lo).is_not_nan())
+        assert (ok[lo] <= ok[col] + 1e-12).all() and (ok[col] <= ok[hi] + 1e-12).all()
+    # The ceiling at the last layer, decision position: the source's final residual, so the
+    # target's logit difference becomes the source's and every eligible target is fixed.
+    last = pooled.filter(pl.col("family") == "ceiling", pl.col("layer") == 29).row(0, named=True)
+    assert last["success_rate"] == 1.0 and abs(last["recovery"] - 1) < 1e-3
     seed, _ = read_table(ci_workflow / layout.PATCHING_ORIGINAL_METHOD, kind="patching_summary")
     assert set(pl.from_arrow(seed)["method"].unique()) == {"original", "per_head"}

@@ -46,6 +46,7 @@ import polars as pl
 import yaml
 
 from bugscope import tables
+from bugscope.prompts import BUG_PAIR_KIND
 
 VERDICTS = ("holds", "fails", "not testable here")
 TESTS = ("near", "range", "at_least", "at_most", "below", "above", "local_max")
@@ -63,6 +64,19 @@ TABLES: dict[str, tables.Table] = {
     "head_patching": tables.PATCHING_SUMMARY,
     "sae_quality": tables.SAE_QUALITY,
 }
+
+# Rows a check selects unless its `where` names the column: the bug's pair kind with both question
+# orders pooled (the control kinds and the single orders are separate rows of these tables).
+DEFAULT_WHERE: dict[str, dict] = {
+    "baseline_accuracy": {"pair_kind": BUG_PAIR_KIND, "order": "all"},
+    "head_patching": {"pair_kind": BUG_PAIR_KIND, "order": "all"},
+}
+
+
+def _where(table: str, where: Mapping | None, df: pl.DataFrame) -> dict:
+    defaults = {k: v for k, v in DEFAULT_WHERE.get(table, {}).items() if k in df.columns}
+    return {**defaults, **(where or {})}
+
 
 RESULT_SCHEMA = {
     "claim_id": pl.String, "section": pl.String, "claim": pl.String, "study_value": pl.String,
@@ -293,7 +307,7 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
     df = tables.get(name)
     if df is None:
         raise NotTestable(f"table {name} was not produced by this workflow (its stage is missing or did not run)")
-    where = check.get("where", {})
+    where = _where(name, check.get("where"), df)
     sel = select(df, where, ctx)
     if sel.height == 0:
         raise NotTestable(f"no row of {name} matches {dict(where)}")
@@ -318,7 +332,7 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
     elif "at_most" in check:
         ok = value <= check["at_most"]
     elif "below" in check:
-        other = select(df, check["below"]["where"], ctx)
+        other = select(df, _where(name, check["below"]["where"], df), ctx)
         if other.height != 1:
             raise NotTestable(f"the comparison row {check['below']['where']} matches {other.height} rows of {name}")
         ref = _values(other, check["metric"])[0]
@@ -327,7 +341,7 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
         ok = value < ref
         note = f"compared with {ref:.4g} at {_describe_row(other, 0, check['below']['where'])}"
     elif "above" in check:
-        other = select(df, check["above"]["where"], ctx)
+        other = select(df, _where(name, check["above"]["where"], df), ctx)
         if other.height == 0:
             raise NotTestable(f"no row of {name} matches the comparison {check['above']['where']}")
         ref_values = _values(other, check["metric"])

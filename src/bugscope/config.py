@@ -135,11 +135,11 @@ def load_config(path: str | Path) -> dict:
 
 
 def n_prompts(config: dict, n_formats: int | None = None) -> int:
-    """Prompts in the prompt table: every number pair (random and extra) in both question orders,
-    in each of `n_formats` formats (default: all of prompts.formats)."""
+    """Prompts in the prompt table: every number pair (extra, random and control) in both question
+    orders, in each of `n_formats` formats (default: all of prompts.formats)."""
     p = config["prompts"]
     formats = len(p["formats"]) if n_formats is None else n_formats
-    return formats * 2 * (p["n_pairs"] + len(p["extra_pairs"]))
+    return formats * 2 * (p["n_pairs"] + len(p["extra_pairs"]) + sum(p["control_pairs"].values()))
 
 
 def analysed_layers(config: dict) -> list[int]:

@@ -21,6 +21,8 @@ import polars as pl
 import vl_convert as vlc
 
 from bugscope.io import atomic_path
+from bugscope.patch_summary import bug_kind_rows
+from bugscope.prompts import BUG_PAIR_KIND
 
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {
@@ -76,32 +78,33 @@ def head_order(n_heads: int) -> list[str]:
 
 
 def baseline_accuracy(accuracy: pl.DataFrame, labels: Labels) -> alt.LayerChart:
-    """Accuracy per prompt format (decision-logit metric) with bootstrap CIs."""
-    role = {labels.buggy_format: "buggy", labels.correct_format: "correct"}
-    df = accuracy.with_columns(
-        pl.col("format").replace_strict(role, default="other").alias("role"),
-        (pl.col("format") + pl.lit(" (n=") + pl.col("n_prompts").cast(pl.String) + pl.lit(")")).alias("format_n"),
-    )
-    colour = alt.Color("role:N", title="role in the contrast",
-                       scale=alt.Scale(domain=["buggy", "correct", "other"],
-                                       range=[BUGGY_COLOUR, CORRECT_COLOUR, OKABE_ITO["grey"]]))
+    """Accuracy per prompt format and pair kind (both orders pooled), decision-logit metric, with CIs."""
+    role = {labels.buggy_format: " (buggy)", labels.correct_format: " (correct)"}
+    df = accuracy.filter(pl.col("order") == "all", pl.col("pair_kind") != "all").with_columns(
+        (pl.col("format") + pl.col("format").replace_strict(role, default="")).alias("format_role"))
+    kinds = [k for k in ("shorter_bigger", "longer_bigger", "same_length") if k in df["pair_kind"].to_list()]
+    colour = alt.Color("pair_kind:N", title="pair kind", sort=kinds,
+                       scale=alt.Scale(domain=kinds, range=[BUGGY_COLOUR, CORRECT_COLOUR, OKABE_ITO["grey"]][:len(kinds)]))
     base = alt.Chart(df).encode(
-        x=alt.X("format_n:N", title="prompt format (number of prompts)", sort=df["format_n"].to_list()))
+        x=alt.X("format_role:N", title="prompt format", sort=sorted(df["format_role"].unique().to_list())),
+        xOffset=alt.XOffset("pair_kind:N", sort=kinds))
     bars = base.mark_bar(opacity=0.8).encode(
         y=alt.Y("accuracy:Q", title=f"accuracy (fraction answered right, {labels.ci})",
                 scale=alt.Scale(domain=[0, 1])),
         color=colour,
-        tooltip=["format", "n_prompts", alt.Tooltip("accuracy:Q", format=".3f"),
+        tooltip=["format", "pair_kind", "n_prompts", "n_pairs", alt.Tooltip("accuracy:Q", format=".3f"),
                  alt.Tooltip("accuracy_low:Q", format=".3f"), alt.Tooltip("accuracy_high:Q", format=".3f"),
                  alt.Tooltip("mean_logit_diff:Q", format=".3f")])
     err = base.mark_errorbar(ticks=True, color="black").encode(
         y=alt.Y("accuracy_low:Q", title=""), y2="accuracy_high:Q")
     chance = alt.Chart(pl.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color=OKABE_ITO["grey"]).encode(y="y:Q")
+    n_pairs = ", ".join(f"{k} {_n(df.filter(pl.col('pair_kind') == k)['n_pairs'])}" for k in kinds)
     return alt.layer(bars, err, chance).properties(
         width=WIDTH // 2 + 60, height=HEIGHT,
-        title=_title(f"Baseline accuracy per prompt format ({labels.model})",
-                     f"decision-token logit difference > 0; {_n(df['n_prompts'])} prompts per format; "
-                     f"bars: {labels.ci} (bootstrap over prompts); dashed: chance"))
+        title=_title(f"Baseline accuracy per prompt format and pair kind ({labels.model})",
+                     [f"decision-token logit difference > 0, both question orders; number pairs: {n_pairs}; "
+                      f"shorter_bigger = 9.8 vs 9.11, longer_bigger = 9.81 vs 9.7, same_length = 9.8 vs 9.7",
+                      f"bars: {labels.ci} (bootstrap over number pairs); dashed: chance"]))
 
 
 # --- 2./3. overlap and amplification --------------------------------------------------------------
@@ -285,9 +288,9 @@ def sae_quality(quality: pl.DataFrame, labels: Labels) -> alt.HConcatChart:
 
 
 def _success_title(df: pl.DataFrame) -> str:
-    """'success rate: fraction of the N prompts answered wrong unpatched that the patch makes right'"""
-    return (f"success rate: of the {_n(df['n_baseline_wrong'])} target prompts (of {_n(df['n_prompts'])}) answered "
-            "wrong unpatched, the fraction the patch makes right")
+    """'success rate: of the N eligible targets (source right, target wrong), the fraction made right'"""
+    return (f"success rate: of the {_n(df['n_eligible'])} eligible target prompts (of {_n(df['n_prompts'])}; source "
+            f"right, target wrong unpatched), the fraction the patch makes right; {BUG_PAIR_KIND} pairs")
 
 
 def _direction_text(df: pl.DataFrame) -> str:
@@ -310,6 +313,7 @@ def _head_set_label(df: pl.DataFrame) -> pl.DataFrame:
 
 def head_sweep(summary: pl.DataFrame, labels: Labels, n_heads: int) -> alt.LayerChart:
     """Heatmap: layer x head set (all / even / odd / single heads), coloured by the success rate."""
+    summary = bug_kind_rows(summary)
     df = _head_set_label(summary.filter(pl.col("family").is_in(["all", "even", "odd", "single"]))).with_columns(
         pl.when(pl.col("success_rate").is_not_nan()).then(pl.col("success_rate")).alias("success_rate"))
     order = head_set_order(n_heads)
@@ -322,7 +326,7 @@ def head_sweep(summary: pl.DataFrame, labels: Labels, n_heads: int) -> alt.Layer
         tooltip=["layer", "head_set", "heads", alt.Tooltip("success_rate:Q", format=".3f"),
                  alt.Tooltip("success_low:Q", format=".3f"), alt.Tooltip("success_high:Q", format=".3f"),
                  alt.Tooltip("broken_rate:Q", format=".3f"), alt.Tooltip("mean_logit_diff:Q", format=".3f"),
-                 "n_baseline_wrong", "n_prompts"])
+                 "n_eligible", "n_prompts"])
     layers = df["layer"].n_unique()
     chart = rect
     if layers * len(order) <= 400:  # small grids: print the rates in the cells
@@ -342,6 +346,7 @@ def head_subsets(summary: pl.DataFrame, labels: Labels, focus: Sequence[int]) ->
     Points: each random k-subset with its bootstrap CI; the full pools (k = pool size) are the
     named even / odd / all sets; line: mean over the subsets of each k.
     """
+    summary = bug_kind_rows(summary)
     df = _head_set_label(summary.filter(pl.col("layer").is_in(list(focus)),
                                         pl.col("family").is_in(["subset", "all", "even", "odd"])))
     df = df.with_columns(
@@ -375,13 +380,13 @@ def head_subsets(summary: pl.DataFrame, labels: Labels, focus: Sequence[int]) ->
                                                                                      range=["circle", "diamond"])),
         tooltip=["layer", "pool", "k", "head_set", "heads", alt.Tooltip("success_rate:Q", format=".3f"),
                  alt.Tooltip("success_low:Q", format=".3f"), alt.Tooltip("success_high:Q", format=".3f"),
-                 "n_baseline_wrong"])
+                 "n_eligible"])
     data = pl.concat([df, means], how="diagonal_relaxed")
     layered = alt.layer(line, err, pts, data=data).properties(width=WIDTH - 80, height=HEIGHT)
     title = _title(f"Success rate vs number of heads patched at focus layer {', '.join(map(str, focus))} "
                    f"({labels.model})",
                    [_success_title(df),
-                    f"pools: {', '.join(pools)}; points: random k-subsets ({_n(per_k['n_subsets'])} per pool and k) with {labels.ci} (bootstrap over prompts); diamonds: the whole pool; line: mean over subsets",
+                    f"pools: {', '.join(pools)}; points: random k-subsets ({_n(per_k['n_subsets'])} per pool and k) with {labels.ci} (bootstrap over number pairs); diamonds: the whole pool; line: mean over subsets",
                     _direction_text(df)])
     if len(focus) > 1:
         return layered.facet(column=alt.Column("layer:O", title="layer")).properties(title=title)
@@ -390,7 +395,7 @@ def head_subsets(summary: pl.DataFrame, labels: Labels, focus: Sequence[int]) ->
 
 def original_method(comparison: pl.DataFrame, labels: Labels, n_heads: int) -> alt.FacetChart:
     """The original method (post-o_proj slices, positions [:min_len]) beside true per-head patching, same prompts."""
-    df = _head_set_label(comparison).with_columns(
+    df = _head_set_label(bug_kind_rows(comparison)).with_columns(
         pl.when(pl.col("success_rate").is_not_nan()).then(pl.col("success_rate")).alias("success_rate"),
         pl.when(pl.col("method") == "original").then(pl.lit("original method: attn output slices, positions [:min_len]"))
         .otherwise(pl.format("per-head: o_proj input, {} positions", "positions")).alias("method_label"))
@@ -409,7 +414,7 @@ def original_method(comparison: pl.DataFrame, labels: Labels, n_heads: int) -> a
         tooltip=["layer", "method", "positions", "head_set", alt.Tooltip("success_rate:Q", format=".3f"),
                  alt.Tooltip("success_low:Q", format=".3f"), alt.Tooltip("success_high:Q", format=".3f"),
                  alt.Tooltip("broken_rate:Q", format=".3f"), alt.Tooltip("mean_logit_diff:Q", format=".3f"),
-                 "n_baseline_wrong", "n_prompts"])
+                 "n_eligible", "n_prompts"])
     err = alt.Chart().mark_errorbar(ticks=True, color="black").encode(
         x=x, xOffset=alt.XOffset("method_label:N", sort=methods), y=alt.Y("success_low:Q", title=""),
         y2="success_high:Q")
@@ -420,7 +425,7 @@ def original_method(comparison: pl.DataFrame, labels: Labels, n_heads: int) -> a
         f"The seed's head patching vs true per-head patching, same prompts ({labels.model})",
         [_success_title(df),
          f"{row['source_format']} -> {row['target_format']} ({row['direction']}); bars: {labels.ci} "
-         "(bootstrap over prompts)"]))
+         "(bootstrap over number pairs)"]))
 
 
 # --- 8. head -> feature attribution ---------------------------------------------------------------

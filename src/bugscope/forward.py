@@ -225,6 +225,29 @@ class LayerRunner:
             handle.remove()
         return self.decision_logit_diff(hidden[:, -1], run.batch, replicas)
 
+    @torch.inference_mode()
+    def residuals_after(self, batch: Batch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """layer -> [b, pos, d_model]: the unpatched residual stream after each of `layers`."""
+        hidden, ctx = self.begin(batch)
+        out = {}
+        for layer in range(max(layers) + 1):
+            hidden = self.layer(layer, hidden, ctx)
+            if layer in layers:
+                out[layer] = hidden
+        return out
+
+    @torch.inference_mode()
+    def run_residual_written(self, run: "RecordedRun", layer: int, values: torch.Tensor, pos_mask: torch.Tensor,
+                             *, start: int) -> torch.Tensor:
+        """[b] decision logit differences with the residual stream after `layer` replaced by
+        `values` [b, pos, d_model] where `pos_mask` [b, pos] is set, from query column `start` on."""
+        ctx = run.ctx.tail(start, 1)
+        kv = KVPrefix(run.kv, start, 1) if start > 0 else None
+        hidden = self.layer(layer, run.hidden_in[layer][:, start:], ctx, kv)
+        hidden = torch.where(pos_mask[:, start:, None], values[:, start:], hidden)
+        hidden = self.run(layer + 1, hidden, ctx, kv)
+        return self.decision_logit_diff(hidden[:, -1], run.batch)
+
 
 @dataclass
 class RecordedRun:

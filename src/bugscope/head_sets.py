@@ -1,4 +1,11 @@
-"""Sets of attention heads to patch together: all, even, odd, single heads and random k-subsets."""
+"""Sets of attention heads to patch together: all, even, odd, single heads and random k-subsets,
+and the two references every head set is read against (research notes section 8):
+
+- the ceiling: the whole residual stream after the layer, at the same positions (`CEILING`): what
+  any patch at that layer and those positions can at most do;
+- the random-head control: random sets of as many heads as the even and the odd pool, drawn from
+  all heads (`random_control_sets`): what a parity-blind set of that size does.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ class PatchingConfigError(ConfigError):
 
 @dataclass(frozen=True)
 class HeadSet:
-    """A set of heads of one layer. `family`: all | even | odd | single | subset."""
+    """A set of heads of one layer. `family`: all | even | odd | single | subset | ceiling."""
 
     name: str  # unique within a layer: "all", "even", "odd", "head03", "even_k2_s05"
     family: str
@@ -106,6 +113,16 @@ def subset_head_sets(n_heads: int, *, pools: Sequence[str], sizes: Sequence[int]
                         combos.append(c)
             out += [HeadSet(f"{pool}_k{k}_s{i:02d}", "subset", c, pool, i) for i, c in enumerate(combos)]
     return out
+
+
+CEILING = HeadSet("resid_post", "ceiling", (), "resid")
+
+
+def random_control_sets(n_heads: int, *, samples: int, seed: int, layer: int) -> list[HeadSet]:
+    """Random subsets of all heads, as many heads as the even pool and as the odd pool: the draws of
+    `subset_head_sets` for pool "all", so they coincide with the config's subsets where both exist."""
+    sizes = sorted({len(pool_heads("even", n_heads)), len(pool_heads("odd", n_heads))} - {0})
+    return subset_head_sets(n_heads, pools=["all"], sizes=sizes, samples=samples, seed=seed, layer=layer)
 
 
 def head_set_table(layer_sets: dict[int, list[HeadSet]]) -> pl.DataFrame:

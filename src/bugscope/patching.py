@@ -40,6 +40,7 @@ from tqdm import tqdm
 from bugscope.features.overlap import resolve_focus_layers  # noqa: F401  (the focus layers of every sweep)
 from bugscope.forward import Batch, LayerRunner, RecordedRun, make_batch
 from bugscope.head_sets import (  # noqa: F401  (re-exported: the head-set vocabulary of every sweep)
+    CEILING,
     POOLS,
     HeadSet,
     PatchingConfigError,
@@ -47,6 +48,7 @@ from bugscope.head_sets import (  # noqa: F401  (re-exported: the head-set vocab
     head_set_table,
     named_head_sets,
     pool_heads,
+    random_control_sets,
     subset_head_sets,
 )
 from bugscope.model import model_geometry
@@ -161,6 +163,7 @@ class _Prepared:
     run: RecordedRun
     pos_mask: torch.Tensor  # [b, pos] bool: patched columns
     values: dict[int, torch.Tensor]  # layer -> [b, pos, head, d_slice] values written at patched columns
+    residuals: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [b, pos, d_model] (the ceiling)
 
     @property
     def batch(self) -> Batch:
@@ -284,6 +287,15 @@ class HeadPatcher:
         return place_values(pairs, batch.pad, shape, spec.operation, source=source, source_pad=source_pad,
                             means=means, layers=layers, dtype=self.dtype, device=self.device)
 
+    @torch.inference_mode()
+    def unpatched_logit_diffs(self, rows: Sequence[dict]) -> dict[int, float]:
+        """prompt_id -> unpatched decision logit difference, by the same layer-by-layer run as the sweep."""
+        out = {}
+        for start in range(0, len(rows), max(1, self.max_prompts)):
+            batch = make_batch(rows[start:start + self.max_prompts], self.pad_token_id, self.device)
+            out.update(zip(batch.prompt_ids.tolist(), self.runner.record(batch, []).baseline.double().tolist()))
+        return out
+
     def writer(self, values: torch.Tensor, pos_mask: torch.Tensor, head_mask: torch.Tensor, site: str):
         return head_writer(values, pos_mask, head_mask, self.n_heads, self.slice_width(site))
 
@@ -296,21 +308,38 @@ class HeadPatcher:
 
     @torch.inference_mode()
     def prepare(self, pairs: Sequence[PatchPair], layers: Sequence[int], spec: PatchSpec,
-                means: dict[int, torch.Tensor] | None = None) -> _Prepared:
+                means: dict[int, torch.Tensor] | None = None, ceiling_layers: Sequence[int] = ()) -> _Prepared:
         """The unpatched target run of one prompt batch, recorded for reuse by every patched run."""
         batch = make_batch([p.target for p in pairs], self.pad_token_id, self.device)
         pos_mask, values = self.placed(pairs, batch, layers, spec, means)
-        return _Prepared(self.runner.record(batch, layers), pos_mask, values)
+        residuals = {}
+        if ceiling_layers:
+            sbatch = make_batch([p.source for p in pairs], self.pad_token_id, self.device)
+            source = {layer: r[:, :, None] for layer, r in self.runner.residuals_after(sbatch, ceiling_layers).items()}
+            _, placed = place_values(pairs, batch.pad, (*batch.input_ids.shape, 1, self.d_model), "patch",
+                                     source=source, source_pad=sbatch.pad, means=None, layers=ceiling_layers,
+                                     dtype=self.dtype, device=self.device)
+            residuals = {layer: v[:, :, 0] for layer, v in placed.items()}
+        return _Prepared(self.runner.record(batch, layers), pos_mask, values, residuals)
+
+    def _first_patched(self, prep: _Prepared) -> int:
+        if not self.kv_reuse:
+            return 0
+        patched_cols = prep.pos_mask.any(0).nonzero()
+        return int(patched_cols.min()) if len(patched_cols) else prep.batch.input_ids.shape[1] - 1
+
+    @torch.inference_mode()
+    def run_ceiling(self, prep: _Prepared, layer: int) -> torch.Tensor:
+        """[1, b] logit differences with the whole residual stream after `layer` patched."""
+        return self.runner.run_residual_written(prep.run, layer, prep.residuals[layer], prep.pos_mask,
+                                                start=self._first_patched(prep))[None]
 
     @torch.inference_mode()
     def run_patched(self, prep: _Prepared, layer: int, head_sets: Sequence[HeadSet], site: str) -> torch.Tensor:
         """[len(head_sets), b] logit differences, all head sets in one forward from layer `layer` on."""
-        b, n = prep.batch.input_ids.shape
+        b = prep.batch.input_ids.shape[0]
         r = len(head_sets)
-        start = 0
-        if self.kv_reuse:
-            patched_cols = prep.pos_mask.any(0).nonzero()
-            start = int(patched_cols.min()) if len(patched_cols) else n - 1
+        start = self._first_patched(prep)
         write = self.writer(prep.values[layer][:, start:], prep.pos_mask[:, start:], self.head_mask(head_sets), site)
         return self.runner.run_written(prep.run, layer, site, write, start=start, replicas=r).reshape(r, b)
 
@@ -342,6 +371,11 @@ class HeadPatcher:
         Returns (patched: one row per layer, head_set, prompt_id; baseline: one row per prompt_id).
         """
         layers = sorted(layer_sets)
+        ceiling_layers = [layer for layer in layers if CEILING in layer_sets[layer]]
+        if ceiling_layers and spec.operation != "patch":
+            raise PatchingConfigError(f"The ceiling patches the source's residual stream; operation "
+                                      f"{spec.operation!r} has no source. Leave the ceiling out.")
+        layer_sets = {layer: [s for s in sets if s != CEILING] for layer, sets in layer_sets.items()}
         for layer in layers:
             for s in layer_sets[layer]:
                 check_head_set(s.heads, n_heads=self.n_heads, layer=layer, n_layers=self.n_layers,
@@ -354,16 +388,20 @@ class HeadPatcher:
         sets_per_forward = max(1, rows // per_batch)
         chunks = [(layer, layer_sets[layer][i:i + sets_per_forward])
                   for layer in layers for i in range(0, len(layer_sets[layer]), sets_per_forward)]
+        chunks += [(layer, [CEILING]) for layer in ceiling_layers]
         n_batches = math.ceil(len(pairs) / per_batch)
         out, base = [], []
         bar = tqdm(total=n_batches * len(chunks), desc=desc, unit="forward", disable=not self.progress)
         for start in range(0, len(pairs), per_batch):
             part = pairs[start:start + per_batch]
-            prep = self.prepare(part, layers, spec, means)
+            prep = self.prepare(part, layers, spec, means, ceiling_layers)
             pids = [p.target["prompt_id"] for p in part]
             base.append(pl.DataFrame({"prompt_id": pids, "baseline_logit_diff": prep.baseline.double().numpy()}))
             for layer, sets in chunks:
-                diffs = self.run_patched(prep, layer, sets, spec.site)
+                if sets == [CEILING]:
+                    diffs = self.run_ceiling(prep, layer)
+                else:
+                    diffs = self.run_patched(prep, layer, sets, spec.site)
                 out.append(_long(layer, sets, pids, diffs))
                 bar.update()
             del prep
@@ -410,15 +448,19 @@ def patcher_from_config(model, config: dict, pad_token_id: int) -> HeadPatcher:
 def run_study_sweep(patcher: HeadPatcher, prompts: pl.DataFrame, layer_sets: dict[int, list[HeadSet]],
                     spec: PatchSpec, *, target_format: str, source_format: str, direction: str,
                     desc: str) -> pl.DataFrame:
-    """The tidy per-prompt table of one sweep: one row per (layer, head set, target prompt)."""
+    """The tidy per-prompt table of one sweep: one row per (layer, head set, target prompt), with
+    the source prompt's unpatched logit difference (a target is only fixable when its source is right)."""
     pairs = make_pairs(prompts, target_format, source_format, spec.positions)
     patched, baseline = patcher.sweep(pairs, layer_sets, spec, desc=desc)
+    source_ld = patcher.unpatched_logit_diffs([p.source for p in pairs])
     link = pl.DataFrame({
         "prompt_id": [p.target["prompt_id"] for p in pairs],
         "source_prompt_id": [p.source["prompt_id"] for p in pairs],
         "n_patched_positions": [len(p.target_positions) for p in pairs],
-    }, schema={"prompt_id": pl.Int32, "source_prompt_id": pl.Int32, "n_patched_positions": pl.Int32})
-    meta = prompts.select("prompt_id", "question_id", "pair_id", "order")
+        "source_logit_diff": [source_ld[p.source["prompt_id"]] for p in pairs],
+    }, schema={"prompt_id": pl.Int32, "source_prompt_id": pl.Int32, "n_patched_positions": pl.Int32,
+               "source_logit_diff": pl.Float64})
+    meta = prompts.select("prompt_id", "question_id", "pair_id", "pair_kind", "order")
     out = (patched.with_columns(pl.col("prompt_id").cast(pl.Int32))
            .join(baseline.with_columns(pl.col("prompt_id").cast(pl.Int32)), on="prompt_id")
            .join(link, on="prompt_id").join(meta, on="prompt_id")
@@ -433,5 +475,5 @@ def run_study_sweep(patcher: HeadPatcher, prompts: pl.DataFrame, layer_sets: dic
 
 PROMPT_COLUMNS = ["method", "positions", "operation", "direction", "target_format", "source_format", "layer",
                   "head_set", "family", "pool", "k", "sample", "heads", "prompt_id", "source_prompt_id",
-                  "question_id", "pair_id", "order", "n_patched_positions", "logit_diff", "baseline_logit_diff",
-                  "is_correct", "baseline_correct"]
+                  "question_id", "pair_id", "pair_kind", "order", "n_patched_positions", "logit_diff",
+                  "baseline_logit_diff", "source_logit_diff", "is_correct", "baseline_correct"]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from bugscope.stats import derived_seed
+
 # The first position of every sequence is an attention sink with a residual norm ~100x the rest
 # (research notes section 3); SmolLM2 adds no BOS, so it is whatever token comes first. SAE
 # training, quality metrics and the feature analyses leave it out.
@@ -25,35 +27,96 @@ SINK_POSITION = 0
 
 ORDERS = ("correct_first", "wrong_first")
 
+# Kinds of number pair (research notes section 8). Every kind's answers diverge at the first
+# decimal digit, the correct one's digit being the larger, so one decision token is scored for all:
+# - shorter_bigger: X.Y vs X.ZW, Y > Z (9.8 vs 9.11): the bug's kind;
+# - longer_bigger: X.YZ vs X.W, Y > W (9.81 vs 9.7): "pick the shorter number" is wrong here
+#   (Y = W is left out: then one answer is a prefix of the other and never diverges in tokens);
+# - same_length: X.Y vs X.Z, Y > Z (9.8 vs 9.7): no length cue at all.
+PAIR_KINDS = ("shorter_bigger", "longer_bigger", "same_length")
+BUG_PAIR_KIND = "shorter_bigger"
+_PAIR_STREAM = 7  # label of the control kinds' pair generators in stats.derived_seed
+
 
 class PromptError(ValueError):
     """The prompt set cannot be scored or aligned; the message lists the offending rows."""
 
 
+def pair_kind(correct: str, wrong: str) -> str:
+    """The PAIR_KINDS entry of a (correct, wrong) pair, from the lengths of the two decimal parts."""
+    a, b = len(correct.split(".")[1]), len(wrong.split(".")[1])
+    return "shorter_bigger" if a < b else "longer_bigger" if a > b else "same_length"
+
+
+def _draw_one(kind: str, rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
+    x = rng.randint(lo, hi)
+    y = rng.randint(2, 9)
+    z = rng.randint(1, y - 1)
+    w = rng.randint(1, 9)
+    if kind == "shorter_bigger":
+        return f"{x}.{y}", f"{x}.{z}{w}"
+    if kind == "longer_bigger":
+        return f"{x}.{y}{w}", f"{x}.{z}"
+    return f"{x}.{y}", f"{x}.{z}"
+
+
+def _capacity(kind: str, lo: int, hi: int) -> int:
+    digit_pairs = sum(y - 1 for y in range(2, 10))  # (Y, Z) with 9 >= Y > Z >= 1
+    return (hi - lo + 1) * digit_pairs * (1 if kind == "same_length" else 9)
+
+
 def draw_number_pairs(prompts_cfg: dict, seed: int) -> list[tuple[str, str]]:
-    """(correct, wrong) pairs: the config's extra pairs, then X.Y vs X.ZW with Y > Z drawn with `seed`."""
+    """(correct, wrong) pairs: the config's extra pairs, `n_pairs` shorter_bigger pairs, then the
+    control kinds' `control_pairs` counts, each drawn with its own generator seeded from `seed`."""
     pairs = [tuple(p) for p in prompts_cfg["extra_pairs"]]
     lo, hi = prompts_cfg["integer_range"]
-    rng = random.Random(seed)
     seen = set(pairs)
-    capacity = (hi - lo + 1) * sum(y - 1 for y in range(2, 10)) * 9
-    if prompts_cfg["n_pairs"] > capacity:
-        raise PromptError(f"prompts.n_pairs={prompts_cfg['n_pairs']} exceeds the {capacity} distinct pairs in integer_range.")
-    drawn = 0
-    while drawn < prompts_cfg["n_pairs"]:
-        x = rng.randint(lo, hi)
-        y = rng.randint(2, 9)
-        z = rng.randint(1, y - 1)
-        w = rng.randint(1, 9)
-        pair = (f"{x}.{y}", f"{x}.{z}{w}")
-        if pair not in seen:
-            seen.add(pair)
-            pairs.append(pair)
-            drawn += 1
+    counts = {BUG_PAIR_KIND: prompts_cfg["n_pairs"], **prompts_cfg["control_pairs"]}
+    for kind in PAIR_KINDS:
+        n = counts.get(kind, 0)
+        capacity = _capacity(kind, lo, hi) - sum(pair_kind(*p) == kind for p in seen)
+        if n > capacity:
+            key = "prompts.n_pairs" if kind == BUG_PAIR_KIND else f"prompts.control_pairs.{kind}"
+            raise PromptError(f"{key}={n} exceeds the {capacity} distinct {kind} pairs left in integer_range "
+                              f"{lo}..{hi}: lower it or widen prompts.integer_range.")
+        # The bug's kind keeps the generator it always had, so its pairs do not move when controls are added.
+        rng = random.Random(seed if kind == BUG_PAIR_KIND else derived_seed(seed, _PAIR_STREAM, PAIR_KINDS.index(kind)))
+        drawn = 0
+        while drawn < n:
+            pair = _draw_one(kind, rng, lo, hi)
+            if pair not in seen:
+                seen.add(pair)
+                pairs.append(pair)
+                drawn += 1
     return pairs
 
 
-def render(fmt: dict, question: str, tokenizer) -> tuple[str, bool]:
+def first_token_text(prompts_cfg: dict, tokenizer) -> str:
+    """The token put before every non-chat format ("" for none): the position-0 attention sink is
+    then the same token in every format (research notes section 8)."""
+    choice = prompts_cfg["first_token"]
+    if choice == "none":
+        return ""
+    if choice == "auto":
+        if _adds_bos(tokenizer):
+            return ""
+        choice = tokenizer.bos_token
+        if not choice:
+            raise PromptError("prompts.first_token is 'auto', but this tokenizer adds no BOS and has no bos_token: "
+                              "name the token (e.g. its document separator) or write 'none'.")
+    ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise PromptError(f"prompts.first_token {choice!r} is {len(ids)} tokens for this tokenizer; "
+                          "name a single (special) token, or write 'none'.")
+    return choice
+
+
+def _adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def render(fmt: dict, question: str, tokenizer, first_token: str = "") -> tuple[str, bool]:
     """(prompt text, whether the text already carries its special tokens)."""
     if fmt.get("chat_template"):
         if not getattr(tokenizer, "chat_template", None):
@@ -62,7 +125,7 @@ def render(fmt: dict, question: str, tokenizer) -> tuple[str, bool]:
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
         )
         return text, True
-    return fmt["template"].replace("{question}", question), False
+    return first_token + fmt["template"].replace("{question}", question), False
 
 
 @dataclass
@@ -110,6 +173,7 @@ def _alignment_keys(scored: _Scored, text: str, question: str) -> dict[tuple, in
 def build_prompt_table(config: dict, tokenizer) -> pa.Table:
     pcfg = config["prompts"]
     pairs = draw_number_pairs(pcfg, config["seed"])
+    first = first_token_text(pcfg, tokenizer)
     rows, problems = [], []
     for pair_id, (correct, wrong) in enumerate(pairs):
         for order_idx, order in enumerate(ORDERS):
@@ -118,7 +182,7 @@ def build_prompt_table(config: dict, tokenizer) -> pa.Table:
             question_id = 2 * pair_id + order_idx
             group = []
             for fmt_name, fmt in pcfg["formats"].items():
-                text, special = render(fmt, question, tokenizer)
+                text, special = render(fmt, question, tokenizer, first)
                 scored = _score_tokens(tokenizer, text, fmt["answer_prefix"], correct, wrong, special)
                 if isinstance(scored, str):
                     problems.append(f"question {question_id} ({correct} vs {wrong}, {order}), format {fmt_name}: {scored}")
@@ -137,11 +201,13 @@ def build_prompt_table(config: dict, tokenizer) -> pa.Table:
             for fmt_name, text, scored, keys in group:
                 aligned = [keys[k] for k in ordered if keys[k] != scored.decision_pos] + [scored.decision_pos]
                 rows.append({
-                    "question_id": question_id, "pair_id": pair_id, "order": order, "format": fmt_name,
+                    "question_id": question_id, "pair_id": pair_id, "pair_kind": pair_kind(correct, wrong),
+                    "order": order, "format": fmt_name,
                     "text": text, "correct": correct, "wrong": wrong,
                     "input_ids": scored.input_ids, "n_tokens": len(scored.input_ids),
                     "decision_pos": scored.decision_pos, "correct_token": scored.correct_token,
                     "wrong_token": scored.wrong_token, "aligned_positions": aligned,
+                    "first_token": tokenizer.convert_ids_to_tokens(scored.input_ids[0]),
                 })
     if problems:
         shown = "\n  ".join(problems[:20])
@@ -159,8 +225,8 @@ def build_prompt_table(config: dict, tokenizer) -> pa.Table:
 
 PROMPT_SCHEMA = pa.schema([
     ("prompt_id", pa.int32()), ("question_id", pa.int32()), ("pair_id", pa.int32()),
-    ("order", pa.string()), ("format", pa.string()), ("text", pa.string()),
+    ("pair_kind", pa.string()), ("order", pa.string()), ("format", pa.string()), ("text", pa.string()),
     ("correct", pa.string()), ("wrong", pa.string()), ("input_ids", pa.list_(pa.int32())),
     ("n_tokens", pa.int32()), ("decision_pos", pa.int32()), ("correct_token", pa.int32()),
-    ("wrong_token", pa.int32()), ("aligned_positions", pa.list_(pa.int32())),
+    ("wrong_token", pa.int32()), ("aligned_positions", pa.list_(pa.int32())), ("first_token", pa.string()),
 ])

@@ -35,18 +35,20 @@ class Table:
 
 
 # Every patching table, per prompt and summarised, whichever rule writes it.
-PATCH_PROMPT_COLUMNS = ("method", "positions", "layer", "head_set", "prompt_id", "pair_id", "logit_diff",
-                        "baseline_logit_diff")
-PATCH_SUMMARY_COLUMNS = ("method", "positions", "layer", "head_set", "family", "success_rate", "n_baseline_wrong")
+PATCH_PROMPT_COLUMNS = ("method", "positions", "layer", "head_set", "prompt_id", "pair_id", "pair_kind", "order",
+                        "logit_diff", "baseline_logit_diff", "source_logit_diff")
+PATCH_SUMMARY_COLUMNS = ("method", "positions", "pair_kind", "order", "layer", "head_set", "family", "n_eligible",
+                         "success_rate", "recovery", "recovery_low", "recovery_high")
 
 # `columns` names what identifies a row and what every reader of the table uses, not all columns.
-PROMPTS = Table(layout.PROMPTS, "prompts", "prompts", columns=("prompt_id", "question_id", "pair_id", "format"))
+PROMPTS = Table(layout.PROMPTS, "prompts", "prompts",
+               columns=("prompt_id", "question_id", "pair_id", "pair_kind", "order", "format"))
 
 BASELINE_SCORES = Table(layout.BASELINE_SCORES, "baseline_scores", "baseline",
-                        columns=("prompt_id", "format", "is_correct"))
+                        columns=("prompt_id", "pair_id", "pair_kind", "order", "format", "is_correct"))
 BASELINE_ACCURACY = Table(
     layout.BASELINE_ACCURACY, "baseline_accuracy", "baseline", "n_prompts",
-    columns=("format", "n_prompts", "accuracy", "accuracy_low", "accuracy_high"))
+    columns=("format", "pair_kind", "order", "n_prompts", "accuracy", "accuracy_low", "accuracy_high"))
 BASELINE_GENERATION = Table(
     layout.BASELINE_GENERATION, "baseline_generation", "baseline",
     columns=("prompt_id", "generated_answer", "format", "is_correct"))
@@ -94,10 +96,10 @@ PATCHING_ORIGINAL_METHOD_PROMPTS = _patching_prompts(layout.PATCHING_ORIGINAL_ME
 PATCHING_PROMPTS = _patching_prompts(layout.PATCHING_PROMPTS, "patching_summary")
 PATCHING_ORIGINAL_METHOD = Table(layout.PATCHING_ORIGINAL_METHOD, "patching_summary", "patching_focus",
                                  columns=PATCH_SUMMARY_COLUMNS)
-# One row per (layer, head set); success_rate is a fraction of the n_baseline_wrong prompts
-# answered wrong unpatched, so that is its n.
+# One row per (pair kind, order, layer, head set); success_rate and recovery are over the
+# n_eligible targets (source right, target wrong), so that is their n.
 PATCHING_SUMMARY = Table(
-    layout.PATCHING_SUMMARY, "patching_summary", "patching_summary", "n_baseline_wrong",
+    layout.PATCHING_SUMMARY, "patching_summary", "patching_summary", "n_eligible",
     columns=PATCH_SUMMARY_COLUMNS)
 
 # The ledger reads every table above that it names; it is a summary of them, so no hash of its own.

@@ -13,7 +13,7 @@ def main(smk):
     model, tokenizer = load_model(manifest, cfg["device"])
     rows = prompts.to_dicts()
     scores = score_prompts(model, rows, batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id)
-    scores = prompts.select("prompt_id", "question_id", "pair_id", "order", "format").join(scores, on="prompt_id")
+    scores = prompts.select("prompt_id", "question_id", "pair_id", "pair_kind", "order", "format").join(scores, on="prompt_id")
     boot = cfg["bootstrap"]
     accuracy = accuracy_by_format(scores, n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=cfg["seed"])
 

@@ -1,8 +1,10 @@
 """Rules head_sweep_<group>, head_subsets and head_original_method: patched logit differences per prompt.
 
 mode (params.mode):
-- sweep: all / even / odd / single heads at the layers of one layer group;
-- subsets: random k-subsets of the even, odd and all heads at the focus layers;
+- sweep: all / even / odd / single heads and the ceiling (the whole residual stream) at the layers
+  of one layer group;
+- subsets: random k-subsets of the even, odd and all heads at the focus layers, always including
+  the random-head control (all-head subsets as large as the even and the odd pool);
 - original_method: the seed's procedure (post-o_proj slices, positions [:min_len]) and true per-head
   patching (configured positions, and aligned positions if those differ) of the all / even / odd
   head sets at the focus layers, on the same prompts; also writes their summary.
@@ -44,13 +46,19 @@ def main(smk):
     common = {"target_format": target, "source_format": source, "direction": pc["direction"]}
 
     if mode == "sweep":
-        sets = {layer: patching.named_head_sets(n_heads) for layer in layers}
+        # The ceiling (the whole residual stream) needs a source to copy from.
+        ceiling = [patching.CEILING] if spec.operation == "patch" else []
+        sets = {layer: patching.named_head_sets(n_heads) + ceiling for layer in layers}
         table = patching.run_study_sweep(patcher, prompts, sets, spec, desc=f"head sweep {smk.params.group}", **common)
     elif mode == "subsets":
         sub = pc["subsets"]
-        sets = {layer: patching.subset_head_sets(n_heads, pools=sub["pools"], sizes=sub["sizes"],
-                                                 samples=sub["samples"], seed=cfg["seed"], layer=layer)
-                for layer in layers}
+        sets = {}
+        for layer in layers:
+            drawn = patching.subset_head_sets(n_heads, pools=sub["pools"], sizes=sub["sizes"],
+                                              samples=sub["samples"], seed=cfg["seed"], layer=layer)
+            control = patching.random_control_sets(n_heads, samples=sub["samples"], seed=cfg["seed"], layer=layer)
+            names = {s.name for s in drawn}
+            sets[layer] = drawn + [s for s in control if s.name not in names]
         meta["subset_seed"] = cfg["seed"]
         meta["n_head_sets"] = {str(k): len(v) for k, v in sets.items()}
         table = patching.run_study_sweep(patcher, prompts, sets, spec, desc="head subsets", **common)

@@ -25,11 +25,7 @@ def main(smk):
 
     boot = cfg["bootstrap"]
     summary = patch_summary.summary_table(per_prompt, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
-                                     seed=cfg["seed"])
-    accuracy = scores.group_by("format").agg(pl.col("is_correct").mean().alias("acc"))
-    acc = dict(zip(accuracy["format"], accuracy["acc"]))
-    summary = summary.with_columns(
-        pl.col("source_format").replace_strict(acc, default=None, return_dtype=pl.Float64).alias("source_baseline_accuracy"))
+                                          seed=cfg["seed"], n_heads=cfg["model"]["num_heads"])
     focus = next((m for m in metas if "focus_layers" in m), {})
     meta = {k: v for k, v in metas[0].items() if k not in ("layers", "mode", "kind")}
     meta.update(config_hash=smk.params.config_hash, focus_layers=focus.get("focus_layers"),
@@ -38,9 +34,9 @@ def main(smk):
     with tables.written_together() as put:
         put(tables.PATCHING_PROMPTS, per_prompt, smk.output.prompts, meta)
         put(tables.PATCHING_SUMMARY, summary, smk.output.summary, meta)
-    top = summary.filter(pl.col("family") != "subset").sort("success_rate", descending=True).head(10)
-    log.info("top head sets by success rate:\n%s", top.select("layer", "head_set", "success_rate", "success_low",
-                                                                "success_high", "broken_rate", "mean_logit_diff"))
+    top = patch_summary.bug_kind_rows(summary).filter(pl.col("family") != "subset").sort("recovery", descending=True)
+    log.info("top head sets by recovery:\n%s", top.head(10).select(
+        "layer", "head_set", "n_eligible", "success_rate", "recovery", "recovery_low", "recovery_high", "broken_rate"))
 
 
 run(snakemake, main)  # noqa: F821

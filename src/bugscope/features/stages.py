@@ -19,6 +19,7 @@ from bugscope.features.discriminative import discriminative_features
 from bugscope.features.named import NAMED_SCHEMA, named_feature_ids, named_features
 from bugscope.features.overlap import pair_overlap, pooled_overlap, summarise_overlap
 from bugscope.features.values import position_weights, prompt_pairs, prompt_values
+from bugscope.prompts import BUG_PAIR_KIND
 from bugscope.stats import derived_seed
 
 log = logging.getLogger("bugscope.features")
@@ -54,9 +55,12 @@ def attribution_layers(config: dict) -> list[int]:
     return analysed_layers(config) if layers == "all" else sorted(layers)
 
 
-def load_prompt_frame(path, config: dict) -> pl.DataFrame:
-    return tables.frame(tables.PROMPTS, config, path, columns=["prompt_id", "question_id", "pair_id", "format",
-                                                              "decision_pos", "aligned_positions"])
+def load_prompt_frame(path, config: dict, columns: list[str] | None = None) -> pl.DataFrame:
+    """The prompts the feature analyses contrast: the bug's pair kind only (the control kinds test
+    the patching and baseline, not the features)."""
+    columns = columns or ["prompt_id", "question_id", "pair_id", "format", "decision_pos", "aligned_positions"]
+    frame = tables.frame(tables.PROMPTS, config, path, columns=[*columns, "pair_kind"])
+    return frame.filter(pl.col("pair_kind") == BUG_PAIR_KIND).drop("pair_kind")
 
 
 def load_layer_values(path, weights: pl.DataFrame, config: dict) -> tuple[pl.DataFrame, dict]:
@@ -149,7 +153,8 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
 
     fcfg, pcfg = config["features"], config["prompts"]
     buggy, correct = pcfg["buggy_format"], pcfg["correct_format"]
-    prompts = tables.frame(tables.PROMPTS, config, prompts_path).filter(pl.col("format").is_in([buggy, correct]))
+    prompts = tables.frame(tables.PROMPTS, config, prompts_path)
+    prompts = prompts.filter(pl.col("format").is_in([buggy, correct]), pl.col("pair_kind") == BUG_PAIR_KIND)
     discriminative = tables.frame(tables.DISCRIMINATIVE_FEATURES, config, discriminative_path)
     named = named_feature_ids(fcfg["named"])
     layers = sorted(sae_dirs)
