@@ -151,8 +151,8 @@ def summary_table(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: flo
     if n_heads is not None:
         control = random_control(per_prompt, n_heads)
         if control.height:
-            per_prompt = pl.concat([per_prompt.with_columns(pl.lit(None, pl.Float64).alias("p_correct")),
-                                    control.select(*per_prompt.columns, "p_correct")])
+            per_prompt = per_prompt.with_columns(pl.lit(None, pl.Float64).alias("p_correct"))
+            per_prompt = pl.concat([per_prompt, control.select(per_prompt.columns).cast(dict(per_prompt.schema))])
     set_keys = [k for k in SUMMARY_KEYS if k not in ("pair_kind", "order")]
     sets = per_prompt.select(*set_keys, *HEAD_SET_COLUMNS).unique(set_keys, maintain_order=True)
     parts = []

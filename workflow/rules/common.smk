@@ -3,11 +3,11 @@ from bugscope.config import (
     validate_config,
     analysed_layers,
     layer_groups,
-    n_prompts,
     stage_hash,
 )
 from bugscope.sites import hook_name
 import bugscope.patching as bugscope_patching
+import bugscope.resources as bugscope_resources
 
 # Validate once at start-up; every default is filled in, so rules read keys without fallbacks.
 config.update(validate_config(config, source="the Snakemake config"))
@@ -57,31 +57,22 @@ def feature_targets():
 
 
 # Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
-MODEL_JOB_THREADS = 2
+MODEL_JOB_THREADS = bugscope_resources.MODEL_JOB_THREADS
 
 
-def model_job_resources(n_prompts_hint=None, n_layers=1):
-    """Resources of a job that runs the model: the one place that sizes GPU jobs.
+def model_job_resources(rule, group_layers=None):
+    """Resources of a job that runs the model or an SAE (bugscope.resources.job_resources).
 
-    Scales with model size (billions of parameters), the number of prompts and the layers the job
-    handles, so a config change resizes every GPU rule consistently. Runtime and memory grow with
-    the attempt, so a job retried after hitting its time or memory limit (`retries` in the SLURM
-    profile) gets twice as much.
+    `rule` is the stage (`encode_features` for encode_features_L00_03), `group_layers` the layers
+    of a per-group job. Runtime and memory grow with the attempt, so a job retried after hitting
+    its time or memory limit (`retries` in the SLURM profile) gets twice as much.
     """
-    size_b = config["model"]["size_b"]
-    prompt_count = n_prompts_hint or n_prompts(config)
-    scale = config["resources"]["minutes_per_b_per_100_prompts"]
-    runtime = int(
-        10 + scale * max(size_b, 0.1) * (prompt_count / 100) * max(1, n_layers / 8)
-    )
-    weights_mb = int(
-        size_b * 1000 * (4 if config["model"]["dtype"] == "float32" else 2)
-    )
+    first = bugscope_resources.job_resources(config, rule, group_layers)
     return {
-        "gpu": 1,
-        "runtime": lambda wildcards, attempt: runtime * attempt,
-        "mem_mb": lambda wildcards, attempt: (4000 + 2 * weights_mb) * attempt,
-        "cpus_per_task": MODEL_JOB_THREADS,
+        "gpu": first["gpu"],
+        "runtime": lambda wildcards, attempt: first["runtime"] * attempt,
+        "mem_mb": lambda wildcards, attempt: first["mem_mb"] * attempt,
+        "cpus_per_task": first["cpus_per_task"],
     }
 
 

@@ -95,8 +95,7 @@ rule head_feature_attribution:
         "../../environment.yml"
     threads: MODEL_JOB_THREADS
     resources:
-        # one forward pass over the buggy- and correct-format prompts serves every layer
-        **model_job_resources(n_prompts_hint=n_prompts(config, n_formats=2)),
+        **model_job_resources("head_feature_attribution"),
     params:
         layers=ATTRIBUTION_LAYERS,
         config_hash=FEATURE_CONFIG_HASH,

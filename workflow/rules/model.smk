@@ -43,7 +43,7 @@ rule baseline:
         "../../environment.yml"
     threads: MODEL_JOB_THREADS
     resources:
-        **model_job_resources(),
+        **model_job_resources("baseline"),
     params:
         config_hash=stage_hash(config, "baseline"),
     script:
@@ -64,7 +64,7 @@ rule cache_residuals:
         "../../environment.yml"
     threads: MODEL_JOB_THREADS
     resources:
-        **model_job_resources(n_layers=len(LAYERS)),
+        **model_job_resources("cache_residuals"),
     params:
         layers=LAYERS,
         config_hash=stage_hash(config, "activations"),

@@ -31,7 +31,7 @@ for group, group_layers in LAYER_GROUPS.items():
             "../../environment.yml"
         threads: MODEL_JOB_THREADS
         resources:
-            **model_job_resources(n_layers=len(group_layers)),
+            **model_job_resources("head_sweep", group_layers),
         params:
             mode="sweep",
             layers=group_layers,
@@ -56,7 +56,7 @@ rule head_subsets:
         "../../environment.yml"
     threads: MODEL_JOB_THREADS
     resources:
-        **model_job_resources(n_layers=8),
+        **model_job_resources("head_subsets"),
     params:
         mode="subsets",
         config_hash=PATCH_FOCUS_HASH,
@@ -80,7 +80,7 @@ rule head_original_method:
         "../../environment.yml"
     threads: MODEL_JOB_THREADS
     resources:
-        **model_job_resources(),
+        **model_job_resources("head_original_method"),
     params:
         mode="original_method",
         config_hash=PATCH_FOCUS_HASH,

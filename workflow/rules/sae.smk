@@ -49,7 +49,7 @@ rule cache_corpus:
         "../../environment.yml"
     threads: MODEL_JOB_THREADS
     resources:
-        **model_job_resources(n_layers=len(LAYERS)),
+        **model_job_resources("cache_corpus"),
     params:
         layers=LAYERS,
         config_hash=SAE_CONFIG_HASH,
@@ -81,7 +81,7 @@ for group, group_layers in LAYER_GROUPS.items():
                 "../../environment.yml"
             threads: MODEL_JOB_THREADS
             resources:
-                **model_job_resources(n_layers=len(group_layers)),
+                **model_job_resources("train_sae", group_layers),
             params:
                 layers=group_layers,
                 config_hash=SAE_CONFIG_HASH,
@@ -107,7 +107,7 @@ for group, group_layers in LAYER_GROUPS.items():
                 "../../environment.yml"
             threads: MODEL_JOB_THREADS
             resources:
-                **model_job_resources(n_layers=len(group_layers)),
+                **model_job_resources("load_pretrained_sae", group_layers),
             params:
                 layers=group_layers,
                 sae_ids=[SAE_IDS[layer] for layer in group_layers],
@@ -131,7 +131,7 @@ for group, group_layers in LAYER_GROUPS.items():
             "../../environment.yml"
         threads: MODEL_JOB_THREADS
         resources:
-            **model_job_resources(n_layers=len(group_layers)),
+            **model_job_resources("encode_features", group_layers),
         params:
             layers=group_layers,
             config_hash=SAE_CONFIG_HASH,
@@ -162,7 +162,7 @@ for group, group_layers in LAYER_GROUPS.items():
             "../../environment.yml"
         threads: MODEL_JOB_THREADS
         resources:
-            **model_job_resources(n_layers=len(group_layers)),
+            **model_job_resources("sae_quality", group_layers),
         params:
             layers=group_layers,
             config_hash=SAE_CONFIG_HASH,

@@ -1,0 +1,129 @@
+"""Resources of the jobs that run the model or an SAE: the one place that sizes them.
+
+`job_resources(config, rule, group_layers)` gives a job's `gpu`, `runtime` (minutes), `mem_mb` (host
+memory, MB) and `cpus_per_task` on its first attempt; workflow/rules/common.smk multiplies runtime
+and memory by the attempt. Everything derives from the config, before any job runs:
+
+- runtime: 10 min + resources.minutes_per_b_per_100_prompts x model.size_b (at least 0.1) x
+  prompts / 100 x max(1, layers / 8);
+- mem_mb: 4,000 MB + twice the model's weights (model.size_b x 2 or 4 bytes: loading can hold a
+  second copy) + the SAEs the job holds at once, each d_model x d_sae x 2 matrices (W_enc, W_dec)
+  x the bytes of its dtype. Training holds its group's SAEs in float32 plus, for the one in
+  training, its gradients and Adam's two moments.
+
+d_model is resources.d_model, or estimated from the size and depth of a decoder
+(size_b x 1e9 ~ 12 x num_layers x d_model^2, rounded up to a multiple of 64); d_sae is
+resources.d_sae, or sae.expansion x d_model for trained SAEs, or the `_<n>x` of a pretrained
+release's name (Llama Scope's llama_scope_lxr_8x: 8) x d_model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from bugscope.config import analysed_layers, n_prompts
+
+# Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
+MODEL_JOB_THREADS = 2
+BASE_MB = 4000
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Layers the focus-layer patching rules are sized for (the focus layers are known only once the
+# overlap stage has run, with focus_layers: auto).
+FOCUS_LAYERS_HINT = 8
+
+# The model rules, by stage name (a per-layer-group rule is `<stage>_<group>`, e.g. encode_features_L00_03).
+GROUP_RULES = ("train_sae", "load_pretrained_sae", "encode_features", "sae_quality", "head_sweep")
+MODEL_RULES = ("baseline", "cache_residuals", "cache_corpus", *GROUP_RULES, "head_subsets", "head_original_method",
+               "head_feature_attribution")
+
+
+def d_model(config: dict) -> int:
+    """The model's residual width: resources.d_model, else estimated from model.size_b and num_layers."""
+    given = config["resources"].get("d_model")
+    if given:
+        return int(given)
+    model = config["model"]
+    estimate = math.sqrt(max(model["size_b"], 1e-3) * 1e9 / (12 * model["num_layers"]))
+    return int(math.ceil(estimate / 64) * 64)
+
+
+def d_sae(config: dict) -> int:
+    """Latents per SAE: resources.d_sae, else sae.expansion (trained) or the release's `_<n>x` times d_model."""
+    given = config["resources"].get("d_sae")
+    if given:
+        return int(given)
+    sae = config["sae"]
+    if sae["source"] == "train":
+        return sae["expansion"] * d_model(config)
+    match = re.search(r"_(\d+)x\b", sae.get("release") or "")
+    return (int(match.group(1)) if match else sae["expansion"]) * d_model(config)
+
+
+def weights_mb(config: dict) -> int:
+    """The model's weights in MB in model.dtype (float32: 4 bytes a parameter, else 2)."""
+    return int(config["model"]["size_b"] * 1000 * (4 if config["model"]["dtype"] == "float32" else 2))
+
+
+def sae_mb(config: dict, dtype: str | None = None) -> float:
+    """One SAE's two matrices (W_enc, W_dec: d_model x d_sae each) in MB, in `dtype` (default sae.dtype)."""
+    return d_model(config) * d_sae(config) * 2 * DTYPE_BYTES[dtype or config["sae"]["dtype"]] / 1e6
+
+
+def _shape(config: dict, rule: str, n_group: int) -> tuple[int, int, float]:
+    """(prompts, layers, MB of SAEs held at once) of one job of `rule`."""
+    prompts, layers = n_prompts(config), len(analysed_layers(config))
+    one = sae_mb(config)
+    shapes = {
+        "baseline": (prompts, 1, 0.0),
+        "cache_residuals": (prompts, layers, 0.0),
+        "cache_corpus": (prompts, layers, 0.0),
+        # every SAE of the group is trained (float32) before any is written; the one in training
+        # also has its gradients and Adam's two moments
+        "train_sae": (prompts, n_group, (n_group + 3) * sae_mb(config, "float32")),
+        "load_pretrained_sae": (prompts, n_group, 2 * one),  # one at a time: the loaded SAE and its saved copy
+        "encode_features": (prompts, n_group, one),  # one at a time
+        "sae_quality": (prompts, n_group, n_group * one),  # the group's SAEs spliced in together
+        "head_sweep": (prompts, n_group, 0.0),
+        "head_subsets": (prompts, FOCUS_LAYERS_HINT, 0.0),
+        "head_original_method": (prompts, 1, 0.0),
+        # one forward pass over the buggy- and correct-format prompts serves every layer; one SAE at a time
+        "head_feature_attribution": (n_prompts(config, n_formats=2), 1, one),
+    }
+    if rule not in shapes:
+        raise ValueError(f"job_resources: {rule!r} is not a model rule; expected one of {', '.join(MODEL_RULES)}.")
+    return shapes[rule]
+
+
+def job_resources(config: dict, rule: str, group_layers: list[int] | None = None) -> dict[str, int]:
+    """gpu, runtime (minutes), mem_mb and cpus_per_task of one job of `rule` on its first attempt.
+
+    `rule` is the stage name (`encode_features` for encode_features_L00_03); `group_layers` the
+    layers of a per-group job (default: all analysed layers).
+    """
+    n_group = len(group_layers) if group_layers is not None else len(analysed_layers(config))
+    prompts, layers, saes = _shape(config, rule, n_group)
+    size_b = config["model"]["size_b"]
+    scale = config["resources"]["minutes_per_b_per_100_prompts"]
+    runtime = int(10 + scale * max(size_b, 0.1) * (prompts / 100) * max(1, layers / 8))
+    mem_mb = int(BASE_MB + 2 * weights_mb(config) + math.ceil(saes))
+    return {"gpu": 1, "runtime": runtime, "mem_mb": mem_mb, "cpus_per_task": MODEL_JOB_THREADS}
+
+
+def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:
+    """(rule name, job_resources) of every model rule the config makes, in the workflow's order."""
+    from bugscope.config import layer_groups
+
+    groups = layer_groups(analysed_layers(config), config["resources"]["layers_per_job"])
+    sae_rule = "train_sae" if config["sae"]["source"] == "train" else "load_pretrained_sae"
+    out = []
+    for rule in MODEL_RULES:
+        if rule in ("train_sae", "load_pretrained_sae") and rule != sae_rule:
+            continue
+        if rule == "head_original_method" and not config["patching"]["original_method"]:
+            continue
+        if rule in GROUP_RULES:
+            out += [(f"{rule}_{group}", job_resources(config, rule, layers)) for group, layers in groups.items()]
+        else:
+            out.append((rule, job_resources(config, rule)))
+    return out

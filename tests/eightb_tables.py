@@ -1,0 +1,220 @@
+"""Synthetic input tables of the light (login-node) steps at the 8B study's sizes (config/llama31_8b.yaml).
+
+Every table has the schema its real writer gives it: the same columns, dtypes, kinds and config
+hashes (bugscope.tables), built with the producers' own code where that code needs no model
+(`head_set_table`, `summary_table`, `accuracy_by_format`, `summarise_attribution`, `parity_rows`).
+The values are random; the sizes are the study's:
+
+- 256 bug pairs and 128 control pairs (config/llama31_8b.yaml) x 2 orders, in 3 formats: 2,304 prompts, 768 target prompts;
+- 32 layers; the sweep's 35 head sets (all, even, odd, 32 single heads) at every layer plus 40
+  random subsets per layer (75 a layer), and the config's 1,207 subsets at the focus layer;
+- per-feature tables from 32,768-latent SAEs: 64 active latents at each of 12 cached (aligned)
+  positions of every prompt, spread over all 32,768 ids (so every latent is tested somewhere);
+- 2,000 bootstrap resamples (the config's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+
+from bugscope import layout, tables
+from bugscope.attribution import COMPONENTS, parity_rows, summarise_attribution
+from bugscope.baseline import accuracy_by_format
+from bugscope.config import analysed_layers, layer_groups
+from bugscope.features.named import named_feature_ids
+from bugscope.head_sets import HeadSet, head_set_table, named_head_sets, subset_head_sets
+from bugscope.patch_summary import summary_table
+from bugscope.patching import PROMPT_COLUMNS
+from bugscope.prompts import PROMPT_SCHEMA
+from bugscope.sae import FEATURE_SCHEMA
+from bugscope.sae_quality import QUALITY_SCHEMA
+from bugscope.sites import hook_name
+
+D_SAE = 32_768
+L0 = 64  # active latents per position (Llama Scope's L0 is 50-150)
+N_TOKENS = 40
+N_ALIGNED = 12  # cached positions per prompt (cache.positions: aligned)
+EXTRA_SUBSETS = 40  # random subsets per layer beyond the sweep's 35 head sets
+
+
+def _meta(spec: tables.Table, config: dict, **extra) -> dict:
+    return {"config_hash": spec.config_hash(config), "seed": config["seed"], "model": config["model"]["name"], **extra}
+
+
+def prompt_table(config: dict) -> pl.DataFrame:
+    p = config["prompts"]
+    kinds = ["shorter_bigger"] * (p["n_pairs"] + len(p["extra_pairs"]))
+    for kind, n in p["control_pairs"].items():
+        kinds += [kind] * n
+    formats = list(p["formats"])
+    rows = []
+    for pair, kind in enumerate(kinds):
+        for o, order in enumerate(("correct_first", "wrong_first")):
+            for fmt in formats:
+                aligned = [0, *range(N_TOKENS - N_ALIGNED + 1, N_TOKENS)]
+                rows.append({"question_id": 2 * pair + o, "pair_id": pair, "pair_kind": kind, "order": order,
+                             "format": fmt, "first_token": "<|begin_of_text|>",
+                             "text": f"{fmt}: which is bigger, {pair}.{o + 1} or {pair}.{o + 11}?",
+                             "correct": f"{pair}.{o + 1}", "wrong": f"{pair}.{o + 11}",
+                             "input_ids": list(range(1000, 1000 + N_TOKENS)), "n_tokens": N_TOKENS,
+                             "decision_pos": N_TOKENS - 1, "correct_token": 17, "wrong_token": 18,
+                             "aligned_positions": aligned})
+    for i, row in enumerate(rows):
+        row["prompt_id"] = i
+    return pl.from_arrow(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
+
+
+def feature_table(prompts: pl.DataFrame, layer: int, rng: np.random.Generator) -> pa.Table:
+    """One layer's sparse codes: L0 distinct latents per (prompt, aligned position), float32 values."""
+    pos = prompts.select("prompt_id", "aligned_positions").explode("aligned_positions")
+    pid, position = pos["prompt_id"].to_numpy(), pos["aligned_positions"].to_numpy()
+    n = len(pid)
+    # start + i * odd stride (mod 2^15) gives L0 distinct ids per position, spread over every latent.
+    start = rng.integers(0, D_SAE, size=n)[:, None]
+    stride = (2 * rng.integers(0, D_SAE // 2, size=n) + 1)[:, None]
+    fid = ((start + np.arange(L0)[None, :] * stride) % D_SAE).astype(np.int32)
+    act = rng.exponential(1.0, size=(n, L0)).astype(np.float32)
+    return pa.Table.from_arrays([pa.array(np.repeat(pid, L0).astype(np.int32)),
+                                 pa.array(np.repeat(position, L0).astype(np.int32)),
+                                 pa.array(fid.ravel()), pa.array(act.ravel())], schema=FEATURE_SCHEMA)
+
+
+def scores_table(prompts: pl.DataFrame, rng: np.random.Generator) -> pl.DataFrame:
+    diff = rng.normal(0.3, 2.0, size=prompts.height)
+    return prompts.select("prompt_id", "question_id", "pair_id", "pair_kind", "order", "format").with_columns(
+        logit_diff=pl.Series(diff), is_correct=pl.Series(diff > 0))
+
+
+def patch_rows(prompts: pl.DataFrame, scores: pl.DataFrame, layer_sets: dict[int, list[HeadSet]], config: dict, *,
+               method: str, positions: str, rng: np.random.Generator) -> pl.DataFrame:
+    """A per-prompt patching table (bugscope.patching.run_study_sweep's schema) with random logit differences."""
+    pc, pr = config["patching"], config["prompts"]
+    target, source = pr["buggy_format"], pr["correct_format"]
+    sets = head_set_table(layer_sets)
+    tgt = (prompts.filter(pl.col("format") == target).select("prompt_id", "question_id", "pair_id", "pair_kind", "order")
+           .join(scores.select("prompt_id", pl.col("logit_diff").alias("baseline_logit_diff")), on="prompt_id")
+           .join(prompts.filter(pl.col("format") == source).select("question_id", pl.col("prompt_id")
+                                                                   .alias("source_prompt_id")), on="question_id")
+           .join(scores.select(pl.col("prompt_id").alias("source_prompt_id"),
+                               pl.col("logit_diff").alias("source_logit_diff")), on="source_prompt_id"))
+    out = sets.join(tgt, how="cross").with_columns(
+        pl.lit(method).alias("method"), pl.lit(positions).alias("positions"), pl.lit(pc["operation"]).alias("operation"),
+        pl.lit(pc["direction"]).alias("direction"), pl.lit(target).alias("target_format"),
+        pl.lit(source).alias("source_format"), pl.lit(N_ALIGNED, pl.Int32).alias("n_patched_positions"))
+    out = out.with_columns(logit_diff=pl.col("baseline_logit_diff") + pl.Series(rng.normal(0, 1.0, size=out.height)))
+    return out.with_columns((pl.col("logit_diff") > 0).alias("is_correct"),
+                            (pl.col("baseline_logit_diff") > 0).alias("baseline_correct")).select(PROMPT_COLUMNS).sort(
+        "method", "positions", "layer", "head_set", "prompt_id")
+
+
+def attribution_tables(prompts: pl.DataFrame, discriminative: pl.DataFrame, config: dict,
+                       rng: np.random.Generator) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(attribution, parity) of every analysed layer: the real summarise/parity code on random direct attributions."""
+    from bugscope.attribution import attribution_features
+
+    pr, fcfg = config["prompts"], config["features"]
+    n_heads = config["model"]["num_heads"]
+    sel = prompts.filter(pl.col("format").is_in([pr["buggy_format"], pr["correct_format"]]))
+    formats = sel["format"].to_numpy()
+    n = sel.height
+    named = named_feature_ids(fcfg["named"])
+    per_layer, parity = [], []
+    for layer in analysed_layers(config):
+        n_top = fcfg["attribution"]["n_features"]
+        feats, sources = attribution_features(discriminative, named, layer, n_top)
+        # Random codes rarely give significant features: take the study's count (n_features per direction).
+        filler = [i for i in range(1, 4 * n_top) if i not in feats][:max(0, 2 * n_top + 15 - len(feats))]
+        feats, sources = [*feats, *filler], [*sources, *["discriminative_synthetic"] * len(filler)]
+        f = len(feats)
+
+        def t(*shape):
+            return torch.from_numpy(rng.normal(size=shape).astype(np.float32))
+        res = {"heads": t(n_heads, n, f), **{c: t(n, f) for c in COMPONENTS}, "pre": t(n, f), "act": t(n, f),
+               **{f"{m}_{w}": t(n_heads, n, f) for m in ("zero", "mean") for w in ("pre", "act")}}
+        table = summarise_attribution(res, layer=layer, feature_ids=feats, sources=sources, formats=formats)
+        per_layer.append(table)
+        parity.append(parity_rows(table, layer=layer, buggy_format=pr["buggy_format"],
+                                  correct_format=pr["correct_format"],
+                                  n_permutations=fcfg["attribution"]["n_permutations"], seed=config["seed"]))
+    return pl.concat(per_layer), pl.concat(parity)
+
+
+def build_inputs(config: dict, root: Path) -> None:
+    """Write, under `root`, the tables the light steps read (the layout's paths; results/ inside `root`)."""
+    rng = np.random.default_rng(0)
+    put = lambda spec, data, path, **extra: _write(root, spec, data, path, _meta(spec, config, **extra))  # noqa: E731
+    layers = analysed_layers(config)
+    focus = list(config["focus_layers"])
+    n_heads = config["model"]["num_heads"]
+    boot = config["bootstrap"]
+
+    prompts = prompt_table(config)
+    put(tables.PROMPTS, prompts, layout.PROMPTS)
+    scores = scores_table(prompts, rng)
+    put(tables.BASELINE_SCORES, scores, layout.BASELINE_SCORES)
+    put(tables.BASELINE_ACCURACY, accuracy_by_format(scores, n_resamples=boot["n_resamples"],
+                                                     confidence=boot["confidence"], seed=config["seed"]),
+        layout.BASELINE_ACCURACY)
+
+    for layer in layers:
+        hook = hook_name(layer, config["cache"]["site"])
+        put(tables.FEATURES, feature_table(prompts, layer, rng), layout.FEATURES.format(hook=hook), layer=layer,
+            hook_name=hook, d_sae=D_SAE, positions="aligned")
+        quality = {f.name: None for f in QUALITY_SCHEMA}
+        quality.update(layer=layer, hook_name=hook, source="pretrained", d_sae=D_SAE, n_prompts=prompts.height,
+                       **{c: float(rng.random()) for c in ("ev_prompts", "mse_prompts", "l0_prompts", "ev_corpus",
+                                                           "mse_corpus", "l0_corpus", "dead_fraction",
+                                                           "logit_diff_clean", "logit_diff_sae", "delta_logit_diff",
+                                                           "accuracy_clean", "accuracy_sae")},
+                       n_tokens_prompts=prompts.height * N_ALIGNED, n_tokens_corpus=20_000)
+        put(tables.SAE_QUALITY_LAYER, pa.Table.from_pylist([quality], schema=QUALITY_SCHEMA),
+            layout.SAE_QUALITY_LAYER.format(hook=hook), layer=layer, hook_name=hook)
+
+    sweep_sets = {}
+    for layer in layers:
+        extra = subset_head_sets(n_heads, pools=["even", "odd"], sizes=[2, 4], samples=EXTRA_SUBSETS // 4,
+                                 seed=config["seed"], layer=layer)
+        # The focus layer's subsets come from the subsets rule (the same names): no extra ones there.
+        sweep_sets[layer] = named_head_sets(n_heads) + ([] if layer in focus else extra)
+    for group, group_layers in layer_groups(layers, config["resources"]["layers_per_job"]).items():
+        rows = patch_rows(prompts, scores, {layer: sweep_sets[layer] for layer in group_layers}, config,
+                          method="per_head", positions=config["patching"]["positions"], rng=rng)
+        put(tables.PATCHING_SWEEP_GROUP, rows, layout.PATCHING_SWEEP_GROUP.format(group=group), mode="sweep",
+            layers=group_layers)
+    sub = config["patching"]["subsets"]
+    subsets = {layer: subset_head_sets(n_heads, pools=sub["pools"], sizes=sub["sizes"], samples=sub["samples"],
+                                       seed=config["seed"], layer=layer) for layer in focus}
+    put(tables.PATCHING_SUBSETS_PROMPTS, patch_rows(prompts, scores, subsets, config, method="per_head",
+                                                    positions=config["patching"]["positions"], rng=rng),
+        layout.PATCHING_SUBSETS_PROMPTS, mode="subsets", focus_layers=focus, focus_layer_source="config",
+        subset_seed=config["seed"])
+
+    original_sets = {layer: [s for s in named_head_sets(n_heads) if s.family != "single"] for layer in focus}
+    original = pl.concat([patch_rows(prompts, scores, original_sets, config, method=m, positions=p, rng=rng)
+                          for m, p in (("per_head", config["patching"]["positions"]), ("original", "original"))])
+    put(tables.PATCHING_ORIGINAL_METHOD_PROMPTS, original, layout.PATCHING_ORIGINAL_METHOD_PROMPTS,
+        mode="original_method", focus_layers=focus)
+    put(tables.PATCHING_ORIGINAL_METHOD, summary_table(original, n_resamples=boot["n_resamples"],
+                                                       confidence=boot["confidence"], seed=config["seed"]),
+        layout.PATCHING_ORIGINAL_METHOD, mode="original_method", focus_layers=focus)
+
+
+def build_attribution(config: dict, root: Path) -> None:
+    """The head-attribution and parity tables, from the discriminative table a step wrote under `root`."""
+    discriminative = tables.frame(tables.DISCRIMINATIVE_FEATURES, config, root / layout.DISCRIMINATIVE_FEATURES)
+    prompts = tables.frame(tables.PROMPTS, config, root / layout.PROMPTS)
+    attribution, parity = attribution_tables(prompts, discriminative, config, np.random.default_rng(1))
+    _write(root, tables.HEAD_FEATURE_ATTRIBUTION, attribution, layout.HEAD_FEATURE_ATTRIBUTION,
+           _meta(tables.HEAD_FEATURE_ATTRIBUTION, config, position="decision"))
+    _write(root, tables.HEAD_PARITY, parity, layout.HEAD_PARITY, _meta(tables.HEAD_PARITY, config))
+
+
+def _write(root: Path, spec: tables.Table, data, path: str, meta: dict) -> None:
+    out = root / path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tables.write(spec, data, out, meta)

@@ -1,0 +1,196 @@
+"""Every light step (a local rule: it runs on the login node) stays under 2 GB at the 8B study's sizes.
+
+The inputs are synthetic tables of config/llama31_8b.yaml's sizes with their writers' schemas
+(tests/eightb_tables.py). Each step runs its real workflow script, in a child process of its own,
+with a stand-in for the `snakemake` object; the child reports its peak resident memory, VmHWM from
+/proc/self/status (ru_maxrss would carry over pytest's own peak across exec on Linux). The peak
+counts everything the step does: imports, reading, computing, writing, rendering.
+The patching summary's bootstrap alone is also measured in tests/test_stats.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bugscope import claims, layout
+from bugscope.config import analysed_layers, layer_groups, load_config, stage_hash
+from bugscope.sites import hook_name
+from tests.conftest import REPO
+from tests.eightb_tables import build_attribution, build_inputs
+
+LIMIT_MB = 2048
+CONFIG = REPO / "config" / "llama31_8b.yaml"
+
+# The child: a `snakemake` stand-in (named lists as Snakemake gives them) and the real script.
+RUNNER = textwrap.dedent("""
+    import json, os, runpy, sys
+    spec = json.loads(sys.argv[1])
+    os.chdir(spec["root"])
+    from bugscope.config import load_config
+
+    class Named(list):
+        def __init__(self, items):
+            super().__init__()
+            self._names = {}
+            for key, value in items.items():
+                self._names[key] = value
+                self.extend(value) if isinstance(value, list) else self.append(value)
+        def __getattr__(self, key):
+            try:
+                return self.__dict__["_names"][key]
+            except KeyError:
+                raise AttributeError(key) from None
+        def __getitem__(self, key):
+            return self._names[key] if isinstance(key, str) else super().__getitem__(key)
+        def keys(self):
+            return self._names.keys()
+
+    class Snakemake:
+        pass
+    smk = Snakemake()
+    smk.input, smk.output, smk.params = Named(spec["input"]), Named(spec["output"]), Named(spec["params"])
+    smk.wildcards, smk.log = Named(spec["wildcards"]), Named({"log": spec["log"]})
+    smk.config, smk.rule, smk.threads = load_config(spec["config"]), spec["rule"], 1
+    code = 0
+    try:
+        runpy.run_path(spec["script"], init_globals={"snakemake": smk}, run_name="__main__")
+    except SystemExit as exit:
+        code = exit.code or 0
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    print(json.dumps({"peak_mb": int(line.split()[1]) / 1024, "code": code}))
+""")
+
+
+def _figure(name: str, **inputs) -> dict:
+    return {"script": f"fig_{name}.py", "input": inputs,
+            "output": {ext: layout.figure(name, ext) for ext in ("svg", "png", "html")},
+            "params": {"png_scale": CFG["figures"]["png_scale"]}, "log": f"{layout.LOGS}/figures/{name}.log"}
+
+
+CFG = load_config(CONFIG)
+LAYERS = analysed_layers(CFG)
+HOOKS = [hook_name(layer, CFG["cache"]["site"]) for layer in LAYERS]
+NAMED_LAYERS = sorted(int(layer) for layer in CFG["features"]["named"])
+FEATURES = [layout.FEATURES.format(hook=hook) for hook in HOOKS]
+FEATURE_HASH = stage_hash(CFG, "features")
+
+# rule: (the steps whose outputs it reads, how the rule calls its script); the rules of workflow/rules/*.smk.
+STEPS = {
+    "head_patching_summary": ([], {
+        "script": "head_patching_summary.py",
+        "input": {"sweep": [layout.PATCHING_SWEEP_GROUP.format(group=g) for g in
+                            layer_groups(LAYERS, CFG["resources"]["layers_per_job"])],
+                  "subsets": layout.PATCHING_SUBSETS_PROMPTS, "scores": layout.BASELINE_SCORES},
+        "output": {"prompts": layout.PATCHING_PROMPTS, "summary": layout.PATCHING_SUMMARY},
+        "params": {"config_hash": stage_hash(CFG, "patching_summary")}}),
+    "feature_overlap": ([], {
+        "script": "feature_overlap.py", "input": {"prompts": layout.PROMPTS, "features": FEATURES},
+        "output": {"overlap": layout.FEATURE_OVERLAP, "pairs": layout.FEATURE_OVERLAP_PAIRS},
+        "params": {"layers": LAYERS, "config_hash": FEATURE_HASH}}),
+    "discriminative_features": ([], {
+        "script": "discriminative_features.py",
+        "input": {"prompts": layout.PROMPTS, "scores": layout.BASELINE_SCORES, "features": FEATURES},
+        "output": {"discriminative": layout.DISCRIMINATIVE_FEATURES},
+        "params": {"layers": LAYERS, "config_hash": FEATURE_HASH}}),
+    "named_features": ([], {
+        "script": "named_features.py",
+        "input": {"prompts": layout.PROMPTS,
+                  "features": [layout.FEATURES.format(hook=hook_name(la, CFG["cache"]["site"])) for la in NAMED_LAYERS]},
+        "output": {"named": layout.NAMED_FEATURES}, "params": {"layers": NAMED_LAYERS, "config_hash": FEATURE_HASH}}),
+    "aggregate_sae_quality": ([], {
+        "script": "aggregate_sae_quality.py",
+        "input": {"quality": [layout.SAE_QUALITY_LAYER.format(hook=hook) for hook in HOOKS]},
+        "output": {"quality": layout.SAE_QUALITY}, "params": {"config_hash": stage_hash(CFG, "sae")}}),
+    "fig_baseline_accuracy": ([], _figure("baseline_accuracy", accuracy=layout.BASELINE_ACCURACY)),
+    "fig_feature_overlap": (["feature_overlap"], _figure("feature_overlap", overlap=layout.FEATURE_OVERLAP)),
+    "fig_amplification": (["feature_overlap"], _figure("amplification", overlap=layout.FEATURE_OVERLAP)),
+    "fig_format_features": (["discriminative_features", "named_features"], _figure(
+        "format_features", discriminative=layout.DISCRIMINATIVE_FEATURES, named=layout.NAMED_FEATURES)),
+    "fig_head_attribution": (["attribution"], _figure("head_attribution", attribution=layout.HEAD_FEATURE_ATTRIBUTION)),
+    "fig_sae_quality": (["aggregate_sae_quality"], _figure("sae_quality", quality=layout.SAE_QUALITY)),
+    "fig_head_sweep": (["head_patching_summary"], _figure("head_sweep", summary=layout.PATCHING_SUMMARY)),
+    "fig_head_subsets": (["head_patching_summary"], _figure("head_subsets", summary=layout.PATCHING_SUMMARY)),
+    "fig_original_method": ([], _figure("original_method", comparison=layout.PATCHING_ORIGINAL_METHOD)),
+    **{f"report_table_{name}": ([producer] if producer else [], {
+        "script": "report_table.py", "input": {"table": path}, "output": {"html": layout.REPORT_TABLE.format(name=name)},
+        "params": {}, "wildcards": {"name": name}})
+       for name, path, producer in (("baseline_accuracy", layout.BASELINE_ACCURACY, None),
+                                    ("feature_overlap", layout.FEATURE_OVERLAP, "feature_overlap"),
+                                    ("named_features", layout.NAMED_FEATURES, "named_features"),
+                                    ("sae_quality", layout.SAE_QUALITY, "aggregate_sae_quality"))},
+    "claims_ledger": (["head_patching_summary", "feature_overlap", "named_features", "aggregate_sae_quality",
+                       "attribution"], {
+        "script": "claims_ledger.py",
+        "input": {"ledger": str(REPO / "config" / "claims.yaml"), "prompts": layout.PROMPTS,
+                  **{name: spec.path for name, spec in claims.TABLES.items()}},
+        "output": {"claims": layout.CLAIMS, "markdown": layout.CLAIMS_MARKDOWN, "html": layout.CLAIMS_HTML},
+        "params": {}}),
+}
+
+
+class Study:
+    """The synthetic 8B tables under one folder, and the steps run on them so far (rule: result)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.results: dict[str, dict] = {}
+        build_inputs(CFG, root)
+
+    def run(self, rule: str) -> dict:
+        if rule in self.results:
+            return self.results[rule]
+        if rule == "attribution":  # a model rule: its tables are built, from the discriminative table
+            self.run("discriminative_features")
+            build_attribution(CFG, self.root)
+            self.results[rule] = {}
+            return {}
+        deps, call = STEPS[rule]
+        for dep in deps:
+            self.run(dep)
+        spec = {"root": str(self.root), "config": str(CONFIG), "rule": rule, "wildcards": {},
+                "log": f"{layout.LOGS}/{rule}.log", **call, "script": str(REPO / "workflow" / "scripts" / call["script"])}
+        proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(spec)], capture_output=True, text=True,
+                              timeout=900)
+        log = self.root / spec["log"]
+        detail = (proc.stderr[-3000:] + (log.read_text()[-3000:] if log.exists() else ""))
+        assert proc.returncode == 0, detail
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["code"] == 0, detail
+        missing = [p for p in call["output"].values() if not (self.root / p).exists()]
+        assert not missing, f"{rule} did not write {missing}: {detail}"
+        self.results[rule] = result
+        return result
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return Study(tmp_path_factory.mktemp("eightb"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", list(STEPS))
+def test_light_step_at_8b_sizes_stays_under_2_gb(study, rule):
+    result = study.run(rule)
+    print(f"{rule}: peak {result['peak_mb']:.0f} MB")
+    assert result["peak_mb"] <= LIMIT_MB, f"{rule} peaked at {result['peak_mb']:.0f} MB (limit {LIMIT_MB} MB)"
+
+
+def test_every_local_rule_of_the_workflow_is_measured():
+    """A new local rule gets a memory test: every `localrules:` name but the ones that only prepare inputs."""
+    import re
+
+    local = set()
+    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
+        for block in re.findall(r"^localrules:\n((?:    .+\n)+)", smk.read_text(), flags=re.M):
+            local |= {name.strip().rstrip(",") for name in block.splitlines()}
+    # all: a target; prepare_model, build_prompts, prepare_corpus: they read the tokenizer and the
+    # prompt and corpus sources, no table of the study's sizes.
+    unmeasured = local - {"all", "prepare_model", "build_prompts", "prepare_corpus"}
+    measured = {rule.split("_table_")[0] + "_table" if rule.startswith("report_table") else rule for rule in STEPS}
+    assert unmeasured <= measured, f"local rules without a memory test: {sorted(unmeasured - measured)}"
