@@ -40,41 +40,29 @@ SUMMARY_KEYS = ["method", "positions", "operation", "direction", "target_format"
                 "order", "layer", "head_set"]
 HEAD_SET_COLUMNS = ["family", "pool", "k", "sample", "heads"]
 _SPLIT = ["method", "positions", "operation", "direction"]
+_TARGET = ["prompt_id", "pair_id", "pair_kind", "order", "baseline_logit_diff", "source_logit_diff"]
 
 
-def _matrix(per_prompt: pl.DataFrame, groups: pl.DataFrame, keys: list[str], column: str, index: dict) -> np.ndarray:
-    mat = np.full((len(index), groups.height), np.nan)
-    gkey = per_prompt.select(keys).join(groups.with_row_index("_g"), on=keys, how="left", maintain_order="left")["_g"]
-    rows_idx = np.array([index[p] for p in per_prompt["prompt_id"].to_list()])
-    mat[rows_idx, gkey.to_numpy()] = per_prompt[column].to_numpy()
-    return mat
-
-
-def summarise(per_prompt: pl.DataFrame, *, keys: Sequence[str], n_resamples: int, confidence: float,
-              seed: int) -> pl.DataFrame:
-    """One row per `keys` group (e.g. layer, head_set): the rates of the module docstring with CIs.
-
-    `per_prompt` has prompt_id, pair_id, logit_diff, baseline_logit_diff and source_logit_diff, and
-    optionally p_correct (the fraction of several head sets under which the prompt is right; the
-    random-head control), else p_correct = logit_diff > 0.
-    """
-    keys = list(keys)
+def _matrices(per_prompt: pl.DataFrame, keys: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray]:
+    """(groups: the unique `keys`, targets: one row per prompt_id, ld [targets, groups])."""
     groups = per_prompt.select(keys).unique(maintain_order=True)
-    pids = np.sort(per_prompt["prompt_id"].unique().to_numpy())
-    per_target = per_prompt.unique("prompt_id").sort("prompt_id")
-    base = per_target["baseline_logit_diff"].to_numpy()
-    src = per_target["source_logit_diff"].to_numpy()
-    pairs = per_target["pair_id"].to_numpy()
-    index = {pid: i for i, pid in enumerate(pids)}
-    m = groups.height
-    ld = _matrix(per_prompt, groups, keys, "logit_diff", index)
+    targets = per_prompt.select(*[c for c in _TARGET if c in per_prompt.columns]).unique("prompt_id").sort("prompt_id")
+    index = {pid: i for i, pid in enumerate(targets["prompt_id"].to_list())}
+    ld = np.full((targets.height, groups.height), np.nan)
+    gkey = per_prompt.select(keys).join(groups.with_row_index("_g"), on=keys, how="left", maintain_order="left")["_g"]
+    rows = np.array([index[p] for p in per_prompt["prompt_id"].to_list()])
+    ld[rows, gkey.to_numpy()] = per_prompt["logit_diff"].to_numpy()
     if np.isnan(ld).any():
         raise ValueError("summarise: some (group, prompt) cells are missing; every group must cover every prompt.")
-    right = (_matrix(per_prompt, groups, keys, "p_correct", index) if "p_correct" in per_prompt.columns
-             else (ld > 0).astype(float))
+    return groups, targets, ld
+
+
+def _rates(ld: np.ndarray, right: np.ndarray, base: np.ndarray, src: np.ndarray, pairs: np.ndarray,
+           boot: dict) -> dict[str, np.ndarray]:
+    """The columns of the module docstring for targets x groups matrices (right: fraction right)."""
+    m = ld.shape[1]
     wrong_base, right_base = base <= 0, base > 0
     eligible = wrong_base & (src > 0)
-    boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
 
     def ci(values):  # rows outside a rate's condition are NaN
         return cluster_bootstrap_mean_ci_columns(values, pairs, **boot)
@@ -93,8 +81,8 @@ def summarise(per_prompt: pl.DataFrame, *, keys: Sequence[str], n_resamples: int
     mean_ld = ci(ld)
     b_acc = [v[0] for v in ci(right_base.astype(float)[:, None])]
     b_ld = [v[0] for v in ci(base[:, None])]
-    cols = {
-        "n_prompts": np.full(m, len(pids)), "n_pairs": np.full(m, len(np.unique(pairs))),
+    return {
+        "n_prompts": np.full(m, len(base)), "n_pairs": np.full(m, len(np.unique(pairs))),
         "n_eligible": np.full(m, int(eligible.sum())), "n_baseline_wrong": np.full(m, int(wrong_base.sum())),
         "n_baseline_right": np.full(m, int(right_base.sum())),
         "success_rate": succ[0], "success_low": succ[1], "success_high": succ[2],
@@ -109,60 +97,89 @@ def summarise(per_prompt: pl.DataFrame, *, keys: Sequence[str], n_resamples: int
         "baseline_mean_logit_diff": np.full(m, b_ld[0]),
         "baseline_logit_diff_low": np.full(m, b_ld[1]), "baseline_logit_diff_high": np.full(m, b_ld[2]),
     }
+
+
+def _frame(groups: pl.DataFrame, cols: dict[str, np.ndarray], confidence: float) -> pl.DataFrame:
     return groups.with_columns(**{k: pl.Series(k, v) for k, v in cols.items()}).with_columns(
         pl.lit(confidence).alias("confidence"))
 
 
-def random_control(per_prompt: pl.DataFrame, n_heads: int) -> pl.DataFrame:
-    """Per-prompt rows of the random-head control: for k the size of the even and of the odd pool,
-    the mean logit difference and the fraction right over the random all-head subsets of k heads."""
+def summarise(per_prompt: pl.DataFrame, *, keys: Sequence[str], n_resamples: int, confidence: float,
+              seed: int) -> pl.DataFrame:
+    """One row per `keys` group (e.g. layer, head_set) over all prompts: the rates of the module
+    docstring. `per_prompt` has prompt_id, pair_id, logit_diff, baseline_logit_diff, source_logit_diff."""
+    groups, targets, ld = _matrices(per_prompt, list(keys))
+    cols = _rates(ld, (ld > 0).astype(float), targets["baseline_logit_diff"].to_numpy(),
+                  targets["source_logit_diff"].to_numpy(), targets["pair_id"].to_numpy(),
+                  {"n_resamples": n_resamples, "confidence": confidence, "seed": seed})
+    return _frame(groups, cols, confidence)
+
+
+def _with_random_control(groups: pl.DataFrame, ld: np.ndarray, right: np.ndarray, n_heads: int):
+    """Adds the random-head control columns: for k the size of the even and of the odd pool, the
+    mean logit difference and the fraction right over the random all-head subsets of k heads."""
     sizes = sorted({len(pool_heads("even", n_heads)), len(pool_heads("odd", n_heads))} - {0})
-    drawn = per_prompt.filter(pl.col("family") == "subset", pl.col("pool") == "all", pl.col("k").is_in(sizes))
-    if drawn.height == 0:
-        return per_prompt.clear().with_columns(pl.lit(None, pl.Float64).alias("p_correct"))
-    by = [c for c in per_prompt.columns if c not in ("head_set", "family", "sample", "heads", "logit_diff", "is_correct")]
-    out = drawn.group_by(by, maintain_order=True).agg(
-        pl.col("logit_diff").mean(), (pl.col("logit_diff") > 0).cast(pl.Float64).mean().alias("p_correct"))
-    return out.with_columns(
-        pl.format("random_k{}", pl.col("k")).alias("head_set"), pl.lit("random_control").alias("family"),
-        pl.lit(-1, pl.Int32).alias("sample"), pl.lit([], pl.List(pl.Int32)).alias("heads"),
-        (pl.col("logit_diff") > 0).alias("is_correct"))
+    is_drawn = (groups["family"] == "subset") & (groups["pool"] == "all")
+    extra, ld_cols, right_cols = [], [], []
+    for _, sub in groups.with_row_index("_g").filter(is_drawn).group_by(
+            ["layer", *[c for c in groups.columns if c not in ("layer", "head_set", *HEAD_SET_COLUMNS)]],
+            maintain_order=True):
+        for k in sizes:
+            cols = sub.filter(pl.col("k") == k)["_g"].to_numpy()
+            if len(cols) == 0:
+                continue
+            row = sub.row(0, named=True)
+            extra.append({**{c: row[c] for c in groups.columns}, "head_set": f"random_k{k}",
+                          "family": "random_control", "k": k, "sample": -1, "heads": []})
+            ld_cols.append(ld[:, cols].mean(axis=1))
+            right_cols.append(right[:, cols].mean(axis=1))
+    if not extra:
+        return groups, ld, right
+    more = pl.DataFrame(extra, schema=groups.schema)
+    return (pl.concat([groups, more]), np.column_stack([ld, *ld_cols]), np.column_stack([right, *right_cols]))
 
 
-def _splits(per_prompt: pl.DataFrame):
-    """(pair_kind, order, rows): every kind and order, and each pooled."""
-    kinds = [ALL, *sorted(per_prompt["pair_kind"].unique().to_list())]
-    orders = [ALL, *sorted(per_prompt["order"].unique().to_list())]
-    for kind in kinds:
-        for order in orders:
-            sub = per_prompt
-            if kind != ALL:
-                sub = sub.filter(pl.col("pair_kind") == kind)
-            if order != ALL:
-                sub = sub.filter(pl.col("order") == order)
-            if sub.height:
-                yield kind, order, sub
+def _splits(targets: pl.DataFrame):
+    """(pair_kind, order, row mask over targets): every kind and order, and each pooled."""
+    kinds = [ALL, *sorted(targets["pair_kind"].unique().to_list())]
+    orders = [ALL, *sorted(targets["order"].unique().to_list())]
+    kind, order = targets["pair_kind"].cast(pl.String).to_numpy(), targets["order"].cast(pl.String).to_numpy()
+    for k in kinds:
+        for o in orders:
+            mask = ((kind == k) | (k == ALL)) & ((order == o) | (o == ALL))
+            if mask.any():
+                yield k, o, mask
 
 
 def summary_table(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: float, seed: int,
                   n_heads: int | None = None) -> pl.DataFrame:
-    """One row per (method, positions, ..., pair kind, order, layer, head set): `summarise` plus the
-    head-set columns. With `n_heads`, the random-head control rows are added where subsets exist."""
-    if n_heads is not None:
-        control = random_control(per_prompt, n_heads)
-        if control.height:
-            per_prompt = per_prompt.with_columns(pl.lit(None, pl.Float64).alias("p_correct"))
-            per_prompt = pl.concat([per_prompt, control.select(per_prompt.columns).cast(dict(per_prompt.schema))])
+    """One row per (method, positions, ..., pair kind, order, layer, head set): the rates of the
+    module docstring plus the head-set columns. With `n_heads`, the random-head control rows are
+    added where the subsets were run."""
     set_keys = [k for k in SUMMARY_KEYS if k not in ("pair_kind", "order")]
-    sets = per_prompt.select(*set_keys, *HEAD_SET_COLUMNS).unique(set_keys, maintain_order=True)
+    boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
     parts = []
     for _, by_method in per_prompt.group_by(_SPLIT, maintain_order=True):
-        for kind, order, sub in _splits(by_method):
-            sub = sub.with_columns(pl.lit(kind).alias("pair_kind"), pl.lit(order).alias("order"))
-            if "p_correct" in sub.columns:
-                sub = sub.with_columns(pl.col("p_correct").fill_null((pl.col("logit_diff") > 0).cast(pl.Float64)))
-            parts.append(summarise(sub, keys=SUMMARY_KEYS, n_resamples=n_resamples, confidence=confidence, seed=seed))
-    out = pl.concat(parts).join(sets, on=set_keys, how="left", maintain_order="left")
+        groups, targets, ld = _matrices(by_method, set_keys)
+        sets = by_method.select(*set_keys, *HEAD_SET_COLUMNS).unique(set_keys, maintain_order=True)
+        groups = groups.join(sets, on=set_keys, how="left", maintain_order="left")
+        right = (ld > 0).astype(float)
+        if n_heads is not None:
+            groups, ld, right = _with_random_control(groups, ld, right, n_heads)
+        base, src = targets["baseline_logit_diff"].to_numpy(), targets["source_logit_diff"].to_numpy()
+        pairs = targets["pair_id"].to_numpy()
+        for kind, order, mask in _splits(targets):
+            cols = _rates(ld[mask], right[mask], base[mask], src[mask], pairs[mask], boot)
+            parts.append(_frame(groups.with_columns(pl.lit(kind).alias("pair_kind"), pl.lit(order).alias("order")),
+                                cols, confidence))
+    return concat_summaries(parts)
+
+
+def concat_summaries(parts: Sequence[pl.DataFrame]) -> pl.DataFrame:
+    """`summary_table`s of disjoint head sets of the same target prompts as one table. Its rows are
+    the same as one `summary_table` of all of them: every group's interval uses the same resampled
+    pairs (the seed and the pairs decide the draws), so the inputs can be summarised one at a time."""
+    out = pl.concat(parts)
     first = [*SUMMARY_KEYS, *HEAD_SET_COLUMNS]
     return out.select(*first, *[c for c in out.columns if c not in first]).sort(
         "method", "positions", "pair_kind", "order", "layer", "family", "head_set")
