@@ -107,3 +107,20 @@ def test_pair_level_ci_is_wider_than_the_prompt_level_one_when_orders_move_toget
     _, p_low, p_high = stats.bootstrap_mean_ci_columns(x, n_resamples=4000, confidence=0.95, seed=0)
     _, c_low, c_high = stats.cluster_bootstrap_mean_ci_columns(x, pairs, n_resamples=4000, confidence=0.95, seed=0)
     assert (c_high - c_low)[0] > 1.3 * (p_high - p_low)[0]  # about sqrt(2) wider
+
+
+def test_cluster_resampled_means_are_the_draws_of_the_cluster_bootstrap():
+    # The helper behind the overlap summary: the same draws, so its percentiles are the CI of
+    # cluster_bootstrap_mean_ci_columns, and a hand computation of one resample agrees.
+    x = np.array([[1.0, 1.0], [3.0, np.nan], [10.0, 0.0], [2.0, 1.0], [2.0, 1.0], [5.0, 0.0]])
+    clusters = np.array([7, 7, 3, 9, 9, 9])
+    index = np.unique(clusters, return_inverse=True)[1]
+    weights = stats.cluster_resample_weights(3, n_resamples=50, seed=4)
+    assert weights.shape == (50, 3) and (weights.sum(axis=1) == 3).all()
+    means = stats.cluster_resampled_means(x, index, weights)
+    _, low, high = stats.cluster_bootstrap_mean_ci_columns(x, clusters, n_resamples=50, confidence=0.8, seed=4)
+    ref_low, ref_high = np.nanquantile(means, [0.1, 0.9], axis=0)
+    assert low == pytest.approx(ref_low) and high == pytest.approx(ref_high)
+    rows = {0: [2], 1: [0, 1], 2: [3, 4, 5]}
+    picked = x[[r for c in range(3) for _ in range(int(weights[0, c])) for r in rows[c]]]
+    assert means[0] == pytest.approx(np.nanmean(picked, axis=0))

@@ -90,6 +90,38 @@ def cluster_bootstrap_mean_ci_columns(matrix, clusters, *, n_resamples: int, con
     return point, low, high
 
 
+def cluster_resample_weights(n_clusters: int, *, n_resamples: int, seed: int) -> np.ndarray:
+    """[n_resamples, n_clusters] counts: how often each cluster is drawn in each resample.
+
+    The draws of `cluster_bootstrap_mean_ci_columns` (clusters in sorted label order). Several
+    tables whose rows carry the same cluster labels share one weight matrix, so a statistic that
+    combines them (a difference of two means) is computed within each resample.
+    """
+    draws = np.random.default_rng(seed).integers(0, n_clusters, size=(n_resamples, n_clusters))
+    weights = np.zeros((n_resamples, n_clusters))
+    np.add.at(weights, (np.repeat(np.arange(n_resamples), n_clusters), draws.ravel()), 1.0)
+    return weights
+
+
+def cluster_resampled_means(matrix, cluster_index, weights: np.ndarray) -> np.ndarray:
+    """[n_resamples, m] resampled column means of an [n, m] array whose row i is in cluster
+    `cluster_index[i]` (0 .. n_clusters - 1, the columns of `weights`).
+
+    NaN cells are left out of their column; a resample that draws no value of a column is NaN
+    there. By counts: sum(w_c * S_c) / sum(w_c * N_c), so memory is [n_clusters + n_resamples, m],
+    whatever the number of rows.
+    """
+    x = np.asarray(matrix, dtype=np.float64)
+    idx = np.asarray(cluster_index, dtype=np.int64)
+    valid = ~np.isnan(x)
+    sums = np.zeros((weights.shape[1], x.shape[1]))
+    counts = np.zeros_like(sums)
+    np.add.at(sums, idx, np.where(valid, x, 0.0))
+    np.add.at(counts, idx, valid.astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (weights @ sums) / (weights @ counts)
+
+
 # --- seeds: every random draw derives from the config's master seed, here -----------------------
 # New draws use `derived_seed`. The SAE seeds and the head-subset draws predate it and keep their
 # own derivations, so that results made before stay reproducible bit for bit.
