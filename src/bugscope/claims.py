@@ -24,8 +24,12 @@ A check selects rows of one table (`where`), reduces them to one row (`aggregate
     local_max: true               the selected layer's CI lies above the CI of some earlier and
                                   some later layer (feature_overlap rows)
 
-`also: {column: at_most/at_least x}` adds a condition on other columns of the selected row (e.g. a
-p-value). Decisions use point estimates; each row reports the interval and n beside them.
+`also: {column: {at_most/at_least/above/below: x}}` adds a condition on other columns of the
+selected row (e.g. a p-value, or a CI bound: `{format_effect_pct_low: {above: 0}}`; above / below
+are strict). `beside: [columns]` reports other columns of the selected row (with their `_low` /
+`_high` interval where the table has one) in `detail` without testing them: an overlap is shown
+with its same-format chance level. Decisions use point estimates unless a check tests a CI bound;
+each row reports the interval and n beside them.
 
 `where` values: a scalar (equality), a list (membership), `{not: v}`, `{between: [a, b]}`,
 `{depth: f}` (the layer round(f * (num_layers - 1)): a layer at the same relative depth as the
@@ -153,6 +157,7 @@ def referenced_columns(check: dict) -> list[str]:
     cols += metric_columns(check["metric"])
     cols += list(check.get("ci", []))
     cols += list(check.get("also", {}))
+    cols += list(check.get("beside", []))
     for v in check.get("where", {}).values():
         if isinstance(v, dict) and "after" in v:
             cols.append(v["after"])
@@ -256,6 +261,20 @@ def _ci(df: pl.DataFrame, row: int, check: dict, value: float) -> tuple[float | 
     if check.get("aggregate", "").endswith("_abs") and value < 0 and lo is not None and hi is not None:
         lo, hi = -hi, -lo
     return lo, hi
+
+
+ALSO_OPS = {"at_most": lambda v, x: v <= x, "at_least": lambda v, x: v >= x,
+            "above": lambda v, x: v > x, "below": lambda v, x: v < x}
+
+
+def _beside(df: pl.DataFrame, row: int, col: str) -> str:
+    """'col=v [low, high]' of the selected row, for `beside` (not tested)."""
+    if col not in df.columns:
+        raise LedgerError(f"beside: column {col!r} is not in the table (columns: {', '.join(df.columns)}).")
+    v = df[col][row]
+    lo, hi = (df[f"{col}_{b}"][row] if f"{col}_{b}" in df.columns else None for b in ("low", "high"))
+    ci = f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""
+    return f"{col}={v:.3g}{ci}" if v is not None else f"{col}=null"
 
 
 def _describe_row(df: pl.DataFrame, row: int, where: Mapping) -> str:
@@ -367,9 +386,12 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
         if v is None:
             raise NotTestable(f"{col} is null on the selected row")
         for op, x in cond.items():
-            passed = v <= x if op == "at_most" else v >= x
-            ok = ok and passed
+            if op not in ALSO_OPS:
+                raise LedgerError(f"also: {col}: {op!r} is not one of {', '.join(ALSO_OPS)}.")
+            ok = ok and ALSO_OPS[op](v, x)
             note = (note + "; " if note else "") + f"{col}={v:.3g} ({op} {x})"
+    for col in check.get("beside", []):
+        note = (note + "; " if note else "") + f"beside: {_beside(sel, row, col)}"
     return {"ok": bool(ok), "value": value, "low": low, "high": high, "n": n,
             "selected": _describe_row(sel, row, where), "note": note}
 
