@@ -1,14 +1,19 @@
-"""Overlap of the top-k feature sets of the two formats, per prompt pair and pooled, summarised per layer.
+"""Overlap of the top-k feature sets of the two formats, per prompt pair and pooled, summarised per
+layer with cluster-bootstrap CIs and beside the same-format chance levels (bugscope.features.baselines).
 
 Definitions (also in config/README.md):
 - shared / buggy_only / correct_only: sizes of the intersection and of the two differences of the
   two top-k sets of a pair; overlap_pct = 100 * shared / k; jaccard = shared / |union| (null when
   both sets are empty).
-- amplification: mean over the shared features of value_buggy / value_correct. Shared features
+- amplification_geomean: exp of the mean over the shared features of log(value_buggy /
+  value_correct); per layer, exp of the mean over pairs of these mean log ratios. Symmetric in the
+  two formats and about 1 under the null. AMPLIFICATION_ORIGINAL: the original study's mean of
+  the ratios, biased above 1 under the null, kept to compare with the original. Shared features
   have value > 0 in both formats, so no ratio divides by zero; a pair without shared features has
-  no amplification (null) and is left out of that column's mean.
+  no amplification (null) and is left out of those columns' means.
 - pooled variant (the seed's): top-k of the format-mean value vectors (mean over every prompt of
   the format, absent = 0), then the same statistics; one number per layer, no CI.
+- every CI resamples number pairs (`pair_id`: both question orders of a drawn pair together).
 """
 
 from __future__ import annotations
