@@ -26,7 +26,8 @@ def _prompts(n_questions: int, decision_pos: int = 5, aligned=(0, 2, 5)):
     rows = []
     for q in range(n_questions):
         for j, fmt in enumerate(("qa", "simple")):
-            rows.append({"prompt_id": 2 * q + j, "question_id": q, "pair_id": q // 2, "format": fmt,
+            rows.append({"prompt_id": 2 * q + j, "question_id": q, "pair_id": q // 2, "pair_kind": "shorter_bigger",
+                         "order": ("correct_first", "wrong_first")[q % 2], "format": fmt,
                          "decision_pos": decision_pos, "aligned_positions": list(aligned)})
     return pl.DataFrame(rows, schema_overrides={"prompt_id": pl.Int32, "aligned_positions": pl.List(pl.Int32)})
 
@@ -67,8 +68,9 @@ def test_pair_overlap_known_answers(handmade):
     assert out["overlap_pct"].to_list() == pytest.approx([200 / 3, 0.0, 0.0, 100 / 3])
     jac = out["jaccard"].to_list()
     assert jac[0] == pytest.approx(0.5) and jac[1] == 0.0 and jac[2] is None and jac[3] == pytest.approx(0.25)
-    amp = out["amplification"].to_list()
-    assert amp[0] == pytest.approx(2.0) and amp[1] is None and amp[2] is None and amp[3] == pytest.approx(0.5)
+    for col in ("amplification_geomean", "amplification_original_mean_of_ratios"):
+        amp = out[col].to_list()
+        assert amp[0] == pytest.approx(2.0) and amp[1] is None and amp[2] is None and amp[3] == pytest.approx(0.5)
 
 
 def test_aligned_mean_and_pooled(handmade):
@@ -86,9 +88,10 @@ def test_aligned_mean_and_pooled(handmade):
     assert w.rows() == [(0, 2, 0.5), (0, 5, 0.5), (1, 2, 0.5), (1, 5, 0.5)]
     pooled = F.pooled_overlap(values, pairs, k=1)
     # format means over 4 pairs: buggy {1: 0.5}, correct {1: 0.125, 2: 0.25}; top-1: {1} vs {2}
-    assert pooled["shared"] == 0 and pooled["overlap_pct"] == 0 and pooled["amplification"] is None
+    assert pooled["shared"] == 0 and pooled["overlap_pct"] == 0 and pooled["amplification_geomean"] is None
     pooled = F.pooled_overlap(values, pairs, k=2)
-    assert pooled["shared"] == 1 and pooled["amplification"] == pytest.approx(4.0)
+    assert pooled["shared"] == 1 and pooled["amplification_original_mean_of_ratios"] == pytest.approx(4.0)
+    assert pooled["amplification_geomean"] == pytest.approx(4.0)
     assert pooled["jaccard"] == pytest.approx(0.5)
     empty = F.pooled_overlap(values.clear(), pairs, k=2)
     assert empty["shared"] == 0 and empty["jaccard"] is None
@@ -100,9 +103,10 @@ def test_summary_marks_and_intervals():
     frames = []
     for layer, centre in [(0, 60.0), (5, 20.0), (10, 80.0), (15, 70.0), (29, 50.0)]:
         frames.append(pl.DataFrame({
-            "question_id": np.arange(n), "layer": layer,
+            "question_id": np.arange(n), "pair_id": np.arange(n) // 2, "layer": layer,
             "overlap_pct": np.clip(centre + rng.normal(0, 5, n), 0, 100), "jaccard": rng.random(n),
-            "amplification": np.where(rng.random(n) < 0.2, np.nan, rng.random(n) + 1),
+            "amplification_geomean": np.where(rng.random(n) < 0.2, np.nan, rng.random(n) + 1),
+            "amplification_original_mean_of_ratios": rng.random(n) + 1,
             "shared": rng.integers(0, 20, n), "buggy_only": rng.integers(0, 20, n),
             "correct_only": rng.integers(0, 20, n)}))
     per_pair = pl.concat(frames)
@@ -120,6 +124,140 @@ def test_summary_marks_and_intervals():
                                 n_resamples=500, confidence=0.95, seed=1)
     assert again.equals(out)
     assert out.filter(pl.col("variant") == "pooled").height == 5
+
+
+def _pairs(n_pairs: int) -> pl.DataFrame:
+    """Prompt pairs as the overlap stage builds them: 2 orders per number pair; prompt ids 4q (buggy), 4q + 1 (correct)."""
+    rows = [{"question_id": 2 * p + o, "pair_id": p, "order": ("correct_first", "wrong_first")[o],
+             "prompt_id_buggy": 2 * (2 * p + o), "prompt_id_correct": 2 * (2 * p + o) + 1}
+            for p in range(n_pairs) for o in range(2)]
+    return pl.DataFrame(rows, schema_overrides={c: pl.Int32 for c in ("question_id", "pair_id", "prompt_id_buggy",
+                                                                       "prompt_id_correct")})
+
+
+def _overlap_summary(value_of, n_pairs=30, layers=(0, 4, 8), k=10, n_resamples=1000, seed=0):
+    """summarise_overlap on per-prompt values `value_of(layer, prompt_id) -> [n_features]` (absent = 0)."""
+    pairs = _pairs(n_pairs)
+    couples = F.baseline_couples(pairs, "qa", "simple", seed=7)
+    per_pair, pooled, base = [], [], []
+    for layer in layers:
+        rows = [(pid, f, float(v)) for pid in range(4 * n_pairs) for f, v in enumerate(value_of(layer, pid)) if v > 0]
+        values = pl.DataFrame(rows, schema={"prompt_id": pl.Int32, "feature_id": pl.Int32, "value": pl.Float64},
+                              orient="row")
+        per_pair.append(F.pair_overlap(values, pairs, k).with_columns(pl.lit(layer).alias("layer")))
+        pooled.append({"layer": layer, **F.pooled_overlap(values, pairs, k)})
+        base.append(F.baseline_overlap(values, couples, k).with_columns(pl.lit(layer).alias("layer")))
+    return F.summarise_overlap(pl.concat(per_pair), pl.DataFrame(pooled), k=k, num_layers=10,
+                               middle_fraction=[0.25, 0.75], n_resamples=n_resamples, confidence=0.95, seed=seed,
+                               baselines=pl.concat(base)), pl.concat(per_pair)
+
+
+def test_baseline_couples_pair_other_questions_of_the_same_order_and_format():
+    pairs = _pairs(6)
+    couples = F.baseline_couples(pairs, "qa", "simple", seed=3)
+    assert couples.equals(F.baseline_couples(pairs, "qa", "simple", seed=3))  # deterministic
+    prompt = pl.concat([pairs.select("pair_id", "order", pl.lit("qa").alias("format"), pl.col("prompt_id_buggy").alias("p")),
+                        pairs.select("pair_id", "order", pl.lit("simple").alias("format"),
+                                     pl.col("prompt_id_correct").alias("p"))])
+    info = {r["p"]: (r["pair_id"], r["order"], r["format"]) for r in prompt.to_dicts()}
+    diff = couples.filter(pl.col("comparison") == "same_format_different_question")
+    assert diff.height == 24  # every question of every pair, in each format
+    for r in diff.to_dicts():
+        (pa, oa, fa), (pb, ob, fb) = info[r["prompt_id_a"]], info[r["prompt_id_b"]]
+        assert pa == r["pair_id"] and pa != pb and oa == ob and fa == fb == r["format"]
+    # a permutation cycle: each pair is once the first and once the second prompt of each (order, format)
+    assert sorted(info[p][0] for p in diff["prompt_id_b"]) == sorted(diff["pair_id"].to_list())
+    swapped = couples.filter(pl.col("comparison") == "same_format_swapped_order")
+    assert swapped.height == 12
+    for r in swapped.to_dicts():
+        a, b = info[r["prompt_id_a"]], info[r["prompt_id_b"]]
+        assert a[0] == b[0] == r["pair_id"] and (a[1], b[1]) == ("correct_first", "wrong_first") and a[2] == b[2]
+    assert F.baseline_couples(pairs, "qa", "simple", seed=4)["prompt_id_b"].to_list() != couples["prompt_id_b"].to_list()
+    with pytest.raises(ValueError, match="order"):
+        F.baseline_couples(pairs.drop("order"), "qa", "simple", seed=3)
+
+
+def test_baseline_overlap_of_identical_distributions_is_high_and_the_format_effect_is_null():
+    # Every prompt of both formats draws from one distribution: a common profile (decreasing in the
+    # feature id) times noise. Top-10 sets then share most, not all, features.
+    rng = np.random.default_rng(0)
+    profile = 1.0 / (1 + np.arange(60)) ** 0.7
+    draws = {}
+
+    def value_of(layer, pid):
+        return draws.setdefault((layer, pid), profile * rng.lognormal(0, 0.4, 60))
+
+    summary, _ = _overlap_summary(value_of)
+    pp = summary.filter(pl.col("variant") == "per_pair")
+    base = summary.filter(pl.col("variant") == "same_format_different_question", pl.col("format") == "both")
+    assert (base["overlap_pct"] > 40).all() and (base["overlap_pct"] < 95).all()
+    assert pp["baseline_overlap_pct"].to_list() == base["overlap_pct"].to_list()
+    # no format effect: the cross-format overlap is at the baseline; its interval covers 0
+    assert (pp["format_effect_pct_low"] < 0).all() and (pp["format_effect_pct_high"] > 0).all()
+    assert (pp["format_effect_pct"] - (pp["baseline_overlap_pct"] - pp["overlap_pct"])).abs().max() < 1e-9
+    # the geometric mean is about 1 and its interval covers 1; the seed's mean of ratios is biased above 1
+    assert (pp["amplification_geomean_low"] < 1).all() and (pp["amplification_geomean_high"] > 1).all()
+    assert (pp["amplification_excess_low"] < 1).all() and (pp["amplification_excess_high"] > 1).all()
+    assert (pp["amplification_original_mean_of_ratios_low"] > 1).all()
+    assert (base["amplification_original_mean_of_ratios"] > base["amplification_geomean"]).all()
+
+
+def test_a_planted_format_effect_is_beyond_the_baseline():
+    # The buggy format (even prompt ids) swaps 4 features of the common top for its own, and scales
+    # every feature by 1.5: its top sets differ more from the correct format's than two questions do.
+    rng = np.random.default_rng(1)
+    profile = 1.0 / (1 + np.arange(60)) ** 0.7
+    draws = {}
+
+    def value_of(layer, pid):
+        v = profile * rng.lognormal(0, 0.2, 60)
+        if pid % 2 == 0:
+            v = 1.5 * v
+            v[[0, 2, 4, 6]], v[[50, 52, 54, 56]] = 0.0, 2 * profile[0]
+        return draws.setdefault((layer, pid), v)
+
+    summary, _ = _overlap_summary(value_of)
+    pp = summary.filter(pl.col("variant") == "per_pair")
+    assert (pp["format_effect_pct_low"] > 10).all()  # about 40 points fewer shared features
+    assert pp["amplification_geomean"].to_numpy() == pytest.approx(1.5, rel=0.05)
+    assert (pp["amplification_excess_low"] > 1.2).all()
+    null = pp["amplification_geomean_null"].to_numpy()
+    assert (np.abs(np.log(null)) < 0.1).all()
+
+
+def test_pair_level_overlap_ci_is_wider_than_a_question_level_one_when_orders_move_together():
+    # The two orders of a number pair have the same overlap: 25 pairs are 25 observations, not 50.
+    from bugscope.stats import bootstrap_mean_ci_columns
+
+    rng = np.random.default_rng(2)
+    n_pairs = 25
+    by_pair = rng.uniform(20, 90, size=(n_pairs, 2))  # [pair, layer]
+    per_pair = pl.concat([pl.DataFrame({
+        "question_id": np.arange(2 * n_pairs), "pair_id": np.arange(2 * n_pairs) // 2, "layer": layer,
+        **{stat: np.repeat(by_pair[:, i], 2) for stat in F.OVERLAP_STATS}}) for i, layer in enumerate((3, 6))])
+    summary = F.summarise_overlap(per_pair, pl.DataFrame({"layer": [3, 6], "overlap_pct": [0.0, 0.0]}), k=20,
+                                  num_layers=10, middle_fraction=[0.25, 0.75], n_resamples=4000, confidence=0.95,
+                                  seed=0).filter(pl.col("variant") == "per_pair").sort("layer")
+    pair_width = (summary["overlap_pct_high"] - summary["overlap_pct_low"]).to_numpy()
+    x = np.repeat(by_pair, 2, axis=0)
+    _, q_low, q_high = bootstrap_mean_ci_columns(x, n_resamples=4000, confidence=0.95, seed=0)
+    assert (pair_width > 1.3 * (q_high - q_low)).all()  # about sqrt(2) wider
+    assert summary["n_pairs"].to_list() == [50, 50] and summary["n_number_pairs"].to_list() == [25, 25]
+    assert summary["overlap_pct"].to_numpy() == pytest.approx(by_pair.mean(axis=0))
+
+
+def test_geomean_amplification_is_symmetric_in_the_two_formats():
+    rng = np.random.default_rng(3)
+    pairs = _pairs(10)
+    rows = [(pid, f, float(rng.exponential())) for pid in range(40) for f in rng.choice(12, 8, replace=False)]
+    values = pl.DataFrame(rows, schema={"prompt_id": pl.Int32, "feature_id": pl.Int32, "value": pl.Float64}, orient="row")
+    swapped = pairs.with_columns(pl.col("prompt_id_correct").alias("prompt_id_buggy"),
+                                 pl.col("prompt_id_buggy").alias("prompt_id_correct"))
+    a, b = F.pair_overlap(values, pairs, 5), F.pair_overlap(values, swapped, 5)
+    ok = a["amplification_geomean"].is_not_null()
+    assert (a["amplification_geomean"] * b["amplification_geomean"]).filter(ok).to_numpy() == pytest.approx(1.0)
+    # the mean of ratios is not: both directions come out above 1 on average
+    assert (a["amplification_original_mean_of_ratios"] * b["amplification_original_mean_of_ratios"]).filter(ok).mean() > 1
 
 
 # --- discriminative and named features ----------------------------------------------------------
@@ -292,6 +430,7 @@ def stage_inputs(tmp_path, ci_config):
     write_table(prompts.to_arrow(), tmp_path / "prompts.parquet",
                 {"kind": "prompts", "config_hash": stage_hash(ci_config, "prompts")})
     scores = pl.DataFrame({"prompt_id": prompts["prompt_id"], "format": prompts["format"],
+                           "pair_id": prompts["pair_id"], "pair_kind": prompts["pair_kind"], "order": prompts["order"],
                            "is_correct": rng.random(prompts.height) < 0.5})
     write_table(scores.to_arrow(), tmp_path / "scores.parquet",
                 {"kind": "baseline_scores", "config_hash": stage_hash(ci_config, "baseline")})
@@ -305,6 +444,19 @@ def stage_inputs(tmp_path, ci_config):
     return ci_config, tmp_path, paths
 
 
+def test_feature_analyses_read_only_the_bug_pair_kind(stage_inputs, tmp_path):
+    from bugscope.config import stage_hash
+    from bugscope.io import write_table
+
+    config, tmp, _ = stage_inputs
+    prompts = _prompts(4).with_columns(
+        pl.when(pl.col("pair_id") == 1).then(pl.lit("longer_bigger")).otherwise(pl.col("pair_kind")).alias("pair_kind"))
+    write_table(prompts.to_arrow(), tmp_path / "mixed.parquet",
+                {"kind": "prompts", "config_hash": stage_hash(config, "prompts")})
+    kept = F.load_prompt_frame(tmp_path / "mixed.parquet", config)
+    assert sorted(kept["pair_id"].unique().to_list()) == [0] and kept.height == 4
+
+
 def test_stage_drivers(stage_inputs):
     import copy
 
@@ -313,7 +465,9 @@ def test_stage_drivers(stage_inputs):
     config, tmp, paths = stage_inputs
     summary, per_pair, meta = F.run_overlap(config, tmp / "prompts.parquet", paths)
     assert per_pair.height == 2 * 12 and set(per_pair["layer"]) == {0, 10}
-    assert summary.group_by("variant").len().sort("variant")["len"].to_list() == [2, 2]
+    # per_pair, pooled, and the two baselines per format and for both formats, at each of 2 layers
+    assert summary.group_by("variant").len().sort("variant")["len"].to_list() == [2, 2, 6, 6]
+    assert summary.filter(pl.col("variant") == "per_pair")["format_effect_pct"].is_not_null().all()
     assert meta["sources"]["10"]["sae"] == "hand-made"
     table, _ = F.run_discriminative(config, tmp / "prompts.parquet", tmp / "scores.parquet", paths)
     assert set(table["layer"]) == {0, 10} and table["q_value"].is_between(0, 1).all()

@@ -16,9 +16,11 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from bugscope import figures, layout
+from bugscope import figures, figures_overlap, layout
 from bugscope.features import (
     NAMED_SCHEMA,
+    baseline_couples,
+    baseline_overlap,
     pair_overlap,
     pooled_overlap,
     summarise_overlap,
@@ -34,20 +36,24 @@ LABELS = figures.Labels("SmolLM2-135M-Instruct", "qa", "simple", 0.95)
 
 
 def overlap_table(layers=(0, 3, 5, 8, 10, 13), n_pairs=12, k=5, num_layers=14, seed=0) -> pl.DataFrame:
-    """A feature_overlap table made by bugscope.features from random sparse feature values."""
+    """A feature_overlap table made by bugscope.features from random sparse feature values: n_pairs
+    questions (n_pairs // 2 number pairs of two orders), with the same-format baselines."""
     rng = np.random.default_rng(seed)
-    pairs = pl.DataFrame({"question_id": np.arange(n_pairs, dtype=np.int32), "pair_id": np.arange(n_pairs, dtype=np.int32),
-                          "prompt_id_buggy": np.arange(n_pairs, dtype=np.int32) * 2,
-                          "prompt_id_correct": np.arange(n_pairs, dtype=np.int32) * 2 + 1})
-    per_pair, pooled = [], []
+    q = np.arange(n_pairs, dtype=np.int32)
+    pairs = pl.DataFrame({"question_id": q, "pair_id": q // 2, "prompt_id_buggy": q * 2, "prompt_id_correct": q * 2 + 1,
+                          "order": np.where(q % 2 == 0, "correct_first", "wrong_first")})
+    couples = baseline_couples(pairs, "qa", "simple", seed=seed)
+    per_pair, pooled, base = [], [], []
     for layer in layers:
         rows = [(p, f, float(rng.exponential())) for p in range(2 * n_pairs)
                 for f in rng.choice(3 * k, size=2 * k, replace=False)]
         values = pl.DataFrame(rows, schema={"prompt_id": pl.Int32, "feature_id": pl.Int32, "value": pl.Float64}, orient="row")
         per_pair.append(pair_overlap(values, pairs, k).with_columns(pl.lit(layer).alias("layer")))
         pooled.append({"layer": layer, **pooled_overlap(values, pairs, k)})
+        base.append(baseline_overlap(values, couples, k).with_columns(pl.lit(layer).alias("layer")))
     return summarise_overlap(pl.concat(per_pair), pl.DataFrame(pooled), k=k, num_layers=num_layers,
-                             middle_fraction=[0.25, 0.75], n_resamples=200, confidence=0.95, seed=seed)
+                             middle_fraction=[0.25, 0.75], n_resamples=200, confidence=0.95, seed=seed,
+                             baselines=pl.concat(base))
 
 
 def accuracy_table() -> pl.DataFrame:
@@ -223,8 +229,8 @@ def test_figures_encode_intended_columns(tmp_path):
     overlap = overlap_table()
     charts = {
         "baseline_accuracy": figures.baseline_accuracy(accuracy_table(), LABELS),
-        "feature_overlap": figures.feature_overlap(overlap, LABELS),
-        "amplification": figures.amplification(overlap, LABELS),
+        "feature_overlap": figures_overlap.feature_overlap(overlap, LABELS),
+        "amplification": figures_overlap.amplification(overlap, LABELS),
         "format_features": figures.format_features(discriminative_table(), named_table(), LABELS, [8]),
         "head_attribution": figures.head_attribution(attribution_table(), LABELS, [8]),
         "sae_quality": figures.sae_quality(sae_quality_table(), LABELS),
@@ -239,6 +245,15 @@ def test_figures_encode_intended_columns(tmp_path):
     # overlap: the pooled variant is the second line, the mean is drawn with its CI band
     spec = charts["feature_overlap"].to_dict()
     assert "seed's pooled variant" in str(spec) and "mean over prompt pairs" in str(spec)
+    # ... beside the two same-format chance levels, drawn as bands (both formats pooled)
+    data = [r for d in spec["datasets"].values() for r in d]
+    for label in figures_overlap.BASELINE_LABELS.values():
+        drawn = [r for r in data if r.get("variant") == label]
+        assert sorted({r["layer"] for r in drawn}) == list(overlap.filter(pl.col("variant") == "per_pair")["layer"])
+        assert all(r["overlap_pct_low"] <= r["overlap_pct"] <= r["overlap_pct_high"] for r in drawn)
+    # amplification: the geometric mean with its null band; the original's mean of ratios labelled as such
+    amp = str(charts["amplification"].to_dict())
+    assert "geometric mean" in amp and "same null" in amp and "original study's mean of ratios" in amp
     # named features are labelled; heads ordered even first then odd
     assert "f777 (format, 1.6x)" in str(charts["format_features"].to_dict())
     assert figures.head_order(9) == ["h0", "h2", "h4", "h6", "h8", "h1", "h3", "h5", "h7"]

@@ -5,7 +5,7 @@ import copy
 import polars as pl
 import pytest
 
-from bugscope.prompts import PromptError, build_prompt_table, draw_number_pairs
+from bugscope.prompts import PromptError, build_prompt_table, draw_number_pairs, pair_kind
 
 
 @pytest.fixture(scope="module")
@@ -18,19 +18,30 @@ def test_pairs_are_seeded_and_valid(ci_config):
     assert pairs == draw_number_pairs(ci_config["prompts"], seed=0)
     assert pairs != draw_number_pairs(ci_config["prompts"], seed=1)
     assert pairs[0] == ("9.8", "9.11")
-    for correct, wrong in pairs:
-        x, y = correct.split(".")
-        x2, zw = wrong.split(".")
-        assert x == x2 and len(y) == 1 and len(zw) == 2 and int(y) > int(zw[0])
+    kinds = [pair_kind(*p) for p in pairs]
+    p = ci_config["prompts"]
+    assert kinds.count("shorter_bigger") == p["n_pairs"] + 1
+    assert kinds.count("longer_bigger") == p["control_pairs"]["longer_bigger"] > 0
+    assert kinds.count("same_length") == p["control_pairs"]["same_length"] > 0
+    lengths = {"shorter_bigger": (1, 2), "longer_bigger": (2, 1), "same_length": (1, 1)}
+    for (correct, wrong), kind in zip(pairs, kinds):
+        (x, y), (x2, zw) = correct.split("."), wrong.split(".")
+        # every kind diverges at the first decimal digit, the correct one's being larger
+        assert x == x2 and (len(y), len(zw)) == lengths[kind] and int(y[0]) > int(zw[0])
         assert float(correct) > float(wrong)
+    # Adding control pairs leaves the bug's pairs where they were.
+    none = {**p, "control_pairs": {"longer_bigger": 0, "same_length": 0}}
+    assert draw_number_pairs(none, seed=0) == [q for q, k in zip(pairs, kinds) if k == "shorter_bigger"]
 
 
 def test_decision_tokens_on_the_seed_prompt(table, embedded):
     tok = embedded[1]
     row = table.filter((pl.col("pair_id") == 0) & (pl.col("format") == "qa") & (pl.col("order") == "correct_first")).row(0, named=True)
-    assert row["text"] == "Q: Which is bigger: 9.8 or 9.11?\nA:"
+    # Every non-chat format starts with the same token (prompts.first_token), the attention sink.
+    assert row["text"] == "<|endoftext|>Q: Which is bigger: 9.8 or 9.11?\nA:"
+    assert set(table.filter(pl.col("format") != "chat")["first_token"]) == {"<|endoftext|>"}
     # The input is the prompt plus the shared answer tokens "9." and the decision is the next digit.
-    assert tok.decode(row["input_ids"]) == "Q: Which is bigger: 9.8 or 9.11?\nA: 9."
+    assert tok.decode(row["input_ids"]) == "<|endoftext|>Q: Which is bigger: 9.8 or 9.11?\nA: 9."
     assert row["decision_pos"] == len(row["input_ids"]) - 1
     assert tok.decode([row["correct_token"]]) == "8"
     assert tok.decode([row["wrong_token"]]) == "1"
@@ -74,8 +85,8 @@ def test_formats_that_cannot_be_aligned_are_an_error(ci_config, embedded, monkey
 
     original = P.render
 
-    def render(fmt, question, tokenizer):
-        text, special = original(fmt, question, tokenizer)
+    def render(fmt, question, tokenizer, first_token=""):
+        text, special = original(fmt, question, tokenizer, first_token)
         return (text.upper(), special) if fmt["template"].startswith("Q:") else (text, special)
 
     monkeypatch.setattr(P, "render", render)
@@ -88,5 +99,6 @@ def test_empty_prompt_set_is_an_error(ci_config, embedded):
     cfg = copy.deepcopy(ci_config)
     cfg["prompts"]["extra_pairs"] = []
     cfg["prompts"]["n_pairs"] = 0
+    cfg["prompts"]["control_pairs"] = {"longer_bigger": 0, "same_length": 0}
     with pytest.raises(PromptError, match="empty"):
         build_prompt_table(cfg, embedded[1])

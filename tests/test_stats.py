@@ -46,8 +46,10 @@ PEAK_SCRIPT = textwrap.dedent("""
     df = pl.DataFrame({"method": "per_head", "positions": "aligned", "operation": "patch", "direction": "fix",
                        "target_format": "qa", "source_format": "simple", "layer": layer, "head_set": head_set,
                        "family": "subset", "pool": "all", "k": 1, "sample": 0, "heads": [[0]] * len(layer),
-                       "prompt_id": prompt, "pair_id": prompt // 2, "logit_diff": rng.normal(size=len(layer)),
-                       "baseline_logit_diff": np.tile(base, n_layers * n_sets)})
+                       "prompt_id": prompt, "pair_id": prompt // 2, "pair_kind": "shorter_bigger",
+                       "order": np.where(prompt % 2 == 0, "correct_first", "wrong_first"),
+                       "logit_diff": rng.normal(size=len(layer)), "baseline_logit_diff": np.tile(base, n_layers * n_sets),
+                       "source_logit_diff": np.tile(base[::-1], n_layers * n_sets)})
     # VmHWM belongs to this process's address space (ru_maxrss would carry over pytest's own peak
     # across exec on Linux).
     def hwm_mb():
@@ -64,7 +66,7 @@ def test_patching_summary_at_8b_sizes_stays_under_2_gb():
     proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["rows"] == 32 * 70
+    assert result["rows"] == 32 * 70 * 2 * 3  # pair kind: all, shorter_bigger; order: all and each
     assert result["peak_mb"] <= 2048, result
 
 
@@ -107,3 +109,20 @@ def test_pair_level_ci_is_wider_than_the_prompt_level_one_when_orders_move_toget
     _, p_low, p_high = stats.bootstrap_mean_ci_columns(x, n_resamples=4000, confidence=0.95, seed=0)
     _, c_low, c_high = stats.cluster_bootstrap_mean_ci_columns(x, pairs, n_resamples=4000, confidence=0.95, seed=0)
     assert (c_high - c_low)[0] > 1.3 * (p_high - p_low)[0]  # about sqrt(2) wider
+
+
+def test_cluster_resampled_means_are_the_draws_of_the_cluster_bootstrap():
+    # The helper behind the overlap summary: the same draws, so its percentiles are the CI of
+    # cluster_bootstrap_mean_ci_columns, and a hand computation of one resample agrees.
+    x = np.array([[1.0, 1.0], [3.0, np.nan], [10.0, 0.0], [2.0, 1.0], [2.0, 1.0], [5.0, 0.0]])
+    clusters = np.array([7, 7, 3, 9, 9, 9])
+    index = np.unique(clusters, return_inverse=True)[1]
+    weights = stats.cluster_resample_weights(3, n_resamples=50, seed=4)
+    assert weights.shape == (50, 3) and (weights.sum(axis=1) == 3).all()
+    means = stats.cluster_resampled_means(x, index, weights)
+    _, low, high = stats.cluster_bootstrap_mean_ci_columns(x, clusters, n_resamples=50, confidence=0.8, seed=4)
+    ref_low, ref_high = np.nanquantile(means, [0.1, 0.9], axis=0)
+    assert low == pytest.approx(ref_low) and high == pytest.approx(ref_high)
+    rows = {0: [2], 1: [0, 1], 2: [3, 4, 5]}
+    picked = x[[r for c in range(3) for _ in range(int(weights[0, c])) for r in rows[c]]]
+    assert means[0] == pytest.approx(np.nanmean(picked, axis=0))

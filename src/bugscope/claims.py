@@ -24,8 +24,12 @@ A check selects rows of one table (`where`), reduces them to one row (`aggregate
     local_max: true               the selected layer's CI lies above the CI of some earlier and
                                   some later layer (feature_overlap rows)
 
-`also: {column: at_most/at_least x}` adds a condition on other columns of the selected row (e.g. a
-p-value). Decisions use point estimates; each row reports the interval and n beside them.
+`also: {column: {at_most/at_least/above/below: x}}` adds a condition on other columns of the
+selected row (e.g. a p-value, or a CI bound: `{format_effect_pct_low: {above: 0}}`; above / below
+are strict). `beside: [columns]` reports other columns of the selected row (with their `_low` /
+`_high` interval where the table has one) in `detail` without testing them: an overlap is shown
+with its same-format chance level. Decisions use point estimates unless a check tests a CI bound;
+each row reports the interval and n beside them.
 
 `where` values: a scalar (equality), a list (membership), `{not: v}`, `{between: [a, b]}`,
 `{depth: f}` (the layer round(f * (num_layers - 1)): a layer at the same relative depth as the
@@ -167,6 +171,7 @@ def referenced_columns(check: dict) -> list[str]:
     cols += metric_columns(check["metric"])
     cols += list(check.get("ci", []))
     cols += list(check.get("also", {}))
+    cols += list(check.get("beside", []))
     for v in check.get("where", {}).values():
         if isinstance(v, dict) and "after" in v:
             cols.append(v["after"])
@@ -270,6 +275,20 @@ def _ci(df: pl.DataFrame, row: int, check: dict, value: float) -> tuple[float | 
     if check.get("aggregate", "").endswith("_abs") and value < 0 and lo is not None and hi is not None:
         lo, hi = -hi, -lo
     return lo, hi
+
+
+ALSO_OPS = {"at_most": lambda v, x: v <= x, "at_least": lambda v, x: v >= x,
+            "above": lambda v, x: v > x, "below": lambda v, x: v < x}
+
+
+def _beside(df: pl.DataFrame, row: int, col: str) -> str:
+    """'col=v [low, high]' of the selected row, for `beside` (not tested)."""
+    if col not in df.columns:
+        raise LedgerError(f"beside: column {col!r} is not in the table (columns: {', '.join(df.columns)}).")
+    v = df[col][row]
+    lo, hi = (df[f"{col}_{b}"][row] if f"{col}_{b}" in df.columns else None for b in ("low", "high"))
+    ci = f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""
+    return f"{col}={v:.3g}{ci}" if v is not None else f"{col}=null"
 
 
 def _describe_row(df: pl.DataFrame, row: int, where: Mapping) -> str:
@@ -381,9 +400,12 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
         if v is None:
             raise NotTestable(f"{col} is null on the selected row")
         for op, x in cond.items():
-            passed = v <= x if op == "at_most" else v >= x
-            ok = ok and passed
+            if op not in ALSO_OPS:
+                raise LedgerError(f"also: {col}: {op!r} is not one of {', '.join(ALSO_OPS)}.")
+            ok = ok and ALSO_OPS[op](v, x)
             note = (note + "; " if note else "") + f"{col}={v:.3g} ({op} {x})"
+    for col in check.get("beside", []):
+        note = (note + "; " if note else "") + f"beside: {_beside(sel, row, col)}"
     return {"ok": bool(ok), "value": value, "low": low, "high": high, "n": n,
             "selected": _describe_row(sel, row, where), "note": note}
 
@@ -433,54 +455,3 @@ def prepare_tables(raw: Mapping[str, pl.DataFrame], prompts: pl.DataFrame | None
 
 
 # --- rendering ------------------------------------------------------------------------------------
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return ""
-    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
-
-
-DISPLAY = [("claim_id", "claim"), ("claim", "what the seed asserts"), ("study_value", "seed value"),
-           ("verdict", "verdict"), ("form", "form"), ("form_tested", "form tested"), ("rule", "decision rule"),
-           ("selected", "row"), ("measured", "measured"), ("ci", "CI"), ("n", "n"), ("detail", "detail")]
-
-
-def _display_rows(ledger: pl.DataFrame) -> list[dict]:
-    rows = []
-    for r in ledger.to_dicts():
-        ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["ci_low"] is not None else ""
-        rows.append({**{k: _fmt(r[k]) if k in r else "" for k, _ in DISPLAY if k != "ci"}, "ci": ci})
-    return rows
-
-
-def to_markdown(ledger: pl.DataFrame, title: str) -> str:
-    counts = ledger["verdict"].value_counts().sort("verdict")
-    lines = [f"# {title}", "", ", ".join(f"{v}: {c}" for v, c in counts.iter_rows()), "",
-             "| " + " | ".join(h for _, h in DISPLAY) + " |", "|" + "---|" * len(DISPLAY)]
-    for r in _display_rows(ledger):
-        lines.append("| " + " | ".join(str(r[k]).replace("|", "\\|").replace("\n", " ") for k, _ in DISPLAY) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def to_html(ledger: pl.DataFrame, title: str) -> str:
-    import html
-
-    colours = {"holds": "#009E73", "fails": "#D55E00", "not testable here": "#999999"}
-    counts = ", ".join(f"{v}: {c}" for v, c in ledger["verdict"].value_counts().sort("verdict").iter_rows())
-    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in DISPLAY)
-    body = []
-    for r in _display_rows(ledger):
-        cells = []
-        for k, _ in DISPLAY:
-            text = html.escape(str(r[k]))
-            if k == "verdict":
-                text = f'<b style="color:{colours.get(r[k], "black")}">{text}</b>'
-            cells.append(f"<td>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:left}"
-            "th{background:#eee}</style></head><body>"
-            f"<h2>{html.escape(title)}</h2><p>{html.escape(counts)}</p>"
-            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></body></html>")

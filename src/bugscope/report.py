@@ -1,8 +1,10 @@
-"""Results tables as small self-contained HTML pages for `snakemake --report`."""
+"""Results tables as small self-contained HTML pages for `snakemake --report`, and the claims
+ledger as Markdown and HTML."""
 
 from __future__ import annotations
 
 import html
+import math
 
 import polars as pl
 
@@ -21,3 +23,57 @@ def table_html(df: pl.DataFrame, title: str, caption: str = "") -> str:
             "td,th{border:1px solid #ccc;padding:3px 5px;text-align:right}th{background:#eee}</style></head><body>"
             f"<h3>{html.escape(title)}</h3><p>{html.escape(caption)}</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></body></html>")
+
+
+# --- the claims ledger (bugscope.claims) ---------------------------------------------------------
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+DISPLAY = [("claim_id", "claim"), ("claim", "what the seed asserts"), ("study_value", "seed value"),
+           ("verdict", "verdict"), ("form", "form"), ("form_tested", "form tested"), ("rule", "decision rule"),
+           ("selected", "row"), ("measured", "measured"), ("ci", "CI"), ("n", "n"), ("detail", "detail")]
+
+
+def _display_rows(ledger: pl.DataFrame) -> list[dict]:
+    rows = []
+    for r in ledger.to_dicts():
+        ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["ci_low"] is not None else ""
+        rows.append({**{k: _fmt(r[k]) if k in r else "" for k, _ in DISPLAY if k != "ci"}, "ci": ci})
+    return rows
+
+
+def to_markdown(ledger: pl.DataFrame, title: str) -> str:
+    counts = ledger["verdict"].value_counts().sort("verdict")
+    lines = [f"# {title}", "", ", ".join(f"{v}: {c}" for v, c in counts.iter_rows()), "",
+             "| " + " | ".join(h for _, h in DISPLAY) + " |", "|" + "---|" * len(DISPLAY)]
+    for r in _display_rows(ledger):
+        lines.append("| " + " | ".join(str(r[k]).replace("|", "\\|").replace("\n", " ") for k, _ in DISPLAY) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_html(ledger: pl.DataFrame, title: str) -> str:
+    import html
+
+    colours = {"holds": "#009E73", "fails": "#D55E00", "not testable here": "#999999"}
+    counts = ", ".join(f"{v}: {c}" for v, c in ledger["verdict"].value_counts().sort("verdict").iter_rows())
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in DISPLAY)
+    body = []
+    for r in _display_rows(ledger):
+        cells = []
+        for k, _ in DISPLAY:
+            text = html.escape(str(r[k]))
+            if k == "verdict":
+                text = f'<b style="color:{colours.get(r[k], "black")}">{text}</b>'
+            cells.append(f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:left}"
+            "th{background:#eee}</style></head><body>"
+            f"<h2>{html.escape(title)}</h2><p>{html.escape(counts)}</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></body></html>")

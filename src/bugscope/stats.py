@@ -75,7 +75,7 @@ def cluster_bootstrap_mean_ci_columns(matrix, clusters, *, n_resamples: int, con
         return nan, nan.copy(), nan.copy()
     cluster_of, c = _cluster_index(clusters)
     sums, counts = _cluster_sums(x, cluster_of, c)
-    weights = _cluster_weights(c, n_resamples, seed)
+    weights = cluster_resample_weights(c, n_resamples=n_resamples, seed=seed)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = (weights @ sums) / (weights @ counts)  # [n_resamples, m]; NaN where nothing was drawn
         point = sums.sum(0) / counts.sum(0)
@@ -100,7 +100,7 @@ def cluster_bootstrap_ratio_ci_columns(numerator, denominator, clusters, *, n_re
     cluster_of, c = _cluster_index(clusters)
     sa, _ = _cluster_sums(np.where(both, a, np.nan), cluster_of, c)
     sb, _ = _cluster_sums(np.where(both, b, np.nan), cluster_of, c)
-    weights = _cluster_weights(c, n_resamples, seed)
+    weights = cluster_resample_weights(c, n_resamples=n_resamples, seed=seed)
     with np.errstate(invalid="ignore", divide="ignore"):
         ra, rb = weights @ sa, weights @ sb
         boot = np.where(rb != 0, ra / rb, np.nan)
@@ -125,12 +125,31 @@ def _cluster_sums(x: np.ndarray, cluster_of: np.ndarray, c: int) -> tuple[np.nda
     return sums, counts
 
 
-def _cluster_weights(c: int, n_resamples: int, seed: int) -> np.ndarray:
-    """[n_resamples, c]: how often each cluster is drawn in each resample."""
-    draws = np.random.default_rng(seed).integers(0, c, size=(n_resamples, c))
-    weights = np.zeros((n_resamples, c))
-    np.add.at(weights, (np.repeat(np.arange(n_resamples), c), draws.ravel()), 1.0)
+def cluster_resample_weights(n_clusters: int, *, n_resamples: int, seed: int) -> np.ndarray:
+    """[n_resamples, n_clusters] counts: how often each cluster is drawn in each resample.
+
+    The draws of `cluster_bootstrap_mean_ci_columns` (clusters in sorted label order). Several
+    tables whose rows carry the same cluster labels share one weight matrix, so a statistic that
+    combines them (a difference of two means) is computed within each resample.
+    """
+    draws = np.random.default_rng(seed).integers(0, n_clusters, size=(n_resamples, n_clusters))
+    weights = np.zeros((n_resamples, n_clusters))
+    np.add.at(weights, (np.repeat(np.arange(n_resamples), n_clusters), draws.ravel()), 1.0)
     return weights
+
+
+def cluster_resampled_means(matrix, cluster_index, weights: np.ndarray) -> np.ndarray:
+    """[n_resamples, m] resampled column means of an [n, m] array whose row i is in cluster
+    `cluster_index[i]` (0 .. n_clusters - 1, the columns of `weights`).
+
+    NaN cells are left out of their column; a resample that draws no value of a column is NaN
+    there. By counts: sum(w_c * S_c) / sum(w_c * N_c), so memory is [n_clusters + n_resamples, m],
+    whatever the number of rows.
+    """
+    x = np.asarray(matrix, dtype=np.float64)
+    sums, counts = _cluster_sums(x, np.asarray(cluster_index, dtype=np.int64), weights.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (weights @ sums) / (weights @ counts)
 
 
 # --- seeds: every random draw derives from the config's master seed, here -----------------------

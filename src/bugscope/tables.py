@@ -65,9 +65,11 @@ SAE_QUALITY_COLUMNS = ("layer", "hook_name", "ev_prompts", "ev_corpus", "l0_corp
 SAE_QUALITY_LAYER = Table(layout.SAE_QUALITY_LAYER, "sae_quality", "sae", columns=SAE_QUALITY_COLUMNS)
 SAE_QUALITY = Table(layout.SAE_QUALITY, "sae_quality", "sae", "n_tokens_corpus", columns=SAE_QUALITY_COLUMNS)
 
+# One row per (layer, variant, format): format is null on the cross-format rows (per_pair, pooled)
+# and names the format (or "both") on the same-format baseline rows.
 FEATURE_OVERLAP = Table(
     layout.FEATURE_OVERLAP, "feature_overlap", "features", "n_pairs",
-    columns=("layer", "variant", "k", "n_pairs", "overlap_pct", "overlap_pct_low", "overlap_pct_high",
+    columns=("layer", "variant", "format", "k", "n_pairs", "overlap_pct", "overlap_pct_low", "overlap_pct_high",
              "is_max_overlap_middle"))
 FEATURE_OVERLAP_PAIRS = Table(
     layout.FEATURE_OVERLAP_PAIRS, "feature_overlap_pairs", "features",

@@ -1,7 +1,7 @@
 import hashlib
 from pathlib import Path
 
-from bugscope import claims, tables
+from bugscope import claims, report, tables
 from bugscope.features import focus_layers
 from bugscope.io import atomic_path
 from bugscope.script import log, run
@@ -24,9 +24,9 @@ def main(smk):
     tables.write(tables.CLAIMS, result, smk.output.claims, meta)
     title = f"Claims ledger: the seed's claims on {smk.config['model']['name']}"
     with atomic_path(smk.output.markdown) as tmp:
-        tmp.write_text(claims.to_markdown(result, title))
+        tmp.write_text(report.to_markdown(result, title))
     with atomic_path(smk.output.html) as tmp:
-        tmp.write_text(claims.to_html(result, title))
+        tmp.write_text(report.to_html(result, title))
     log.info("claims ledger (tables: %s, focus layers: %s):\n%s", names, focus,
              result.select("claim_id", "verdict", "form", "measured"))
 

@@ -1,7 +1,8 @@
 """Feature analyses on the encoded SAE features: overlap between the formats, discriminative and
 named features (workflow/rules/features.smk).
 
-Modules: `values` (prompt pairs and per-prompt feature values), `overlap`, `discriminative`,
+Modules: `values` (prompt pairs and per-prompt feature values), `overlap`, `baselines` (its
+same-format chance levels), `discriminative`,
 `named` and `stages` (the stage drivers). The direct attribution of attention heads to SAE
 features lives in bugscope.attribution, the bootstrap helpers in bugscope.stats; their names are
 re-exported here so that `from bugscope.features import ...` keeps working.
@@ -25,6 +26,7 @@ from bugscope.attribution import (
     sae_pre_and_acts,
     summarise_attribution,
 )
+from bugscope.features.baselines import baseline_couples, baseline_overlap
 from bugscope.features.discriminative import (
     DISCRIMINATIVE_COLUMNS,
     bh_qvalues,
@@ -34,7 +36,10 @@ from bugscope.features.discriminative import (
 )
 from bugscope.features.named import NAMED_SCHEMA, named_feature_ids, named_features
 from bugscope.features.overlap import (
+    AMPLIFICATION_ORIGINAL,
+    COMPARISONS,
     OVERLAP_STATS,
+    compare_top_sets,
     focus_layers,
     middle_layers,
     pair_overlap,
@@ -66,7 +71,10 @@ __all__ = [
     # values
     "POSITION_MODES", "prompt_pairs", "position_weights", "prompt_values", "top_k", "dense_matrix",
     # overlap
-    "OVERLAP_STATS", "pair_overlap", "pooled_overlap", "middle_layers", "summarise_overlap", "focus_layers",
+    "OVERLAP_STATS", "AMPLIFICATION_ORIGINAL", "COMPARISONS", "compare_top_sets", "pair_overlap", "pooled_overlap",
+    "middle_layers", "summarise_overlap", "focus_layers",
+    # baselines
+    "baseline_couples", "baseline_overlap",
     # discriminative
     "DISCRIMINATIVE_COLUMNS", "bh_qvalues", "paired_test", "unpaired_test", "discriminative_features",
     # named

@@ -15,6 +15,7 @@ from bugscope.attribution import (
     parity_rows,
     summarise_attribution,
 )
+from bugscope.features.baselines import baseline_couples, baseline_overlap
 from bugscope.features.discriminative import discriminative_features
 from bugscope.features.named import NAMED_SCHEMA, named_feature_ids, named_features
 from bugscope.features.overlap import pair_overlap, pooled_overlap, summarise_overlap
@@ -58,7 +59,8 @@ def attribution_layers(config: dict) -> list[int]:
 def load_prompt_frame(path, config: dict, columns: list[str] | None = None) -> pl.DataFrame:
     """The prompts the feature analyses contrast: the bug's pair kind only (the control kinds test
     the patching and baseline, not the features)."""
-    columns = columns or ["prompt_id", "question_id", "pair_id", "format", "decision_pos", "aligned_positions"]
+    columns = columns or ["prompt_id", "question_id", "pair_id", "order", "format", "decision_pos",
+                          "aligned_positions"]
     frame = tables.frame(tables.PROMPTS, config, path, columns=[*columns, "pair_kind"])
     return frame.filter(pl.col("pair_kind") == BUG_PAIR_KIND).drop("pair_kind")
 
@@ -80,8 +82,11 @@ def run_overlap(config: dict, prompts_path, feature_paths: dict[int, str]) -> tu
     k = fcfg["overlap"]["k"]
     prompts = load_prompt_frame(prompts_path, config)
     pairs = prompt_pairs(prompts, pcfg["buggy_format"], pcfg["correct_format"])
+    pairs = pairs.join(prompts.select("question_id", "order").unique(), on="question_id", how="left")
+    pairing_seed = derived_seed(config["seed"], 3)
+    couples = baseline_couples(pairs, pcfg["buggy_format"], pcfg["correct_format"], pairing_seed)
     weights = position_weights(prompts, fcfg["position"])
-    per_pair, pooled, metas = [], [], {}
+    per_pair, pooled, baselines, metas = [], [], [], {}
     for layer, path in sorted(feature_paths.items()):
         values, metas[layer] = load_layer_values(path, weights, config)
         layer_pairs = pair_overlap(values, pairs, k)
@@ -92,14 +97,16 @@ def run_overlap(config: dict, prompts_path, feature_paths: dict[int, str]) -> tu
                         100 * short, k)
         per_pair.append(layer_pairs.with_columns(pl.lit(layer, pl.Int32).alias("layer")))
         pooled.append({"layer": layer, **pooled_overlap(values, pairs, k)})
+        baselines.append(baseline_overlap(values, couples, k).with_columns(pl.lit(layer, pl.Int32).alias("layer")))
     per_pair = pl.concat(per_pair).select("layer", pl.exclude("layer"))
     summary = summarise_overlap(
         per_pair, pl.DataFrame(pooled), k=k, num_layers=config["model"]["num_layers"],
         middle_fraction=fcfg["overlap"]["middle_fraction"], n_resamples=boot["n_resamples"],
-        confidence=boot["confidence"], seed=derived_seed(config["seed"], 1))
+        confidence=boot["confidence"], seed=derived_seed(config["seed"], 1), baselines=pl.concat(baselines))
     meta = {"position": fcfg["position"], "k": k, "confidence": boot["confidence"],
             "n_resamples": boot["n_resamples"], "buggy_format": pcfg["buggy_format"],
-            "correct_format": pcfg["correct_format"], "sources": source_provenance(metas)}
+            "correct_format": pcfg["correct_format"], "bootstrap_unit": "pair_id",
+            "baseline_pairing_seed": pairing_seed, "sources": source_provenance(metas)}
     return summary, per_pair, meta
 
 
