@@ -9,6 +9,7 @@ import pytest
 from bugscope import claims, layout, tables
 from bugscope.features import DISCRIMINATIVE_COLUMNS, NAMED_SCHEMA, PARITY_COLUMNS
 from bugscope.io import read_metadata, read_table
+from bugscope.patch_summary import bug_kind_rows
 from tests.conftest import REPO
 from tests.test_figures import accuracy_table, overlap_table, patching_summary
 
@@ -129,7 +130,7 @@ def test_above_on_head_patching_tables():
     apart = with_rates({(5, "even"): (0.9, 0.8, 1.0), (5, "odd"): (0.1, 0.0, 0.3)})
     r = claims.evaluate_claim(claim(even_odd), {"head_patching": apart}, ctx())
     assert r["verdict"] == "holds" and r["measured"] == 0.9 and (r["ci_low"], r["ci_high"]) == (0.8, 1.0)
-    assert r["n"] == int(table["n_baseline_wrong"][0]) and "head_set=even" in r["selected"]
+    assert r["n"] == int(table["n_eligible"][0]) and "head_set=even" in r["selected"]
     overlapping = with_rates({(5, "even"): (0.9, 0.5, 1.0), (5, "odd"): (0.4, 0.1, 0.6)})
     assert claims.evaluate_claim(claim(even_odd), {"head_patching": overlapping}, ctx())["verdict"] == "fails"
 
@@ -146,8 +147,9 @@ def test_above_on_head_patching_tables():
     rising = {"form": "agnostic", "description": "threshold", "checks": [
         {"table": "head_patching", "where": {"layer": "$focus", "pool": "even", "k": 2}, "metric": "success_rate",
          "aggregate": "min", "above": {"where": {"layer": "$focus", "pool": "even", "k": 1}}}]}
-    k1 = table.filter(pl.col("layer") == 5, pl.col("pool") == "even", pl.col("k") == 1)["success_rate"].max()
-    k2 = table.filter(pl.col("layer") == 5, pl.col("pool") == "even", pl.col("k") == 2)["success_rate"].min()
+    pooled = bug_kind_rows(table)  # what a check selects unless it names pair_kind and order
+    k1 = pooled.filter(pl.col("layer") == 5, pl.col("pool") == "even", pl.col("k") == 1)["success_rate"].max()
+    k2 = pooled.filter(pl.col("layer") == 5, pl.col("pool") == "even", pl.col("k") == 2)["success_rate"].min()
     r = claims.evaluate_claim(claim(rising), {"head_patching": table}, ctx())
     assert r["verdict"] == ("holds" if k2 > k1 else "fails") and r["measured"] == pytest.approx(k2)
 

@@ -26,6 +26,7 @@ from bugscope.features import (
     summarise_overlap,
 )
 from bugscope.io import read_table
+from bugscope.patch_summary import bug_kind_rows
 from tests.conftest import REPO, run_snakemake
 from tests.helpers import png_size
 
@@ -61,7 +62,10 @@ def accuracy_table() -> pl.DataFrame:
 
     rng = np.random.default_rng(1)
     scores = pl.DataFrame({"format": ["qa"] * 20 + ["simple"] * 20 + ["chat"] * 20,
-                           "pair_id": np.tile(np.arange(20) // 2, 3), "logit_diff": rng.normal(size=60)}).with_columns((pl.col("logit_diff") > 0).alias("is_correct"))
+                           "pair_id": np.tile(np.arange(20) // 2, 3), "logit_diff": rng.normal(size=60),
+                           "pair_kind": np.tile(np.where(np.arange(20) < 14, "shorter_bigger", "longer_bigger"), 3),
+                           "order": np.tile(["correct_first", "wrong_first"], 30)}).with_columns(
+        (pl.col("logit_diff") > 0).alias("is_correct"))
     return accuracy_by_format(scores, n_resamples=200, confidence=0.95, seed=0)
 
 
@@ -120,12 +124,15 @@ def patching_summary(layers=(0, 5, 10), focus=(5,), n_heads=9, n_prompts=16, see
     per_prompt = (pl.DataFrame(rows).with_columns(pl.col("layer", "prompt_id").cast(pl.Int32))
                   .join(pl.DataFrame({"prompt_id": np.arange(n_prompts, dtype=np.int32),
                                       "pair_id": np.arange(n_prompts, dtype=np.int32) // 2,
-                                      "baseline_logit_diff": rng.normal(size=n_prompts)}), on="prompt_id")
+                                      "pair_kind": "shorter_bigger",
+                                      "order": np.where(np.arange(n_prompts) % 2 == 0, "correct_first", "wrong_first"),
+                                      "baseline_logit_diff": rng.normal(size=n_prompts),
+                                      "source_logit_diff": rng.normal(1.0, 1.0, size=n_prompts)}), on="prompt_id")
                   .join(patching.head_set_table(sets), on=["layer", "head_set"])
                   .with_columns(pl.lit(method).alias("method"), pl.lit(positions).alias("positions"),
                                 pl.lit("patch").alias("operation"), pl.lit("fix").alias("direction"),
                                 pl.lit("qa").alias("target_format"), pl.lit("simple").alias("source_format")))
-    return patch_summary.summary_table(per_prompt, n_resamples=200, confidence=0.95, seed=0)
+    return patch_summary.summary_table(per_prompt, n_resamples=200, confidence=0.95, seed=0, n_heads=n_heads)
 
 
 def original_method_table(layer=5) -> pl.DataFrame:
@@ -213,7 +220,7 @@ def check_saved(tmp: Path, name: str, chart, scale: float = 2.0) -> dict:
 # --- figure functions on producer-schema tables ---------------------------------------------------
 
 EXPECTED = {
-    "baseline_accuracy": {"format_n", "accuracy", "accuracy_low", "accuracy_high", "role"},
+    "baseline_accuracy": {"format_role", "pair_kind", "accuracy", "accuracy_low", "accuracy_high"},
     "feature_overlap": {"layer", "overlap_pct", "overlap_pct_low", "overlap_pct_high", "variant", "set", "features"},
     "amplification": {"layer", "amplification", "amplification_low", "amplification_high", "variant"},
     "format_features": {"mean_buggy", "mean_correct", "direction", "label"},
@@ -262,8 +269,8 @@ def test_figures_encode_intended_columns(tmp_path):
     sweep = charts["head_sweep"].to_dict()
     assert figures.head_set_order(9) == ["all", "even", "odd", *figures.head_order(9)]
     assert figures.head_set_order(9) in [layer["encoding"]["x"].get("sort") for layer in sweep["layer"]]
-    wrong = int(patching_summary()["n_baseline_wrong"][0])
-    assert f"of the {wrong} target prompts (of 16) answered wrong unpatched" in titles(sweep)
+    eligible = int(bug_kind_rows(patching_summary())["n_eligible"][0])
+    assert f"of the {eligible} eligible target prompts (of 16;" in titles(sweep)
     # subsets: the whole pools (k = pool size) and each random subset, at the focus layer only
     subsets = charts["head_subsets"].to_dict()
     data = [r for d in subsets["datasets"].values() for r in d]
@@ -333,9 +340,10 @@ def test_ci_workflow_sae_and_patching_figures(ci_workflow, ci_config):
         assert EXPECTED[name] <= encoded_fields(spec), (name, encoded_fields(spec))
         assert ci_config["model"]["name"] in titles(spec), name
     assert f"held-out corpus ({int(quality['n_tokens_corpus'][0])} tokens)" in str(specs["sae_quality"])  # legend
-    wrong, n = int(summary["n_baseline_wrong"][0]), int(summary["n_prompts"][0])
+    pooled = bug_kind_rows(summary)
+    eligible, n = int(pooled["n_eligible"][0]), int(pooled["n_prompts"][0])
     for name in ("head_sweep", "head_subsets"):
-        assert f"of the {wrong} target prompts (of {n}) answered wrong unpatched" in titles(specs[name]), name
+        assert f"of the {eligible} eligible target prompts (of {n};" in titles(specs[name]), name
     # the heatmap: every analysed layer x (all, even, odd + every head); the subsets: the focus layers
     cells = {(r["layer"], r["head_set_label"]) for d in specs["head_sweep"]["datasets"].values() for r in d}
     assert cells == {(layer, h) for layer in ci_config["layers"] for h in figures.head_set_order(n_heads)}
@@ -343,7 +351,8 @@ def test_ci_workflow_sae_and_patching_figures(ci_workflow, ci_config):
     assert {r["layer"] for r in sub} == set(focus)
     assert {r["pool"] for r in sub if r.get("kind") == "random subset"} == set(ci_config["patching"]["subsets"]["pools"])
     # original method and per-head on the same prompts: one n for every bar
-    assert seed["n_prompts"].n_unique() == 1 and seed["n_baseline_wrong"].n_unique() == 1
+    seed = bug_kind_rows(seed)
+    assert seed["n_prompts"].n_unique() == 1 and seed["n_eligible"].n_unique() == 1
     assert set(seed["method"]) == {"original", "per_head"}
 
 
