@@ -312,8 +312,8 @@ def test_ci_workflow_figures(ci_workflow, ci_config):
     acc = pl.from_arrow(read_table(ci_workflow / layout.BASELINE_ACCURACY, kind="baseline_accuracy")[0])
     spec = figures.baseline_accuracy(acc, figures.Labels.from_config(ci_config)).to_dict()
     assert EXPECTED["baseline_accuracy"] <= encoded_fields(spec)
-    n = int(acc["n_prompts"][0])
-    assert f"{n} prompts per format" in titles(spec)
+    n = int(acc.filter(pl.col("pair_kind") == "shorter_bigger", pl.col("order") == "all")["n_pairs"][0])
+    assert f"number pairs: shorter_bigger {n}," in titles(spec)
     assert ci_config["model"]["name"] in (ci_workflow / layout.figure("baseline_accuracy", "svg")).read_text()
     for name in names[1:]:
         assert ci_config["model"]["name"] in (ci_workflow / layout.figure(name, "svg")).read_text(), name
@@ -349,7 +349,9 @@ def test_ci_workflow_sae_and_patching_figures(ci_workflow, ci_config):
     assert cells == {(layer, h) for layer in ci_config["layers"] for h in figures.head_set_order(n_heads)}
     sub = [r for d in specs["head_subsets"]["datasets"].values() for r in d]
     assert {r["layer"] for r in sub} == set(focus)
-    assert {r["pool"] for r in sub if r.get("kind") == "random subset"} == set(ci_config["patching"]["subsets"]["pools"])
+    # the config's pools, and "all": the random-head control always draws all-head subsets
+    drawn = {r["pool"] for r in sub if r.get("kind") == "random subset"}
+    assert drawn == set(ci_config["patching"]["subsets"]["pools"]) | {"all"}
     # original method and per-head on the same prompts: one n for every bar
     seed = bug_kind_rows(seed)
     assert seed["n_prompts"].n_unique() == 1 and seed["n_eligible"].n_unique() == 1
