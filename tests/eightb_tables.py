@@ -24,7 +24,7 @@ import torch
 
 from bugscope import layout, tables
 from bugscope.attribution import COMPONENTS, parity_rows, summarise_attribution
-from bugscope.baseline import accuracy_by_format
+from bugscope.baseline import accuracy_by_format, format_contrast
 from bugscope.config import analysed_layers, layer_groups
 from bugscope.features.named import named_feature_ids
 from bugscope.head_sets import HeadSet, head_set_table, named_head_sets, subset_head_sets
@@ -160,6 +160,11 @@ def build_inputs(config: dict, root: Path) -> None:
     put(tables.BASELINE_ACCURACY, accuracy_by_format(scores, n_resamples=boot["n_resamples"],
                                                      confidence=boot["confidence"], seed=config["seed"]),
         layout.BASELINE_ACCURACY)
+    pr = config["prompts"]
+    put(tables.BASELINE_CONTRAST, format_contrast(scores, buggy_format=pr["buggy_format"],
+                                                  correct_format=pr["correct_format"], n_resamples=boot["n_resamples"],
+                                                  confidence=boot["confidence"], seed=config["seed"]),
+        layout.BASELINE_CONTRAST)
 
     for layer in layers:
         hook = hook_name(layer, config["cache"]["site"])

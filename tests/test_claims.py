@@ -182,6 +182,7 @@ def producer_columns() -> dict[str, set[str]]:
     return {
         "feature_overlap": set(overlap_table().columns),
         "baseline_accuracy": set(accuracy_table().columns),
+        "baseline_contrast": set(_contrast(1, 0).columns),
         "discriminative_features": set(DISCRIMINATIVE_COLUMNS),
         "named_features": set(NAMED_SCHEMA),
         "head_parity": set(PARITY_COLUMNS),
@@ -232,3 +233,32 @@ def test_ci_ledger(ci_workflow):
                         assert set(claims.referenced_columns(check)) <= cols, (c["id"], name)
     assert read_metadata(ci_workflow / layout.CLAIMS)["model"]
     assert (ci_workflow / layout.CLAIMS_MARKDOWN).read_text().startswith("# Claims ledger")
+
+
+def _contrast(gap_shorter: float, gap_longer: float) -> pl.DataFrame:
+    """Scores of 20 number pairs per kind (two orders each) whose correct format is right on every
+    prompt of a kind, or wrong on all, so that the two kinds' gaps are the given ones (each in {-1, 0, 1})."""
+    from bugscope.baseline import format_contrast
+
+    rows = []
+    for p in range(40):
+        kind, gap = ("shorter_bigger", gap_shorter) if p < 20 else ("longer_bigger", gap_longer)
+        for o in range(2):
+            q = 2 * p + o
+            correct_right, buggy_right = {1: (True, False), 0: (True, True), -1: (False, True)}[gap]
+            rows += [{"question_id": q, "pair_id": p, "pair_kind": kind, "format": "simple", "is_correct": correct_right},
+                     {"question_id": q, "pair_id": p, "pair_kind": kind, "format": "qa", "is_correct": buggy_right}]
+    return format_contrast(pl.DataFrame(rows), buggy_format="qa", correct_format="simple", n_resamples=200,
+                           confidence=0.95, seed=0)
+
+
+def test_length_heuristic_control_fails_when_the_format_only_flips_the_heuristic():
+    rule = next(c for c in claims.load_ledger(LEDGER) if c["id"] == "format_effect_not_length_heuristic")
+    flipped = _contrast(1, -1)  # buggy format wrong on shorter_bigger, as much better on longer_bigger
+    assert flipped.filter(pl.col("pair_kind") == "shorter_bigger+longer_bigger")["accuracy_gap"][0] == 0
+    r = claims.evaluate_claim(rule, {"baseline_contrast": flipped}, ctx())
+    assert r["verdict"] == "fails"
+    genuine = _contrast(1, 0)  # worse on shorter_bigger, no better on longer_bigger
+    assert claims.evaluate_claim(rule, {"baseline_contrast": genuine}, ctx())["verdict"] == "holds"
+    no_bug = _contrast(0, 0)
+    assert claims.evaluate_claim(rule, {"baseline_contrast": no_bug}, ctx())["verdict"] == "fails"

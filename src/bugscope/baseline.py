@@ -11,7 +11,12 @@ import torch
 from tqdm import tqdm
 
 from bugscope.forward import decision_logits, iter_batches, logit_diff
-from bugscope.stats import cluster_bootstrap_mean_ci_columns
+from bugscope.stats import (
+    _interval,
+    cluster_bootstrap_mean_ci_columns,
+    cluster_resample_weights,
+    cluster_resampled_means,
+)
 
 _NUMBER = re.compile(r"\d+\.\d+")
 
@@ -60,6 +65,42 @@ def accuracy_by_format(scores: pl.DataFrame, *, n_resamples: int, confidence: fl
                             "accuracy_high": acc_hi, "mean_logit_diff": ld, "logit_diff_low": ld_lo,
                             "logit_diff_high": ld_hi, "confidence": confidence})
     return pl.DataFrame(out)
+
+
+LENGTH_CONTROL = "shorter_bigger+longer_bigger"  # the gap on the bug's kind plus the gap on its mirror
+
+
+def format_contrast(scores: pl.DataFrame, *, buggy_format: str, correct_format: str, n_resamples: int,
+                    confidence: float, seed: int) -> pl.DataFrame:
+    """The format effect per pair kind: accuracy_gap = accuracy(correct format) - accuracy(buggy
+    format) over the questions asked in both, with a CI over number pairs (one draw for every row).
+
+    The row `shorter_bigger+longer_bigger` adds the gaps of the two kinds. A model that only picks
+    the shorter number in the buggy format (a length heuristic) is worse there on shorter_bigger
+    and better by as much on longer_bigger, so this sum is ~0; a format effect that is not a length
+    heuristic leaves it above 0.
+    """
+    wide = (scores.filter(pl.col("format").is_in([buggy_format, correct_format]))
+            .pivot(on="format", index=["question_id", "pair_id", "pair_kind"], values="is_correct")
+            .drop_nulls().sort("question_id"))
+    gap = (wide[correct_format].cast(pl.Float64) - wide[buggy_format].cast(pl.Float64)).to_numpy()
+    kinds = sorted(wide["pair_kind"].unique().to_list())
+    kind = wide["pair_kind"].to_numpy()
+    labels, cluster = np.unique(wide["pair_id"].to_numpy(), return_inverse=True)
+    columns = np.stack([np.where(kind == k, gap, np.nan) for k in kinds], axis=1)
+    weights = cluster_resample_weights(len(labels), n_resamples=n_resamples, seed=seed)
+    resampled = cluster_resampled_means(columns, cluster, weights)  # [n_resamples, kinds]
+    point = np.array([gap[kind == k].mean() for k in kinds])
+    n_pairs = [int(wide.filter(pl.col("pair_kind") == k)["pair_id"].n_unique()) for k in kinds]
+    if {"shorter_bigger", "longer_bigger"} <= set(kinds):
+        i, j = kinds.index("shorter_bigger"), kinds.index("longer_bigger")
+        resampled = np.column_stack([resampled, resampled[:, i] + resampled[:, j]])
+        point = np.append(point, point[i] + point[j])
+        kinds, n_pairs = [*kinds, LENGTH_CONTROL], [*n_pairs, n_pairs[i] + n_pairs[j]]
+    low, high = _interval(resampled, confidence)
+    return pl.DataFrame({"pair_kind": kinds, "buggy_format": buggy_format, "correct_format": correct_format,
+                         "n_pairs": n_pairs, "accuracy_gap": point, "accuracy_gap_low": low,
+                         "accuracy_gap_high": high, "confidence": confidence})
 
 
 def parse_answer(generated: str, correct: str, wrong: str) -> str:

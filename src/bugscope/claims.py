@@ -61,6 +61,7 @@ AGGREGATES = ("single", "min", "max", "max_abs", "min_abs")
 TABLES: dict[str, tables.Table] = {
     "baseline_accuracy": tables.BASELINE_ACCURACY,
     "baseline_scores": tables.BASELINE_SCORES,
+    "baseline_contrast": tables.BASELINE_CONTRAST,
     "feature_overlap": tables.FEATURE_OVERLAP,
     "discriminative_features": tables.DISCRIMINATIVE_FEATURES,
     "named_features": tables.NAMED_FEATURES,

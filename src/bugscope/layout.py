@@ -17,6 +17,7 @@ PROMPTS = f"{RESULTS}/prompts/prompts.parquet"
 BASELINE_SCORES = f"{RESULTS}/baseline/scores.parquet"
 BASELINE_ACCURACY = f"{RESULTS}/baseline/accuracy.parquet"
 BASELINE_GENERATION = f"{RESULTS}/baseline/generation.parquet"
+BASELINE_CONTRAST = f"{RESULTS}/baseline/format_contrast.parquet"
 
 ACTIVATIONS = f"{RESULTS}/activations/{{dataset}}/{{hook}}.parquet"
 CORPUS = f"{RESULTS}/corpus/corpus.parquet"

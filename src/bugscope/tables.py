@@ -49,6 +49,9 @@ BASELINE_SCORES = Table(layout.BASELINE_SCORES, "baseline_scores", "baseline",
 BASELINE_ACCURACY = Table(
     layout.BASELINE_ACCURACY, "baseline_accuracy", "baseline", "n_prompts",
     columns=("format", "pair_kind", "order", "n_prompts", "accuracy", "accuracy_low", "accuracy_high"))
+BASELINE_CONTRAST = Table(
+    layout.BASELINE_CONTRAST, "baseline_contrast", "baseline", "n_pairs",
+    columns=("pair_kind", "n_pairs", "accuracy_gap", "accuracy_gap_low", "accuracy_gap_high"))
 BASELINE_GENERATION = Table(
     layout.BASELINE_GENERATION, "baseline_generation", "baseline",
     columns=("prompt_id", "generated_answer", "format", "is_correct"))

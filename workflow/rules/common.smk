@@ -34,6 +34,7 @@ def final_outputs():
     """The default target: every table, figure, report table and the claims ledger."""
     return [
         layout.BASELINE_ACCURACY,
+        layout.BASELINE_CONTRAST,
         layout.BASELINE_GENERATION,
         *[layout.activations("prompts", hook) for hook in HOOKS],
         *[layout.FEATURES.format(hook=hook) for hook in HOOKS],

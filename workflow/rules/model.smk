@@ -34,6 +34,7 @@ rule baseline:
     output:
         scores=layout.BASELINE_SCORES,
         accuracy=layout.BASELINE_ACCURACY,
+        contrast=layout.BASELINE_CONTRAST,
         generation=layout.BASELINE_GENERATION,
     log:
         f"{layout.LOGS}/baseline.log",

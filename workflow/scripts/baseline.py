@@ -1,7 +1,7 @@
 import polars as pl
 
 from bugscope import tables
-from bugscope.baseline import accuracy_by_format, greedy_check, score_prompts
+from bugscope.baseline import accuracy_by_format, format_contrast, greedy_check, score_prompts
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
 
@@ -16,6 +16,9 @@ def main(smk):
     scores = prompts.select("prompt_id", "question_id", "pair_id", "pair_kind", "order", "format").join(scores, on="prompt_id")
     boot = cfg["bootstrap"]
     accuracy = accuracy_by_format(scores, n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=cfg["seed"])
+    contrast = format_contrast(scores, buggy_format=cfg["prompts"]["buggy_format"],
+                               correct_format=cfg["prompts"]["correct_format"], n_resamples=boot["n_resamples"],
+                               confidence=boot["confidence"], seed=cfg["seed"])
 
     # Greedy generation on the first prompts of each format, as a second opinion on the logit metric.
     n = cfg["baseline"]["generation_sample"]
@@ -36,9 +39,10 @@ def main(smk):
     with tables.written_together() as put:
         put(tables.BASELINE_SCORES, scores, smk.output.scores, meta)
         put(tables.BASELINE_ACCURACY, accuracy, smk.output.accuracy, meta)
+        put(tables.BASELINE_CONTRAST, contrast, smk.output.contrast, meta)
         put(tables.BASELINE_GENERATION, generation, smk.output.generation,
             {"n_parsed": parsed.height, "agreement": agreement, **meta})
-    log.info("accuracy by format:\n%s", accuracy)
+    log.info("accuracy by format:\n%s\nformat contrast:\n%s", accuracy, contrast)
 
 
 run(snakemake, main)  # noqa: F821
