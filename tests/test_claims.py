@@ -262,3 +262,31 @@ def test_length_heuristic_control_fails_when_the_format_only_flips_the_heuristic
     assert claims.evaluate_claim(rule, {"baseline_contrast": genuine}, ctx())["verdict"] == "holds"
     no_bug = _contrast(0, 0)
     assert claims.evaluate_claim(rule, {"baseline_contrast": no_bug}, ctx())["verdict"] == "fails"
+
+
+def _parity(r_by_feature: dict[int, float], layer: int = 10) -> pl.DataFrame:
+    """A hand-made head_parity table: point-biserial r (odd heads = 1) per feature, all significant."""
+    return pl.DataFrame([{"layer": layer, "target": "difference", "feature_id": f, "statistic": "point_biserial_r",
+                          "value": r, "p_value": 0.001, "n_permutations": 10000, "exact": False, "n_heads": 32}
+                         for f, r in r_by_feature.items()])
+
+
+def test_correlation_rules_are_signed_and_need_every_listed_id():
+    ledger = {c["id"]: c for c in claims.load_ledger(LEDGER)}
+    even, odd = ledger["even_head_feature_correlation"], ledger["odd_head_feature_correlation"]
+    llama = ctx(model="Llama-3.1-8B-Instruct", focus=(10,), num_heads=32, num_layers=32)
+    even_ids = [10049, 11664, 8234, 15789, 22156]
+    # The seed's values with the sign of "tied to the even heads" (odd = 1, so r < 0): holds.
+    tied_even = _parity(dict(zip(even_ids, [-0.85, -0.88, -0.9, -0.92, -0.86])))
+    r = claims.evaluate_claim(even, {"head_parity": tied_even}, llama)
+    assert r["verdict"] == "holds" and r["form"] == "literal"
+    # The same strengths tied to the *odd* heads: |r| would pass; the signed rule fails.
+    tied_odd = _parity(dict(zip(even_ids, [0.85, 0.88, 0.9, 0.92, 0.86])))
+    assert claims.evaluate_claim(even, {"head_parity": tied_odd}, llama)["verdict"] == "fails"
+    assert claims.evaluate_claim(odd, {"head_parity": _parity(dict(zip(
+        [25523, 22441, 18967, 7823, 13492], [-0.85] * 5)))}, llama)["verdict"] == "fails"
+    # Four of the five ids present: not scored on the subset, not testable (the agnostic form then
+    # decides, on the focus layer's rows: here the same rows, which hold).
+    partial = tied_even.filter(pl.col("feature_id") != 22156)
+    r = claims.evaluate_claim(even, {"head_parity": partial}, llama)
+    assert r["form"] == "agnostic" and "[22156]" in r["detail"]

@@ -36,7 +36,12 @@ each row reports the interval and n beside them.
 seed's), `{after: <bool column>, by: n}` (the analysed layer n places after the row marked by that
 column), and the tokens `$focus` (the focus layers), `$buggy_format`, `$correct_format`,
 `$half_even_heads` / `$quarter_even_heads` (half / a quarter of the even heads: 8 / 4 of Llama's 16).
-An aggregate ending in `_abs` tests the absolute value (correlation strengths).
+A list in `where` (feature ids, `$focus`) must be matched in full: a check whose listed values are
+not all in the table is not testable, never scored on the ones present. Correlation claims are
+signed ("tied to the even heads" is r < 0 with odd = 1); an aggregate ending in `_abs` tests the
+absolute value, which no such claim may use.
+Unless a check names them, `pair_kind` and `order` select the bug's kind with both orders pooled
+(`DEFAULT_WHERE`).
 """
 
 from __future__ import annotations
@@ -238,6 +243,17 @@ def select(df: pl.DataFrame, where: Mapping[str, Any], ctx: Context) -> pl.DataF
     return df
 
 
+def _require_every_listed_value(sel: pl.DataFrame, where: Mapping[str, Any], ctx: Context, name: str) -> None:
+    """A check on listed items (feature ids, layers) is tested on all of them or not at all: scored
+    on the subset that happens to be present, it would pass more easily."""
+    for col, raw in where.items():
+        v = _resolve(raw, ctx) if not isinstance(raw, dict) else None
+        if isinstance(v, list):
+            missing = sorted(set(v) - set(sel[col].to_list()))
+            if missing:
+                raise NotTestable(f"{col} {missing} of the claim's {v} are not in {name}")
+
+
 def _values(df: pl.DataFrame, metric: str) -> pl.Series:
     cols = metric_columns(metric)
     for c in cols:
@@ -331,6 +347,7 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
     sel = select(df, where, ctx)
     if sel.height == 0:
         raise NotTestable(f"no row of {name} matches {dict(where)}")
+    _require_every_listed_value(sel, where, ctx, name)
     values = _values(sel, check["metric"])
     row = _pick(sel, values, check.get("aggregate", "single"))
     value = float(values[row])
