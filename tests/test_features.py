@@ -285,8 +285,31 @@ def test_discriminative_finds_planted_feature():
     assert up["feature_id"] == 100 and up["significant"] and up["q_value"] < 1e-4 and up["effect_size"] > 2
     assert down["feature_id"] == 200 and down["significant"]
     assert bvc.filter(~pl.col("feature_id").is_in([100, 200]))["significant"].sum() == 0
-    assert set(out["comparison"].unique()) == {"buggy_vs_correct", "wrong_vs_right"}
+    assert set(out["comparison"].unique()) == {"buggy_vs_correct", "buggy_vs_correct_heldout", "wrong_vs_right"}
     assert out.filter(pl.col("comparison") == "wrong_vs_right")["n_a"].unique().to_list() == [n_q // 2]
+    # Held out: ranked on the even pair ids, measured on the odd ones. The planted feature stays on
+    # top and keeps its ratio on pairs that did not rank it.
+    held = out.filter(pl.col("comparison") == "buggy_vs_correct_heldout", pl.col("direction") == "up",
+                      pl.col("rank") == 0).row(0, named=True)
+    assert held["feature_id"] == 100 and held["n_a"] == len(range(0, n_q // 2, 2)) * 2
+    assert held["heldout_mean_a"] / held["heldout_mean_b"] == pytest.approx(5 / 3, abs=0.25)
+
+
+def test_heldout_ratio_of_a_noise_feature_shrinks_to_one():
+    # No feature differs between formats: the top-ranked one has a ratio above 1 on the pairs that
+    # ranked it, by selection alone, and about 1 on the held-out pairs.
+    rng = np.random.default_rng(5)
+    n_q = 80
+    prompts = _prompts(n_q)
+    pairs = F.prompt_pairs(prompts, "qa", "simple")
+    rows = [(2 * q + j, 5, f, float(rng.exponential())) for q in range(n_q) for j in range(2) for f in range(300)]
+    values = F.prompt_values(_sparse(rows), F.position_weights(prompts, "decision"))
+    scores = pl.DataFrame({"prompt_id": np.arange(2 * n_q, dtype=np.int32), "is_correct": np.arange(2 * n_q) % 4 < 2})
+    cfg = {"test": "wilcoxon", "min_firing_rate": 0.05, "fdr_alpha": 0.05, "top_n": 1, "min_group_size": 5}
+    top = F.discriminative_features(values, pairs, scores, layer=7, cfg=cfg).filter(
+        pl.col("comparison") == "buggy_vs_correct_heldout", pl.col("direction") == "up").row(0, named=True)
+    assert top["mean_a"] / top["mean_b"] > 1.25
+    assert abs(top["heldout_mean_a"] / top["heldout_mean_b"] - 1) < abs(top["mean_a"] / top["mean_b"] - 1) / 2
 
 
 def test_bh_matches_definition():

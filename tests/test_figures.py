@@ -81,8 +81,10 @@ def discriminative_table(layer=8) -> pl.DataFrame:
             rows.append({"layer": layer, "comparison": "buggy_vs_correct", "direction": direction, "rank": rank,
                          "feature_id": 100 * rank + (1 if sign > 0 else 2), "effect_size": sign * 1.2, "mean_diff": a - b,
                          "mean_a": a, "mean_b": b, "firing_rate_a": 0.8, "firing_rate_b": 0.4, "p_value": 0.001,
-                         "q_value": 0.01, "significant": True, "n_a": 12, "n_b": 12, "n_tested": 50})
-    return pl.DataFrame(rows).with_columns(pl.col("layer", "rank", "feature_id").cast(pl.Int32)).select(DISCRIMINATIVE_COLUMNS)
+                         "q_value": 0.01, "significant": True, "n_a": 12, "n_b": 12, "n_tested": 50,
+                         "heldout_mean_a": None, "heldout_mean_b": None})
+    return pl.DataFrame(rows, schema_overrides={"heldout_mean_a": pl.Float64, "heldout_mean_b": pl.Float64}).with_columns(
+        pl.col("layer", "rank", "feature_id").cast(pl.Int32)).select(DISCRIMINATIVE_COLUMNS)
 
 
 def named_table(layer=8) -> pl.DataFrame:

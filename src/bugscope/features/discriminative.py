@@ -98,7 +98,12 @@ def _top_rows(layer: int, comparison: str, feature_ids: np.ndarray, a: np.ndarra
 
 DISCRIMINATIVE_COLUMNS = ["layer", "comparison", "direction", "rank", "feature_id", "effect_size", "mean_diff",
                           "mean_a", "mean_b", "firing_rate_a", "firing_rate_b", "p_value", "q_value",
-                          "significant", "n_a", "n_b", "n_tested"]
+                          "significant", "n_a", "n_b", "n_tested", "heldout_mean_a", "heldout_mean_b"]
+
+# Selection-aware ranking (research notes section 8): the top features ranked on the pairs with an
+# even pair_id, their means measured on the others. The top-ranked of thousands of features clears
+# a threshold on the data that ranked it more easily than on fresh pairs.
+SPLIT_COMPARISON = "buggy_vs_correct_heldout"
 
 
 def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: pl.DataFrame, *, layer: int,
@@ -120,6 +125,17 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
     p, effect = paired_test(a[:, keep], b[:, keep], cfg["test"])
     out.append(_top_rows(layer, "buggy_vs_correct", feature_ids[keep], a[:, keep], b[:, keep], p, effect,
                          top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum())))
+    chosen = pairs["pair_id"].to_numpy() % 2 == 0
+    if chosen.sum() > 1 and (~chosen).sum() > 1:
+        sa, sb = a[chosen], b[chosen]
+        keep_s = np.maximum((sa > 0).mean(axis=0), (sb > 0).mean(axis=0)) >= cfg["min_firing_rate"]
+        p_s, effect_s = paired_test(sa[:, keep_s], sb[:, keep_s], cfg["test"])
+        top = _top_rows(layer, SPLIT_COMPARISON, feature_ids[keep_s], sa[:, keep_s], sb[:, keep_s], p_s, effect_s,
+                        top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep_s.sum()))
+        column = {int(f): i for i, f in enumerate(feature_ids)}
+        idx = np.array([column[int(f)] for f in top["feature_id"].to_list()], dtype=np.int64)
+        out.append(top.with_columns(pl.Series("heldout_mean_a", a[~chosen][:, idx].mean(axis=0)),
+                                    pl.Series("heldout_mean_b", b[~chosen][:, idx].mean(axis=0))))
 
     answered = pl.DataFrame({"prompt_id": buggy_ids.astype(np.int32)}).join(
         scores.select(pl.col("prompt_id").cast(pl.Int32), "is_correct"), on="prompt_id", how="left")
@@ -136,4 +152,6 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
         p, effect = unpaired_test(wrong_m[:, keep], right_m[:, keep], cfg["test"])
         out.append(_top_rows(layer, "wrong_vs_right", feature_ids[keep], wrong_m[:, keep], right_m[:, keep], p,
                              effect, top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum())))
+    for col in ("heldout_mean_a", "heldout_mean_b"):
+        out = [t if col in t.columns else t.with_columns(pl.lit(None, pl.Float64).alias(col)) for t in out]
     return pl.concat(out, how="vertical_relaxed").select(DISCRIMINATIVE_COLUMNS)

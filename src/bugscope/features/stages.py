@@ -122,6 +122,7 @@ def run_discriminative(config: dict, prompts_path, scores_path, feature_paths: d
         out.append(discriminative_features(values, pairs, scores, layer=layer, cfg=fcfg["discriminative"]))
     meta = {"position": fcfg["position"], **{k: v for k, v in fcfg["discriminative"].items()},
             "a_b": {"buggy_vs_correct": [pcfg["buggy_format"], pcfg["correct_format"]],
+                    "buggy_vs_correct_heldout": "ranked on the pairs with an even pair_id; heldout_mean_* on the others",
                     "wrong_vs_right": [f"{pcfg['buggy_format']} answered wrong", f"{pcfg['buggy_format']} answered right"]},
             "sources": source_provenance(metas)}
     return pl.concat(out, how="vertical_relaxed"), meta
