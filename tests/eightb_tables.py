@@ -63,7 +63,7 @@ def prompt_table(config: dict) -> pl.DataFrame:
                              "correct": f"{pair}.{o + 1}", "wrong": f"{pair}.{o + 11}",
                              "input_ids": list(range(1000, 1000 + N_TOKENS)), "n_tokens": N_TOKENS,
                              "decision_pos": N_TOKENS - 1, "correct_token": 17, "wrong_token": 18,
-                             "aligned_positions": aligned})
+                             "aligned_positions": aligned, "prompt_last_pos": N_TOKENS - 3})
     for i, row in enumerate(rows):
         row["prompt_id"] = i
     return pl.from_arrow(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))

@@ -28,7 +28,9 @@ def _prompts(n_questions: int, decision_pos: int = 5, aligned=(0, 2, 5)):
         for j, fmt in enumerate(("qa", "simple")):
             rows.append({"prompt_id": 2 * q + j, "question_id": q, "pair_id": q // 2, "pair_kind": "shorter_bigger",
                          "order": ("correct_first", "wrong_first")[q % 2], "format": fmt,
-                         "decision_pos": decision_pos, "aligned_positions": list(aligned)})
+                         "correct": f"{9 + q // 2}.8", "wrong": f"{9 + q // 2}.11",
+                         "decision_pos": decision_pos, "aligned_positions": list(aligned),
+                         "prompt_last_pos": aligned[-2] if len(aligned) > 1 else decision_pos})
     return pl.DataFrame(rows, schema_overrides={"prompt_id": pl.Int32, "aligned_positions": pl.List(pl.Int32)})
 
 
@@ -487,9 +489,13 @@ def test_stage_drivers(stage_inputs):
 
     config, tmp, paths = stage_inputs
     summary, per_pair, meta = F.run_overlap(config, tmp / "prompts.parquet", paths)
+    # The original study's one question (9.8 vs 9.11, correct first) at the prompt's last token.
+    single = summary.filter(pl.col("variant") == "original_single_pair")
+    assert single["layer"].to_list() == [0, 10] and (single["n_pairs"] == 1).all()
+    assert single["overlap_pct"].is_not_null().all()
     assert per_pair.height == 2 * 12 and set(per_pair["layer"]) == {0, 10}
-    # per_pair, pooled, and the two baselines per format and for both formats, at each of 2 layers
-    assert summary.group_by("variant").len().sort("variant")["len"].to_list() == [2, 2, 6, 6]
+    # per_pair, pooled, the original single pair, and the two baselines per format and for both, at 2 layers
+    assert summary.group_by("variant").len().sort("variant")["len"].to_list() == [2, 2, 2, 6, 6]
     assert summary.filter(pl.col("variant") == "per_pair")["format_effect_pct"].is_not_null().all()
     assert meta["sources"]["10"]["sae"] == "hand-made"
     table, _ = F.run_discriminative(config, tmp / "prompts.parquet", tmp / "scores.parquet", paths)

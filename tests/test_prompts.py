@@ -47,6 +47,18 @@ def test_decision_tokens_on_the_seed_prompt(table, embedded):
     assert tok.decode([row["wrong_token"]]) == "1"
 
 
+def test_prompt_last_is_the_colon_before_the_answer(table, embedded):
+    # The original study read its features at the prompt's last token: the ":" of "A:" / "Answer:".
+    tok = embedded[1]
+    for row in table.filter(pl.col("format") != "chat").iter_rows(named=True):
+        assert tok.decode([row["input_ids"][row["prompt_last_pos"]]]) == ":"
+        assert row["prompt_last_pos"] < row["decision_pos"]
+    from bugscope.cache import positions_for
+
+    row = table.row(0, named=True)
+    assert row["prompt_last_pos"] in positions_for(row, "aligned")
+
+
 def test_every_prompt_continues_to_its_answers(table, embedded):
     tok = embedded[1]
     for row in table.iter_rows(named=True):

@@ -35,11 +35,12 @@ def activation_schema(d_model: int, dtype: str, meta: dict) -> pa.Schema:
 
 
 def positions_for(row: dict, mode: str) -> list[int]:
-    """Positions of one analysis prompt to cache: 'decision', 'aligned' or 'all'."""
+    """Positions of one analysis prompt to cache: 'decision', 'aligned' (the aligned positions and
+    the prompt's last token, where the original study read its features) or 'all'."""
     if mode == "decision":
         return [row["decision_pos"]]
     if mode == "aligned":
-        return list(row["aligned_positions"])
+        return sorted({*row["aligned_positions"], row["prompt_last_pos"]})
     if mode == "all":
         return list(range(len(row["input_ids"])))
     raise ValueError(f"unknown position mode {mode!r}")

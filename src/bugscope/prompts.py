@@ -155,6 +155,13 @@ def _score_tokens(tokenizer, prompt: str, prefix: str, correct: str, wrong: str,
     return _Scored(a[:lcp], [tuple(o) for o in enc[0]["offset_mapping"][:lcp]], lcp - 1, a[lcp], b[lcp])
 
 
+def _prompt_last(scored: _Scored, prompt_length: int) -> int:
+    """The last position inside the prompt text, before the answer prefix: the ":" of "A:", where
+    the original study read its features (research notes section 8)."""
+    inside = [pos for pos, (s, e) in enumerate(scored.offsets) if e <= prompt_length and e > s]
+    return inside[-1] if inside else scored.decision_pos
+
+
 def _alignment_keys(scored: _Scored, text: str, question: str) -> dict[tuple, int]:
     """Map (region, char start, char end, token) -> position, for tokens inside the question or the answer."""
     q0 = text.find(question)
@@ -208,6 +215,7 @@ def build_prompt_table(config: dict, tokenizer) -> pa.Table:
                     "decision_pos": scored.decision_pos, "correct_token": scored.correct_token,
                     "wrong_token": scored.wrong_token, "aligned_positions": aligned,
                     "first_token": tokenizer.convert_ids_to_tokens(scored.input_ids[0]),
+                    "prompt_last_pos": _prompt_last(scored, len(text)),
                 })
     if problems:
         shown = "\n  ".join(problems[:20])
@@ -229,4 +237,5 @@ PROMPT_SCHEMA = pa.schema([
     ("correct", pa.string()), ("wrong", pa.string()), ("input_ids", pa.list_(pa.int32())),
     ("n_tokens", pa.int32()), ("decision_pos", pa.int32()), ("correct_token", pa.int32()),
     ("wrong_token", pa.int32()), ("aligned_positions", pa.list_(pa.int32())), ("first_token", pa.string()),
+    ("prompt_last_pos", pa.int32()),
 ])

@@ -161,7 +161,8 @@ def _difference(name: str, point, boot, confidence: float, log: bool = False) ->
 
 def summarise_overlap(per_pair: pl.DataFrame, pooled: pl.DataFrame, *, k: int, num_layers: int,
                       middle_fraction: Sequence[float], n_resamples: int, confidence: float, seed: int,
-                      baselines: pl.DataFrame | None = None) -> pl.DataFrame:
+                      baselines: pl.DataFrame | None = None,
+                      original_single_pair: pl.DataFrame | None = None) -> pl.DataFrame:
     """Per layer: the per-pair means with cluster-bootstrap CIs, the chance baselines, the pooled variant.
 
     Every interval resamples number pairs (`pair_id`), keeping both question orders of a drawn pair,
@@ -205,6 +206,12 @@ def summarise_overlap(per_pair: pl.DataFrame, pooled: pl.DataFrame, *, k: int, n
     pooled = pooled.with_columns(pl.lit("pooled").alias("variant"), pl.lit(cross.n_rows).alias("n_pairs"),
                                  pl.lit(cross.n_clusters).alias("n_number_pairs"), *unmarked)
     parts = [summary, pooled, *(b.with_columns(*unmarked) for b in baseline_rows)]
+    if original_single_pair is not None:
+        # The original study's own measurement: one question (9.8 vs 9.11, correct first), top-k at
+        # the prompt's last token; one number per layer, no CI (features.stages.run_overlap).
+        parts.append(original_single_pair.with_columns(
+            pl.lit("original_single_pair").alias("variant"), pl.lit(1).alias("n_pairs"),
+            pl.lit(1).alias("n_number_pairs"), *unmarked))
     out = pl.concat(parts, how="diagonal_relaxed").with_columns(pl.lit(k).alias("k"))
     if "format" not in out.columns:
         out = out.with_columns(pl.lit(None, pl.String).alias("format"))
@@ -263,7 +270,7 @@ def _beyond_baseline(cross: _Clustered, reference: dict, confidence: float, n_la
     return out
 
 
-VARIANTS = ("per_pair", "pooled", *COMPARISONS)
+VARIANTS = ("per_pair", "pooled", *COMPARISONS, "original_single_pair")
 BEYOND_BASELINE = ("baseline_overlap_pct", "swapped_order_overlap_pct", "format_effect_pct",
                    "format_effect_swapped_order_pct", "amplification_geomean_null", "amplification_excess")
 SUMMARY_COLUMNS = ["layer", "variant", "format", "k", "n_pairs", "n_number_pairs", "is_middle", "is_min_overlap",

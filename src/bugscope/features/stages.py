@@ -60,9 +60,21 @@ def load_prompt_frame(path, config: dict, columns: list[str] | None = None) -> p
     """The prompts the feature analyses contrast: the bug's pair kind only (the control kinds test
     the patching and baseline, not the features)."""
     columns = columns or ["prompt_id", "question_id", "pair_id", "order", "format", "decision_pos",
-                          "aligned_positions"]
+                          "aligned_positions", "prompt_last_pos"]
     frame = tables.frame(tables.PROMPTS, config, path, columns=[*columns, "pair_kind"])
     return frame.filter(pl.col("pair_kind") == BUG_PAIR_KIND).drop("pair_kind")
+
+
+# The one question the original study measured: 9.8 vs 9.11, 9.8 asked first.
+ORIGINAL_PAIR = ("9.8", "9.11", "correct_first")
+
+
+def original_single_pair(prompts_path, config: dict, pairs: pl.DataFrame) -> pl.DataFrame:
+    """The row of `pairs` of the original study's question (empty when the prompt set lacks it)."""
+    correct, wrong, order = ORIGINAL_PAIR
+    ids = load_prompt_frame(prompts_path, config, ["question_id", "correct", "wrong", "order"]).filter(
+        pl.col("correct") == correct, pl.col("wrong") == wrong, pl.col("order") == order)["question_id"].unique()
+    return pairs.filter(pl.col("question_id").is_in(ids.to_list()))
 
 
 def load_layer_values(path, weights: pl.DataFrame, config: dict) -> tuple[pl.DataFrame, dict]:
@@ -86,9 +98,14 @@ def run_overlap(config: dict, prompts_path, feature_paths: dict[int, str]) -> tu
     pairing_seed = derived_seed(config["seed"], 3)
     couples = baseline_couples(pairs, pcfg["buggy_format"], pcfg["correct_format"], pairing_seed)
     weights = position_weights(prompts, fcfg["position"])
-    per_pair, pooled, baselines, metas = [], [], [], {}
+    single = original_single_pair(prompts_path, config, pairs)
+    at_prompt_last = position_weights(prompts, "prompt_last")
+    per_pair, pooled, baselines, originals, metas = [], [], [], [], {}
     for layer, path in sorted(feature_paths.items()):
         values, metas[layer] = load_layer_values(path, weights, config)
+        if single.height:
+            originals.append({"layer": layer, **pooled_overlap(load_layer_values(path, at_prompt_last, config)[0],
+                                                               single, k)})
         layer_pairs = pair_overlap(values, pairs, k)
         short = layer_pairs.select((pl.min_horizontal("n_top_buggy", "n_top_correct") < k).mean()).item() or 0.0
         if short > 0.5:
@@ -102,7 +119,8 @@ def run_overlap(config: dict, prompts_path, feature_paths: dict[int, str]) -> tu
     summary = summarise_overlap(
         per_pair, pl.DataFrame(pooled), k=k, num_layers=config["model"]["num_layers"],
         middle_fraction=fcfg["overlap"]["middle_fraction"], n_resamples=boot["n_resamples"],
-        confidence=boot["confidence"], seed=derived_seed(config["seed"], 1), baselines=pl.concat(baselines))
+        confidence=boot["confidence"], seed=derived_seed(config["seed"], 1), baselines=pl.concat(baselines),
+        original_single_pair=pl.DataFrame(originals) if originals else None)
     meta = {"position": fcfg["position"], "k": k, "confidence": boot["confidence"],
             "n_resamples": boot["n_resamples"], "buggy_format": pcfg["buggy_format"],
             "correct_format": pcfg["correct_format"], "bootstrap_unit": "pair_id",

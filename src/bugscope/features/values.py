@@ -6,8 +6,9 @@ pair* is the buggy-format row and the correct-format row of one `question_id`; e
 "over pairs" resamples these pairs.
 
 Value of a feature in a prompt (`features.position`): its activation at the decision position
-("decision"), or its mean over the aligned positions ("aligned_mean": the sum over the aligned
-positions divided by their number, absent = 0).
+("decision"), at the prompt's last token before the answer prefix ("prompt_last": the ":" of
+"A:", the original study's position), or its mean over the aligned positions ("aligned_mean": the
+sum over the aligned positions divided by their number, absent = 0).
 
 Top-k set of a prompt: its k features of largest value, among features with value > 0 (ties
 broken by the smaller feature id); it holds fewer than k features when fewer are active.
@@ -20,7 +21,7 @@ import polars as pl
 
 from bugscope.prompts import SINK_POSITION
 
-POSITION_MODES = ("decision", "aligned_mean")
+POSITION_MODES = ("decision", "aligned_mean", "prompt_last")
 
 
 def prompt_pairs(prompts: pl.DataFrame, buggy_format: str, correct_format: str) -> pl.DataFrame:
@@ -41,8 +42,9 @@ def prompt_pairs(prompts: pl.DataFrame, buggy_format: str, correct_format: str) 
 
 def position_weights(prompts: pl.DataFrame, mode: str) -> pl.DataFrame:
     """prompt_id, position, weight: the positions whose weighted sum is a prompt's feature value."""
-    if mode == "decision":
-        return prompts.select("prompt_id", pl.col("decision_pos").alias("position"), pl.lit(1.0).alias("weight"))
+    if mode in ("decision", "prompt_last"):
+        column = "decision_pos" if mode == "decision" else "prompt_last_pos"
+        return prompts.select("prompt_id", pl.col(column).alias("position"), pl.lit(1.0).alias("weight"))
     if mode == "aligned_mean":
         # Position 0 is an attention sink whose SAE code is junk (research notes 3). An aligned
         # index is dropped for every format of a question when it is position 0 in any of them,
