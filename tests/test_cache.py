@@ -65,9 +65,10 @@ def test_cache_matches_decoder_outputs(cached, embedded, which, batch_size):
     reference = _reference_outputs(model, prompts.to_dicts(), layer, last, batch_size, tok.pad_token_id)
     for row in prompts.iter_rows(named=True):
         sub = index.filter(pl.col("prompt_id") == row["prompt_id"])
-        assert sub["position"].to_list() == row["aligned_positions"]
+        cached = sorted({*row["aligned_positions"], row["prompt_last_pos"]})  # aligned, and the prompt's last token
+        assert sub["position"].to_list() == cached
         got = acts[sub["i"].to_list()]
-        expected = reference[row["prompt_id"]][row["aligned_positions"]]
+        expected = reference[row["prompt_id"]][cached]
         tol = forward_tolerance(model, scale=max_abs(expected), depth=layer + 1)
         diff = (got - expected).abs().max().item()
         assert diff <= tol, f"layer {layer}, prompt {row['prompt_id']}: max abs diff {diff} > {tol}"

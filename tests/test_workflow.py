@@ -19,7 +19,7 @@ def test_ci_workflow_produces_baseline_and_cache(ci_workflow, ci_config):
     assert (acc["accuracy_low"] <= acc["accuracy"]).all() and (acc["accuracy"] <= acc["accuracy_high"]).all()
     assert meta["model"] == "SmolLM2-135M-Instruct"
     prompts = pl.from_arrow(read_table(ci_workflow / layout.PROMPTS, kind="prompts")[0])
-    n_rows = prompts["aligned_positions"].list.len().sum()
+    n_rows = sum(len({*r["aligned_positions"], r["prompt_last_pos"]}) for r in prompts.iter_rows(named=True))
     for layer in analysed_layers(ci_config):
         table, meta = read_table(ci_workflow / layout.activations("prompts", hook_name(layer)), kind="activations")
         assert table.num_rows == n_rows and meta["layer"] == layer
