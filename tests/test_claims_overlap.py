@@ -62,7 +62,9 @@ def world(changes: dict | None = None) -> pl.DataFrame:
         "overlap_pct": [float(spec[la].get("pooled_overlap", spec[la].get("overlap_pct", (50, 0)))[0]) for la in LAYERS],
         "amplification_original_mean_of_ratios": [float(spec[la].get("pooled_amplification", 1.2)) for la in LAYERS],
         "is_min_overlap": False, "is_max_overlap_middle": False})
-    return pl.concat([per_pair, pooled], how="diagonal_relaxed")
+    # The literal forms read the original study's own measurement (one pair, at prompt_last).
+    single = pooled.with_columns(pl.lit("original_single_pair").alias("variant"), pl.lit(1).alias("n_pairs"))
+    return pl.concat([per_pair, pooled, single], how="diagonal_relaxed")
 
 
 def verdict(claim_id: str, table: pl.DataFrame, literal: bool) -> dict:
