@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from bugscope.forward import decision_logits, iter_batches, logit_diff
+from bugscope.prompts import kind_order_splits
 from bugscope.stats import (
     _interval,
     cluster_bootstrap_mean_ci_columns,
@@ -36,34 +37,23 @@ def score_prompts(model, rows: Sequence[dict], *, batch_size: int, pad_token_id:
     })
 
 
-ALL = "all"  # the pooled value of a grouping column (pair_kind, order)
-
-
 def accuracy_by_format(scores: pl.DataFrame, *, n_resamples: int, confidence: float, seed: int) -> pl.DataFrame:
     """Accuracy and mean logit difference per (format, pair_kind, order), each also pooled ("all"),
     with bootstrap CIs over number pairs (`pair_id`: both orders of a pair are drawn together; they
     are not independent). The question orders matter: a model that names the number asked second
     is right on one order and wrong on the other."""
-    kinds = [ALL, *sorted(scores["pair_kind"].unique().to_list())]
-    orders = [ALL, *sorted(scores["order"].unique().to_list())]
     out = []
     for fmt in sorted(scores["format"].unique().to_list()):
-        for kind in kinds:
-            for order in orders:
-                sub = scores.filter(pl.col("format") == fmt)
-                if kind != ALL:
-                    sub = sub.filter(pl.col("pair_kind") == kind)
-                if order != ALL:
-                    sub = sub.filter(pl.col("order") == order)
-                if sub.height == 0:
-                    continue
-                values = np.stack([sub["is_correct"].cast(pl.Float64).to_numpy(), sub["logit_diff"].to_numpy()], axis=1)
-                (acc, ld), (acc_lo, ld_lo), (acc_hi, ld_hi) = cluster_bootstrap_mean_ci_columns(
-                    values, sub["pair_id"].to_numpy(), n_resamples=n_resamples, confidence=confidence, seed=seed)
-                out.append({"format": fmt, "pair_kind": kind, "order": order, "n_prompts": sub.height,
-                            "n_pairs": sub["pair_id"].n_unique(), "accuracy": acc, "accuracy_low": acc_lo,
-                            "accuracy_high": acc_hi, "mean_logit_diff": ld, "logit_diff_low": ld_lo,
-                            "logit_diff_high": ld_hi, "confidence": confidence})
+        in_format = scores.filter(pl.col("format") == fmt)
+        for kind, order, mask in kind_order_splits(in_format["pair_kind"].to_list(), in_format["order"].to_list()):
+            sub = in_format.filter(pl.Series(mask))
+            values = np.stack([sub["is_correct"].cast(pl.Float64).to_numpy(), sub["logit_diff"].to_numpy()], axis=1)
+            (acc, ld), (acc_lo, ld_lo), (acc_hi, ld_hi) = cluster_bootstrap_mean_ci_columns(
+                values, sub["pair_id"].to_numpy(), n_resamples=n_resamples, confidence=confidence, seed=seed)
+            out.append({"format": fmt, "pair_kind": kind, "order": order, "n_prompts": sub.height,
+                        "n_pairs": sub["pair_id"].n_unique(), "accuracy": acc, "accuracy_low": acc_lo,
+                        "accuracy_high": acc_hi, "mean_logit_diff": ld, "logit_diff_low": ld_lo,
+                        "logit_diff_high": ld_hi, "confidence": confidence})
     return pl.DataFrame(out)
 
 

@@ -55,7 +55,7 @@ import polars as pl
 import yaml
 
 from bugscope import tables
-from bugscope.prompts import BUG_PAIR_KIND
+from bugscope.prompts import ALL, BUG_PAIR_KIND
 
 VERDICTS = ("holds", "fails", "not testable here")
 TESTS = ("near", "range", "at_least", "at_most", "below", "above", "local_max")
@@ -78,8 +78,8 @@ TABLES: dict[str, tables.Table] = {
 # Rows a check selects unless its `where` names the column: the bug's pair kind with both question
 # orders pooled (the control kinds and the single orders are separate rows of these tables).
 DEFAULT_WHERE: dict[str, dict] = {
-    "baseline_accuracy": {"pair_kind": BUG_PAIR_KIND, "order": "all"},
-    "head_patching": {"pair_kind": BUG_PAIR_KIND, "order": "all"},
+    "baseline_accuracy": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "head_patching": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
 }
 
 

@@ -121,8 +121,13 @@ CEILING = HeadSet("resid_post", "ceiling", (), "resid")
 def random_control_sets(n_heads: int, *, samples: int, seed: int, layer: int) -> list[HeadSet]:
     """Random subsets of all heads, as many heads as the even pool and as the odd pool: the draws of
     `subset_head_sets` for pool "all", so they coincide with the config's subsets where both exist."""
-    sizes = sorted({len(pool_heads("even", n_heads)), len(pool_heads("odd", n_heads))} - {0})
-    return subset_head_sets(n_heads, pools=["all"], sizes=sizes, samples=samples, seed=seed, layer=layer)
+    return subset_head_sets(n_heads, pools=["all"], sizes=control_sizes(n_heads), samples=samples, seed=seed,
+                            layer=layer)
+
+
+def control_sizes(n_heads: int) -> list[int]:
+    """The random-head control's set sizes: as many heads as the even pool and as the odd pool."""
+    return sorted({len(pool_heads("even", n_heads)), len(pool_heads("odd", n_heads))} - {0})
 
 
 def head_set_table(layer_sets: dict[int, list[HeadSet]]) -> pl.DataFrame:

@@ -31,11 +31,10 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from bugscope.head_sets import pool_heads
-from bugscope.prompts import BUG_PAIR_KIND
+from bugscope.head_sets import control_sizes
+from bugscope.prompts import ALL, BUG_PAIR_KIND, kind_order_splits
 from bugscope.stats import cluster_bootstrap_mean_ci_columns, cluster_bootstrap_ratio_ci_columns
 
-ALL = "all"  # the pooled value of pair_kind and order
 SUMMARY_KEYS = ["method", "positions", "operation", "direction", "target_format", "source_format", "pair_kind",
                 "order", "layer", "head_set"]
 HEAD_SET_COLUMNS = ["family", "pool", "k", "sample", "heads"]
@@ -118,7 +117,7 @@ def summarise(per_prompt: pl.DataFrame, *, keys: Sequence[str], n_resamples: int
 def _with_random_control(groups: pl.DataFrame, ld: np.ndarray, right: np.ndarray, n_heads: int):
     """Adds the random-head control columns: for k the size of the even and of the odd pool, the
     mean logit difference and the fraction right over the random all-head subsets of k heads."""
-    sizes = sorted({len(pool_heads("even", n_heads)), len(pool_heads("odd", n_heads))} - {0})
+    sizes = control_sizes(n_heads)
     is_drawn = (groups["family"] == "subset") & (groups["pool"] == "all")
     extra, ld_cols, right_cols = [], [], []
     for _, sub in groups.with_row_index("_g").filter(is_drawn).group_by(
@@ -139,18 +138,6 @@ def _with_random_control(groups: pl.DataFrame, ld: np.ndarray, right: np.ndarray
     return (pl.concat([groups, more]), np.column_stack([ld, *ld_cols]), np.column_stack([right, *right_cols]))
 
 
-def _splits(targets: pl.DataFrame):
-    """(pair_kind, order, row mask over targets): every kind and order, and each pooled."""
-    kinds = [ALL, *sorted(targets["pair_kind"].unique().to_list())]
-    orders = [ALL, *sorted(targets["order"].unique().to_list())]
-    kind, order = targets["pair_kind"].cast(pl.String).to_numpy(), targets["order"].cast(pl.String).to_numpy()
-    for k in kinds:
-        for o in orders:
-            mask = ((kind == k) | (k == ALL)) & ((order == o) | (o == ALL))
-            if mask.any():
-                yield k, o, mask
-
-
 def summary_table(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: float, seed: int,
                   n_heads: int | None = None) -> pl.DataFrame:
     """One row per (method, positions, ..., pair kind, order, layer, head set): the rates of the
@@ -168,7 +155,8 @@ def summary_table(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: flo
             groups, ld, right = _with_random_control(groups, ld, right, n_heads)
         base, src = targets["baseline_logit_diff"].to_numpy(), targets["source_logit_diff"].to_numpy()
         pairs = targets["pair_id"].to_numpy()
-        for kind, order, mask in _splits(targets):
+        for kind, order, mask in kind_order_splits(targets["pair_kind"].cast(pl.String).to_list(),
+                                                   targets["order"].cast(pl.String).to_list()):
             cols = _rates(ld[mask], right[mask], base[mask], src[mask], pairs[mask], boot)
             parts.append(_frame(groups.with_columns(pl.lit(kind).alias("pair_kind"), pl.lit(order).alias("order")),
                                 cols, confidence))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from bugscope.stats import derived_seed
@@ -35,6 +36,18 @@ ORDERS = ("correct_first", "wrong_first")
 # - same_length: X.Y vs X.Z, Y > Z (9.8 vs 9.7): no length cue at all.
 PAIR_KINDS = ("shorter_bigger", "longer_bigger", "same_length")
 BUG_PAIR_KIND = "shorter_bigger"
+ALL = "all"  # the pooled value of pair_kind and order in the summary tables
+
+
+def kind_order_splits(pair_kind, order):
+    """(pair kind, order, row mask) for every kind and order of the rows, each also pooled (ALL):
+    the rows every summary table gives. `pair_kind` and `order` are per-row sequences."""
+    kind, order = np.asarray(pair_kind, dtype=object), np.asarray(order, dtype=object)
+    for k in [ALL, *sorted(set(kind))]:
+        for o in [ALL, *sorted(set(order))]:
+            mask = ((kind == k) | (k == ALL)) & ((order == o) | (o == ALL))
+            if mask.any():
+                yield k, o, mask
 _PAIR_STREAM = 7  # label of the control kinds' pair generators in stats.derived_seed
 
 
