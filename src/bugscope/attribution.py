@@ -18,6 +18,7 @@ import polars as pl
 import torch
 
 from bugscope.sites import (
+    HEAD_WRITTEN_SITES,
     decoder_layers,
     head_input_module,
     mlp_tail,
@@ -145,7 +146,7 @@ def encoder_view(sae, feature_ids: Sequence[int], dtype=torch.float64) -> Encode
                          "supports standard, topk and jumprelu SAEs.")
     ids = torch.as_tensor(list(feature_ids), dtype=torch.long, device=sae.W_enc.device)
     if len(ids) and int(ids.max()) >= cfg.d_sae:
-        raise ValueError(f"feature id {int(ids.max())} is out of range for an SAE with d_sae={cfg.d_sae}: fix features.named.")
+        raise ValueError(f"feature id {int(ids.max())} is out of range for an SAE with d_sae={cfg.d_sae}: fix the SAE set's named features (sae.sets[].named).")
     w_enc = sae.W_enc.detach()[:, ids].to(dtype)
     r = (sae.W_dec.detach()[ids].to(dtype).norm(dim=-1) if getattr(cfg, "rescale_acts_by_decoder_norm", False)
          else torch.ones(len(ids), dtype=dtype, device=w_enc.device))
@@ -283,9 +284,9 @@ def attribute_layer(model, layer: int, sae, cap: LayerCapture, feature_ids: Sequ
         pre, act = sae_pre_and_acts(sae, x.to(sae_device), ids)
         return pre.to("cpu", torch.float64), act.to("cpu", torch.float64)
 
-    if site not in ("resid_post", "attn_out"):
-        raise ValueError(f"The head attribution needs SAEs on resid_post or attn_out, not {site!r}: heads have "
-                         "no direct path into mlp_out. Set cache.site, or leave this stage out.")
+    if site not in HEAD_WRITTEN_SITES:
+        raise ValueError(f"The head attribution needs SAEs on {' or '.join(HEAD_WRITTEN_SITES)}, not {site!r}: heads "
+                         "have no direct path into mlp_out.")
     # attn_out SAEs read sum_h W_O[h] z_h + b_O only: the resid_pre and mlp_out terms are then 0.
     on_resid = site == "resid_post"
     x = cap.resid_post if on_resid else cap.attn_out

@@ -1,4 +1,4 @@
-"""Per-layer activation cache: one forward pass per batch fills one Parquet file per layer.
+"""Per-layer activation cache: one forward pass per batch fills one Parquet file per hook (layer and site).
 
 A file holds one row per (prompt, position): `prompt_id`, `position` (unpadded), `activation`
 (a fixed-size list of d_model values in the storage dtype). Only the requested positions are
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from bugscope import tables
 from bugscope.forward import capture_sites, iter_batches, run_decoder
 from bugscope.io import STORAGE_DTYPES, atomic_path, encode_metadata, vectors_to_arrow
-from bugscope.sites import hook_name
+from bugscope.sites import parse_hook_name
 
 
 class NonFiniteActivationError(RuntimeError):
@@ -48,25 +48,26 @@ def positions_for(row: dict, mode: str) -> list[int]:
 
 @torch.inference_mode()
 def cache_activations(
-    model, rows: Sequence[dict], *, layers: Sequence[int], site: str, dtype: str,
-    out_paths: dict[int, str], meta: dict, batch_size: int, pad_token_id: int, desc: str = "caching",
+    model, rows: Sequence[dict], *, hooks: Sequence[str], dtype: str,
+    out_paths: dict[str, str], meta: dict, batch_size: int, pad_token_id: int, desc: str = "caching",
 ) -> int:
-    """rows: dicts with prompt_id, input_ids and `positions` (unpadded). Returns rows written per file."""
+    """rows: dicts with prompt_id, input_ids and `positions` (unpadded); `hooks`: the hook names to
+    cache (bugscope.sites.hook_name), one file each (`out_paths[hook]`). Returns rows written per file."""
     device = next(model.parameters()).device
     d_model = model.config.hidden_size
-    last = max(layers)
     written = 0
     by_id = {r["prompt_id"]: r for r in rows}
     with contextlib.ExitStack() as stack:
         writers = {}
-        for layer in layers:
-            tmp = stack.enter_context(atomic_path(out_paths[layer]))
+        for hook in hooks:
+            layer, site = parse_hook_name(hook)
+            tmp = stack.enter_context(atomic_path(out_paths[hook]))
             schema = activation_schema(d_model, dtype, {
                 **meta, "kind": tables.PROMPT_ACTIVATIONS.kind, "layer": layer, "site": site,
-                "hook_name": hook_name(layer, site), "dtype": dtype, "d_model": d_model,
+                "hook_name": hook, "dtype": dtype, "d_model": d_model,
             })
             # Float activations barely compress; skipping compression keeps caching at forward speed.
-            writers[layer] = stack.enter_context(pq.ParquetWriter(tmp, schema, compression="none"))
+            writers[hook] = stack.enter_context(pq.ParquetWriter(tmp, schema, compression="none"))
         for batch in tqdm(list(iter_batches(rows, batch_size, pad_token_id, device)), desc=desc, unit="batch"):
             ids = batch.prompt_ids.tolist()
             row_idx, pos, prompt_col, pos_col = [], [], [], []
@@ -80,22 +81,24 @@ def cache_activations(
             pos_t = torch.tensor(pos, device=device)
             ids_arr = pa.array(prompt_col, pa.int32())
             pos_arr = pa.array(pos_col, pa.int32())
+            pending = set(hooks)
 
-            def on_output(layer, hidden):
+            def on_output(hook, hidden):
                 acts = hidden[row_t, pos_t]  # [n, d_model]
                 if not torch.isfinite(acts).all():
                     bad = sorted({prompt_col[i] for i in (~torch.isfinite(acts)).any(-1).nonzero().flatten().tolist()})
                     raise NonFiniteActivationError(
-                        f"NaN or Inf activations at {hook_name(layer, site)} for prompt ids {bad[:10]}. "
+                        f"NaN or Inf activations at {hook} for prompt ids {bad[:10]}. "
                         "The model or its dtype is numerically unstable here: run it in float32 "
                         "(model.dtype) or check the checkpoint."
                     )
-                writers[layer].write_table(pa.Table.from_arrays(
-                    [ids_arr, pos_arr, vectors_to_arrow(acts, dtype)], schema=writers[layer].schema))
-                if layer == last:
+                writers[hook].write_table(pa.Table.from_arrays(
+                    [ids_arr, pos_arr, vectors_to_arrow(acts, dtype)], schema=writers[hook].schema))
+                pending.discard(hook)
+                if not pending:
                     raise _StopForward
 
-            with capture_sites(model, layers, site, on_output):
+            with capture_sites(model, hooks, on_output):
                 try:
                     run_decoder(model, batch)
                 except _StopForward:

@@ -42,6 +42,11 @@ signed ("tied to the even heads" is r < 0 with odd = 1); an aggregate ending in 
 absolute value, which no such claim may use.
 Unless a check names them, `pair_kind` and `order` select the bug's kind with both orders pooled
 (`DEFAULT_WHERE`).
+
+SAE sets: the feature tables and the SAE quality table hold one set's rows per `sae_set`. A form
+reads the primary set (the first of `sae.sets`) unless it declares `requires_sae: {release, site}`
+(the seed's feature ids belong to Llama Scope's MLP-output SAEs): it then reads the set with that
+release and site, and is not testable on a run without one.
 """
 
 from __future__ import annotations
@@ -83,8 +88,10 @@ DEFAULT_WHERE: dict[str, dict] = {
 }
 
 
-def _where(table: str, where: Mapping | None, df: pl.DataFrame) -> dict:
+def _where(table: str, where: Mapping | None, df: pl.DataFrame, sae_set: str | None = None) -> dict:
     defaults = {k: v for k, v in DEFAULT_WHERE.get(table, {}).items() if k in df.columns}
+    if sae_set is not None and "sae_set" in df.columns:
+        defaults["sae_set"] = sae_set
     return {**defaults, **(where or {})}
 
 
@@ -92,7 +99,7 @@ RESULT_SCHEMA = {
     "claim_id": pl.String, "section": pl.String, "claim": pl.String, "study_value": pl.String,
     "verdict": pl.String, "form": pl.String, "form_tested": pl.String, "table": pl.String, "metric": pl.String,
     "rule": pl.String, "selected": pl.String, "measured": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
-    "n": pl.Int64, "detail": pl.String,
+    "n": pl.Int64, "sae_set": pl.String, "detail": pl.String,
 }
 
 
@@ -115,11 +122,26 @@ class Context:
     buggy_format: str
     correct_format: str
     focus: list[int] | None  # None: unresolved (focus_layers auto and no overlap table)
+    sae_sets: tuple[dict, ...] = ({"name": "main", "source": "train", "release": None, "site": "resid_post"},)
 
     @classmethod
     def from_config(cls, config: Mapping, focus: list[int] | None) -> "Context":
+        sets = tuple({k: s[k] for k in ("name", "source", "release", "site")} for s in config["sae"]["sets"])
         return cls(config["model"]["name"], config["model"]["checkpoint"], config["model"]["num_layers"],
-                   config["model"]["num_heads"], config["prompts"]["buggy_format"], config["prompts"]["correct_format"], focus)
+                   config["model"]["num_heads"], config["prompts"]["buggy_format"], config["prompts"]["correct_format"],
+                   focus, sets)
+
+    def sae_set_for(self, form: Mapping) -> str:
+        """The SAE set a form reads: the one its `requires_sae` names (release and site), else the primary."""
+        wanted = form.get("requires_sae")
+        if not wanted:
+            return self.sae_sets[0]["name"]
+        for s in self.sae_sets:
+            if s["release"] == wanted["release"] and s["site"] == wanted["site"]:
+                return s["name"]
+        have = ", ".join(f"{s['name']} ({s['release'] or 'trained here'}, {s['site']})" for s in self.sae_sets)
+        raise NotTestable(f"its feature ids belong to the SAEs {wanted['release']} at {wanted['site']}; this run's "
+                          f"SAE sets are {have}")
 
     def is_model(self, wanted: str) -> bool:
         norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())  # noqa: E731
@@ -150,6 +172,10 @@ def load_ledger(path: str | Path) -> list[dict]:
                 raise LedgerError(f"{path}: claim {cid}: each form needs 'form: literal' or 'form: agnostic'.")
             if "description" not in form or not form.get("checks"):
                 raise LedgerError(f"{path}: claim {cid} ({form['form']}): a form needs a description and checks.")
+            wanted = form.get("requires_sae")
+            if wanted is not None and (not isinstance(wanted, dict) or set(wanted) != {"release", "site"}):
+                raise LedgerError(f"{path}: claim {cid} ({form['form']}): requires_sae must be "
+                                  "{release: <SAE-Lens release>, site: <hook site>}.")
             for check in form["checks"]:
                 _check_shape(cid, check, path)
     return claims
@@ -337,13 +363,18 @@ def _rule_text(check: dict, study_value) -> str:
     return f"{m}: CI above the CI of an earlier and a later layer"
 
 
-def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context, study_value) -> dict:
-    """Evaluate one check: {'ok', 'value', 'low', 'high', 'n', 'selected', 'note'}; raises NotTestable."""
+def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context, study_value,
+              sae_set: str | None = None) -> dict:
+    """Evaluate one check on the rows of SAE set `sae_set` (default: the primary set):
+    {'ok', 'value', 'low', 'high', 'n', 'selected', 'note'}; raises NotTestable."""
     name = check["table"]
     df = tables.get(name)
     if df is None:
         raise NotTestable(f"table {name} was not produced by this workflow (its stage is missing or did not run)")
-    where = _where(name, check.get("where"), df)
+    sae_set = sae_set or ctx.sae_sets[0]["name"]
+    if "sae_set" in df.columns and sae_set not in df["sae_set"].unique().to_list():
+        raise NotTestable(f"table {name} has no rows of SAE set {sae_set} (this stage does not run on its site)")
+    where = _where(name, check.get("where"), df, sae_set)
     sel = select(df, where, ctx)
     if sel.height == 0:
         raise NotTestable(f"no row of {name} matches {dict(where)}")
@@ -369,7 +400,7 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
     elif "at_most" in check:
         ok = value <= check["at_most"]
     elif "below" in check:
-        other = select(df, _where(name, check["below"]["where"], df), ctx)
+        other = select(df, _where(name, check["below"]["where"], df, sae_set), ctx)
         if other.height != 1:
             raise NotTestable(f"the comparison row {check['below']['where']} matches {other.height} rows of {name}")
         ref = _values(other, check["metric"])[0]
@@ -378,7 +409,7 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
         ok = value < ref
         note = f"compared with {ref:.4g} at {_describe_row(other, 0, check['below']['where'])}"
     elif "above" in check:
-        other = select(df, _where(name, check["above"]["where"], df), ctx)
+        other = select(df, _where(name, check["above"]["where"], df, sae_set), ctx)
         if other.height == 0:
             raise NotTestable(f"no row of {name} matches the comparison {check['above']['where']}")
         ref_values = _values(other, check["metric"])
@@ -438,7 +469,8 @@ def evaluate_claim(claim: dict, tables: Mapping[str, pl.DataFrame | None], ctx: 
         try:
             if "requires_model" in form and not ctx.is_model(form["requires_model"]):
                 raise NotTestable(f"its feature ids/layers belong to {form['requires_model']}; this run is {ctx.model_name}")
-            results = [run_check(c, tables, ctx, claim["study_value"]) for c in form["checks"]]
+            sae_set = ctx.sae_set_for(form)
+            results = [run_check(c, tables, ctx, claim["study_value"], sae_set) for c in form["checks"]]
         except NotTestable as why:
             reasons.append(f"{kind}: {why}")
             continue
@@ -451,11 +483,17 @@ def evaluate_claim(claim: dict, tables: Mapping[str, pl.DataFrame | None], ctx: 
                 "table": ", ".join(dict.fromkeys(c["table"] for c in form["checks"])), "metric": check["metric"],
                 "rule": "; ".join(_rule_text(c, claim["study_value"]) for c in form["checks"]),
                 "selected": first["selected"], "measured": first["value"], "ci_low": first["low"],
-                "ci_high": first["high"], "n": first["n"], "detail": "; ".join([*reasons, *notes])}
+                "ci_high": first["high"], "n": first["n"],
+                "sae_set": sae_set if any(_per_set(tables.get(c["table"])) for c in form["checks"]) else None,
+                "detail": "; ".join([*reasons, *notes])}
     return {**base, "verdict": "not testable here", "form": None, "form_tested": None,
             "table": ", ".join(dict.fromkeys(c["table"] for f in claim["forms"] for c in f["checks"])),
             "metric": claim["forms"][0]["checks"][0]["metric"], "rule": None, "selected": None, "measured": None,
-            "ci_low": None, "ci_high": None, "n": None, "detail": "; ".join(reasons)}
+            "ci_low": None, "ci_high": None, "n": None, "sae_set": None, "detail": "; ".join(reasons)}
+
+
+def _per_set(df: pl.DataFrame | None) -> bool:
+    return df is not None and "sae_set" in df.columns
 
 
 def evaluate(claims: list[dict], tables: Mapping[str, pl.DataFrame | None], ctx: Context) -> pl.DataFrame:

@@ -58,24 +58,31 @@ def _where(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
-# Keys that were renamed: an old config gets told the new name instead of a generic schema error.
-# "seed" means random seeds only; the published study's procedure is the "original" method.
-RENAMED_KEYS = {"patching.seed_method": "patching.original_method"}
+# Keys that were renamed or moved: an old config gets told where the key went instead of a generic
+# schema error. "seed" means random seeds only; the published study's procedure is the "original" method.
+MOVED_KEYS = {
+    "patching.seed_method": "was renamed to 'patching.original_method' (its meaning and values are unchanged)",
+    "cache.site": "moved to 'sae.sets[].site': each SAE set names the hook site it reads",
+    "sae.source": "moved to 'sae.sets[].source'",
+    "sae.release": "moved to 'sae.sets[].release'",
+    "sae.sae_id": "moved to 'sae.sets[].sae_id'",
+    "features.named": "moved to 'sae.sets[].named': feature ids belong to the SAE set they were read from",
+}
 
 
-def _refuse_renamed_keys(config: dict, source: str) -> None:
-    for old, new in RENAMED_KEYS.items():
+def _refuse_moved_keys(config: dict, source: str) -> None:
+    for old, where in MOVED_KEYS.items():
         section, _, key = old.rpartition(".")
         node = config.get(section) if section else config
         if isinstance(node, dict) and key in node:
-            raise ConfigError(f"Invalid config ({source}): '{old}' was renamed to '{new}'. Rename the key "
-                              "(its meaning and values are unchanged).")
+            raise ConfigError(f"Invalid config ({source}): '{old}' {where}. Move the key; config/README.md "
+                              "shows the new layout.")
 
 
 def validate_config(config: dict, source: str = "config") -> dict:
     """Return a validated copy of `config` with every default filled in; raise ConfigError."""
     config = copy.deepcopy(dict(config))
-    _refuse_renamed_keys(config, source)
+    _refuse_moved_keys(config, source)
     errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]
@@ -126,6 +133,30 @@ def _check_semantics(config: dict, source: str) -> None:
     lo, hi = prompts["integer_range"]
     if lo > hi:
         raise ConfigError(f"Invalid config ({source}): prompts.integer_range {lo}..{hi} is empty.")
+    _check_sae_sets(config, source)
+
+
+def _check_sae_sets(config: dict, source: str) -> None:
+    analysed = set(analysed_layers(config))
+    names = [s["name"] for s in config["sae"]["sets"]]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"Invalid config ({source}): sae.sets names {names} repeat; each set needs its own name.")
+    for i, sae_set in enumerate(config["sae"]["sets"]):
+        where = f"sae.sets[{i}] ({sae_set['name']})"
+        if sae_set["layers"] != "all":
+            bad = sorted(set(sae_set["layers"]) - analysed)
+            if bad:
+                raise ConfigError(f"Invalid config ({source}): {where} covers layers {bad}, which are not analysed "
+                                  f"(layers: {sorted(analysed)}). Add them to 'layers' or remove them from the set.")
+        if sae_set["source"] == "pretrained" and not (sae_set["release"] and sae_set["sae_id"]):
+            raise ConfigError(f"Invalid config ({source}): {where} has source pretrained but no release and "
+                              "sae_id: name the SAE-Lens release and the id template (e.g. l{layer}r_8x).")
+        covered = set(set_layers(config, sae_set))
+        bad_named = sorted(int(layer) for layer in sae_set["named"] if int(layer) not in covered)
+        if bad_named:
+            raise ConfigError(f"Invalid config ({source}): {where} names features at layers {bad_named}, which the "
+                              f"set does not cover (its layers: {sorted(covered)}). Add them to the set's layers "
+                              "or remove them from its named features.")
 
 
 def load_config(path: str | Path) -> dict:
@@ -145,6 +176,32 @@ def n_prompts(config: dict, n_formats: int | None = None) -> int:
 def analysed_layers(config: dict) -> list[int]:
     layers = config["layers"]
     return list(range(config["model"]["num_layers"])) if layers == "all" else sorted(layers)
+
+
+def set_layers(config: dict, sae_set: dict) -> list[int]:
+    """The analysed layers an SAE set covers."""
+    return analysed_layers(config) if sae_set["layers"] == "all" else sorted(sae_set["layers"])
+
+
+def sae_sets(config: dict) -> list[dict]:
+    """The SAE sets, primary first, each with its `layers` resolved to a list."""
+    return [{**s, "layers": set_layers(config, s)} for s in config["sae"]["sets"]]
+
+
+def with_sae_set(config: dict, name: str) -> dict:
+    """`config` with the SAE set `name` (resolved) under the key `sae_set`: what a per-set job reads.
+
+    Only the key is added; every stage hash still covers the whole `sae` section (all sets): a set's
+    jobs read the activations of one cache job that serves every set, so a new set reruns them anyway.
+    """
+    for sae_set in sae_sets(config):
+        if sae_set["name"] == name:
+            return {**config, "sae_set": sae_set}
+    raise ConfigError(f"There is no SAE set {name!r}; the config has {[s['name'] for s in config['sae']['sets']]}.")
+
+
+def primary_sae_set(config: dict) -> str:
+    return config["sae"]["sets"][0]["name"]
 
 
 def layer_groups(layers: list[int], layers_per_job: int) -> dict[str, list[int]]:

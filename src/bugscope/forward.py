@@ -22,6 +22,7 @@ from bugscope.sites import (
     decoder_layers,
     inner_model,
     output_tensor,
+    parse_hook_name,
     site_module,
 )
 
@@ -88,13 +89,16 @@ def run_decoder(model, batch: Batch):
 
 
 @contextlib.contextmanager
-def capture_sites(model, layers: Sequence[int], site: str, on_output):
-    """Call `on_output(layer, tensor [batch, pos, d_model])` for each layer's site output in a forward."""
+def capture_sites(model, hooks: Sequence[str], on_output):
+    """Call `on_output(hook, tensor [batch, pos, d_model])` for each hook's output in a forward
+    (`hooks`: names such as blocks.10.hook_mlp_out, bugscope.sites.hook_name)."""
     handles = []
-    for layer in layers:
-        def hook(_module, _inputs, output, layer=layer):
-            on_output(layer, output_tensor(output))
-        handles.append(site_module(model, layer, site).register_forward_hook(hook))
+    for hook in hooks:
+        layer, site = parse_hook_name(hook)
+
+        def fire(_module, _inputs, output, hook=hook):
+            on_output(hook, output_tensor(output))
+        handles.append(site_module(model, layer, site).register_forward_hook(fire))
     try:
         yield
     finally:

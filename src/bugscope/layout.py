@@ -2,7 +2,8 @@
 
 Snakemake rules (workflow/rules/common.smk) and tests both read paths from here. `{hook}` is a
 hook name such as `blocks.10.hook_resid_post` (see `bugscope.sites`); `{dataset}` is `prompts`
-(the analysis prompts) or `corpus` (SAE training text).
+(the analysis prompts) or `corpus` (SAE training text); `{sae_set}` is the name of an SAE set
+(`sae.sets`): every SAE and feature-analysis output is per set.
 """
 
 from __future__ import annotations
@@ -22,19 +23,20 @@ BASELINE_CONTRAST = f"{RESULTS}/baseline/format_contrast.parquet"
 ACTIVATIONS = f"{RESULTS}/activations/{{dataset}}/{{hook}}.parquet"
 CORPUS = f"{RESULTS}/corpus/corpus.parquet"
 
-SAE_DIR = f"{RESULTS}/sae/{{hook}}"
-# The SAE stage (workflow/rules/sae.smk): SAEs, their sparse codes of the prompts, their quality.
-FEATURES = f"{RESULTS}/sae/features/{{hook}}.parquet"
-SAE_QUALITY_LAYER = f"{RESULTS}/sae/quality/{{hook}}.parquet"
+# The SAE stage (workflow/rules/sae.smk): per set, its SAEs, their sparse codes of the prompts and
+# their quality; the quality of every set in one table.
+SAE_DIR = f"{RESULTS}/sae/{{sae_set}}/{{hook}}"
+FEATURES = f"{RESULTS}/sae/{{sae_set}}/features/{{hook}}.parquet"
+SAE_QUALITY_LAYER = f"{RESULTS}/sae/{{sae_set}}/quality/{{hook}}.parquet"
 SAE_QUALITY = f"{RESULTS}/sae/quality.parquet"
 
-# Feature analyses (bugscope.features, workflow/rules/features.smk)
-FEATURE_OVERLAP = f"{RESULTS}/features/overlap.parquet"
-FEATURE_OVERLAP_PAIRS = f"{RESULTS}/features/overlap_pairs.parquet"
-DISCRIMINATIVE_FEATURES = f"{RESULTS}/features/discriminative.parquet"
-NAMED_FEATURES = f"{RESULTS}/features/named_features.parquet"
-HEAD_FEATURE_ATTRIBUTION = f"{RESULTS}/features/head_feature_attribution.parquet"
-HEAD_PARITY = f"{RESULTS}/features/head_parity.parquet"
+# Feature analyses (bugscope.features, workflow/rules/features.smk), per SAE set
+FEATURE_OVERLAP = f"{RESULTS}/features/{{sae_set}}/overlap.parquet"
+FEATURE_OVERLAP_PAIRS = f"{RESULTS}/features/{{sae_set}}/overlap_pairs.parquet"
+DISCRIMINATIVE_FEATURES = f"{RESULTS}/features/{{sae_set}}/discriminative.parquet"
+NAMED_FEATURES = f"{RESULTS}/features/{{sae_set}}/named_features.parquet"
+HEAD_FEATURE_ATTRIBUTION = f"{RESULTS}/features/{{sae_set}}/head_feature_attribution.parquet"
+HEAD_PARITY = f"{RESULTS}/features/{{sae_set}}/head_parity.parquet"
 
 # Attention-head patching (bugscope.patching, workflow/rules/patching.smk). `{group}` is a layer
 # group such as `L00_07` (bugscope.config.layer_groups, resources.layers_per_job layers per job).
@@ -58,6 +60,11 @@ BENCHMARKS = "benchmarks"
 
 def activations(dataset: str, hook: str) -> str:
     return ACTIVATIONS.format(dataset=dataset, hook=hook)
+
+
+def per_set(template: str, sae_set: str, **wildcards) -> str:
+    """A per-set path (`{sae_set}` filled; other wildcards such as `hook` filled when given)."""
+    return template.format(sae_set=sae_set, **wildcards) if wildcards else template.replace("{sae_set}", sae_set)
 
 
 def figure(name: str, ext: str) -> str:

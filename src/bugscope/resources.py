@@ -14,7 +14,8 @@ and memory by the attempt. Everything derives from the config, before any job ru
 d_model is resources.d_model, or estimated from the size and depth of a decoder
 (size_b x 1e9 ~ 12 x num_layers x d_model^2, rounded up to a multiple of 64); d_sae is
 resources.d_sae, or sae.expansion x d_model for trained SAEs, or the `_<n>x` of a pretrained
-release's name (Llama Scope's llama_scope_lxr_8x: 8) x d_model.
+release's name (Llama Scope's llama_scope_lxr_8x: 8) x d_model. The SAE jobs of a set are sized
+for that set; jobs that are not per set, for the primary set.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 
-from bugscope.config import analysed_layers, n_prompts
+from bugscope.config import analysed_layers, n_prompts, sae_sets
 
 # Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
 MODEL_JOB_THREADS = 2
@@ -32,8 +33,10 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # overlap stage has run, with focus_layers: auto).
 FOCUS_LAYERS_HINT = 8
 
-# The model rules, by stage name (a per-layer-group rule is `<stage>_<group>`, e.g. encode_features_L00_03).
-GROUP_RULES = ("train_sae", "load_pretrained_sae", "encode_features", "sae_quality", "head_sweep")
+# The model rules, by stage name. A per-layer-group rule is `<stage>_<group>` (head_sweep_L00_03), and
+# one of an SAE set `<stage>_<set>_<group>` (encode_features_main_L00_03).
+SET_GROUP_RULES = ("train_sae", "load_pretrained_sae", "encode_features", "sae_quality")
+GROUP_RULES = (*SET_GROUP_RULES, "head_sweep")
 MODEL_RULES = ("baseline", "cache_residuals", "cache_corpus", *GROUP_RULES, "head_subsets", "head_original_method",
                "head_feature_attribution")
 
@@ -48,16 +51,18 @@ def d_model(config: dict) -> int:
     return int(math.ceil(estimate / 64) * 64)
 
 
-def d_sae(config: dict) -> int:
-    """Latents per SAE: resources.d_sae, else sae.expansion (trained) or the release's `_<n>x` times d_model."""
+def d_sae(config: dict, sae_set: dict | None = None) -> int:
+    """Latents per SAE of `sae_set` (default: the primary set): resources.d_sae, else sae.expansion
+    (trained) or the release's `_<n>x` times d_model."""
     given = config["resources"].get("d_sae")
     if given:
         return int(given)
-    sae = config["sae"]
-    if sae["source"] == "train":
-        return sae["expansion"] * d_model(config)
-    match = re.search(r"_(\d+)x\b", sae.get("release") or "")
-    return (int(match.group(1)) if match else sae["expansion"]) * d_model(config)
+    sae_set = sae_set or sae_sets(config)[0]
+    expansion = config["sae"]["expansion"]
+    if sae_set["source"] == "train":
+        return expansion * d_model(config)
+    match = re.search(r"_(\d+)x\b", sae_set.get("release") or "")
+    return (int(match.group(1)) if match else expansion) * d_model(config)
 
 
 def weights_mb(config: dict) -> int:
@@ -65,22 +70,22 @@ def weights_mb(config: dict) -> int:
     return int(config["model"]["size_b"] * 1000 * (4 if config["model"]["dtype"] == "float32" else 2))
 
 
-def sae_mb(config: dict, dtype: str | None = None) -> float:
+def sae_mb(config: dict, dtype: str | None = None, sae_set: dict | None = None) -> float:
     """One SAE's two matrices (W_enc, W_dec: d_model x d_sae each) in MB, in `dtype` (default sae.dtype)."""
-    return d_model(config) * d_sae(config) * 2 * DTYPE_BYTES[dtype or config["sae"]["dtype"]] / 1e6
+    return d_model(config) * d_sae(config, sae_set) * 2 * DTYPE_BYTES[dtype or config["sae"]["dtype"]] / 1e6
 
 
-def _shape(config: dict, rule: str, n_group: int) -> tuple[int, int, float]:
+def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple[int, int, float]:
     """(prompts, layers, MB of SAEs held at once) of one job of `rule`."""
     prompts, layers = n_prompts(config), len(analysed_layers(config))
-    one = sae_mb(config)
+    one = sae_mb(config, sae_set=sae_set)
     shapes = {
         "baseline": (prompts, 1, 0.0),
         "cache_residuals": (prompts, layers, 0.0),
         "cache_corpus": (prompts, layers, 0.0),
         # every SAE of the group is trained (float32) before any is written; the one in training
         # also has its gradients and Adam's two moments
-        "train_sae": (prompts, n_group, (n_group + 3) * sae_mb(config, "float32")),
+        "train_sae": (prompts, n_group, (n_group + 3) * sae_mb(config, "float32", sae_set)),
         "load_pretrained_sae": (prompts, n_group, 2 * one),  # one at a time: the loaded SAE and its saved copy
         "encode_features": (prompts, n_group, one),  # one at a time
         "sae_quality": (prompts, n_group, n_group * one),  # the group's SAEs spliced in together
@@ -95,14 +100,16 @@ def _shape(config: dict, rule: str, n_group: int) -> tuple[int, int, float]:
     return shapes[rule]
 
 
-def job_resources(config: dict, rule: str, group_layers: list[int] | None = None) -> dict[str, int]:
+def job_resources(config: dict, rule: str, group_layers: list[int] | None = None,
+                  sae_set: dict | None = None) -> dict[str, int]:
     """gpu, runtime (minutes), mem_mb and cpus_per_task of one job of `rule` on its first attempt.
 
-    `rule` is the stage name (`encode_features` for encode_features_L00_03); `group_layers` the
-    layers of a per-group job (default: all analysed layers).
+    `rule` is the stage name (`encode_features` for encode_features_main_L00_03); `group_layers` the
+    layers of a per-group job (default: all analysed layers); `sae_set` the set of an SAE job
+    (default: the primary set).
     """
     n_group = len(group_layers) if group_layers is not None else len(analysed_layers(config))
-    prompts, layers, saes = _shape(config, rule, n_group)
+    prompts, layers, saes = _shape(config, rule, n_group, sae_set)
     size_b = config["model"]["size_b"]
     scale = config["resources"]["minutes_per_b_per_100_prompts"]
     runtime = int(10 + scale * max(size_b, 0.1) * (prompts / 100) * max(1, layers / 8))
@@ -114,15 +121,19 @@ def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:
     """(rule name, job_resources) of every model rule the config makes, in the workflow's order."""
     from bugscope.config import layer_groups
 
-    groups = layer_groups(analysed_layers(config), config["resources"]["layers_per_job"])
-    sae_rule = "train_sae" if config["sae"]["source"] == "train" else "load_pretrained_sae"
+    per_job = config["resources"]["layers_per_job"]
+    groups = layer_groups(analysed_layers(config), per_job)
     out = []
     for rule in MODEL_RULES:
-        if rule in ("train_sae", "load_pretrained_sae") and rule != sae_rule:
-            continue
         if rule == "head_original_method" and not config["patching"]["original_method"]:
             continue
-        if rule in GROUP_RULES:
+        if rule in SET_GROUP_RULES:
+            for s in sae_sets(config):
+                if rule in ("train_sae", "load_pretrained_sae") and rule != f"{'train' if s['source'] == 'train' else 'load_pretrained'}_sae":
+                    continue
+                out += [(f"{rule}_{s['name']}_{group}", job_resources(config, rule, layers, s))
+                        for group, layers in layer_groups(s["layers"], per_job).items()]
+        elif rule in GROUP_RULES:
             out += [(f"{rule}_{group}", job_resources(config, rule, layers)) for group, layers in groups.items()]
         else:
             out.append((rule, job_resources(config, rule)))

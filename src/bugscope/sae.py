@@ -81,7 +81,7 @@ def resolve_pretrained(release: str | None, sae_id_template: str | None, layers:
     """{layer: sae_id} for `source: pretrained`, checked against SAE-Lens's directory before any download.
 
     Raises SAEConfigError naming the valid releases or ids when one is unknown, and when the
-    directory says an SAE reads another hook than the cached site (`cache.site`).
+    directory says an SAE reads another hook than the site the set reads (`sae.sets[].site`).
     """
     directory = pretrained_directory()
     if not release or release not in directory:
@@ -115,9 +115,9 @@ def resolve_pretrained(release: str | None, sae_id_template: str | None, layers:
         ids[layer] = sae_id
     if wrong_site:
         raise SAEConfigError(
-            f"The SAEs of release {release!r} do not read the cached site cache.site={site!r} "
+            f"The SAEs of release {release!r} do not read the set's site {site!r} "
             f"({'; '.join(wrong_site[:4])}). The activations must be cached at the SAE's own hook: set "
-            "cache.site to the SAE's site, or pick the release for that site (R = resid_post, "
+            "the set's site to the SAE's site (sae.sets[].site), or pick the release for that site (R = resid_post, "
             "M = mlp_out, A = attn_out in Llama Scope)."
         )
     return ids
@@ -164,7 +164,7 @@ def check_sae_fits(sae, *, expected_hook: str, d_model: int, where: str) -> None
     if found != expected_hook:
         raise SAEConfigError(
             f"{where}: the SAE reads {found!r}, but the activations are cached at {expected_hook!r}. "
-            "The SAE must be applied to the activations it was trained on: set cache.site to the SAE's "
+            "The SAE must be applied to the activations it was trained on: set the SAE set's site (sae.sets[].site) to the SAE's "
             "site, or choose an SAE for the cached site."
         )
     if sae.cfg.d_in != d_model:

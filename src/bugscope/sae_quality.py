@@ -94,12 +94,33 @@ def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, b
     return torch.cat(clean), {layer: torch.cat(parts) for layer, parts in spliced.items()}
 
 
+def checkpoint_id(name: str | None) -> str | None:
+    """A checkpoint's identity for comparison: its last path component, lower case
+    ("meta-llama/Llama-3.1-8B" -> "llama-3.1-8b"), so a hub id and a local copy of it agree."""
+    return name.rstrip("/").rsplit("/", 1)[-1].lower() if name else None
+
+
+def sae_training_model(provenance: dict, model_checkpoint: str) -> tuple[str | None, bool | None]:
+    """(the checkpoint an SAE was trained on, whether that is the model under study).
+
+    An SAE trained here was trained on the model under study. A pretrained one says in its SAE-Lens
+    metadata (Llama Scope: "meta-llama/Llama-3.1-8B", the *base* model); the checkpoints are compared,
+    not the labels, so the base model's SAEs on the Instruct model are reported as another model's.
+    """
+    if provenance.get("source") == "train":
+        return model_checkpoint, True
+    sae_model = provenance.get("sae_model_name")
+    return sae_model, (checkpoint_id(sae_model) == checkpoint_id(model_checkpoint)) if sae_model else None
+
+
 def quality_row(*, layer: int, hook: str, sae, provenance: dict, prompt_stats: dict, corpus_stats: dict,
-                fired: torch.Tensor, clean: torch.Tensor, spliced: torch.Tensor) -> dict:
+                fired: torch.Tensor, clean: torch.Tensor, spliced: torch.Tensor, model_checkpoint: str) -> dict:
     """One row of the SAE quality table."""
     n = clean.numel()
+    sae_model, same_model = sae_training_model(provenance, model_checkpoint)
     return {
         "layer": layer, "hook_name": hook, "source": provenance.get("source"), "d_sae": sae.cfg.d_sae,
+        "model": model_checkpoint, "sae_model": sae_model, "sae_trained_on_model": same_model,
         "ev_prompts": prompt_stats["ev"], "mse_prompts": prompt_stats["mse"], "l0_prompts": prompt_stats["l0"],
         "n_tokens_prompts": prompt_stats["n_tokens"],
         "ev_corpus": corpus_stats["ev"], "mse_corpus": corpus_stats["mse"], "l0_corpus": corpus_stats["l0"],
@@ -118,6 +139,7 @@ def quality_row(*, layer: int, hook: str, sae, provenance: dict, prompt_stats: d
 
 QUALITY_SCHEMA = pa.schema([
     ("layer", pa.int32()), ("hook_name", pa.string()), ("source", pa.string()), ("d_sae", pa.int32()),
+    ("model", pa.string()), ("sae_model", pa.string()), ("sae_trained_on_model", pa.bool_()),
     ("ev_prompts", pa.float64()), ("mse_prompts", pa.float64()), ("l0_prompts", pa.float64()),
     ("n_tokens_prompts", pa.int64()),
     ("ev_corpus", pa.float64()), ("mse_corpus", pa.float64()), ("l0_corpus", pa.float64()),

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 
 SITES = ("resid_post", "mlp_out", "attn_out")  # residual-space sites: cached, and read by SAEs
+# The sites attention heads write into directly (through o_proj); mlp_out is reached only through the MLP.
+HEAD_WRITTEN_SITES = ("resid_post", "attn_out")
 HEAD_SITE = "z"  # per-head outputs [batch, pos, head * d_head]: TransformerLens's attn.hook_z
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out|attn_out)$")
 

@@ -3,9 +3,12 @@ from bugscope.config import (
     validate_config,
     analysed_layers,
     layer_groups,
+    primary_sae_set,
+    sae_sets,
     stage_hash,
+    with_sae_set,
 )
-from bugscope.sites import hook_name
+from bugscope.sites import HEAD_WRITTEN_SITES, hook_name
 import bugscope.patching as bugscope_patching
 import bugscope.resources as bugscope_resources
 
@@ -13,8 +16,25 @@ import bugscope.resources as bugscope_resources
 config.update(validate_config(config, source="the Snakemake config"))
 
 LAYERS = analysed_layers(config)
-SITE = config["cache"]["site"]
-HOOKS = [hook_name(layer, SITE) for layer in LAYERS]
+# The SAE sets by name, primary first; each reads one site at its layers (bugscope.config.sae_sets).
+SAE_SETS = {s["name"]: s for s in sae_sets(config)}
+PRIMARY_SET = primary_sae_set(config)
+
+
+def set_hooks(sae_set, layers=None):
+    """The hooks an SAE set reads, at its layers (or at `layers`)."""
+    s = SAE_SETS[sae_set]
+    return [
+        hook_name(layer, s["site"])
+        for layer in (s["layers"] if layers is None else layers)
+    ]
+
+
+# Every hook some set reads: one cache job fills them all in one forward pass per batch.
+HOOKS = sorted(
+    {hook for name in SAE_SETS for hook in set_hooks(name)},
+    key=lambda h: (int(h.split(".")[1]), h),
+)
 # The per-layer model stages (SAEs, head sweep) run one job per group of layers.
 LAYER_GROUPS = layer_groups(LAYERS, config["resources"]["layers_per_job"])
 
@@ -37,7 +57,11 @@ def final_outputs():
         layout.BASELINE_CONTRAST,
         layout.BASELINE_GENERATION,
         *[layout.activations("prompts", hook) for hook in HOOKS],
-        *[layout.FEATURES.format(hook=hook) for hook in HOOKS],
+        *[
+            layout.per_set(layout.FEATURES, name, hook=hook)
+            for name in SAE_SETS
+            for hook in set_hooks(name)
+        ],
         layout.SAE_QUALITY,
         *feature_targets(),
         *patching_targets(),
@@ -46,29 +70,44 @@ def final_outputs():
 
 
 def feature_targets():
-    """The feature-analysis tables (workflow/rules/features.smk)."""
+    """The feature-analysis tables of every SAE set (workflow/rules/features.smk)."""
     return [
-        layout.FEATURE_OVERLAP,
-        layout.FEATURE_OVERLAP_PAIRS,
-        layout.DISCRIMINATIVE_FEATURES,
-        layout.NAMED_FEATURES,
-        layout.HEAD_FEATURE_ATTRIBUTION,
-        layout.HEAD_PARITY,
+        layout.per_set(template, name)
+        for name in SAE_SETS
+        for template in feature_tables(name).values()
     ]
+
+
+def feature_tables(sae_set):
+    """The feature-analysis tables of one set, by output name; no head attribution on a site that
+    heads have no direct path into (mlp_out)."""
+    tables = {
+        "overlap": layout.FEATURE_OVERLAP,
+        "pairs": layout.FEATURE_OVERLAP_PAIRS,
+        "discriminative": layout.DISCRIMINATIVE_FEATURES,
+        "named": layout.NAMED_FEATURES,
+    }
+    if SAE_SETS[sae_set]["site"] in HEAD_WRITTEN_SITES:
+        tables["attribution"] = layout.HEAD_FEATURE_ATTRIBUTION
+        tables["parity"] = layout.HEAD_PARITY
+    return tables
 
 
 # Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
 MODEL_JOB_THREADS = bugscope_resources.MODEL_JOB_THREADS
 
 
-def model_job_resources(rule, group_layers=None):
+def model_job_resources(rule, group_layers=None, sae_set=None):
     """Resources of a job that runs the model or an SAE (bugscope.resources.job_resources).
 
-    `rule` is the stage (`encode_features` for encode_features_L00_03), `group_layers` the layers
-    of a per-group job. Runtime and memory grow with the attempt, so a job retried after hitting
-    its time or memory limit (`retries` in the SLURM profile) gets twice as much.
+    `rule` is the stage (`encode_features` for encode_features_main_L00_03), `group_layers` the
+    layers of a per-group job, `sae_set` the name of an SAE job's set. Runtime and memory grow with
+    the attempt, so a job retried after hitting its time or memory limit (`retries` in the SLURM
+    profile) gets twice as much.
     """
-    first = bugscope_resources.job_resources(config, rule, group_layers)
+    first = bugscope_resources.job_resources(
+        config, rule, group_layers, SAE_SETS[sae_set] if sae_set else None
+    )
     return {
         "gpu": first["gpu"],
         "runtime": lambda wildcards, attempt: first["runtime"] * attempt,
@@ -94,8 +133,8 @@ FIGURES = [
 ]
 REPORT_TABLES = {
     "baseline_accuracy": layout.BASELINE_ACCURACY,
-    "feature_overlap": layout.FEATURE_OVERLAP,
-    "named_features": layout.NAMED_FEATURES,
+    "feature_overlap": layout.per_set(layout.FEATURE_OVERLAP, PRIMARY_SET),
+    "named_features": layout.per_set(layout.NAMED_FEATURES, PRIMARY_SET),
     "sae_quality": layout.SAE_QUALITY,
 }
 
@@ -135,9 +174,39 @@ def figure_outputs(name, category):
     }
 
 
+def claims_table_sets():
+    """The SAE sets whose file the ledger reads, per table: [None] for a table that is not per set."""
+    produced = {
+        path
+        for name in SAE_SETS
+        for path in map(
+            lambda t: layout.per_set(t, name), feature_tables(name).values()
+        )
+    }
+    return {
+        name: (
+            [s for s in SAE_SETS if layout.per_set(spec.path, s) in produced]
+            if "{sae_set}" in spec.path
+            else [None]
+        )
+        for name, spec in bugscope_claims.TABLES.items()
+    }
+
+
 def claims_inputs(wildcards):
-    """The ledger file, the prompt table and every table the ledger tests."""
-    tables = {name: spec.path for name, spec in bugscope_claims.TABLES.items()}
+    """The ledger file, the prompt table and every table the ledger tests (per-set tables: one
+    file per set that produces it, in the order of claims_table_sets)."""
+    tables = {
+        name: [
+            (
+                layout.per_set(bugscope_claims.TABLES[name].path, s)
+                if s
+                else bugscope_claims.TABLES[name].path
+            )
+            for s in sets
+        ]
+        for name, sets in claims_table_sets().items()
+    }
     return {"ledger": CLAIMS_LEDGER, "prompts": layout.PROMPTS, **tables}
 
 
@@ -157,5 +226,5 @@ def focus_layer_input(wildcards):
     (bugscope.features.overlap.resolve_focus_layers) for patching, figures and the ledger.
     """
     if config["focus_layers"] == "auto":
-        return {"overlap": layout.FEATURE_OVERLAP}
+        return {"overlap": layout.per_set(layout.FEATURE_OVERLAP, PRIMARY_SET)}
     return {}

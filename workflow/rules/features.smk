@@ -1,12 +1,31 @@
-# Feature analyses: overlap between formats, discriminative and named features, and the
-# direct attribution of attention heads to SAE features. Logic: bugscope.features and bugscope.attribution.
+# Feature analyses, once per SAE set (`{sae_set}`): overlap between formats, discriminative and
+# named features, and the direct attribution of attention heads to SAE features. Logic:
+# bugscope.features and bugscope.attribution.
 import bugscope.features as bugscope_features
 
 bugscope_features.check_config(config)
 
 FEATURE_CONFIG_HASH = stage_hash(config, "features")
-NAMED_LAYERS = sorted(int(layer) for layer in config["features"]["named"])
-ATTRIBUTION_LAYERS = bugscope_features.attribution_layers(config)
+
+
+def named_layers(sae_set):
+    return sorted(int(layer) for layer in SAE_SETS[sae_set]["named"])
+
+
+def attribution_layers(sae_set):
+    return bugscope_features.attribution_layers(config, SAE_SETS[sae_set]["layers"])
+
+
+def set_features(sae_set, layers=None):
+    """The feature tables of a set, one per layer (all of its layers, or `layers`)."""
+    return [
+        layout.per_set(layout.FEATURES, sae_set, hook=hook)
+        for hook in set_hooks(sae_set, layers)
+    ]
+
+
+wildcard_constraints:
+    sae_set="|".join(SAE_SETS),
 
 
 localrules:
@@ -18,18 +37,19 @@ localrules:
 rule feature_overlap:
     input:
         prompts=layout.PROMPTS,
-        features=[layout.FEATURES.format(hook=hook) for hook in HOOKS],
+        features=lambda w: set_features(w.sae_set),
     output:
         overlap=layout.FEATURE_OVERLAP,
         pairs=layout.FEATURE_OVERLAP_PAIRS,
     log:
-        f"{layout.LOGS}/features/feature_overlap.log",
+        f"{layout.LOGS}/features/{{sae_set}}/feature_overlap.log",
     benchmark:
-        f"{layout.BENCHMARKS}/features/feature_overlap.tsv"
+        f"{layout.BENCHMARKS}/features/{{sae_set}}/feature_overlap.tsv"
     conda:
         "../../environment.yml"
     params:
-        layers=LAYERS,
+        sae_set=lambda w: w.sae_set,
+        layers=lambda w: SAE_SETS[w.sae_set]["layers"],
         config_hash=FEATURE_CONFIG_HASH,
     script:
         "../scripts/feature_overlap.py"
@@ -39,17 +59,18 @@ rule discriminative_features:
     input:
         prompts=layout.PROMPTS,
         scores=layout.BASELINE_SCORES,
-        features=[layout.FEATURES.format(hook=hook) for hook in HOOKS],
+        features=lambda w: set_features(w.sae_set),
     output:
         discriminative=layout.DISCRIMINATIVE_FEATURES,
     log:
-        f"{layout.LOGS}/features/discriminative_features.log",
+        f"{layout.LOGS}/features/{{sae_set}}/discriminative_features.log",
     benchmark:
-        f"{layout.BENCHMARKS}/features/discriminative_features.tsv"
+        f"{layout.BENCHMARKS}/features/{{sae_set}}/discriminative_features.tsv"
     conda:
         "../../environment.yml"
     params:
-        layers=LAYERS,
+        sae_set=lambda w: w.sae_set,
+        layers=lambda w: SAE_SETS[w.sae_set]["layers"],
         config_hash=FEATURE_CONFIG_HASH,
     script:
         "../scripts/discriminative_features.py"
@@ -58,18 +79,16 @@ rule discriminative_features:
 rule named_features:
     input:
         prompts=layout.PROMPTS,
-        features=[
-            layout.FEATURES.format(hook=hook_name(layer, SITE))
-            for layer in NAMED_LAYERS
-        ],
+        features=lambda w: set_features(w.sae_set, named_layers(w.sae_set)),
     output:
         named=layout.NAMED_FEATURES,
     log:
-        f"{layout.LOGS}/features/named_features.log",
+        f"{layout.LOGS}/features/{{sae_set}}/named_features.log",
     conda:
         "../../environment.yml"
     params:
-        layers=NAMED_LAYERS,
+        sae_set=lambda w: w.sae_set,
+        layers=lambda w: named_layers(w.sae_set),
         config_hash=FEATURE_CONFIG_HASH,
     script:
         "../scripts/named_features.py"
@@ -80,24 +99,25 @@ rule head_feature_attribution:
         manifest=layout.MODEL_MANIFEST,
         prompts=layout.PROMPTS,
         discriminative=layout.DISCRIMINATIVE_FEATURES,
-        saes=[
-            layout.SAE_DIR.format(hook=hook_name(layer, SITE))
-            for layer in ATTRIBUTION_LAYERS
+        saes=lambda w: [
+            layout.per_set(layout.SAE_DIR, w.sae_set, hook=hook)
+            for hook in set_hooks(w.sae_set, attribution_layers(w.sae_set))
         ],
     output:
         attribution=layout.HEAD_FEATURE_ATTRIBUTION,
         parity=layout.HEAD_PARITY,
     log:
-        f"{layout.LOGS}/features/head_feature_attribution.log",
+        f"{layout.LOGS}/features/{{sae_set}}/head_feature_attribution.log",
     benchmark:
-        f"{layout.BENCHMARKS}/features/head_feature_attribution.tsv"
+        f"{layout.BENCHMARKS}/features/{{sae_set}}/head_feature_attribution.tsv"
     conda:
         "../../environment.yml"
     threads: MODEL_JOB_THREADS
     resources:
         **model_job_resources("head_feature_attribution"),
     params:
-        layers=ATTRIBUTION_LAYERS,
+        sae_set=lambda w: w.sae_set,
+        layers=lambda w: attribution_layers(w.sae_set),
         config_hash=FEATURE_CONFIG_HASH,
     script:
         "../scripts/head_feature_attribution.py"

@@ -44,7 +44,7 @@ rule fig_baseline_accuracy:
 
 rule fig_feature_overlap:
     input:
-        overlap=layout.FEATURE_OVERLAP,
+        overlap=layout.per_set(layout.FEATURE_OVERLAP, PRIMARY_SET),
     output:
         **figure_outputs("feature_overlap", "2. SAE features"),
     log:
@@ -59,7 +59,7 @@ rule fig_feature_overlap:
 
 rule fig_amplification:
     input:
-        overlap=layout.FEATURE_OVERLAP,
+        overlap=layout.per_set(layout.FEATURE_OVERLAP, PRIMARY_SET),
     output:
         **figure_outputs("amplification", "2. SAE features"),
     log:
@@ -75,8 +75,8 @@ rule fig_amplification:
 rule fig_format_features:
     input:
         unpack(focus_layer_input),
-        discriminative=layout.DISCRIMINATIVE_FEATURES,
-        named=layout.NAMED_FEATURES,
+        discriminative=layout.per_set(layout.DISCRIMINATIVE_FEATURES, PRIMARY_SET),
+        named=layout.per_set(layout.NAMED_FEATURES, PRIMARY_SET),
     output:
         **figure_outputs("format_features", "2. SAE features"),
     log:
@@ -92,7 +92,7 @@ rule fig_format_features:
 rule fig_head_attribution:
     input:
         unpack(focus_layer_input),
-        attribution=layout.HEAD_FEATURE_ATTRIBUTION,
+        attribution=layout.per_set(layout.HEAD_FEATURE_ATTRIBUTION, PRIMARY_SET),
     output:
         **figure_outputs("head_attribution", "3. Attention heads"),
     log:
@@ -201,5 +201,7 @@ rule claims_ledger:
         f"{layout.LOGS}/figures/claims_ledger.log",
     conda:
         "../../environment.yml"
+    params:
+        table_sets=claims_table_sets(),
     script:
         "../scripts/claims_ledger.py"

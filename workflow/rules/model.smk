@@ -67,7 +67,7 @@ rule cache_residuals:
     resources:
         **model_job_resources("cache_residuals"),
     params:
-        layers=LAYERS,
+        hooks=HOOKS,
         config_hash=stage_hash(config, "activations"),
     script:
         "../scripts/cache_residuals.py"

@@ -1,17 +1,18 @@
-# SAE stage: the training corpus and its activations, one SAE per analysed layer (trained
-# here with SAE-Lens, or pretrained from SAE-Lens's directory), sparse feature tables and SAE
-# quality. Logic: bugscope.sae and bugscope.corpus. Jobs handle resources.layers_per_job layers
-# each (LAYER_GROUPS) and write one output per layer.
+# SAE stage: the training corpus and its activations, then per SAE set (sae.sets) one SAE per
+# layer (trained here with SAE-Lens, or pretrained from SAE-Lens's directory), sparse feature tables
+# and SAE quality. Logic: bugscope.sae and bugscope.corpus. Jobs handle resources.layers_per_job
+# layers of one set each (rules <stage>_<set>_<group>) and write one output per layer.
 import bugscope.sae as bugscope_sae
 
-SAE_CFG = config["sae"]
 SAE_CONFIG_HASH = stage_hash(config, "sae")
 # Pretrained: release, ids and hook sites are checked against SAE-Lens's directory now, before any job.
-SAE_IDS = (
-    bugscope_sae.resolve_pretrained(SAE_CFG["release"], SAE_CFG["sae_id"], LAYERS, SITE)
-    if SAE_CFG["source"] == "pretrained"
-    else {}
-)
+SAE_IDS = {
+    name: bugscope_sae.resolve_pretrained(
+        s["release"], s["sae_id"], s["layers"], s["site"]
+    )
+    for name, s in SAE_SETS.items()
+    if s["source"] == "pretrained"
+}
 
 
 localrules:
@@ -51,38 +52,47 @@ rule cache_corpus:
     resources:
         **model_job_resources("cache_corpus"),
     params:
-        layers=LAYERS,
+        hooks=HOOKS,
         config_hash=SAE_CONFIG_HASH,
     script:
         "../scripts/cache_corpus.py"
 
 
-for group, group_layers in LAYER_GROUPS.items():
-    group_hooks = [hook_name(layer, SITE) for layer in group_layers]
+for sae_set, group, group_layers in [
+    (name, group, group_layers)
+    for name, s in SAE_SETS.items()
+    for group, group_layers in layer_groups(
+        s["layers"], config["resources"]["layers_per_job"]
+    ).items()
+]:
+    group_hooks = set_hooks(sae_set, group_layers)
+    job = f"{sae_set}_{group}"
 
-    if SAE_CFG["source"] == "train":
+    if SAE_SETS[sae_set]["source"] == "train":
 
         rule:
             name:
-                f"train_sae_{group}"
+                f"train_sae_{job}"
             input:
                 manifest=layout.MODEL_MANIFEST,
                 corpus=layout.CORPUS,
                 activations=[layout.activations("corpus", hook) for hook in group_hooks],
             output:
                 saes=[
-                    directory(layout.SAE_DIR.format(hook=hook)) for hook in group_hooks
+                    directory(layout.per_set(layout.SAE_DIR, sae_set, hook=hook))
+                    for hook in group_hooks
                 ],
             log:
-                f"{layout.LOGS}/sae/train_sae_{group}.log",
+                f"{layout.LOGS}/sae/train_sae_{job}.log",
             benchmark:
-                f"{layout.BENCHMARKS}/sae/train_sae_{group}.tsv"
+                f"{layout.BENCHMARKS}/sae/train_sae_{job}.tsv"
             conda:
                 "../../environment.yml"
             threads: MODEL_JOB_THREADS
             resources:
-                **model_job_resources("train_sae", group_layers),
+                **model_job_resources("train_sae", group_layers, sae_set),
             params:
+                sae_set=sae_set,
                 layers=group_layers,
                 config_hash=SAE_CONFIG_HASH,
             script:
@@ -92,47 +102,56 @@ for group, group_layers in LAYER_GROUPS.items():
 
         rule:
             name:
-                f"load_pretrained_sae_{group}"
+                f"load_pretrained_sae_{job}"
             input:
                 manifest=layout.MODEL_MANIFEST,
             output:
                 saes=[
-                    directory(layout.SAE_DIR.format(hook=hook)) for hook in group_hooks
+                    directory(layout.per_set(layout.SAE_DIR, sae_set, hook=hook))
+                    for hook in group_hooks
                 ],
             log:
-                f"{layout.LOGS}/sae/load_pretrained_sae_{group}.log",
+                f"{layout.LOGS}/sae/load_pretrained_sae_{job}.log",
             benchmark:
-                f"{layout.BENCHMARKS}/sae/load_pretrained_sae_{group}.tsv"
+                f"{layout.BENCHMARKS}/sae/load_pretrained_sae_{job}.tsv"
             conda:
                 "../../environment.yml"
             threads: MODEL_JOB_THREADS
             resources:
-                **model_job_resources("load_pretrained_sae", group_layers),
+                **model_job_resources("load_pretrained_sae", group_layers, sae_set),
             params:
+                sae_set=sae_set,
                 layers=group_layers,
-                sae_ids=[SAE_IDS[layer] for layer in group_layers],
+                sae_ids=[SAE_IDS[sae_set][layer] for layer in group_layers],
                 config_hash=SAE_CONFIG_HASH,
             script:
                 "../scripts/load_pretrained_sae.py"
 
     rule:
         name:
-            f"encode_features_{group}"
+            f"encode_features_{job}"
         input:
-            saes=[layout.SAE_DIR.format(hook=hook) for hook in group_hooks],
+            saes=[
+                layout.per_set(layout.SAE_DIR, sae_set, hook=hook)
+                for hook in group_hooks
+            ],
             activations=[layout.activations("prompts", hook) for hook in group_hooks],
         output:
-            features=[layout.FEATURES.format(hook=hook) for hook in group_hooks],
+            features=[
+                layout.per_set(layout.FEATURES, sae_set, hook=hook)
+                for hook in group_hooks
+            ],
         log:
-            f"{layout.LOGS}/sae/encode_features_{group}.log",
+            f"{layout.LOGS}/sae/encode_features_{job}.log",
         benchmark:
-            f"{layout.BENCHMARKS}/sae/encode_features_{group}.tsv"
+            f"{layout.BENCHMARKS}/sae/encode_features_{job}.tsv"
         conda:
             "../../environment.yml"
         threads: MODEL_JOB_THREADS
         resources:
-            **model_job_resources("encode_features", group_layers),
+            **model_job_resources("encode_features", group_layers, sae_set),
         params:
+            sae_set=sae_set,
             layers=group_layers,
             config_hash=SAE_CONFIG_HASH,
         script:
@@ -140,12 +159,15 @@ for group, group_layers in LAYER_GROUPS.items():
 
     rule:
         name:
-            f"sae_quality_{group}"
+            f"sae_quality_{job}"
         input:
             manifest=layout.MODEL_MANIFEST,
             prompts=layout.PROMPTS,
             corpus=layout.CORPUS,
-            saes=[layout.SAE_DIR.format(hook=hook) for hook in group_hooks],
+            saes=[
+                layout.per_set(layout.SAE_DIR, sae_set, hook=hook)
+                for hook in group_hooks
+            ],
             prompt_activations=[
                 layout.activations("prompts", hook) for hook in group_hooks
             ],
@@ -153,17 +175,21 @@ for group, group_layers in LAYER_GROUPS.items():
                 layout.activations("corpus", hook) for hook in group_hooks
             ],
         output:
-            quality=[layout.SAE_QUALITY_LAYER.format(hook=hook) for hook in group_hooks],
+            quality=[
+                layout.per_set(layout.SAE_QUALITY_LAYER, sae_set, hook=hook)
+                for hook in group_hooks
+            ],
         log:
-            f"{layout.LOGS}/sae/sae_quality_{group}.log",
+            f"{layout.LOGS}/sae/sae_quality_{job}.log",
         benchmark:
-            f"{layout.BENCHMARKS}/sae/sae_quality_{group}.tsv"
+            f"{layout.BENCHMARKS}/sae/sae_quality_{job}.tsv"
         conda:
             "../../environment.yml"
         threads: MODEL_JOB_THREADS
         resources:
-            **model_job_resources("sae_quality", group_layers),
+            **model_job_resources("sae_quality", group_layers, sae_set),
         params:
+            sae_set=sae_set,
             layers=group_layers,
             config_hash=SAE_CONFIG_HASH,
         script:
@@ -172,7 +198,11 @@ for group, group_layers in LAYER_GROUPS.items():
 
 rule aggregate_sae_quality:
     input:
-        quality=[layout.SAE_QUALITY_LAYER.format(hook=hook) for hook in HOOKS],
+        quality=[
+            layout.per_set(layout.SAE_QUALITY_LAYER, name, hook=hook)
+            for name in SAE_SETS
+            for hook in set_hooks(name)
+        ],
     output:
         quality=layout.SAE_QUALITY,
     log:
@@ -180,6 +210,7 @@ rule aggregate_sae_quality:
     conda:
         "../../environment.yml"
     params:
+        sae_sets=[name for name in SAE_SETS for _ in set_hooks(name)],
         config_hash=SAE_CONFIG_HASH,
     script:
         "../scripts/aggregate_sae_quality.py"

@@ -12,13 +12,13 @@ def main(smk):
     model, tokenizer = load_model(manifest, cfg["device"])
     # The same caching code as the analysis prompts; position 0 (the attention sink) is not cached.
     n = cache_activations(
-        model, cache_rows(corpus), layers=smk.params.layers, site=cfg["cache"]["site"],
-        dtype=cfg["sae"]["corpus"]["dtype"], out_paths=dict(zip(smk.params.layers, smk.output.activations)),
+        model, cache_rows(corpus), hooks=smk.params.hooks,
+        dtype=cfg["sae"]["corpus"]["dtype"], out_paths=dict(zip(smk.params.hooks, smk.output.activations)),
         meta={"dataset": "corpus", "config_hash": smk.params.config_hash, "positions": "all_but_first",
               "corpus": corpus_meta["corpus"], **manifest.provenance()},
         batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id, desc="caching corpus",
     )
-    log.info("cached %d corpus tokens per layer for %d layers", n, len(smk.params.layers))
+    log.info("cached %d corpus tokens per hook for %d hooks", n, len(smk.params.hooks))
 
 
 run(snakemake, main)  # noqa: F821

@@ -12,13 +12,13 @@ def main(smk):
     model, tokenizer = load_model(manifest, cfg["device"])
     rows = [{**r, "positions": positions_for(r, cfg["cache"]["positions"])} for r in prompts.to_dicts()]
     n = cache_activations(
-        model, rows, layers=smk.params.layers, site=cfg["cache"]["site"], dtype=cfg["cache"]["dtype"],
-        out_paths=dict(zip(smk.params.layers, smk.output.activations)),
+        model, rows, hooks=smk.params.hooks, dtype=cfg["cache"]["dtype"],
+        out_paths=dict(zip(smk.params.hooks, smk.output.activations)),
         meta={"dataset": "prompts", "config_hash": smk.params.config_hash, "positions": cfg["cache"]["positions"],
               **manifest.provenance()},
         batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id, desc="caching prompts",
     )
-    log.info("cached %d rows per layer for %d layers", n, len(smk.params.layers))
+    log.info("cached %d rows per hook for %d hooks", n, len(smk.params.hooks))
 
 
 run(snakemake, main)  # noqa: F821

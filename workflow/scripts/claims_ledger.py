@@ -1,19 +1,35 @@
 import hashlib
 from pathlib import Path
 
+import polars as pl
+
 from bugscope import claims, report, tables
+from bugscope.config import primary_sae_set
 from bugscope.features import focus_layers
 from bugscope.io import atomic_path
 from bugscope.script import log, run
 
 
+def read_table(smk, name: str) -> pl.DataFrame:
+    """One table as the ledger reads it: a per-set table is every set's file, with the set's name
+    in a `sae_set` column (a set whose site the stage does not run on has no file)."""
+    paths, sets = smk.input[name], smk.params.table_sets[name]
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    frames = [tables.frame(claims.TABLES[name], smk.config, path) for path in paths]
+    if sets == [None]:
+        return frames[0]
+    return pl.concat([f.with_columns(pl.lit(s).alias("sae_set")) for f, s in zip(frames, sets)], how="diagonal_relaxed")
+
+
 def main(smk):
     ledger = claims.load_ledger(smk.input.ledger)
-    names = [k for k in smk.input.keys() if k in claims.TABLES]
-    raw = {name: tables.frame(claims.TABLES[name], smk.config, smk.input[name]) for name in names}
+    names = [k for k in smk.input.keys() if k in claims.TABLES and smk.params.table_sets[k]]
+    raw = {name: read_table(smk, name) for name in names}
     prompts = tables.frame(tables.PROMPTS, smk.config, smk.input.prompts, columns=["prompt_id", "correct", "wrong"])
     prepared = claims.prepare_tables(raw, prompts)
     overlap = prepared.get("feature_overlap")
+    if overlap is not None:
+        overlap = overlap.filter(pl.col("sae_set") == primary_sae_set(smk.config))
     focus = focus_layers(smk.config, overlap) if (overlap is not None or smk.config["focus_layers"] != "auto") else None
     ctx = claims.Context.from_config(smk.config, focus)
     result = claims.evaluate(ledger, prepared, ctx)

@@ -2,6 +2,7 @@
 import pyarrow.parquet as pq
 
 from bugscope import tables
+from bugscope.config import with_sae_set
 from bugscope.io import read_metadata
 from bugscope.model import pick_device
 from bugscope.prompts import SINK_POSITION
@@ -16,18 +17,19 @@ from bugscope.sites import hook_name
 
 
 def main(smk):
-    cfg = smk.config
+    cfg = with_sae_set(smk.config, smk.params.sae_set)
     device = str(pick_device(cfg["device"]))
     with tables.written_together() as put:
         for layer, sae_dir, acts_path, out in zip(smk.params.layers, smk.input.saes, smk.input.activations,
                                                  smk.output.features):
-            hook = hook_name(layer, cfg["cache"]["site"])
+            hook = hook_name(layer, cfg["sae_set"]["site"])
             sae, provenance = load_sae(sae_dir, device=device)
             # A wrong SAE for the cached site is the likelier mistake: say so before a stale hash.
             check_sae_fits(sae, expected_hook=hook, d_model=read_metadata(acts_path)["d_model"], where=str(sae_dir))
             acts_meta = tables.check(tables.PROMPT_ACTIVATIONS, cfg, acts_path)
             table = encode_activation_file(sae, acts_path, batch_size=cfg["sae"]["encode_batch_size"])
-            meta = {"config_hash": smk.params.config_hash, "layer": layer, "hook_name": hook,
+            meta = {"config_hash": smk.params.config_hash, "sae_set": cfg["sae_set"]["name"], "layer": layer,
+                    "hook_name": hook,
                     "d_sae": sae.cfg.d_sae, "sae_dir": str(sae_dir), "positions": acts_meta.get("positions"),
                     "n_rows_encoded": int(pq.ParquetFile(acts_path).metadata.num_rows),
                     "attention_sink_position": SINK_POSITION, **sae_provenance_meta(provenance),

@@ -1,16 +1,18 @@
 from bugscope import tables
+from bugscope.config import with_sae_set
 from bugscope.features import run_attribution
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
 
 
 def main(smk):
-    cfg = smk.config
+    cfg = with_sae_set(smk.config, smk.params.sae_set)
     manifest = ModelManifest.load(smk.input.manifest)
     model, tokenizer = load_model(manifest, cfg["device"])
     table, parity, meta = run_attribution(cfg, model, tokenizer, smk.input.prompts, smk.input.discriminative,
                                           dict(zip(smk.params.layers, smk.input.saes)))
-    meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], **manifest.provenance(), **meta}
+    meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], "sae_set": smk.params.sae_set,
+            **manifest.provenance(), **meta}
     with tables.written_together() as put:
         put(tables.HEAD_FEATURE_ATTRIBUTION, table, smk.output.attribution, meta)
         put(tables.HEAD_PARITY, parity, smk.output.parity, meta)

@@ -1,3 +1,4 @@
+from bugscope.config import with_sae_set
 from bugscope.model import ModelManifest, pick_device
 from bugscope.sae import check_sae_fits, load_pretrained_sae, save_sae
 from bugscope.script import log, run
@@ -5,13 +6,14 @@ from bugscope.sites import hook_name
 
 
 def main(smk):
-    cfg, sae_cfg = smk.config, smk.config["sae"]
+    cfg = with_sae_set(smk.config, smk.params.sae_set)
+    sae_cfg, sae_set = cfg["sae"], cfg["sae_set"]
     manifest = ModelManifest.load(smk.input.manifest)
     device = str(pick_device(cfg["device"]))
     for layer, sae_id, out_dir in zip(smk.params.layers, smk.params.sae_ids, smk.output.saes):
-        hook = hook_name(layer, cfg["cache"]["site"])
-        sae, hub = load_pretrained_sae(sae_cfg["release"], sae_id, device=device, dtype=sae_cfg["dtype"])
-        where = f"SAE-Lens release {sae_cfg['release']!r}, id {sae_id!r}"
+        hook = hook_name(layer, sae_set["site"])
+        sae, hub = load_pretrained_sae(sae_set["release"], sae_id, device=device, dtype=sae_cfg["dtype"])
+        where = f"SAE-Lens release {sae_set['release']!r}, id {sae_id!r}"
         check_sae_fits(sae, expected_hook=hook, d_model=manifest.d_model, where=where)
         if hub["sae_revision"] is None:
             log.warning("%s: the commit of %s it came from is unknown (not in the local cache's refs/main); "
@@ -19,7 +21,7 @@ def main(smk):
         if sae.cfg.metadata.model_name and sae.cfg.metadata.model_name != manifest.name:
             log.warning("%s was trained on %s; it is applied to %s", where, sae.cfg.metadata.model_name, manifest.name)
         save_sae(sae, out_dir, {
-            "source": "pretrained", "release": sae_cfg["release"], "sae_id": sae_id, "hook_name": hook,
+            "sae_set": sae_set["name"], "source": "pretrained", "release": sae_set["release"], "sae_id": sae_id, "hook_name": hook,
             "layer": layer, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "architecture": sae.cfg.architecture(),
             "sae_model_name": sae.cfg.metadata.model_name, "config_hash": smk.params.config_hash,
             **hub, **manifest.provenance(),

@@ -1,13 +1,15 @@
 from bugscope import tables
+from bugscope.config import with_sae_set
 from bugscope.features import run_named
 from bugscope.script import log, run
 
 
 def main(smk):
-    table, meta = run_named(smk.config, smk.input.prompts, dict(zip(smk.params.layers, smk.input.features)))
+    cfg = with_sae_set(smk.config, smk.params.sae_set)
+    table, meta = run_named(cfg, smk.input.prompts, dict(zip(smk.params.layers, smk.input.features)))
     tables.write(tables.NAMED_FEATURES, table, smk.output.named, {
-        "config_hash": smk.params.config_hash, "seed": smk.config["seed"],
-        "model": smk.config["model"]["name"], **meta})
+        "config_hash": smk.params.config_hash, "seed": cfg["seed"], "model": cfg["model"]["name"],
+        "sae_set": smk.params.sae_set, **meta})
     log.info("named features:\n%s", table)
 
 

@@ -12,7 +12,7 @@ def main(smk):
     prompts = tables.read(tables.PROMPTS, smk.config, smk.input.prompts)[0]
     tokenizer = load_tokenizer(manifest)
     table, meta = build_corpus_table(cfg["sae"]["corpus"], prompts, tokenizer, seed=cfg["seed"],
-                                     include_train=cfg["sae"]["source"] == "train")
+                                     include_train=any(s["source"] == "train" for s in cfg["sae"]["sets"]))
     tables.write(tables.CORPUS, table, smk.output.corpus, {"config_hash": smk.params.config_hash,
                                                            "seed": cfg["seed"], **meta, **manifest.provenance()})
     summary = pl.from_arrow(table).group_by("source", "split").agg(pl.len().alias("rows"), pl.col("n_tokens").sum())

@@ -3,6 +3,7 @@ import polars as pl
 import pyarrow as pa
 
 from bugscope import tables
+from bugscope.config import with_sae_set
 from bugscope.model import ModelManifest, load_model
 from bugscope.prompts import SINK_POSITION
 from bugscope.sae import ActivationSource, check_sae_fits, iter_activations, load_sae, sae_provenance_meta
@@ -12,8 +13,8 @@ from bugscope.sites import hook_name
 
 
 def main(smk):
-    cfg = smk.config
-    site = cfg["cache"]["site"]
+    cfg = with_sae_set(smk.config, smk.params.sae_set)
+    site = cfg["sae_set"]["site"]
     manifest = ModelManifest.load(smk.input.manifest)
     prompts = tables.frame(tables.PROMPTS, smk.config, smk.input.prompts)
     corpus, corpus_meta = tables.read(tables.CORPUS, cfg, smk.input.corpus, columns=["prompt_id", "split"])
@@ -59,12 +60,14 @@ def main(smk):
                 stats[name] = acc.result()
                 fired = acc.fired if fired is None else fired | acc.fired
             row = quality_row(layer=layer, hook=hook, sae=sae, provenance=provenance, prompt_stats=stats["prompts"],
-                              corpus_stats=stats["corpus"], fired=fired, clean=clean, spliced=spliced[layer])
+                              corpus_stats=stats["corpus"], fired=fired, clean=clean, spliced=spliced[layer],
+                              model_checkpoint=cfg["model"]["checkpoint"])
             log.info("layer %d: EV prompts %s, EV corpus %s, L0 %s, dead %.3f, logit diff %.3f -> %.3f", layer,
                      row["ev_prompts"], row["ev_corpus"], row["l0_corpus"], row["dead_fraction"],
                      row["logit_diff_clean"] or float("nan"), row["logit_diff_sae"] or float("nan"))
             table = pa.Table.from_pylist([row], schema=QUALITY_SCHEMA)
-            layer_meta = {**meta, "layer": layer, "hook_name": hook, **sae_provenance_meta(provenance)}
+            layer_meta = {**meta, "layer": layer, "hook_name": hook, "sae_set": cfg["sae_set"]["name"],
+                          **sae_provenance_meta(provenance)}
             put(tables.SAE_QUALITY_LAYER, table, out, layer_meta)
 
 run(snakemake, main)  # noqa: F821

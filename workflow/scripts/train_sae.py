@@ -2,6 +2,7 @@ import pyarrow.compute as pc
 import torch
 
 from bugscope import tables
+from bugscope.config import with_sae_set
 from bugscope.model import ModelManifest, pick_device
 from bugscope.sae import (
     ActivationSource,
@@ -16,7 +17,8 @@ from bugscope.stats import layer_seed
 
 
 def main(smk):
-    cfg, sae_cfg = smk.config, smk.config["sae"]
+    cfg = with_sae_set(smk.config, smk.params.sae_set)
+    sae_cfg = cfg["sae"]
     manifest = ModelManifest.load(smk.input.manifest)
     corpus, corpus_meta = tables.read(tables.CORPUS, cfg, smk.input.corpus, columns=["prompt_id", "split"])
     train_ids = frozenset(corpus.filter(pc.equal(corpus.column("split"), "train")).column("prompt_id").to_pylist())
@@ -25,7 +27,7 @@ def main(smk):
     for acts_path in smk.input.activations:
         tables.check(tables.CORPUS_ACTIVATIONS, cfg, acts_path)
     for layer, acts_path in zip(smk.params.layers, smk.input.activations):
-        hook = hook_name(layer, cfg["cache"]["site"])
+        hook = hook_name(layer, cfg["sae_set"]["site"])
         seed = layer_seed(cfg["seed"], layer)
         stream = ActivationStream([ActivationSource(acts_path, prompt_ids=train_ids)],
                                   batch_size=sae_cfg["batch_size"], seed=seed, device=device)
@@ -40,7 +42,7 @@ def main(smk):
         sae = result.sae.to(dtype=getattr(torch, sae_cfg["dtype"]))
         sae.cfg.dtype = sae_cfg["dtype"]
         save_sae(sae, out_dir, {
-            "source": "train", "release": None, "sae_id": None, "hook_name": hook, "layer": layer,
+            "sae_set": cfg["sae_set"]["name"], "source": "train", "release": None, "sae_id": None, "hook_name": hook, "layer": layer,
             "d_in": manifest.d_model, "d_sae": result.sae.cfg.d_sae, "architecture": "topk", "seed": result.seed,
             "config_hash": smk.params.config_hash, "corpus": corpus_meta["corpus"],
             "heldout_pair_ids": corpus_meta["heldout_pair_ids"],

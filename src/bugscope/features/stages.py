@@ -32,11 +32,6 @@ def check_config(config: dict) -> None:
 
     fcfg = config["features"]
     layers = set(analysed_layers(config))
-    bad_named = sorted(int(layer) for layer in fcfg["named"] if int(layer) not in layers)
-    if bad_named:
-        raise ConfigError(
-            f"features.named lists layers {bad_named}, which are not analysed (layers: {sorted(layers)}). "
-            "Add them to 'layers' or remove them from features.named.")
     attr = fcfg["attribution"]["layers"]
     if attr != "all":
         bad = sorted(set(attr) - layers)
@@ -49,11 +44,10 @@ def check_config(config: dict) -> None:
         raise ConfigError(f"features.overlap.middle_fraction [{lo}, {hi}] is empty: write it as [low, high].")
 
 
-def attribution_layers(config: dict) -> list[int]:
-    from bugscope.config import analysed_layers
-
+def attribution_layers(config: dict, set_layers: list[int]) -> list[int]:
+    """The layers of the head attribution for an SAE set covering `set_layers`."""
     layers = config["features"]["attribution"]["layers"]
-    return analysed_layers(config) if layers == "all" else sorted(layers)
+    return sorted(set_layers) if layers == "all" else sorted(set(layers) & set(set_layers))
 
 
 def load_prompt_frame(path, config: dict, columns: list[str] | None = None) -> pl.DataFrame:
@@ -148,7 +142,7 @@ def run_discriminative(config: dict, prompts_path, scores_path, feature_paths: d
 
 def run_named(config: dict, prompts_path, feature_paths: dict[int, str]) -> tuple[pl.DataFrame, dict]:
     fcfg, pcfg, boot = config["features"], config["prompts"], config["bootstrap"]
-    named = named_feature_ids(fcfg["named"])
+    named = named_feature_ids(config["sae_set"]["named"])
     prompts = load_prompt_frame(prompts_path, config)
     pairs = prompt_pairs(prompts, pcfg["buggy_format"], pcfg["correct_format"])
     weights = position_weights(prompts, fcfg["position"])
@@ -160,8 +154,9 @@ def run_named(config: dict, prompts_path, feature_paths: dict[int, str]) -> tupl
         d_sae = metas[layer].get("d_sae")
         too_big = [f for ids in named[layer].values() for f in ids if d_sae is not None and f >= d_sae]
         if too_big:
-            raise ValueError(f"features.named at layer {layer} lists ids {too_big}, out of range for its SAE "
-                             f"(d_sae={d_sae}). These ids belong to another SAE: fix features.named.")
+            raise ValueError(f"SAE set {config['sae_set']['name']!r} names features {too_big} at layer {layer}, out "
+                             f"of range for its SAE (d_sae={d_sae}). These ids belong to another SAE: fix the set's "
+                             "named features (sae.sets[].named).")
         out.append(named_features(values, pairs, layer=layer, named=named[layer], n_resamples=boot["n_resamples"],
                                   confidence=boot["confidence"], seed=derived_seed(config["seed"], 2, layer)))
     meta = {"position": fcfg["position"], "confidence": boot["confidence"], "n_resamples": boot["n_resamples"],
@@ -182,9 +177,9 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
     prompts = tables.frame(tables.PROMPTS, config, prompts_path)
     prompts = prompts.filter(pl.col("format").is_in([buggy, correct]), pl.col("pair_kind") == BUG_PAIR_KIND)
     discriminative = tables.frame(tables.DISCRIMINATIVE_FEATURES, config, discriminative_path)
-    named = named_feature_ids(fcfg["named"])
+    named = named_feature_ids(config["sae_set"]["named"])
     layers = sorted(sae_dirs)
-    site = config["cache"]["site"]
+    site = config["sae_set"]["site"]
     n_heads = model.config.num_attention_heads
     ids, caps = capture_decision(model, prompts.to_dicts(), layers=layers, batch_size=config["cache"]["batch_size"],
                                  pad_token_id=tokenizer.pad_token_id)
@@ -217,7 +212,7 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
                                   n_permutations=fcfg["attribution"]["n_permutations"], seed=config["seed"]))
         del sae
     if not per_layer:
-        raise ValueError("No layer had features to attribute: check the discriminative table and features.named.")
+        raise ValueError("No layer had features to attribute: check the discriminative table and the set's named features.")
     meta = {"position": "decision", "site": site, "buggy_format": buggy, "correct_format": correct, "n_heads": n_heads,
             "identity": errors, "saes": sae_meta, "n_permutations": fcfg["attribution"]["n_permutations"]}
     return pl.concat(per_layer), pl.concat(parity), meta
