@@ -588,9 +588,14 @@ def test_stage_drivers(stage_inputs):
     assert single["layer"].to_list() == [0, 10] and (single["n_pairs"] == 1).all()
     assert single["overlap_pct"].is_not_null().all()
     assert per_pair.height == 2 * 12 and set(per_pair["layer"]) == {0, 10}
-    # per_pair, pooled, the original single pair, and the two baselines per format and for both, at 2 layers
-    assert summary.group_by("variant").len().sort("variant")["len"].to_list() == [2, 2, 2, 6, 6]
+    # original single pair, per_pair, per_pair_heldout, pooled, and the two baselines per format and
+    # for both, at 2 layers
+    assert summary.group_by("variant").len().sort("variant")["len"].to_list() == [2, 2, 2, 2, 6, 6]
     assert summary.filter(pl.col("variant") == "per_pair")["format_effect_pct"].is_not_null().all()
+    # the held-out rows: the 3 odd of the 6 number pairs, with their own baselines
+    held = summary.filter(pl.col("variant") == F.HELDOUT_VARIANT)
+    assert held["n_number_pairs"].to_list() == [3, 3] and held["format_effect_pct"].is_not_null().all()
+    assert held["is_min_overlap"].sum() == 1
     assert meta["sources"]["10"]["sae"] == "hand-made"
     table, _ = F.run_discriminative(config, tmp / "prompts.parquet", tmp / "scores.parquet", paths)
     assert set(table["layer"]) == {0, 10} and table["q_value"].is_between(0, 1).all()

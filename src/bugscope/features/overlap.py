@@ -344,6 +344,8 @@ def resolve_focus_layers(config: dict, overlap: pl.DataFrame | None) -> tuple[li
     if config["focus_layers"] != "auto":
         layers, source = sorted(config["focus_layers"]), "config"
     elif overlap is not None:
+        # The all-pairs mark: the focus is where patching and attribution measure, separate
+        # measurements; the ledger's claims on the marked layer's overlap read per_pair_heldout.
         layers = overlap.filter(pl.col("variant") == "per_pair", pl.col("is_max_overlap_middle"))["layer"].to_list()
         if not layers:
             raise ValueError(
