@@ -42,6 +42,11 @@ signed ("tied to the even heads" is r < 0 with odd = 1); an aggregate ending in 
 absolute value, which no such claim may use.
 Unless a check names them, `pair_kind` and `order` select the bug's kind with both orders pooled
 (`DEFAULT_WHERE`).
+
+A claim on a selected item (a marked layer, a top-ranked feature, the most correlated feature) is
+tested on data that did not select it, which the ledger says in the form's description: marks and
+ranks chosen on the even pair ids and statistics of the odd ones (feature_overlap rows of variant
+per_pair_heldout, discriminative heldout_* columns), or a familywise p (head_parity).
 """
 
 from __future__ import annotations
