@@ -264,10 +264,12 @@ def test_length_heuristic_control_fails_when_the_format_only_flips_the_heuristic
     assert claims.evaluate_claim(rule, {"baseline_contrast": no_bug}, ctx())["verdict"] == "fails"
 
 
-def _parity(r_by_feature: dict[int, float], layer: int = 10) -> pl.DataFrame:
-    """A hand-made head_parity table: point-biserial r (odd heads = 1) per feature, all significant."""
+def _parity(r_by_feature: dict[int, float], layer: int = 10, familywise: float = 0.001) -> pl.DataFrame:
+    """A hand-made head_parity table: point-biserial r (odd heads = 1) per feature, all significant
+    on their own (p_value) and, unless `familywise` says otherwise, after the max-statistic correction."""
     return pl.DataFrame([{"layer": layer, "target": "difference", "feature_id": f, "statistic": "point_biserial_r",
-                          "value": r, "p_value": 0.001, "n_permutations": 10000, "exact": False, "n_heads": 32}
+                          "value": r, "p_value": 0.001, "familywise_p_value": familywise, "n_permutations": 10000,
+                          "exact": False, "n_heads": 32}
                          for f, r in r_by_feature.items()])
 
 
@@ -290,3 +292,68 @@ def test_correlation_rules_are_signed_and_need_every_listed_id():
     partial = tied_even.filter(pl.col("feature_id") != 22156)
     r = claims.evaluate_claim(even, {"head_parity": partial}, llama)
     assert r["form"] == "agnostic" and "[22156]" in r["detail"]
+
+
+# --- selection: the most extreme of many features is tested with a correction, or on held-out pairs
+
+
+def test_correlation_agnostic_rules_need_the_familywise_p_of_the_selected_feature():
+    ledger = {c["id"]: c for c in claims.load_ledger(LEDGER)}
+    focus = ctx(focus=(5,))  # not Llama: the agnostic forms decide
+    # 40 attributed features; the most negative r is -0.9, its own p 0.001 (it was chosen for it)
+    rs = {f: 0.02 * (f - 20) for f in range(40)}
+    for cid, extreme in (("even_head_feature_correlation", {7: -0.9}), ("odd_head_feature_correlation", {7: 0.9})):
+        corrected = _parity({**rs, **extreme}, layer=5, familywise=0.01)
+        r = claims.evaluate_claim(ledger[cid], {"head_parity": corrected}, focus)
+        assert r["form"] == "agnostic" and r["verdict"] == "holds" and "feature_id=7" in r["selected"], r["detail"]
+        assert "familywise" in r["form_tested"]
+        # by chance among 40: significant alone (p_value 0.001), not after the max-statistic correction
+        chance = _parity({**rs, **extreme}, layer=5, familywise=0.3)
+        r = claims.evaluate_claim(ledger[cid], {"head_parity": chance}, focus)
+        assert r["verdict"] == "fails" and "familywise_p_value=0.3" in r["detail"], r["detail"]
+
+
+def _heldout_features(direction: str, rates: list[tuple[float, float, float, float]], layer: int = 5) -> pl.DataFrame:
+    """buggy_vs_correct_heldout rows of one direction: (firing_rate_a, firing_rate_b) on the ranking
+    (even) pairs and (heldout_firing_rate_a, heldout_firing_rate_b) on the held-out ones, per rank."""
+    rows = [{"layer": layer, "comparison": "buggy_vs_correct_heldout", "direction": direction, "rank": i,
+             "feature_id": 100 + i, "effect_size": 1.0 if direction == "up" else -1.0, "mean_diff": 0.0,
+             "mean_a": 1.0, "mean_b": 1.0, "firing_rate_a": fa, "firing_rate_b": fb, "p_value": 0.001,
+             "q_value": 0.01, "significant": True, "n_a": 20, "n_b": 20, "n_tested": 300,
+             "heldout_mean_a": 1.0, "heldout_mean_b": 1.0, "heldout_firing_rate_a": ha, "heldout_firing_rate_b": hb}
+            for i, (fa, fb, ha, hb) in enumerate(rates)]
+    return pl.DataFrame(rows).select(DISCRIMINATIVE_COLUMNS)
+
+
+def test_single_format_feature_rules_test_the_selected_feature_on_held_out_pairs():
+    ledger = {c["id"]: c for c in claims.load_ledger(LEDGER)}
+    # buggy-only (up): the feature picked on the even pairs fires in 80 % / 5 % there
+    for cid, direction, swap in (("feature_18967_qa_only", "up", False), ("feature_31205_simple_only", "down", True)):
+        def table(held_a: float, held_b: float) -> pl.DataFrame:
+            rates = [(0.8, 0.05, held_a, held_b), (0.6, 0.3, 0.6, 0.3), (0.3, 0.02, 0.3, 0.02)]
+            if swap:  # correct-only: the same with the formats exchanged
+                rates = [(b, a, hb, ha) for a, b, ha, hb in rates]
+            return _heldout_features(direction, rates)
+
+        r = claims.evaluate_claim(ledger[cid], {"discriminative_features": table(0.75, 0.05)}, ctx())
+        assert r["form"] == "agnostic" and r["verdict"] == "holds" and "feature_id=100" in r["selected"], r["detail"]
+        assert "held-out" in r["form_tested"]
+        # the same pick on the even pairs, but on the held-out pairs it fires in a third of the prompts: fails
+        r = claims.evaluate_claim(ledger[cid], {"discriminative_features": table(0.3, 0.05)}, ctx())
+        assert r["verdict"] == "fails" and r["measured"] == 0.8, r["detail"]
+        # ... or fires in the other format too on the held-out pairs: fails
+        assert claims.evaluate_claim(ledger[cid], {"discriminative_features": table(0.75, 0.3)},
+                                     ctx())["verdict"] == "fails"
+
+
+def test_heldout_feature_ratio_rules_fail_when_the_top_feature_regresses_to_one():
+    ledger = {c["id"]: c for c in claims.load_ledger(LEDGER)}
+
+    def table(ratio_0: float, ratio_1: float) -> pl.DataFrame:
+        df = _heldout_features("up", [(0.9, 0.9, 0.9, 0.9)] * 3)
+        return df.with_columns(pl.Series("mean_a", [3.0, 2.5, 2.0]), pl.Series("mean_b", [1.0, 1.0, 1.0]),
+                               pl.Series("heldout_mean_a", [ratio_0, ratio_1, 1.0]))
+    for cid in ("feature_25523_ratio", "feature_22441_ratio"):
+        assert claims.evaluate_claim(ledger[cid], {"discriminative_features": table(1.6, 1.6)}, ctx())["verdict"] == "holds"
+        # ranked first on the even pairs at 3x / 2.5x, about 1x on the held-out pairs
+        assert claims.evaluate_claim(ledger[cid], {"discriminative_features": table(1.05, 1.05)}, ctx())["verdict"] == "fails"

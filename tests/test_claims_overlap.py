@@ -5,8 +5,10 @@ the null) is not there."""
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pytest
+import yaml
 
 from bugscope import claims
 from tests.conftest import REPO
@@ -36,27 +38,43 @@ SEED_WORLD = {
 }
 
 
-def world(changes: dict | None = None) -> pl.DataFrame:
-    """A feature_overlap table (per_pair and pooled rows of 32 layers) of SEED_WORLD with `changes`."""
-    spec = {layer: dict(SEED_WORLD.get(layer, {})) for layer in LAYERS}
-    for layer, cols in (changes or {}).items():
-        spec[layer].update(cols)
-    default = {"overlap_pct": (50, 2), "format_effect_pct": (0, 3), "amplification_geomean": (1.0, 0.1),
-               "amplification_excess": (1.0, 0.1), "baseline_overlap_pct": (50, 2),
-               "swapped_order_overlap_pct": (90, 1), "amplification_geomean_null": (1.0, 0.05),
-               "amplification_original_mean_of_ratios": (1.2, 0.1)}
+DEFAULT = {"overlap_pct": (50, 2), "format_effect_pct": (0, 3), "amplification_geomean": (1.0, 0.1),
+           "amplification_excess": (1.0, 0.1), "baseline_overlap_pct": (50, 2),
+           "swapped_order_overlap_pct": (90, 1), "amplification_geomean_null": (1.0, 0.05),
+           "amplification_original_mean_of_ratios": (1.2, 0.1)}
+
+
+def _cross_rows(spec: dict, variant: str, marks_from: dict) -> pl.DataFrame:
+    """Rows of one cross-format variant of 32 layers from `spec`, marked on the overlap of `marks_from`."""
     rows = []
     for layer in LAYERS:
-        row = {"layer": layer, "variant": "per_pair", "n_pairs": 64}
-        for col, dflt in default.items():
+        row = {"layer": layer, "variant": variant, "n_pairs": 64 if variant == "per_pair" else 32}
+        for col, dflt in DEFAULT.items():
             v, half = spec[layer].get(col, dflt)
             row.update({col: float(v), f"{col}_low": float(v - half), f"{col}_high": float(v + half)})
         rows.append(row)
-    per_pair = pl.DataFrame(rows)
-    lo = min(LAYERS, key=lambda la: per_pair["overlap_pct"][la])
-    hi = max(MIDDLE, key=lambda la: per_pair["overlap_pct"][la])
-    per_pair = per_pair.with_columns((pl.col("layer") == lo).alias("is_min_overlap"),
-                                     (pl.col("layer") == hi).alias("is_max_overlap_middle"))
+    mean = {la: marks_from[la].get("overlap_pct", DEFAULT["overlap_pct"])[0] for la in LAYERS}
+    lo, hi = min(LAYERS, key=mean.get), max(MIDDLE, key=mean.get)
+    return pl.DataFrame(rows).with_columns((pl.col("layer") == lo).alias("is_min_overlap"),
+                                           (pl.col("layer") == hi).alias("is_max_overlap_middle"))
+
+
+def world(changes: dict | None = None, heldout: dict | None = None) -> pl.DataFrame:
+    """A feature_overlap table of SEED_WORLD with `changes`: per_pair, per_pair_heldout, pooled and
+    original_single_pair rows of 32 layers.
+
+    The per_pair_heldout rows are the same world with the further `heldout` changes, and carry the
+    marks of the selection half, which sees the world without them (as on real pairs, where the
+    even pairs choose the layer and the odd ones are measured there).
+    """
+    spec = {layer: dict(SEED_WORLD.get(layer, {})) for layer in LAYERS}
+    for layer, cols in (changes or {}).items():
+        spec[layer].update(cols)
+    held = {layer: dict(cols) for layer, cols in spec.items()}
+    for layer, cols in (heldout or {}).items():
+        held[layer].update(cols)
+    per_pair = _cross_rows(spec, "per_pair", spec)
+    per_pair_heldout = _cross_rows(held, "per_pair_heldout", spec)
     pooled = pl.DataFrame({
         "layer": LAYERS, "variant": "pooled", "n_pairs": 64,
         "overlap_pct": [float(spec[la].get("pooled_overlap", spec[la].get("overlap_pct", (50, 0)))[0]) for la in LAYERS],
@@ -64,7 +82,7 @@ def world(changes: dict | None = None) -> pl.DataFrame:
         "is_min_overlap": False, "is_max_overlap_middle": False})
     # The literal forms read the original study's own measurement (one pair, at prompt_last).
     single = pooled.with_columns(pl.lit("original_single_pair").alias("variant"), pl.lit(1).alias("n_pairs"))
-    return pl.concat([per_pair, pooled, single], how="diagonal_relaxed")
+    return pl.concat([per_pair, per_pair_heldout, pooled, single], how="diagonal_relaxed")
 
 
 def verdict(claim_id: str, table: pl.DataFrame, literal: bool) -> dict:
@@ -138,3 +156,90 @@ def test_also_ops_are_strict_and_checked():
     form["checks"][0]["also"] = {"format_effect_pct_low": {"greater": -1}}
     with pytest.raises(claims.LedgerError, match="greater"):
         claims.evaluate_claim(claim, {"feature_overlap": table}, ctx(False))
+
+
+# --- selection: the agnostic forms test a marked layer on pairs that did not mark it -------------
+
+# (claim, held-out changes): the selection half shows the seed's story at the marked layer, the
+# held-out pairs do not (the selected layer regresses to the mean).
+SELECTED_BY_CHANCE = {
+    "overlap_layer_7": {7: {"overlap_pct": (35, 2), "format_effect_pct": (5, 3)}},
+    "overlap_layer_8": {8: {"overlap_pct": (45, 2), "format_effect_pct": (0, 3)}},
+    "overlap_layer_10": {10: {"overlap_pct": (55, 2)}},
+    "re_entanglement": {10: {"overlap_pct": (50, 2)}},
+    "amplification_layer_8": {8: {"amplification_geomean": (1.0, 0.1), "amplification_excess": (1.0, 0.1)}},
+    "amplification_layer_10": {10: {"amplification_geomean": (1.0, 0.1), "amplification_excess": (1.0, 0.1)}},
+    "amplification_layer_7_25": {7: {"amplification_geomean": (1.3, 0.05), "amplification_excess": (1.3, 0.05)}},
+}
+
+
+def on_all_pairs(claim: dict) -> dict:
+    """The claim with its agnostic form reading the per_pair rows (marks and statistics of all pairs)."""
+    text = yaml.safe_dump(claim).replace("per_pair_heldout", "per_pair")
+    return yaml.safe_load(text)
+
+
+@pytest.mark.parametrize("claim_id", sorted(SELECTED_BY_CHANCE))
+def test_marked_layer_rules_fail_when_only_the_selection_half_shows_the_claim(claim_id):
+    table = world(heldout=SELECTED_BY_CHANCE[claim_id])
+    row = verdict(claim_id, table, literal=False)
+    assert row["verdict"] == "fails", row["detail"]
+    assert "held-out" in row["form_tested"]
+    # The same rule on the per_pair rows, marked and measured on the same pairs, would hold here.
+    again = claims.evaluate_claim(on_all_pairs(LEDGER[claim_id]), {"feature_overlap": table}, ctx(False))
+    assert again["form"] == "agnostic" and again["verdict"] == "holds", again["detail"]
+
+
+def _noise_rows(variant: str, rng: np.random.Generator, marks: tuple[int, int]) -> pl.DataFrame:
+    """32 layers of pure noise (no dip, no peak, no format effect), marked at `marks` = (min, middle max)."""
+    overlap = 50 + rng.normal(0, 2, len(LAYERS))
+    effect = rng.normal(0, 2, len(LAYERS))
+    return pl.DataFrame({
+        "layer": LAYERS, "variant": variant, "n_pairs": 32,
+        "overlap_pct": overlap, "overlap_pct_low": overlap - 4, "overlap_pct_high": overlap + 4,
+        "format_effect_pct": effect, "format_effect_pct_low": effect - 4, "format_effect_pct_high": effect + 4,
+        "baseline_overlap_pct": overlap + effect, "baseline_overlap_pct_low": overlap + effect - 4,
+        "baseline_overlap_pct_high": overlap + effect + 4,
+        "is_min_overlap": [la == marks[0] for la in LAYERS], "is_max_overlap_middle": [la == marks[1] for la in LAYERS]})
+
+
+def test_re_entanglement_fails_on_a_peak_of_the_selection_half_that_the_held_out_noise_lacks():
+    """The selection half (even pairs) happens to show a dip at 5 and a peak at 15; the held-out
+    half is pure noise. The all-pairs rows inherit the selection half's extremes and pass."""
+    rng = np.random.default_rng(0)
+    held = _noise_rows("per_pair_heldout", rng, marks=(5, 15))
+    # all pairs = the average of the two halves: the selection half's dip and peak, half as deep
+    selection = held.with_columns(
+        pl.when(pl.col("layer") == 5).then(pl.lit(10.0)).when(pl.col("layer") == 15).then(pl.lit(90.0))
+        .otherwise(pl.col("overlap_pct")).alias("sel_overlap"),
+        pl.when(pl.col("layer") == 5).then(pl.lit(45.0)).otherwise(pl.lit(0.0)).alias("sel_effect"))
+    all_pairs = selection.with_columns(
+        ((pl.col("overlap_pct") + pl.col("sel_overlap")) / 2).alias("overlap_pct"),
+        ((pl.col("format_effect_pct") + pl.col("sel_effect")) / 2).alias("format_effect_pct"),
+        pl.lit("per_pair").alias("variant"), pl.lit(64).alias("n_pairs")).with_columns(
+        (pl.col("overlap_pct") - 3).alias("overlap_pct_low"), (pl.col("overlap_pct") + 3).alias("overlap_pct_high"),
+        (pl.col("format_effect_pct") - 3).alias("format_effect_pct_low"),
+        (pl.col("format_effect_pct") + 3).alias("format_effect_pct_high")).drop("sel_overlap", "sel_effect")
+    table = pl.concat([all_pairs, held], how="diagonal_relaxed")
+    row = verdict("re_entanglement", table, literal=False)
+    assert row["verdict"] == "fails", row["detail"]
+    assert "layer=15" in row["selected"] and row["n"] == 32
+    selected_on_the_tested_data = claims.evaluate_claim(on_all_pairs(LEDGER["re_entanglement"]),
+                                                        {"feature_overlap": table}, ctx(False))
+    assert selected_on_the_tested_data["verdict"] == "holds", selected_on_the_tested_data["detail"]
+    # a real dip and peak on the held-out pairs too: holds
+    real = held.with_columns(
+        pl.when(pl.col("layer") == 15).then(pl.lit(85.0)).when(pl.col("layer") == 5).then(pl.lit(12.0))
+        .otherwise(pl.col("overlap_pct")).alias("overlap_pct"),
+        pl.when(pl.col("layer") == 5).then(pl.lit(40.0)).otherwise(pl.col("format_effect_pct")).alias("format_effect_pct"),
+    ).with_columns((pl.col("overlap_pct") - 4).alias("overlap_pct_low"), (pl.col("overlap_pct") + 4).alias("overlap_pct_high"),
+                   (pl.col("format_effect_pct") - 4).alias("format_effect_pct_low"),
+                   (pl.col("format_effect_pct") + 4).alias("format_effect_pct_high"))
+    assert verdict("re_entanglement", pl.concat([all_pairs, real], how="diagonal_relaxed"),
+                   literal=False)["verdict"] == "holds"
+
+
+def test_marked_rules_are_not_testable_without_held_out_rows():
+    table = world().filter(pl.col("variant") != "per_pair_heldout")
+    row = claims.evaluate_claim(LEDGER["re_entanglement"], {"feature_overlap": table}, ctx(False))
+    assert row["verdict"] == "not testable here" and "no row" in row["detail"]

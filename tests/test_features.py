@@ -141,7 +141,9 @@ def _overlap_summary(value_of, n_pairs=30, layers=(0, 4, 8), k=10, n_resamples=1
     """summarise_overlap on per-prompt values `value_of(layer, prompt_id) -> [n_features]` (absent = 0)."""
     pairs = _pairs(n_pairs)
     couples = F.baseline_couples(pairs, "qa", "simple", seed=7)
-    per_pair, pooled, base = [], [], []
+    # as features.stages.run_overlap: the held-out rows' baselines pair held-out (odd) pairs only
+    heldout_couples = F.baseline_couples(pairs.filter(pl.col("pair_id") % 2 == 1), "qa", "simple", seed=7)
+    per_pair, pooled, base, heldout_base = [], [], [], []
     for layer in layers:
         rows = [(pid, f, float(v)) for pid in range(4 * n_pairs) for f, v in enumerate(value_of(layer, pid)) if v > 0]
         values = pl.DataFrame(rows, schema={"prompt_id": pl.Int32, "feature_id": pl.Int32, "value": pl.Float64},
@@ -149,9 +151,10 @@ def _overlap_summary(value_of, n_pairs=30, layers=(0, 4, 8), k=10, n_resamples=1
         per_pair.append(F.pair_overlap(values, pairs, k).with_columns(pl.lit(layer).alias("layer")))
         pooled.append({"layer": layer, **F.pooled_overlap(values, pairs, k)})
         base.append(F.baseline_overlap(values, couples, k).with_columns(pl.lit(layer).alias("layer")))
+        heldout_base.append(F.baseline_overlap(values, heldout_couples, k).with_columns(pl.lit(layer).alias("layer")))
     return F.summarise_overlap(pl.concat(per_pair), pl.DataFrame(pooled), k=k, num_layers=10,
                                middle_fraction=[0.25, 0.75], n_resamples=n_resamples, confidence=0.95, seed=seed,
-                               baselines=pl.concat(base)), pl.concat(per_pair)
+                               baselines=pl.concat(base), heldout_baselines=pl.concat(heldout_base)), pl.concat(per_pair)
 
 
 def test_baseline_couples_pair_other_questions_of_the_same_order_and_format():
@@ -227,6 +230,75 @@ def test_a_planted_format_effect_is_beyond_the_baseline():
     assert (np.abs(np.log(null)) < 0.1).all()
 
 
+HELDOUT_LAYERS = (0, 3, 5, 7, 9)  # middle layers of 10 (0.25 .. 0.75): 3, 5, 7
+
+
+def _noise_values(seed: int):
+    """value_of(layer, prompt_id) of one distribution for every prompt (no format effect), cached."""
+    rng = np.random.default_rng(seed)
+    profile = 1.0 / (1 + np.arange(60)) ** 0.7
+    draws = {}
+    return lambda layer, pid: draws.setdefault((layer, pid), profile * rng.lognormal(0, 0.4, 60))
+
+
+def test_heldout_rows_are_measured_on_the_odd_pairs_and_marked_on_the_even_ones():
+    noise = _noise_values(5)
+    for layer in HELDOUT_LAYERS:  # draw every prompt once, in one order, before any change
+        for pid in range(4 * 30):
+            noise(layer, pid)
+
+    def even_peak(layer, pid):
+        """The even pairs (pair_id = pid // 4) alone show a peak at 5 and a dip at 9; the odd pairs are unchanged."""
+        v = noise(layer, pid)
+        if (pid // 4) % 2 == 1:
+            return v
+        if layer == 5:  # both formats of a question alike: top-k sets identical
+            return noise(layer, pid - pid % 2)
+        if layer == 9:  # disjoint top-k sets: the buggy prompt's features 0-29, the correct one's 30-59
+            return np.where((np.arange(60) < 30) == (pid % 2 == 0), v, 0.0)
+        return v
+
+    plain, per_pair = _overlap_summary(noise, layers=HELDOUT_LAYERS, n_resamples=300)
+    changed, _ = _overlap_summary(even_peak, layers=HELDOUT_LAYERS, n_resamples=300)
+
+    def held(summary):
+        return summary.filter(pl.col("variant") == F.HELDOUT_VARIANT).sort("layer")
+
+    stats = [c for c in F.SUMMARY_COLUMNS if c not in ("is_min_overlap", "is_max_overlap_middle")]
+    # Only even-pair data changed: every statistic of the held-out rows is the same...
+    assert held(changed).select(stats).equals(held(plain).select(stats))
+    # ...while the full-data rows and the held-out marks (chosen on the even pairs) moved.
+    per_pair_of = lambda s: s.filter(pl.col("variant") == "per_pair").sort("layer")  # noqa: E731
+    assert not per_pair_of(changed)["overlap_pct"].equals(per_pair_of(plain)["overlap_pct"])
+    assert held(changed).filter("is_max_overlap_middle")["layer"].to_list() == [5]
+    assert held(changed).filter("is_min_overlap")["layer"].to_list() == [9]
+    # The held-out statistics are those of the odd pair ids, the marks those of the even ones.
+    odd = per_pair.filter(pl.col("pair_id") % 2 == 1).group_by("layer").agg(pl.col("overlap_pct").mean()).sort("layer")
+    assert held(plain)["overlap_pct"].to_numpy() == pytest.approx(odd["overlap_pct"].to_numpy())
+    assert held(plain)["n_number_pairs"].to_list() == [15] * 5 and held(plain)["n_pairs"].to_list() == [30] * 5
+    even = per_pair.filter(pl.col("pair_id") % 2 == 0).group_by("layer").agg(pl.col("overlap_pct").mean()).sort("layer")
+    assert held(plain).filter("is_min_overlap")["layer"].item() == even["layer"][int(np.argmin(even["overlap_pct"]))]
+    # its beyond-baseline columns are measured too (on baselines among the odd pairs)
+    assert held(plain)["format_effect_pct"].null_count() == 0
+
+
+def test_heldout_baselines_must_not_hold_a_selection_pair():
+    noise = _noise_values(6)
+    pairs = _pairs(6)
+    couples = F.baseline_couples(pairs, "qa", "simple", seed=7)
+    rows = [(pid, f, float(v)) for pid in range(24) for f, v in enumerate(noise(0, pid)) if v > 0]
+    values = pl.DataFrame(rows, schema={"prompt_id": pl.Int32, "feature_id": pl.Int32, "value": pl.Float64}, orient="row")
+    per_pair = F.pair_overlap(values, pairs, 10).with_columns(pl.lit(0).alias("layer"))
+    base = F.baseline_overlap(values, couples, 10).with_columns(pl.lit(0).alias("layer"))
+    with pytest.raises(ValueError, match="even pair_id"):
+        F.summarise_overlap(per_pair, pl.DataFrame({"layer": [0], "overlap_pct": [0.0]}), k=10, num_layers=10,
+                            middle_fraction=[0.0, 1.0], n_resamples=50, confidence=0.95, seed=0, heldout_baselines=base)
+    # one number pair per half is too few to hold out: no held-out rows
+    two = F.summarise_overlap(per_pair.filter(pl.col("pair_id") < 2), pl.DataFrame({"layer": [0], "overlap_pct": [0.0]}),
+                              k=10, num_layers=10, middle_fraction=[0.0, 1.0], n_resamples=50, confidence=0.95, seed=0)
+    assert F.HELDOUT_VARIANT not in two["variant"].to_list()
+
+
 def test_pair_level_overlap_ci_is_wider_than_a_question_level_one_when_orders_move_together():
     # The two orders of a number pair have the same overlap: 25 pairs are 25 observations, not 50.
     from bugscope.stats import bootstrap_mean_ci_columns
@@ -295,6 +367,7 @@ def test_discriminative_finds_planted_feature():
                       pl.col("rank") == 0).row(0, named=True)
     assert held["feature_id"] == 100 and held["n_a"] == len(range(0, n_q // 2, 2)) * 2
     assert held["heldout_mean_a"] / held["heldout_mean_b"] == pytest.approx(5 / 3, abs=0.25)
+    assert held["heldout_firing_rate_a"] == held["heldout_firing_rate_b"] == 1.0  # about 5 and 3, never 0
 
 
 def test_heldout_ratio_of_a_noise_feature_shrinks_to_one():
@@ -365,6 +438,27 @@ def test_parity_p_uniform_under_shuffled_labels(n_heads, n_permutations):
     assert sps.kstest(rps, "uniform").pvalue > 0.01
     for a in (0.05, 0.1, 0.25, 0.5):
         assert np.mean(ps <= a) <= a + 3 * math.sqrt(a * (1 - a) / len(ps))
+
+
+def test_parity_familywise_p_corrects_the_choice_of_the_most_correlated_feature():
+    """No head effect, 40 features: the most correlated feature's own p is <= 0.05 in most draws
+    (it was chosen for it), its familywise (max-statistic) p in about 5 % of them at most."""
+    rng = np.random.default_rng(7)
+    own, familywise = [], []
+    for seed in range(200):
+        res = A.parity_test(rng.normal(size=(32, 40)), n_permutations=199, seed=seed)
+        best = int(np.argmax(np.abs(res.r)))
+        own.append(res.r_p_value[best])
+        familywise.append(res.r_familywise_p_value[best])
+        assert (res.r_familywise_p_value >= res.r_p_value).all()
+    own, familywise = np.array(own), np.array(familywise)
+    assert np.mean(own <= 0.05) > 0.5
+    assert np.mean(familywise <= 0.05) <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / len(familywise))
+    # a planted parity effect on one feature survives the correction
+    m = rng.normal(size=(32, 40))
+    m[1::2, 3] += 3.0
+    res = A.parity_test(m, n_permutations=199, seed=0)
+    assert res.r_familywise_p_value[3] == pytest.approx(1 / 200)
 
 
 # --- attribution identity on the real model -----------------------------------------------------
@@ -494,9 +588,14 @@ def test_stage_drivers(stage_inputs):
     assert single["layer"].to_list() == [0, 10] and (single["n_pairs"] == 1).all()
     assert single["overlap_pct"].is_not_null().all()
     assert per_pair.height == 2 * 12 and set(per_pair["layer"]) == {0, 10}
-    # per_pair, pooled, the original single pair, and the two baselines per format and for both, at 2 layers
-    assert summary.group_by("variant").len().sort("variant")["len"].to_list() == [2, 2, 2, 6, 6]
+    # original single pair, per_pair, per_pair_heldout, pooled, and the two baselines per format and
+    # for both, at 2 layers
+    assert summary.group_by("variant").len().sort("variant")["len"].to_list() == [2, 2, 2, 2, 6, 6]
     assert summary.filter(pl.col("variant") == "per_pair")["format_effect_pct"].is_not_null().all()
+    # the held-out rows: the 3 odd of the 6 number pairs, with their own baselines
+    held = summary.filter(pl.col("variant") == F.HELDOUT_VARIANT)
+    assert held["n_number_pairs"].to_list() == [3, 3] and held["format_effect_pct"].is_not_null().all()
+    assert held["is_min_overlap"].sum() == 1
     assert meta["sources"]["10"]["sae"] == "hand-made"
     table, _ = F.run_discriminative(config, tmp / "prompts.parquet", tmp / "scores.parquet", paths)
     assert set(table["layer"]) == {0, 10} and table["q_value"].is_between(0, 1).all()

@@ -69,6 +69,9 @@ def accuracy_table() -> pl.DataFrame:
     return accuracy_by_format(scores, n_resamples=200, confidence=0.95, seed=0)
 
 
+HELDOUT_COLUMNS = ("heldout_mean_a", "heldout_mean_b", "heldout_firing_rate_a", "heldout_firing_rate_b")
+
+
 def discriminative_table(layer=8) -> pl.DataFrame:
     from bugscope.features import DISCRIMINATIVE_COLUMNS
 
@@ -82,8 +85,8 @@ def discriminative_table(layer=8) -> pl.DataFrame:
                          "feature_id": 100 * rank + (1 if sign > 0 else 2), "effect_size": sign * 1.2, "mean_diff": a - b,
                          "mean_a": a, "mean_b": b, "firing_rate_a": 0.8, "firing_rate_b": 0.4, "p_value": 0.001,
                          "q_value": 0.01, "significant": True, "n_a": 12, "n_b": 12, "n_tested": 50,
-                         "heldout_mean_a": None, "heldout_mean_b": None})
-    return pl.DataFrame(rows, schema_overrides={"heldout_mean_a": pl.Float64, "heldout_mean_b": pl.Float64}).with_columns(
+                         **{c: None for c in HELDOUT_COLUMNS}})
+    return pl.DataFrame(rows, schema_overrides={c: pl.Float64 for c in HELDOUT_COLUMNS}).with_columns(
         pl.col("layer", "rank", "feature_id").cast(pl.Int32)).select(DISCRIMINATIVE_COLUMNS)
 
 

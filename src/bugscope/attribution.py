@@ -36,6 +36,9 @@ class ParityResult:
     p_value: float
     r: np.ndarray  # [features] point-biserial correlation of (head is odd) with the attribution
     r_p_value: np.ndarray  # [features] two-sided permutation p of |r|
+    # [features] the same p against the largest |r| over all features of each labeling (max-statistic,
+    # single-step Westfall-Young): valid for the most extreme of many features, which a claim selects.
+    r_familywise_p_value: np.ndarray
     n_permutations: int
     exact: bool
 
@@ -61,6 +64,10 @@ def parity_test(matrix: np.ndarray, *, n_permutations: int, seed: int) -> Parity
     feature (column) over heads. Relabelling the heads (keeping 5 odd of 9, 16 of 32, ...) gives
     its null distribution; with at most `n_permutations` distinct labelings all are enumerated
     (exact p), otherwise p = (1 + #{T_perm >= T_obs}) / (1 + n_permutations).
+
+    Per feature, the point-biserial r gets the same permutation p of |r|, and a familywise one: the
+    share of labelings whose largest |r| over all features reaches the feature's |r| (so the p of a
+    feature chosen as the most correlated of F is corrected for that choice).
     """
     m = np.asarray(matrix, dtype=np.float64)
     n_heads = m.shape[0]
@@ -86,11 +93,19 @@ def parity_test(matrix: np.ndarray, *, n_permutations: int, seed: int) -> Parity
         r_all = (lab_c @ centred) / (lab_norm * col_ss[None])  # [P, F]
         obs_c = observed - observed.mean()
         r_obs = (obs_c @ centred) / (np.sqrt((obs_c ** 2).sum()) * col_ss)
-    hits = np.abs(np.nan_to_num(r_all)) >= np.abs(np.nan_to_num(r_obs))[None] - 1e-12
-    r_p = hits.mean(axis=0) if exact else (1 + hits[1:].sum(axis=0)) / (1 + n_permutations)
+    abs_all, abs_obs = np.abs(np.nan_to_num(r_all)), np.abs(np.nan_to_num(r_obs))
+    hits = abs_all >= abs_obs[None] - 1e-12
+    max_hits = abs_all.max(axis=1, initial=0.0)[:, None] >= abs_obs[None] - 1e-12  # [P, F]
+    if exact:
+        r_p, r_fw = hits.mean(axis=0), max_hits.mean(axis=0)
+    else:
+        r_p = (1 + hits[1:].sum(axis=0)) / (1 + n_permutations)
+        r_fw = (1 + max_hits[1:].sum(axis=0)) / (1 + n_permutations)
     r_p = np.where(col_ss > 0, r_p, np.nan)
+    r_fw = np.where(col_ss > 0, r_fw, np.nan)
     return ParityResult(eta_squared=obs_ss / total if total > 0 else float("nan"), p_value=p if total > 0 else float("nan"),
-                        r=r_obs, r_p_value=r_p, n_permutations=len(labels) if exact else n_permutations, exact=exact)
+                        r=r_obs, r_p_value=r_p, r_familywise_p_value=r_fw,
+                        n_permutations=len(labels) if exact else n_permutations, exact=exact)
 
 
 # --- head -> feature attribution ----------------------------------------------------------------
@@ -366,7 +381,8 @@ def summarise_attribution(res: dict, *, layer: int, feature_ids: Sequence[int], 
     return pl.concat(frames).with_columns(pl.col(c).fill_nan(None) for c in ATTRIBUTION_COLUMNS[8:12]).select(ATTRIBUTION_COLUMNS)
 
 
-PARITY_COLUMNS = ["layer", "target", "feature_id", "statistic", "value", "p_value", "n_permutations", "exact", "n_heads"]
+PARITY_COLUMNS = ["layer", "target", "feature_id", "statistic", "value", "p_value", "familywise_p_value",
+                  "n_permutations", "exact", "n_heads"]
 
 
 def parity_rows(attribution: pl.DataFrame, *, layer: int, buggy_format: str, correct_format: str,
@@ -375,7 +391,9 @@ def parity_rows(attribution: pl.DataFrame, *, layer: int, buggy_format: str, cor
 
     Targets: the buggy-format means, the correct-format means and their difference (buggy -
     correct). One row per target for eta^2 (all features), one per target and feature for the
-    point-biserial r of "head index is odd".
+    point-biserial r of "head index is odd". `familywise_p_value`: on an r row, the max-statistic
+    permutation p over the features of the layer and target (`parity_test`); on an eta^2 row, its
+    p_value (one statistic over all features: no family to correct for).
     """
     heads = attribution.filter(pl.col("component") == "head", pl.col("layer") == layer)
     wide = heads.pivot(on="format", index=["head", "feature_id"], values="direct_attribution").sort("feature_id", "head")
@@ -390,12 +408,13 @@ def parity_rows(attribution: pl.DataFrame, *, layer: int, buggy_format: str, cor
         common = {"layer": layer, "target": target, "n_permutations": res.n_permutations, "exact": res.exact,
                   "n_heads": n_heads}
         rows.append({**common, "feature_id": None, "statistic": "eta_squared", "value": res.eta_squared,
-                     "p_value": res.p_value})
-        rows += [{**common, "feature_id": int(f), "statistic": "point_biserial_r", "value": float(r), "p_value": float(p)}
-                 for f, r, p in zip(feature_ids, res.r, res.r_p_value)]
+                     "p_value": res.p_value, "familywise_p_value": res.p_value})
+        rows += [{**common, "feature_id": int(f), "statistic": "point_biserial_r", "value": float(r), "p_value": float(p),
+                  "familywise_p_value": float(fw)}
+                 for f, r, p, fw in zip(feature_ids, res.r, res.r_p_value, res.r_familywise_p_value)]
     return pl.DataFrame(rows, schema_overrides={"feature_id": pl.Int32, "layer": pl.Int32, "n_heads": pl.Int32,
                                                 "n_permutations": pl.Int64}).with_columns(
-        pl.col("value", "p_value").fill_nan(None)).select(PARITY_COLUMNS)
+        pl.col("value", "p_value", "familywise_p_value").fill_nan(None)).select(PARITY_COLUMNS)
 
 
 def attribution_features(discriminative: pl.DataFrame, named: dict[int, dict[str, list[int]]], layer: int,

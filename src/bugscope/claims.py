@@ -47,6 +47,11 @@ SAE sets: the feature tables and the SAE quality table hold one set's rows per `
 reads the primary set (the first of `sae.sets`) unless it declares `requires_sae: {release, site}`
 (the seed's feature ids belong to Llama Scope's MLP-output SAEs): it then reads the set with that
 release and site, and is not testable on a run without one.
+
+A claim on a selected item (a marked layer, a top-ranked feature, the most correlated feature) is
+tested on data that did not select it, which the ledger says in the form's description: marks and
+ranks chosen on the even pair ids and statistics of the odd ones (feature_overlap rows of variant
+per_pair_heldout, discriminative heldout_* columns), or a familywise p (head_parity).
 """
 
 from __future__ import annotations

@@ -68,18 +68,21 @@ SAE_QUALITY_COLUMNS = ("layer", "hook_name", "ev_prompts", "ev_corpus", "l0_corp
 SAE_QUALITY_LAYER = Table(layout.SAE_QUALITY_LAYER, "sae_quality", "sae", columns=SAE_QUALITY_COLUMNS)
 SAE_QUALITY = Table(layout.SAE_QUALITY, "sae_quality", "sae", "n_tokens_corpus", columns=SAE_QUALITY_COLUMNS)
 
-# One row per (layer, variant, format): format is null on the cross-format rows (per_pair, pooled)
-# and names the format (or "both") on the same-format baseline rows.
+# One row per (layer, variant, format): format is null on the cross-format rows (per_pair, pooled,
+# per_pair_heldout, original_single_pair) and names the format (or "both") on the same-format
+# baseline rows. The per_pair_heldout rows have the per_pair columns, measured on the odd pair ids
+# and marked (is_min_overlap, is_max_overlap_middle) on the even ones (bugscope.features.overlap).
 FEATURE_OVERLAP = Table(
     layout.FEATURE_OVERLAP, "feature_overlap", "features", "n_pairs",
     columns=("layer", "variant", "format", "k", "n_pairs", "overlap_pct", "overlap_pct_low", "overlap_pct_high",
-             "is_max_overlap_middle"))
+             "is_min_overlap", "is_max_overlap_middle"))
 FEATURE_OVERLAP_PAIRS = Table(
     layout.FEATURE_OVERLAP_PAIRS, "feature_overlap_pairs", "features",
     columns=("layer", "question_id", "pair_id", "overlap_pct"))
 DISCRIMINATIVE_FEATURES = Table(
     layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "features", "n_a",
-    columns=("layer", "comparison", "direction", "rank", "feature_id", "q_value", "significant"))
+    columns=("layer", "comparison", "direction", "rank", "feature_id", "q_value", "significant",
+             "heldout_mean_a", "heldout_mean_b", "heldout_firing_rate_a", "heldout_firing_rate_b"))
 NAMED_FEATURES = Table(
     layout.NAMED_FEATURES, "named_features", "features", "n_pairs",
     columns=("layer", "category", "feature_id", "ratio", "n_pairs"))
@@ -88,7 +91,7 @@ HEAD_FEATURE_ATTRIBUTION = Table(
     columns=("layer", "feature_id", "format", "component", "head", "direct_attribution"))
 HEAD_PARITY = Table(
     layout.HEAD_PARITY, "head_parity", "features", "n_heads",
-    columns=("layer", "target", "feature_id", "statistic", "value", "p_value"))
+    columns=("layer", "target", "feature_id", "statistic", "value", "p_value", "familywise_p_value"))
 
 
 def _patching_prompts(path: str, stage: str) -> Table:

@@ -38,7 +38,9 @@ from bugscope.features.named import NAMED_SCHEMA, named_feature_ids, named_featu
 from bugscope.features.overlap import (
     AMPLIFICATION_ORIGINAL,
     COMPARISONS,
+    HELDOUT_VARIANT,
     OVERLAP_STATS,
+    SUMMARY_COLUMNS,
     compare_top_sets,
     focus_layers,
     middle_layers,
@@ -72,7 +74,7 @@ __all__ = [
     "POSITION_MODES", "prompt_pairs", "position_weights", "prompt_values", "top_k", "dense_matrix",
     # overlap
     "OVERLAP_STATS", "AMPLIFICATION_ORIGINAL", "COMPARISONS", "compare_top_sets", "pair_overlap", "pooled_overlap",
-    "middle_layers", "summarise_overlap", "focus_layers",
+    "middle_layers", "summarise_overlap", "focus_layers", "HELDOUT_VARIANT", "SUMMARY_COLUMNS",
     # baselines
     "baseline_couples", "baseline_overlap",
     # discriminative

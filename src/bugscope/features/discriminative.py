@@ -98,7 +98,8 @@ def _top_rows(layer: int, comparison: str, feature_ids: np.ndarray, a: np.ndarra
 
 DISCRIMINATIVE_COLUMNS = ["layer", "comparison", "direction", "rank", "feature_id", "effect_size", "mean_diff",
                           "mean_a", "mean_b", "firing_rate_a", "firing_rate_b", "p_value", "q_value",
-                          "significant", "n_a", "n_b", "n_tested", "heldout_mean_a", "heldout_mean_b"]
+                          "significant", "n_a", "n_b", "n_tested", "heldout_mean_a", "heldout_mean_b",
+                          "heldout_firing_rate_a", "heldout_firing_rate_b"]
 
 # Selection-aware ranking (research notes section 8): the top features ranked on the pairs with an
 # even pair_id, their means measured on the others. The top-ranked of thousands of features clears
@@ -134,8 +135,11 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
                         top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep_s.sum()))
         column = {int(f): i for i, f in enumerate(feature_ids)}
         idx = np.array([column[int(f)] for f in top["feature_id"].to_list()], dtype=np.int64)
-        out.append(top.with_columns(pl.Series("heldout_mean_a", a[~chosen][:, idx].mean(axis=0)),
-                                    pl.Series("heldout_mean_b", b[~chosen][:, idx].mean(axis=0))))
+        held_a, held_b = a[~chosen][:, idx], b[~chosen][:, idx]
+        out.append(top.with_columns(pl.Series("heldout_mean_a", held_a.mean(axis=0)),
+                                    pl.Series("heldout_mean_b", held_b.mean(axis=0)),
+                                    pl.Series("heldout_firing_rate_a", (held_a > 0).mean(axis=0)),
+                                    pl.Series("heldout_firing_rate_b", (held_b > 0).mean(axis=0))))
 
     answered = pl.DataFrame({"prompt_id": buggy_ids.astype(np.int32)}).join(
         scores.select(pl.col("prompt_id").cast(pl.Int32), "is_correct"), on="prompt_id", how="left")
@@ -152,6 +156,6 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
         p, effect = unpaired_test(wrong_m[:, keep], right_m[:, keep], cfg["test"])
         out.append(_top_rows(layer, "wrong_vs_right", feature_ids[keep], wrong_m[:, keep], right_m[:, keep], p,
                              effect, top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum())))
-    for col in ("heldout_mean_a", "heldout_mean_b"):
+    for col in ("heldout_mean_a", "heldout_mean_b", "heldout_firing_rate_a", "heldout_firing_rate_b"):
         out = [t if col in t.columns else t.with_columns(pl.lit(None, pl.Float64).alias(col)) for t in out]
     return pl.concat(out, how="vertical_relaxed").select(DISCRIMINATIVE_COLUMNS)

@@ -14,6 +14,10 @@ Definitions (also in config/README.md):
 - pooled variant (the seed's): top-k of the format-mean value vectors (mean over every prompt of
   the format, absent = 0), then the same statistics; one number per layer, no CI.
 - every CI resamples number pairs (`pair_id`: both question orders of a drawn pair together).
+- per_pair_heldout variant (selection-aware, research notes section 8): the two marks are chosen
+  on the pairs with an even pair_id and every statistic of the row is measured on the others (odd
+  pair_id), baselines included, so a claim on the marked layer is tested on pairs that did not
+  choose it. The argmin of 30 noisy layers clears a threshold more easily on the data that chose it.
 """
 
 from __future__ import annotations
@@ -162,7 +166,8 @@ def _difference(name: str, point, boot, confidence: float, log: bool = False) ->
 def summarise_overlap(per_pair: pl.DataFrame, pooled: pl.DataFrame, *, k: int, num_layers: int,
                       middle_fraction: Sequence[float], n_resamples: int, confidence: float, seed: int,
                       baselines: pl.DataFrame | None = None,
-                      original_single_pair: pl.DataFrame | None = None) -> pl.DataFrame:
+                      original_single_pair: pl.DataFrame | None = None,
+                      heldout_baselines: pl.DataFrame | None = None) -> pl.DataFrame:
     """Per layer: the per-pair means with cluster-bootstrap CIs, the chance baselines, the pooled variant.
 
     Every interval resamples number pairs (`pair_id`), keeping both question orders of a drawn pair,
@@ -172,9 +177,48 @@ def summarise_overlap(per_pair: pl.DataFrame, pooled: pl.DataFrame, *, k: int, n
     beyond-baseline columns (`format_effect_pct`, `amplification_excess`) are differences taken
     within each resample. `baselines` (`bugscope.features.baselines.baseline_overlap` rows of every
     layer) adds the rows of the two same-format comparisons, per format and for both formats.
+
+    The `per_pair_heldout` rows (see the module docstring) are the per_pair statistics of the odd
+    pair ids, marked by the even ones; their beyond-baseline columns come from `heldout_baselines`,
+    baseline rows built from the odd pairs only (partners among the odd pairs too), and are null
+    without them. They are left out when either half has fewer than two number pairs.
     """
     layers = sorted(per_pair["layer"].unique().to_list())
     mids = middle_layers(layers, num_layers, middle_fraction)
+    summary, baseline_rows = _cross_rows(per_pair, baselines, layers, mids, n_resamples=n_resamples,
+                                         confidence=confidence, seed=seed)
+    summary = _with_marks(summary.with_columns(pl.lit("per_pair").alias("variant")),
+                          summary["overlap_pct"].to_numpy(), layers, mids)
+    unmarked = [pl.lit(False).alias("is_min_overlap"), pl.lit(False).alias("is_max_overlap_middle"),
+                pl.col("layer").is_in(mids).alias("is_middle")]
+    pooled = pooled.with_columns(pl.lit("pooled").alias("variant"), pl.lit(summary["n_pairs"][0]).alias("n_pairs"),
+                                 pl.lit(summary["n_number_pairs"][0]).alias("n_number_pairs"), *unmarked)
+    parts = [summary, pooled, *(b.with_columns(*unmarked) for b in baseline_rows)]
+    heldout = _heldout_rows(per_pair, heldout_baselines, layers, mids, n_resamples=n_resamples,
+                            confidence=confidence, seed=seed)
+    if heldout is not None:
+        parts.append(heldout)
+    if original_single_pair is not None:
+        # The original study's own measurement: one question (9.8 vs 9.11, correct first), top-k at
+        # the prompt's last token; one number per layer, no CI (features.stages.run_overlap).
+        parts.append(original_single_pair.with_columns(
+            pl.lit("original_single_pair").alias("variant"), pl.lit(1).alias("n_pairs"),
+            pl.lit(1).alias("n_number_pairs"), *unmarked))
+    out = pl.concat(parts, how="diagonal_relaxed").with_columns(pl.lit(k).alias("k"))
+    if "format" not in out.columns:
+        out = out.with_columns(pl.lit(None, pl.String).alias("format"))
+    for col in SUMMARY_COLUMNS:
+        if col not in out.columns:
+            out = out.with_columns(pl.lit(None, pl.Float64).alias(col))
+    variant_order = pl.col("variant").replace_strict(
+        {v: i for i, v in enumerate(VARIANTS)}, default=len(VARIANTS), return_dtype=pl.Int32)
+    return (out.with_columns(pl.col("layer").cast(pl.Int32)).sort(variant_order, pl.col("format"), "layer",
+                                                                 nulls_last=False).select(SUMMARY_COLUMNS))
+
+
+def _cross_rows(per_pair: pl.DataFrame, baselines: pl.DataFrame | None, layers: list[int], mids: list[int], *,
+                n_resamples: int, confidence: float, seed: int) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
+    """(cross-format rows per layer, baseline rows) of the pairs in `per_pair`, no variant or marks yet."""
     clusters = sorted(per_pair["pair_id"].unique().to_list())
     cluster_of = {p: i for i, p in enumerate(clusters)}
     weights = cluster_resample_weights(len(clusters), n_resamples=n_resamples, seed=seed)
@@ -192,36 +236,47 @@ def summarise_overlap(per_pair: pl.DataFrame, pooled: pl.DataFrame, *, k: int, n
     reference, baseline_rows = _baseline_rows(baselines, layers, cluster_of, weights, confidence)
     rows.update(_beyond_baseline(cross, reference, confidence, len(layers)))
     summary = pl.DataFrame(rows).with_columns(
-        pl.lit("per_pair").alias("variant"), pl.lit(cross.n_rows).alias("n_pairs"),
-        pl.lit(cross.n_clusters).alias("n_number_pairs"), pl.col("layer").is_in(mids).alias("is_middle"))
-    mean = summary["overlap_pct"].to_numpy()
-    min_layer = layers[int(np.argmin(mean))]
-    max_mid = mids[int(np.argmax([mean[layers.index(m)] for m in mids]))] if mids else None
-    summary = summary.with_columns(
+        pl.lit(cross.n_rows).alias("n_pairs"), pl.lit(cross.n_clusters).alias("n_number_pairs"),
+        pl.col("layer").is_in(mids).alias("is_middle"))
+    return summary, baseline_rows
+
+
+def _with_marks(summary: pl.DataFrame, mean_overlap: np.ndarray, layers: list[int], mids: list[int]) -> pl.DataFrame:
+    """Mark the layer of smallest `mean_overlap` and the middle layer of largest (first on ties)."""
+    min_layer = layers[int(np.argmin(mean_overlap))]
+    max_mid = mids[int(np.argmax([mean_overlap[layers.index(m)] for m in mids]))] if mids else None
+    return summary.with_columns(
         (pl.col("layer") == min_layer).alias("is_min_overlap"),
         (pl.col("layer") == max_mid).fill_null(False).alias("is_max_overlap_middle"),
     )
-    unmarked = [pl.lit(False).alias("is_min_overlap"), pl.lit(False).alias("is_max_overlap_middle"),
-                pl.col("layer").is_in(mids).alias("is_middle")]
-    pooled = pooled.with_columns(pl.lit("pooled").alias("variant"), pl.lit(cross.n_rows).alias("n_pairs"),
-                                 pl.lit(cross.n_clusters).alias("n_number_pairs"), *unmarked)
-    parts = [summary, pooled, *(b.with_columns(*unmarked) for b in baseline_rows)]
-    if original_single_pair is not None:
-        # The original study's own measurement: one question (9.8 vs 9.11, correct first), top-k at
-        # the prompt's last token; one number per layer, no CI (features.stages.run_overlap).
-        parts.append(original_single_pair.with_columns(
-            pl.lit("original_single_pair").alias("variant"), pl.lit(1).alias("n_pairs"),
-            pl.lit(1).alias("n_number_pairs"), *unmarked))
-    out = pl.concat(parts, how="diagonal_relaxed").with_columns(pl.lit(k).alias("k"))
-    if "format" not in out.columns:
-        out = out.with_columns(pl.lit(None, pl.String).alias("format"))
-    for col in SUMMARY_COLUMNS:
-        if col not in out.columns:
-            out = out.with_columns(pl.lit(None, pl.Float64).alias(col))
-    variant_order = pl.col("variant").replace_strict(
-        {v: i for i, v in enumerate(VARIANTS)}, default=len(VARIANTS), return_dtype=pl.Int32)
-    return (out.with_columns(pl.col("layer").cast(pl.Int32)).sort(variant_order, pl.col("format"), "layer",
-                                                                 nulls_last=False).select(SUMMARY_COLUMNS))
+
+
+# The selection-aware split, the same as the discriminative features' (SPLIT_COMPARISON there):
+# marks chosen on the even pair ids, statistics measured on the odd ones.
+HELDOUT_VARIANT = "per_pair_heldout"
+
+
+def is_selection_pair(pair_id: pl.Expr) -> pl.Expr:
+    """True for the number pairs that choose the marks (even pair_id); the others are held out."""
+    return pair_id % 2 == 0
+
+
+def _heldout_rows(per_pair: pl.DataFrame, heldout_baselines: pl.DataFrame | None, layers: list[int],
+                  mids: list[int], *, n_resamples: int, confidence: float, seed: int) -> pl.DataFrame | None:
+    """The per_pair_heldout rows: statistics of the odd pair ids, marks of the even ones (None if a half has < 2 pairs)."""
+    chosen = per_pair.filter(is_selection_pair(pl.col("pair_id")))
+    held = per_pair.filter(~is_selection_pair(pl.col("pair_id")))
+    if chosen["pair_id"].n_unique() < 2 or held["pair_id"].n_unique() < 2:
+        return None
+    if heldout_baselines is not None and heldout_baselines.filter(is_selection_pair(pl.col("pair_id"))).height:
+        raise ValueError("heldout_baselines hold a selection pair (even pair_id): build them from the odd pairs only "
+                         "(bugscope.features.baselines.baseline_couples of the held-out pairs).")
+    # The mean overlap of the selection half, per layer, in the order of `layers` (no null overlap_pct).
+    means = chosen.group_by("layer").agg(pl.col("overlap_pct").cast(pl.Float64).mean())
+    selection_mean = np.array([means.filter(pl.col("layer") == la)["overlap_pct"].item() for la in layers])
+    rows, _ = _cross_rows(held, heldout_baselines, layers, mids, n_resamples=n_resamples, confidence=confidence,
+                          seed=seed)
+    return _with_marks(rows.with_columns(pl.lit(HELDOUT_VARIANT).alias("variant")), selection_mean, layers, mids)
 
 
 def _baseline_rows(baselines, layers, cluster_of, weights, confidence) -> tuple[dict, list[pl.DataFrame]]:
@@ -270,7 +325,7 @@ def _beyond_baseline(cross: _Clustered, reference: dict, confidence: float, n_la
     return out
 
 
-VARIANTS = ("per_pair", "pooled", *COMPARISONS, "original_single_pair")
+VARIANTS = ("per_pair", "pooled", *COMPARISONS, "original_single_pair", HELDOUT_VARIANT)
 BEYOND_BASELINE = ("baseline_overlap_pct", "swapped_order_overlap_pct", "format_effect_pct",
                    "format_effect_swapped_order_pct", "amplification_geomean_null", "amplification_excess")
 SUMMARY_COLUMNS = ["layer", "variant", "format", "k", "n_pairs", "n_number_pairs", "is_middle", "is_min_overlap",
@@ -289,6 +344,8 @@ def resolve_focus_layers(config: dict, overlap: pl.DataFrame | None) -> tuple[li
     if config["focus_layers"] != "auto":
         layers, source = sorted(config["focus_layers"]), "config"
     elif overlap is not None:
+        # The all-pairs mark: the focus is where patching and attribution measure, separate
+        # measurements; the ledger's claims on the marked layer's overlap read per_pair_heldout.
         layers = overlap.filter(pl.col("variant") == "per_pair", pl.col("is_max_overlap_middle"))["layer"].to_list()
         if not layers:
             raise ValueError(

@@ -18,7 +18,7 @@ from bugscope.attribution import (
 from bugscope.features.baselines import baseline_couples, baseline_overlap
 from bugscope.features.discriminative import discriminative_features
 from bugscope.features.named import NAMED_SCHEMA, named_feature_ids, named_features
-from bugscope.features.overlap import pair_overlap, pooled_overlap, summarise_overlap
+from bugscope.features.overlap import is_selection_pair, pair_overlap, pooled_overlap, summarise_overlap
 from bugscope.features.values import position_weights, prompt_pairs, prompt_values
 from bugscope.prompts import BUG_PAIR_KIND
 from bugscope.stats import derived_seed
@@ -91,10 +91,14 @@ def run_overlap(config: dict, prompts_path, feature_paths: dict[int, str]) -> tu
     pairs = pairs.join(prompts.select("question_id", "order").unique(), on="question_id", how="left")
     pairing_seed = derived_seed(config["seed"], 3)
     couples = baseline_couples(pairs, pcfg["buggy_format"], pcfg["correct_format"], pairing_seed)
+    # The held-out rows' own baselines: couples among the held-out pairs only, so that no statistic
+    # of a per_pair_heldout row reads a selection pair (features.overlap.HELDOUT_VARIANT).
+    heldout_couples = baseline_couples(pairs.filter(~is_selection_pair(pl.col("pair_id"))), pcfg["buggy_format"],
+                                       pcfg["correct_format"], pairing_seed)
     weights = position_weights(prompts, fcfg["position"])
     single = original_single_pair(prompts_path, config, pairs)
     at_prompt_last = position_weights(prompts, "prompt_last")
-    per_pair, pooled, baselines, originals, metas = [], [], [], [], {}
+    per_pair, pooled, baselines, heldout_baselines, originals, metas = [], [], [], [], [], {}
     for layer, path in sorted(feature_paths.items()):
         values, metas[layer] = load_layer_values(path, weights, config)
         if single.height:
@@ -109,16 +113,20 @@ def run_overlap(config: dict, prompts_path, feature_paths: dict[int, str]) -> tu
         per_pair.append(layer_pairs.with_columns(pl.lit(layer, pl.Int32).alias("layer")))
         pooled.append({"layer": layer, **pooled_overlap(values, pairs, k)})
         baselines.append(baseline_overlap(values, couples, k).with_columns(pl.lit(layer, pl.Int32).alias("layer")))
+        heldout_baselines.append(baseline_overlap(values, heldout_couples, k).with_columns(
+            pl.lit(layer, pl.Int32).alias("layer")))
     per_pair = pl.concat(per_pair).select("layer", pl.exclude("layer"))
     summary = summarise_overlap(
         per_pair, pl.DataFrame(pooled), k=k, num_layers=config["model"]["num_layers"],
         middle_fraction=fcfg["overlap"]["middle_fraction"], n_resamples=boot["n_resamples"],
         confidence=boot["confidence"], seed=derived_seed(config["seed"], 1), baselines=pl.concat(baselines),
-        original_single_pair=pl.DataFrame(originals) if originals else None)
+        original_single_pair=pl.DataFrame(originals) if originals else None,
+        heldout_baselines=pl.concat(heldout_baselines))
     meta = {"position": fcfg["position"], "k": k, "confidence": boot["confidence"],
             "n_resamples": boot["n_resamples"], "buggy_format": pcfg["buggy_format"],
             "correct_format": pcfg["correct_format"], "bootstrap_unit": "pair_id",
-            "baseline_pairing_seed": pairing_seed, "sources": source_provenance(metas)}
+            "baseline_pairing_seed": pairing_seed, "sources": source_provenance(metas),
+            "heldout_split": "per_pair_heldout: marks chosen on the even pair ids, statistics on the odd ones"}
     return summary, per_pair, meta
 
 
@@ -134,7 +142,7 @@ def run_discriminative(config: dict, prompts_path, scores_path, feature_paths: d
         out.append(discriminative_features(values, pairs, scores, layer=layer, cfg=fcfg["discriminative"]))
     meta = {"position": fcfg["position"], **{k: v for k, v in fcfg["discriminative"].items()},
             "a_b": {"buggy_vs_correct": [pcfg["buggy_format"], pcfg["correct_format"]],
-                    "buggy_vs_correct_heldout": "ranked on the pairs with an even pair_id; heldout_mean_* on the others",
+                    "buggy_vs_correct_heldout": "ranked on the pairs with an even pair_id; heldout_mean_* and heldout_firing_rate_* on the others",
                     "wrong_vs_right": [f"{pcfg['buggy_format']} answered wrong", f"{pcfg['buggy_format']} answered right"]},
             "sources": source_provenance(metas)}
     return pl.concat(out, how="vertical_relaxed"), meta
