@@ -508,8 +508,10 @@ def test_ci_workflow_sae_and_patching_figures(ci_workflow, ci_config):
     kinds = sorted(set(summary["pair_kind"]) - {ALL})
     cells = {(r["pair_kind"], r["layer"], r["head_set_label"]) for r in drawn_rows(specs["head_sweep"], "rect")}
     assert cells == {(k, layer, h) for k in kinds for layer in ci_config["layers"] for h in figures.head_set_order(n_heads)}
+    # the ceiling at every layer of every kind with eligible targets (a kind with none has no recovery to draw)
     ceiling = {(r["pair_kind"], r["layer"]) for r in drawn_rows(specs["head_sweep"], "line") if r["family"] == "ceiling"}
-    assert ceiling == {(k, layer) for k in kinds for layer in ci_config["layers"]}
+    has = figures.by_kind(summary).filter(pl.col("family") == "ceiling", pl.col("recovery").is_not_nan())
+    assert has.height and ceiling == set(has.select("pair_kind", "layer").iter_rows())
     sub = [r for d in specs["head_subsets"]["datasets"].values() for r in d]
     assert {r["layer"] for r in sub} == set(focus)
     # the config's pools, and "all": the random-head control always draws all-head subsets
