@@ -130,7 +130,7 @@ def test_above_on_head_patching_tables():
     apart = with_rates({(5, "even"): (0.9, 0.8, 1.0), (5, "odd"): (0.1, 0.0, 0.3)})
     r = claims.evaluate_claim(claim(even_odd), {"head_patching": apart}, ctx())
     assert r["verdict"] == "holds" and r["measured"] == 0.9 and (r["ci_low"], r["ci_high"]) == (0.8, 1.0)
-    assert r["n"] == int(table["n_eligible"][0]) and "head_set=even" in r["selected"]
+    assert r["n"] == int(bug_kind_rows(table)["n_eligible"][0]) and "head_set=even" in r["selected"]
     overlapping = with_rates({(5, "even"): (0.9, 0.5, 1.0), (5, "odd"): (0.4, 0.1, 0.6)})
     assert claims.evaluate_claim(claim(even_odd), {"head_patching": overlapping}, ctx())["verdict"] == "fails"
 

@@ -11,12 +11,13 @@ import sys
 import zipfile
 from pathlib import Path
 
+import altair as alt
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
 
-from bugscope import figures, figures_overlap, layout
+from bugscope import figures, figures_overlap, layout, tables
 from bugscope.features import (
     NAMED_SCHEMA,
     baseline_couples,
@@ -27,6 +28,7 @@ from bugscope.features import (
 )
 from bugscope.io import read_table
 from bugscope.patch_summary import bug_kind_rows
+from bugscope.prompts import ALL, BUG_PAIR_KIND, PAIR_KINDS
 from tests.conftest import REPO, run_snakemake
 from tests.helpers import png_size
 
@@ -63,7 +65,7 @@ def accuracy_table() -> pl.DataFrame:
     rng = np.random.default_rng(1)
     scores = pl.DataFrame({"format": ["qa"] * 20 + ["simple"] * 20 + ["chat"] * 20,
                            "pair_id": np.tile(np.arange(20) // 2, 3), "logit_diff": rng.normal(size=60),
-                           "pair_kind": np.tile(np.where(np.arange(20) < 14, "shorter_bigger", "longer_bigger"), 3),
+                           "pair_kind": np.tile(np.array(PAIR_KINDS)[np.arange(20) // 2 % 3], 3),
                            "order": np.tile(["correct_first", "wrong_first"], 30)}).with_columns(
         (pl.col("logit_diff") > 0).alias("is_correct"))
     return accuracy_by_format(scores, n_resamples=200, confidence=0.95, seed=0)
@@ -113,23 +115,27 @@ def attribution_table(layer=8, n_heads=9, feature_ids=(5, 17, 99)) -> pl.DataFra
                                            pl.col("n_prompts").cast(pl.Int32)).select(ATTRIBUTION_COLUMNS)
 
 
-def patching_summary(layers=(0, 5, 10), focus=(5,), n_heads=9, n_prompts=16, seed=4, method="per_head",
-                     positions="decision") -> pl.DataFrame:
+def patching_summary(layers=(0, 5, 10), focus=(5,), n_heads=9, n_pairs=12, seed=4, method="per_head",
+                     positions="decision", ceiling=True) -> pl.DataFrame:
     """A patching summary made by bugscope.patching from random per-prompt logit differences: the named
-    head sets at every layer, random even/odd subsets of sizes 1 and 2 at the focus layers."""
+    head sets (and the ceiling) at every layer, random even/odd subsets of sizes 1 and 2 and the
+    random-head control's all-head sets at the focus layers; number pairs of the three kinds, both orders."""
     from bugscope import patch_summary, patching
 
     rng = np.random.default_rng(seed)
-    sets = {layer: patching.named_head_sets(n_heads) for layer in layers}
+    sets = {layer: patching.named_head_sets(n_heads) + ([patching.CEILING] if ceiling else []) for layer in layers}
     for layer in focus:
         sets[layer] = sets[layer] + patching.subset_head_sets(n_heads, pools=["even", "odd"], sizes=[1, 2], samples=3,
-                                                              seed=0, layer=layer)
-    rows = [{"layer": layer, "head_set": s.name, "prompt_id": p, "logit_diff": float(rng.normal() + 0.2 * s.k)}
+                                                              seed=0, layer=layer) + patching.random_control_sets(
+            n_heads, samples=3, seed=0, layer=layer)
+    n_prompts = 2 * n_pairs
+    rows = [{"layer": layer, "head_set": s.name, "prompt_id": p,
+             "logit_diff": float(rng.normal() + 0.2 * s.k + 2.0 * (s.family == "ceiling"))}
             for layer, ss in sets.items() for s in ss for p in range(n_prompts)]
+    pair_id = np.arange(n_prompts, dtype=np.int32) // 2
     per_prompt = (pl.DataFrame(rows).with_columns(pl.col("layer", "prompt_id").cast(pl.Int32))
-                  .join(pl.DataFrame({"prompt_id": np.arange(n_prompts, dtype=np.int32),
-                                      "pair_id": np.arange(n_prompts, dtype=np.int32) // 2,
-                                      "pair_kind": "shorter_bigger",
+                  .join(pl.DataFrame({"prompt_id": np.arange(n_prompts, dtype=np.int32), "pair_id": pair_id,
+                                      "pair_kind": np.array(PAIR_KINDS)[pair_id % 3],
                                       "order": np.where(np.arange(n_prompts) % 2 == 0, "correct_first", "wrong_first"),
                                       "baseline_logit_diff": rng.normal(size=n_prompts),
                                       "source_logit_diff": rng.normal(1.0, 1.0, size=n_prompts)}), on="prompt_id")
@@ -141,7 +147,7 @@ def patching_summary(layers=(0, 5, 10), focus=(5,), n_heads=9, n_prompts=16, see
 
 
 def original_method_table(layer=5) -> pl.DataFrame:
-    return pl.concat([patching_summary(layers=(layer,), focus=(), method=m, positions=p, seed=i)
+    return pl.concat([patching_summary(layers=(layer,), focus=(), method=m, positions=p, seed=i, ceiling=False)
                       for i, (m, p) in enumerate([("original", "original"), ("per_head", "decision"), ("per_head", "aligned")])])
 
 
@@ -207,6 +213,73 @@ def titles(spec) -> str:
     return " ".join(text)
 
 
+# The channels whose fields say which row a mark draws where (a value drawn: quantitative y or colour).
+KEY_CHANNELS = ("x", "y", "xOffset", "yOffset", "color", "strokeDash", "shape", "detail")
+
+
+def _passes(row: dict, predicate: dict) -> bool:
+    if "oneOf" in predicate:
+        return row.get(predicate["field"]) in predicate["oneOf"]
+    if "equal" in predicate:
+        return row.get(predicate["field"]) == predicate["equal"]
+    raise AssertionError(f"drawn_marks cannot evaluate the filter {predicate}")
+
+
+def drawn_marks(spec) -> list[tuple[str, tuple[str, ...], list[dict]]]:
+    """(mark, key fields, rows drawn) for every mark of a Vega-Lite spec that encodes a field: the rows
+    of the data it inherits, through its filter transforms, less those missing a quantitative position
+    (which Vega-Lite leaves out). Key fields: the enclosing facets' fields and the fields of its
+    KEY_CHANNELS, less quantitative y and colour (the values drawn)."""
+    datasets, out = spec.get("datasets", {}), []
+
+    def walk(node, rows, keys):
+        if "data" in node:
+            rows = datasets[node["data"]["name"]] if "name" in node["data"] else node["data"]["values"]
+        for transform in node.get("transform", []):
+            assert set(transform) == {"filter"}, f"drawn_marks cannot evaluate the transform {transform}"
+            rows = [r for r in rows if _passes(r, transform["filter"])]
+        facet = node.get("facet")
+        if isinstance(facet, dict):
+            keys = keys + tuple(e["field"] for e in ([facet] if "field" in facet else facet.values()))
+        if "mark" in node:
+            fields = {ch: e for ch, e in node.get("encoding", {}).items() if isinstance(e, dict) and "field" in e}
+            if fields:  # a mark of constants only (the chance line) is drawn the same from every row
+                key = keys + tuple(e["field"] for ch, e in fields.items() if ch in KEY_CHANNELS
+                                   and (ch == "x" or e.get("type") != "quantitative"))
+                quantitative = [e["field"] for ch, e in fields.items()
+                                if ch in ("x", "y", "x2", "y2") and e.get("type") == "quantitative"]
+                mark = node["mark"]["type"] if isinstance(node["mark"], dict) else node["mark"]
+                out.append((mark, key, [r for r in rows if all(r.get(f) is not None for f in quantitative)]))
+        for part in ("layer", "vconcat", "hconcat", "concat"):
+            for child in node.get(part, []):
+                walk(child, rows, keys)
+        if "spec" in node:
+            walk(node["spec"], rows, keys)
+
+    walk(spec, [], ())
+    return out
+
+
+def assert_one_row_per_key(spec, name: str) -> None:
+    """Every mark draws at most one row per (x, series, facet): no two pair kinds or orders at one place."""
+    for mark, key, rows in drawn_marks(spec):
+        counts: dict = {}
+        for r in rows:
+            counts[tuple(r.get(k) for k in key)] = counts.get(tuple(r.get(k) for k in key), 0) + 1
+        twice = [k for k, n in counts.items() if n > 1]
+        assert not twice, (name, mark, key, twice[:3])
+
+
+def drawn_rows(spec, mark: str | None = None) -> list[dict]:
+    return [r for m, _, rows in drawn_marks(spec) if mark in (None, m) for r in rows]
+
+
+def via_parquet(table: tables.Table, data: pl.DataFrame, path: Path, config: dict) -> pl.DataFrame:
+    """`data` written with the table's declaration and read back as the figure scripts read it."""
+    tables.write(table, data, path, {"config_hash": table.config_hash(config)})
+    return tables.frame(table, config, path)
+
+
 def svg_size(path: Path) -> tuple[float, float]:
     head = path.read_text()[:400]
     return float(re.search(r'width="([\d.]+)"', head).group(1)), float(re.search(r'height="([\d.]+)"', head).group(1))
@@ -225,15 +298,18 @@ def check_saved(tmp: Path, name: str, chart, scale: float = 2.0) -> dict:
 # --- figure functions on producer-schema tables ---------------------------------------------------
 
 EXPECTED = {
-    "baseline_accuracy": {"format_role", "pair_kind", "accuracy", "accuracy_low", "accuracy_high"},
+    "baseline_accuracy": {"format_role", "order_label", "pair_kind", "accuracy", "accuracy_low", "accuracy_high"},
     "feature_overlap": {"layer", "overlap_pct", "overlap_pct_low", "overlap_pct_high", "variant", "set", "features"},
     "amplification": {"layer", "amplification", "amplification_low", "amplification_high", "variant"},
     "format_features": {"mean_buggy", "mean_correct", "direction", "label"},
     "head_attribution": {"head_label", "feature", "direct_attribution", "panel", "layer"},
     "sae_quality": {"layer", "ev", "l0", "tokens", "dead_fraction"},
-    "head_sweep": {"layer", "head_set_label", "success_rate"},
-    "head_subsets": {"k_jitter", "success_rate", "success_low", "success_high", "pool", "k", "mean_success"},
-    "original_method": {"head_set_label", "method_label", "success_rate", "success_low", "success_high", "layer"},
+    "head_sweep": {"layer", "layer_x", "series", "recovery", "recovery_low", "recovery_high", "head_set_label",
+                   "success_rate", "pair_kind"},
+    "head_subsets": {"k_jitter", "recovery", "recovery_low", "recovery_high", "pool", "k", "kind", "mean_recovery",
+                     "layer", "pair_kind"},
+    "original_method": {"head_set_label", "method_label", "recovery", "recovery_low", "recovery_high", "layer",
+                        "pair_kind"},
 }
 
 
@@ -273,9 +349,9 @@ def test_figures_encode_intended_columns(tmp_path):
     # head sets: all, even, odd, then single heads even first; success rates on a fixed 0-1 scale
     sweep = charts["head_sweep"].to_dict()
     assert figures.head_set_order(9) == ["all", "even", "odd", *figures.head_order(9)]
-    assert figures.head_set_order(9) in [layer["encoding"]["x"].get("sort") for layer in sweep["layer"]]
+    assert figures.head_set_order(9) in [layer["encoding"]["x"].get("sort") for layer in sweep["vconcat"][1]["spec"]["layer"]]
     eligible = int(bug_kind_rows(patching_summary())["n_eligible"][0])
-    assert f"of the {eligible} eligible target prompts (of 16;" in titles(sweep)
+    assert f"both question orders pooled: {BUG_PAIR_KIND} {eligible} of 8," in titles(sweep)
     # subsets: the whole pools (k = pool size) and each random subset, at the focus layer only
     subsets = charts["head_subsets"].to_dict()
     data = [r for d in subsets["datasets"].values() for r in d]
@@ -285,6 +361,85 @@ def test_figures_encode_intended_columns(tmp_path):
     seed = charts["original_method"].to_dict()
     labels = {r["method_label"] for d in seed["datasets"].values() for r in d}
     assert len(labels) == 3 and any(label.startswith("original method") for label in labels)
+
+
+# --- one row per (x, series, facet), with the references ------------------------------------------
+
+
+def figure_inputs(tmp_path: Path, config: dict) -> dict[str, pl.DataFrame]:
+    """The made-up tables written with their declarations and read back as the figure scripts read them."""
+    return {"summary": via_parquet(tables.PATCHING_SUMMARY, patching_summary(), tmp_path / "heads.parquet", config),
+            "comparison": via_parquet(tables.PATCHING_ORIGINAL_METHOD, original_method_table(),
+                                      tmp_path / "original.parquet", config),
+            "accuracy": via_parquet(tables.BASELINE_ACCURACY, accuracy_table(), tmp_path / "accuracy.parquet", config)}
+
+
+def kind_figures(t: dict[str, pl.DataFrame]) -> dict[str, dict]:
+    return {"baseline_accuracy": figures.baseline_accuracy(t["accuracy"], LABELS).to_dict(),
+            "head_sweep": figures.head_sweep(t["summary"], LABELS, 9).to_dict(),
+            "head_subsets": figures.head_subsets(t["summary"], LABELS, [5]).to_dict(),
+            "original_method": figures.original_method(t["comparison"], LABELS, 9).to_dict()}
+
+
+def test_figures_draw_one_row_per_place_and_pair_kind(tmp_path, ci_config):
+    t = figure_inputs(tmp_path, ci_config)
+    specs = kind_figures(t)
+    for name, spec in specs.items():
+        assert_one_row_per_key(spec, name)
+        marks = drawn_marks(spec)
+        assert marks and all("pair_kind" in key and rows for _, key, rows in marks), (name, marks)
+        rows = drawn_rows(spec)
+        assert {r["pair_kind"] for r in rows} == set(PAIR_KINDS), name  # every kind, never the pooled one
+    # patching: both orders pooled, and the drawn recovery is the table's row of that kind, layer and head set
+    summary = t["summary"]
+    for name in ("head_sweep", "head_subsets", "original_method"):
+        rows = [r for r in drawn_rows(specs[name]) if r.get("kind") != "subset mean"]  # means: checked below
+        assert {r["order"] for r in rows} == {ALL}, name
+        table = t["comparison"] if name == "original_method" else summary
+        for r in rows[::7]:
+            want = table.filter(pl.col("pair_kind") == r["pair_kind"], pl.col("order") == ALL, pl.col("layer") == r["layer"],
+                                pl.col("head_set") == r["head_set"], pl.col("method") == r["method"],
+                                pl.col("positions") == r["positions"])
+            assert want.height == 1 and r["recovery"] == pytest.approx(want["recovery"][0], nan_ok=True), (name, r)
+    # baseline: every format x order (and both pooled) x pair kind, with its CI
+    bars = drawn_rows(specs["baseline_accuracy"], "bar")
+    assert {(r["format"], r["order"], r["pair_kind"]) for r in bars} == {
+        (f, o, k) for f in ("chat", "qa", "simple") for o in (ALL, "correct_first", "wrong_first") for k in PAIR_KINDS}
+    assert all(r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"] for r in bars)
+    assert "number pairs: shorter_bigger 4, longer_bigger 3, same_length 3;" in titles(specs["baseline_accuracy"])
+
+
+def test_patching_figures_draw_the_ceiling_and_the_random_head_control(tmp_path, ci_config):
+    specs = kind_figures(figure_inputs(tmp_path, ci_config))
+    sweep = drawn_rows(specs["head_sweep"], "line")
+    by_family = {f: {(r["pair_kind"], r["layer"], r["series"]) for r in sweep if r["family"] == f}
+                 for f in ("all", "even", "odd", "ceiling", "random_control")}
+    assert by_family["ceiling"] == {(k, layer, figures.CEILING_LABEL) for k in PAIR_KINDS for layer in (0, 5, 10)}
+    # the control: as many random heads as the even pool (5) and as the odd pool (4), where the subsets ran
+    assert by_family["random_control"] == {(k, 5, f"random {n} heads (control)") for k in PAIR_KINDS for n in (4, 5)}
+    assert by_family["even"] == {(k, layer, "even heads") for k in PAIR_KINDS for layer in (0, 5, 10)}
+    subsets = drawn_marks(specs["head_subsets"])
+    ceiling = [r for m, _, rows in subsets if m == "rule" for r in rows]
+    assert {(r["pair_kind"], r["layer"]) for r in ceiling} == {(k, 5) for k in PAIR_KINDS}
+    control = [r for m, _, rows in subsets if m == "point" for r in rows if r["kind"] == "random-head control"]
+    assert {(r["pair_kind"], r["k"]) for r in control} == {(k, n) for k in PAIR_KINDS for n in (4, 5)}
+    # the subsets' mean line is over the random subsets only (the control's draw all-head ones), not the whole pools
+    means = [r for m, _, rows in subsets if m == "line" for r in rows]
+    assert {(r["pool"], r["k"]) for r in means} == {(p, k) for p in ("even", "odd") for k in (1, 2)} | {
+        ("all", 4), ("all", 5)}
+
+
+def test_one_row_check_catches_mixed_pair_kinds_and_orders(tmp_path, ci_config, monkeypatch):
+    """The check fails on figures that draw every pair kind and order at one place."""
+    t = figure_inputs(tmp_path, ci_config)
+    mixed = alt.Chart(t["summary"].filter(pl.col("family") == "all")).mark_line().encode(x="layer:Q", y="recovery:Q")
+    with pytest.raises(AssertionError):
+        assert_one_row_per_key(mixed.to_dict(), "mixed")
+    monkeypatch.setattr(figures, "by_kind", lambda table: table)  # the figures without their row selection
+    for name, spec in kind_figures(t).items():
+        if name != "baseline_accuracy":
+            with pytest.raises(AssertionError):
+                assert_one_row_per_key(spec, name)
 
 
 def test_png_scale_and_png_size_rejects_non_png(tmp_path):
@@ -347,11 +502,19 @@ def test_ci_workflow_sae_and_patching_figures(ci_workflow, ci_config):
     assert f"held-out corpus ({int(quality['n_tokens_corpus'][0])} tokens)" in str(specs["sae_quality"])  # legend
     pooled = bug_kind_rows(summary)
     eligible, n = int(pooled["n_eligible"][0]), int(pooled["n_prompts"][0])
+    for name, spec in specs.items():
+        if name != "sae_quality":
+            assert_one_row_per_key(spec, name)
     for name in ("head_sweep", "head_subsets"):
-        assert f"of the {eligible} eligible target prompts (of {n};" in titles(specs[name]), name
-    # the heatmap: every analysed layer x (all, even, odd + every head); the subsets: the focus layers
-    cells = {(r["layer"], r["head_set_label"]) for d in specs["head_sweep"]["datasets"].values() for r in d}
-    assert cells == {(layer, h) for layer in ci_config["layers"] for h in figures.head_set_order(n_heads)}
+        assert f"both question orders pooled: {BUG_PAIR_KIND} {eligible} of {n}" in titles(specs[name]), name
+    # the heatmap: every pair kind x analysed layer x (all, even, odd + every head); the subsets: the focus layers
+    kinds = sorted(set(summary["pair_kind"]) - {ALL})
+    cells = {(r["pair_kind"], r["layer"], r["head_set_label"]) for r in drawn_rows(specs["head_sweep"], "rect")}
+    assert cells == {(k, layer, h) for k in kinds for layer in ci_config["layers"] for h in figures.head_set_order(n_heads)}
+    # the ceiling at every layer of every kind with eligible targets (a kind with none has no recovery to draw)
+    ceiling = {(r["pair_kind"], r["layer"]) for r in drawn_rows(specs["head_sweep"], "line") if r["family"] == "ceiling"}
+    has = figures.by_kind(summary).filter(pl.col("family") == "ceiling", pl.col("recovery").is_not_nan())
+    assert has.height and ceiling == set(has.select("pair_kind", "layer").iter_rows())
     sub = [r for d in specs["head_subsets"]["datasets"].values() for r in d]
     assert {r["layer"] for r in sub} == set(focus)
     # the config's pools, and "all": the random-head control always draws all-head subsets

@@ -6,6 +6,11 @@ prompts. `save_chart` writes the chart as SVG and PNG (rendered by vl-convert, n
 an interactive HTML page with Vega, Vega-Lite and Vega-Embed inlined, so it works offline; every
 file is written atomically.
 
+The tables split by pair kind and question order (the baseline accuracy, the patching summaries)
+are drawn one column (or row) per pair kind, never the pooled kind, which mixes the bug's pairs
+with the controls; the patching figures read the rows with both orders pooled (`by_kind`), the
+baseline figure shows each order beside them.
+
 Colours: the Okabe-Ito palette (distinguishable under the common colour-vision deficiencies) for
 categories, `viridis` for sequential and `blueorange` for diverging heatmaps.
 """
@@ -21,8 +26,7 @@ import polars as pl
 import vl_convert as vlc
 
 from bugscope.io import atomic_path
-from bugscope.patch_summary import bug_kind_rows
-from bugscope.prompts import BUG_PAIR_KIND
+from bugscope.prompts import ALL, ORDERS, PAIR_KINDS
 
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {
@@ -69,6 +73,31 @@ def _n(values) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
+KIND_NOTE = "shorter_bigger = 9.8 vs 9.11 (the bug), longer_bigger = 9.81 vs 9.7, same_length = 9.8 vs 9.7"
+ORDERS_POOLED = "both orders"
+
+
+def by_kind(table: pl.DataFrame) -> pl.DataFrame:
+    """The rows of each pair kind with both question orders pooled: what the patching figures draw,
+    one column per pair kind. The pooled kind ("all") is left out: it mixes the bug's pairs with
+    the control pairs."""
+    return table.filter(pl.col("order") == ALL, pl.col("pair_kind") != ALL)
+
+
+def _kinds(df: pl.DataFrame) -> list[str]:
+    present = set(df["pair_kind"].to_list())
+    return [k for k in PAIR_KINDS if k in present] + sorted(present - set(PAIR_KINDS))
+
+
+def _kind_column(df: pl.DataFrame) -> alt.Column:
+    return alt.Column("pair_kind:N", title="pair kind", sort=_kinds(df))
+
+
+def _null_nan(df: pl.DataFrame, *columns: str) -> pl.DataFrame:
+    """NaN (a rate over no rows) as null, which Vega-Lite leaves undrawn."""
+    return df.with_columns(pl.when(pl.col(c).is_not_nan()).then(pl.col(c)).alias(c) for c in columns)
+
+
 def head_order(n_heads: int) -> list[str]:
     """Head labels, even heads first then odd: h0, h2, ..., h1, h3, ..."""
     return [f"h{h}" for h in [*range(0, n_heads, 2), *range(1, n_heads, 2)]]
@@ -77,34 +106,36 @@ def head_order(n_heads: int) -> list[str]:
 # --- 1. baseline ----------------------------------------------------------------------------------
 
 
-def baseline_accuracy(accuracy: pl.DataFrame, labels: Labels) -> alt.LayerChart:
-    """Accuracy per prompt format and pair kind (both orders pooled), decision-logit metric, with CIs."""
+def baseline_accuracy(accuracy: pl.DataFrame, labels: Labels) -> alt.FacetChart:
+    """Accuracy per prompt format (x) and question order (bars: each order and both pooled), one
+    column per pair kind, decision-logit metric, with the pair-level CIs."""
     role = {labels.buggy_format: " (buggy)", labels.correct_format: " (correct)"}
-    df = accuracy.filter(pl.col("order") == "all", pl.col("pair_kind") != "all").with_columns(
-        (pl.col("format") + pl.col("format").replace_strict(role, default="")).alias("format_role"))
-    kinds = [k for k in ("shorter_bigger", "longer_bigger", "same_length") if k in df["pair_kind"].to_list()]
-    colour = alt.Color("pair_kind:N", title="pair kind", sort=kinds,
-                       scale=alt.Scale(domain=kinds, range=[BUGGY_COLOUR, CORRECT_COLOUR, OKABE_ITO["grey"]][:len(kinds)]))
-    base = alt.Chart(df).encode(
-        x=alt.X("format_role:N", title="prompt format", sort=sorted(df["format_role"].unique().to_list())),
-        xOffset=alt.XOffset("pair_kind:N", sort=kinds))
-    bars = base.mark_bar(opacity=0.8).encode(
-        y=alt.Y("accuracy:Q", title=f"accuracy (fraction answered right, {labels.ci})",
-                scale=alt.Scale(domain=[0, 1])),
-        color=colour,
-        tooltip=["format", "pair_kind", "n_prompts", "n_pairs", alt.Tooltip("accuracy:Q", format=".3f"),
+    df = _null_nan(accuracy.filter(pl.col("pair_kind") != ALL), "accuracy", "accuracy_low", "accuracy_high").with_columns(
+        (pl.col("format") + pl.col("format").replace_strict(role, default="")).alias("format_role"),
+        pl.col("order").replace({ALL: ORDERS_POOLED}).alias("order_label"))
+    orders = [o for o in (ORDERS_POOLED, *ORDERS) if o in df["order_label"].to_list()]
+    colour = alt.Color("order_label:N", title="question order", sort=orders, legend=alt.Legend(orient="top"),
+                       scale=alt.Scale(domain=orders, range=[OKABE_ITO["black"], OKABE_ITO["sky_blue"],
+                                                            OKABE_ITO["orange"]][:len(orders)]))
+    x = alt.X("format_role:N", title="prompt format", sort=sorted(df["format_role"].unique().to_list()),
+              axis=alt.Axis(labelAngle=0))
+    offset = alt.XOffset("order_label:N", sort=orders)
+    bars = alt.Chart().mark_bar(opacity=0.8).encode(
+        x=x, xOffset=offset, color=colour,
+        y=alt.Y("accuracy:Q", title=f"accuracy (fraction answered right, {labels.ci})", scale=alt.Scale(domain=[0, 1])),
+        tooltip=["format", "pair_kind", "order", "n_prompts", "n_pairs", alt.Tooltip("accuracy:Q", format=".3f"),
                  alt.Tooltip("accuracy_low:Q", format=".3f"), alt.Tooltip("accuracy_high:Q", format=".3f"),
                  alt.Tooltip("mean_logit_diff:Q", format=".3f")])
-    err = base.mark_errorbar(ticks=True, color="black").encode(
-        y=alt.Y("accuracy_low:Q", title=""), y2="accuracy_high:Q")
-    chance = alt.Chart(pl.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4], color=OKABE_ITO["grey"]).encode(y="y:Q")
-    n_pairs = ", ".join(f"{k} {_n(df.filter(pl.col('pair_kind') == k)['n_pairs'])}" for k in kinds)
-    return alt.layer(bars, err, chance).properties(
-        width=WIDTH // 2 + 60, height=HEIGHT,
-        title=_title(f"Baseline accuracy per prompt format and pair kind ({labels.model})",
-                     [f"decision-token logit difference > 0, both question orders; number pairs: {n_pairs}; "
-                      f"shorter_bigger = 9.8 vs 9.11, longer_bigger = 9.81 vs 9.7, same_length = 9.8 vs 9.7",
-                      f"bars: {labels.ci} (bootstrap over number pairs); dashed: chance"]))
+    err = alt.Chart().mark_errorbar(ticks=True, color="black").encode(
+        x=x, xOffset=offset, y=alt.Y("accuracy_low:Q", title=""), y2="accuracy_high:Q")
+    chance = alt.Chart().mark_rule(strokeDash=[4, 4], color=OKABE_ITO["grey"]).encode(y=alt.datum(0.5))
+    pooled = df.filter(pl.col("order") == ALL)
+    n_pairs = ", ".join(f"{k} {_n(pooled.filter(pl.col('pair_kind') == k)['n_pairs'])}" for k in _kinds(df))
+    return alt.layer(bars, err, chance, data=df).properties(width=WIDTH // 2, height=HEIGHT).facet(
+        column=_kind_column(df)).properties(title=_title(
+            f"Baseline accuracy per prompt format, question order and pair kind ({labels.model})",
+            [f"decision-token logit difference > 0; number pairs: {n_pairs}; {KIND_NOTE}",
+             f"bars: {labels.ci} (bootstrap over number pairs); dashed: chance"]))
 
 
 # --- 2./3. overlap and amplification: bugscope.figures_overlap ----------------------------------
@@ -199,17 +230,27 @@ def sae_quality(quality: pl.DataFrame, labels: Labels) -> alt.HConcatChart:
 
 # --- 6./7./9. head patching -----------------------------------------------------------------------
 
+RATE_COLUMNS = ("success_rate", "success_low", "success_high", "recovery", "recovery_low", "recovery_high")
+CEILING_LABEL = "ceiling: whole residual stream"
+SERIES_COLOURS = {"all heads": OKABE_ITO["black"], "even heads": OKABE_ITO["blue"], "odd heads": OKABE_ITO["orange"],
+                  CEILING_LABEL: OKABE_ITO["grey"]}
+CONTROL_COLOURS = [OKABE_ITO["purple"], OKABE_ITO["green"]]
+REFERENCE_FAMILIES = ["ceiling", "random_control"]
 
-def _success_title(df: pl.DataFrame) -> str:
-    """'success rate: of the N eligible targets (source right, target wrong), the fraction made right'"""
-    return (f"success rate: of the {_n(df['n_eligible'])} eligible target prompts (of {_n(df['n_prompts'])}; source "
-            f"right, target wrong unpatched), the fraction the patch makes right; {BUG_PAIR_KIND} pairs")
+
+def _eligible_text(df: pl.DataFrame) -> list[str]:
+    """Two subtitle lines: the eligible targets (source right, target wrong) of all, per pair kind; the rates."""
+    per_kind = ", ".join(f"{k} {_n(d['n_eligible'])} of {_n(d['n_prompts'])}"
+                         for k in _kinds(df) for d in [df.filter(pl.col("pair_kind") == k)])
+    return [f"eligible target prompts (source right, target wrong unpatched), both question orders pooled: {per_kind}",
+            "success rate: the fraction of them the patch makes right; recovery: sum(LD patched - LD target) / "
+            "sum(LD source - LD target) over them, 1 = the source's logit difference"]
 
 
 def _direction_text(df: pl.DataFrame) -> str:
     row = df.row(0, named=True)
     return (f"{row['source_format']} -> {row['target_format']} ({row['direction']}), {row['method']} patch "
-            f"at {row['positions']} positions")
+            f"at {row['positions']} positions; {KIND_NOTE}")
 
 
 def head_set_order(n_heads: int) -> list[str]:
@@ -217,99 +258,137 @@ def head_set_order(n_heads: int) -> list[str]:
     return ["all", "even", "odd", *head_order(n_heads)]
 
 
-def _head_set_label(df: pl.DataFrame) -> pl.DataFrame:
-    """Adds head_set_label (all / even / odd / h<i>) and turns the heads list into text (for tooltips)."""
-    return df.with_columns(pl.when(pl.col("family") == "single").then(pl.format("h{}", pl.col("heads").list.first()))
-                           .otherwise(pl.col("head_set")).alias("head_set_label"),
-                           pl.col("heads").cast(pl.List(pl.String)).list.join(",").alias("heads"))
+def _patch_rows(summary: pl.DataFrame) -> pl.DataFrame:
+    """by_kind rows with head_set_label (all / even / odd / h<i>), the heads list as text (for
+    tooltips), NaN rates as nulls and `series`: '<pool> heads', the ceiling or 'random k heads (control)'."""
+    return _null_nan(by_kind(summary), *RATE_COLUMNS).with_columns(
+        pl.when(pl.col("family") == "single").then(pl.format("h{}", pl.col("heads").list.first()))
+        .otherwise(pl.col("head_set")).alias("head_set_label"),
+        pl.col("heads").cast(pl.List(pl.String)).list.join(",").alias("heads"),
+        pl.when(pl.col("family") == "ceiling").then(pl.lit(CEILING_LABEL))
+        .when(pl.col("family") == "random_control").then(pl.format("random {} heads (control)", "k"))
+        .otherwise(pl.format("{} heads", "head_set")).alias("series"))
 
 
-def head_sweep(summary: pl.DataFrame, labels: Labels, n_heads: int) -> alt.LayerChart:
-    """Heatmap: layer x head set (all / even / odd / single heads), coloured by the success rate."""
-    summary = bug_kind_rows(summary)
-    df = _head_set_label(summary.filter(pl.col("family").is_in(["all", "even", "odd", "single"]))).with_columns(
-        pl.when(pl.col("success_rate").is_not_nan()).then(pl.col("success_rate")).alias("success_rate"))
+def _rate_tooltip(*extra) -> list:
+    return [*extra, "pair_kind", "layer", "head_set", "heads", *(alt.Tooltip(f"{c}:Q", format=".3f") for c in RATE_COLUMNS),
+            alt.Tooltip("broken_rate:Q", format=".3f"), "n_eligible", "n_prompts"]
+
+
+def _recovery_by_layer(df: pl.DataFrame, labels: Labels) -> alt.FacetChart:
+    """Recovery per layer (CI bars) of all / even / odd with the ceiling and the random-head control
+    (dashed), one column per pair kind; the series sit side by side around each layer."""
+    present = df["series"].unique().to_list()
+    domain = [s for s in SERIES_COLOURS if s in present] + sorted(s for s in present if s not in SERIES_COLOURS)
+    controls = [s for s in domain if s not in SERIES_COLOURS]
+    spread = {s: 0.5 * (i - (len(domain) - 1) / 2) / max(len(domain), 1) for i, s in enumerate(domain)}
+    df = df.with_columns((pl.col("layer") + pl.col("series").replace_strict(spread, default=0.0)).alias("layer_x"))
+    colour = alt.Color("series:N", title=None, sort=domain, legend=alt.Legend(orient="top", labelLimit=400),
+                       scale=alt.Scale(domain=domain, range=[SERIES_COLOURS.get(s) or CONTROL_COLOURS[
+                           controls.index(s) % len(CONTROL_COLOURS)] for s in domain]))
+    x = alt.X("layer_x:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d"))
+    dash = alt.condition(alt.FieldOneOfPredicate(field="family", oneOf=REFERENCE_FAMILIES), alt.value([5, 3]),
+                         alt.value([1, 0]))
+    line = alt.Chart().mark_line(point=True).encode(
+        x=x, y=alt.Y("recovery:Q", title=f"recovery ({labels.ci})"), color=colour, strokeDash=dash,
+        tooltip=_rate_tooltip("series"))
+    err = alt.Chart().mark_errorbar(ticks=True).encode(
+        x=x, y=alt.Y("recovery_low:Q", title=""), y2="recovery_high:Q", color=colour)
+    return alt.layer(err, line, data=df).properties(width=WIDTH // 2 + 40, height=HEIGHT).facet(
+        column=_kind_column(df))
+
+
+def head_sweep(summary: pl.DataFrame, labels: Labels, n_heads: int) -> alt.VConcatChart:
+    """Top: recovery per layer of all / even / odd beside the ceiling and the random-head control;
+    bottom: heatmap layer x head set (all / even / odd / single heads), coloured by the success rate;
+    one column (top) or row (bottom) per pair kind, both question orders pooled."""
+    df = _patch_rows(summary)
+    lines = _recovery_by_layer(df.filter(pl.col("family").is_in(["all", "even", "odd", *REFERENCE_FAMILIES])), labels)
+    cells = df.filter(pl.col("family").is_in(["all", "even", "odd", "single"]))
     order = head_set_order(n_heads)
-    base = alt.Chart(df).encode(
+    base = alt.Chart().encode(
         x=alt.X("head_set_label:N", sort=order, title="head set patched (all, even, odd, then single heads: even, odd)",
                 axis=alt.Axis(labelAngle=0)),
         y=alt.Y("layer:O", title="layer", sort="ascending"))
     rect = base.mark_rect().encode(
         color=alt.Color("success_rate:Q", title="success rate", scale=alt.Scale(scheme=SEQUENTIAL, domain=[0, 1])),
-        tooltip=["layer", "head_set", "heads", alt.Tooltip("success_rate:Q", format=".3f"),
-                 alt.Tooltip("success_low:Q", format=".3f"), alt.Tooltip("success_high:Q", format=".3f"),
-                 alt.Tooltip("broken_rate:Q", format=".3f"), alt.Tooltip("mean_logit_diff:Q", format=".3f"),
-                 "n_eligible", "n_prompts"])
-    layers = df["layer"].n_unique()
-    chart = rect
+        tooltip=_rate_tooltip())
+    layers = cells["layer"].n_unique()
+    marks = [rect]
     if layers * len(order) <= 400:  # small grids: print the rates in the cells
-        text = base.mark_text(fontSize=9).encode(
+        marks.append(base.mark_text(fontSize=9).encode(
             text=alt.Text("success_rate:Q", format=".2f"),
-            color=alt.condition(alt.datum.success_rate > 0.6, alt.value("black"), alt.value("white")))
-        chart = alt.layer(rect, text)
-    return chart.properties(
-        width=max(26 * len(order), 300), height=max(18 * layers, 120),
-        title=_title(f"Head patching sweep: success rate per layer and head set ({labels.model})",
-                     [_success_title(df), _direction_text(df)]))
+            color=alt.condition(alt.datum.success_rate > 0.6, alt.value("black"), alt.value("white"))))
+    heat = alt.layer(*marks, data=cells).properties(width=max(26 * len(order), 300), height=max(18 * layers, 120)).facet(
+        row=alt.Row("pair_kind:N", title="pair kind", sort=_kinds(cells)))
+    return alt.vconcat(lines, heat).resolve_scale(color="independent").properties(title=_title(
+        f"Head patching sweep: recovery and success rate per layer and head set ({labels.model})",
+        [*_eligible_text(df), "top: recovery with " + labels.ci + " (bootstrap over number pairs); dashed: the ceiling "
+         "(whole residual stream patched) and the random-head control (mean over random all-head sets of as many heads "
+         "as the even / the odd pool, where the subsets were run); bottom: success rate", _direction_text(df)]))
 
 
-def head_subsets(summary: pl.DataFrame, labels: Labels, focus: Sequence[int]) -> alt.FacetChart | alt.LayerChart:
-    """Success rate vs the number of heads patched (k) for the even, odd and all pools at the focus layers.
+def head_subsets(summary: pl.DataFrame, labels: Labels, focus: Sequence[int]) -> alt.FacetChart:
+    """Recovery vs the number of heads patched (k) for the even, odd and all pools, one row per focus
+    layer and one column per pair kind (both orders pooled).
 
-    Points: each random k-subset with its bootstrap CI; the full pools (k = pool size) are the
-    named even / odd / all sets; line: mean over the subsets of each k.
+    Points: each random k-subset with its bootstrap CI; diamonds: the whole pools (the named even /
+    odd / all sets); squares: the random-head control; line: mean over the subsets of each k;
+    dashed rule: the ceiling (whole residual stream).
     """
-    summary = bug_kind_rows(summary)
-    df = _head_set_label(summary.filter(pl.col("layer").is_in(list(focus)),
-                                        pl.col("family").is_in(["subset", "all", "even", "odd"])))
-    df = df.with_columns(
-        pl.when(pl.col("success_rate").is_not_nan()).then(pl.col("success_rate")).alias("success_rate"),
-        pl.when(pl.col("family") == "subset").then(pl.lit("random subset")).otherwise(pl.lit("whole pool")).alias("kind"),
-        pl.col("sample").clip(lower_bound=0).alias("_s"))
-    n_samples = df.group_by("layer", "pool", "k").agg(pl.len().alias("_m"))
+    kinds = {"subset": "random subset", "all": "whole pool", "even": "whole pool", "odd": "whole pool",
+             "random_control": "random-head control", "ceiling": "ceiling"}
+    df = _patch_rows(summary).filter(pl.col("layer").is_in(list(focus)), pl.col("family").is_in(list(kinds)))
+    df = df.with_columns(pl.col("family").replace_strict(kinds).alias("kind"), pl.col("sample").clip(lower_bound=0).alias("_s"))
+    keys = ["layer", "pair_kind", "pool", "k"]
+    points = df.filter(pl.col("kind") != "ceiling").join(df.group_by(*keys, "kind").agg(pl.len().alias("_m")),
+                                                          on=[*keys, "kind"])
     offset = {"even": -0.12, "odd": 0.12, "all": 0.0}
-    df = (df.join(n_samples, on=["layer", "pool", "k"])
-          .with_columns((pl.col("k") + pl.col("pool").replace_strict(offset, default=0.0)
-                         + (pl.col("_s") - (pl.col("_m") - 1) / 2) * 0.05).alias("k_jitter")))
-    means = df.group_by("layer", "pool", "k").agg(pl.col("success_rate").mean().alias("mean_success"),
-                                                  pl.len().alias("n_subsets")).sort("layer", "pool", "k")
+    points = points.with_columns((pl.col("k") + pl.col("pool").replace_strict(offset, default=0.0)
+                                  + pl.col("kind").replace_strict({"whole pool": 0.08, "random-head control": 0.3},
+                                                                  default=0.0)
+                                  + (pl.col("_s") - (pl.col("_m") - 1) / 2) * 0.05).alias("k_jitter"))
+    subsets = df.filter(pl.col("kind") == "random subset")
+    means = subsets.group_by(keys).agg(pl.col("recovery").mean().alias("mean_recovery"), pl.len().alias("n_subsets")
+                                       ).with_columns(pl.lit("subset mean").alias("kind")).sort(keys)
     pools = [p for p in ("even", "odd", "all") if p in df["pool"].unique().to_list()]
-    per_k = df.filter(pl.col("family") == "subset").group_by("layer", "pool", "k").agg(pl.len().alias("n_subsets"))
     colour = alt.Color("pool:N", title="heads drawn from",
                        scale=alt.Scale(domain=["even", "odd", "all"],
                                        range=[OKABE_ITO["blue"], OKABE_ITO["orange"], OKABE_ITO["black"]]))
-    k_max = int(df["k"].max() or 1)
-    x = alt.X("k_jitter:Q", title="number of heads patched (k)", axis=alt.Axis(tickMinStep=1, format="d"),
-              scale=alt.Scale(domain=[0, k_max + 0.5], nice=False))
-    y = alt.Y("success_rate:Q", title=f"success rate ({labels.ci})", scale=alt.Scale(domain=[0, 1]))
-    line = alt.Chart().mark_line(opacity=0.7).transform_filter(alt.datum.mean_success != None).encode(  # noqa: E711
-        x=alt.X("k:Q", title="number of heads patched (k)", scale=alt.Scale(domain=[0, k_max + 0.5], nice=False)),
-        y=alt.Y("mean_success:Q", title=""), color=colour,
-        detail="pool:N")
-    err = alt.Chart().mark_errorbar(ticks=False, opacity=0.6).encode(
-        x=x, y=alt.Y("success_low:Q", title=""), y2="success_high:Q", color=colour)
-    pts = alt.Chart().mark_point(filled=True, size=45).encode(
-        x=x, y=y, color=colour, shape=alt.Shape("kind:N", title=None, scale=alt.Scale(domain=["random subset", "whole pool"],
-                                                                                     range=["circle", "diamond"])),
-        tooltip=["layer", "pool", "k", "head_set", "heads", alt.Tooltip("success_rate:Q", format=".3f"),
-                 alt.Tooltip("success_low:Q", format=".3f"), alt.Tooltip("success_high:Q", format=".3f"),
-                 "n_eligible"])
-    data = pl.concat([df, means], how="diagonal_relaxed")
-    layered = alt.layer(line, err, pts, data=data).properties(width=WIDTH - 80, height=HEIGHT)
-    title = _title(f"Success rate vs number of heads patched at focus layer {', '.join(map(str, focus))} "
-                   f"({labels.model})",
-                   [_success_title(df),
-                    f"pools: {', '.join(pools)}; points: random k-subsets ({_n(per_k['n_subsets'])} per pool and k) with {labels.ci} (bootstrap over number pairs); diamonds: the whole pool; line: mean over subsets",
-                    _direction_text(df)])
-    if len(focus) > 1:
-        return layered.facet(column=alt.Column("layer:O", title="layer")).properties(title=title)
-    return layered.properties(title=title)
+    k_max = int(points["k"].max() or 1)
+    k_scale = alt.Scale(domain=[0, k_max + 0.5], nice=False)
+    x = alt.X("k_jitter:Q", title="number of heads patched (k)", axis=alt.Axis(tickMinStep=1, format="d"), scale=k_scale)
+    drawn = alt.FieldOneOfPredicate(field="kind", oneOf=["random subset", "whole pool", "random-head control"])
+    line = alt.Chart().mark_line(opacity=0.7).transform_filter(alt.FieldEqualPredicate(field="kind", equal="subset mean")
+                                                               ).encode(
+        x=alt.X("k:Q", title="number of heads patched (k)", scale=k_scale),
+        y=alt.Y("mean_recovery:Q", title=""), color=colour, detail="pool:N")
+    err = alt.Chart().mark_errorbar(ticks=False, opacity=0.6).transform_filter(drawn).encode(
+        x=x, y=alt.Y("recovery_low:Q", title=""), y2="recovery_high:Q", color=colour)
+    pts = alt.Chart().mark_point(filled=True, size=45).transform_filter(drawn).encode(
+        x=x, y=alt.Y("recovery:Q", title=f"recovery ({labels.ci})"), color=colour,
+        shape=alt.Shape("kind:N", title=None, scale=alt.Scale(domain=["random subset", "whole pool", "random-head control"],
+                                                              range=["circle", "diamond", "square"])),
+        tooltip=_rate_tooltip("pool", "k"))
+    ceiling = alt.Chart().mark_rule(strokeDash=[5, 3], color=OKABE_ITO["grey"]).transform_filter(
+        alt.FieldEqualPredicate(field="kind", equal="ceiling")).encode(y=alt.Y("recovery:Q", title=""),
+                                                                       tooltip=_rate_tooltip("kind"))
+    data = pl.concat([points, df.filter(pl.col("kind") == "ceiling"), means], how="diagonal_relaxed")
+    per_k = subsets.group_by(keys).agg(pl.len().alias("n"))["n"]
+    return alt.layer(ceiling, line, err, pts, data=data).properties(width=WIDTH // 2 + 60, height=HEIGHT).facet(
+        row=alt.Row("layer:O", title="focus layer"), column=_kind_column(df)).properties(title=_title(
+            f"Recovery vs number of heads patched at focus layer {', '.join(map(str, focus))} ({labels.model})",
+            [*_eligible_text(df),
+             f"pools: {', '.join(pools)}; points: random k-subsets ({_n(per_k)} per pool and k) with {labels.ci} "
+             "(bootstrap over number pairs); diamonds: the whole pool; squares: the random-head control; line: mean "
+             "over subsets; dashed: the ceiling (whole residual stream)",
+             _direction_text(df)]))
 
 
 def original_method(comparison: pl.DataFrame, labels: Labels, n_heads: int) -> alt.FacetChart:
-    """The original method (post-o_proj slices, positions [:min_len]) beside true per-head patching, same prompts."""
-    df = _head_set_label(bug_kind_rows(comparison)).with_columns(
-        pl.when(pl.col("success_rate").is_not_nan()).then(pl.col("success_rate")).alias("success_rate"),
+    """The original method (post-o_proj slices, positions [:min_len]) beside true per-head patching, same
+    prompts: recovery per head set, one row per layer and one column per pair kind (both orders pooled)."""
+    df = _patch_rows(comparison).with_columns(
         pl.when(pl.col("method") == "original").then(pl.lit("original method: attn output slices, positions [:min_len]"))
         .otherwise(pl.format("per-head: o_proj input, {} positions", "positions")).alias("method_label"))
     methods = (df.select("method", "positions", "method_label").unique()
@@ -318,27 +397,22 @@ def original_method(comparison: pl.DataFrame, labels: Labels, n_heads: int) -> a
     colour = alt.Color("method_label:N", title=None, sort=methods, legend=alt.Legend(orient="top", labelLimit=500,
                                                                                       direction="vertical"),
                        scale=alt.Scale(domain=methods, range=palette[:len(methods)]))
-    order = head_set_order(n_heads)
-    x = alt.X("head_set_label:N", sort=order, title="head set patched (all, even, odd, then single heads: even, odd)",
-              axis=alt.Axis(labelAngle=0))
+    order = [h for h in head_set_order(n_heads) if h in df["head_set_label"].to_list()]
+    x = alt.X("head_set_label:N", sort=order, title="head set patched", axis=alt.Axis(labelAngle=0))
+    offset = alt.XOffset("method_label:N", sort=methods)
     bars = alt.Chart().mark_bar().encode(
-        x=x, xOffset=alt.XOffset("method_label:N", sort=methods), color=colour,
-        y=alt.Y("success_rate:Q", title=f"success rate ({labels.ci})", scale=alt.Scale(domain=[0, 1])),
-        tooltip=["layer", "method", "positions", "head_set", alt.Tooltip("success_rate:Q", format=".3f"),
-                 alt.Tooltip("success_low:Q", format=".3f"), alt.Tooltip("success_high:Q", format=".3f"),
-                 alt.Tooltip("broken_rate:Q", format=".3f"), alt.Tooltip("mean_logit_diff:Q", format=".3f"),
-                 "n_eligible", "n_prompts"])
+        x=x, xOffset=offset, color=colour, y=alt.Y("recovery:Q", title=f"recovery ({labels.ci})"),
+        tooltip=_rate_tooltip("method", "positions"))
     err = alt.Chart().mark_errorbar(ticks=True, color="black").encode(
-        x=x, xOffset=alt.XOffset("method_label:N", sort=methods), y=alt.Y("success_low:Q", title=""),
-        y2="success_high:Q")
-    layered = alt.layer(bars, err, data=df).properties(width=max(22 * len(order) * len(methods) // 2, 360),
+        x=x, xOffset=offset, y=alt.Y("recovery_low:Q", title=""), y2="recovery_high:Q")
+    layered = alt.layer(bars, err, data=df).properties(width=max(22 * len(order) * len(methods) // 2, 240),
                                                         height=HEIGHT * 2 // 3)
     row = df.row(0, named=True)
-    return layered.facet(row=alt.Row("layer:O", title="focus layer")).properties(title=_title(
+    return layered.facet(row=alt.Row("layer:O", title="focus layer"), column=_kind_column(df)).properties(title=_title(
         f"The seed's head patching vs true per-head patching, same prompts ({labels.model})",
-        [_success_title(df),
+        [*_eligible_text(df),
          f"{row['source_format']} -> {row['target_format']} ({row['direction']}); bars: {labels.ci} "
-         "(bootstrap over number pairs)"]))
+         f"(bootstrap over number pairs); the ceiling and the random-head control: the sweep figure; {KIND_NOTE}"]))
 
 
 # --- 8. head -> feature attribution ---------------------------------------------------------------
