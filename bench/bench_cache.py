@@ -67,8 +67,8 @@ def main() -> None:
 
     def cached():
         with tempfile.TemporaryDirectory() as tmp:
-            paths = {layer: f"{tmp}/{hook_name(layer)}.parquet" for layer in layers}
-            cache_activations(model, rows, layers=layers, site="resid_post", dtype=cfg["cache"]["dtype"],
+            paths = {hook_name(layer): f"{tmp}/{hook_name(layer)}.parquet" for layer in layers}
+            cache_activations(model, rows, hooks=list(paths), dtype=cfg["cache"]["dtype"],
                               out_paths=paths, meta={}, batch_size=bs, pad_token_id=tok.pad_token_id, desc="bench")
 
     with MatmulFlops() as counter:

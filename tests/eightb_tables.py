@@ -122,7 +122,7 @@ def attribution_tables(prompts: pl.DataFrame, discriminative: pl.DataFrame, conf
     sel = prompts.filter(pl.col("format").is_in([pr["buggy_format"], pr["correct_format"]]))
     formats = sel["format"].to_numpy()
     n = sel.height
-    named = named_feature_ids(fcfg["named"])
+    named = named_feature_ids(config["sae"]["sets"][0]["named"])
     per_layer, parity = [], []
     for layer in analysed_layers(config):
         n_top = fcfg["attribution"]["n_features"]
@@ -166,9 +166,11 @@ def build_inputs(config: dict, root: Path) -> None:
                                                   confidence=boot["confidence"], seed=config["seed"]),
         layout.BASELINE_CONTRAST)
 
+    sae_set = config["sae"]["sets"][0]  # the primary set's tables: every light step reads one set's
     for layer in layers:
-        hook = hook_name(layer, config["cache"]["site"])
-        put(tables.FEATURES, feature_table(prompts, layer, rng), layout.FEATURES.format(hook=hook), layer=layer,
+        hook = hook_name(layer, sae_set["site"])
+        put(tables.FEATURES, feature_table(prompts, layer, rng), layout.per_set(layout.FEATURES, sae_set["name"], hook=hook),
+            sae_set=sae_set["name"], layer=layer,
             hook_name=hook, d_sae=D_SAE, positions="aligned")
         quality = {f.name: None for f in QUALITY_SCHEMA}
         quality.update(layer=layer, hook_name=hook, source="pretrained", d_sae=D_SAE, n_prompts=prompts.height,
@@ -178,7 +180,7 @@ def build_inputs(config: dict, root: Path) -> None:
                                                            "accuracy_clean", "accuracy_sae")},
                        n_tokens_prompts=prompts.height * N_ALIGNED, n_tokens_corpus=20_000)
         put(tables.SAE_QUALITY_LAYER, pa.Table.from_pylist([quality], schema=QUALITY_SCHEMA),
-            layout.SAE_QUALITY_LAYER.format(hook=hook), layer=layer, hook_name=hook)
+            layout.per_set(layout.SAE_QUALITY_LAYER, sae_set["name"], hook=hook), layer=layer, hook_name=hook)
 
     sweep_sets = {}
     for layer in layers:
@@ -211,12 +213,14 @@ def build_inputs(config: dict, root: Path) -> None:
 
 def build_attribution(config: dict, root: Path) -> None:
     """The head-attribution and parity tables, from the discriminative table a step wrote under `root`."""
-    discriminative = tables.frame(tables.DISCRIMINATIVE_FEATURES, config, root / layout.DISCRIMINATIVE_FEATURES)
+    name = config["sae"]["sets"][0]["name"]
+    discriminative = tables.frame(tables.DISCRIMINATIVE_FEATURES, config,
+                                  root / layout.per_set(layout.DISCRIMINATIVE_FEATURES, name))
     prompts = tables.frame(tables.PROMPTS, config, root / layout.PROMPTS)
     attribution, parity = attribution_tables(prompts, discriminative, config, np.random.default_rng(1))
-    _write(root, tables.HEAD_FEATURE_ATTRIBUTION, attribution, layout.HEAD_FEATURE_ATTRIBUTION,
+    _write(root, tables.HEAD_FEATURE_ATTRIBUTION, attribution, layout.per_set(layout.HEAD_FEATURE_ATTRIBUTION, name),
            _meta(tables.HEAD_FEATURE_ATTRIBUTION, config, position="decision"))
-    _write(root, tables.HEAD_PARITY, parity, layout.HEAD_PARITY, _meta(tables.HEAD_PARITY, config))
+    _write(root, tables.HEAD_PARITY, parity, layout.per_set(layout.HEAD_PARITY, name), _meta(tables.HEAD_PARITY, config))
 
 
 def _write(root: Path, spec: tables.Table, data, path: str, meta: dict) -> None:

@@ -24,7 +24,8 @@ def cached(ci_config, embedded, tmp_path_factory):
     paths = {0: str(out / f"{hook_name(0)}.parquet"), last: str(out / f"{hook_name(last)}.parquet")}
     # batch_size 4 mixes lengths (qa and simple rows), so left padding is exercised.
     assert any(b.pad.max() > 0 for b in iter_batches(rows, 4, tok.pad_token_id, "cpu"))
-    cache_activations(model, rows, layers=[0, last], site="resid_post", dtype="float32", out_paths=paths,
+    cache_activations(model, rows, hooks=[hook_name(0), hook_name(last)], dtype="float32",
+                      out_paths={hook_name(layer): path for layer, path in paths.items()},
                       meta={"config_hash": "test"}, batch_size=4, pad_token_id=tok.pad_token_id)
     return prompts, paths, last
 
@@ -82,8 +83,32 @@ def test_non_finite_activations_stop_the_cache(ci_config, embedded, tmp_path):
     path = tmp_path / "blocks.1.hook_resid_post.parquet"
     try:
         with pytest.raises(NonFiniteActivationError, match="NaN or Inf"):
-            cache_activations(model, rows, layers=[1], site="resid_post", dtype="float32", out_paths={1: str(path)},
-                              meta={}, batch_size=2, pad_token_id=tok.pad_token_id)
+            cache_activations(model, rows, hooks=[hook_name(1)], dtype="float32",
+                              out_paths={hook_name(1): str(path)}, meta={}, batch_size=2,
+                              pad_token_id=tok.pad_token_id)
     finally:
         handle.remove()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_pass_caches_every_site_and_the_residual_identity_holds(ci_config, embedded, tmp_path):
+    """Several sites of one layer in one forward pass (what a run with a residual and an MLP-output
+    SAE set caches): each lands in its own file, and resid_post(L) = resid_post(L-1) + attn_out(L) +
+    mlp_out(L), which fails if a site were mapped to the wrong module."""
+    model, tok = embedded
+    prompts = pl.from_arrow(build_prompt_table(ci_config, tok)).head(4)
+    rows = [{**r, "positions": positions_for(r, "aligned")} for r in prompts.to_dicts()]
+    layer = 5
+    hooks = [hook_name(layer - 1), hook_name(layer, "attn_out"), hook_name(layer, "mlp_out"), hook_name(layer)]
+    paths = {hook: str(tmp_path / f"{hook}.parquet") for hook in hooks}
+    n = cache_activations(model, rows, hooks=hooks, dtype="float32", out_paths=paths, meta={"config_hash": "test"},
+                          batch_size=4, pad_token_id=tok.pad_token_id)
+    acts = {}
+    for hook in hooks:
+        table, meta = read_table(paths[hook], kind="activations", config_hash="test")
+        assert meta["hook_name"] == hook and table.num_rows == n
+        acts[hook] = arrow_to_vectors(table["activation"], "float32")
+    resid_pre, attn, mlp, resid_post = (acts[h] for h in hooks)
+    assert (mlp - attn).abs().max() > 1e-3  # the sites differ: a hook on the wrong module would not
+    tol = forward_tolerance(model, scale=max_abs(resid_post), depth=layer + 1)
+    assert (resid_pre + attn + mlp - resid_post).abs().max().item() <= tol

@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 from bugscope import claims, layout, tables
+from bugscope.config import load_config
 from bugscope.features import DISCRIMINATIVE_COLUMNS, NAMED_SCHEMA, PARITY_COLUMNS
 from bugscope.io import read_metadata, read_table
 from bugscope.patch_summary import bug_kind_rows
@@ -16,8 +17,14 @@ from tests.test_figures import accuracy_table, overlap_table, patching_summary
 LEDGER = REPO / "config" / "claims.yaml"
 
 
+# The SAE sets of config/llama31_8b.yaml: the literal forms read the MLP-output set.
+LLAMA_SETS = claims.Context.from_config(load_config(REPO / "config" / "llama31_8b.yaml"), None).sae_sets
+
+
 def ctx(model="SmolLM2-135M-Instruct", focus=(5,), num_heads=9, num_layers=14) -> claims.Context:
-    return claims.Context(model, "embedded", num_layers, num_heads, "qa", "simple", list(focus) if focus else None)
+    sets = {"sae_sets": LLAMA_SETS} if "llama" in model.lower() else {}
+    return claims.Context(model, "embedded", num_layers, num_heads, "qa", "simple", list(focus) if focus else None,
+                          **sets)
 
 
 def overlap_rows(values: dict[int, float], ci: float = 2.0) -> pl.DataFrame:
@@ -357,3 +364,34 @@ def test_heldout_feature_ratio_rules_fail_when_the_top_feature_regresses_to_one(
         assert claims.evaluate_claim(ledger[cid], {"discriminative_features": table(1.6, 1.6)}, ctx())["verdict"] == "holds"
         # ranked first on the even pairs at 3x / 2.5x, about 1x on the held-out pairs
         assert claims.evaluate_claim(ledger[cid], {"discriminative_features": table(1.05, 1.05)}, ctx())["verdict"] == "fails"
+
+
+def test_a_literal_form_reads_the_sae_set_it_requires():
+    """requires_sae picks the set by release and site; a run without it cannot test the form, and the
+    primary set's rows never stand in for it."""
+    claim = {"id": "x", "section": "sae", "claim": "k", "study_value": "50", "forms": [
+        {"form": "literal", "requires_model": "Llama-3.1-8B",
+         "requires_sae": {"release": "llama_scope_lxm_8x", "site": "mlp_out"}, "description": "literal",
+         "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "range": [45, 60]}]},
+        {"form": "agnostic", "description": "agnostic",
+         "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "at_least": 1}]}]}
+    quality = pl.DataFrame({"sae_set": ["residual", "mlp_out"], "layer": [10, 10], "l0_corpus": [120.0, 52.0],
+                            "n_tokens_corpus": [100, 100]})
+    llama = ctx("Llama-3.1-8B-Instruct", num_layers=32, num_heads=32)
+    r = claims.evaluate_claim(claim, {"sae_quality": quality}, llama)
+    assert (r["verdict"], r["form"], r["measured"], r["sae_set"]) == ("holds", "literal", 52.0, "mlp_out")
+    # the MLP-output set's L0 out of range: the literal form fails (the residual set's would not be read)
+    r = claims.evaluate_claim(claim, {"sae_quality": quality.with_columns(
+        pl.when(pl.col("sae_set") == "mlp_out").then(200.0).otherwise(pl.col("l0_corpus")).alias("l0_corpus"))}, llama)
+    assert (r["verdict"], r["form"]) == ("fails", "literal")
+    # a run with only the residual set: the literal form is not testable; the agnostic one reads the primary set
+    only_residual = claims.Context(llama.model_name, "x", 32, 32, "qa", "simple", [10], LLAMA_SETS[:1])
+    r = claims.evaluate_claim(claim, {"sae_quality": quality}, only_residual)
+    assert (r["form"], r["measured"], r["sae_set"]) == ("agnostic", 120.0, "residual")
+    assert "llama_scope_lxm_8x at mlp_out" in r["detail"]
+    with pytest.raises(claims.LedgerError, match="requires_sae"):
+        bad = {**claim, "forms": [{**claim["forms"][0], "requires_sae": "llama_scope_lxm_8x"}]}
+        (tmp := LEDGER.parent.parent / ".pytest_cache" / "bad_ledger.yaml").parent.mkdir(exist_ok=True)
+        import yaml
+        tmp.write_text(yaml.safe_dump({"claims": [bad]}))
+        claims.load_ledger(tmp)

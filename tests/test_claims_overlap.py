@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from bugscope import claims
+from bugscope.config import load_config
 from tests.conftest import REPO
 
 LEDGER = {c["id"]: c for c in claims.load_ledger(REPO / "config" / "claims.yaml")}
@@ -18,9 +19,13 @@ LAYERS = list(range(32))
 MIDDLE = range(8, 25)  # 0.25 * 32 .. 0.75 * 32
 
 
+LLAMA_SETS = claims.Context.from_config(load_config(REPO / "config" / "llama31_8b.yaml"), None).sae_sets
+
+
 def ctx(literal: bool) -> claims.Context:
     model = "meta-llama/Llama-3.1-8B-Instruct" if literal else "SmolLM2-135M-Instruct"
-    return claims.Context(model, "x", 32, 32 if literal else 9, "qa", "simple", [10])
+    return claims.Context(model, "x", 32, 32 if literal else 9, "qa", "simple", [10],
+                          **({"sae_sets": LLAMA_SETS} if literal else {}))
 
 
 # The seed's story, true beyond the baseline: overlap collapses at 7 (a format effect of 40

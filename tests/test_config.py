@@ -15,7 +15,7 @@ from bugscope.config import (
 from tests.conftest import REPO
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "ci.yaml", "llama31_8b.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "ci.yaml", "llama31_8b.yaml", "llama31_8b_shaped.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(REPO / "config" / name)
     assert cfg["model"]["num_layers"] >= max(analysed_layers(cfg)) + 1
@@ -39,6 +39,11 @@ def raw_ci():
     (lambda c: c.update(layers=[0, 30]), r"layers \[30\] are out of range"),
     (lambda c: c["prompts"].update(buggy_format="nope"), "prompts.buggy_format"),
     (lambda c: c["prompts"].update(question="Which is bigger: {a}?"), r"\{b\}"),
+    (lambda c: c["sae"]["sets"].append({"name": "main"}), r"names \['main', 'mlp', 'main'\] repeat"),
+    (lambda c: c["sae"]["sets"][1].update(layers=[10, 11]), r"sae.sets\[1\] \(mlp\) covers layers \[11\], which are not analysed"),
+    (lambda c: c["sae"]["sets"][1].update(named={"0": {"x": [1]}}), r"names features at layers \[0\], which the set does not cover"),
+    (lambda c: c["sae"]["sets"][1].update(source="pretrained"), r"source pretrained but no release and sae_id"),
+    (lambda c: c["sae"]["sets"][1].update(name="mlp out"), r"sae.sets.1.name"),
 ])
 def test_bad_configs_fail_with_the_key(edit, message):
     cfg = raw_ci()
@@ -62,3 +67,27 @@ def test_renamed_key_is_refused_with_its_new_name(ci_config):
         validate_config({"model": ci_config["model"], "patching": {"seed_method": False}})
     assert validate_config({"model": ci_config["model"], "patching": {"original_method": False}})["patching"][
         "original_method"] is False
+
+
+@pytest.mark.parametrize("section,key,where", [
+    ("cache", "site", r"'cache.site' moved to 'sae.sets\[\].site'"),
+    ("sae", "source", r"'sae.source' moved to 'sae.sets\[\].source'"),
+    ("sae", "release", r"'sae.release' moved to 'sae.sets\[\].release'"),
+    ("features", "named", r"'features.named' moved to 'sae.sets\[\].named'"),
+])
+def test_moved_keys_are_refused_with_where_they_went(ci_config, section, key, where):
+    with pytest.raises(ConfigError, match=where):
+        validate_config({"model": ci_config["model"], section: {key: "resid_post"}})
+
+
+def test_sae_sets_resolve_layers_and_the_primary_set():
+    from bugscope.config import primary_sae_set, sae_sets, with_sae_set
+
+    cfg = validate_config(raw_ci())
+    assert [(s["name"], s["site"], s["layers"]) for s in sae_sets(cfg)] == [
+        ("main", "resid_post", [0, 10, 29]), ("mlp", "mlp_out", [10])]
+    assert primary_sae_set(cfg) == "main" and with_sae_set(cfg, "mlp")["sae_set"]["site"] == "mlp_out"
+    with pytest.raises(ConfigError, match=r"no SAE set 'nope'"):
+        with_sae_set(cfg, "nope")
+    default = validate_config({"model": cfg["model"]})
+    assert [(s["name"], s["source"], s["site"]) for s in sae_sets(default)] == [("main", "train", "resid_post")]

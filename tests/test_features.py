@@ -13,6 +13,7 @@ from scipy import stats as sps
 
 from bugscope import attribution as A
 from bugscope import features as F
+from bugscope.config import primary_sae_set, with_sae_set
 from tests.numerics import max_abs, rounding_tolerance
 
 
@@ -599,11 +600,11 @@ def test_stage_drivers(stage_inputs):
     assert meta["sources"]["10"]["sae"] == "hand-made"
     table, _ = F.run_discriminative(config, tmp / "prompts.parquet", tmp / "scores.parquet", paths)
     assert set(table["layer"]) == {0, 10} and table["q_value"].is_between(0, 1).all()
-    cfg = copy.deepcopy(config)
-    cfg["features"]["named"] = {"10": {"cat": [3, 7]}}
+    cfg = with_sae_set(copy.deepcopy(config), primary_sae_set(config))
+    cfg["sae_set"]["named"] = {"10": {"cat": [3, 7]}}
     named, nmeta = F.run_named(cfg, tmp / "prompts.parquet", paths)
     assert named["feature_id"].to_list() == [3, 7] and named["layer"].to_list() == [10, 10]
-    cfg["features"]["named"] = {"10": {"cat": [3, 25523]}}
+    cfg["sae_set"]["named"] = {"10": {"cat": [3, 25523]}}
     with pytest.raises(ValueError, match="out of range"):
         F.run_named(cfg, tmp / "prompts.parquet", paths)
     cfg["features"]["position"] = "aligned_mean"
@@ -619,10 +620,6 @@ def test_check_config_rejects_unanalysed_layers(ci_config):
     from bugscope.config import ConfigError
 
     cfg = copy.deepcopy(ci_config)
-    cfg["features"]["named"] = {"11": {"x": [1]}}
-    with pytest.raises(ConfigError, match="not analysed"):
-        F.check_config(cfg)
-    cfg["features"]["named"] = {}
     cfg["features"]["attribution"]["layers"] = [10, 12]
     with pytest.raises(ConfigError, match="not analysed"):
         F.check_config(cfg)

@@ -17,9 +17,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bugscope import claims, layout
-from bugscope.config import analysed_layers, layer_groups, load_config, stage_hash
+from bugscope.config import analysed_layers, layer_groups, primary_sae_set, stage_hash, validate_config
 from bugscope.sites import hook_name
 from tests.conftest import REPO
 from tests.eightb_tables import build_attribution, build_inputs
@@ -73,12 +74,27 @@ def _figure(name: str, **inputs) -> dict:
             "params": {"png_scale": CFG["figures"]["png_scale"]}, "log": f"{layout.LOGS}/figures/{name}.log"}
 
 
-CFG = load_config(CONFIG)
+def one_set_config() -> dict:
+    """config/llama31_8b.yaml with its named ids (on the mlp_out set) moved to the primary set: a light
+    step reads one set's tables, so every step is measured on the primary set at the same sizes."""
+    raw = yaml.safe_load(CONFIG.read_text())
+    sets = raw["sae"]["sets"]
+    sets[0]["named"] = next(s["named"] for s in sets if s.get("named"))
+    raw["sae"]["sets"] = sets[:1]
+    return raw
+
+
+CFG = validate_config(one_set_config())
+SET = primary_sae_set(CFG)
 LAYERS = analysed_layers(CFG)
-HOOKS = [hook_name(layer, CFG["cache"]["site"]) for layer in LAYERS]
-NAMED_LAYERS = sorted(int(layer) for layer in CFG["features"]["named"])
-FEATURES = [layout.FEATURES.format(hook=hook) for hook in HOOKS]
+HOOKS = [hook_name(layer, CFG["sae"]["sets"][0]["site"]) for layer in LAYERS]
+NAMED_LAYERS = sorted(int(layer) for layer in CFG["sae"]["sets"][0]["named"])
+FEATURES = [layout.per_set(layout.FEATURES, SET, hook=hook) for hook in HOOKS]
 FEATURE_HASH = stage_hash(CFG, "features")
+
+
+def per_set(template: str) -> str:
+    return layout.per_set(template, SET)
 
 # rule: (the steps whose outputs it reads, how the rule calls its script); the rules of workflow/rules/*.smk.
 STEPS = {
@@ -91,28 +107,31 @@ STEPS = {
         "params": {"config_hash": stage_hash(CFG, "patching_summary")}}),
     "feature_overlap": ([], {
         "script": "feature_overlap.py", "input": {"prompts": layout.PROMPTS, "features": FEATURES},
-        "output": {"overlap": layout.FEATURE_OVERLAP, "pairs": layout.FEATURE_OVERLAP_PAIRS},
-        "params": {"layers": LAYERS, "config_hash": FEATURE_HASH}}),
+        "output": {"overlap": per_set(layout.FEATURE_OVERLAP), "pairs": per_set(layout.FEATURE_OVERLAP_PAIRS)},
+        "params": {"sae_set": SET, "layers": LAYERS, "config_hash": FEATURE_HASH}}),
     "discriminative_features": ([], {
         "script": "discriminative_features.py",
         "input": {"prompts": layout.PROMPTS, "scores": layout.BASELINE_SCORES, "features": FEATURES},
-        "output": {"discriminative": layout.DISCRIMINATIVE_FEATURES},
-        "params": {"layers": LAYERS, "config_hash": FEATURE_HASH}}),
+        "output": {"discriminative": per_set(layout.DISCRIMINATIVE_FEATURES)},
+        "params": {"sae_set": SET, "layers": LAYERS, "config_hash": FEATURE_HASH}}),
     "named_features": ([], {
         "script": "named_features.py",
         "input": {"prompts": layout.PROMPTS,
-                  "features": [layout.FEATURES.format(hook=hook_name(la, CFG["cache"]["site"])) for la in NAMED_LAYERS]},
-        "output": {"named": layout.NAMED_FEATURES}, "params": {"layers": NAMED_LAYERS, "config_hash": FEATURE_HASH}}),
+                  "features": [layout.per_set(layout.FEATURES, SET, hook=hook_name(la)) for la in NAMED_LAYERS]},
+        "output": {"named": per_set(layout.NAMED_FEATURES)},
+        "params": {"sae_set": SET, "layers": NAMED_LAYERS, "config_hash": FEATURE_HASH}}),
     "aggregate_sae_quality": ([], {
         "script": "aggregate_sae_quality.py",
-        "input": {"quality": [layout.SAE_QUALITY_LAYER.format(hook=hook) for hook in HOOKS]},
-        "output": {"quality": layout.SAE_QUALITY}, "params": {"config_hash": stage_hash(CFG, "sae")}}),
+        "input": {"quality": [layout.per_set(layout.SAE_QUALITY_LAYER, SET, hook=hook) for hook in HOOKS]},
+        "output": {"quality": layout.SAE_QUALITY},
+        "params": {"sae_sets": [SET] * len(HOOKS), "config_hash": stage_hash(CFG, "sae")}}),
     "fig_baseline_accuracy": ([], _figure("baseline_accuracy", accuracy=layout.BASELINE_ACCURACY)),
-    "fig_feature_overlap": (["feature_overlap"], _figure("feature_overlap", overlap=layout.FEATURE_OVERLAP)),
-    "fig_amplification": (["feature_overlap"], _figure("amplification", overlap=layout.FEATURE_OVERLAP)),
+    "fig_feature_overlap": (["feature_overlap"], _figure("feature_overlap", overlap=per_set(layout.FEATURE_OVERLAP))),
+    "fig_amplification": (["feature_overlap"], _figure("amplification", overlap=per_set(layout.FEATURE_OVERLAP))),
     "fig_format_features": (["discriminative_features", "named_features"], _figure(
-        "format_features", discriminative=layout.DISCRIMINATIVE_FEATURES, named=layout.NAMED_FEATURES)),
-    "fig_head_attribution": (["attribution"], _figure("head_attribution", attribution=layout.HEAD_FEATURE_ATTRIBUTION)),
+        "format_features", discriminative=per_set(layout.DISCRIMINATIVE_FEATURES), named=per_set(layout.NAMED_FEATURES))),
+    "fig_head_attribution": (["attribution"], _figure("head_attribution",
+                                                      attribution=per_set(layout.HEAD_FEATURE_ATTRIBUTION))),
     "fig_sae_quality": (["aggregate_sae_quality"], _figure("sae_quality", quality=layout.SAE_QUALITY)),
     "fig_head_sweep": (["head_patching_summary"], _figure("head_sweep", summary=layout.PATCHING_SUMMARY)),
     "fig_head_subsets": (["head_patching_summary"], _figure("head_subsets", summary=layout.PATCHING_SUMMARY)),
@@ -121,16 +140,17 @@ STEPS = {
         "script": "report_table.py", "input": {"table": path}, "output": {"html": layout.REPORT_TABLE.format(name=name)},
         "params": {}, "wildcards": {"name": name}})
        for name, path, producer in (("baseline_accuracy", layout.BASELINE_ACCURACY, None),
-                                    ("feature_overlap", layout.FEATURE_OVERLAP, "feature_overlap"),
-                                    ("named_features", layout.NAMED_FEATURES, "named_features"),
+                                    ("feature_overlap", per_set(layout.FEATURE_OVERLAP), "feature_overlap"),
+                                    ("named_features", per_set(layout.NAMED_FEATURES), "named_features"),
                                     ("sae_quality", layout.SAE_QUALITY, "aggregate_sae_quality"))},
     "claims_ledger": (["head_patching_summary", "feature_overlap", "named_features", "aggregate_sae_quality",
                        "attribution"], {
         "script": "claims_ledger.py",
         "input": {"ledger": str(REPO / "config" / "claims.yaml"), "prompts": layout.PROMPTS,
-                  **{name: spec.path for name, spec in claims.TABLES.items()}},
+                  **{name: per_set(spec.path) for name, spec in claims.TABLES.items()}},
         "output": {"claims": layout.CLAIMS, "markdown": layout.CLAIMS_MARKDOWN, "html": layout.CLAIMS_HTML},
-        "params": {}}),
+        "params": {"table_sets": {name: [SET] if "{sae_set}" in spec.path else [None]
+                                  for name, spec in claims.TABLES.items()}}}),
 }
 
 
@@ -140,6 +160,8 @@ class Study:
     def __init__(self, root: Path):
         self.root = root
         self.results: dict[str, dict] = {}
+        self.config = root / "config.yaml"
+        self.config.write_text(yaml.safe_dump(one_set_config()))
         build_inputs(CFG, root)
 
     def run(self, rule: str) -> dict:
@@ -153,7 +175,7 @@ class Study:
         deps, call = STEPS[rule]
         for dep in deps:
             self.run(dep)
-        spec = {"root": str(self.root), "config": str(CONFIG), "rule": rule, "wildcards": {},
+        spec = {"root": str(self.root), "config": str(self.config), "rule": rule, "wildcards": {},
                 "log": f"{layout.LOGS}/{rule}.log", **call, "script": str(REPO / "workflow" / "scripts" / call["script"])}
         proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(spec)], capture_output=True, text=True,
                               timeout=900)

@@ -43,8 +43,8 @@ def test_widths_are_derived_when_the_config_does_not_give_them():
     # sqrt(0.135e9 / (12 x 30)) = 612, rounded up to 640: the right order for a memory request
     assert resources.d_model(cfg) == 640
     assert resources.d_sae(cfg) == cfg["sae"]["expansion"] * 640
-    pretrained = {**cfg, "sae": {**cfg["sae"], "source": "pretrained", "release": "llama_scope_lxr_32x"}}
-    assert resources.d_sae(pretrained) == 32 * 640
+    pretrained = {"name": "p", "source": "pretrained", "release": "llama_scope_lxr_32x"}
+    assert resources.d_sae(cfg, pretrained) == 32 * 640
     # training holds the group's SAEs in float32, plus gradients and Adam's moments of one
     one = 640 * 1280 * 2 * 4 / 1e6
     mem = resources.job_resources(cfg, "train_sae", [0, 1])["mem_mb"]
@@ -58,7 +58,7 @@ def test_models_rules_without_saes_ask_for_what_they_did_before(config):
     size_b, scale = cfg["model"]["size_b"], cfg["resources"]["minutes_per_b_per_100_prompts"]
     weights = int(size_b * 1000 * (4 if cfg["model"]["dtype"] == "float32" else 2))
     for rule, res in resources.rule_table(cfg):
-        stage = next(s for s in resources.MODEL_RULES if rule == s or rule.startswith(s + "_L"))
+        stage = next(s for s in resources.MODEL_RULES if rule == s or rule.startswith(s + "_"))
         if stage in ("baseline", "cache_residuals", "cache_corpus", "head_sweep", "head_subsets",
                      "head_original_method"):
             assert res["mem_mb"] == 4000 + 2 * weights, rule

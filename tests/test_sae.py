@@ -61,7 +61,7 @@ def layer_data(tmp_path_factory, embedded, ci_config):
     prompt_rows = [{**r, "positions": positions_for(r, "aligned")} for r in prompts.to_pylist()]
     paths = {"prompts": root / "prompts.parquet", "corpus": root / "corpus.parquet"}
     for name, rows, dtype in (("prompts", prompt_rows, "float32"), ("corpus", cache_rows(corpus), "float16")):
-        cache_activations(model, rows, layers=[LAYER], site="resid_post", dtype=dtype, out_paths={LAYER: paths[name]},
+        cache_activations(model, rows, hooks=[HOOK], dtype=dtype, out_paths={HOOK: paths[name]},
                           meta={"dataset": name, "config_hash": stage_hash(ci_config, STAGE_OF[name])},
                           batch_size=16, pad_token_id=tokenizer.pad_token_id)
     train_ids = frozenset(pc.filter(corpus.column("prompt_id"), pc.equal(corpus.column("split"), "train")).to_pylist())
@@ -381,14 +381,18 @@ def test_ci_workflow_sae_outputs(ci_workflow, ci_config):
     from bugscope.io import read_table
 
     quality, meta = read_table(ci_workflow / layout.SAE_QUALITY, kind=tables.SAE_QUALITY.kind)
-    assert quality.column("layer").to_pylist() == ci_config["layers"]
+    # one row per (set, layer): the main set at every analysed layer, then the mlp set at layer 10
+    assert list(zip(quality.column("sae_set").to_pylist(), quality.column("layer").to_pylist())) == [
+        *(("main", layer) for layer in ci_config["layers"]), ("mlp", 10)]
+    assert quality.column("sae_trained_on_model").to_pylist() == [True] * quality.num_rows
+    assert set(quality.column("sae_model").to_pylist()) == {ci_config["model"]["checkpoint"]}
     assert meta["excluded_positions"] == [0] and meta["heldout_pair_ids"]
-    for layer in ci_config["layers"]:
-        hook = f"blocks.{layer}.hook_resid_post"
-        sae = SAE.load_from_disk(ci_workflow / layout.SAE_DIR.format(hook=hook))
+    for sae_set, layer, site in [*(("main", layer, "resid_post") for layer in ci_config["layers"]), ("mlp", 10, "mlp_out")]:
+        hook = f"blocks.{layer}.hook_{site}"
+        sae = SAE.load_from_disk(ci_workflow / layout.per_set(layout.SAE_DIR, sae_set, hook=hook))
         assert sae.cfg.metadata.hook_name == hook
-        features, fmeta = read_table(ci_workflow / layout.FEATURES.format(hook=hook), kind="features")
-        assert fmeta["sae"]["source"] == "train" and fmeta["layer"] == layer
+        features, fmeta = read_table(ci_workflow / layout.per_set(layout.FEATURES, sae_set, hook=hook), kind="features")
+        assert fmeta["sae"]["source"] == "train" and fmeta["layer"] == layer and fmeta["sae_set"] == sae_set
         keys, x = _read_acts(ci_workflow / layout.activations("prompts", hook))
         with torch.no_grad():
             dense = sae.encode(x)

@@ -58,32 +58,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import polars as pl
-import yaml
 
-from bugscope import tables
+from bugscope.ledger import (  # noqa: F401  (the ledger file's grammar, re-exported for callers)
+    AGGREGATES,
+    TABLES,
+    TESTS,
+    LedgerError,
+    load_ledger,
+    metric_columns,
+    referenced_columns,
+)
 from bugscope.prompts import ALL, BUG_PAIR_KIND
 
 VERDICTS = ("holds", "fails", "not testable here")
-TESTS = ("near", "range", "at_least", "at_most", "below", "above", "local_max")
-AGGREGATES = ("single", "min", "max", "max_abs", "min_abs")
 
-
-# The tables the ledger can test, by the name a claim uses (bugscope.tables declares each).
-TABLES: dict[str, tables.Table] = {
-    "baseline_accuracy": tables.BASELINE_ACCURACY,
-    "baseline_scores": tables.BASELINE_SCORES,
-    "baseline_contrast": tables.BASELINE_CONTRAST,
-    "feature_overlap": tables.FEATURE_OVERLAP,
-    "discriminative_features": tables.DISCRIMINATIVE_FEATURES,
-    "named_features": tables.NAMED_FEATURES,
-    "head_parity": tables.HEAD_PARITY,
-    "head_patching": tables.PATCHING_SUMMARY,
-    "sae_quality": tables.SAE_QUALITY,
-}
 
 # Rows a check selects unless its `where` names the column: the bug's pair kind with both question
 # orders pooled (the control kinds and the single orders are separate rows of these tables).
@@ -106,10 +97,6 @@ RESULT_SCHEMA = {
     "rule": pl.String, "selected": pl.String, "measured": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
     "n": pl.Int64, "sae_set": pl.String, "detail": pl.String,
 }
-
-
-class LedgerError(ValueError):
-    """The ledger file is malformed; the message names the claim and the key."""
 
 
 class NotTestable(Exception):
@@ -151,71 +138,6 @@ class Context:
     def is_model(self, wanted: str) -> bool:
         norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())  # noqa: E731
         return norm(wanted) in norm(self.model_name) or norm(wanted) in norm(self.model_checkpoint)
-
-
-# --- ledger file ----------------------------------------------------------------------------------
-
-
-def load_ledger(path: str | Path) -> list[dict]:
-    """The claims of a ledger file, checked for shape (not for columns: see `check_columns`)."""
-    with open(path) as fh:
-        doc = yaml.safe_load(fh) or {}
-    claims = doc.get("claims")
-    if not isinstance(claims, list) or not claims:
-        raise LedgerError(f"{path}: expected a top-level 'claims:' list with at least one claim.")
-    seen = set()
-    for c in claims:
-        cid = c.get("id")
-        for key in ("id", "section", "claim", "study_value", "forms"):
-            if key not in c:
-                raise LedgerError(f"{path}: claim {cid or '?'} has no '{key}'.")
-        if cid in seen:
-            raise LedgerError(f"{path}: claim id {cid!r} appears twice.")
-        seen.add(cid)
-        for form in c["forms"]:
-            if form.get("form") not in ("literal", "agnostic"):
-                raise LedgerError(f"{path}: claim {cid}: each form needs 'form: literal' or 'form: agnostic'.")
-            if "description" not in form or not form.get("checks"):
-                raise LedgerError(f"{path}: claim {cid} ({form['form']}): a form needs a description and checks.")
-            wanted = form.get("requires_sae")
-            if wanted is not None and (not isinstance(wanted, dict) or set(wanted) != {"release", "site"}):
-                raise LedgerError(f"{path}: claim {cid} ({form['form']}): requires_sae must be "
-                                  "{release: <SAE-Lens release>, site: <hook site>}.")
-            for check in form["checks"]:
-                _check_shape(cid, check, path)
-    return claims
-
-
-def _check_shape(cid: str, check: dict, path) -> None:
-    if check.get("table") not in TABLES:
-        raise LedgerError(f"{path}: claim {cid}: table {check.get('table')!r} is not one of {', '.join(TABLES)}.")
-    if "metric" not in check:
-        raise LedgerError(f"{path}: claim {cid}: a check needs a 'metric' (a column or 'a / b').")
-    tests = [t for t in TESTS if t in check]
-    if len(tests) != 1:
-        raise LedgerError(f"{path}: claim {cid}: a check needs exactly one test of {', '.join(TESTS)}; found {tests}.")
-    if check.get("aggregate", "single") not in AGGREGATES:
-        raise LedgerError(f"{path}: claim {cid}: aggregate must be one of {', '.join(AGGREGATES)}.")
-
-
-def metric_columns(metric: str) -> list[str]:
-    return [p.strip() for p in metric.split("/")]
-
-
-def referenced_columns(check: dict) -> list[str]:
-    """Every column of its table a check reads: where keys, metric, CI, `also` and `after` marks."""
-    cols = list(check.get("where", {}))
-    cols += metric_columns(check["metric"])
-    cols += list(check.get("ci", []))
-    cols += list(check.get("also", {}))
-    cols += list(check.get("beside", []))
-    for v in check.get("where", {}).values():
-        if isinstance(v, dict) and "after" in v:
-            cols.append(v["after"])
-    for test in ("below", "above"):
-        if test in check:
-            cols += list(check[test].get("where", {}))
-    return cols
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -514,5 +436,3 @@ def prepare_tables(raw: Mapping[str, pl.DataFrame], prompts: pl.DataFrame | None
             prompts.select("prompt_id", "correct", "wrong"), on="prompt_id", how="left")
     return out
 
-
-# --- rendering ------------------------------------------------------------------------------------

@@ -388,7 +388,7 @@ def load_sae(sae_dir: str | Path, *, device: str = "cpu"):
 
 def sae_provenance_meta(provenance: dict) -> dict:
     """The SAE fields copied into the metadata of every table made with it."""
-    keys = ("source", "release", "sae_id", "sae_repo_id", "sae_revision", "hook_name", "d_sae", "architecture",
+    keys = ("sae_set", "source", "release", "sae_id", "sae_repo_id", "sae_revision", "hook_name", "d_sae", "architecture",
             "seed", "training")
     return {"sae": {k: provenance.get(k) for k in keys if k in provenance}}
 
