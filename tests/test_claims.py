@@ -366,7 +366,7 @@ def test_heldout_feature_ratio_rules_fail_when_the_top_feature_regresses_to_one(
         assert claims.evaluate_claim(ledger[cid], {"discriminative_features": table(1.05, 1.05)}, ctx())["verdict"] == "fails"
 
 
-def test_a_literal_form_reads_the_sae_set_it_requires():
+def test_a_literal_form_reads_the_sae_set_it_requires(tmp_path):
     """requires_sae picks the set by release and site; a run without it cannot test the form, and the
     primary set's rows never stand in for it."""
     claim = {"id": "x", "section": "sae", "claim": "k", "study_value": "50", "forms": [
@@ -389,9 +389,26 @@ def test_a_literal_form_reads_the_sae_set_it_requires():
     r = claims.evaluate_claim(claim, {"sae_quality": quality}, only_residual)
     assert (r["form"], r["measured"], r["sae_set"]) == ("agnostic", 120.0, "residual")
     assert "llama_scope_lxm_8x at mlp_out" in r["detail"]
+    import yaml
+
+    bad = {**claim, "forms": [{**claim["forms"][0], "requires_sae": "llama_scope_lxm_8x"}]}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"claims": [bad]}))
     with pytest.raises(claims.LedgerError, match="requires_sae"):
-        bad = {**claim, "forms": [{**claim["forms"][0], "requires_sae": "llama_scope_lxm_8x"}]}
-        (tmp := LEDGER.parent.parent / ".pytest_cache" / "bad_ledger.yaml").parent.mkdir(exist_ok=True)
-        import yaml
-        tmp.write_text(yaml.safe_dump({"claims": [bad]}))
-        claims.load_ledger(tmp)
+        claims.load_ledger(tmp_path / "bad.yaml")
+
+
+def test_an_agnostic_verdict_is_compared_across_sae_sets():
+    """The same agnostic rule on every SAE set: agreement is reported, and a disagreement is visible."""
+    claim = {"id": "x", "section": "sae", "claim": "l0", "study_value": "1", "forms": [
+        {"form": "agnostic", "description": "agnostic",
+         "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "at_most": 60}]}]}
+    sets = LLAMA_SETS
+    run = claims.Context("m", "x", 32, 32, "qa", "simple", [10], sets)
+    agree = pl.DataFrame({"sae_set": ["residual", "mlp_out"], "layer": [10, 10], "l0_corpus": [40.0, 52.0],
+                          "n_tokens_corpus": [100, 100]})
+    r = claims.evaluate_claim(claim, {"sae_quality": agree}, run)
+    assert (r["verdict"], r["sae_set"], r["agrees_across_sae_sets"]) == ("holds", "residual", True)
+    r = claims.evaluate_claim(claim, {"sae_quality": agree.with_columns(pl.Series("l0_corpus", [40.0, 90.0]))}, run)
+    assert (r["verdict"], r["agrees_across_sae_sets"]) == ("holds", False) and "mlp_out: fails" in r["detail"]
+    one = claims.Context("m", "x", 32, 32, "qa", "simple", [10], sets[:1])
+    assert claims.evaluate_claim(claim, {"sae_quality": agree.head(1)}, one)["agrees_across_sae_sets"] is None

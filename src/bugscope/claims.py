@@ -46,7 +46,9 @@ Unless a check names them, `pair_kind` and `order` select the bug's kind with bo
 SAE sets: the feature tables and the SAE quality table hold one set's rows per `sae_set`. A form
 reads the primary set (the first of `sae.sets`) unless it declares `requires_sae: {release, site}`
 (the seed's feature ids belong to Llama Scope's MLP-output SAEs): it then reads the set with that
-release and site, and is not testable on a run without one.
+release and site, and is not testable on a run without one. An agnostic form is also evaluated on
+every other set: `agrees_across_sae_sets` says whether its verdict is the same there (null with one
+set, or where no other set could test it).
 
 A claim on a selected item (a marked layer, a top-ranked feature, the most correlated feature) is
 tested on data that did not select it, which the ledger says in the form's description: marks and
@@ -95,7 +97,7 @@ RESULT_SCHEMA = {
     "claim_id": pl.String, "section": pl.String, "claim": pl.String, "study_value": pl.String,
     "verdict": pl.String, "form": pl.String, "form_tested": pl.String, "table": pl.String, "metric": pl.String,
     "rule": pl.String, "selected": pl.String, "measured": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
-    "n": pl.Int64, "sae_set": pl.String, "detail": pl.String,
+    "n": pl.Int64, "sae_set": pl.String, "agrees_across_sae_sets": pl.Boolean, "detail": pl.String,
 }
 
 
@@ -402,21 +404,47 @@ def evaluate_claim(claim: dict, tables: Mapping[str, pl.DataFrame | None], ctx: 
             reasons.append(f"{kind}: {why}")
             continue
         first, check = results[0], form["checks"][0]
+        verdict = "holds" if all(r["ok"] for r in results) else "fails"
+        per_set = any(_per_set(tables.get(c["table"])) for c in form["checks"])
+        others = _other_set_verdicts(form, tables, ctx, claim["study_value"], sae_set) if per_set else {}
         notes = [r["note"] for r in results if r["note"]]
         notes += [f"check {i + 1}: {_rule_text(c, claim['study_value'])} -> {r['value']:.4g} at {r['selected']} "
                   f"({'pass' if r['ok'] else 'fail'})" for i, (c, r) in enumerate(zip(form["checks"], results)) if i > 0]
-        return {**base, "verdict": "holds" if all(r["ok"] for r in results) else "fails", "form": kind,
+        if others:
+            notes.append("on the other SAE sets: " + ", ".join(f"{name}: {v}" for name, v in others.items()))
+        tested = [v for v in others.values() if v in ("holds", "fails")]
+        return {**base, "verdict": verdict, "form": kind,
                 "form_tested": form["description"].strip(),
                 "table": ", ".join(dict.fromkeys(c["table"] for c in form["checks"])), "metric": check["metric"],
                 "rule": "; ".join(_rule_text(c, claim["study_value"]) for c in form["checks"]),
                 "selected": first["selected"], "measured": first["value"], "ci_low": first["low"],
                 "ci_high": first["high"], "n": first["n"],
-                "sae_set": sae_set if any(_per_set(tables.get(c["table"])) for c in form["checks"]) else None,
+                "sae_set": sae_set if per_set else None,
+                "agrees_across_sae_sets": all(v == verdict for v in tested) if tested else None,
                 "detail": "; ".join([*reasons, *notes])}
     return {**base, "verdict": "not testable here", "form": None, "form_tested": None,
             "table": ", ".join(dict.fromkeys(c["table"] for f in claim["forms"] for c in f["checks"])),
             "metric": claim["forms"][0]["checks"][0]["metric"], "rule": None, "selected": None, "measured": None,
-            "ci_low": None, "ci_high": None, "n": None, "sae_set": None, "detail": "; ".join(reasons)}
+            "ci_low": None, "ci_high": None, "n": None, "sae_set": None, "agrees_across_sae_sets": None,
+            "detail": "; ".join(reasons)}
+
+
+def _other_set_verdicts(form: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context, study_value,
+                        tested_on: str) -> dict[str, str]:
+    """An agnostic form's verdict on every other SAE set ("does it hold with other SAEs?"); a literal
+    form is about one set's feature ids, so it has none."""
+    if form["form"] != "agnostic":
+        return {}
+    out = {}
+    for s in ctx.sae_sets:
+        if s["name"] == tested_on:
+            continue
+        try:
+            ok = all(run_check(c, tables, ctx, study_value, s["name"])["ok"] for c in form["checks"])
+            out[s["name"]] = "holds" if ok else "fails"
+        except NotTestable:
+            out[s["name"]] = "not testable"
+    return out
 
 
 def _per_set(df: pl.DataFrame | None) -> bool:

@@ -36,7 +36,8 @@ def _fmt(v, digits: int = 3) -> str:
 
 DISPLAY = [("claim_id", "claim"), ("claim", "what the seed asserts"), ("study_value", "seed value"),
            ("verdict", "verdict"), ("form", "form"), ("form_tested", "form tested"), ("rule", "decision rule"),
-           ("selected", "row"), ("measured", "measured"), ("ci", "CI"), ("n", "n"), ("detail", "detail")]
+           ("selected", "row"), ("sae_set", "SAE set"), ("measured", "measured"), ("ci", "CI"), ("n", "n"),
+           ("agrees_across_sae_sets", "same verdict on the other SAE sets"), ("detail", "detail")]
 
 
 def _display_rows(ledger: pl.DataFrame) -> list[dict]:
