@@ -78,6 +78,22 @@ def feature_targets():
     ]
 
 
+def named_layers(sae_set):
+    return sorted(int(layer) for layer in SAE_SETS[sae_set]["named"])
+
+
+def attribution_layers(sae_set):
+    return bugscope_features.attribution_layers(config, SAE_SETS[sae_set]["layers"])
+
+
+def set_features(sae_set, layers=None):
+    """The feature tables of a set, one per layer (all of its layers, or `layers`)."""
+    return [
+        layout.per_set(layout.FEATURES, sae_set, hook=hook)
+        for hook in set_hooks(sae_set, layers)
+    ]
+
+
 def feature_tables(sae_set):
     """The feature-analysis tables of one set, by output name; no head attribution on a site that
     heads have no direct path into (mlp_out)."""

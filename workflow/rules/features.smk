@@ -8,22 +8,6 @@ bugscope_features.check_config(config)
 FEATURE_CONFIG_HASH = stage_hash(config, "features")
 
 
-def named_layers(sae_set):
-    return sorted(int(layer) for layer in SAE_SETS[sae_set]["named"])
-
-
-def attribution_layers(sae_set):
-    return bugscope_features.attribution_layers(config, SAE_SETS[sae_set]["layers"])
-
-
-def set_features(sae_set, layers=None):
-    """The feature tables of a set, one per layer (all of its layers, or `layers`)."""
-    return [
-        layout.per_set(layout.FEATURES, sae_set, hook=hook)
-        for hook in set_hooks(sae_set, layers)
-    ]
-
-
 wildcard_constraints:
     sae_set="|".join(SAE_SETS),
 
