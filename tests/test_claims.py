@@ -228,9 +228,13 @@ def test_ci_ledger(ci_workflow):
     assert (untested["detail"].str.len_chars() > 0).all()
     # literal Llama forms are never tested on the embedded model
     assert tested.filter(pl.col("form") == "literal")["claim_id"].to_list() == ["bug_seed_prompt"]
+    # the tested forms read the primary set; an agnostic one on a per-set table is compared with the mlp set
+    assert set(tested["sae_set"].drop_nulls()) == {"main"}
+    assert tested.filter(pl.col("sae_set") == "main")["detail"].str.contains("on the other SAE sets: mlp: ").all()
     # every real table the ledger read has the columns its checks name
     for name in meta["tables"]:
-        cols = set(pl.from_arrow(read_table(ci_workflow / claims.TABLES[name].path, kind=claims.TABLES[name].kind)[0]).columns)
+        path = layout.per_set(claims.TABLES[name].path, "main")
+        cols = set(pl.from_arrow(read_table(ci_workflow / path, kind=claims.TABLES[name].kind)[0]).columns)
         if name == "baseline_scores":
             cols |= {"correct", "wrong"}
         for c in claims.load_ledger(LEDGER):
