@@ -7,13 +7,15 @@ one folder, everything `config/llama31_8b_shaped.yaml` needs to run the whole pi
     OUT/model/   a random LlamaForCausalLM with Llama-3.1-8B-Instruct's config.json (num_hidden_layers
                  2), bfloat16 safetensors: 1.49B parameters, 2.97 GB (2 x 218M per decoder layer, plus
                  2 x 525M for the untied embedding and lm_head), plus the embedded SmolLM2 tokenizer (49,152 tokens, inside the 128,256-row vocabulary)
-    OUT/hub/     a local Hugging Face hub cache holding Llama Scope's release `llama_scope_lxr_8x`
-                 (repo fnlp/Llama3_1-8B-Base-LXR-8x) for layers 0 and 1, in Llama Scope's own published
-                 form (hyperparams.json + checkpoints/final.safetensors), so that SAE-Lens's own Llama
-                 Scope conversion loads it exactly as it loads the real release
+    OUT/hub/     a local Hugging Face hub cache holding two Llama Scope releases (`RELEASES`): the
+                 residual-stream `llama_scope_lxr_8x` (repo fnlp/Llama3_1-8B-Base-LXR-8x) for layers 0
+                 and 1, and the MLP-output `llama_scope_lxm_8x` (repo fnlp/Llama3_1-8B-Base-LXM-8x) for
+                 layer 1, in Llama Scope's own published form (hyperparams.json +
+                 checkpoints/final.safetensors), so that SAE-Lens's own Llama Scope conversion loads
+                 them exactly as it loads the real releases
     OUT/build.json   what was built, with the calibration numbers
 
-    python bench/make_8b_shaped.py build/8b_shaped     # ~1 min, 3.5 GB peak RAM, 3.8 GB on disk (2 CPU cores)
+    python bench/make_8b_shaped.py build/8b_shaped     # ~1 min, 3.5 GB peak RAM, 4.3 GB on disk (2 CPU cores)
     HF_HUB_OFFLINE=1 HF_HUB_CACHE=$PWD/build/8b_shaped/hub snakemake --configfile config/llama31_8b_shaped.yaml
 
 (config/llama31_8b_shaped.yaml reads build/8b_shaped/model relative to Snakemake's working
@@ -34,6 +36,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,22 +72,57 @@ LLAMA31_8B_CONFIG = {
 
 NUM_LAYERS = 2
 D_SAE = 32768  # Llama Scope 8x: 8 * 4096
-RELEASE = "llama_scope_lxr_8x"
-SAE_REPO = "fnlp/Llama3_1-8B-Base-LXR-8x"
+
+
+@dataclass(frozen=True)
+class Release:
+    """One Llama Scope release as SAE-Lens's directory (sae_lens/pretrained_saes.yaml) has it: the hub
+    repo, the site its SAEs read and the letter of the site in its ids (`l{L}r_8x`) and folders
+    (`Llama3_1-8B-Base-L{L}R-8x`); `layers` are the layers written here (None: every layer)."""
+
+    name: str
+    repo: str
+    site: str  # bugscope.sites: resid_post, mlp_out
+    letter: str  # r (residual), m (MLP output)
+    layers: tuple[int, ...] | None = None
+
+    def sae_id(self, layer: int) -> str:
+        return f"l{layer}{self.letter}_8x"
+
+    def folder(self, layer: int) -> str:
+        return f"Llama3_1-8B-Base-L{layer}{self.letter.upper()}-8x"
+
+    def hook(self, layer: int) -> str:
+        return f"blocks.{layer}.hook_{self.site}"
+
+    def written_layers(self, num_layers: int) -> list[int]:
+        return [layer for layer in range(num_layers) if self.layers is None or layer in self.layers]
+
+
+# The releases config/llama31_8b_shaped.yaml reads, as config/llama31_8b.yaml does: the residual
+# stream at every layer and, for the literal claim forms (`requires_sae`), the MLP outputs at layer 1
+# only (one more 32,768-latent SAE job; layer 0 would add runtime and check nothing new).
+RELEASES = {
+    "llama_scope_lxr_8x": Release("llama_scope_lxr_8x", "fnlp/Llama3_1-8B-Base-LXR-8x", "resid_post", "r"),
+    "llama_scope_lxm_8x": Release("llama_scope_lxm_8x", "fnlp/Llama3_1-8B-Base-LXM-8x", "mlp_out", "m", (1,)),
+}
+RELEASE = "llama_scope_lxr_8x"  # the primary (residual) set's release
+SAE_REPO = RELEASES[RELEASE].repo
+MLP_RELEASE = "llama_scope_lxm_8x"
 # A fixed, clearly fake commit sha for the cache's refs/main (the real repo's commits are unknown here).
 SAE_COMMIT = hashlib.sha1(b"bugscope 8b-shaped fake llama scope").hexdigest()
 # Target pre-activation threshold in units of the pre-activation's standard deviation over latents:
 # P(N(0, 1) > 3) = 0.00135, so about 44 of 32,768 latents fire on a typical token.
 THRESHOLD_SIGMAS = 3.0
-BUILD_VERSION = 1  # bump when what is written changes, so a stale folder is rebuilt
+BUILD_VERSION = 2  # bump when what is written changes, so a stale folder is rebuilt (2: the lxm release)
 
 
-def sae_id(layer: int) -> str:
-    return f"l{layer}r_8x"
+def sae_id(layer: int, release: str = RELEASE) -> str:
+    return RELEASES[release].sae_id(layer)
 
 
-def sae_folder(layer: int) -> str:
-    return f"Llama3_1-8B-Base-L{layer}R-8x"
+def sae_folder(layer: int, release: str = RELEASE) -> str:
+    return RELEASES[release].folder(layer)
 
 
 def hf_config(num_layers: int = NUM_LAYERS):
@@ -122,24 +160,34 @@ def embedded_tokenizer():
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
+# The module whose output is each site's activation, as bugscope.sites.site_module has it.
+SITE_MODULES = {"resid_post": lambda block: block, "mlp_out": lambda block: block.mlp}
+
+
 @torch.inference_mode()
-def residual_norms(model, tokenizer, layers: list[int]) -> dict[int, float]:
-    """Mean L2 norm of resid_post (each decoder layer's output) over real text, position 0 left out.
+def activation_norms(model, tokenizer, sites: dict[str, list[int]]) -> dict[str, dict[int, float]]:
+    """{site: {layer: mean L2 norm}} of each site's activation over real text, position 0 left out.
 
     What Llama Scope's `dataset_average_activation_norm` measures on the real model; here it
-    calibrates the fake SAEs to this model's activations. Hooks on the decoder layers, not
-    `output_hidden_states`, whose last entry has the final norm applied.
+    calibrates the fake SAEs to this model's activations. resid_post hooks the decoder layers, not
+    `output_hidden_states`, whose last entry has the final norm applied; mlp_out hooks
+    `model.model.layers[L].mlp`. One forward pass per text serves every site.
     """
     from bugscope.corpus import SOURCES, read_documents
 
     # Four articles of the corpus's held-out file; only their mean norm is used (one scalar per
     # layer that sets the scale of random encoder rows), so nothing of the text reaches the SAEs.
     texts = read_documents(SOURCES[1])[:4] + ["Q: Which is bigger: 9.8 or 9.11?\nA: 9."]
-    norms: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    handles = [model.model.layers[layer].register_forward_hook(
-        lambda _m, _i, out, layer=layer: norms[layer].append(
-            (out[0] if isinstance(out, tuple) else out)[0, 1:].float().norm(dim=-1)))
-        for layer in layers]
+    norms: dict[str, dict[int, list[torch.Tensor]]] = {site: {layer: [] for layer in layers}
+                                                        for site, layers in sites.items()}
+
+    def record(site, layer):
+        def hook(_m, _i, out):
+            norms[site][layer].append((out[0] if isinstance(out, tuple) else out)[0, 1:].float().norm(dim=-1))
+        return hook
+
+    handles = [SITE_MODULES[site](model.model.layers[layer]).register_forward_hook(record(site, layer))
+               for site, layers in sites.items() for layer in layers]
     try:
         for text in texts:
             ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :256]
@@ -147,14 +195,21 @@ def residual_norms(model, tokenizer, layers: list[int]) -> dict[int, float]:
     finally:
         for h in handles:
             h.remove()
-    return {layer: float(torch.cat(v).mean()) for layer, v in norms.items()}
+    return {site: {layer: float(torch.cat(v).mean()) for layer, v in by_layer.items()}
+            for site, by_layer in norms.items()}
 
 
-def llama_scope_hyperparams(layer: int, d_model: int, d_sae: int, avg_norm: float, threshold: float) -> dict:
-    """hyperparams.json of one Llama Scope SAE, with the fields of the published release (the OpenMOSS
-    lm_saes config). SAE-Lens's converter reads d_model, d_sae, hook_point_in, jump_relu_threshold and
-    dataset_average_activation_norm.in; the rest is there so the file looks like the real one."""
-    hook = f"blocks.{layer}.hook_resid_post"
+def residual_norms(model, tokenizer, layers: list[int]) -> dict[int, float]:
+    """Mean L2 norm of resid_post (each decoder layer's output); see `activation_norms`."""
+    return activation_norms(model, tokenizer, {"resid_post": layers})["resid_post"]
+
+
+def llama_scope_hyperparams(hook: str, d_model: int, d_sae: int, avg_norm: float, threshold: float) -> dict:
+    """hyperparams.json of one Llama Scope SAE reading `hook` (blocks.L.hook_resid_post for LXR,
+    blocks.L.hook_mlp_out for LXM), with the fields of the published release (the OpenMOSS lm_saes
+    config). SAE-Lens's converter reads d_model, d_sae, hook_point_in (its hook_name),
+    jump_relu_threshold and dataset_average_activation_norm.in; the rest is there so the file looks
+    like the real one."""
     return {
         "sae_type": "sae",
         "d_model": d_model,
@@ -175,32 +230,37 @@ def llama_scope_hyperparams(layer: int, d_model: int, d_sae: int, avg_norm: floa
 
 
 def write_llama_scope_sae(cache: Path, layer: int, *, d_model: int, d_sae: int, model_norm: float,
-                          seed: int) -> dict:
-    """One Llama Scope-format JumpReLU SAE for `layer` in the hub cache `cache`, laid out as
+                          seed: int, release: str = RELEASE) -> dict:
+    """One Llama Scope-format JumpReLU SAE of `release` for `layer` in the hub cache `cache`, laid out as
     tests/test_sae.py `_write_llama_scope_checkpoint` does (refs/main -> snapshots/<sha>/<folder>/...).
 
     Calibration, in SAE-Lens's conversion of Llama Scope (sae_lens.loading.pretrained_sae_loaders):
     the input is scaled by the directory's `norm_scaling_factor` c = sqrt(d_model) / avg_norm (folded
     into W_enc), the pre-activation is x c W_enc^T + b_enc and a latent fires when it exceeds
     jump_relu_threshold * c. avg_norm is written consistent with the directory's c (as in the real
-    release), encoder rows are random directions of norm avg_norm / model_norm (so the pre-activation
-    of a typical token of this model is ~N(b_enc, 1) over latents) and the threshold is 3 / c, so
-    about 0.13 % of the latents fire. Decoder columns are random unit vectors.
+    release), encoder rows are random directions of norm avg_norm / model_norm, model_norm being this
+    model's mean norm at the release's site (so the pre-activation of a typical token of this model
+    is ~N(b_enc, 1) over latents) and the threshold is 3 / c, so about 0.13 % of the latents fire.
+    Decoder columns are random unit vectors. The seed of the weights depends on the release, so the
+    two releases' SAEs at one layer differ.
     """
     from sae_lens.loading.pretrained_saes_directory import get_norm_scaling_factor
     from safetensors.torch import save_file
 
-    factor = get_norm_scaling_factor(RELEASE, sae_id(layer))
+    rel = RELEASES[release]
+    factor = get_norm_scaling_factor(rel.name, rel.sae_id(layer))
     avg_norm = d_model ** 0.5 / factor
     threshold = THRESHOLD_SIGMAS / factor
-    storage = cache / f"models--{SAE_REPO.replace('/', '--')}"
-    folder = storage / "snapshots" / SAE_COMMIT / sae_folder(layer)
+    storage = cache / f"models--{rel.repo.replace('/', '--')}"
+    folder = storage / "snapshots" / SAE_COMMIT / rel.folder(layer)
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
     (storage / "refs").mkdir(parents=True, exist_ok=True)
     (storage / "refs" / "main").write_text(SAE_COMMIT)
-    hyper = llama_scope_hyperparams(layer, d_model, d_sae, avg_norm, threshold)
+    hyper = llama_scope_hyperparams(rel.hook(layer), d_model, d_sae, avg_norm, threshold)
     (folder / "hyperparams.json").write_text(json.dumps(hyper, indent=2))
-    g = torch.Generator().manual_seed(seed * 1000 + layer)
+    # The residual release keeps the seeds of build version 1; the others get their own.
+    offset = 100 * list(RELEASES).index(release)
+    g = torch.Generator().manual_seed(seed * 1000 + offset + layer)
     enc = torch.randn(d_sae, d_model, generator=g)
     enc *= (avg_norm / model_norm) / enc.norm(dim=1, keepdim=True)
     enc = enc.to(torch.bfloat16)
@@ -211,8 +271,9 @@ def write_llama_scope_sae(cache: Path, layer: int, *, d_model: int, d_sae: int, 
                "encoder.bias": (torch.randn(d_sae, generator=g) * 0.1).to(torch.bfloat16),
                "decoder.bias": (torch.randn(d_model, generator=g) * 0.1).to(torch.bfloat16)}
     save_file({k: v.contiguous() for k, v in weights.items()}, folder / "checkpoints" / "final.safetensors")
-    return {"sae_id": sae_id(layer), "folder": str(folder), "norm_scaling_factor": factor,
-            "avg_norm": avg_norm, "model_resid_norm": model_norm, "jump_relu_threshold": threshold}
+    return {"sae_id": rel.sae_id(layer), "repo": rel.repo, "hook_name": rel.hook(layer), "folder": str(folder),
+            "norm_scaling_factor": factor, "avg_norm": avg_norm, "model_site_norm": model_norm,
+            "jump_relu_threshold": threshold}
 
 
 def build(out: str | Path, *, num_layers: int = NUM_LAYERS, seed: int = 0, force: bool = False) -> dict:
@@ -233,19 +294,25 @@ def build(out: str | Path, *, num_layers: int = NUM_LAYERS, seed: int = 0, force
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     t_model = time.perf_counter() - t0
-    layers = list(range(num_layers))
-    norms = residual_norms(model, tokenizer, layers)
+    sites: dict[str, list[int]] = {}
+    for rel in RELEASES.values():
+        sites.setdefault(rel.site, []).extend(rel.written_layers(num_layers))
+    norms = activation_norms(model, tokenizer, {site: sorted(set(layers)) for site, layers in sites.items()})
+    assert all(math.isfinite(v) and v > 0 for by_layer in norms.values() for v in by_layer.values()), \
+        f"non-finite or zero activation norms {norms}"
     n_params = sum(p.numel() for p in model.parameters())
     d_model = model.config.hidden_size
     del model
-    saes = {str(layer): write_llama_scope_sae(out / "hub", layer, d_model=d_model, d_sae=D_SAE,
-                                              model_norm=norms[layer], seed=seed) for layer in layers}
+    saes = {name: {str(layer): write_llama_scope_sae(out / "hub", layer, d_model=d_model, d_sae=D_SAE,
+                                                     model_norm=norms[rel.site][layer], seed=seed, release=name)
+                   for layer in rel.written_layers(num_layers)}
+            for name, rel in RELEASES.items()}
     record = {**wanted, "model_dir": str(model_dir.resolve()), "hub_cache": str((out / "hub").resolve()),
-              "release": RELEASE, "sae_repo": SAE_REPO, "sae_commit": SAE_COMMIT, "d_sae": D_SAE,
-              "n_params": n_params, "tokenizer": "SmolLM2-135M-Instruct (embedded GGUF)",
+              "releases": {name: rel.repo for name, rel in RELEASES.items()}, "sae_commit": SAE_COMMIT,
+              "d_sae": D_SAE, "n_params": n_params, "tokenizer": "SmolLM2-135M-Instruct (embedded GGUF)",
               "vocab_size": LLAMA31_8B_CONFIG["vocab_size"], "tokenizer_vocab": len(tokenizer),
+              "site_norms": {site: {str(k): v for k, v in by_layer.items()} for site, by_layer in norms.items()},
               "saes": saes, "seconds": {"model": round(t_model, 1), "total": round(time.perf_counter() - t0, 1)}}
-    assert math.isfinite(sum(norms.values())), f"non-finite residual norms {norms}"
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record
 

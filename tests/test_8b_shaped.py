@@ -3,12 +3,14 @@
 bench/make_8b_shaped.py builds a random 2-layer LlamaForCausalLM with Llama-3.1-8B-Instruct's config
 (d_model 4,096, 32 heads over 8 KV heads, head_dim 128, MLP 14,336, vocabulary 128,256, llama3
 rope) and Llama Scope-format 32,768-latent JumpReLU SAEs in a local hub cache, which SAE-Lens's own
-Llama Scope conversion loads. config/llama31_8b_shaped.yaml runs the whole study on it.
+Llama Scope conversion loads: the residual-stream release (layers 0 and 1) and the MLP-output
+release (layer 1). config/llama31_8b_shaped.yaml runs the whole study on it, with both SAE sets.
 
 The run (marker `eightb`) runs by default: measured at 6 min 44 s for this file on 2 CPU cores from
-an empty cache (build 58 s, pipeline 4 min 44 s, float32 comparison 35 s; docs/8b_shaped_run.md),
-well inside the 10 minutes that CI's budget allows it, with ~5 GB of disk and a 9 GB peak in the
-pytest process. BUGSCOPE_8B=0 skips it. The build is kept in the test cache
+an empty cache with the residual set only (build 58 s, pipeline 4 min 44 s, float32 comparison 35 s;
+docs/8b_shaped_run.md); with the mlp_out set too, 7 min 19 s to 10 min 10 s with the build cached
+(pipeline 6.6-8.3 min, 39 jobs) on shared cores, ~5.5 GB of disk and an 8.5-9 GB peak in the
+pytest process. That is at or over the 10 minutes that CI's budget allows on a busy machine. BUGSCOPE_8B=0 skips it. The build is kept in the test cache
 (.pytest_cache/bugscope/8b_shaped, or BUGSCOPE_8B_DIR) and reused by later sessions. The checks of
 bench/gpu_check.sh that need no GPU, and of the builder's config, always run.
 """
@@ -19,6 +21,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 
 import polars as pl
 import pytest
@@ -34,12 +37,19 @@ from tests.conftest import MODEL_CACHE, REPO, run_snakemake
 CONFIG = REPO / "config" / "llama31_8b_shaped.yaml"
 GPU_CHECK = REPO / "bench" / "gpu_check.sh"
 LAYERS = [0, 1]
-HOOKS = [hook_name(layer) for layer in LAYERS]
-GROUP = "L00_01"
+GROUP = "L00_01"  # the head sweep's layer group
+# The SAE sets of the config: name -> (release, site, layers, layer group of its SAE jobs).
+SETS = {"residual": (shaped.RELEASE, "resid_post", [0, 1], "L00_01"),
+        "mlp_out": (shaped.MLP_RELEASE, "mlp_out", [1], "L01_01")}
+SET_HOOKS = {name: [hook_name(layer, site) for layer in layers] for name, (_, site, layers, _) in SETS.items()}
+HOOKS = [hook_name(layer) for layer in LAYERS]  # the residual stream
+MLP_HOOK = "blocks.1.hook_mlp_out"
+CACHED_HOOKS = [*HOOKS, MLP_HOOK]  # one cache job caches every set's hooks
 # Rules that run the model or an SAE (the ones with a benchmark and job statistics).
-MODEL_RULES = ["baseline", "cache_residuals", "cache_corpus", f"load_pretrained_sae_{GROUP}",
-               f"encode_features_{GROUP}", f"sae_quality_{GROUP}", "head_feature_attribution",
-               f"head_sweep_{GROUP}", "head_subsets", "head_original_method"]
+MODEL_RULES = ["baseline", "cache_residuals", "cache_corpus",
+               *[f"{stage}_{name}_{group}" for name, (*_, group) in SETS.items()
+                 for stage in ("load_pretrained_sae", "encode_features", "sae_quality")],
+               "head_feature_attribution", f"head_sweep_{GROUP}", "head_subsets", "head_original_method"]
 
 EIGHTB_MARKS = (pytest.mark.eightb, pytest.mark.slow,
                 pytest.mark.skipif(os.environ.get("BUGSCOPE_8B", "1") == "0",
@@ -64,7 +74,33 @@ def test_builder_config_is_llama31_8b_but_two_layers():
     assert cfg.tie_word_embeddings is False and cfg.bos_token_id == 128000 and cfg.eos_token_id == [128001, 128008, 128009]
     loaded = load_config(CONFIG)
     assert loaded["model"]["num_layers"] == 2 and loaded["model"]["dtype"] == "bfloat16"
-    assert (loaded["sae"]["source"], loaded["sae"]["release"]) == ("pretrained", shaped.RELEASE)
+    sets = {s["name"]: s for s in loaded["sae"]["sets"]}
+    assert list(sets) == ["residual", "mlp_out"]  # the residual set is the primary one
+    for name, (release, site, layers, _) in SETS.items():
+        assert (sets[name]["source"], sets[name]["release"], sets[name]["site"]) == ("pretrained", release, site)
+        rel = shaped.RELEASES[release]
+        assert rel.site == site and rel.written_layers(2) == layers  # the builder writes what the set reads
+        assert [sets[name]["sae_id"].replace("{layer}", str(layer)) for layer in layers] == [
+            shaped.sae_id(layer, release) for layer in layers]
+    # The seed's named ids are MLP-output features, as in config/llama31_8b.yaml.
+    assert list(sets["mlp_out"]["named"]) == ["1"] and not sets["residual"].get("named")
+
+
+def test_builder_releases_match_sae_lens_directory():
+    """Repo, folders and ids of the fake releases are SAE-Lens's own, and its directory check
+    (bugscope.sae.resolve_pretrained) accepts each set at its site."""
+    from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
+
+    from bugscope.sae import directory_hook_name, resolve_pretrained
+
+    for release, site, layers, _ in SETS.values():
+        rel = shaped.RELEASES[release]
+        for layer in layers:
+            assert get_repo_id_and_folder_name(release, rel.sae_id(layer)) == (rel.repo, rel.folder(layer))
+            assert directory_hook_name(release, rel.sae_id(layer)) == rel.hook(layer) == hook_name(layer, site)
+        assert resolve_pretrained(release, f"l{{layer}}{rel.letter}_8x", layers, site) == {
+            layer: rel.sae_id(layer) for layer in layers}
+    assert shaped.RELEASES[shaped.MLP_RELEASE].hook(1) == MLP_HOOK
 
 
 def test_matmul_flop_counter_counts_linear_layers_and_sae_matmuls():
@@ -122,15 +158,31 @@ def eightb_config():
     return load_config(CONFIG)
 
 
+def _set_feature_tables(name: str) -> list[tables.Table]:
+    """The feature-analysis tables of a set: no head attribution for mlp_out, which heads do not write into."""
+    out = [tables.FEATURE_OVERLAP, tables.FEATURE_OVERLAP_PAIRS, tables.DISCRIMINATIVE_FEATURES, tables.NAMED_FEATURES]
+    if SETS[name][1] != "mlp_out":
+        out += [tables.HEAD_FEATURE_ATTRIBUTION, tables.HEAD_PARITY]
+    return out
+
+
 def _declared_tables() -> list[tuple[tables.Table, str]]:
-    per_hook = [tables.PROMPT_ACTIVATIONS, tables.CORPUS_ACTIVATIONS, tables.FEATURES, tables.SAE_QUALITY_LAYER]
+    per_hook = [tables.PROMPT_ACTIVATIONS, tables.CORPUS_ACTIVATIONS]
+    per_set_hook = [tables.FEATURES, tables.SAE_QUALITY_LAYER]
     single = [tables.PROMPTS, tables.BASELINE_SCORES, tables.BASELINE_ACCURACY, tables.BASELINE_GENERATION,
-              tables.CORPUS, tables.SAE_QUALITY, tables.FEATURE_OVERLAP, tables.FEATURE_OVERLAP_PAIRS,
-              tables.DISCRIMINATIVE_FEATURES, tables.NAMED_FEATURES, tables.HEAD_FEATURE_ATTRIBUTION,
-              tables.HEAD_PARITY, tables.PATCHING_SUBSETS_PROMPTS, tables.PATCHING_ORIGINAL_METHOD_PROMPTS,
-              tables.PATCHING_ORIGINAL_METHOD, tables.PATCHING_PROMPTS, tables.PATCHING_SUMMARY, tables.CLAIMS]
-    return ([(t, t.path.format(hook=hook)) for t in per_hook for hook in HOOKS] + [(t, t.path) for t in single]
+              tables.CORPUS, tables.SAE_QUALITY, tables.PATCHING_SUBSETS_PROMPTS,
+              tables.PATCHING_ORIGINAL_METHOD_PROMPTS, tables.PATCHING_ORIGINAL_METHOD, tables.PATCHING_PROMPTS,
+              tables.PATCHING_SUMMARY, tables.CLAIMS]
+    return ([(t, t.path.format(hook=hook)) for t in per_hook for hook in CACHED_HOOKS]
+            + [(t, layout.per_set(t.path, name, hook=hook)) for t in per_set_hook
+               for name, hooks in SET_HOOKS.items() for hook in hooks]
+            + [(t, layout.per_set(t.path, name)) for name in SETS for t in _set_feature_tables(name)]
+            + [(t, t.path) for t in single]
             + [(tables.PATCHING_SWEEP_GROUP, tables.PATCHING_SWEEP_GROUP.path.format(group=GROUP))])
+
+
+# A table that may be empty: the residual set has no named ids (they are MLP-output features).
+MAY_BE_EMPTY = {layout.per_set(tables.NAMED_FEATURES.path, "residual")}
 
 
 @eightb
@@ -138,11 +190,13 @@ def test_every_output_is_a_valid_table(eightb_run, eightb_config):
     for declared, path in _declared_tables():
         # tables.read checks the kind and the stage's config hash, and that the file is readable
         table, meta = tables.read(declared, eightb_config, eightb_run / path)
-        assert table.num_rows > 0, path
-    for hook in HOOKS:
+        assert table.num_rows > 0 or path in MAY_BE_EMPTY, path
+    for hook in CACHED_HOOKS:
         table, meta = tables.read(tables.PROMPT_ACTIVATIONS, eightb_config, eightb_run / layout.activations("prompts", hook))
         assert (meta["d_model"], meta["dtype"]) == (4096, "bfloat16")
         assert table.schema.field("activation").type.list_size == 4096
+    # mlp_out has no head attribution (heads have no direct path into it)
+    assert not (eightb_run / layout.per_set(layout.HEAD_FEATURE_ATTRIBUTION, "mlp_out")).exists()
     for name in ("baseline_accuracy", "head_sweep", "head_attribution", "original_method"):
         for ext in ("svg", "png", "html"):
             assert (eightb_run / layout.figure(name, ext)).stat().st_size > 0
@@ -165,19 +219,93 @@ def test_model_manifest_has_llama31_8b_geometry(eightb_run):
 def test_saes_are_llama_scope_jumprelu_with_32768_latents(eightb_run, eightb_config):
     from bugscope.sae import load_sae
 
-    for layer, hook in zip(LAYERS, HOOKS):
-        sae, prov = load_sae(eightb_run / layout.SAE_DIR.format(hook=hook))
-        assert sae.cfg.d_sae == 32768 and sae.cfg.architecture() == "jumprelu" and sae.cfg.d_in == 4096
-        assert sae.W_enc.dtype == torch.bfloat16 and sae.cfg.metadata.hook_name == hook
-        assert (prov["release"], prov["sae_id"], prov["sae_repo_id"], prov["sae_revision"]) == (
-            shaped.RELEASE, shaped.sae_id(layer), shaped.SAE_REPO, shaped.SAE_COMMIT)
-        features, meta = tables.read(tables.FEATURES, eightb_config, eightb_run / layout.FEATURES.format(hook=hook))
-        ids = features.column("feature_id").to_numpy()
-        assert meta["d_sae"] == 32768 and ids.max() < 32768 and ids.max() >= 16384  # the whole width is used
+    for name, (release, _site, layers, _) in SETS.items():
+        for layer, hook in zip(layers, SET_HOOKS[name]):
+            sae, prov = load_sae(eightb_run / layout.per_set(layout.SAE_DIR, name, hook=hook))
+            assert sae.cfg.d_sae == 32768 and sae.cfg.architecture() == "jumprelu" and sae.cfg.d_in == 4096
+            assert sae.W_enc.dtype == torch.bfloat16 and sae.cfg.metadata.hook_name == hook
+            assert (prov["sae_set"], prov["release"], prov["sae_id"], prov["sae_repo_id"], prov["sae_revision"]) == (
+                name, release, shaped.sae_id(layer, release), shaped.RELEASES[release].repo, shaped.SAE_COMMIT)
+            features, meta = tables.read(tables.FEATURES, eightb_config,
+                                         eightb_run / layout.per_set(layout.FEATURES, name, hook=hook))
+            ids = features.column("feature_id").to_numpy()
+            assert meta["d_sae"] == 32768 and ids.max() < 32768 and ids.max() >= 16384  # the whole width is used
     quality = tables.frame(tables.SAE_QUALITY, eightb_config, eightb_run / layout.SAE_QUALITY)
-    assert quality["d_sae"].to_list() == [32768, 32768]
-    # The builder calibrates the SAEs to Llama Scope's sparsity (L0 ~ 44 of 32,768) on this model.
-    assert quality["l0_corpus"].is_between(10, 200).all(), quality.select("layer", "l0_corpus", "l0_prompts")
+    # One row per (set, layer), sets as configured
+    assert quality.select("sae_set", "layer", "hook_name").rows() == [
+        ("residual", 0, HOOKS[0]), ("residual", 1, HOOKS[1]), ("mlp_out", 1, MLP_HOOK)]
+    assert quality["d_sae"].to_list() == [32768] * 3
+    # The builder calibrates the SAEs to Llama Scope's sparsity (L0 ~ 44 of 32,768) on this model, at each site.
+    assert quality["l0_corpus"].is_between(10, 200).all(), quality.select("sae_set", "layer", "l0_corpus", "l0_prompts")
+    # Llama Scope's SAEs were trained on the base model (SAE-Lens's metadata), not on the checkpoint under study.
+    assert set(quality["sae_model"]) == {"meta-llama/Llama-3.1-8B"}
+    assert set(quality["model"]) == {eightb_config["model"]["checkpoint"]}
+    assert quality["sae_trained_on_model"].to_list() == [False] * 3
+
+
+@eightb
+def test_mlp_out_set_end_to_end(eightb_run, eightb_config):
+    """The MLP-output set: SAE-Lens's Llama Scope conversion of the lxm release reads blocks.1.hook_mlp_out,
+    the activations are cached at that hook (the output of layer 1's MLP, not the residual stream)
+    and its feature tables are under the set's paths."""
+    from bugscope.io import arrow_to_vectors
+    from bugscope.model import ModelManifest, load_model
+
+    rel = shaped.RELEASES[shaped.MLP_RELEASE]
+    # SAE-Lens's own conversion from the hub cache, offline, as the load_pretrained_sae rule does it.
+    probe = ("import json; from bugscope.sae import load_pretrained_sae; "
+             f"sae, src = load_pretrained_sae({shaped.MLP_RELEASE!r}, {rel.sae_id(1)!r}); "
+             "print(json.dumps({'hook': sae.cfg.metadata.hook_name, 'model': sae.cfg.metadata.model_name, "
+             "'arch': sae.cfg.architecture(), 'd_sae': sae.cfg.d_sae, **src}))")
+    hub = str(eightb_run / "build" / "8b_shaped" / "hub")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": hub})
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert loaded == {"hook": MLP_HOOK, "model": "meta-llama/Llama-3.1-8B", "arch": "jumprelu", "d_sae": 32768,
+                      "sae_repo_id": rel.repo, "sae_folder": rel.folder(1), "sae_revision": shaped.SAE_COMMIT}
+    saved = json.loads((eightb_run / layout.per_set(layout.SAE_DIR, "mlp_out", hook=MLP_HOOK)
+                        / "bugscope.json").read_text())
+    assert (saved["hook_name"], saved["release"], saved["sae_model_name"]) == (
+        MLP_HOOK, shaped.MLP_RELEASE, "meta-llama/Llama-3.1-8B")
+    # The cached activations at blocks.1.hook_mlp_out are layer 1's MLP output, recomputed here.
+    acts, meta = tables.read(tables.PROMPT_ACTIVATIONS, eightb_config,
+                             eightb_run / layout.activations("prompts", MLP_HOOK))
+    assert (meta["layer"], meta["site"], meta["dtype"]) == (1, "mlp_out", "bfloat16")
+    first = acts.slice(0, 1).select(["prompt_id", "position"]).to_pylist()[0]
+    cached = arrow_to_vectors(acts.column("activation").slice(0, 1), meta["dtype"])[0]
+    resid_acts, resid_meta = tables.read(tables.PROMPT_ACTIVATIONS, eightb_config,
+                                         eightb_run / layout.activations("prompts", HOOKS[1]))
+    at = pl.from_arrow(resid_acts.select(["prompt_id", "position"])).with_row_index().filter(
+        pl.col("prompt_id") == first["prompt_id"], pl.col("position") == first["position"])["index"].item()
+    resid_cached = arrow_to_vectors(resid_acts.column("activation").slice(at, 1), resid_meta["dtype"])[0]
+    prompts = tables.frame(tables.PROMPTS, eightb_config, eightb_run / layout.PROMPTS)
+    input_ids = prompts.filter(pl.col("prompt_id") == first["prompt_id"])["input_ids"].to_list()[0]
+    model, _tok = load_model(ModelManifest.load(eightb_run / layout.MODEL_MANIFEST), "cpu")
+    got = {}
+    block = model.model.layers[1]
+    handles = [block.mlp.register_forward_hook(lambda _m, _i, out: got.setdefault("mlp", out)),
+               block.register_forward_hook(lambda _m, _i, out: got.setdefault("resid", out))]
+    try:
+        with torch.inference_mode():
+            model.model(input_ids=torch.tensor([list(input_ids)]), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    mlp = got["mlp"][0, first["position"]].float()
+    resid = (got["resid"][0] if isinstance(got["resid"], tuple) else got["resid"])[0, first["position"]].float()
+    rel_err = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel_err(cached, mlp) < 0.02 and rel_err(resid_cached, resid) < 0.02  # bf16, batched vs alone
+    assert rel_err(cached, resid) > 0.3  # not vacuous: the two sites differ
+    # Its feature tables under results/features/mlp_out/, with the seed's named ids at layer 1.
+    for t in _set_feature_tables("mlp_out"):
+        table, meta = tables.read(t, eightb_config, eightb_run / layout.per_set(t.path, "mlp_out"))
+        assert table.num_rows > 0 and meta["sae_set"] == "mlp_out", t.path
+    named = tables.frame(tables.NAMED_FEATURES, eightb_config,
+                         eightb_run / layout.per_set(layout.NAMED_FEATURES, "mlp_out"))
+    assert set(named["layer"]) == {1} and 31205 in set(named["feature_id"])
+    # The ledger's literal forms that require the MLP-output Llama Scope SAEs (requires_sae) read this set.
+    claims = tables.frame(tables.CLAIMS, eightb_config, eightb_run / layout.CLAIMS)
+    assert claims.filter(pl.col("form") == "literal", pl.col("sae_set") == "mlp_out").height >= 1
 
 
 @eightb
@@ -205,7 +333,7 @@ def test_patching_covers_all_32_heads(eightb_run, eightb_config):
 @eightb
 def test_head_attribution_has_32_heads_and_its_identity_holds_in_bf16(eightb_run, eightb_config):
     attribution, meta = tables.read(tables.HEAD_FEATURE_ATTRIBUTION, eightb_config,
-                                    eightb_run / layout.HEAD_FEATURE_ATTRIBUTION)
+                                    eightb_run / layout.per_set(layout.HEAD_FEATURE_ATTRIBUTION, "residual"))
     heads = pl.from_arrow(attribution).filter(pl.col("component") == "head")
     assert sorted(heads["head"].unique().to_list()) == list(range(32))
     for layer, err in meta["identity"].items():
