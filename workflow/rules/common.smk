@@ -1,3 +1,6 @@
+# Parsing imports only light modules (no torch, transformers, SAE-Lens or Polars): every
+# `snakemake` call, a no-op rerun included, pays for them. Heavy imports belong in the scripts
+# (tests/test_structure.py checks this).
 import bugscope.layout as layout
 from bugscope.config import (
     validate_config,
@@ -9,7 +12,7 @@ from bugscope.config import (
     with_sae_set,
 )
 from bugscope.sites import HEAD_WRITTEN_SITES, hook_name
-import bugscope.patching as bugscope_patching
+import bugscope.ledger as bugscope_ledger
 import bugscope.resources as bugscope_resources
 
 # Validate once at start-up; every default is filled in, so rules read keys without fallbacks.
@@ -189,7 +192,7 @@ def claims_table_sets():
             if "{sae_set}" in spec.path
             else [None]
         )
-        for name, spec in bugscope_claims.TABLES.items()
+        for name, spec in bugscope_ledger.TABLES.items()
     }
 
 
@@ -199,9 +202,9 @@ def claims_inputs(wildcards):
     tables = {
         name: [
             (
-                layout.per_set(bugscope_claims.TABLES[name].path, s)
+                layout.per_set(bugscope_ledger.TABLES[name].path, s)
                 if s
-                else bugscope_claims.TABLES[name].path
+                else bugscope_ledger.TABLES[name].path
             )
             for s in sets
         ]
