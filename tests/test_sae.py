@@ -245,6 +245,22 @@ def test_directory_has_every_llama_scope_template():
             assert bsae.directory_hook_name(f"llama_scope_lx{letter}_{width}", f"l31{letter}_{width}") == f"blocks.31.hook_{site}"
 
 
+def test_directory_reads_as_sae_lens_reads_it():
+    """bugscope.sae_directory reads pretrained_saes.yaml one release at a time, without importing
+    SAE-Lens (the workflow checks pretrained sets while it parses): on every release it must find
+    what SAE-Lens's own reader finds, each release's text alone (the fast path) included."""
+    import yaml
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from bugscope import sae_directory
+
+    theirs = get_pretrained_saes_directory()
+    assert sae_directory.pretrained_releases() == list(theirs)
+    for release, block in sae_directory._release_blocks().items():
+        assert list(yaml.load(block, Loader=sae_directory._LOADER)) == [release]
+        assert list(sae_directory.release_saes(release).items()) == list(theirs[release].neuronpedia_id.items())
+
+
 @pytest.mark.parametrize("release, sae_id, site, match", [
     ("llama_scope_lxr_9x", "l{layer}r_8x", "resid_post", r"not in SAE-Lens's directory.*llama_scope_lxr_8x"),
     ("llama_scope_lxr_8x", "l{layer}m_8x", "resid_post", r"does not have.*l0r_8x, l1r_8x"),

@@ -204,6 +204,28 @@ def primary_sae_set(config: dict) -> str:
     return config["sae"]["sets"][0]["name"]
 
 
+def check_features_config(config: dict) -> None:
+    """Checks on the features section that the schema cannot express (workflow/rules/features.smk)."""
+    fcfg = config["features"]
+    layers = set(analysed_layers(config))
+    attr = fcfg["attribution"]["layers"]
+    if attr != "all":
+        bad = sorted(set(attr) - layers)
+        if bad:
+            raise ConfigError(
+                f"features.attribution.layers lists {bad}, which are not analysed (layers: {sorted(layers)}). "
+                "Add them to 'layers' or remove them from features.attribution.layers.")
+    lo, hi = fcfg["overlap"]["middle_fraction"]
+    if lo > hi:
+        raise ConfigError(f"features.overlap.middle_fraction [{lo}, {hi}] is empty: write it as [low, high].")
+
+
+def attribution_layers(config: dict, covered: list[int]) -> list[int]:
+    """The layers of the head attribution for an SAE set covering the layers `covered`."""
+    layers = config["features"]["attribution"]["layers"]
+    return sorted(covered) if layers == "all" else sorted(set(layers) & set(covered))
+
+
 def layer_groups(layers: list[int], layers_per_job: int) -> dict[str, list[int]]:
     """The model jobs of a per-layer stage: consecutive analysed layers in groups of
     `resources.layers_per_job`, named `L<first>_<last>` (valid in rule and file names).

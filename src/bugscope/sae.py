@@ -3,7 +3,8 @@
 One config section (`sae:`), two sources:
 - `pretrained`: an SAE-Lens release (e.g. `llama_scope_lxr_8x`) and an sae-id template
   (`l{layer}r_8x`). The release, every id and every hook name are checked against SAE-Lens's own
-  directory of pretrained SAEs (`pretrained_saes.yaml`) before anything is downloaded.
+  directory of pretrained SAEs (`pretrained_saes.yaml`, bugscope.sae_directory) before anything is
+  downloaded.
 - `train`: SAE-Lens's `TopKTrainingSAE` trained by SAE-Lens's `SAETrainer`, fed by
   `ActivationStream`, which streams batches from the cached activation Parquet files one row group
   at a time (never all tokens in memory).
@@ -17,10 +18,8 @@ is left out of training and of every quality metric.
 
 from __future__ import annotations
 
-import difflib
 import json
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -33,7 +32,11 @@ import torch
 from bugscope.cache import NonFiniteActivationError
 from bugscope.io import arrow_to_vectors, atomic_path, read_metadata
 from bugscope.prompts import SINK_POSITION  # noqa: F401  (re-exported for readers of SAE tables)
-from bugscope.sites import hook_name
+from bugscope.sae_directory import (  # noqa: F401  (the pretrained check, re-exported for callers)
+    SAEConfigError,
+    directory_hook_name,
+    resolve_pretrained,
+)
 
 PROVENANCE_FILE = "bugscope.json"
 
@@ -43,85 +46,7 @@ FEATURE_SCHEMA = pa.schema([
 ])
 
 
-class SAEConfigError(ValueError):
-    """The `sae:` config names an SAE that does not exist or does not fit the model or the cache."""
-
-
-# --- the pretrained directory ------------------------------------------------------------------
-
-# Llama Scope's neuronpedia ids name the site ("llama3.1-8b/10-llamascope-res-32k").
-_NEURONPEDIA_SITE = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_out"}
-_NEURONPEDIA_RE = re.compile(r"/(\d+)-[a-z0-9]*-(res|mlp|att)-")
-
-
-def pretrained_directory() -> dict:
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
-    return get_pretrained_saes_directory()
-
-
-def directory_hook_name(release: str, sae_id: str) -> str | None:
-    """The hook name SAE-Lens's directory implies for one SAE, or None if it does not say.
-
-    The directory has no hook-name field; it names the site through the sae id itself (e.g.
-    `blocks.8.hook_resid_pre` in GPT-2 releases) or through the neuronpedia id (Llama Scope:
-    `llama3.1-8b/10-llamascope-res-32k`). The loaded SAE's `hook_name` is checked again after loading.
-    """
-    if re.fullmatch(r"blocks\.\d+\.hook_\w+", sae_id):
-        return sae_id
-    lookup = pretrained_directory()[release]
-    m = _NEURONPEDIA_RE.search(lookup.neuronpedia_id.get(sae_id) or "")
-    if m:
-        return hook_name(int(m.group(1)), _NEURONPEDIA_SITE[m.group(2)])
-    return None
-
-
-def resolve_pretrained(release: str | None, sae_id_template: str | None, layers: Sequence[int],
-                       site: str) -> dict[int, str]:
-    """{layer: sae_id} for `source: pretrained`, checked against SAE-Lens's directory before any download.
-
-    Raises SAEConfigError naming the valid releases or ids when one is unknown, and when the
-    directory says an SAE reads another hook than the site the set reads (`sae.sets[].site`).
-    """
-    directory = pretrained_directory()
-    if not release or release not in directory:
-        close = difflib.get_close_matches(str(release), directory, n=8, cutoff=0.5)
-        scope = sorted(r for r in directory if r.startswith("llama_scope"))
-        raise SAEConfigError(
-            f"sae.release {release!r} is not in SAE-Lens's directory of pretrained SAEs "
-            f"(sae_lens/pretrained_saes.yaml, {len(directory)} releases). "
-            f"Closest: {', '.join(close) or 'none'}. Llama Scope releases: {', '.join(scope)}. "
-            "Fix sae.release in the config (or use sae.source: train)."
-        )
-    if not sae_id_template or "{layer}" not in sae_id_template:
-        raise SAEConfigError(
-            f"sae.sae_id must be a template containing {{layer}}, e.g. 'l{{layer}}r_8x'; found {sae_id_template!r}."
-        )
-    valid = list(directory[release].saes_map)
-    ids, wrong_site = {}, []
-    for layer in layers:
-        sae_id = sae_id_template.replace("{layer}", str(layer))
-        if sae_id not in valid:
-            shown = ", ".join(valid[:8]) + (", ..." if len(valid) > 8 else "")
-            raise SAEConfigError(
-                f"sae.sae_id {sae_id_template!r} gives {sae_id!r} for layer {layer}, which release "
-                f"{release!r} does not have. Its {len(valid)} ids are: {shown}. Fix sae.sae_id, or "
-                "leave that layer out of 'layers'."
-            )
-        expected = hook_name(layer, site)
-        found = directory_hook_name(release, sae_id)
-        if found is not None and found != expected:
-            wrong_site.append(f"{sae_id} reads {found}")
-        ids[layer] = sae_id
-    if wrong_site:
-        raise SAEConfigError(
-            f"The SAEs of release {release!r} do not read the set's site {site!r} "
-            f"({'; '.join(wrong_site[:4])}). The activations must be cached at the SAE's own hook: set "
-            "the set's site to the SAE's site (sae.sets[].site), or pick the release for that site (R = resid_post, "
-            "M = mlp_out, A = attn_out in Llama Scope)."
-        )
-    return ids
-
+# --- pretrained SAEs (the check against SAE-Lens's directory: bugscope.sae_directory) -----------
 
 def load_pretrained_sae(release: str, sae_id: str, *, device: str = "cpu", dtype: str = "float32"):
     """(SAE, hub source) of one pretrained SAE, loaded through SAE-Lens (its conversion and

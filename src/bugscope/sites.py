@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # only in annotations: the workflow imports this module to parse, without torch
+    import torch
 
 SITES = ("resid_post", "mlp_out", "attn_out")  # residual-space sites: cached, and read by SAEs
 # The sites attention heads write into directly (through o_proj); mlp_out is reached only through the MLP.

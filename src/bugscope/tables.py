@@ -12,14 +12,16 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
-import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from bugscope import io, layout
+from bugscope import layout
 from bugscope.config import stage_hash
+
+# The declarations are all the workflow reads when it parses (the ledger's tables): Polars, Arrow and
+# bugscope.io (which imports torch) are imported by the functions that read and write.
+if TYPE_CHECKING:
+    import polars as pl
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,10 @@ CLAIMS = Table(
 def check(table: Table, config: dict, path: str | os.PathLike | None = None) -> dict:
     """The metadata of `table` at `path`, after checking its kind, its stage's config hash and its
     declared columns (for readers that stream the file themselves)."""
+    import pyarrow.parquet as pq
+
+    from bugscope import io
+
     path = path or table.path
     meta = io.check_table(path, kind=table.kind, config_hash=table.config_hash(config))
     _check_columns(table, pq.read_schema(path).names, f"{path}")
@@ -126,6 +132,8 @@ def check(table: Table, config: dict, path: str | os.PathLike | None = None) -> 
 
 
 def _check_columns(table: Table, names: Sequence[str], where: str) -> None:
+    from bugscope import io
+
     missing = [c for c in table.columns if c not in names]
     if missing:
         raise io.StaleTableError(
@@ -137,6 +145,10 @@ def read(table: Table, config: dict, path: str | os.PathLike | None = None,
          columns: Sequence[str] | None = None) -> tuple[pa.Table, dict]:
     """(Arrow table, metadata) of a checked table; a stale, foreign or truncated one is refused
     with the command that remakes it."""
+    import pyarrow.parquet as pq
+
+    from bugscope import io
+
     path = path or table.path
     data, meta = io.read_table(path, kind=table.kind, config_hash=table.config_hash(config), columns=columns)
     _check_columns(table, pq.read_schema(path).names, f"{path}")
@@ -146,6 +158,8 @@ def read(table: Table, config: dict, path: str | os.PathLike | None = None,
 def frame(table: Table, config: dict, path: str | os.PathLike | None = None,
           columns: Sequence[str] | None = None) -> pl.DataFrame:
     """`read` as a Polars frame, without the metadata."""
+    import polars as pl
+
     return pl.from_arrow(read(table, config, path, columns)[0])
 
 
@@ -160,6 +174,10 @@ def written_together() -> Iterator[Callable[..., None]]:
     """Yield `put(table, data, path, meta)` for the outputs of one rule. Each is written at once
     under a temporary name (so a group of large tables need not sit in memory together); all are
     renamed into place when the block ends, and none appears if anything in it fails."""
+    import polars as pl
+
+    from bugscope import io
+
     with contextlib.ExitStack() as stack:
         def put(table: Table, data: pa.Table | pl.DataFrame, path: str | os.PathLike,
                 meta: Mapping[str, object]) -> None:

@@ -1,7 +1,11 @@
+# Parsing imports only light modules (no torch, transformers, SAE-Lens or Polars): every
+# `snakemake` call, a no-op rerun included, pays for them. Heavy imports belong in the scripts
+# (tests/test_structure.py checks this).
 import bugscope.layout as layout
 from bugscope.config import (
     validate_config,
     analysed_layers,
+    attribution_layers as attribution_layers_for,
     layer_groups,
     primary_sae_set,
     sae_sets,
@@ -9,7 +13,7 @@ from bugscope.config import (
     with_sae_set,
 )
 from bugscope.sites import HEAD_WRITTEN_SITES, hook_name
-import bugscope.patching as bugscope_patching
+import bugscope.ledger as bugscope_ledger
 import bugscope.resources as bugscope_resources
 
 # Validate once at start-up; every default is filled in, so rules read keys without fallbacks.
@@ -83,7 +87,7 @@ def named_layers(sae_set):
 
 
 def attribution_layers(sae_set):
-    return bugscope_features.attribution_layers(config, SAE_SETS[sae_set]["layers"])
+    return attribution_layers_for(config, SAE_SETS[sae_set]["layers"])
 
 
 def set_features(sae_set, layers=None):
@@ -205,7 +209,7 @@ def claims_table_sets():
             if "{sae_set}" in spec.path
             else [None]
         )
-        for name, spec in bugscope_claims.TABLES.items()
+        for name, spec in bugscope_ledger.TABLES.items()
     }
 
 
@@ -215,9 +219,9 @@ def claims_inputs(wildcards):
     tables = {
         name: [
             (
-                layout.per_set(bugscope_claims.TABLES[name].path, s)
+                layout.per_set(bugscope_ledger.TABLES[name].path, s)
                 if s
-                else bugscope_claims.TABLES[name].path
+                else bugscope_ledger.TABLES[name].path
             )
             for s in sets
         ]

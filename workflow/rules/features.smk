@@ -1,9 +1,10 @@
 # Feature analyses, once per SAE set (`{sae_set}`): overlap between formats, discriminative and
 # named features, and the direct attribution of attention heads to SAE features. Logic:
 # bugscope.features and bugscope.attribution.
-import bugscope.features as bugscope_features
+# The features section's parse-time checks and layer choice live in bugscope.config (light to import).
+import bugscope.config as bugscope_config
 
-bugscope_features.check_config(config)
+bugscope_config.check_features_config(config)
 
 FEATURE_CONFIG_HASH = stage_hash(config, "features")
 

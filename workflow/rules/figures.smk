@@ -5,8 +5,6 @@
 # (FIGURES, REPORT_TABLES and figure_targets in common.smk).
 from pathlib import Path
 
-import bugscope.claims as bugscope_claims
-
 CLAIMS_LEDGER = config["claims"]["ledger"] or str(
     Path(str(workflow.current_basedir)).parents[1] / "config" / "claims.yaml"
 )

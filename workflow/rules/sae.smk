@@ -2,12 +2,12 @@
 # layer (trained here with SAE-Lens, or pretrained from SAE-Lens's directory), sparse feature tables
 # and SAE quality. Logic: bugscope.sae and bugscope.corpus. Jobs handle resources.layers_per_job
 # layers of one set each (rules <stage>_<set>_<group>) and write one output per layer.
-import bugscope.sae as bugscope_sae
+import bugscope.sae_directory as bugscope_sae_directory
 
 SAE_CONFIG_HASH = stage_hash(config, "sae")
 # Pretrained: release, ids and hook sites are checked against SAE-Lens's directory now, before any job.
 SAE_IDS = {
-    name: bugscope_sae.resolve_pretrained(
+    name: bugscope_sae_directory.resolve_pretrained(
         s["release"], s["sae_id"], s["layers"], s["site"]
     )
     for name, s in SAE_SETS.items()

@@ -5,7 +5,9 @@ Modules: `values` (prompt pairs and per-prompt feature values), `overlap`, `base
 same-format chance levels), `discriminative`,
 `named` and `stages` (the stage drivers). The direct attribution of attention heads to SAE
 features lives in bugscope.attribution, the bootstrap helpers in bugscope.stats; their names are
-re-exported here so that `from bugscope.features import ...` keeps working.
+re-exported here so that `from bugscope.features import ...` keeps working. The two config
+helpers the workflow calls while it parses (`check_config`, `attribution_layers`) live in
+bugscope.config, so that parsing imports none of these modules.
 """
 
 from bugscope.attribution import (
@@ -26,6 +28,8 @@ from bugscope.attribution import (
     sae_pre_and_acts,
     summarise_attribution,
 )
+from bugscope.config import attribution_layers
+from bugscope.config import check_features_config as check_config
 from bugscope.features.baselines import baseline_couples, baseline_overlap
 from bugscope.features.discriminative import (
     DISCRIMINATIVE_COLUMNS,
@@ -49,8 +53,6 @@ from bugscope.features.overlap import (
     summarise_overlap,
 )
 from bugscope.features.stages import (
-    attribution_layers,
-    check_config,
     load_layer_values,
     load_prompt_frame,
     run_attribution,

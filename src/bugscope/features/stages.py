@@ -26,30 +26,6 @@ from bugscope.stats import derived_seed
 log = logging.getLogger("bugscope.features")
 
 
-def check_config(config: dict) -> None:
-    """Checks on the features section that the schema cannot express."""
-    from bugscope.config import ConfigError, analysed_layers
-
-    fcfg = config["features"]
-    layers = set(analysed_layers(config))
-    attr = fcfg["attribution"]["layers"]
-    if attr != "all":
-        bad = sorted(set(attr) - layers)
-        if bad:
-            raise ConfigError(
-                f"features.attribution.layers lists {bad}, which are not analysed (layers: {sorted(layers)}). "
-                "Add them to 'layers' or remove them from features.attribution.layers.")
-    lo, hi = fcfg["overlap"]["middle_fraction"]
-    if lo > hi:
-        raise ConfigError(f"features.overlap.middle_fraction [{lo}, {hi}] is empty: write it as [low, high].")
-
-
-def attribution_layers(config: dict, set_layers: list[int]) -> list[int]:
-    """The layers of the head attribution for an SAE set covering `set_layers`."""
-    layers = config["features"]["attribution"]["layers"]
-    return sorted(set_layers) if layers == "all" else sorted(set(layers) & set(set_layers))
-
-
 def load_prompt_frame(path, config: dict, columns: list[str] | None = None) -> pl.DataFrame:
     """The prompts the feature analyses contrast: the bug's pair kind only (the control kinds test
     the patching and baseline, not the features)."""
