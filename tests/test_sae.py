@@ -265,7 +265,7 @@ def test_directory_reads_as_sae_lens_reads_it():
     ("llama_scope_lxr_9x", "l{layer}r_8x", "resid_post", r"not in SAE-Lens's directory.*llama_scope_lxr_8x"),
     ("llama_scope_lxr_8x", "l{layer}m_8x", "resid_post", r"does not have.*l0r_8x, l1r_8x"),
     ("llama_scope_lxr_8x", "l10r_8x", "resid_post", r"template containing \{layer\}"),
-    ("llama_scope_lxm_8x", "l{layer}m_8x", "resid_post", r"do not read the cached site.*blocks.3.hook_mlp_out"),
+    ("llama_scope_lxm_8x", "l{layer}m_8x", "resid_post", r"do not read the set's site 'resid_post'.*blocks.3.hook_mlp_out"),
 ])
 def test_bad_pretrained_config_fails_before_download(release, sae_id, site, match):
     with pytest.raises(bsae.SAEConfigError, match=match):
@@ -376,14 +376,14 @@ def test_encode_features_script_errors_leave_no_outputs(tmp_path, layer_data, ci
     outs = [tmp_path / "f_a.parquet", tmp_path / "f_b.parquet"]
     log = _run_script("encode_features", tmp_path, config=ci_config,
                       input=_io(saes=[str(layer_data.sae_dir)] * 2, activations=[str(layer_data.paths["prompts"]), str(bad)]),
-                      output=_io(features=[str(p) for p in outs]), params=_io(layers=[LAYER, LAYER], config_hash="x"))
+                      output=_io(features=[str(p) for p in outs]),
+                      params=_io(sae_set="main", layers=[LAYER, LAYER], config_hash="x"))
     assert "NaN or Inf" in log and not any(p.exists() for p in outs)
     assert not list(tmp_path.glob("*.tmp-*"))
-    # An SAE for another site than the cached one.
-    cfg = {**ci_config, "cache": {**ci_config["cache"], "site": "mlp_out"}}
-    log = _run_script("encode_features", tmp_path, config=cfg,
+    # An SAE for another site than the one the set reads (ci.yaml's second set reads mlp_out).
+    log = _run_script("encode_features", tmp_path, config=ci_config,
                       input=_io(saes=[str(layer_data.sae_dir)], activations=[str(layer_data.paths["prompts"])]),
-                      output=_io(features=[str(outs[0])]), params=_io(layers=[LAYER], config_hash="x"))
+                      output=_io(features=[str(outs[0])]), params=_io(sae_set="mlp", layers=[LAYER], config_hash="x"))
     assert "cached at 'blocks.10.hook_mlp_out'" in log and not outs[0].exists()
 
 
