@@ -21,7 +21,6 @@ from bugscope.forward import capture_sites, iter_batches, run_decoder
 from bugscope.io import STORAGE_DTYPES, atomic_path, encode_metadata, vectors_to_arrow
 from bugscope.sites import parse_hook_name
 
-
 INDEX_COLUMNS = ["prompt_id", "position"]
 
 
