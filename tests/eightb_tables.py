@@ -180,7 +180,7 @@ def build_inputs(config: dict, root: Path) -> None:
                                                            "accuracy_clean", "accuracy_sae")},
                        n_tokens_prompts=prompts.height * N_ALIGNED, n_tokens_corpus=20_000)
         put(tables.SAE_QUALITY_LAYER, pa.Table.from_pylist([quality], schema=QUALITY_SCHEMA),
-            layout.per_set(layout.SAE_QUALITY_LAYER, sae_set["name"], hook=hook), layer=layer, hook_name=hook)
+            layout.per_set(layout.SAE_QUALITY_LAYER, sae_set["name"], hook=hook), sae_set=sae_set["name"], layer=layer, hook_name=hook)
 
     sweep_sets = {}
     for layer in layers:

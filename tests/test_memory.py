@@ -124,7 +124,7 @@ STEPS = {
         "script": "aggregate_sae_quality.py",
         "input": {"quality": [layout.per_set(layout.SAE_QUALITY_LAYER, SET, hook=hook) for hook in HOOKS]},
         "output": {"quality": layout.SAE_QUALITY},
-        "params": {"sae_sets": [SET] * len(HOOKS), "config_hash": stage_hash(CFG, "sae")}}),
+        "params": {"config_hash": stage_hash(CFG, "sae")}}),
     "fig_baseline_accuracy": ([], _figure("baseline_accuracy", accuracy=layout.BASELINE_ACCURACY)),
     "fig_feature_overlap": (["feature_overlap"], _figure("feature_overlap", overlap=per_set(layout.FEATURE_OVERLAP))),
     "fig_amplification": (["feature_overlap"], _figure("amplification", overlap=per_set(layout.FEATURE_OVERLAP))),

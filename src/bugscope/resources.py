@@ -37,6 +37,8 @@ FOCUS_LAYERS_HINT = 8
 # one of an SAE set `<stage>_<set>_<group>` (encode_features_main_L00_03).
 SET_GROUP_RULES = ("train_sae", "load_pretrained_sae", "encode_features", "sae_quality")
 GROUP_RULES = (*SET_GROUP_RULES, "head_sweep")
+# The rule that makes a set's SAEs, by sae.sets[].source.
+SAE_RULE = {"train": "train_sae", "pretrained": "load_pretrained_sae"}
 MODEL_RULES = ("baseline", "cache_residuals", "cache_corpus", *GROUP_RULES, "head_subsets", "head_original_method",
                "head_feature_attribution")
 
@@ -129,7 +131,7 @@ def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:
             continue
         if rule in SET_GROUP_RULES:
             for s in sae_sets(config):
-                if rule in ("train_sae", "load_pretrained_sae") and rule != f"{'train' if s['source'] == 'train' else 'load_pretrained'}_sae":
+                if rule in SAE_RULE.values() and rule != SAE_RULE[s["source"]]:
                     continue
                 out += [(f"{rule}_{s['name']}_{group}", job_resources(config, rule, layers, s))
                         for group, layers in layer_groups(s["layers"], per_job).items()]

@@ -10,9 +10,8 @@ from bugscope.config import (
     primary_sae_set,
     sae_sets,
     stage_hash,
-    with_sae_set,
 )
-from bugscope.sites import HEAD_WRITTEN_SITES, hook_name
+from bugscope.sites import HEAD_WRITTEN_SITES, hook_name, parse_hook_name
 import bugscope.ledger as bugscope_ledger
 import bugscope.resources as bugscope_resources
 
@@ -37,7 +36,7 @@ def set_hooks(sae_set, layers=None):
 # Every hook some set reads: one cache job fills them all in one forward pass per batch.
 HOOKS = sorted(
     {hook for name in SAE_SETS for hook in set_hooks(name)},
-    key=lambda h: (int(h.split(".")[1]), h),
+    key=lambda h: (parse_hook_name(h)[0], h),
 )
 # The per-layer model stages (SAEs, head sweep) run one job per group of layers.
 LAYER_GROUPS = layer_groups(LAYERS, config["resources"]["layers_per_job"])
@@ -61,11 +60,7 @@ def final_outputs():
         layout.BASELINE_CONTRAST,
         layout.BASELINE_GENERATION,
         *[layout.activations("prompts", hook) for hook in HOOKS],
-        *[
-            layout.per_set(layout.FEATURES, name, hook=hook)
-            for name in SAE_SETS
-            for hook in set_hooks(name)
-        ],
+        *[path for name in SAE_SETS for path in set_features(name)],
         layout.SAE_QUALITY,
         *feature_targets(),
         *patching_targets(),
@@ -196,16 +191,9 @@ def figure_outputs(name, category):
 
 def claims_table_sets():
     """The SAE sets whose file the ledger reads, per table: [None] for a table that is not per set."""
-    produced = {
-        path
-        for name in SAE_SETS
-        for path in map(
-            lambda t: layout.per_set(t, name), feature_tables(name).values()
-        )
-    }
     return {
         name: (
-            [s for s in SAE_SETS if layout.per_set(spec.path, s) in produced]
+            [s for s in SAE_SETS if spec.path in feature_tables(s).values()]
             if "{sae_set}" in spec.path
             else [None]
         )

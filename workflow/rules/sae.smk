@@ -210,7 +210,6 @@ rule aggregate_sae_quality:
     conda:
         "../../environment.yml"
     params:
-        sae_sets=[name for name in SAE_SETS for _ in set_hooks(name)],
         config_hash=SAE_CONFIG_HASH,
     script:
         "../scripts/aggregate_sae_quality.py"
