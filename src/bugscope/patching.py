@@ -216,9 +216,6 @@ class HeadPatcher:
 
     def __init__(self, model, *, pad_token_id: int, batch_rows: int | str = "auto", max_prompts: int = 128,
                  memory_fraction: float = 0.5, kv_reuse: bool = True, progress: bool = True):
-        if getattr(model.config, "final_logit_softcapping", None):
-            raise PatchingConfigError(
-                "This model soft-caps its final logits, which the decision-logit readout does not implement.")
         geometry = model_geometry(model.config)
         self.model = model
         self.runner = LayerRunner(model)
