@@ -236,3 +236,16 @@ def test_an_unsupported_architecture_is_refused_by_name():
                  lambda: model_geometry(config), lambda: site_module(model, 0, "mlp_out")):
         with pytest.raises(UnsupportedModelError, match="'mistral'.*gemma2, llama, qwen2, qwen3"):
             make()
+
+
+def test_head_attribution_refuses_a_normalised_attention_output(family_model):
+    """The direct attribution's W_O[h] z_h is the heads' residual write only where nothing follows o_proj."""
+    from bugscope.attribution import head_outputs
+
+    family, model = family_model
+    z = torch.zeros(2, N_HEADS * head_input_module(model, 0).in_features // N_HEADS)
+    if family == "gemma2":
+        with pytest.raises(UnsupportedModelError, match="post_attention_layernorm"):
+            head_outputs(model, 0, z, N_HEADS)
+    else:
+        assert head_outputs(model, 0, z, N_HEADS).shape == (N_HEADS, 2, D_MODEL)

@@ -19,8 +19,10 @@ import torch
 
 from bugscope.sites import (
     HEAD_WRITTEN_SITES,
+    UnsupportedModelError,
     decoder_layers,
     head_input_module,
+    heads_write_linearly,
     mlp_tail,
     output_tensor,
     site_module,
@@ -253,6 +255,11 @@ def capture_decision(model, rows: Sequence[dict], *, layers: Sequence[int], batc
 
 def head_outputs(model, layer: int, z: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[heads, n, d_model]: W_O[h] z_h, the residual-stream write of each head."""
+    if not heads_write_linearly(model):
+        raise UnsupportedModelError(
+            "The direct head attribution splits the attention output into W_O[h] z_h per head, but this model "
+            "normalises the attention output before the residual stream (Gemma 2's post_attention_layernorm), "
+            "so heads have no additive write into it: the attribution is not defined for this model.")
     w_o = head_input_module(model, layer).weight.detach().to(z.dtype).cpu()  # [d_model, heads*head_dim]
     d_model = w_o.shape[0]
     head_dim = w_o.shape[1] // n_heads
