@@ -232,7 +232,10 @@ def patching_targets():
         "head_replacement": [layout.PATCHING_REPLACEMENT],
         "head_subsets_exhaustive": [layout.PATCHING_EXHAUSTIVE],
         "residual_map": [layout.PATCHING_RESIDUAL_MAP],
-        "head_bidirectional": [layout.PATCHING_BIDIRECTIONAL, layout.PATCHING_LISTED_PAIRS],
+        "head_bidirectional": [
+            layout.PATCHING_BIDIRECTIONAL,
+            layout.PATCHING_LISTED_PAIRS,
+        ],
     }
     for rule, paths in experiments.items():
         if bugscope_resources.patch_experiment_enabled(config, rule):
