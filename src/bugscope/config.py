@@ -244,24 +244,41 @@ def config_hash(config: dict, *sections: str) -> str:
     Stored in every table so that readers can refuse a stale one. Naming the sections keeps an
     edit to, say, the figure settings from invalidating the activation cache.
     """
-    part = {k: config.get(k) for k in sections} if sections else config
+    part = {k: _lookup(config, k) for k in sections} if sections else config
     blob = json.dumps(part, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _lookup(config: dict, key: str):
+    """config[key], or for a dotted key ("patching.positions") the nested value (None if absent)."""
+    value = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 # The config sections each stage's tables depend on: the one place that decides them. A rule stores
 # `stage_hash(config, stage)` in its tables and a reader recomputes it from the current config, so a
 # table made under other settings is refused with the rule to rerun (bugscope.tables.read).
 _BASE = ("model", "prompts", "seed")
+# What every head-patching table depends on (batch sizes and memory settings change no number).
+_PATCH = ("patching.positions", "patching.operation", "patching.direction")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prompts": _BASE,
     "baseline": (*_BASE, "baseline", "bootstrap"),
     "activations": (*_BASE, "cache"),
     "sae": (*_BASE, "cache", "sae"),  # corpus, its activations, SAEs, feature tables, SAE quality
     "features": (*_BASE, "cache", "sae", "features", "bootstrap"),
-    "patching_sweep": (*_BASE, "patching"),
-    "patching_focus": (*_BASE, "patching", "focus_layers"),
-    "patching_summary": (*_BASE, "patching", "layers", "focus_layers", "bootstrap"),
+    "patching_sweep": (*_BASE, *_PATCH),
+    "patching_focus": (*_BASE, *_PATCH, "patching.subsets", "patching.original_method", "focus_layers",
+                       "bootstrap"),
+    "patching_summary": (*_BASE, *_PATCH, "patching.subsets", "layers", "focus_layers", "bootstrap"),
+    # The focus-layer experiments of patching.{replacement,exhaustive,residual_map,bidirectional}:
+    # each its own stage, so that editing one reruns only it.
+    "patching_replacement": (*_BASE, *_PATCH, "patching.replacement", "focus_layers", "bootstrap"),
+    "patching_exhaustive": (*_BASE, *_PATCH, "patching.exhaustive", "focus_layers", "bootstrap"),
+    "patching_residual_map": (*_BASE, "patching.residual_map", "bootstrap"),
+    "patching_bidirectional": (*_BASE, *_PATCH, "patching.bidirectional", "focus_layers", "bootstrap"),
 }
 
 

@@ -116,6 +116,63 @@ def subset_head_sets(n_heads: int, *, pools: Sequence[str], sizes: Sequence[int]
 
 
 CEILING = HeadSet("resid_post", "ceiling", (), "resid")
+EXHAUSTIVE_POOLS = (*POOLS, "mixed")
+
+
+def _combos(members: Sequence[int], k: int, *, budget: int, samples: int, rng_key: tuple[int, ...]) -> list[tuple]:
+    """Every k-subset of `members` where C(n, k) <= budget, else `samples` distinct seeded draws."""
+    if math.comb(len(members), k) <= max(budget, samples):
+        return list(itertools.combinations(members, k))
+    rng = subset_generator(*rng_key)
+    seen: set[tuple[int, ...]] = set()
+    while len(seen) < samples:
+        seen.add(tuple(sorted(int(h) for h in rng.choice(members, size=k, replace=False))))
+    return sorted(seen)
+
+
+def exhaustive_head_sets(n_heads: int, *, pools: Sequence[str], budget: int, samples: int, seed: int,
+                         layer: int) -> list[HeadSet]:
+    """Head sets of every size from each pool, enumerated in full where there are at most `budget`
+    of them (per pool and k), else `samples` seeded draws.
+
+    Pools: even, odd, all, and mixed: j odd plus k - j even heads for every 1 <= j < k, enumerated
+    (or drawn) per (k, j), so that each composition is covered. Names are unique within a layer:
+    `all_k3_0041`, `mixed_k4_o1_0007`.
+    """
+    even, odd = pool_heads("even", n_heads), pool_heads("odd", n_heads)
+    out = []
+    for pool in pools:
+        if pool not in EXHAUSTIVE_POOLS:
+            raise PatchingConfigError(f"unknown head pool {pool!r}; expected one of {', '.join(EXHAUSTIVE_POOLS)}.")
+        if pool != "mixed":
+            members = pool_heads(pool, n_heads)
+            for k in range(1, len(members) + 1):
+                combos = _combos(members, k, budget=budget, samples=samples,
+                                 rng_key=(seed, layer, EXHAUSTIVE_POOLS.index(pool), k, 1))
+                out += [HeadSet(f"{pool}_k{k}_{i:04d}", "exhaustive", c, pool, i) for i, c in enumerate(combos)]
+            continue
+        for k in range(2, n_heads + 1):
+            for j in range(max(1, k - len(even)), min(k - 1, len(odd)) + 1):
+                total = math.comb(len(odd), j) * math.comb(len(even), k - j)
+                if total <= max(budget, samples):
+                    combos = [tuple(sorted(o + e)) for o in itertools.combinations(odd, j)
+                              for e in itertools.combinations(even, k - j)]
+                else:
+                    rng = subset_generator(seed, layer, EXHAUSTIVE_POOLS.index(pool), k, j)
+                    seen: set[tuple[int, ...]] = set()
+                    while len(seen) < samples:
+                        seen.add(tuple(sorted([int(h) for h in rng.choice(odd, size=j, replace=False)]
+                                              + [int(h) for h in rng.choice(even, size=k - j, replace=False)])))
+                    combos = sorted(seen)
+                out += [HeadSet(f"mixed_k{k}_o{j}_{i:04d}", "exhaustive", c, "mixed", i) for i, c in enumerate(combos)]
+    return out
+
+
+def head_composition(heads: Sequence[int]) -> tuple[int, int, str]:
+    """(even heads, odd heads, "even" | "odd" | "mixed") of a head set."""
+    n_even = sum(1 for h in heads if h % 2 == 0)
+    n_odd = len(heads) - n_even
+    return n_even, n_odd, "mixed" if n_even and n_odd else ("even" if n_even else "odd")
 
 
 def random_control_sets(n_heads: int, *, samples: int, seed: int, layer: int) -> list[HeadSet]:

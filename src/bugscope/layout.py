@@ -46,6 +46,16 @@ PATCHING_PROMPTS = f"{RESULTS}/patching/heads_prompts.parquet"
 PATCHING_SUMMARY = f"{RESULTS}/patching/heads.parquet"
 PATCHING_ORIGINAL_METHOD_PROMPTS = f"{RESULTS}/patching/original_method_prompts.parquet"
 PATCHING_ORIGINAL_METHOD = f"{RESULTS}/patching/original_method.parquet"
+# The focus-layer experiments (patching.replacement / exhaustive / residual_map / bidirectional).
+PATCHING_REPLACEMENT_PROMPTS = f"{RESULTS}/patching/replacement_prompts.parquet"
+PATCHING_REPLACEMENT = f"{RESULTS}/patching/replacement.parquet"
+PATCHING_EXHAUSTIVE_PROMPTS = f"{RESULTS}/patching/subsets_exhaustive_prompts.parquet"
+PATCHING_EXHAUSTIVE = f"{RESULTS}/patching/subsets_exhaustive.parquet"
+PATCHING_RESIDUAL_MAP_PROMPTS = f"{RESULTS}/patching/residual_map_prompts.parquet"
+PATCHING_RESIDUAL_MAP = f"{RESULTS}/patching/residual_map.parquet"
+PATCHING_BIDIRECTIONAL_PROMPTS = f"{RESULTS}/patching/bidirectional_prompts.parquet"
+PATCHING_BIDIRECTIONAL = f"{RESULTS}/patching/bidirectional.parquet"
+PATCHING_LISTED_PAIRS = f"{RESULTS}/patching/listed_pairs.parquet"
 
 # Figures, report tables and the claims ledger (bugscope.figures, bugscope.claims, workflow/rules/figures.smk)
 FIGURE = f"{RESULTS}/figures/{{name}}.{{ext}}"

@@ -57,11 +57,15 @@ def _matrices(per_prompt: pl.DataFrame, keys: list[str]) -> tuple[pl.DataFrame, 
 
 
 def _rates(ld: np.ndarray, right: np.ndarray, base: np.ndarray, src: np.ndarray, pairs: np.ndarray,
-           boot: dict) -> dict[str, np.ndarray]:
-    """The columns of the module docstring for targets x groups matrices (right: fraction right)."""
+           boot: dict, direction: str = "fix") -> dict[str, np.ndarray]:
+    """The columns of the module docstring for targets x groups matrices (right: fraction right).
+
+    Success is taking the source's answer, on the targets whose answer differs from it
+    (`patching.is_eligible`): in the break direction, a right target turned wrong by a wrong source."""
     m = ld.shape[1]
     wrong_base, right_base = base <= 0, base > 0
-    eligible = wrong_base & (src > 0)
+    eligible = wrong_base & (src > 0) if direction == "fix" else right_base & (src <= 0)
+    takes_source = right if direction == "fix" else 1.0 - right
 
     def ci(values):  # rows outside a rate's condition are NaN
         return cluster_bootstrap_mean_ci_columns(values, pairs, **boot)
@@ -69,7 +73,7 @@ def _rates(ld: np.ndarray, right: np.ndarray, base: np.ndarray, src: np.ndarray,
     def only(mask, values):
         return np.where(mask[:, None], values, np.nan)
 
-    succ = ci(only(eligible, right))
+    succ = ci(only(eligible, takes_source))
     rec = cluster_bootstrap_ratio_ci_columns(only(eligible, ld - base[:, None]),
                                              only(eligible, np.broadcast_to((src - base)[:, None], ld.shape)),
                                              pairs, **boot)
@@ -104,13 +108,13 @@ def _frame(groups: pl.DataFrame, cols: dict[str, np.ndarray], confidence: float)
 
 
 def summarise(per_prompt: pl.DataFrame, *, keys: Sequence[str], n_resamples: int, confidence: float,
-              seed: int) -> pl.DataFrame:
+              seed: int, direction: str = "fix") -> pl.DataFrame:
     """One row per `keys` group (e.g. layer, head_set) over all prompts: the rates of the module
     docstring. `per_prompt` has prompt_id, pair_id, logit_diff, baseline_logit_diff, source_logit_diff."""
     groups, targets, ld = _matrices(per_prompt, list(keys))
     cols = _rates(ld, (ld > 0).astype(float), targets["baseline_logit_diff"].to_numpy(),
                   targets["source_logit_diff"].to_numpy(), targets["pair_id"].to_numpy(),
-                  {"n_resamples": n_resamples, "confidence": confidence, "seed": seed})
+                  {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}, direction)
     return _frame(groups, cols, confidence)
 
 
@@ -139,11 +143,11 @@ def _with_random_control(groups: pl.DataFrame, ld: np.ndarray, right: np.ndarray
 
 
 def summary_table(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: float, seed: int,
-                  n_heads: int | None = None) -> pl.DataFrame:
-    """One row per (method, positions, ..., pair kind, order, layer, head set): the rates of the
-    module docstring plus the head-set columns. With `n_heads`, the random-head control rows are
-    added where the subsets were run."""
-    set_keys = [k for k in SUMMARY_KEYS if k not in ("pair_kind", "order")]
+                  n_heads: int | None = None, extra_keys: Sequence[str] = ()) -> pl.DataFrame:
+    """One row per (method, positions, ..., pair kind, order, layer, head set[, extra_keys]): the
+    rates of the module docstring plus the head-set columns. With `n_heads`, the random-head control
+    rows are added where the subsets were run. The direction column decides eligibility (`_rates`)."""
+    set_keys = [k for k in SUMMARY_KEYS if k not in ("pair_kind", "order")] + list(extra_keys)
     boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
     parts = []
     for _, by_method in per_prompt.group_by(_SPLIT, maintain_order=True):
@@ -157,7 +161,8 @@ def summary_table(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: flo
         pairs = targets["pair_id"].to_numpy()
         for kind, order, mask in kind_order_splits(targets["pair_kind"].cast(pl.String).to_list(),
                                                    targets["order"].cast(pl.String).to_list()):
-            cols = _rates(ld[mask], right[mask], base[mask], src[mask], pairs[mask], boot)
+            cols = _rates(ld[mask], right[mask], base[mask], src[mask], pairs[mask], boot,
+                          by_method["direction"][0])
             parts.append(_frame(groups.with_columns(pl.lit(kind).alias("pair_kind"), pl.lit(order).alias("order")),
                                 cols, confidence))
     return concat_summaries(parts)
@@ -168,9 +173,10 @@ def concat_summaries(parts: Sequence[pl.DataFrame]) -> pl.DataFrame:
     the same as one `summary_table` of all of them: every group's interval uses the same resampled
     pairs (the seed and the pairs decide the draws), so the inputs can be summarised one at a time."""
     out = pl.concat(parts)
-    first = [*SUMMARY_KEYS, *HEAD_SET_COLUMNS]
+    first = [*SUMMARY_KEYS, *[c for c in ("fraction",) if c in out.columns], *HEAD_SET_COLUMNS]
     return out.select(*first, *[c for c in out.columns if c not in first]).sort(
-        "method", "positions", "pair_kind", "order", "layer", "family", "head_set")
+        "method", "positions", "direction", "pair_kind", "order", "layer", "family", "head_set",
+        *[c for c in ("fraction",) if c in out.columns])
 
 
 def bug_kind_rows(summary: pl.DataFrame) -> pl.DataFrame:

@@ -199,14 +199,20 @@ def place_values(pairs: Sequence[PatchPair], target_pad: torch.Tensor, shape: tu
     return pos_mask, values
 
 
-def head_writer(values: torch.Tensor, pos_mask: torch.Tensor, head_mask: torch.Tensor, n_heads: int, width: int):
-    """Replace heads (head_mask [replicas, head]) at patched columns (pos_mask [b, cols]) by `values`."""
+def head_writer(values: torch.Tensor, pos_mask: torch.Tensor, head_mask: torch.Tensor, n_heads: int, width: int,
+                fractions: torch.Tensor | None = None):
+    """Replace heads (head_mask [replicas, head]) at patched columns (pos_mask [b, cols]) by `values`,
+    or (fractions [replicas]) by the blend a * values + (1 - a) * the run's own value."""
     r, b, cols = head_mask.shape[0], pos_mask.shape[0], pos_mask.shape[1]
     where = head_mask[:, None, None, :] & pos_mask[None, :, :, None]  # [replicas, b, cols, head]
 
     def write(x):  # x: [replicas * b, cols, head * d_slice]
         y = x.reshape(r, b, cols, n_heads, width)
-        y = torch.where(where[..., None], values[None], y)
+        new = values[None]
+        if fractions is not None:
+            a = fractions.to(y.dtype)[:, None, None, None, None]
+            new = a * new + (1 - a) * y
+        y = torch.where(where[..., None], new, y)
         return y.reshape(x.shape)
     return write
 
@@ -293,8 +299,9 @@ class HeadPatcher:
             out.update(zip(batch.prompt_ids.tolist(), self.runner.record(batch, []).baseline.double().tolist()))
         return out
 
-    def writer(self, values: torch.Tensor, pos_mask: torch.Tensor, head_mask: torch.Tensor, site: str):
-        return head_writer(values, pos_mask, head_mask, self.n_heads, self.slice_width(site))
+    def writer(self, values: torch.Tensor, pos_mask: torch.Tensor, head_mask: torch.Tensor, site: str,
+               fractions: torch.Tensor | None = None):
+        return head_writer(values, pos_mask, head_mask, self.n_heads, self.slice_width(site), fractions)
 
     def head_mask(self, head_sets: Sequence[HeadSet]) -> torch.Tensor:
         """[len(head_sets), n_heads] bool."""
@@ -332,12 +339,16 @@ class HeadPatcher:
                                                 start=self._first_patched(prep))[None]
 
     @torch.inference_mode()
-    def run_patched(self, prep: _Prepared, layer: int, head_sets: Sequence[HeadSet], site: str) -> torch.Tensor:
-        """[len(head_sets), b] logit differences, all head sets in one forward from layer `layer` on."""
+    def run_patched(self, prep: _Prepared, layer: int, head_sets: Sequence[HeadSet], site: str,
+                    fractions: Sequence[float] | None = None) -> torch.Tensor:
+        """[len(head_sets), b] logit differences, all head sets in one forward from layer `layer` on
+        (with `fractions`, one per head set: the replacement fraction of `head_writer`)."""
         b = prep.batch.input_ids.shape[0]
         r = len(head_sets)
         start = self._first_patched(prep)
-        write = self.writer(prep.values[layer][:, start:], prep.pos_mask[:, start:], self.head_mask(head_sets), site)
+        blend = None if fractions is None else torch.tensor(list(fractions), dtype=torch.float64, device=self.device)
+        write = self.writer(prep.values[layer][:, start:], prep.pos_mask[:, start:], self.head_mask(head_sets), site,
+                            blend)
         return self.runner.run_written(prep.run, layer, site, write, start=start, replicas=r).reshape(r, b)
 
     # -- batch sizes --
@@ -362,10 +373,12 @@ class HeadPatcher:
     # -- sweeps --
 
     def sweep(self, pairs: Sequence[PatchPair], layer_sets: dict[int, list[HeadSet]], spec: PatchSpec,
-              desc: str = "patching") -> tuple[pl.DataFrame, pl.DataFrame]:
+              desc: str = "patching", fractions: Sequence[float] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
         """Patched and unpatched logit differences of every target prompt.
 
         Returns (patched: one row per layer, head_set, prompt_id; baseline: one row per prompt_id).
+        With `fractions` (replacement fractions a, `head_writer`), every head set is run at each a
+        and the patched rows carry a `fraction` column.
         """
         layers = sorted(layer_sets)
         ceiling_layers = [layer for layer in layers if CEILING in layer_sets[layer]]
@@ -383,9 +396,13 @@ class HeadPatcher:
         rows = self.rows_per_forward(n_cols, n_ctx)
         per_batch = max(1, min(len(pairs), self.max_prompts, rows))
         sets_per_forward = max(1, rows // per_batch)
-        chunks = [(layer, layer_sets[layer][i:i + sets_per_forward])
-                  for layer in layers for i in range(0, len(layer_sets[layer]), sets_per_forward)]
-        chunks += [(layer, [CEILING]) for layer in ceiling_layers]
+        if fractions is not None and ceiling_layers:
+            raise PatchingConfigError("Replacement fractions apply to head sets; leave the ceiling out.")
+        units = {layer: [(s, a) for s in layer_sets[layer] for a in (fractions if fractions is not None else [None])]
+                 for layer in layers}
+        chunks = [(layer, units[layer][i:i + sets_per_forward])
+                  for layer in layers for i in range(0, len(units[layer]), sets_per_forward)]
+        chunks += [(layer, [(CEILING, None)]) for layer in ceiling_layers]
         n_batches = math.ceil(len(pairs) / per_batch)
         out, base = [], []
         bar = tqdm(total=n_batches * len(chunks), desc=desc, unit="forward", disable=not self.progress)
@@ -394,27 +411,33 @@ class HeadPatcher:
             prep = self.prepare(part, layers, spec, means, ceiling_layers)
             pids = [p.target["prompt_id"] for p in part]
             base.append(pl.DataFrame({"prompt_id": pids, "baseline_logit_diff": prep.baseline.double().numpy()}))
-            for layer, sets in chunks:
+            for layer, chunk in chunks:
+                sets = [s for s, _ in chunk]
                 if sets == [CEILING]:
                     diffs = self.run_ceiling(prep, layer)
                 else:
-                    diffs = self.run_patched(prep, layer, sets, spec.site)
-                out.append(_long(layer, sets, pids, diffs))
+                    diffs = self.run_patched(prep, layer, sets, spec.site,
+                                             None if fractions is None else [a for _, a in chunk])
+                out.append(_long(layer, sets, pids, diffs, None if fractions is None else [a for _, a in chunk]))
                 bar.update()
             del prep
         bar.close()
         return pl.concat(out), pl.concat(base)
 
 
-def _long(layer: int, sets: Sequence[HeadSet], prompt_ids: Sequence[int], diffs: torch.Tensor) -> pl.DataFrame:
-    """[len(sets), len(prompt_ids)] -> rows (layer, head_set, prompt_id, logit_diff)."""
+def _long(layer: int, sets: Sequence[HeadSet], prompt_ids: Sequence[int], diffs: torch.Tensor,
+          fractions: Sequence[float] | None = None) -> pl.DataFrame:
+    """[len(sets), len(prompt_ids)] -> rows (layer, head_set, prompt_id, logit_diff[, fraction])."""
     r, b = len(sets), len(prompt_ids)
-    return pl.DataFrame({
+    out = pl.DataFrame({
         "layer": np.full(r * b, layer, dtype=np.int32),
         "head_set": np.repeat([s.name for s in sets], b),
         "prompt_id": np.tile(np.asarray(prompt_ids, dtype=np.int32), r),
         "logit_diff": diffs.double().numpy().reshape(-1),
     })
+    if fractions is not None:
+        out = out.with_columns(fraction=pl.Series(np.repeat(np.asarray(fractions, dtype=np.float64), b)))
+    return out
 
 
 def _available_cpu_memory() -> int:
@@ -444,11 +467,24 @@ def patcher_from_config(model, config: dict, pad_token_id: int) -> HeadPatcher:
 
 def run_study_sweep(patcher: HeadPatcher, prompts: pl.DataFrame, layer_sets: dict[int, list[HeadSet]],
                     spec: PatchSpec, *, target_format: str, source_format: str, direction: str,
-                    desc: str) -> pl.DataFrame:
+                    desc: str, fractions: Sequence[float] | None = None,
+                    only_eligible: bool = False) -> pl.DataFrame:
     """The tidy per-prompt table of one sweep: one row per (layer, head set, target prompt), with
-    the source prompt's unpatched logit difference (a target is only fixable when its source is right)."""
+    the source prompt's unpatched logit difference (a target is only fixable when its source is right).
+
+    fractions: replacement fractions (a `fraction` column follows `head_set`). only_eligible: patch
+    only the targets a patch can move to the source's answer (`eligible_pairs`): for sweeps whose
+    only readout is success and recovery, whose n is the eligible targets anyway.
+    """
     pairs = make_pairs(prompts, target_format, source_format, spec.positions)
-    patched, baseline = patcher.sweep(pairs, layer_sets, spec, desc=desc)
+    if only_eligible:
+        pairs = eligible_pairs(patcher, pairs, direction)
+        if not pairs:
+            raise PatchingConfigError(
+                f"No target of the {direction} direction is eligible (target {target_format} with the "
+                f"source's answer differing, source {'right' if direction == 'fix' else 'wrong'}): "
+                "there is nothing a patch could move. Check the baseline accuracy per format.")
+    patched, baseline = patcher.sweep(pairs, layer_sets, spec, desc=desc, fractions=fractions)
     source_ld = patcher.unpatched_logit_diffs([p.source for p in pairs])
     link = pl.DataFrame({
         "prompt_id": [p.target["prompt_id"] for p in pairs],
@@ -462,12 +498,75 @@ def run_study_sweep(patcher: HeadPatcher, prompts: pl.DataFrame, layer_sets: dic
            .join(baseline.with_columns(pl.col("prompt_id").cast(pl.Int32)), on="prompt_id")
            .join(link, on="prompt_id").join(meta, on="prompt_id")
            .join(head_set_table(layer_sets), on=["layer", "head_set"]))
-    return out.with_columns(
+    out = out.with_columns(
         pl.lit(spec.method).alias("method"), pl.lit(spec.positions).alias("positions"),
         pl.lit(spec.operation).alias("operation"), pl.lit(direction).alias("direction"),
         pl.lit(target_format).alias("target_format"), pl.lit(source_format).alias("source_format"),
         (pl.col("logit_diff") > 0).alias("is_correct"), (pl.col("baseline_logit_diff") > 0).alias("baseline_correct"),
-    ).select(PROMPT_COLUMNS).sort("method", "positions", "layer", "head_set", "prompt_id")
+    )
+    if fractions is None:
+        return out.select(PROMPT_COLUMNS).sort("method", "positions", "layer", "head_set", "prompt_id")
+    cols = [*PROMPT_COLUMNS[:PROMPT_COLUMNS.index("head_set") + 1], "fraction",
+            *PROMPT_COLUMNS[PROMPT_COLUMNS.index("head_set") + 1:]]
+    return out.select(cols).sort("method", "positions", "layer", "head_set", "fraction", "prompt_id")
+
+
+def is_eligible(baseline_logit_diff, source_logit_diff, direction: str):
+    """Whether a patch can move the target to its source's answer: fix, the target wrong and the
+    source right; break, the target right and the source wrong (research notes section 8)."""
+    target_right, source_right = baseline_logit_diff > 0, source_logit_diff > 0
+    if direction == "fix":
+        return ~target_right & source_right
+    return target_right & ~source_right
+
+
+def eligible_pairs(patcher: HeadPatcher, pairs: Sequence[PatchPair], direction: str) -> list[PatchPair]:
+    """The pairs whose target is eligible (`is_eligible`), by the same layer-by-layer unpatched run."""
+    ld = patcher.unpatched_logit_diffs([p.target for p in pairs] + [p.source for p in pairs])
+    return [p for p in pairs if bool(is_eligible(np.float64(ld[p.target["prompt_id"]]),
+                                                 np.float64(ld[p.source["prompt_id"]]), direction))]
+
+
+@torch.inference_mode()
+def residual_map(patcher: HeadPatcher, pairs: Sequence[PatchPair], layers: Sequence[int],
+                 desc: str = "residual map") -> pl.DataFrame:
+    """Rows (layer, rank, prompt_id, logit_diff, baseline_logit_diff): the residual stream after
+    `layer` patched from the source prompt at one matched position, `rank` counted back from the
+    last matched position (rank 0, the decision position), so that ranks line up across questions
+    whose prompts differ in length. A pair without a position at that rank is left out of it."""
+    runner, out = patcher.runner, []
+    n_rank = max(len(p.target_positions) for p in pairs)
+    step = max(1, patcher.max_prompts)
+    bar = tqdm(total=math.ceil(len(pairs) / step) * len(layers) * n_rank, desc=desc, unit="forward",
+               disable=not patcher.progress)
+    for start in range(0, len(pairs), step):
+        part = pairs[start:start + step]
+        batch = make_batch([p.target for p in part], patcher.pad_token_id, patcher.device)
+        sbatch = make_batch([p.source for p in part], patcher.pad_token_id, patcher.device)
+        run = runner.record(batch, layers)
+        source = runner.residuals_after(sbatch, layers)
+        for layer in layers:
+            for rank in range(n_rank):
+                rows = [i for i, p in enumerate(part) if len(p.target_positions) > rank]
+                mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool, device=patcher.device)
+                values = torch.zeros(*batch.input_ids.shape, patcher.d_model, dtype=patcher.dtype,
+                                     device=patcher.device)
+                for i in rows:
+                    t = int(batch.pad[i]) + part[i].target_positions[-1 - rank]
+                    mask[i, t] = True
+                    values[i, t] = source[layer][i, int(sbatch.pad[i]) + part[i].source_positions[-1 - rank]]
+                first = int(mask.any(0).nonzero().min()) if patcher.kv_reuse else 0
+                diffs = runner.run_residual_written(run, layer, values, mask, start=first)
+                out.append(pl.DataFrame({
+                    "layer": [layer] * len(rows), "rank": [rank] * len(rows),
+                    "prompt_id": [part[i].target["prompt_id"] for i in rows],
+                    "logit_diff": diffs.double().numpy()[rows],
+                    "baseline_logit_diff": run.baseline.double().numpy()[rows],
+                }, schema={"layer": pl.Int32, "rank": pl.Int32, "prompt_id": pl.Int32, "logit_diff": pl.Float64,
+                           "baseline_logit_diff": pl.Float64}))
+                bar.update()
+    bar.close()
+    return pl.concat(out)
 
 
 PROMPT_COLUMNS = ["method", "positions", "operation", "direction", "target_format", "source_format", "layer",

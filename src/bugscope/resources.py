@@ -39,8 +39,37 @@ SET_GROUP_RULES = ("train_sae", "load_pretrained_sae", "encode_features", "sae_q
 GROUP_RULES = (*SET_GROUP_RULES, "head_sweep")
 # The rule that makes a set's SAEs, by sae.sets[].source.
 SAE_RULE = {"train": "train_sae", "pretrained": "load_pretrained_sae"}
+# The focus-layer patching experiments, by rule: the patching config key that turns each on.
+PATCH_EXPERIMENT_RULES = {"head_replacement": "replacement", "head_subsets_exhaustive": "exhaustive",
+                          "residual_map": "residual_map", "head_bidirectional": "bidirectional"}
 MODEL_RULES = ("baseline", "cache_residuals", "cache_corpus", *GROUP_RULES, "head_subsets", "head_original_method",
-               "head_feature_attribution")
+               *PATCH_EXPERIMENT_RULES, "head_feature_attribution")
+
+
+def patch_experiment_enabled(config: dict, rule: str) -> bool:
+    value = config["patching"][PATCH_EXPERIMENT_RULES[rule]]
+    return bool(value["enabled"] if isinstance(value, dict) else value)
+
+
+def n_exhaustive_sets(config: dict) -> int:
+    """Head sets per focus layer of patching.exhaustive (bugscope.head_sets.exhaustive_head_sets)."""
+    ex, n = config["patching"]["exhaustive"], config["model"]["num_heads"]
+    n_even, n_odd = (n + 1) // 2, n // 2
+    cap = max(ex["budget"], ex["samples"])
+
+    def count(total):  # enumerated within the budget, else the draws
+        return total if total <= cap else ex["samples"]
+    out = 0
+    for k in range(1, n + 1):
+        if ex["sizes"] is not None and k not in ex["sizes"]:
+            continue
+        for pool, members in (("even", n_even), ("odd", n_odd), ("all", n)):
+            if pool in ex["pools"] and k <= members:
+                out += count(math.comb(members, k))
+        if "mixed" in ex["pools"]:
+            out += sum(count(math.comb(n_odd, j) * math.comb(n_even, k - j))
+                       for j in range(max(1, k - n_even), min(k - 1, n_odd) + 1))
+    return out
 
 
 def d_model(config: dict) -> int:
@@ -94,6 +123,13 @@ def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple
         "head_sweep": (prompts, n_group, 0.0),
         "head_subsets": (prompts, FOCUS_LAYERS_HINT, 0.0),
         "head_original_method": (prompts, 1, 0.0),
+        # head sets x fractions (or x directions) at the focus layers, on one decision column each
+        "head_replacement": (prompts, FOCUS_LAYERS_HINT, 0.0),
+        "head_bidirectional": (prompts, FOCUS_LAYERS_HINT, 0.0),
+        # on the eligible targets only, but many sets: the cost grows with their number (the
+        # sampled head_subsets job runs ~80 sets at the weight of FOCUS_LAYERS_HINT layers)
+        "head_subsets_exhaustive": (prompts, max(FOCUS_LAYERS_HINT, n_exhaustive_sets(config) // 10), 0.0),
+        "residual_map": (prompts, layers, 0.0),
         # one forward pass over the buggy- and correct-format prompts serves every layer; one SAE at a time
         "head_feature_attribution": (n_prompts(config, n_formats=2), 1, one),
     }
@@ -128,6 +164,8 @@ def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:
     out = []
     for rule in MODEL_RULES:
         if rule == "head_original_method" and not config["patching"]["original_method"]:
+            continue
+        if rule in PATCH_EXPERIMENT_RULES and not patch_experiment_enabled(config, rule):
             continue
         if rule in SET_GROUP_RULES:
             for s in sae_sets(config):

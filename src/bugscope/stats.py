@@ -167,10 +167,10 @@ def layer_seed(master_seed: int, layer: int) -> int:
     return (master_seed * 1_000_003 + 7919 * (layer + 1)) % (2**31 - 1)
 
 
-def subset_generator(master_seed: int, layer: int, pool_index: int, k: int) -> np.random.Generator:
-    """The generator of the random k-subsets of one pool at one layer: its own stream, so adding a
-    size or a pool leaves the other draws alone."""
-    return np.random.default_rng([master_seed, layer, pool_index, k])
+def subset_generator(master_seed: int, layer: int, pool_index: int, k: int, *more: int) -> np.random.Generator:
+    """The generator of the random k-subsets of one pool at one layer (`more`: finer keys, such as a
+    composition): its own stream, so adding a size or a pool leaves the other draws alone."""
+    return np.random.default_rng([master_seed, layer, pool_index, k, *more])
 
 
 # --- bootstrap over rows, NaN-tolerant (the feature analyses, bugscope.features) ---------------

@@ -112,6 +112,31 @@ PATCHING_SUMMARY = Table(
     layout.PATCHING_SUMMARY, "patching_summary", "patching_summary", "n_eligible",
     columns=PATCH_SUMMARY_COLUMNS)
 
+# The focus-layer experiments: per-prompt rows and their summaries (success and recovery over
+# n_eligible; in the break direction, success is taking the source's wrong answer).
+PATCHING_REPLACEMENT_PROMPTS = _patching_prompts(layout.PATCHING_REPLACEMENT_PROMPTS, "patching_replacement")
+PATCHING_REPLACEMENT = Table(layout.PATCHING_REPLACEMENT, "patching_summary", "patching_replacement", "n_eligible",
+                             columns=(*PATCH_SUMMARY_COLUMNS, "fraction"))
+PATCHING_EXHAUSTIVE_PROMPTS = _patching_prompts(layout.PATCHING_EXHAUSTIVE_PROMPTS, "patching_exhaustive")
+# One row per (pair kind, order, layer, head set) with the set's composition (n_even, n_odd,
+# composition) and k relative to the even pool (k_of_even_pool = k / number of even heads).
+PATCHING_EXHAUSTIVE = Table(layout.PATCHING_EXHAUSTIVE, "patching_summary", "patching_exhaustive", "n_eligible",
+                            columns=(*PATCH_SUMMARY_COLUMNS, "k", "n_even", "n_odd", "composition"))
+PATCHING_RESIDUAL_MAP_PROMPTS = Table(
+    layout.PATCHING_RESIDUAL_MAP_PROMPTS, "residual_map_prompts", "patching_residual_map",
+    columns=("layer", "rank", "prompt_id", "pair_id", "logit_diff", "baseline_logit_diff", "source_logit_diff"))
+PATCHING_RESIDUAL_MAP = Table(
+    layout.PATCHING_RESIDUAL_MAP, "residual_map", "patching_residual_map", "n_eligible",
+    columns=("pair_kind", "order", "layer", "rank", "n_eligible", "success_rate", "recovery", "recovery_low",
+             "recovery_high"))
+PATCHING_BIDIRECTIONAL_PROMPTS = _patching_prompts(layout.PATCHING_BIDIRECTIONAL_PROMPTS, "patching_bidirectional")
+PATCHING_BIDIRECTIONAL = Table(layout.PATCHING_BIDIRECTIONAL, "patching_summary", "patching_bidirectional", "n_eligible",
+                         columns=(*PATCH_SUMMARY_COLUMNS, "direction"))
+# One row per (direction, layer, head set, listed number pair): both orders of the pair.
+PATCHING_LISTED_PAIRS = Table(
+    layout.PATCHING_LISTED_PAIRS, "listed_pairs", "patching_bidirectional", "n_eligible",
+    columns=("direction", "layer", "head_set", "correct", "wrong", "n_eligible", "n_success", "success_rate"))
+
 # The ledger reads every table above that it names; it is a summary of them, so no hash of its own.
 CLAIMS = Table(
     layout.CLAIMS, "claims", None,

@@ -222,10 +222,24 @@ def claims_inputs(wildcards):
 
 
 def patching_targets():
-    """The head-patching summary and (patching.original_method) the original-method comparison."""
+    """The head-patching summary, (patching.original_method) the original-method comparison and
+    the enabled focus-layer experiments (patching.replacement / exhaustive / residual_map /
+    bidirectional)."""
     out = [layout.PATCHING_SUMMARY]
     if config["patching"]["original_method"]:
         out.append(layout.PATCHING_ORIGINAL_METHOD)
+    experiments = {
+        "head_replacement": [layout.PATCHING_REPLACEMENT],
+        "head_subsets_exhaustive": [layout.PATCHING_EXHAUSTIVE],
+        "residual_map": [layout.PATCHING_RESIDUAL_MAP],
+        "head_bidirectional": [
+            layout.PATCHING_BIDIRECTIONAL,
+            layout.PATCHING_LISTED_PAIRS,
+        ],
+    }
+    for rule, paths in experiments.items():
+        if bugscope_resources.patch_experiment_enabled(config, rule):
+            out += paths
     return out
 
 

@@ -1,0 +1,135 @@
+"""The focus-layer patching experiments on the real embedded model and real prompts: the replacement
+fraction, exhaustive head sets, the residual map and both directions; and their summaries on
+made-up tables where the claim they test is false."""
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from bugscope import patch_experiments, patching
+from bugscope.head_sets import exhaustive_head_sets, head_composition
+from bugscope.patch_summary import summarise
+from bugscope.patching import HeadPatcher, PatchSpec, make_pairs, named_head_sets
+from bugscope.prompts import build_prompt_table
+from bugscope.resources import n_exhaustive_sets
+from tests.numerics import forward_tolerance
+
+LAYER = 10
+
+
+@pytest.fixture(scope="module")
+def prompts(ci_config, embedded):
+    _, tok = embedded
+    return pl.from_arrow(build_prompt_table(ci_config, tok))
+
+
+@pytest.fixture(scope="module")
+def patcher(embedded):
+    model, tok = embedded
+    return HeadPatcher(model, pad_token_id=tok.pad_token_id, max_prompts=4, batch_rows=12, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pairs(prompts, ci_config):
+    target, source = patching.direction_formats(ci_config["prompts"], "fix")
+    return make_pairs(prompts, target, source, "aligned")[:6]
+
+
+@pytest.mark.numerical
+def test_replacement_at_one_is_the_plain_patch_and_at_zero_no_patch(patcher, pairs):
+    sets = {LAYER: [s for s in named_head_sets(patcher.n_heads) if s.name in ("all", "even", "odd")]}
+    spec = PatchSpec(positions="aligned")
+    plain, base = patcher.sweep(pairs, sets, spec)
+    blended, _ = patcher.sweep(pairs, sets, spec, fractions=[0.0, 0.5, 1.0])
+    at = {a: blended.filter(pl.col("fraction") == a).drop("fraction").sort("head_set", "prompt_id") for a in (0, .5, 1)}
+    # a = 1 writes 1 * source + 0 * target: exactly the source's values, the same run as the plain patch
+    assert at[1].equals(plain.sort("head_set", "prompt_id"))
+    # a = 0 writes the run's own values: the unpatched logit difference, up to the patched run's rounding
+    joined = at[0].join(base, on="prompt_id")
+    tol = forward_tolerance(patcher.model, scale=float(joined["baseline_logit_diff"].abs().max()) + 1)
+    assert (joined["logit_diff"] - joined["baseline_logit_diff"]).abs().max() <= tol
+    # a = 0.5 is a real blend: neither end (the patch moves these targets)
+    half = at[0.5]["logit_diff"].to_numpy()
+    assert np.abs(half - at[1]["logit_diff"].to_numpy()).max() > 10 * tol
+    assert np.abs(half - at[0]["logit_diff"].to_numpy()).max() > 10 * tol
+
+
+@pytest.mark.numerical
+def test_residual_map_at_the_last_layer_and_decision_position_gives_the_source(patcher, pairs):
+    last = patcher.n_layers - 1
+    rows = patching.residual_map(patcher, pairs, [last, LAYER])
+    source = patcher.unpatched_logit_diffs([p.source for p in pairs])
+    got = rows.filter(pl.col("layer") == last, pl.col("rank") == 0).sort("prompt_id")
+    want = np.array([source[p.source["prompt_id"]] for p in sorted(pairs, key=lambda p: p.target["prompt_id"])])
+    tol = forward_tolerance(patcher.model, scale=float(np.abs(want).max()) + 1)
+    assert np.abs(got["logit_diff"].to_numpy() - want).max() <= tol
+    # every matched position of every pair is mapped, at each layer
+    n_positions = sum(len(p.target_positions) for p in pairs)
+    assert rows.filter(pl.col("layer") == LAYER).height == n_positions
+    # an early position at the last layer cannot reach the decision logit (attention is over)
+    early = rows.filter(pl.col("layer") == last, pl.col("rank") > 0)
+    assert (early["logit_diff"] - early["baseline_logit_diff"]).abs().max() <= tol
+
+
+def test_exhaustive_sets_enumerate_every_subset_within_the_budget():
+    sets = exhaustive_head_sets(9, pools=["even", "odd", "mixed"], budget=12870, samples=20, seed=0, layer=8)
+    heads = [s.heads for s in sets]
+    assert len(heads) == len(set(heads)) == 2 ** 9 - 1
+    comps = {head_composition(h)[2] for h in heads}
+    assert comps == {"even", "odd", "mixed"}
+    assert all(head_composition(s.heads)[2] == "mixed" for s in sets if s.pool == "mixed")
+    # beyond the budget: `samples` distinct seeded draws, the same on a rerun
+    big = exhaustive_head_sets(32, pools=["even"], budget=100, samples=7, seed=3, layer=10)
+    k8 = [s.heads for s in big if s.k == 8]
+    assert len(k8) == len(set(k8)) == 7 and all(all(h % 2 == 0 for h in c) for c in k8)
+    assert k8 == [s.heads for s in exhaustive_head_sets(32, pools=["even"], budget=100, samples=7, seed=3,
+                                                        layer=10) if s.k == 8]
+    # the 8B default budget covers every 8 of Llama's 16 even heads
+    full = exhaustive_head_sets(32, pools=["even"], budget=12870, samples=20, seed=0, layer=10)
+    assert sum(1 for s in full if s.k == 8) == math.comb(16, 8)
+
+
+def test_resource_count_matches_the_enumeration(ci_config):
+    for pools in (["even", "odd", "mixed"], ["all"], ["mixed"]):
+        cfg = {**ci_config, "patching": {**ci_config["patching"],
+                                          "exhaustive": {**ci_config["patching"]["exhaustive"], "pools": pools}}}
+        n = ci_config["model"]["num_heads"]
+        ex = cfg["patching"]["exhaustive"]
+        got = exhaustive_head_sets(n, pools=pools, budget=ex["budget"], samples=ex["samples"], seed=0, layer=0)
+        assert n_exhaustive_sets(cfg) == len(got)
+
+
+def _made_up(direction, base, src, ld):
+    n = len(base)
+    return pl.DataFrame({"layer": [0] * n, "head_set": ["even"] * n, "prompt_id": list(range(n)),
+                         "pair_id": list(range(n)), "baseline_logit_diff": base, "source_logit_diff": src,
+                         "logit_diff": ld})
+
+
+def test_break_direction_success_is_taking_the_sources_wrong_answer():
+    # Targets right unpatched; sources 0-2 wrong (eligible), 3 right (not). The patch makes target 0
+    # wrong and leaves 1 and 2 right: success 1/3 in the break direction.
+    t = _made_up("break", [1.0, 1.0, 2.0, 1.0], [-1.0, -2.0, -1.0, 1.0], [-0.5, 0.5, 1.5, -3.0])
+    row = summarise(t, keys=["layer", "head_set"], n_resamples=200, confidence=0.95, seed=0,
+                    direction="break").row(0, named=True)
+    assert row["n_eligible"] == 3 and abs(row["success_rate"] - 1 / 3) < 1e-12
+    # in the fix direction no target of this table is eligible (all are right)
+    fix = summarise(t, keys=["layer", "head_set"], n_resamples=200, confidence=0.95, seed=0).row(0, named=True)
+    assert fix["n_eligible"] == 0
+
+
+def test_listed_pairs_counts_eligible_targets_of_each_listed_pair():
+    prompts = pl.DataFrame({"prompt_id": [0, 1, 2, 3], "correct": ["9.8", "9.8", "3.4", "3.4"],
+                            "wrong": ["9.11", "9.11", "3.25", "3.25"]}, schema_overrides={"prompt_id": pl.Int32})
+    per_prompt = pl.DataFrame({
+        "direction": ["fix"] * 4, "layer": [10] * 4, "head_set": ["even"] * 4, "family": ["even"] * 4,
+        "prompt_id": [0, 1, 2, 3], "baseline_logit_diff": [-1.0, -1.0, -1.0, 1.0],
+        "source_logit_diff": [1.0, 1.0, 1.0, 1.0], "logit_diff": [1.0, -0.5, 2.0, 1.0]},
+        schema_overrides={"prompt_id": pl.Int32})
+    out = patch_experiments.listed_pairs(per_prompt, prompts, [["9.8", "9.11"], ["3.4", "3.25"], ["1.5", "1.25"]])
+    by = {r["correct"]: r for r in out.to_dicts()}
+    assert set(by) == {"9.8", "3.4"}  # a listed pair the prompt table lacks has no row
+    assert by["9.8"]["n_eligible"] == 2 and by["9.8"]["n_success"] == 1 and by["9.8"]["works"] is False
+    assert by["3.4"]["n_eligible"] == 1 and by["3.4"]["works"] is True

@@ -1,0 +1,47 @@
+"""Rules head_replacement, head_subsets_exhaustive, residual_map and head_bidirectional: the focus-layer
+patching experiments of bugscope.patch_experiments (params.mode), per prompt and summarised."""
+
+from bugscope import patch_experiments, patching, tables
+from bugscope.model import ModelManifest, load_model
+from bugscope.script import log, run
+
+DECLARED = {  # mode -> (per-prompt table, summary table)
+    "replacement": (tables.PATCHING_REPLACEMENT_PROMPTS, tables.PATCHING_REPLACEMENT),
+    "exhaustive": (tables.PATCHING_EXHAUSTIVE_PROMPTS, tables.PATCHING_EXHAUSTIVE),
+    "residual_map": (tables.PATCHING_RESIDUAL_MAP_PROMPTS, tables.PATCHING_RESIDUAL_MAP),
+    "bidirectional": (tables.PATCHING_BIDIRECTIONAL_PROMPTS, tables.PATCHING_BIDIRECTIONAL),
+}
+
+
+def main(smk):
+    cfg = smk.config
+    mode = smk.params.mode
+    manifest = ModelManifest.load(smk.input.manifest)
+    prompts = tables.frame(tables.PROMPTS, cfg, smk.input.prompts)
+    meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], "mode": mode, **manifest.provenance()}
+    if mode == "residual_map":
+        rm = cfg["patching"]["residual_map"]
+        layers = list(range(manifest.num_layers)) if rm["layers"] == "all" else sorted(rm["layers"])
+        meta["layers"] = layers
+    else:
+        overlap = None
+        if "overlap" in smk.input.keys():
+            overlap = tables.frame(tables.FEATURE_OVERLAP, cfg, smk.input.overlap)
+        layers, focus_source = patching.resolve_focus_layers(cfg, overlap)
+        meta.update(focus_layers=layers, focus_layer_source=focus_source)
+        log.info("focus layers %s (from %s)", layers, focus_source)
+
+    model, tokenizer = load_model(manifest, cfg["device"])
+    patcher = patching.patcher_from_config(model, cfg, tokenizer.pad_token_id)
+    per_prompt, summary = getattr(patch_experiments, mode)(patcher, prompts, layers, cfg)
+    prompt_table, summary_table = DECLARED[mode]
+    with tables.written_together() as put:
+        put(prompt_table, per_prompt, smk.output.prompts, meta)
+        put(summary_table, summary, smk.output.summary, meta)
+        if mode == "bidirectional":
+            listed = patch_experiments.listed_pairs(per_prompt, prompts, cfg["prompts"]["extra_pairs"])
+            put(tables.PATCHING_LISTED_PAIRS, listed, smk.output.listed, meta)
+    log.info("wrote %d per-prompt rows, %d summary rows", per_prompt.height, summary.height)
+
+
+run(snakemake, main)  # noqa: F821
