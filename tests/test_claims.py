@@ -416,3 +416,29 @@ def test_an_agnostic_verdict_is_compared_across_sae_sets():
     assert (r["verdict"], r["agrees_across_sae_sets"]) == ("holds", False) and "mlp_out: fails" in r["detail"]
     one = claims.Context("m", "x", 32, 32, "qa", "simple", [10], sets[:1])
     assert claims.evaluate_claim(claim, {"sae_quality": agree.head(1)}, one)["agrees_across_sae_sets"] is None
+
+
+def test_a_set_without_the_claims_layer_is_not_testable_on_it():
+    """config/llama31_8b.yaml's andyrdt Instruct set covers layers 3, 7, ..., 27 only: an agnostic claim
+    at layer 10 is "not testable" on it, and agrees_across_sae_sets compares the sets that can test it."""
+    claim = {"id": "x", "section": "sae", "claim": "l0", "study_value": "1", "forms": [
+        {"form": "agnostic", "description": "agnostic",
+         "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "at_most": 60}]}]}
+    assert [s["name"] for s in LLAMA_SETS] == ["residual", "mlp_out", "instruct"]
+    run = claims.Context("m", "x", 32, 32, "qa", "simple", [10], LLAMA_SETS)
+    instruct = [3, 7, 11, 15, 19, 23, 27]
+    quality = pl.DataFrame({"sae_set": ["residual", "mlp_out", *["instruct"] * 7], "layer": [10, 10, *instruct],
+                            "l0_corpus": [40.0, 52.0, *[30.0] * 7], "n_tokens_corpus": [100] * 9})
+    r = claims.evaluate_claim(claim, {"sae_quality": quality}, run)
+    assert (r["verdict"], r["sae_set"], r["agrees_across_sae_sets"]) == ("holds", "residual", True)
+    assert "instruct: not testable" in r["detail"] and "mlp_out: holds" in r["detail"]
+    r = claims.evaluate_claim(claim, {"sae_quality": quality.with_columns(
+        pl.when(pl.col("sae_set") == "mlp_out").then(90.0).otherwise(pl.col("l0_corpus")).alias("l0_corpus"))}, run)
+    assert (r["verdict"], r["agrees_across_sae_sets"]) == ("holds", False)
+    # at a layer the Instruct set covers, it is tested like the others
+    at7 = {**claim, "forms": [{**claim["forms"][0], "checks": [{**claim["forms"][0]["checks"][0], "where": {"layer": 7}}]}]}
+    with_7 = pl.concat([quality, pl.DataFrame({"sae_set": ["residual"], "layer": [7], "l0_corpus": [45.0],
+                                               "n_tokens_corpus": [100]})])
+    r = claims.evaluate_claim(at7, {"sae_quality": with_7}, run)
+    assert (r["verdict"], r["agrees_across_sae_sets"]) == ("holds", True)
+    assert "instruct: holds" in r["detail"] and "mlp_out: not testable" in r["detail"]

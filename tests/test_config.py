@@ -15,7 +15,8 @@ from bugscope.config import (
 from tests.conftest import REPO
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "ci.yaml", "llama31_8b.yaml", "llama31_8b_shaped.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "ci.yaml", "llama31_8b.yaml", "llama31_8b_shaped.yaml",
+                                  "gemma2_2b.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(REPO / "config" / name)
     assert cfg["model"]["num_layers"] >= max(analysed_layers(cfg)) + 1

@@ -37,6 +37,18 @@ def test_8b_sizes_by_hand():
     assert resources.job_resources(cfg, "head_feature_attribution")["runtime"] == int(10 + 0.1 * 8 * 15.36)
 
 
+def test_a_set_with_its_own_width_is_sized_by_it():
+    """The andyrdt Instruct set of config/llama31_8b.yaml has 131,072 latents (its `d_sae`), the
+    Llama Scope sets 32,768 (resources.d_sae): each set's jobs are sized by its own SAEs."""
+    cfg = load_config(REPO / "config" / "llama31_8b.yaml")
+    sets = {s["name"]: s for s in cfg["sae"]["sets"]}
+    assert resources.d_sae(cfg, sets["instruct"]) == 131072 and resources.d_sae(cfg, sets["residual"]) == 32768
+    base = 4000 + 2 * 16_000
+    one = 4096 * 131072 * 2 * 2 / 1e6  # 2,147 MB in bfloat16
+    assert resources.job_resources(cfg, "encode_features", [3, 7, 11, 15], sets["instruct"])["mem_mb"] == int(base + -(-one // 1))
+    assert resources.job_resources(cfg, "encode_features", [0, 1, 2, 3], sets["residual"])["mem_mb"] == base + 537
+
+
 def test_widths_are_derived_when_the_config_does_not_give_them():
     cfg = load_config(REPO / "config" / "config.yaml")  # SmolLM2-135M: d_model 576, 30 layers
     assert cfg["resources"]["d_model"] is None

@@ -71,7 +71,8 @@ main()
 """
 
 
-@pytest.mark.parametrize("config", ["ci.yaml", "llama31_8b.yaml"])  # trained SAE sets; pretrained (Llama Scope)
+# trained SAE sets; pretrained (Llama Scope, andyrdt); pretrained (Gemma Scope)
+@pytest.mark.parametrize("config", ["ci.yaml", "llama31_8b.yaml", "gemma2_2b.yaml"])
 def test_parsing_the_workflow_imports_no_model_stack(tmp_path, config):
     out = tmp_path / "modules.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE.parent), os.environ.get("PYTHONPATH")]))}

@@ -1,5 +1,6 @@
-"""The real workflow through the Snakemake CLI: the ci.yaml run, lint, the 8B dry run, no-op reruns."""
+"""The real workflow through the Snakemake CLI: the ci.yaml run, lint, the 8B and Gemma dry runs, no-op reruns."""
 
+import re
 import subprocess
 import sys
 
@@ -36,12 +37,40 @@ def test_lint_is_clean():
     assert "Congratulations" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
+def _set_outputs(out: str, sae_set: str) -> dict[str, set[int]]:
+    """{stage: layers} of the per-layer outputs of one SAE set named in a dry run's job list."""
+    found: dict[str, set[int]] = {}
+    for stage, layer in re.findall(rf"results/sae/{sae_set}/(?:(features|quality)/)?blocks\.(\d+)\.hook_", out):
+        found.setdefault(stage or "sae", set()).add(int(layer))
+    return found
+
+
 def test_llama_8b_config_dry_runs_without_weights(tmp_path):
     proc = run_snakemake(tmp_path, "-n", configfile=REPO / "config" / "llama31_8b.yaml")
     out = proc.stdout + proc.stderr
     cfg = load_config(REPO / "config" / "llama31_8b.yaml")
     assert "prepare_model" in out and "cache_residuals" in out
     assert len(analysed_layers(cfg)) == 32
+    # The andyrdt Instruct set covers 7 layers: its SAE, feature and quality jobs run on those alone,
+    # in groups of its own layers; the Llama Scope sets cover all 32.
+    instruct = [3, 7, 11, 15, 19, 23, 27]
+    assert _set_outputs(out, "instruct") == {stage: set(instruct) for stage in ("sae", "features", "quality")}
+    assert _set_outputs(out, "residual") == {stage: set(range(32)) for stage in ("sae", "features", "quality")}
+    assert "load_pretrained_sae_instruct_L03_15" in out and "load_pretrained_sae_instruct_L19_27" in out
+    assert "results/features/instruct/head_feature_attribution.parquet" in out
+
+
+def test_gemma2_2b_config_dry_runs_without_weights(tmp_path):
+    """config/gemma2_2b.yaml: Gemma-2-2B-it with Gemma Scope's canonical 16k residual SAEs at all 26
+    layers; the release and every id are checked against SAE-Lens's directory while it parses."""
+    proc = run_snakemake(tmp_path, "-n", configfile=REPO / "config" / "gemma2_2b.yaml", seed_model=False)
+    out = proc.stdout + proc.stderr
+    cfg = load_config(REPO / "config" / "gemma2_2b.yaml")
+    assert (cfg["model"]["checkpoint"], cfg["model"]["num_layers"], cfg["model"]["num_heads"]) == (
+        "google/gemma-2-2b-it", 26, 8)
+    assert "prepare_model" in out and "cache_residuals" in out and "claims_ledger" in out
+    assert _set_outputs(out, "residual") == {stage: set(range(26)) for stage in ("sae", "features", "quality")}
+    assert "load_pretrained_sae_residual_L24_25" in out
 
 
 def test_bad_config_fails_before_any_job(tmp_path):

@@ -83,12 +83,12 @@ def d_model(config: dict) -> int:
 
 
 def d_sae(config: dict, sae_set: dict | None = None) -> int:
-    """Latents per SAE of `sae_set` (default: the primary set): resources.d_sae, else sae.expansion
-    (trained) or the release's `_<n>x` times d_model."""
-    given = config["resources"].get("d_sae")
+    """Latents per SAE of `sae_set` (default: the primary set): the set's own `d_sae`, else
+    resources.d_sae, else sae.expansion (trained) or the release's `_<n>x` times d_model."""
+    sae_set = sae_set or sae_sets(config)[0]
+    given = sae_set.get("d_sae") or config["resources"].get("d_sae")
     if given:
         return int(given)
-    sae_set = sae_set or sae_sets(config)[0]
     expansion = config["sae"]["expansion"]
     if sae_set["source"] == "train":
         return expansion * d_model(config)

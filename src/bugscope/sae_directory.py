@@ -26,9 +26,11 @@ class SAEConfigError(ValueError):
     """The `sae:` config names an SAE that does not exist or does not fit the model or the cache."""
 
 
-# Llama Scope's neuronpedia ids name the site ("llama3.1-8b/10-llamascope-res-32k").
-_NEURONPEDIA_SITE = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_out"}
-_NEURONPEDIA_RE = re.compile(r"/(\d+)-[a-z0-9]*-(res|mlp|att)-")
+# Neuronpedia ids name the site: Llama Scope and Gemma Scope as "<layer>-<scope>-res-<width>"
+# ("llama3.1-8b/10-llamascope-res-32k", "gemma-2-2b/3-gemmascope-res-16k"), andyrdt's dictionary-learning
+# SAEs as "<layer>-resid-post-aa" ("llama3.1-8b-it/3-resid-post-aa").
+_NEURONPEDIA_SITE = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_out", "resid-post": "resid_post"}
+_NEURONPEDIA_RE = re.compile(r"/(\d+)-(?:[a-z0-9]*-(res|mlp|att)|(resid-post))-")
 
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # as SAE-Lens reads it
@@ -74,13 +76,15 @@ def directory_hook_name(release: str, sae_id: str) -> str | None:
 
     The directory has no hook-name field; it names the site through the sae id itself (e.g.
     `blocks.8.hook_resid_pre` in GPT-2 releases) or through the neuronpedia id (Llama Scope:
-    `llama3.1-8b/10-llamascope-res-32k`). The loaded SAE's `hook_name` is checked again after loading.
+    `llama3.1-8b/10-llamascope-res-32k`; Gemma Scope: `gemma-2-2b/3-gemmascope-res-16k`; andyrdt:
+    `llama3.1-8b-it/3-resid-post-aa`). Qwen Scope's entries have neither (ids `layer3`): None. The
+    loaded SAE's `hook_name` is checked again after loading (bugscope.sae.check_sae_fits).
     """
     if re.fullmatch(r"blocks\.\d+\.hook_\w+", sae_id):
         return sae_id
     m = _NEURONPEDIA_RE.search(release_saes(release).get(sae_id) or "")
     if m:
-        return hook_name(int(m.group(1)), _NEURONPEDIA_SITE[m.group(2)])
+        return hook_name(int(m.group(1)), _NEURONPEDIA_SITE[m.group(2) or m.group(3)])
     return None
 
 
