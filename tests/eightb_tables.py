@@ -27,9 +27,9 @@ from bugscope.attribution import COMPONENTS, parity_rows, summarise_attribution
 from bugscope.baseline import accuracy_by_format, format_contrast
 from bugscope.config import analysed_layers, layer_groups
 from bugscope.features.named import named_feature_ids
-from bugscope.head_sets import HeadSet, head_set_table, named_head_sets, subset_head_sets
+from bugscope.head_sets import HeadSet, exhaustive_head_sets, head_set_table, named_head_sets, subset_head_sets
+from bugscope.patch_study import PROMPT_COLUMNS, exhaustive_summary, listed_pairs, residual_map_summary
 from bugscope.patch_summary import summary_table
-from bugscope.patching import PROMPT_COLUMNS
 from bugscope.prompts import PROMPT_SCHEMA
 from bugscope.sae import FEATURE_SCHEMA
 from bugscope.sae_quality import QUALITY_SCHEMA
@@ -40,6 +40,7 @@ L0 = 64  # active latents per position (Llama Scope's L0 is 50-150)
 N_TOKENS = 40
 N_ALIGNED = 12  # cached positions per prompt (cache.positions: aligned)
 EXTRA_SUBSETS = 40  # random subsets per layer beyond the sweep's 35 head sets
+EXHAUSTIVE_SETS = 500  # of the exhaustive head sets (the 8B config has 24,570): the ledger reads one row per set
 
 
 def _meta(spec: tables.Table, config: dict, **extra) -> dict:
@@ -209,6 +210,41 @@ def build_inputs(config: dict, root: Path) -> None:
     put(tables.PATCHING_ORIGINAL_METHOD, summary_table(original, n_resamples=boot["n_resamples"],
                                                        confidence=boot["confidence"], seed=config["seed"]),
         layout.PATCHING_ORIGINAL_METHOD, mode="original_method", focus_layers=focus)
+    experiment_tables(config, prompts, scores, put, rng)
+
+
+def experiment_tables(config: dict, prompts: pl.DataFrame, scores: pl.DataFrame, put, rng) -> None:
+    """The focus-layer experiments' tables (bugscope.patch_study) at 8B sizes: every fraction and
+    direction of the config, and EXHAUSTIVE_SETS of its exhaustive head sets."""
+    focus, n_heads, pc = list(config["focus_layers"]), config["model"]["num_heads"], config["patching"]
+    boot = {"n_resamples": config["bootstrap"]["n_resamples"], "confidence": config["bootstrap"]["confidence"],
+            "seed": config["seed"]}
+    named = {layer: [s for s in named_head_sets(n_heads) if s.family != "single"] for layer in focus}
+    fractions = pl.DataFrame({"fraction": [float(a) for a in pc["replacement"]["fractions"]]})
+    rep = pl.concat([patch_rows(prompts, scores, named, config, method=m, positions=p, rng=rng)
+                     for m, p in (("per_head", pc["positions"]), ("original", "original"))]).join(fractions, how="cross")
+    rep = rep.with_columns(logit_diff=pl.col("logit_diff") * pl.col("fraction"))
+    put(tables.PATCHING_REPLACEMENT, summary_table(rep, extra_keys=["fraction"], **boot), layout.PATCHING_REPLACEMENT,
+        mode="replacement", focus_layers=focus)
+    ex = pc["exhaustive"]
+    sets = {layer: exhaustive_head_sets(n_heads, pools=ex["pools"], budget=ex["budget"], samples=ex["samples"],
+                                        seed=config["seed"], layer=layer, sizes=ex["sizes"])[:EXHAUSTIVE_SETS]
+            for layer in focus}
+    put(tables.PATCHING_EXHAUSTIVE, exhaustive_summary(
+        patch_rows(prompts, scores, sets, config, method="per_head", positions=pc["positions"], rng=rng),
+        n_heads, config), layout.PATCHING_EXHAUSTIVE, mode="exhaustive", focus_layers=focus)
+    rows = patch_rows(prompts, scores, {layer: named[focus[0]][:1] for layer in analysed_layers(config)}, config,
+                      method="per_head", positions=pc["positions"], rng=rng)
+    rmap = pl.concat([rows.with_columns(rank=pl.lit(r, pl.Int32)) for r in range(N_ALIGNED)])
+    put(tables.PATCHING_RESIDUAL_MAP, residual_map_summary(rmap, pc["direction"], config), layout.PATCHING_RESIDUAL_MAP,
+        mode="residual_map")
+    both = pl.concat([patch_rows(prompts, scores, {layer: named_head_sets(n_heads) for layer in focus}, config,
+                                 method="per_head", positions=pc["positions"], rng=rng).with_columns(
+        direction=pl.lit(d)) for d in ("fix", "break")])
+    put(tables.PATCHING_BIDIRECTIONAL, summary_table(both, **boot), layout.PATCHING_BIDIRECTIONAL,
+        mode="bidirectional", focus_layers=focus)
+    put(tables.PATCHING_LISTED_PAIRS, listed_pairs(both, prompts, config["prompts"]["extra_pairs"]),
+        layout.PATCHING_LISTED_PAIRS, mode="bidirectional", focus_layers=focus)
 
 
 def build_attribution(config: dict, root: Path) -> None:

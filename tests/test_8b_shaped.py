@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from bench import make_8b_shaped as shaped
-from bugscope import layout, tables
+from bugscope import layout, patch_study, tables
 from bugscope.config import load_config
 from bugscope.jobstats import MatmulFlops
 from bugscope.sites import hook_name
@@ -353,11 +353,11 @@ def test_optimised_sweep_matches_naive_loop_at_8b_geometry_in_float32(eightb_run
     manifest = ModelManifest.load(eightb_run / layout.MODEL_MANIFEST)
     model, tok = load_model(dataclasses.replace(manifest, dtype="float32"), "cpu")
     prompts = tables.frame(tables.PROMPTS, eightb_config, eightb_run / layout.PROMPTS)
-    spec, target, source = patching.spec_from_config(eightb_config)
+    spec, target, source = patch_study.spec_from_config(eightb_config)
     pairs = patching.make_pairs(prompts, target, source, spec.positions)
     sets = [s for s in patching.named_head_sets(32) if s.name in ("all", "odd", "head00", "head07", "head31")]
     plan = {layer: sets for layer in LAYERS}
-    patcher = patching.patcher_from_config(model, eightb_config, tok.pad_token_id)
+    patcher = patch_study.patcher_from_config(model, eightb_config, tok.pad_token_id)
     patcher.progress = False
     fast, base = patcher.sweep(pairs, plan, spec)
     slow = sweep_naive(patcher, pairs, plan, spec)

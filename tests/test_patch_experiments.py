@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from bugscope import patch_experiments, patching
+from bugscope import patch_study, patching
 from bugscope.head_sets import exhaustive_head_sets, head_composition
 from bugscope.patch_summary import summarise
 from bugscope.patching import HeadPatcher, PatchSpec, make_pairs, named_head_sets
@@ -59,7 +59,7 @@ def test_replacement_at_one_is_the_plain_patch_and_at_zero_no_patch(patcher, pai
 @pytest.mark.numerical
 def test_residual_map_at_the_last_layer_and_decision_position_gives_the_source(patcher, pairs):
     last = patcher.n_layers - 1
-    rows = patching.residual_map(patcher, pairs, [last, LAYER])
+    rows = patch_study.residual_map_rows(patcher, pairs, [last, LAYER])
     source = patcher.unpatched_logit_diffs([p.source for p in pairs])
     got = rows.filter(pl.col("layer") == last, pl.col("rank") == 0).sort("prompt_id")
     want = np.array([source[p.source["prompt_id"]] for p in sorted(pairs, key=lambda p: p.target["prompt_id"])])
@@ -97,7 +97,8 @@ def test_resource_count_matches_the_enumeration(ci_config):
                                           "exhaustive": {**ci_config["patching"]["exhaustive"], "pools": pools}}}
         n = ci_config["model"]["num_heads"]
         ex = cfg["patching"]["exhaustive"]
-        got = exhaustive_head_sets(n, pools=pools, budget=ex["budget"], samples=ex["samples"], seed=0, layer=0)
+        got = exhaustive_head_sets(n, pools=pools, budget=ex["budget"], samples=ex["samples"], seed=0, layer=0,
+                                   sizes=ex["sizes"])
         assert n_exhaustive_sets(cfg) == len(got)
 
 
@@ -128,8 +129,43 @@ def test_listed_pairs_counts_eligible_targets_of_each_listed_pair():
         "prompt_id": [0, 1, 2, 3], "baseline_logit_diff": [-1.0, -1.0, -1.0, 1.0],
         "source_logit_diff": [1.0, 1.0, 1.0, 1.0], "logit_diff": [1.0, -0.5, 2.0, 1.0]},
         schema_overrides={"prompt_id": pl.Int32})
-    out = patch_experiments.listed_pairs(per_prompt, prompts, [["9.8", "9.11"], ["3.4", "3.25"], ["1.5", "1.25"]])
+    out = patch_study.listed_pairs(per_prompt, prompts, [["9.8", "9.11"], ["3.4", "3.25"], ["1.5", "1.25"]])
     by = {r["correct"]: r for r in out.to_dicts()}
     assert set(by) == {"9.8", "3.4"}  # a listed pair the prompt table lacks has no row
     assert by["9.8"]["n_eligible"] == 2 and by["9.8"]["n_success"] == 1 and by["9.8"]["works"] is False
     assert by["3.4"]["n_eligible"] == 1 and by["3.4"]["works"] is True
+
+
+def test_workflow_experiment_tables(ci_workflow, ci_config):
+    from bugscope import layout, tables
+
+    focus = tables.read(tables.PATCHING_REPLACEMENT, ci_config, ci_workflow / layout.PATCHING_REPLACEMENT)[1][
+        "focus_layers"]
+    rep = tables.frame(tables.PATCHING_REPLACEMENT, ci_config, ci_workflow / layout.PATCHING_REPLACEMENT)
+    assert set(rep["fraction"].unique().to_list()) == set(ci_config["patching"]["replacement"]["fractions"])
+    assert set(rep["method"].unique().to_list()) == {"per_head", "original"}
+    assert set(rep["layer"].unique().to_list()) == set(focus)
+    # a = 1 is the plain patch: its rows equal the per-head rows of the same sets in the sweep summary
+    heads = tables.frame(tables.PATCHING_SUMMARY, ci_config, ci_workflow / layout.PATCHING_SUMMARY)
+    keys = ["pair_kind", "order", "layer", "head_set"]
+    at1 = rep.filter(pl.col("method") == "per_head", pl.col("fraction") == 1.0).select(*keys, "mean_logit_diff")
+    same = at1.join(heads.select(*keys, pl.col("mean_logit_diff").alias("sweep")), on=keys)
+    assert same.height == at1.height > 0
+    assert (same["mean_logit_diff"] - same["sweep"]).abs().max() < 1e-3 * (same["sweep"].abs().max() + 1)
+
+    ex = tables.frame(tables.PATCHING_EXHAUSTIVE, ci_config, ci_workflow / layout.PATCHING_EXHAUSTIVE)
+    n = ci_config["model"]["num_heads"]
+    k_sets = ex.filter(pl.col("pair_kind") == "all", pl.col("order") == "all").group_by("k").agg(pl.len())
+    assert dict(k_sets.iter_rows()) == {1: math.comb(n, 1), 2: math.comb(n, 2)}
+    assert set(ex["composition"].unique().to_list()) == {"even", "odd", "mixed"}
+
+    rmap = tables.frame(tables.PATCHING_RESIDUAL_MAP, ci_config, ci_workflow / layout.PATCHING_RESIDUAL_MAP)
+    assert set(rmap["layer"].unique().to_list()) == set(ci_config["layers"])
+    assert rmap["rank"].min() == 0
+
+    bi = tables.frame(tables.PATCHING_BIDIRECTIONAL, ci_config, ci_workflow / layout.PATCHING_BIDIRECTIONAL)
+    assert set(bi["direction"].unique().to_list()) == {"fix", "break"}
+    listed = tables.frame(tables.PATCHING_LISTED_PAIRS, ci_config, ci_workflow / layout.PATCHING_LISTED_PAIRS)
+    assert set(zip(listed["correct"], listed["wrong"])) == {("9.8", "9.11")}
+    for name in ("replacement", "residual_map", "subsets_exhaustive"):
+        assert (ci_workflow / layout.figure(name, "svg")).stat().st_size > 1000

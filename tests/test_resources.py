@@ -30,9 +30,9 @@ def test_8b_sizes_by_hand():
     assert resources.job_resources(cfg, "encode_features", [0, 1, 2, 3])["mem_mb"] == base + 537
     assert resources.job_resources(cfg, "sae_quality", [0, 1, 2, 3])["mem_mb"] == base + 2148
     assert resources.job_resources(cfg, "load_pretrained_sae", [0, 1, 2, 3])["mem_mb"] == base + 1074
-    # 2,304 prompts (384 pairs x 2 orders x 3 formats); runtime 10 + 0.1 x 8 x 23.04 x max(1, layers / 8)
-    assert resources.job_resources(cfg, "baseline")["runtime"] == int(10 + 0.1 * 8 * 23.04)
-    assert resources.job_resources(cfg, "cache_residuals")["runtime"] == int(10 + 0.1 * 8 * 23.04 * 4)
+    # 2,328 prompts (388 pairs x 2 orders x 3 formats); runtime 10 + 0.1 x 8 x 23.28 x max(1, layers / 8)
+    assert resources.job_resources(cfg, "baseline")["runtime"] == int(10 + 0.1 * 8 * 23.28)
+    assert resources.job_resources(cfg, "cache_residuals")["runtime"] == int(10 + 0.1 * 8 * 23.28 * 4)
     # attribution: the two contrasted formats, 384 x 2 x 2 = 1,536 prompts (it runs the bug's kind only: a bound)
     assert resources.job_resources(cfg, "head_feature_attribution")["runtime"] == int(10 + 0.1 * 8 * 15.36)
 

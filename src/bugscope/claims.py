@@ -93,8 +93,10 @@ def _where(table: str, where: Mapping | None, df: pl.DataFrame, sae_set: str | N
     return {**defaults, **(where or {})}
 
 
+# Where a claim comes from: the seed document, or the published paper (arXiv 2508.19414) and its code.
+SOURCES = ("seed document", "paper")
 RESULT_SCHEMA = {
-    "claim_id": pl.String, "section": pl.String, "claim": pl.String, "study_value": pl.String,
+    "claim_id": pl.String, "source": pl.String, "section": pl.String, "claim": pl.String, "study_value": pl.String,
     "verdict": pl.String, "form": pl.String, "form_tested": pl.String, "table": pl.String, "metric": pl.String,
     "rule": pl.String, "selected": pl.String, "measured": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
     "n": pl.Int64, "sae_set": pl.String, "agrees_across_sae_sets": pl.Boolean, "detail": pl.String,
@@ -391,7 +393,8 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
 def evaluate_claim(claim: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context) -> dict:
     """One ledger row: the verdict of the first testable form, or why no form could be tested."""
     reasons = []
-    base = {"claim_id": claim["id"], "section": claim["section"], "claim": claim["claim"].strip(),
+    base = {"claim_id": claim["id"], "source": claim.get("source", SOURCES[0]), "section": claim["section"],
+            "claim": claim["claim"].strip(),
             "study_value": str(claim["study_value"])}
     for form in claim["forms"]:
         kind = form["form"]

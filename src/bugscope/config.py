@@ -277,7 +277,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     # each its own stage, so that editing one reruns only it.
     "patching_replacement": (*_BASE, *_PATCH, "patching.replacement", "focus_layers", "bootstrap"),
     "patching_exhaustive": (*_BASE, *_PATCH, "patching.exhaustive", "focus_layers", "bootstrap"),
-    "patching_residual_map": (*_BASE, "patching.residual_map", "bootstrap"),
+    "patching_residual_map": (*_BASE, "patching.direction", "patching.residual_map", "layers", "bootstrap"),
     "patching_bidirectional": (*_BASE, *_PATCH, "patching.bidirectional", "focus_layers", "bootstrap"),
 }
 

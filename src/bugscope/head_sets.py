@@ -131,13 +131,13 @@ def _combos(members: Sequence[int], k: int, *, budget: int, samples: int, rng_ke
 
 
 def exhaustive_head_sets(n_heads: int, *, pools: Sequence[str], budget: int, samples: int, seed: int,
-                         layer: int) -> list[HeadSet]:
+                         layer: int, sizes: Sequence[int] | None = None) -> list[HeadSet]:
     """Head sets of every size from each pool, enumerated in full where there are at most `budget`
     of them (per pool and k), else `samples` seeded draws.
 
     Pools: even, odd, all, and mixed: j odd plus k - j even heads for every 1 <= j < k, enumerated
     (or drawn) per (k, j), so that each composition is covered. Names are unique within a layer:
-    `all_k3_0041`, `mixed_k4_o1_0007`.
+    `all_k3_0041`, `mixed_k4_o1_0007`. `sizes`: only sets of these sizes (None: every size).
     """
     even, odd = pool_heads("even", n_heads), pool_heads("odd", n_heads)
     out = []
@@ -147,11 +147,15 @@ def exhaustive_head_sets(n_heads: int, *, pools: Sequence[str], budget: int, sam
         if pool != "mixed":
             members = pool_heads(pool, n_heads)
             for k in range(1, len(members) + 1):
+                if sizes is not None and k not in sizes:
+                    continue
                 combos = _combos(members, k, budget=budget, samples=samples,
                                  rng_key=(seed, layer, EXHAUSTIVE_POOLS.index(pool), k, 1))
                 out += [HeadSet(f"{pool}_k{k}_{i:04d}", "exhaustive", c, pool, i) for i, c in enumerate(combos)]
             continue
         for k in range(2, n_heads + 1):
+            if sizes is not None and k not in sizes:
+                continue
             for j in range(max(1, k - len(even)), min(k - 1, len(odd)) + 1):
                 total = math.comb(len(odd), j) * math.comb(len(even), k - j)
                 if total <= max(budget, samples):

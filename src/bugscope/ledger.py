@@ -25,6 +25,11 @@ TABLES: dict[str, tables.Table] = {
     "named_features": tables.NAMED_FEATURES,
     "head_parity": tables.HEAD_PARITY,
     "head_patching": tables.PATCHING_SUMMARY,
+    "head_replacement": tables.PATCHING_REPLACEMENT,
+    "head_subsets_exhaustive": tables.PATCHING_EXHAUSTIVE,
+    "residual_map": tables.PATCHING_RESIDUAL_MAP,
+    "head_bidirectional": tables.PATCHING_BIDIRECTIONAL,
+    "listed_pairs": tables.PATCHING_LISTED_PAIRS,
     "sae_quality": tables.SAE_QUALITY,
 }
 
@@ -49,6 +54,8 @@ def load_ledger(path: str | Path) -> list[dict]:
         if cid in seen:
             raise LedgerError(f"{path}: claim id {cid!r} appears twice.")
         seen.add(cid)
+        if c.get("source", "seed document") not in ("seed document", "paper"):
+            raise LedgerError(f"{path}: claim {cid}: source must be 'seed document' (the default) or 'paper'.")
         for form in c["forms"]:
             if form.get("form") not in ("literal", "agnostic"):
                 raise LedgerError(f"{path}: claim {cid}: each form needs 'form: literal' or 'form: agnostic'.")

@@ -56,15 +56,24 @@ def _matrices(per_prompt: pl.DataFrame, keys: list[str]) -> tuple[pl.DataFrame, 
     return groups, targets, ld
 
 
+def is_eligible(baseline_logit_diff, source_logit_diff, direction: str):
+    """Whether a patch can move the target to its source's answer: fix, the target wrong and the
+    source right; break, the target right and the source wrong (research notes section 8)."""
+    target_right, source_right = baseline_logit_diff > 0, source_logit_diff > 0
+    if direction == "fix":
+        return ~target_right & source_right
+    return target_right & ~source_right
+
+
 def _rates(ld: np.ndarray, right: np.ndarray, base: np.ndarray, src: np.ndarray, pairs: np.ndarray,
            boot: dict, direction: str = "fix") -> dict[str, np.ndarray]:
     """The columns of the module docstring for targets x groups matrices (right: fraction right).
 
     Success is taking the source's answer, on the targets whose answer differs from it
-    (`patching.is_eligible`): in the break direction, a right target turned wrong by a wrong source."""
+    (`is_eligible`): in the break direction, a right target turned wrong by a wrong source."""
     m = ld.shape[1]
     wrong_base, right_base = base <= 0, base > 0
-    eligible = wrong_base & (src > 0) if direction == "fix" else right_base & (src <= 0)
+    eligible = is_eligible(base, src, direction)
     takes_source = right if direction == "fix" else 1.0 - right
 
     def ci(values):  # rows outside a rate's condition are NaN

@@ -34,7 +34,7 @@ def _fmt(v, digits: int = 3) -> str:
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
-DISPLAY = [("claim_id", "claim"), ("claim", "what the seed asserts"), ("study_value", "seed value"),
+DISPLAY = [("claim_id", "claim"), ("claim", "what the study asserts"), ("study_value", "study value"),
            ("verdict", "verdict"), ("form", "form"), ("form_tested", "form tested"), ("rule", "decision rule"),
            ("selected", "row"), ("sae_set", "SAE set"), ("measured", "measured"), ("ci", "CI"), ("n", "n"),
            ("agrees_across_sae_sets", "same verdict on the other SAE sets"), ("detail", "detail")]
@@ -48,12 +48,23 @@ def _display_rows(ledger: pl.DataFrame) -> list[dict]:
     return rows
 
 
+def _by_source(ledger: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
+    """The ledger's rows grouped by where the claims come from (the seed document, then the paper)."""
+    if "source" not in ledger.columns:
+        return [("", ledger)]
+    sources = list(dict.fromkeys(ledger["source"].to_list()))
+    return [(src, ledger.filter(pl.col("source") == src)) for src in sources]
+
+
 def to_markdown(ledger: pl.DataFrame, title: str) -> str:
     counts = ledger["verdict"].value_counts().sort("verdict")
-    lines = [f"# {title}", "", ", ".join(f"{v}: {c}" for v, c in counts.iter_rows()), "",
-             "| " + " | ".join(h for _, h in DISPLAY) + " |", "|" + "---|" * len(DISPLAY)]
-    for r in _display_rows(ledger):
-        lines.append("| " + " | ".join(str(r[k]).replace("|", "\\|").replace("\n", " ") for k, _ in DISPLAY) + " |")
+    lines = [f"# {title}", "", ", ".join(f"{v}: {c}" for v, c in counts.iter_rows())]
+    for source, rows in _by_source(ledger):
+        lines += ["", f"## Claims of the {source}" if source else "", "",
+                  "| " + " | ".join(h for _, h in DISPLAY) + " |", "|" + "---|" * len(DISPLAY)]
+        for r in _display_rows(rows):
+            lines.append("| " + " | ".join(str(r[k]).replace("|", "\\|").replace("\n", " ") for k, _ in DISPLAY)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -64,14 +75,17 @@ def to_html(ledger: pl.DataFrame, title: str) -> str:
     counts = ", ".join(f"{v}: {c}" for v, c in ledger["verdict"].value_counts().sort("verdict").iter_rows())
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in DISPLAY)
     body = []
-    for r in _display_rows(ledger):
-        cells = []
-        for k, _ in DISPLAY:
-            text = html.escape(str(r[k]))
-            if k == "verdict":
-                text = f'<b style="color:{colours.get(r[k], "black")}">{text}</b>'
-            cells.append(f"<td>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
+    for source, rows in _by_source(ledger):
+        if source:
+            body.append(f'<tr><th colspan="{len(DISPLAY)}">Claims of the {html.escape(source)}</th></tr>')
+        for r in _display_rows(rows):
+            cells = []
+            for k, _ in DISPLAY:
+                text = html.escape(str(r[k]))
+                if k == "verdict":
+                    text = f'<b style="color:{colours.get(r[k], "black")}">{text}</b>'
+                cells.append(f"<td>{text}</td>")
+            body.append("<tr>" + "".join(cells) + "</tr>")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             "<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:left}"

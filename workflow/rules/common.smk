@@ -145,6 +145,15 @@ FIGURES = [
     "head_subsets",
     "head_attribution",
     *(["original_method"] if config["patching"]["original_method"] else []),
+    *[
+        figure
+        for figure, rule in {
+            "replacement": "head_replacement",
+            "residual_map": "residual_map",
+            "subsets_exhaustive": "head_subsets_exhaustive",
+        }.items()
+        if bugscope_resources.patch_experiment_enabled(config, rule)
+    ],
 ]
 REPORT_TABLES = {
     "baseline_accuracy": layout.BASELINE_ACCURACY,

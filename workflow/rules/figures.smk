@@ -21,6 +21,9 @@ localrules:
     fig_head_sweep,
     fig_head_subsets,
     fig_original_method,
+    fig_replacement,
+    fig_residual_map,
+    fig_subsets_exhaustive,
     report_table,
     claims_ledger,
 
@@ -161,6 +164,29 @@ rule fig_original_method:
         png_scale=PNG_SCALE,
     script:
         "../scripts/fig_original_method.py"
+
+
+for name, table in {
+    "replacement": layout.PATCHING_REPLACEMENT,
+    "residual_map": layout.PATCHING_RESIDUAL_MAP,
+    "subsets_exhaustive": layout.PATCHING_EXHAUSTIVE,
+}.items():
+
+    rule:
+        name:
+            f"fig_{name}"
+        input:
+            summary=table,
+        output:
+            **figure_outputs(name, "3. Attention heads"),
+        log:
+            f"{layout.LOGS}/figures/{name}.log",
+        conda:
+            "../../environment.yml"
+        params:
+            png_scale=PNG_SCALE,
+        script:
+            f"../scripts/fig_{name}.py"
 
 
 rule report_table:

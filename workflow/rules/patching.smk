@@ -108,57 +108,102 @@ rule head_patching_summary:
         "../scripts/head_patching_summary.py"
 
 
-# The focus-layer experiments of bugscope.patch_experiments, one rule each so that each reruns
+# The focus-layer experiments of bugscope.patch_study, one rule each so that each reruns
 # alone when its settings change (STAGE_SECTIONS: patching_<experiment>).
-PATCH_EXPERIMENTS = {
-    "head_replacement": ("replacement", "patching_replacement"),
-    "head_subsets_exhaustive": ("exhaustive", "patching_exhaustive"),
-    "residual_map": ("residual_map", "patching_residual_map"),
-    "head_bidirectional": ("bidirectional", "patching_bidirectional"),
-}
-PATCH_EXPERIMENT_OUTPUTS = {
-    "head_replacement": {
-        "prompts": layout.PATCHING_REPLACEMENT_PROMPTS,
-        "summary": layout.PATCHING_REPLACEMENT,
-    },
-    "head_subsets_exhaustive": {
-        "prompts": layout.PATCHING_EXHAUSTIVE_PROMPTS,
-        "summary": layout.PATCHING_EXHAUSTIVE,
-    },
-    "residual_map": {
-        "prompts": layout.PATCHING_RESIDUAL_MAP_PROMPTS,
-        "summary": layout.PATCHING_RESIDUAL_MAP,
-    },
-    "head_bidirectional": {
-        "prompts": layout.PATCHING_BIDIRECTIONAL_PROMPTS,
-        "summary": layout.PATCHING_BIDIRECTIONAL,
-        "listed": layout.PATCHING_LISTED_PAIRS,
-    },
-}
 
-for rule_name, (mode, stage) in PATCH_EXPERIMENTS.items():
 
-    rule:
-        name:
-            rule_name
-        input:
-            # The residual map runs at every configured layer, not at the focus layers.
-            unpack(focus_layer_input if mode != "residual_map" else lambda wc: {}),
-            manifest=layout.MODEL_MANIFEST,
-            prompts=layout.PROMPTS,
-        output:
-            **PATCH_EXPERIMENT_OUTPUTS[rule_name],
-        log:
-            f"{layout.LOGS}/patching/{rule_name}.log",
-        benchmark:
-            f"{layout.BENCHMARKS}/patching/{rule_name}.tsv"
-        conda:
-            "../../environment.yml"
-        threads: MODEL_JOB_THREADS
-        resources:
-            **model_job_resources(rule_name),
-        params:
-            mode=mode,
-            config_hash=stage_hash(config, stage),
-        script:
-            "../scripts/patch_experiments.py"
+rule head_replacement:
+    input:
+        unpack(focus_layer_input),
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+    output:
+        prompts=layout.PATCHING_REPLACEMENT_PROMPTS,
+        summary=layout.PATCHING_REPLACEMENT,
+    log:
+        f"{layout.LOGS}/patching/head_replacement.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/patching/head_replacement.tsv"
+    conda:
+        "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources("head_replacement"),
+    params:
+        mode="replacement",
+        config_hash=stage_hash(config, "patching_replacement"),
+    script:
+        "../scripts/patch_experiments.py"
+
+
+rule head_subsets_exhaustive:
+    input:
+        unpack(focus_layer_input),
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+    output:
+        prompts=layout.PATCHING_EXHAUSTIVE_PROMPTS,
+        summary=layout.PATCHING_EXHAUSTIVE,
+    log:
+        f"{layout.LOGS}/patching/head_subsets_exhaustive.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/patching/head_subsets_exhaustive.tsv"
+    conda:
+        "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources("head_subsets_exhaustive"),
+    params:
+        mode="exhaustive",
+        config_hash=stage_hash(config, "patching_exhaustive"),
+    script:
+        "../scripts/patch_experiments.py"
+
+
+# At the analysed layers (patching.residual_map.layers), not the focus layers.
+rule residual_map:
+    input:
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+    output:
+        prompts=layout.PATCHING_RESIDUAL_MAP_PROMPTS,
+        summary=layout.PATCHING_RESIDUAL_MAP,
+    log:
+        f"{layout.LOGS}/patching/residual_map.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/patching/residual_map.tsv"
+    conda:
+        "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources("residual_map"),
+    params:
+        mode="residual_map",
+        config_hash=stage_hash(config, "patching_residual_map"),
+    script:
+        "../scripts/patch_experiments.py"
+
+
+rule head_bidirectional:
+    input:
+        unpack(focus_layer_input),
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+    output:
+        prompts=layout.PATCHING_BIDIRECTIONAL_PROMPTS,
+        summary=layout.PATCHING_BIDIRECTIONAL,
+        listed=layout.PATCHING_LISTED_PAIRS,
+    log:
+        f"{layout.LOGS}/patching/head_bidirectional.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/patching/head_bidirectional.tsv"
+    conda:
+        "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources("head_bidirectional"),
+    params:
+        mode="bidirectional",
+        config_hash=stage_hash(config, "patching_bidirectional"),
+    script:
+        "../scripts/patch_experiments.py"

@@ -12,7 +12,7 @@ mode (params.mode):
 
 import polars as pl
 
-from bugscope import patch_summary, patching, tables
+from bugscope import patch_study, patch_summary, patching, tables
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
 from bugscope.sites import HEAD_SITE
@@ -24,7 +24,7 @@ def main(smk):
     mode = smk.params.mode
     manifest = ModelManifest.load(smk.input.manifest)
     prompts = tables.frame(tables.PROMPTS, smk.config, smk.input.prompts)
-    spec, target, source = patching.spec_from_config(cfg)
+    spec, target, source = patch_study.spec_from_config(cfg)
     meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], "mode": mode,
             "positions": pc["positions"], "operation": pc["operation"], "direction": pc["direction"],
             **manifest.provenance()}
@@ -41,7 +41,7 @@ def main(smk):
         log.info("focus layers %s (from %s)", layers, focus_source)
 
     model, tokenizer = load_model(manifest, cfg["device"])
-    patcher = patching.patcher_from_config(model, cfg, tokenizer.pad_token_id)
+    patcher = patch_study.patcher_from_config(model, cfg, tokenizer.pad_token_id)
     n_heads = manifest.num_heads
     common = {"target_format": target, "source_format": source, "direction": pc["direction"]}
 
@@ -49,7 +49,7 @@ def main(smk):
         # The ceiling (the whole residual stream) needs a source to copy from.
         ceiling = [patching.CEILING] if spec.operation == "patch" else []
         sets = {layer: patching.named_head_sets(n_heads) + ceiling for layer in layers}
-        table = patching.run_study_sweep(patcher, prompts, sets, spec, desc=f"head sweep {smk.params.group}", **common)
+        table = patch_study.run_study_sweep(patcher, prompts, sets, spec, desc=f"head sweep {smk.params.group}", **common)
     elif mode == "subsets":
         sub = pc["subsets"]
         sets = {}
@@ -61,7 +61,7 @@ def main(smk):
             sets[layer] = drawn + [s for s in control if s.name not in names]
         meta["subset_seed"] = cfg["seed"]
         meta["n_head_sets"] = {str(k): len(v) for k, v in sets.items()}
-        table = patching.run_study_sweep(patcher, prompts, sets, spec, desc="head subsets", **common)
+        table = patch_study.run_study_sweep(patcher, prompts, sets, spec, desc="head subsets", **common)
     else:
         if pc["operation"] != "patch":
             log.info("the original method only patches; it runs with operation 'patch' beside per-head '%s'", pc["operation"])
@@ -73,7 +73,7 @@ def main(smk):
             specs.append(patching.PatchSpec(site=HEAD_SITE, positions="aligned", operation=spec.operation))
         specs.append(patching.ORIGINAL_METHOD)
         table = pl.concat([
-            patching.run_study_sweep(patcher, prompts, sets, s, desc=f"{s.method} ({s.positions})", **common)
+            patch_study.run_study_sweep(patcher, prompts, sets, s, desc=f"{s.method} ({s.positions})", **common)
             for s in specs])
         boot = cfg["bootstrap"]
         summary = patch_summary.summary_table(table, n_resamples=boot["n_resamples"], confidence=boot["confidence"],

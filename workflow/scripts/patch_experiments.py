@@ -1,7 +1,8 @@
 """Rules head_replacement, head_subsets_exhaustive, residual_map and head_bidirectional: the focus-layer
-patching experiments of bugscope.patch_experiments (params.mode), per prompt and summarised."""
+patching experiments of bugscope.patch_study (params.mode), per prompt and summarised."""
 
-from bugscope import patch_experiments, patching, tables
+from bugscope import patch_study, patching, tables
+from bugscope.config import analysed_layers
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
 
@@ -21,7 +22,7 @@ def main(smk):
     meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], "mode": mode, **manifest.provenance()}
     if mode == "residual_map":
         rm = cfg["patching"]["residual_map"]
-        layers = list(range(manifest.num_layers)) if rm["layers"] == "all" else sorted(rm["layers"])
+        layers = analysed_layers(cfg) if rm["layers"] == "all" else sorted(rm["layers"])
         meta["layers"] = layers
     else:
         overlap = None
@@ -32,14 +33,14 @@ def main(smk):
         log.info("focus layers %s (from %s)", layers, focus_source)
 
     model, tokenizer = load_model(manifest, cfg["device"])
-    patcher = patching.patcher_from_config(model, cfg, tokenizer.pad_token_id)
-    per_prompt, summary = getattr(patch_experiments, mode)(patcher, prompts, layers, cfg)
+    patcher = patch_study.patcher_from_config(model, cfg, tokenizer.pad_token_id)
+    per_prompt, summary = getattr(patch_study, mode)(patcher, prompts, layers, cfg)
     prompt_table, summary_table = DECLARED[mode]
     with tables.written_together() as put:
         put(prompt_table, per_prompt, smk.output.prompts, meta)
         put(summary_table, summary, smk.output.summary, meta)
         if mode == "bidirectional":
-            listed = patch_experiments.listed_pairs(per_prompt, prompts, cfg["prompts"]["extra_pairs"])
+            listed = patch_study.listed_pairs(per_prompt, prompts, cfg["prompts"]["extra_pairs"])
             put(tables.PATCHING_LISTED_PAIRS, listed, smk.output.listed, meta)
     log.info("wrote %d per-prompt rows, %d summary rows", per_prompt.height, summary.height)
 

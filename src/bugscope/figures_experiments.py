@@ -1,0 +1,90 @@
+"""Figures of the focus-layer patching experiments (bugscope.patch_study): the replacement
+fraction, the residual-stream patching map and every head set by size and composition. Conventions:
+bugscope.figures."""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+
+from bugscope.figures import (
+    DIVERGING,
+    HEIGHT,
+    OKABE_ITO,
+    RATE_COLUMNS,
+    WIDTH,
+    Labels,
+    _direction_text,
+    _eligible_text,
+    _kind_column,
+    _n,
+    _null_nan,
+    _rate_tooltip,
+    _title,
+    by_kind,
+)
+
+HEAD_SET_COLOURS = {"all": OKABE_ITO["black"], "even": OKABE_ITO["blue"], "odd": OKABE_ITO["orange"]}
+METHOD_LABELS = {"per_head": "per-head (o_proj input)", "original": "original (attn output slices, [:min_len])"}
+
+
+def replacement(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
+    """Success rate vs the replacement fraction a (a * source + (1 - a) * target) of the all / even /
+    odd head sets, solid per-head and dashed original method; one row per focus layer, one column
+    per pair kind (both orders pooled)."""
+    df = _null_nan(by_kind(summary), *RATE_COLUMNS).with_columns(
+        pl.col("method").replace_strict(METHOD_LABELS, default=pl.col("method")).alias("method_label"))
+    colour = alt.Color("head_set:N", title="heads", scale=alt.Scale(domain=list(HEAD_SET_COLOURS),
+                                                                     range=list(HEAD_SET_COLOURS.values())))
+    dash = alt.StrokeDash("method_label:N", title="method", legend=alt.Legend(orient="top", labelLimit=400))
+    x = alt.X("fraction:Q", title="replacement fraction a", scale=alt.Scale(domain=[0, 1]))
+    line = alt.Chart().mark_line(point=True).encode(
+        x=x, y=alt.Y("success_rate:Q", title=f"success rate ({labels.ci})", scale=alt.Scale(domain=[0, 1])),
+        color=colour, strokeDash=dash, tooltip=_rate_tooltip("method", "fraction"))
+    err = alt.Chart().mark_errorbar(opacity=0.5).encode(x=x, y=alt.Y("success_low:Q", title=""),
+                                                         y2="success_high:Q", color=colour)
+    return alt.layer(err, line, data=df).properties(width=WIDTH // 2 + 40, height=HEIGHT * 2 // 3).facet(
+        row=alt.Row("layer:O", title="focus layer"), column=_kind_column(df)).properties(title=_title(
+            f"Replacement fraction: a * source + (1 - a) * target in the patched heads ({labels.model})",
+            [*_eligible_text(df), "a = 1 is the plain patch; the paper reports a sharp step at a = 0.6",
+             _direction_text(df.filter(pl.col("method") == "per_head"))]))
+
+
+def residual_map(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
+    """Recovery of the residual stream patched at one (layer, matched position), positions counted
+    back from the decision position; one column per pair kind (both orders pooled)."""
+    df = _null_nan(by_kind(summary), *RATE_COLUMNS)
+    base = alt.Chart().encode(
+        x=alt.X("rank:O", title="matched position, counted back from the decision position (0)", sort="descending"),
+        y=alt.Y("layer:O", title="layer (residual stream after it)", sort="descending"))
+    rect = base.mark_rect().encode(
+        color=alt.Color("recovery:Q", title="recovery", scale=alt.Scale(scheme=DIVERGING, domainMid=0)),
+        tooltip=["pair_kind", "layer", "rank", *(alt.Tooltip(f"{c}:Q", format=".3f") for c in RATE_COLUMNS),
+                 "n_eligible", "n_pairs"])
+    n_layers = df["layer"].n_unique()
+    return alt.layer(rect, data=df).properties(width=max(16 * df["rank"].n_unique(), 200),
+                                               height=max(10 * n_layers, 120)).facet(
+        column=_kind_column(df)).properties(title=_title(
+            f"Residual-stream patching map: source -> target at one layer and position ({labels.model})",
+            [*_eligible_text(df), "the ceiling of any head patch at that layer and position; intervals: tooltip"]))
+
+
+def subsets_exhaustive(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
+    """The distribution over head sets of the success rate per size k (box: quartiles, whiskers: min
+    and max), per composition (even, odd, mixed); one row per focus layer and one column per pair
+    kind (both orders pooled)."""
+    df = _null_nan(by_kind(summary), *RATE_COLUMNS)
+    comps = [c for c in ("even", "odd", "mixed") if c in df["composition"].unique().to_list()]
+    colour = alt.Color("composition:N", title="head set", scale=alt.Scale(
+        domain=["even", "odd", "mixed"], range=[OKABE_ITO["blue"], OKABE_ITO["orange"], OKABE_ITO["purple"]]))
+    box = alt.Chart().mark_boxplot(extent="min-max", size=8).encode(
+        x=alt.X("k:O", title="number of heads patched (k)"), xOffset=alt.XOffset("composition:N", sort=comps),
+        y=alt.Y("success_rate:Q", title="success rate over the eligible targets", scale=alt.Scale(domain=[0, 1])),
+        color=colour)
+    n_sets = df.group_by("layer", "pair_kind").agg(pl.len())["len"]
+    return alt.layer(box, data=df).properties(width=WIDTH, height=HEIGHT * 2 // 3).facet(
+        row=alt.Row("layer:O", title="focus layer"), column=_kind_column(df)).properties(title=_title(
+            f"Every head set by size and composition: success rate over sets ({labels.model})",
+            [*_eligible_text(df), f"{_n(n_sets)} head sets per layer and pair kind (every one where a size and "
+             "composition has at most patching.exhaustive.budget); box: quartiles over sets, whiskers: min and max",
+             _direction_text(df)]))
