@@ -83,6 +83,10 @@ VERDICTS = ("holds", "fails", "not testable here")
 DEFAULT_WHERE: dict[str, dict] = {
     "baseline_accuracy": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
     "head_patching": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "head_replacement": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "head_subsets_exhaustive": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "residual_map": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "head_bidirectional": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
 }
 
 
