@@ -24,6 +24,14 @@ from bugscope.figures import (
     by_kind,
 )
 
+
+def _rows(summary: pl.DataFrame) -> pl.DataFrame:
+    """by_kind rows with NaN rates as nulls and list columns (the heads) as text, which Vega-Lite takes."""
+    df = _null_nan(by_kind(summary), *RATE_COLUMNS)
+    lists = [c for c, t in df.schema.items() if isinstance(t, pl.List)]
+    return df.with_columns(pl.col(c).cast(pl.List(pl.String)).list.join(",") for c in lists)
+
+
 HEAD_SET_COLOURS = {"all": OKABE_ITO["black"], "even": OKABE_ITO["blue"], "odd": OKABE_ITO["orange"]}
 METHOD_LABELS = {"per_head": "per-head (o_proj input)", "original": "original (attn output slices, [:min_len])"}
 
@@ -32,7 +40,7 @@ def replacement(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
     """Success rate vs the replacement fraction a (a * source + (1 - a) * target) of the all / even /
     odd head sets, solid per-head and dashed original method; one row per focus layer, one column
     per pair kind (both orders pooled)."""
-    df = _null_nan(by_kind(summary), *RATE_COLUMNS).with_columns(
+    df = _rows(summary).with_columns(
         pl.col("method").replace_strict(METHOD_LABELS, default=pl.col("method")).alias("method_label"))
     colour = alt.Color("head_set:N", title="heads", scale=alt.Scale(domain=list(HEAD_SET_COLOURS),
                                                                      range=list(HEAD_SET_COLOURS.values())))
@@ -53,7 +61,7 @@ def replacement(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
 def residual_map(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
     """Recovery of the residual stream patched at one (layer, matched position), positions counted
     back from the decision position; one column per pair kind (both orders pooled)."""
-    df = _null_nan(by_kind(summary), *RATE_COLUMNS)
+    df = _rows(summary)
     base = alt.Chart().encode(
         x=alt.X("rank:O", title="matched position, counted back from the decision position (0)", sort="descending"),
         y=alt.Y("layer:O", title="layer (residual stream after it)", sort="descending"))
@@ -73,7 +81,7 @@ def subsets_exhaustive(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
     """The distribution over head sets of the success rate per size k (box: quartiles, whiskers: min
     and max), per composition (even, odd, mixed); one row per focus layer and one column per pair
     kind (both orders pooled)."""
-    df = _null_nan(by_kind(summary), *RATE_COLUMNS)
+    df = _rows(summary)
     comps = [c for c in ("even", "odd", "mixed") if c in df["composition"].unique().to_list()]
     colour = alt.Color("composition:N", title="head set", scale=alt.Scale(
         domain=["even", "odd", "mixed"], range=[OKABE_ITO["blue"], OKABE_ITO["orange"], OKABE_ITO["purple"]]))
