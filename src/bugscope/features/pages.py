@@ -282,10 +282,11 @@ def token_table(acts: pl.DataFrame, tokens: pl.DataFrame, selections: pl.DataFra
     `acts`: (prompt_id, position, feature_id, activation), the non-zeros of the set's feature
     table; `tokens`: (prompt_id, position, format, pair_id, role, token) of the positions the cache
     holds; `selections`: (feature_id, selection, rank). Per feature, pair split (all pairs, or the
-    held-out odd pair ids), format and role (level `role`, token "") or role and token string
-    (level `token`): the mean activation, over prompts, of each prompt's mean over those tokens,
-    the firing rate (share of those tokens where it is > 0) likewise, both with percentile CIs
-    that resample number pairs; `activation_share`: those tokens' share of the feature's summed
+    held-out odd pair ids), format and role (level `role`, token "") or, on all pairs, role and
+    token string (level `token`): the mean activation, over prompts, of each prompt's mean over
+    those tokens, the firing rate (share of those tokens where it is > 0) likewise, both with
+    percentile CIs that resample number pairs on the role rows (null on the token rows: many
+    columns, and no claim reads them); `activation_share`: those tokens' share of the feature's summed
     activation over all the format's tokens (pooled); n_tokens, n_prompts, n_pairs.
     """
     features = selections.select("feature_id").unique()
@@ -301,15 +302,22 @@ def token_table(acts: pl.DataFrame, tokens: pl.DataFrame, selections: pl.DataFra
         if part.height == 0:
             continue
         totals = part.group_by("feature_id", "format").agg(pl.col("activation").sum().alias("_total"))
-        for level, keys in (("role", ["feature_id", "format", "role"]), ("token", ["feature_id", "format", "role", "token"])):
+        levels = [("role", ["feature_id", "format", "role"])]
+        if split == "all":  # per token string: all pairs, point estimates (the page lists them)
+            levels.append(("token", ["feature_id", "format", "role", "token"]))
+        for level, keys in levels:
             per_prompt = part.group_by(*keys, "prompt_id", "pair_id").agg(
                 pl.col("activation").mean().alias("mean_activation"),
                 (pl.col("activation") > 0).mean().alias("firing_rate"),
                 pl.col("activation").sum().alias("_sum"), pl.len().alias("_n"))
-            means = _cluster_means(per_prompt, keys, "mean_activation", n_resamples=n_resamples,
-                                   confidence=confidence, seed=seed)
-            rates = _cluster_means(per_prompt, keys, "firing_rate", n_resamples=n_resamples,
-                                   confidence=confidence, seed=seed)
+            if level == "role":
+                means = _cluster_means(per_prompt, keys, "mean_activation", n_resamples=n_resamples,
+                                       confidence=confidence, seed=seed)
+                rates = _cluster_means(per_prompt, keys, "firing_rate", n_resamples=n_resamples,
+                                       confidence=confidence, seed=seed)
+            else:
+                means, rates = (per_prompt.group_by(keys).agg(pl.col(v).mean()) for v in ("mean_activation",
+                                                                                          "firing_rate"))
             counts = per_prompt.group_by(keys).agg(
                 pl.col("_n").sum().alias("n_tokens"), pl.col("prompt_id").n_unique().alias("n_prompts"),
                 pl.col("pair_id").n_unique().alias("n_pairs"), pl.col("_sum").sum().alias("_sum"))
