@@ -24,6 +24,7 @@ def main(smk):
         put(tables.FEATURE_TOKENS, tokens, smk.output.tokens, meta)
         put(tables.FEATURE_CONTEXTS, contexts, smk.output.contexts, meta)
         with atomic_path(smk.output.pages, is_dir=True) as tmp:
+            tmp.chmod(0o755)  # a folder of pages to read, not mkdtemp's private 0700
             for name, text in pages.items():
                 (tmp / name).write_text(text)
     log.info("feature pages of set %s at layers %s: %d features\n%s", smk.params.sae_set, meta["page_layers"],
