@@ -9,6 +9,7 @@ import pytest
 from bugscope import claims, layout, tables
 from bugscope.config import load_config
 from bugscope.features import DISCRIMINATIVE_COLUMNS, NAMED_SCHEMA, PARITY_COLUMNS
+from bugscope.features.pages import TOKEN_SCHEMA
 from bugscope.io import read_metadata, read_table
 from bugscope.patch_summary import bug_kind_rows
 from tests.conftest import REPO
@@ -192,6 +193,7 @@ def producer_columns() -> dict[str, set[str]]:
         "baseline_contrast": set(_contrast(1, 0).columns),
         "discriminative_features": set(DISCRIMINATIVE_COLUMNS),
         "named_features": set(NAMED_SCHEMA),
+        "feature_tokens": set(TOKEN_SCHEMA),
         "head_parity": set(PARITY_COLUMNS),
         "head_patching": set(patching_summary().columns),
         "sae_quality": set(QUALITY_SCHEMA.names),

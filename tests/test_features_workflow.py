@@ -77,3 +77,71 @@ def test_feature_tables_exist_with_provenance(workdir, ci_config):
     parity = pl.from_arrow(read_table(workdir / layout.per_set(layout.HEAD_PARITY, main), kind="head_parity")[0])
     eta = parity.filter(pl.col("statistic") == "eta_squared")
     assert eta.height == 3 * len(layers) and eta["p_value"].is_between(0, 1).all()
+
+
+def test_feature_pages_of_every_set(workdir, ci_config):
+    """feature_pages: per set, a page per page layer (focus layers it covers, named layers), the
+    per-token table over the prompts' cached tokens, and corpus contexts that the SAE reproduces."""
+    from bugscope import tables
+    from bugscope.config import with_sae_set
+    from bugscope.features import focus_layers
+    from bugscope.features.pages import ROLES
+    from bugscope.sae import ActivationSource, encode_sparse, iter_activations, load_sae
+
+    overlap = tables.frame(tables.FEATURE_OVERLAP, ci_config,
+                           workdir / layout.per_set(layout.FEATURE_OVERLAP, primary_sae_set(ci_config)))
+    focus = focus_layers(ci_config, overlap)
+    for s in sae_sets(ci_config):
+        cfg = with_sae_set(ci_config, s["name"])
+        meta = read_metadata(workdir / layout.per_set(layout.FEATURE_TOKENS, s["name"]))
+        expected = sorted((set(focus) & set(s["layers"])) | {int(k) for k in s["named"]})
+        assert meta["page_layers"] == expected and meta["sae_set"] == s["name"], (s["name"], meta["page_layers"])
+        pages = workdir / layout.per_set(layout.FEATURE_PAGES, s["name"])
+        # (Snakemake adds .snakemake_timestamp to a directory output)
+        names = sorted(p.name for p in pages.iterdir() if not p.name.startswith("."))
+        assert names == sorted(["index.html", *[f"layer_{k}.html" for k in expected]])
+        index = (pages / "index.html").read_text()
+        assert all(f"layer_{k}.html" in index for k in expected)
+        tokens = tables.frame(tables.FEATURE_TOKENS, cfg, workdir / layout.per_set(layout.FEATURE_TOKENS, s["name"]))
+        contexts = tables.frame(tables.FEATURE_CONTEXTS, cfg,
+                                workdir / layout.per_set(layout.FEATURE_CONTEXTS, s["name"]))
+        if not expected:
+            assert tokens.height == 0 and contexts.height == 0
+            continue
+        for layer in expected:
+            page = (pages / f"layer_{layer}.html").read_text()
+            assert "<script" not in page and "<link" not in page and "Neuronpedia" in page
+            assert "trained here" in page  # ci.yaml's SAEs are trained: no Neuronpedia page
+            rows = tokens.filter(pl.col("layer") == layer)
+            for f in rows["feature_id"].unique().to_list():
+                assert f"id='f{f}'" in page
+        role = tokens.filter(pl.col("level") == "role")
+        assert set(role["role"]) <= set(ROLES) and {"number", "decimal_point", "comparison", "format"} <= set(role["role"])
+        assert set(role["format"]) == set(ci_config["prompts"]["formats"]) and set(role["pairs"]) == {"all", "heldout"}
+        assert (role["mean_activation_low"] <= role["mean_activation"] + 1e-9).all()
+        assert (role["mean_activation"] <= role["mean_activation_high"] + 1e-9).all()
+        shares = role.filter(pl.col("activation_share").is_not_null()).group_by(
+            "layer", "feature_id", "selection", "pairs", "format").agg(pl.col("activation_share").sum())
+        assert ((shares["activation_share"] - 1).abs() < 1e-6).all()
+        # the focus layer's top buggy-vs-correct features are on its page
+        disc = tables.frame(tables.DISCRIMINATIVE_FEATURES, cfg,
+                            workdir / layout.per_set(layout.DISCRIMINATIVE_FEATURES, s["name"]))
+        for layer in set(focus) & set(s["layers"]):
+            top = disc.filter(pl.col("layer") == layer, pl.col("comparison") == "buggy_vs_correct", pl.col("rank") == 0)
+            assert set(top["feature_id"]) <= set(tokens.filter(pl.col("layer") == layer)["feature_id"])
+        # contexts: from the text (no analysis prompt), ranked, and what the SAE gives at that token
+        assert set(contexts["source"]) <= {"lee_background", "lee_test"} and contexts.height > 0
+        assert contexts.group_by("layer", "feature_id").agg(pl.col("corpus_id").n_unique() == pl.len())["corpus_id"].all()
+        first = contexts.sort("activation", descending=True).row(0, named=True)
+        hook = hook_name(first["layer"], s["site"])
+        sae, _ = load_sae(workdir / layout.per_set(layout.SAE_DIR, s["name"], hook=hook))
+        source = ActivationSource(str(workdir / layout.activations("corpus", hook)),
+                                  prompt_ids=frozenset({first["corpus_id"]}))
+        for _ids, pos, x in iter_activations([source]):
+            keep = pos == first["position"]
+            if keep.any():
+                _, f, v = encode_sparse(sae, x[keep.nonzero()[0]])
+                assert float(v[f == first["feature_id"]][0]) == pytest.approx(first["activation"], rel=1e-4)
+                break
+        else:
+            raise AssertionError(f"context {first} is not in the corpus activations")

@@ -537,6 +537,8 @@ def test_report_builds_offline(ci_workflow, tmp_path):
         for name in ALL_FIGURES:
             assert {f"{name}.svg", f"{name}.html"} <= members, name
         assert "claims.html" in members
+        # the feature pages (a folder with its index): every page layer's page
+        assert "index.html" in members and any(m.startswith("layer_") and m.endswith(".html") for m in members)
         figure_html = [z.read(n).decode() for n in names if n.endswith("baseline_accuracy.html")]
     assert figure_html and all("<script src=" not in h for h in figure_html)
     assert "<script src=\"http" not in html

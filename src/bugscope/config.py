@@ -269,6 +269,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "activations": (*_BASE, "cache"),
     "sae": (*_BASE, "cache", "sae"),  # corpus, its activations, SAEs, feature tables, SAE quality
     "features": (*_BASE, "cache", "sae", "features", "bootstrap"),
+    # The feature pages also depend on the focus layers they are drawn for.
+    "feature_pages": (*_BASE, "cache", "sae", "features", "feature_pages", "bootstrap", "focus_layers"),
     "patching_sweep": (*_BASE, *_PATCH),
     "patching_focus": (*_BASE, *_PATCH, "patching.subsets", "patching.original_method", "focus_layers",
                        "bootstrap"),

@@ -37,6 +37,11 @@ DISCRIMINATIVE_FEATURES = f"{RESULTS}/features/{{sae_set}}/discriminative.parque
 NAMED_FEATURES = f"{RESULTS}/features/{{sae_set}}/named_features.parquet"
 HEAD_FEATURE_ATTRIBUTION = f"{RESULTS}/features/{{sae_set}}/head_feature_attribution.parquet"
 HEAD_PARITY = f"{RESULTS}/features/{{sae_set}}/head_parity.parquet"
+# Feature pages (bugscope.features.pages): per-token activations by token role, top corpus
+# contexts, and one offline HTML page per page layer (pages/layer_<L>.html, pages/index.html).
+FEATURE_TOKENS = f"{RESULTS}/features/{{sae_set}}/feature_tokens.parquet"
+FEATURE_CONTEXTS = f"{RESULTS}/features/{{sae_set}}/feature_contexts.parquet"
+FEATURE_PAGES = f"{RESULTS}/features/{{sae_set}}/pages"
 
 # Attention-head patching (bugscope.patching, workflow/rules/patching.smk). `{group}` is a layer
 # group such as `L00_07` (bugscope.config.layer_groups, resources.layers_per_job layers per job).

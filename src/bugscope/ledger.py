@@ -23,6 +23,7 @@ TABLES: dict[str, tables.Table] = {
     "feature_overlap": tables.FEATURE_OVERLAP,
     "discriminative_features": tables.DISCRIMINATIVE_FEATURES,
     "named_features": tables.NAMED_FEATURES,
+    "feature_tokens": tables.FEATURE_TOKENS,
     "head_parity": tables.HEAD_PARITY,
     "head_patching": tables.PATCHING_SUMMARY,
     "head_replacement": tables.PATCHING_REPLACEMENT,

@@ -43,7 +43,7 @@ SAE_RULE = {"train": "train_sae", "pretrained": "load_pretrained_sae"}
 PATCH_EXPERIMENT_RULES = {"head_replacement": "replacement", "head_subsets_exhaustive": "exhaustive",
                           "residual_map": "residual_map", "head_bidirectional": "bidirectional"}
 MODEL_RULES = ("baseline", "cache_residuals", "cache_corpus", *GROUP_RULES, "head_subsets", "head_original_method",
-               *PATCH_EXPERIMENT_RULES, "head_feature_attribution")
+               *PATCH_EXPERIMENT_RULES, "head_feature_attribution", "feature_pages")
 
 
 def patch_experiment_enabled(config: dict, rule: str) -> bool:
@@ -133,6 +133,8 @@ def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple
         "residual_map": (prompts, layers, 0.0),
         # one forward pass over the buggy- and correct-format prompts serves every layer; one SAE at a time
         "head_feature_attribution": (n_prompts(config, n_formats=2), 1, one),
+        # no model: one SAE at a time encodes the layer's cached corpus activations
+        "feature_pages": (n_prompts(config, n_formats=2), 1, one),
     }
     if rule not in shapes:
         raise ValueError(f"job_resources: {rule!r} is not a model rule; expected one of {', '.join(MODEL_RULES)}.")

@@ -94,6 +94,18 @@ HEAD_FEATURE_ATTRIBUTION = Table(
 HEAD_PARITY = Table(
     layout.HEAD_PARITY, "head_parity", "features", "n_heads",
     columns=("layer", "target", "feature_id", "statistic", "value", "p_value", "familywise_p_value"))
+# Feature pages (bugscope.features.pages): one row per (selection, feature, pair split, format,
+# level, role, token) at a page layer; level "role" rows pool a role's tokens (token ""), level
+# "token" rows one token string. A feature chosen twice (named and ranked) has rows under each.
+FEATURE_TOKENS = Table(
+    layout.FEATURE_TOKENS, "feature_tokens", "feature_pages", "n_pairs",
+    columns=("layer", "feature_id", "selection", "rank", "pairs", "format", "level", "role", "token", "n_tokens",
+             "n_prompts", "n_pairs", "mean_activation", "mean_activation_low", "mean_activation_high",
+             "firing_rate", "firing_rate_low", "firing_rate_high", "activation_share"))
+FEATURE_CONTEXTS = Table(
+    layout.FEATURE_CONTEXTS, "feature_contexts", "feature_pages",
+    columns=("layer", "feature_id", "rank", "corpus_id", "source", "position", "activation", "left", "token",
+             "right"))
 
 
 def _patching_prompts(path: str, stage: str) -> Table:

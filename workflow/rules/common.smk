@@ -69,11 +69,11 @@ def final_outputs():
 
 
 def feature_targets():
-    """The feature-analysis tables of every SAE set (workflow/rules/features.smk)."""
+    """The feature-analysis tables and the feature pages of every SAE set (workflow/rules/features.smk)."""
     return [
         layout.per_set(template, name)
         for name in SAE_SETS
-        for template in feature_tables(name).values()
+        for template in [*feature_tables(name).values(), layout.FEATURE_PAGES]
     ]
 
 
@@ -101,6 +101,9 @@ def feature_tables(sae_set):
         "pairs": layout.FEATURE_OVERLAP_PAIRS,
         "discriminative": layout.DISCRIMINATIVE_FEATURES,
         "named": layout.NAMED_FEATURES,
+        # feature_pages (its pages folder: feature_targets)
+        "tokens": layout.FEATURE_TOKENS,
+        "contexts": layout.FEATURE_CONTEXTS,
     }
     if SAE_SETS[sae_set]["site"] in HEAD_WRITTEN_SITES:
         tables["attribution"] = layout.HEAD_FEATURE_ATTRIBUTION

@@ -106,3 +106,45 @@ rule head_feature_attribution:
         config_hash=FEATURE_CONFIG_HASH,
     script:
         "../scripts/head_feature_attribution.py"
+
+
+rule feature_pages:
+    input:
+        unpack(focus_layer_input),
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+        corpus=layout.CORPUS,
+        discriminative=layout.DISCRIMINATIVE_FEATURES,
+        features=lambda w: set_features(w.sae_set),
+        activations=lambda w: [
+            layout.activations("corpus", hook) for hook in set_hooks(w.sae_set)
+        ],
+        saes=lambda w: [
+            layout.per_set(layout.SAE_DIR, w.sae_set, hook=hook)
+            for hook in set_hooks(w.sae_set)
+        ],
+    output:
+        tokens=layout.FEATURE_TOKENS,
+        contexts=layout.FEATURE_CONTEXTS,
+        pages=report(
+            directory(layout.FEATURE_PAGES),
+            htmlindex="index.html",
+            caption="../report/feature_pages.rst",
+            category="2. SAE features",
+            labels={"figure": "feature pages", "file": "HTML ({sae_set})"},
+        ),
+    log:
+        f"{layout.LOGS}/features/{{sae_set}}/feature_pages.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/features/{{sae_set}}/feature_pages.tsv"
+    conda:
+        "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources("feature_pages"),
+    params:
+        sae_set=lambda w: w.sae_set,
+        layers=lambda w: SAE_SETS[w.sae_set]["layers"],
+        config_hash=stage_hash(config, "feature_pages"),
+    script:
+        "../scripts/feature_pages.py"
