@@ -145,13 +145,16 @@ def test_workflow_experiment_tables(ci_workflow, ci_config):
     assert set(rep["fraction"].unique().to_list()) == set(ci_config["patching"]["replacement"]["fractions"])
     assert set(rep["method"].unique().to_list()) == {"per_head", "original"}
     assert set(rep["layer"].unique().to_list()) == set(focus)
-    # a = 1 is the plain patch: its rows equal the per-head rows of the same sets in the sweep summary
+    # a = 1 is the plain patch: on the same eligible targets, the success and recovery of the sweep
     heads = tables.frame(tables.PATCHING_SUMMARY, ci_config, ci_workflow / layout.PATCHING_SUMMARY)
     keys = ["pair_kind", "order", "layer", "head_set"]
-    at1 = rep.filter(pl.col("method") == "per_head", pl.col("fraction") == 1.0).select(*keys, "mean_logit_diff")
-    same = at1.join(heads.select(*keys, pl.col("mean_logit_diff").alias("sweep")), on=keys)
+    at1 = rep.filter(pl.col("method") == "per_head", pl.col("fraction") == 1.0, pl.col("n_eligible") > 0)
+    same = at1.select(*keys, "n_eligible", "success_rate", "recovery").join(
+        heads.select(*keys, pl.col("n_eligible").alias("n_sweep"), pl.col("success_rate").alias("success_sweep"),
+                     pl.col("recovery").alias("recovery_sweep")), on=keys)
     assert same.height == at1.height > 0
-    assert (same["mean_logit_diff"] - same["sweep"]).abs().max() < 1e-3 * (same["sweep"].abs().max() + 1)
+    assert (same["n_eligible"] == same["n_sweep"]).all() and (same["success_rate"] == same["success_sweep"]).all()
+    assert (same["recovery"] - same["recovery_sweep"]).abs().max() < 1e-6
 
     ex = tables.frame(tables.PATCHING_EXHAUSTIVE, ci_config, ci_workflow / layout.PATCHING_EXHAUSTIVE)
     n = ci_config["model"]["num_heads"]
