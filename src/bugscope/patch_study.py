@@ -127,15 +127,16 @@ def _sets(n_heads: int, layers: Sequence[int], names: Sequence[str] = ORIGINAL_S
 
 
 def replacement(patcher, prompts: pl.DataFrame, layers: Sequence[int], config: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(per prompt, summary) of the all / even / odd head sets at each replacement fraction, under
-    per-head patching (configured positions) and the original method (post-o_proj slices, [:min_len])."""
+    """(per prompt, summary) on the eligible targets at each replacement fraction: the all / even /
+    odd head sets under per-head patching (configured positions), and the whole attention output
+    (all slices) under the original method (post-o_proj, [:min_len]), the paper's blend."""
     spec, *_ = spec_from_config(config)
     fractions = sorted(float(a) for a in config["patching"]["replacement"]["fractions"])
-    specs = [spec, patching.ORIGINAL_METHOD]
+    runs = [(spec, _sets(patcher.n_heads, layers)), (patching.ORIGINAL_METHOD, _sets(patcher.n_heads, layers, ["all"]))]
     per_prompt = pl.concat([
-        run_study_sweep(patcher, prompts, _sets(patcher.n_heads, layers), s, fractions=fractions,
-                                 desc=f"replacement ({s.method})", **_formats(config, config["patching"]["direction"]))
-        for s in specs])
+        run_study_sweep(patcher, prompts, sets, s, fractions=fractions, only_eligible=True,
+                        desc=f"replacement ({s.method})", **_formats(config, config["patching"]["direction"]))
+        for s, sets in runs])
     summary = patch_summary.summary_table(per_prompt, extra_keys=["fraction"], **_boot(config))
     return per_prompt, summary
 

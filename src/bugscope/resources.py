@@ -126,9 +126,9 @@ def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple
         # head sets x fractions (or x directions) at the focus layers, on one decision column each
         "head_replacement": (prompts, FOCUS_LAYERS_HINT, 0.0),
         "head_bidirectional": (prompts, FOCUS_LAYERS_HINT, 0.0),
-        # on the eligible targets only, but many sets: one layer of the sweep runs num_heads + 4
-        # head sets, so that many sets weigh one layer
-        "head_subsets_exhaustive": (prompts, max(FOCUS_LAYERS_HINT, math.ceil(
+        # on the eligible targets only (at most the buggy format's prompts), but many sets: one
+        # layer of the sweep runs num_heads + 4 head sets, so that many sets weigh one layer
+        "head_subsets_exhaustive": (n_prompts(config, n_formats=1), max(FOCUS_LAYERS_HINT, math.ceil(
             n_exhaustive_sets(config) / (config["model"]["num_heads"] + 4))), 0.0),
         "residual_map": (prompts, layers, 0.0),
         # one forward pass over the buggy- and correct-format prompts serves every layer; one SAE at a time
