@@ -166,27 +166,49 @@ rule fig_original_method:
         "../scripts/fig_original_method.py"
 
 
-for name, table in {
-    "replacement": layout.PATCHING_REPLACEMENT,
-    "residual_map": layout.PATCHING_RESIDUAL_MAP,
-    "subsets_exhaustive": layout.PATCHING_EXHAUSTIVE,
-}.items():
+rule fig_replacement:
+    input:
+        summary=layout.PATCHING_REPLACEMENT,
+    output:
+        **figure_outputs("replacement", "3. Attention heads"),
+    log:
+        f"{layout.LOGS}/figures/replacement.log",
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
+    script:
+        "../scripts/fig_replacement.py"
 
-    rule:
-        name:
-            f"fig_{name}"
-        input:
-            summary=table,
-        output:
-            **figure_outputs(name, "3. Attention heads"),
-        log:
-            f"{layout.LOGS}/figures/{name}.log",
-        conda:
-            "../../environment.yml"
-        params:
-            png_scale=PNG_SCALE,
-        script:
-            f"../scripts/fig_{name}.py"
+
+rule fig_residual_map:
+    input:
+        summary=layout.PATCHING_RESIDUAL_MAP,
+    output:
+        **figure_outputs("residual_map", "3. Attention heads"),
+    log:
+        f"{layout.LOGS}/figures/residual_map.log",
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
+    script:
+        "../scripts/fig_residual_map.py"
+
+
+rule fig_subsets_exhaustive:
+    input:
+        summary=layout.PATCHING_EXHAUSTIVE,
+    output:
+        **figure_outputs("subsets_exhaustive", "3. Attention heads"),
+    log:
+        f"{layout.LOGS}/figures/subsets_exhaustive.log",
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
+    script:
+        "../scripts/fig_subsets_exhaustive.py"
 
 
 rule report_table:
