@@ -83,6 +83,7 @@ VERDICTS = ("holds", "fails", "not testable here")
 DEFAULT_WHERE: dict[str, dict] = {
     "baseline_accuracy": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
     "head_patching": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "interventions": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
 }
 
 

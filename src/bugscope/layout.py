@@ -47,6 +47,11 @@ PATCHING_SUMMARY = f"{RESULTS}/patching/heads.parquet"
 PATCHING_ORIGINAL_METHOD_PROMPTS = f"{RESULTS}/patching/original_method_prompts.parquet"
 PATCHING_ORIGINAL_METHOD = f"{RESULTS}/patching/original_method.parquet"
 
+# SAE-feature interventions (bugscope.interventions, workflow/rules/interventions.smk): every SAE set
+# the stage runs on in one table (column sae_set).
+INTERVENTIONS_PROMPTS = f"{RESULTS}/interventions/features_prompts.parquet"
+INTERVENTIONS = f"{RESULTS}/interventions/features.parquet"
+
 # Figures, report tables and the claims ledger (bugscope.figures, bugscope.claims, workflow/rules/figures.smk)
 FIGURE = f"{RESULTS}/figures/{{name}}.{{ext}}"
 REPORT_TABLE = f"{RESULTS}/tables/{{name}}.html"

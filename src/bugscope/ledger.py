@@ -26,6 +26,7 @@ TABLES: dict[str, tables.Table] = {
     "head_parity": tables.HEAD_PARITY,
     "head_patching": tables.PATCHING_SUMMARY,
     "sae_quality": tables.SAE_QUALITY,
+    "interventions": tables.INTERVENTIONS,
 }
 
 

@@ -40,7 +40,7 @@ GROUP_RULES = (*SET_GROUP_RULES, "head_sweep")
 # The rule that makes a set's SAEs, by sae.sets[].source.
 SAE_RULE = {"train": "train_sae", "pretrained": "load_pretrained_sae"}
 MODEL_RULES = ("baseline", "cache_residuals", "cache_corpus", *GROUP_RULES, "head_subsets", "head_original_method",
-               "head_feature_attribution")
+               "head_feature_attribution", "feature_interventions")
 
 
 def d_model(config: dict) -> int:
@@ -96,6 +96,10 @@ def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple
         "head_original_method": (prompts, 1, 0.0),
         # one forward pass over the buggy- and correct-format prompts serves every layer; one SAE at a time
         "head_feature_attribution": (n_prompts(config, n_formats=2), 1, one),
+        # the buggy- and correct-format prompts; the SAEs of every intervened layer held at once
+        # (a focus layer counted as two: their number is known only once the overlap stage has run)
+        "feature_interventions": (n_prompts(config, n_formats=2), 1,
+                                  one * sum(2 if x == "focus" else 1 for x in config["interventions"]["layers"])),
     }
     if rule not in shapes:
         raise ValueError(f"job_resources: {rule!r} is not a model rule; expected one of {', '.join(MODEL_RULES)}.")
@@ -128,6 +132,8 @@ def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:
     out = []
     for rule in MODEL_RULES:
         if rule == "head_original_method" and not config["patching"]["original_method"]:
+            continue
+        if rule == "feature_interventions" and not config["interventions"]["enabled"]:
             continue
         if rule in SET_GROUP_RULES:
             for s in sae_sets(config):

@@ -64,6 +64,7 @@ def final_outputs():
         layout.SAE_QUALITY,
         *feature_targets(),
         *patching_targets(),
+        *intervention_targets(),
         *figure_targets(),
     ]
 
@@ -145,6 +146,7 @@ FIGURES = [
     "head_subsets",
     "head_attribution",
     *(["original_method"] if config["patching"]["original_method"] else []),
+    *(["interventions"] if config["interventions"]["enabled"] else []),
 ]
 REPORT_TABLES = {
     "baseline_accuracy": layout.BASELINE_ACCURACY,
@@ -195,10 +197,15 @@ def claims_table_sets():
         name: (
             [s for s in SAE_SETS if spec.path in feature_tables(s).values()]
             if "{sae_set}" in spec.path
-            else [None]
+            else [None] if table_is_made(spec.path) else []
         )
         for name, spec in bugscope_ledger.TABLES.items()
     }
+
+
+def table_is_made(path):
+    """False for the table of a stage the config turns off (interventions.enabled)."""
+    return path != layout.INTERVENTIONS or config["interventions"]["enabled"]
 
 
 def claims_inputs(wildcards):
@@ -236,3 +243,13 @@ def focus_layer_input(wildcards):
     if config["focus_layers"] == "auto":
         return {"overlap": layout.per_set(layout.FEATURE_OVERLAP, PRIMARY_SET)}
     return {}
+
+
+# --- SAE-feature interventions (workflow/rules/interventions.smk) --------------------------------
+
+
+def intervention_targets():
+    """The interventions tables, when interventions.enabled."""
+    if not config["interventions"]["enabled"]:
+        return []
+    return [layout.INTERVENTIONS, layout.INTERVENTIONS_PROMPTS]
