@@ -16,11 +16,12 @@ from tests.numerics import forward_tolerance, max_abs
 LAYER = 10
 
 
-def _sae(d_in: int, seed: int = 0):
+def _sae(d_in: int, seed: int = 0, normalisation: str = "none", rescale: bool = False):
     from sae_lens import TopKSAE, TopKSAEConfig
 
     torch.manual_seed(seed)
-    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=256, k=16, normalize_activations="none"))
+    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=256, k=16, normalize_activations=normalisation,
+                                rescale_acts_by_decoder_norm=rescale))
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.5)
         sae.W_dec.mul_(4.0)
@@ -101,7 +102,9 @@ def _naive(model, tok, pairs, sae, features, mode, scale=0.0, means=None):
                 g[:, ids] = fs[:, ids]
             else:
                 g[:, ids] = g[:, ids] + scale * means[ids]
-            x[0, cols] = sae.decode(g) + (x[0, cols] - sae.decode(f))
+            new = sae.decode(g)
+            sae.encode(x[0, cols])  # a normalising SAE keeps one encode's statistics for one decode
+            x[0, cols] = new + (x[0, cols] - sae.decode(f))
             return (x, *o[1:]) if isinstance(o, tuple) else x
 
         h = site_module(model, LAYER, "resid_post").register_forward_hook(hook)
@@ -112,8 +115,12 @@ def _naive(model, tok, pairs, sae, features, mode, scale=0.0, means=None):
 
 
 @pytest.mark.numerical
-def test_engine_equals_a_naive_full_forward(setup):
-    model, tok, pairs, sae, intervener, tgt, src = setup
+@pytest.mark.parametrize("normalisation,rescale", [("none", False), ("none", True), ("constant_norm_rescale", False)])
+def test_engine_equals_a_naive_full_forward(setup, normalisation, rescale):
+    """The affine shortcut (changed columns only) and the whole decode (an SAE that normalises) both
+    equal x -> decode(f') + (x - decode(f)) in a plain full forward."""
+    model, tok, pairs, _, intervener, tgt, src = setup
+    sae = _sae(model.config.hidden_size, normalisation=normalisation, rescale=rescale)
     fired = _firing(sae, tgt.values[LAYER] + src.values[LAYER])
     fs = iv.FeatureSet("t", "tested", -1, tuple(fired[:4]), tuple(fired[4:8]), tuple(fired[:8]))
     conds = [iv.Condition(fs, "ablate"), iv.Condition(fs, "clamp"), iv.Condition(fs, "steer", 4.0)]
@@ -204,3 +211,130 @@ def test_config_section(ci_config):
     with pytest.raises(iv.InterventionConfigError, match="does not cover"):
         iv.intervention_layers({"interventions": {"layers": ["focus", 5]}}, [10], [0, 10, 29])
     assert iv.intervention_layers({"interventions": {"layers": ["focus", 29]}}, [10], [0, 10, 29]) == [10, 29]
+
+
+# --- the claims ledger's interventions claims, on made-up tables -----------------------------------
+
+
+def _ledger_claim(cid):
+    from bugscope import claims
+    from tests.conftest import REPO
+
+    return next(c for c in claims.load_ledger(REPO / "config" / "claims.yaml") if c["id"] == cid)
+
+
+def _summary_rows(cells, sae_set="main"):
+    """cells: (layer, feature_set, family, intervention, pairs, success, low, high)."""
+    rows = []
+    for layer, fset, family, intervention, pairs, rate, lo, hi in cells:
+        rows.append({"sae_set": sae_set, "layer": layer, "feature_set": fset, "family": family,
+                     "sample": 0 if family == "random_control" else -1, "intervention": intervention, "scale": None,
+                     "n_features": 4, "pairs": pairs, "pair_kind": "shorter_bigger", "order": "all", "n_eligible": 20,
+                     "success_rate": rate, "success_low": lo, "success_high": hi, "recovery": rate,
+                     "recovery_low": lo, "recovery_high": hi, "accuracy": rate, "accuracy_low": lo,
+                     "accuracy_high": hi, "baseline_accuracy": 0.1, "broken_rate": 0.0, "broken_low": 0.0,
+                     "broken_high": 0.0, "n_prompts": 40, "n_pairs": 10})
+    # a control-kind row that must never be read (DEFAULT_WHERE: the bug's kind, orders pooled)
+    rows.append({**rows[0], "pair_kind": "same_length", "success_rate": 0.0, "success_low": 0.0, "success_high": 0.0})
+    return pl.DataFrame(rows)
+
+
+def _table(focus_tested=(0.8, 0.6, 0.9), random=(0.05, 0.0, 0.1), other_layer=(0.1, 0.0, 0.3),
+           interventions=("clamp", "ablate"), layers=(5, 9), fset="top", pairs="heldout", sae_set="main"):
+    cells = []
+    for intervention in interventions:
+        cells.append((layers[0], fset, "tested", intervention, pairs, *focus_tested))
+        cells.append((layers[0], fset, "random_control", intervention, pairs, *random))
+        for other in layers[1:]:
+            cells.append((other, fset, "tested", intervention, pairs, *other_layer))
+            cells.append((other, fset, "random_control", intervention, pairs, *random))
+    return _summary_rows(cells, sae_set)
+
+
+def _ctx(model="SmolLM2-135M-Instruct", focus=(5,)):
+    from bugscope import claims
+
+    return claims.Context(model, "embedded", 30, 9, "qa", "simple", list(focus))
+
+
+@pytest.mark.parametrize("cid", ["target_features_correct", "format_features_ablation_corrects"])
+def test_feature_correction_claims_hold_only_above_the_random_control(cid):
+    from bugscope import claims
+
+    c = _ledger_claim(cid)
+    r = claims.evaluate_claim(c, {"interventions": _table()}, _ctx())
+    assert (r["verdict"], r["form"], r["measured"], r["sae_set"]) == ("holds", "agnostic", 0.8, "main")
+    assert "literal" in r["detail"]  # the literal form needs Llama-3.1-8B
+    # the random features fix about as many: the tested features' CI is not above the control's
+    r = claims.evaluate_claim(c, {"interventions": _table(random=(0.6, 0.4, 0.85))}, _ctx())
+    assert r["verdict"] == "fails"
+    # a high success that the random control matches is no correction either
+    r = claims.evaluate_claim(c, {"interventions": _table(focus_tested=(1.0, 1.0, 1.0), random=(1.0, 1.0, 1.0))},
+                              _ctx())
+    assert r["verdict"] == "fails"
+    # the all-pairs rows (on which the top set was ranked) are never read
+    r = claims.evaluate_claim(c, {"interventions": _table(pairs="all")}, _ctx())
+    assert r["verdict"] == "not testable here"
+
+
+def test_feature_layer_only_claim_needs_the_focus_layer_above_every_other_layer():
+    from bugscope import claims
+
+    c = _ledger_claim("feature_layer_10_only")
+    assert claims.evaluate_claim(c, {"interventions": _table()}, _ctx())["verdict"] == "holds"
+    # another layer works as well: not "only"
+    r = claims.evaluate_claim(c, {"interventions": _table(other_layer=(0.7, 0.5, 0.85))}, _ctx())
+    assert r["verdict"] == "fails"
+    # the focus layer does not beat its random control: fails even though it beats the other layer
+    r = claims.evaluate_claim(c, {"interventions": _table(random=(0.5, 0.3, 0.7), other_layer=(0.0, 0.0, 0.0))},
+                              _ctx())
+    assert r["verdict"] == "fails"
+    # only the focus layer was intervened at: nothing to compare with
+    r = claims.evaluate_claim(c, {"interventions": _table(layers=(5,))}, _ctx())
+    assert r["verdict"] == "not testable here"
+
+
+def test_literal_feature_claims_read_the_seed_ids_on_the_mlp_output_set():
+    from bugscope import claims
+    from bugscope.config import load_config
+    from tests.conftest import REPO
+
+    sets = claims.Context.from_config(load_config(REPO / "config" / "llama31_8b.yaml"), None).sae_sets
+    llama = claims.Context("Llama-3.1-8B-Instruct", "x", 32, 32, "qa", "simple", [12], sets)
+    c = _ledger_claim("target_features_correct")
+    seed = _table(fset="seed_targets", layers=(10,), pairs="all", sae_set="mlp_out")
+    top = _table(layers=(12,), sae_set="residual")
+    r = claims.evaluate_claim(c, {"interventions": pl.concat([seed, top])}, llama)
+    assert (r["verdict"], r["form"], r["sae_set"]) == ("holds", "literal", "mlp_out")
+    bad = _table(fset="seed_targets", layers=(10,), pairs="all", sae_set="mlp_out", random=(0.7, 0.5, 0.9))
+    r = claims.evaluate_claim(c, {"interventions": pl.concat([bad, top])}, llama)
+    assert (r["verdict"], r["form"]) == ("fails", "literal")
+    # a run without the seed's feature set: the literal form is not testable, the agnostic one decides
+    r = claims.evaluate_claim(c, {"interventions": top}, llama)
+    assert (r["verdict"], r["form"], r["sae_set"]) == ("holds", "agnostic", "residual")
+    # literal "layer 10 only"
+    c = _ledger_claim("feature_layer_10_only")
+    ten = _table(layers=(10, 14), sae_set="mlp_out")
+    assert claims.evaluate_claim(c, {"interventions": ten}, llama)["form"] == "literal"
+    assert claims.evaluate_claim(c, {"interventions": ten}, llama)["verdict"] == "holds"
+    assert claims.evaluate_claim(c, {"interventions": _table(layers=(10, 14), sae_set="mlp_out",
+                                                             other_layer=(0.9, 0.8, 1.0))}, llama)["verdict"] == "fails"
+
+
+def test_the_ledger_reads_columns_the_summary_writes():
+    from bugscope import claims
+    from tests.conftest import REPO
+
+    cols = set(iv.summarise(_per_prompt(), n_resamples=50, confidence=0.95, seed=0).columns)
+    assert set(tables_columns()) <= cols
+    for c in claims.load_ledger(REPO / "config" / "claims.yaml"):
+        for form in c["forms"]:
+            for check in form["checks"]:
+                if check["table"] == "interventions":
+                    assert set(claims.referenced_columns(check)) <= cols, c["id"]
+
+
+def tables_columns():
+    from bugscope import tables
+
+    return tables.INTERVENTIONS.columns

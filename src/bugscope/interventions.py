@@ -268,12 +268,17 @@ class FeatureIntervener:
         n = [x.shape[0] for x in target_x]
         xt = torch.cat(list(target_x)).to(sdev, sdtype)
         xs = torch.cat(list(source_x)).to(sdev, sdtype)
-        # the sources first: an SAE that normalises its input keeps the last encode's statistics for decode
         fs = sae.encode(xs)
         ft = sae.encode(xt)
         rates = torch.cat([ft, fs]).gt(0).float().mean(0).cpu().numpy()
         means = fs.float().mean(0).to(sdtype)
-        base = sae.decode(ft)
+        # An SAE whose decoder is affine (no output normalisation) needs only the changed columns:
+        # decode(f') - decode(f) = (f' - f)[:, ids] @ W_dec[ids]; otherwise both are decoded whole.
+        affine = getattr(sae.cfg, "normalize_activations", "none") == "none" and not getattr(
+            sae.cfg.metadata, "hook_head_index", None) and "_z" not in str(getattr(sae.cfg.metadata, "hook_name", ""))
+        # SAE-Lens's normalising SAEs keep the statistics of the last encode for one decode (and
+        # then drop them): the targets are encoded again before each decode.
+        base = None if affine else sae.decode(sae.encode(xt))
         width, d = max(n), xt.shape[-1]
         starts = np.concatenate([[0], np.cumsum(n)])
         out = []
@@ -281,14 +286,23 @@ class FeatureIntervener:
             delta = torch.zeros(len(n), width, d)
             ids = torch.tensor(c.features, dtype=torch.long, device=sdev)
             if c.intervention != "none" and len(ids):
-                f = ft.clone()
+                old = ft[:, ids]
                 if c.intervention == "ablate":
-                    f[:, ids] = 0
+                    new = torch.zeros_like(old)
                 elif c.intervention == "clamp":
-                    f[:, ids] = fs[:, ids]
+                    new = fs[:, ids]
                 else:
-                    f[:, ids] = f[:, ids] + float(c.scale) * means[ids]
-                flat = (sae.decode(f) - base).float().cpu()
+                    new = old + float(c.scale) * means[ids]
+                if affine:
+                    w = sae.W_dec[ids]
+                    change = new - old
+                    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # as SAE-Lens's act_times_W_dec
+                        change = change / w.norm(dim=-1)
+                    flat = (change @ w).float().cpu()
+                else:
+                    f = sae.encode(xt)
+                    f[:, ids] = new
+                    flat = (sae.decode(f) - base).float().cpu()
                 for i in range(len(n)):
                     delta[i, :n[i]] = flat[starts[i]:starts[i + 1]]
             out.append(delta)

@@ -21,6 +21,7 @@ localrules:
     fig_head_sweep,
     fig_head_subsets,
     fig_original_method,
+    fig_interventions,
     report_table,
     claims_ledger,
 
@@ -146,6 +147,21 @@ rule fig_head_subsets:
         png_scale=PNG_SCALE,
     script:
         "../scripts/fig_head_subsets.py"
+
+
+rule fig_interventions:
+    input:
+        summary=layout.INTERVENTIONS,
+    output:
+        **figure_outputs("interventions", "2. SAE features"),
+    log:
+        f"{layout.LOGS}/figures/interventions.log",
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
+    script:
+        "../scripts/fig_interventions.py"
 
 
 rule fig_original_method:
