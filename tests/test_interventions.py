@@ -338,3 +338,16 @@ def tables_columns():
     from bugscope import tables
 
     return tables.INTERVENTIONS.columns
+
+
+def test_figure_draws_the_summary(tmp_path):
+    from bugscope import figures
+    from bugscope.figures_interventions import interventions
+
+    summary = iv.summarise(_per_prompt(), n_resamples=50, confidence=0.95, seed=0)
+    chart = interventions(summary, figures.Labels("SmolLM2-135M-Instruct"))
+    spec = chart.to_dict()
+    assert "success rate" in str(spec) and "broken rate on control pairs" in str(spec)
+    out = {ext: tmp_path / f"f.{ext}" for ext in figures.FIGURE_EXTS}
+    figures.save_chart(chart, out)
+    assert out["svg"].stat().st_size > 1000
