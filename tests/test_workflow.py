@@ -118,3 +118,42 @@ def test_reader_refuses_a_table_made_under_other_settings(ci_workflow, tmp_path)
     log = log_path.read_text()
     assert "It is stale" in log and f"--force {layout.BASELINE_ACCURACY}" in log
     assert not figure.exists()
+
+
+def test_ci_workflow_runs_the_feature_interventions(ci_workflow, ci_config):
+    """The interventions stage on the ci run: the identity reproduces the unpatched logits, every
+    tested set has its random control, the rates sit inside their CIs; its figure is made."""
+    import torch
+
+    from tests.numerics import rounding_tolerance
+
+    summary, meta = read_table(ci_workflow / layout.INTERVENTIONS, kind="interventions")
+    summary = pl.from_arrow(summary)
+    per_prompt = pl.from_arrow(read_table(ci_workflow / layout.INTERVENTIONS_PROMPTS, kind="interventions_prompts")[0])
+    focus = meta["focus_layers"]
+    assert sorted(summary["layer"].unique().to_list()) == sorted({*focus, 29})
+    assert set(summary["sae_set"].unique()) == {"main"}
+    buggy = ci_config["prompts"]["buggy_format"]
+    prompts = pl.from_arrow(read_table(ci_workflow / layout.PROMPTS, kind="prompts")[0])
+    assert per_prompt["prompt_id"].n_unique() == prompts.filter(pl.col("format") == buggy).height
+    none = per_prompt.filter(pl.col("intervention") == "none")
+    scale = float(none["baseline_logit_diff"].abs().max())
+    tol = rounding_tolerance(torch.float32, scale=scale, reduction=1536, depth=31)
+    assert (none["logit_diff"] - none["baseline_logit_diff"]).abs().max() <= tol
+    pooled = summary.filter(pl.col("pair_kind") == "shorter_bigger", pl.col("order") == "all")
+    ident = pooled.filter(pl.col("intervention") == "none")
+    assert (ident["success_rate"].fill_nan(0) == 0).all() and (ident["accuracy"] == ident["baseline_accuracy"]).all()
+    tested = pooled.filter(pl.col("family") == "tested").select("layer", "feature_set", "intervention", "scale",
+                                                                "pairs", "n_features")
+    control = pooled.filter(pl.col("family") == "random_control").select(tested.columns)
+    assert tested.sort(tested.columns).equals(control.sort(tested.columns), null_equal=True)
+    top = pooled.filter(pl.col("feature_set") == "top", pl.col("intervention") == "ablate")
+    assert top.height and (top["n_features"] <= ci_config["interventions"]["top_n"]).all()
+    assert set(pooled["intervention"]) == {"none", "ablate", "clamp", "steer"}
+    assert set(summary["pair_kind"]) >= {"all", "shorter_bigger", "controls"} and set(summary["pairs"]) == {"all", "heldout"}
+    for col, (lo, hi) in {"success_rate": ("success_low", "success_high"), "broken_rate": ("broken_low", "broken_high"),
+                          "accuracy": ("accuracy_low", "accuracy_high")}.items():
+        ok = summary.filter(pl.col(col).is_not_nan() & pl.col(lo).is_not_nan())
+        assert (ok[lo] <= ok[col] + 1e-12).all() and (ok[col] <= ok[hi] + 1e-12).all()
+    assert (ci_workflow / layout.figure("interventions", "svg")).stat().st_size > 0
+    assert (ci_workflow / "benchmarks" / "interventions" / "feature_interventions.tsv").exists()

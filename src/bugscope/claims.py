@@ -87,6 +87,7 @@ DEFAULT_WHERE: dict[str, dict] = {
     "head_subsets_exhaustive": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
     "residual_map": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
     "head_bidirectional": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "interventions": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
 }
 
 

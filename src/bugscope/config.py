@@ -134,6 +134,7 @@ def _check_semantics(config: dict, source: str) -> None:
     if lo > hi:
         raise ConfigError(f"Invalid config ({source}): prompts.integer_range {lo}..{hi} is empty.")
     _check_sae_sets(config, source)
+    _check_interventions(config, source)
 
 
 def _check_sae_sets(config: dict, source: str) -> None:
@@ -157,6 +158,32 @@ def _check_sae_sets(config: dict, source: str) -> None:
             raise ConfigError(f"Invalid config ({source}): {where} names features at layers {bad_named}, which the "
                               f"set does not cover (its layers: {sorted(covered)}). Add them to the set's layers "
                               "or remove them from its named features.")
+
+
+def _check_interventions(config: dict, source: str) -> None:
+    icfg = config["interventions"]
+    top = config["features"]["discriminative"]["top_n"]
+    if icfg["top_n"] > top:
+        raise ConfigError(f"Invalid config ({source}): interventions.top_n is {icfg['top_n']}, above "
+                          f"features.discriminative.top_n ({top}), which the top set is drawn from: lower it or "
+                          "raise features.discriminative.top_n.")
+    names = [s["name"] for s in config["sae"]["sets"]]
+    seen = set()
+    for i, fs in enumerate(icfg["feature_sets"]):
+        if fs["name"] in ("top", "named", "none") or fs["name"] in seen:
+            raise ConfigError(f"Invalid config ({source}): interventions.feature_sets[{i}] is named {fs['name']!r}, "
+                              "which is taken (top, named, none, or an earlier set): give it its own name.")
+        seen.add(fs["name"])
+        if fs["sae_set"] is not None and fs["sae_set"] not in names:
+            raise ConfigError(f"Invalid config ({source}): interventions.feature_sets[{i}] ({fs['name']}) names the "
+                              f"SAE set {fs['sae_set']!r}; the sets are {names}.")
+
+
+def intervention_sae_sets(config: dict) -> list[str]:
+    """The SAE sets the interventions stage runs on: the primary, and every set a feature set names."""
+    primary = primary_sae_set(config)
+    named = [fs["sae_set"] for fs in config["interventions"]["feature_sets"] if fs["sae_set"]]
+    return list(dict.fromkeys([primary, *named]))
 
 
 def load_config(path: str | Path) -> dict:
@@ -281,6 +308,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "patching_exhaustive": (*_BASE, *_PATCH, "patching.exhaustive", "focus_layers", "bootstrap"),
     "patching_residual_map": (*_BASE, "patching.direction", "patching.residual_map", "layers", "bootstrap"),
     "patching_bidirectional": (*_BASE, *_PATCH, "patching.bidirectional", "focus_layers", "bootstrap"),
+    # the top features come from the features stage, the focus layers from its overlap table
+    "interventions": (*_BASE, "cache", "sae", "features", "bootstrap", "focus_layers", "interventions"),
 }
 
 

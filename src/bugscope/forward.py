@@ -258,6 +258,27 @@ class LayerRunner:
         return self.decision_logit_diff(hidden[:, -1], run.batch, replicas)
 
     @torch.inference_mode()
+    def run_site_written(self, run: "RecordedRun", layer: int, site: str, write, *, start: int,
+                         replicas: int) -> torch.Tensor:
+        """[replicas * b] decision logit differences with `write` applied to the output of `site`
+        (bugscope.sites.SITES: resid_post, mlp_out, attn_out) at `layer`, over `replicas` copies of
+        the batch, from query column `start` on (earlier keys and values come from `run`)."""
+        hidden = run.hidden_in[layer][:, start:].repeat(replicas, 1, 1)
+        kv = KVPrefix(run.kv, start, replicas) if start > 0 else None
+
+        def post_hook(_module, _inputs, output):
+            if isinstance(output, tuple):
+                return (write(output[0]),) + tuple(output[1:])
+            return write(output)
+
+        handle = site_module(self.model, layer, site).register_forward_hook(post_hook)
+        try:
+            hidden = self.run(layer, hidden, run.ctx.tail(start, replicas), kv)
+        finally:
+            handle.remove()
+        return self.decision_logit_diff(hidden[:, -1], run.batch, replicas)
+
+    @torch.inference_mode()
     def residuals_after(self, batch: Batch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """layer -> [b, pos, d_model]: the unpatched residual stream after each of `layers`."""
         hidden, ctx = self.begin(batch)

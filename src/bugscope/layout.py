@@ -62,6 +62,11 @@ PATCHING_BIDIRECTIONAL_PROMPTS = f"{RESULTS}/patching/bidirectional_prompts.parq
 PATCHING_BIDIRECTIONAL = f"{RESULTS}/patching/bidirectional.parquet"
 PATCHING_LISTED_PAIRS = f"{RESULTS}/patching/listed_pairs.parquet"
 
+# SAE-feature interventions (bugscope.interventions, workflow/rules/interventions.smk): every SAE set
+# the stage runs on in one table (column sae_set).
+INTERVENTIONS_PROMPTS = f"{RESULTS}/interventions/features_prompts.parquet"
+INTERVENTIONS = f"{RESULTS}/interventions/features.parquet"
+
 # Figures, report tables and the claims ledger (bugscope.figures, bugscope.claims, workflow/rules/figures.smk)
 FIGURE = f"{RESULTS}/figures/{{name}}.{{ext}}"
 REPORT_TABLE = f"{RESULTS}/tables/{{name}}.html"

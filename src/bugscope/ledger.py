@@ -32,6 +32,7 @@ TABLES: dict[str, tables.Table] = {
     "head_bidirectional": tables.PATCHING_BIDIRECTIONAL,
     "listed_pairs": tables.PATCHING_LISTED_PAIRS,
     "sae_quality": tables.SAE_QUALITY,
+    "interventions": tables.INTERVENTIONS,
 }
 
 

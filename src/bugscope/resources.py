@@ -43,7 +43,7 @@ SAE_RULE = {"train": "train_sae", "pretrained": "load_pretrained_sae"}
 PATCH_EXPERIMENT_RULES = {"head_replacement": "replacement", "head_subsets_exhaustive": "exhaustive",
                           "residual_map": "residual_map", "head_bidirectional": "bidirectional"}
 MODEL_RULES = ("baseline", "cache_residuals", "cache_corpus", *GROUP_RULES, "head_subsets", "head_original_method",
-               *PATCH_EXPERIMENT_RULES, "head_feature_attribution", "feature_pages")
+               *PATCH_EXPERIMENT_RULES, "head_feature_attribution", "feature_pages", "feature_interventions")
 
 
 def patch_experiment_enabled(config: dict, rule: str) -> bool:
@@ -135,6 +135,10 @@ def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple
         "head_feature_attribution": (n_prompts(config, n_formats=2), 1, one),
         # no model: one SAE at a time encodes the layer's cached corpus activations
         "feature_pages": (n_prompts(config, n_formats=2), 1, one),
+        # the buggy- and correct-format prompts; the SAEs of every intervened layer held at once
+        # (a focus layer counted as two: their number is known only once the overlap stage has run)
+        "feature_interventions": (n_prompts(config, n_formats=2), 1,
+                                  one * sum(2 if x == "focus" else 1 for x in config["interventions"]["layers"])),
     }
     if rule not in shapes:
         raise ValueError(f"job_resources: {rule!r} is not a model rule; expected one of {', '.join(MODEL_RULES)}.")
@@ -169,6 +173,8 @@ def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:
         if rule == "head_original_method" and not config["patching"]["original_method"]:
             continue
         if rule in PATCH_EXPERIMENT_RULES and not patch_experiment_enabled(config, rule):
+            continue
+        if rule == "feature_interventions" and not config["interventions"]["enabled"]:
             continue
         if rule in SET_GROUP_RULES:
             for s in sae_sets(config):

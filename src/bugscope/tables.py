@@ -148,6 +148,20 @@ PATCHING_BIDIRECTIONAL = Table(layout.PATCHING_BIDIRECTIONAL, "patching_summary"
 PATCHING_LISTED_PAIRS = Table(
     layout.PATCHING_LISTED_PAIRS, "listed_pairs", "patching_bidirectional", "n_eligible",
     columns=("direction", "layer", "head_set", "correct", "wrong", "n_eligible", "n_success", "success_rate"))
+# SAE-feature interventions: one row per (SAE set, layer, feature set, family, sample, intervention,
+# scale) and target prompt; summarised per pairs (all / heldout), pair kind and order, with the
+# patching summary's rates (success and recovery over the n_eligible targets).
+INTERVENTION_CONDITION_COLUMNS = ("sae_set", "layer", "feature_set", "family", "sample", "intervention", "scale")
+INTERVENTIONS_PROMPTS = Table(
+    layout.INTERVENTIONS_PROMPTS, "interventions_prompts", "interventions",
+    columns=(*INTERVENTION_CONDITION_COLUMNS, "prompt_id", "pair_id", "pair_kind", "order", "logit_diff",
+             "baseline_logit_diff", "source_logit_diff"))
+INTERVENTIONS = Table(
+    layout.INTERVENTIONS, "interventions", "interventions", "n_eligible",
+    columns=(*INTERVENTION_CONDITION_COLUMNS, "n_features", "pairs", "pair_kind", "order", "n_eligible",
+             "success_rate", "success_low", "success_high", "recovery", "recovery_low", "recovery_high",
+             "accuracy", "accuracy_low", "accuracy_high", "baseline_accuracy", "broken_rate", "broken_low",
+             "broken_high", "n_prompts", "n_pairs"))
 
 # The ledger reads every table above that it names; it is a summary of them, so no hash of its own.
 CLAIMS = Table(

@@ -64,6 +64,7 @@ def final_outputs():
         layout.SAE_QUALITY,
         *feature_targets(),
         *patching_targets(),
+        *intervention_targets(),
         *figure_targets(),
     ]
 
@@ -157,6 +158,7 @@ FIGURES = [
         }.items()
         if bugscope_resources.patch_experiment_enabled(config, rule)
     ],
+    *(["interventions"] if config["interventions"]["enabled"] else []),
 ]
 REPORT_TABLES = {
     "baseline_accuracy": layout.BASELINE_ACCURACY,
@@ -207,10 +209,15 @@ def claims_table_sets():
         name: (
             [s for s in SAE_SETS if spec.path in feature_tables(s).values()]
             if "{sae_set}" in spec.path
-            else [None]
+            else [None] if table_is_made(spec.path) else []
         )
         for name, spec in bugscope_ledger.TABLES.items()
     }
+
+
+def table_is_made(path):
+    """False for the table of a stage the config turns off (interventions.enabled)."""
+    return path != layout.INTERVENTIONS or config["interventions"]["enabled"]
 
 
 def claims_inputs(wildcards):
@@ -262,3 +269,13 @@ def focus_layer_input(wildcards):
     if config["focus_layers"] == "auto":
         return {"overlap": layout.per_set(layout.FEATURE_OVERLAP, PRIMARY_SET)}
     return {}
+
+
+# --- SAE-feature interventions (workflow/rules/interventions.smk) --------------------------------
+
+
+def intervention_targets():
+    """The interventions tables, when interventions.enabled."""
+    if not config["interventions"]["enabled"]:
+        return []
+    return [layout.INTERVENTIONS, layout.INTERVENTIONS_PROMPTS]

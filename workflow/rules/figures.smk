@@ -24,6 +24,7 @@ localrules:
     fig_replacement,
     fig_residual_map,
     fig_subsets_exhaustive,
+    fig_interventions,
     report_table,
     claims_ledger,
 
@@ -149,6 +150,21 @@ rule fig_head_subsets:
         png_scale=PNG_SCALE,
     script:
         "../scripts/fig_head_subsets.py"
+
+
+rule fig_interventions:
+    input:
+        summary=layout.INTERVENTIONS,
+    output:
+        **figure_outputs("interventions", "2. SAE features"),
+    log:
+        f"{layout.LOGS}/figures/interventions.log",
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
+    script:
+        "../scripts/fig_interventions.py"
 
 
 rule fig_original_method:

@@ -1,0 +1,353 @@
+"""SAE-feature interventions on the real embedded model: the identity splice, the engine against a
+naive full forward, the random controls, the summary and the config section."""
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from bugscope import interventions as iv
+from bugscope.config import ConfigError, validate_config
+from bugscope.forward import decision_logits, logit_diff, make_batch
+from bugscope.prompts import build_prompt_table
+from bugscope.sites import site_module
+from tests.numerics import forward_tolerance, max_abs
+
+LAYER = 10
+
+
+def _sae(d_in: int, seed: int = 0, normalisation: str = "none", rescale: bool = False):
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(seed)
+    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=256, k=16, normalize_activations=normalisation,
+                                rescale_acts_by_decoder_norm=rescale))
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.5)
+        sae.W_dec.mul_(4.0)
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(ci_config, embedded):
+    _, tok = embedded
+    return pl.from_arrow(build_prompt_table(ci_config, tok))
+
+
+@pytest.fixture(scope="module")
+def setup(prompts, embedded, ci_config):
+    model, tok = embedded
+    pairs = iv.study_pairs(prompts, ci_config)[:6]
+    sae = _sae(model.config.hidden_size)
+    intervener = iv.FeatureIntervener(model, pad_token_id=tok.pad_token_id, site="resid_post", max_prompts=4,
+                                      rows_per_forward=12)
+    tgt = intervener.capture([p.target for p in pairs], [p.target_positions for p in pairs], [LAYER])
+    src = intervener.capture([p.source for p in pairs], [p.source_positions for p in pairs], [LAYER])
+    return model, tok, pairs, sae, intervener, tgt, src
+
+
+def _scale(model, tok, rows):
+    return max_abs(decision_logits(model, make_batch(rows, tok.pad_token_id, "cpu")))
+
+
+def _firing(sae, x):
+    return sorted(set(torch.nonzero(sae.encode(torch.cat(x)))[:, 1].tolist()))
+
+
+@pytest.mark.numerical
+def test_intervention_on_no_feature_leaves_the_logits_unchanged(setup):
+    model, tok, pairs, sae, intervener, tgt, src = setup
+    tol = forward_tolerance(model, scale=_scale(model, tok, [p.target for p in pairs]))
+    empty = iv.FeatureSet("empty", "tested", -1, (), (), ())
+    fired = _firing(sae, tgt.values[LAYER])[:3]
+    some = iv.FeatureSet("some", "tested", -1, tuple(fired), tuple(fired), tuple(fired))
+    conds = [iv.Condition(None, "none"), iv.Condition(empty, "ablate"), iv.Condition(empty, "clamp"),
+             iv.Condition(some, "steer", 0.0), iv.Condition(some, "ablate")]
+    deltas, rates = intervener.deltas(sae, tgt.values[LAYER], src.values[LAYER], conds)
+    assert all(float(d.abs().max()) == 0.0 for d in deltas[:4])  # f' = f: decode(f') - decode(f) is exactly 0
+    assert rates.shape == (sae.cfg.d_sae,) and 0 < rates.mean() < 1
+    ld = intervener.run(pairs, {LAYER: deltas})[LAYER]
+    base = np.array([tgt.baseline[p.target["prompt_id"]] for p in pairs])
+    # The engine's unpatched run is a plain model forward (two logits read out).
+    batch = make_batch([p.target for p in pairs], tok.pad_token_id, "cpu")
+    plain = logit_diff(decision_logits(model, batch), batch).double().numpy()
+    assert np.abs(base - plain).max() <= tol
+    for row in ld[:4]:
+        assert np.abs(row - base).max() <= tol
+    assert np.abs(ld[4] - base).max() > 100 * tol  # ablating firing features does move the logits
+
+
+def _naive(model, tok, pairs, sae, features, mode, scale=0.0, means=None):
+    """One full forward per prompt pair with a hook: x -> decode(f') + (x - decode(f)) at the target positions."""
+    out = []
+    for p in pairs:
+        src_batch = make_batch([p.source], tok.pad_token_id, "cpu")
+        got = {}
+        h = site_module(model, LAYER, "resid_post").register_forward_hook(
+            lambda m, i, o: got.__setitem__("x", (o[0] if isinstance(o, tuple) else o).clone()))
+        decision_logits(model, src_batch)
+        h.remove()
+        fs = sae.encode(got["x"][0, p.source_positions])
+        ids = list(features)
+
+        def hook(_m, _i, o):
+            x = o[0] if isinstance(o, tuple) else o
+            x = x.clone()
+            cols = p.target_positions
+            f = sae.encode(x[0, cols])
+            g = f.clone()
+            if mode == "ablate":
+                g[:, ids] = 0
+            elif mode == "clamp":
+                g[:, ids] = fs[:, ids]
+            else:
+                g[:, ids] = g[:, ids] + scale * means[ids]
+            new = sae.decode(g)
+            sae.encode(x[0, cols])  # a normalising SAE keeps one encode's statistics for one decode
+            x[0, cols] = new + (x[0, cols] - sae.decode(f))
+            return (x, *o[1:]) if isinstance(o, tuple) else x
+
+        h = site_module(model, LAYER, "resid_post").register_forward_hook(hook)
+        batch = make_batch([p.target], tok.pad_token_id, "cpu")
+        out.append(float(logit_diff(decision_logits(model, batch), batch)[0]))
+        h.remove()
+    return np.array(out)
+
+
+@pytest.mark.numerical
+@pytest.mark.parametrize("normalisation,rescale", [("none", False), ("none", True), ("constant_norm_rescale", False)])
+def test_engine_equals_a_naive_full_forward(setup, normalisation, rescale):
+    """The affine shortcut (changed columns only) and the whole decode (an SAE that normalises) both
+    equal x -> decode(f') + (x - decode(f)) in a plain full forward."""
+    model, tok, pairs, _, intervener, tgt, src = setup
+    sae = _sae(model.config.hidden_size, normalisation=normalisation, rescale=rescale)
+    fired = _firing(sae, tgt.values[LAYER] + src.values[LAYER])
+    fs = iv.FeatureSet("t", "tested", -1, tuple(fired[:4]), tuple(fired[4:8]), tuple(fired[:8]))
+    conds = [iv.Condition(fs, "ablate"), iv.Condition(fs, "clamp"), iv.Condition(fs, "steer", 4.0)]
+    deltas, _ = intervener.deltas(sae, tgt.values[LAYER], src.values[LAYER], conds)
+    ld = intervener.run(pairs, {LAYER: deltas})[LAYER]
+    means = sae.encode(torch.cat(src.values[LAYER])).mean(0)
+    scale = max(_scale(model, tok, [p.target for p in pairs]), float(np.abs(ld).max()))
+    tol = forward_tolerance(model, scale=scale) + 1e-4 * scale  # the SAE's own matmuls, in another batch shape
+    with torch.inference_mode():
+        for row, (mode, feats, s) in zip(ld, [("ablate", fs.buggy_up, 0.0), ("clamp", fs.clamped, 0.0),
+                                               ("steer", fs.correct_up, 4.0)]):
+            naive = _naive(model, tok, pairs, sae, feats, mode, s, means)
+            assert np.abs(row - naive).max() <= tol, mode
+
+
+def test_random_controls_match_firing_rate_bins_and_are_seeded():
+    rng = np.random.default_rng(0)
+    rates = np.concatenate([np.zeros(20), rng.uniform(0, 1, 200)])
+    tested = iv.FeatureSet("top", "tested", -1, (25, 30), (200, 210), (25, 30, 200, 210))
+    kw = dict(n_bins=5, n_samples=3, exclude={25, 30, 200, 210, 5}, seed=0, layer=3, set_index=0)
+    a = iv.random_controls(tested, rates, **kw)
+    b = iv.random_controls(tested, rates, **kw)
+    assert a == b and len(a) == 3 and len({s.clamped for s in a}) == 3
+    bins = iv.firing_rate_bins(rates, 5)
+    for s in a:
+        assert s.family == "random_control" and s.name == "top"
+        assert not set(s.clamped) & kw["exclude"] and len(set(s.clamped)) == 4
+        assert [bins[i] for i in s.clamped] == [bins[i] for i in tested.clamped]
+        assert s.buggy_up == s.clamped[:2] and s.correct_up == s.clamped[2:]
+    # A feature that never fires is matched to one that never fires.
+    dead = iv.FeatureSet("d", "tested", -1, (3,), (), (3,))
+    assert all(rates[s.clamped[0]] == 0 for s in iv.random_controls(dead, rates, **{**kw, "exclude": {3}}))
+
+
+def test_sets_and_conditions():
+    disc = pl.DataFrame({"layer": [8] * 6, "comparison": ["buggy_vs_correct_heldout"] * 4 + ["buggy_vs_correct"] * 2,
+                         "direction": ["up", "up", "down", "down", "up", "down"], "rank": [0, 1, 0, 1, 0, 0],
+                         "feature_id": [1, 2, 3, 4, 9, 9]})
+    top = iv.top_set(disc, 8, 1)
+    assert top.buggy_up == (1,) and top.correct_up == (3,) and top.clamped == (1, 3)  # the even-pair ranking
+    named = iv.named_set({"8": {"buggy_format_up": [5], "correct_format_up": [6], "other": [7]}}, 8)
+    assert named.buggy_up == (5,) and named.correct_up == (6,) and named.clamped == (5, 6, 7)
+    assert iv.named_set({}, 8) is None
+    conds = iv.conditions_for([top], [1, 2])
+    assert [(c.intervention, c.scale) for c in conds] == [("none", None), ("ablate", None), ("clamp", None),
+                                                          ("steer", 1.0), ("steer", 2.0)]
+
+
+def _per_prompt():
+    # 4 pairs x 2 orders; pair 0, 1: the bug's kind, pair 2, 3: a control kind
+    rows = []
+    for pid in range(4):
+        for o, order in enumerate(["correct_first", "wrong_first"]):
+            prompt = 2 * pid + o
+            base = -1.0 if pid < 2 else 1.0
+            for cond, ld in (("none", base), ("ablate", 1.0 if pid < 2 else -1.0)):
+                rows.append({"sae_set": "main", "layer": 8, "feature_set": "none" if cond == "none" else "top",
+                             "family": "none" if cond == "none" else "tested", "sample": -1, "intervention": cond,
+                             "scale": None, "n_features": 0 if cond == "none" else 2, "prompt_id": prompt,
+                             "pair_id": pid, "pair_kind": "shorter_bigger" if pid < 2 else "same_length",
+                             "order": order, "logit_diff": ld, "baseline_logit_diff": base, "source_logit_diff": 2.0})
+    return pl.DataFrame(rows)
+
+
+def test_summary_counts_eligible_targets_and_control_breakage():
+    s = iv.summarise(_per_prompt(), n_resamples=200, confidence=0.95, seed=0)
+    row = lambda **k: s.filter(*[pl.col(c) == v for c, v in k.items()]).row(0, named=True)  # noqa: E731
+    bug = row(intervention="ablate", pairs="all", pair_kind="shorter_bigger", order="all")
+    assert bug["n_eligible"] == 4 and bug["success_rate"] == 1.0 and bug["baseline_accuracy"] == 0.0
+    assert bug["recovery"] == pytest.approx(2 / 3)  # (1 - -1) / (2 - -1)
+    ctrl = row(intervention="ablate", pairs="all", pair_kind="controls", order="all")
+    assert ctrl["broken_rate"] == 1.0 and ctrl["n_prompts"] == 4
+    pooled = row(intervention="ablate", pairs="all", pair_kind="all", order="all")
+    assert pooled["accuracy"] == 0.5 and pooled["baseline_accuracy"] == 0.5
+    held = row(intervention="none", pairs="heldout", pair_kind="all", order="all")
+    assert held["n_pairs"] == 2 and held["success_rate"] == 0.0  # pairs 1 and 3
+    assert set(s["scale"].to_list()) == {None}
+
+
+def test_config_section(ci_config):
+    assert ci_config["interventions"]["enabled"] is True
+    raw = {k: v for k, v in ci_config.items()}
+    with pytest.raises(ConfigError, match="interventions.top_n"):
+        validate_config({**raw, "interventions": {"top_n": 99}})
+    with pytest.raises(ConfigError, match="SAE set"):
+        validate_config({**raw, "interventions": {"feature_sets": [{"name": "x", "layer": 10, "features": [1],
+                                                                     "sae_set": "nope"}]}})
+    with pytest.raises(iv.InterventionConfigError, match="does not cover"):
+        iv.intervention_layers({"interventions": {"layers": ["focus", 5]}}, [10], [0, 10, 29])
+    assert iv.intervention_layers({"interventions": {"layers": ["focus", 29]}}, [10], [0, 10, 29]) == [10, 29]
+
+
+# --- the claims ledger's interventions claims, on made-up tables -----------------------------------
+
+
+def _ledger_claim(cid):
+    from bugscope import claims
+    from tests.conftest import REPO
+
+    return next(c for c in claims.load_ledger(REPO / "config" / "claims.yaml") if c["id"] == cid)
+
+
+def _summary_rows(cells, sae_set="main"):
+    """cells: (layer, feature_set, family, intervention, pairs, success, low, high)."""
+    rows = []
+    for layer, fset, family, intervention, pairs, rate, lo, hi in cells:
+        rows.append({"sae_set": sae_set, "layer": layer, "feature_set": fset, "family": family,
+                     "sample": 0 if family == "random_control" else -1, "intervention": intervention, "scale": None,
+                     "n_features": 4, "pairs": pairs, "pair_kind": "shorter_bigger", "order": "all", "n_eligible": 20,
+                     "success_rate": rate, "success_low": lo, "success_high": hi, "recovery": rate,
+                     "recovery_low": lo, "recovery_high": hi, "accuracy": rate, "accuracy_low": lo,
+                     "accuracy_high": hi, "baseline_accuracy": 0.1, "broken_rate": 0.0, "broken_low": 0.0,
+                     "broken_high": 0.0, "n_prompts": 40, "n_pairs": 10})
+    # a control-kind row that must never be read (DEFAULT_WHERE: the bug's kind, orders pooled)
+    rows.append({**rows[0], "pair_kind": "same_length", "success_rate": 0.0, "success_low": 0.0, "success_high": 0.0})
+    return pl.DataFrame(rows)
+
+
+def _table(focus_tested=(0.8, 0.6, 0.9), random=(0.05, 0.0, 0.1), other_layer=(0.1, 0.0, 0.3),
+           interventions=("clamp", "ablate"), layers=(5, 9), fset="top", pairs="heldout", sae_set="main"):
+    cells = []
+    for intervention in interventions:
+        cells.append((layers[0], fset, "tested", intervention, pairs, *focus_tested))
+        cells.append((layers[0], fset, "random_control", intervention, pairs, *random))
+        for other in layers[1:]:
+            cells.append((other, fset, "tested", intervention, pairs, *other_layer))
+            cells.append((other, fset, "random_control", intervention, pairs, *random))
+    return _summary_rows(cells, sae_set)
+
+
+def _ctx(model="SmolLM2-135M-Instruct", focus=(5,)):
+    from bugscope import claims
+
+    return claims.Context(model, "embedded", 30, 9, "qa", "simple", list(focus))
+
+
+@pytest.mark.parametrize("cid", ["target_features_correct", "format_features_ablation_corrects"])
+def test_feature_correction_claims_hold_only_above_the_random_control(cid):
+    from bugscope import claims
+
+    c = _ledger_claim(cid)
+    r = claims.evaluate_claim(c, {"interventions": _table()}, _ctx())
+    assert (r["verdict"], r["form"], r["measured"], r["sae_set"]) == ("holds", "agnostic", 0.8, "main")
+    assert "literal" in r["detail"]  # the literal form needs Llama-3.1-8B
+    # the random features fix about as many: the tested features' CI is not above the control's
+    r = claims.evaluate_claim(c, {"interventions": _table(random=(0.6, 0.4, 0.85))}, _ctx())
+    assert r["verdict"] == "fails"
+    # a high success that the random control matches is no correction either
+    r = claims.evaluate_claim(c, {"interventions": _table(focus_tested=(1.0, 1.0, 1.0), random=(1.0, 1.0, 1.0))},
+                              _ctx())
+    assert r["verdict"] == "fails"
+    # the all-pairs rows (on which the top set was ranked) are never read
+    r = claims.evaluate_claim(c, {"interventions": _table(pairs="all")}, _ctx())
+    assert r["verdict"] == "not testable here"
+
+
+def test_feature_layer_only_claim_needs_the_focus_layer_above_every_other_layer():
+    from bugscope import claims
+
+    c = _ledger_claim("feature_layer_10_only")
+    assert claims.evaluate_claim(c, {"interventions": _table()}, _ctx())["verdict"] == "holds"
+    # another layer works as well: not "only"
+    r = claims.evaluate_claim(c, {"interventions": _table(other_layer=(0.7, 0.5, 0.85))}, _ctx())
+    assert r["verdict"] == "fails"
+    # the focus layer does not beat its random control: fails even though it beats the other layer
+    r = claims.evaluate_claim(c, {"interventions": _table(random=(0.5, 0.3, 0.7), other_layer=(0.0, 0.0, 0.0))},
+                              _ctx())
+    assert r["verdict"] == "fails"
+    # only the focus layer was intervened at: nothing to compare with
+    r = claims.evaluate_claim(c, {"interventions": _table(layers=(5,))}, _ctx())
+    assert r["verdict"] == "not testable here"
+
+
+def test_literal_feature_claims_read_the_seed_ids_on_the_mlp_output_set():
+    from bugscope import claims
+    from bugscope.config import load_config
+    from tests.conftest import REPO
+
+    sets = claims.Context.from_config(load_config(REPO / "config" / "llama31_8b.yaml"), None).sae_sets
+    llama = claims.Context("Llama-3.1-8B-Instruct", "x", 32, 32, "qa", "simple", [12], sets)
+    c = _ledger_claim("target_features_correct")
+    seed = _table(fset="seed_targets", layers=(10,), pairs="all", sae_set="mlp_out")
+    top = _table(layers=(12,), sae_set="residual")
+    r = claims.evaluate_claim(c, {"interventions": pl.concat([seed, top])}, llama)
+    assert (r["verdict"], r["form"], r["sae_set"]) == ("holds", "literal", "mlp_out")
+    bad = _table(fset="seed_targets", layers=(10,), pairs="all", sae_set="mlp_out", random=(0.7, 0.5, 0.9))
+    r = claims.evaluate_claim(c, {"interventions": pl.concat([bad, top])}, llama)
+    assert (r["verdict"], r["form"]) == ("fails", "literal")
+    # a run without the seed's feature set: the literal form is not testable, the agnostic one decides
+    r = claims.evaluate_claim(c, {"interventions": top}, llama)
+    assert (r["verdict"], r["form"], r["sae_set"]) == ("holds", "agnostic", "residual")
+    # literal "layer 10 only"
+    c = _ledger_claim("feature_layer_10_only")
+    ten = _table(layers=(10, 14), sae_set="mlp_out")
+    assert claims.evaluate_claim(c, {"interventions": ten}, llama)["form"] == "literal"
+    assert claims.evaluate_claim(c, {"interventions": ten}, llama)["verdict"] == "holds"
+    assert claims.evaluate_claim(c, {"interventions": _table(layers=(10, 14), sae_set="mlp_out",
+                                                             other_layer=(0.9, 0.8, 1.0))}, llama)["verdict"] == "fails"
+
+
+def test_the_ledger_reads_columns_the_summary_writes():
+    from bugscope import claims
+    from tests.conftest import REPO
+
+    cols = set(iv.summarise(_per_prompt(), n_resamples=50, confidence=0.95, seed=0).columns)
+    assert set(tables_columns()) <= cols
+    for c in claims.load_ledger(REPO / "config" / "claims.yaml"):
+        for form in c["forms"]:
+            for check in form["checks"]:
+                if check["table"] == "interventions":
+                    assert set(claims.referenced_columns(check)) <= cols, c["id"]
+
+
+def tables_columns():
+    from bugscope import tables
+
+    return tables.INTERVENTIONS.columns
+
+
+def test_figure_draws_the_summary(tmp_path):
+    from bugscope import figures
+    from bugscope.figures_interventions import interventions
+
+    summary = iv.summarise(_per_prompt(), n_resamples=50, confidence=0.95, seed=0)
+    chart = interventions(summary, figures.Labels("SmolLM2-135M-Instruct"))
+    spec = chart.to_dict()
+    assert "success rate" in str(spec) and "broken rate on control pairs" in str(spec)
+    out = {ext: tmp_path / f"f.{ext}" for ext in figures.FIGURE_EXTS}
+    figures.save_chart(chart, out)
+    assert out["svg"].stat().st_size > 1000
