@@ -262,6 +262,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "patching_sweep": (*_BASE, "patching"),
     "patching_focus": (*_BASE, "patching", "focus_layers"),
     "patching_summary": (*_BASE, "patching", "layers", "focus_layers", "bootstrap"),
+    # the original procedure with generation and the decomposition of the gap (its table has CIs)
+    "patching_original": (*_BASE, "patching", "focus_layers", "bootstrap"),
 }
 
 

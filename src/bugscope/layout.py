@@ -46,6 +46,9 @@ PATCHING_PROMPTS = f"{RESULTS}/patching/heads_prompts.parquet"
 PATCHING_SUMMARY = f"{RESULTS}/patching/heads.parquet"
 PATCHING_ORIGINAL_METHOD_PROMPTS = f"{RESULTS}/patching/original_method_prompts.parquet"
 PATCHING_ORIGINAL_METHOD = f"{RESULTS}/patching/original_method.parquet"
+# The original procedure with generation, and the gap to the per-head method one factor at a time
+PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS = f"{RESULTS}/patching/original_decomposition_prompts.parquet"
+PATCHING_ORIGINAL_DECOMPOSITION = f"{RESULTS}/patching/original_decomposition.parquet"
 
 # Figures, report tables and the claims ledger (bugscope.figures, bugscope.claims, workflow/rules/figures.smk)
 FIGURE = f"{RESULTS}/figures/{{name}}.{{ext}}"

@@ -25,6 +25,7 @@ TABLES: dict[str, tables.Table] = {
     "named_features": tables.NAMED_FEATURES,
     "head_parity": tables.HEAD_PARITY,
     "head_patching": tables.PATCHING_SUMMARY,
+    "original_decomposition": tables.PATCHING_ORIGINAL_DECOMPOSITION,
     "sae_quality": tables.SAE_QUALITY,
 }
 

@@ -40,7 +40,7 @@ GROUP_RULES = (*SET_GROUP_RULES, "head_sweep")
 # The rule that makes a set's SAEs, by sae.sets[].source.
 SAE_RULE = {"train": "train_sae", "pretrained": "load_pretrained_sae"}
 MODEL_RULES = ("baseline", "cache_residuals", "cache_corpus", *GROUP_RULES, "head_subsets", "head_original_method",
-               "head_feature_attribution")
+               "head_feature_attribution", "original_decomposition")
 
 
 def d_model(config: dict) -> int:
@@ -94,6 +94,8 @@ def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple
         "head_sweep": (prompts, n_group, 0.0),
         "head_subsets": (prompts, FOCUS_LAYERS_HINT, 0.0),
         "head_original_method": (prompts, 1, 0.0),
+        # a few number pairs, one layer: generation (every setting x head set) dominates, not memory
+        "original_decomposition": (prompts, 1, 0.0),
         # one forward pass over the buggy- and correct-format prompts serves every layer; one SAE at a time
         "head_feature_attribution": (n_prompts(config, n_formats=2), 1, one),
     }
@@ -128,6 +130,8 @@ def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:
     out = []
     for rule in MODEL_RULES:
         if rule == "head_original_method" and not config["patching"]["original_method"]:
+            continue
+        if rule == "original_decomposition" and not config["patching"]["original_generation"]["enabled"]:
             continue
         if rule in SET_GROUP_RULES:
             for s in sae_sets(config):

@@ -145,6 +145,11 @@ FIGURES = [
     "head_subsets",
     "head_attribution",
     *(["original_method"] if config["patching"]["original_method"] else []),
+    *(
+        ["original_decomposition"]
+        if config["patching"]["original_generation"]["enabled"]
+        else []
+    ),
 ]
 REPORT_TABLES = {
     "baseline_accuracy": layout.BASELINE_ACCURACY,
@@ -195,10 +200,16 @@ def claims_table_sets():
         name: (
             [s for s in SAE_SETS if spec.path in feature_tables(s).values()]
             if "{sae_set}" in spec.path
-            else [None]
+            else [] if name in disabled_ledger_tables() else [None]
         )
         for name, spec in bugscope_ledger.TABLES.items()
     }
+
+
+def disabled_ledger_tables():
+    """Ledger tables of stages the config turns off: the ledger does not wait for them."""
+    gen = config["patching"]["original_generation"]["enabled"]
+    return [] if gen else ["original_decomposition"]
 
 
 def claims_inputs(wildcards):
@@ -226,6 +237,8 @@ def patching_targets():
     out = [layout.PATCHING_SUMMARY]
     if config["patching"]["original_method"]:
         out.append(layout.PATCHING_ORIGINAL_METHOD)
+    if config["patching"]["original_generation"]["enabled"]:
+        out.append(layout.PATCHING_ORIGINAL_DECOMPOSITION)
     return out
 
 

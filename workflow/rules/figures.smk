@@ -21,6 +21,7 @@ localrules:
     fig_head_sweep,
     fig_head_subsets,
     fig_original_method,
+    fig_original_decomposition,
     report_table,
     claims_ledger,
 
@@ -161,6 +162,21 @@ rule fig_original_method:
         png_scale=PNG_SCALE,
     script:
         "../scripts/fig_original_method.py"
+
+
+rule fig_original_decomposition:
+    input:
+        decomposition=layout.PATCHING_ORIGINAL_DECOMPOSITION,
+    output:
+        **figure_outputs("original_decomposition", "3. Attention heads"),
+    log:
+        f"{layout.LOGS}/figures/original_decomposition.log",
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
+    script:
+        "../scripts/fig_original_decomposition.py"
 
 
 rule report_table:

@@ -106,3 +106,31 @@ rule head_patching_summary:
         config_hash=PATCH_SUMMARY_HASH,
     script:
         "../scripts/head_patching_summary.py"
+
+
+# The original procedure in full (generation, decode-time hook, string criterion) and the gap to
+# the per-head method one factor at a time (bugscope.original_method).
+PATCH_ORIGINAL_HASH = stage_hash(config, "patching_original")
+
+
+rule original_decomposition:
+    input:
+        unpack(focus_layer_input),
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+    output:
+        prompts=layout.PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS,
+        summary=layout.PATCHING_ORIGINAL_DECOMPOSITION,
+    log:
+        f"{layout.LOGS}/patching/original_decomposition.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/patching/original_decomposition.tsv"
+    conda:
+        "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources("original_decomposition"),
+    params:
+        config_hash=PATCH_ORIGINAL_HASH,
+    script:
+        "../scripts/original_decomposition.py"
