@@ -136,6 +136,8 @@ STEPS = {
     "fig_head_sweep": (["head_patching_summary"], _figure("head_sweep", summary=layout.PATCHING_SUMMARY)),
     "fig_head_subsets": (["head_patching_summary"], _figure("head_subsets", summary=layout.PATCHING_SUMMARY)),
     "fig_original_method": ([], _figure("original_method", comparison=layout.PATCHING_ORIGINAL_METHOD)),
+    "fig_original_decomposition": ([], _figure("original_decomposition",
+                                                decomposition=layout.PATCHING_ORIGINAL_DECOMPOSITION)),
     **{f"report_table_{name}": ([producer] if producer else [], {
         "script": "report_table.py", "input": {"table": path}, "output": {"html": layout.REPORT_TABLE.format(name=name)},
         "params": {}, "wildcards": {"name": name}})

@@ -22,13 +22,15 @@ row's source's first real token. Tests compare it with the one-prompt-at-a-time 
 The decomposition (`SETTINGS`) changes one factor at a time, on the same prompts, from the original
 to the per-head method: the number pairs (the seed pair -> many), the input (the prompt text -> the
 scoring input: prompt, answer prefix and the answer tokens both answers share, which ends at the
-decision position), decode-time patching (on -> off), the metric (string criterion -> the first
-number of the answer -> the decision logit difference, no generation), the site (attn_out slices ->
+decision position), the metric (string criterion -> the first number of the answer), decode-time
+patching (on -> off), the metric again (generation -> the decision logit difference), the site (attn_out slices ->
 o_proj input heads) and the positions ([:min_len] -> aligned -> the configured positions).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -47,6 +49,7 @@ from bugscope.stats import cluster_bootstrap_mean_ci_columns
 VERBS = ("bigger", "larger", "greater")
 INPUTS = ("prompt", "scoring")  # generation from the prompt text, or from the scoring input (input_ids)
 METRICS = ("string", "parse_answer", "logit_diff")
+log = logging.getLogger("bugscope")
 SEED_PAIR = ("9.8", "9.11")  # the seed's pair, asked correct first: "Which is bigger: 9.8 or 9.11?"
 
 
@@ -107,8 +110,8 @@ def settings(positions: str) -> list[Setting]:
 
     step("all_pairs", "pairs: the seed pair -> every decomposition pair", pairs="all")
     step("scoring_input", "input: the prompt text -> prompt + answer prefix + shared answer tokens", input="scoring")
-    step("no_decode_patch", "decode-time patching: on -> off (prefill only)", decode_patch=False)
     step("parse_answer", "metric: the string criterion -> the first number of the answer", metric="parse_answer")
+    step("no_decode_patch", "decode-time patching: on -> off (prefill only)", decode_patch=False)
     step("logit_diff", "metric: generation -> the decision logit difference (no generation)", metric="logit_diff")
     step("o_proj_input", "site: attn_out slices -> o_proj input (true heads)", site=HEAD_SITE)
     step("aligned", "positions: [:min_len] -> aligned", positions="aligned")
@@ -451,7 +454,9 @@ def run_decomposition(model, tokenizer, patcher, prompts: pl.DataFrame, layers: 
     # the sources' own answers and the unpatched targets, per input
     plain = {}
     for kind in sorted({s.input for s in plan if s.generates}):
+        t0 = time.time()
         src = generate_plain(model, tokenizer, [p.source for p in pairs], input_kind=kind, **gkw)
+        log.info("the sources' own answers (%s input): %d in %.1f s", kind, src.height, time.time() - t0)
         plain[kind] = dict(zip(src["prompt_id"].to_list(), src["generated"].to_list()))
     runs: dict[tuple, pl.DataFrame] = {}
     for s in plan:
@@ -459,8 +464,10 @@ def run_decomposition(model, tokenizer, patcher, prompts: pl.DataFrame, layers: 
             continue
         for layer in layers:
             with_base = [*head_sets, none] if ("base", s.input, layer) not in runs else list(head_sets)
+            t0 = time.time()
             got = generate_patched(model, tokenizer, pairs, layer, with_base, site=s.site, positions=s.positions,
                                    decode_patch=s.decode_patch, input_kind=s.input, **gkw)
+            log.info("generation for %s at layer %d: %d rows in %.1f s", s.name, layer, got.height, time.time() - t0)
             if none in with_base:
                 runs[("base", s.input, layer)] = got.filter(pl.col("head_set") == "none")
             runs[(s.run_key, layer)] = got.filter(pl.col("head_set") != "none")
@@ -470,10 +477,12 @@ def run_decomposition(model, tokenizer, patcher, prompts: pl.DataFrame, layers: 
     for s in plan:
         if s.generates or (s.site, s.positions) in logit:
             continue
+        t0 = time.time()
         spec = PatchSpec(site=s.site, positions=s.positions, operation="patch")
         logit[(s.site, s.positions)] = run_study_sweep(patcher, sub, sets, spec, target_format=target_format,
                                                        source_format=source_format, direction=direction,
                                                        desc=f"decomposition {s.name}")
+        log.info("decision logits for %s: %.1f s", s.name, time.time() - t0)
     heads = {hs.name: list(hs.heads) for hs in head_sets}
     rows = []
     for s in plan:

@@ -4,7 +4,6 @@ the same prompts, at the focus layers (bugscope.original_method)."""
 
 import time
 
-
 from bugscope import original_method, patching, tables
 from bugscope.head_sets import named_head_sets
 from bugscope.model import ModelManifest, load_model
