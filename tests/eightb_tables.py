@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from bugscope import layout, original_method, tables
+from bugscope import layout, original_decomposition, original_method, tables
 from bugscope.attribution import COMPONENTS, parity_rows, summarise_attribution
 from bugscope.baseline import accuracy_by_format, format_contrast
 from bugscope.config import analysed_layers, layer_groups
@@ -214,7 +214,7 @@ def build_inputs(config: dict, root: Path) -> None:
         put(tables.PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS, per_prompt, layout.PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS,
             focus_layers=focus)
         put(tables.PATCHING_ORIGINAL_DECOMPOSITION,
-            original_method.summarise(per_prompt, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
+            original_decomposition.summarise(per_prompt, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
                                       seed=config["seed"]),
             layout.PATCHING_ORIGINAL_DECOMPOSITION, focus_layers=focus)
 
@@ -234,12 +234,12 @@ def decomposition_rows(prompts: pl.DataFrame, config: dict, focus: list[int], he
                     if s.pairs == "seed" and not original_method.is_seed_prompt(pair.target):
                         continue
                     judged = rng.random(3) < 0.5
-                    rows.append({**original_method._row(s, layer, hs.name, heads, pair),
+                    rows.append({**original_decomposition._row(s, layer, hs.name, heads, pair),
                                  "generated": "x" if s.generates else None,
                                  "logit_diff": None if s.generates else float(rng.normal()),
                                  "judged": bool(judged[0]), "baseline_judged": bool(judged[1]),
                                  "source_judged": bool(judged[2])})
-    return pl.DataFrame(rows, schema=original_method.PER_PROMPT_SCHEMA)
+    return pl.DataFrame(rows, schema=original_decomposition.PER_PROMPT_SCHEMA)
 
 
 def build_attribution(config: dict, root: Path) -> None:

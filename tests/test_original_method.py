@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from bugscope import claims, layout, original_method, tables
+from bugscope import claims, layout, original_decomposition, original_method, tables
 from bugscope.head_sets import HeadSet
 from bugscope.io import read_table
 from bugscope.prompts import build_prompt_table
@@ -97,15 +97,15 @@ def _per_prompt(judged: dict[str, list[bool]], base=(False, False, True, False),
         for (pid, pair, c, w, order), v, b, sj in zip(targets, values, base, src):
             if s.pairs == "seed" and pid != 0:
                 continue
-            rows.append({**original_method.setting_columns(s), "layer": 5, "head_set": "all", "heads": [0, 1],
+            rows.append({**original_decomposition.setting_columns(s), "layer": 5, "head_set": "all", "heads": [0, 1],
                          "prompt_id": pid, "source_prompt_id": pid + 10, "question_id": pid, "pair_id": pair,
                          "pair_kind": "shorter_bigger", "order": order, "correct": c, "wrong": w, "generated": None,
                          "logit_diff": None, "judged": v, "baseline_judged": b, "source_judged": sj})
-    return pl.DataFrame(rows, schema=original_method.PER_PROMPT_SCHEMA)
+    return pl.DataFrame(rows, schema=original_decomposition.PER_PROMPT_SCHEMA)
 
 
 def _summary(judged, **kw):
-    return original_method.summarise(_per_prompt(judged, **kw), n_resamples=200, confidence=0.95, seed=0)
+    return original_decomposition.summarise(_per_prompt(judged, **kw), n_resamples=200, confidence=0.95, seed=0)
 
 
 def test_summary_rates_eligibility_and_paired_deltas():
@@ -140,7 +140,7 @@ def _table(**by_setting) -> pl.DataFrame:
     for layer in (5, 10):
         for s in plan:
             v = {"success_rate": 0.0, "original_success": 0.0, "delta_original_success": 0.0, **by_setting.get(s.name, {})}
-            rows.append({**original_method.setting_columns(s), "layer": layer, "head_set": "all", "n_prompts": 8,
+            rows.append({**original_decomposition.setting_columns(s), "layer": layer, "head_set": "all", "n_prompts": 8,
                          "n_eligible": 2, "success_rate": v["success_rate"], "success_low": v["success_rate"] - 0.1,
                          "success_high": v["success_rate"] + 0.1, "original_success": v["original_success"],
                          "original_success_low": v["original_success"] - 0.1,

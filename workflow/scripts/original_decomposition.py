@@ -4,7 +4,7 @@ the same prompts, at the focus layers (bugscope.original_method)."""
 
 import time
 
-from bugscope import original_method, patching, tables
+from bugscope import original_decomposition, patching, tables
 from bugscope.head_sets import named_head_sets
 from bugscope.model import ModelManifest, load_model
 from bugscope.script import log, run
@@ -27,12 +27,12 @@ def main(smk):
     patcher.progress = False
     sets = [s for s in named_head_sets(manifest.num_heads) if s.family != "single"]
     chat = cfg["prompts"]["formats"][target].get("chat_template", False)
-    per_prompt = original_method.run_decomposition(
+    per_prompt = original_decomposition.run_decomposition(
         model, tokenizer, patcher, prompts, layers, sets, target_format=target, source_format=source,
         direction=pc["direction"], positions=pc["positions"], n_pairs=gc["n_pairs"],
         max_new_tokens=gc["max_new_tokens"], add_special_tokens=not chat, batch_rows=pc["max_prompts"])
     boot = cfg["bootstrap"]
-    summary = original_method.summarise(per_prompt, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
+    summary = original_decomposition.summarise(per_prompt, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
                                         seed=cfg["seed"])
     log.info("decomposition:\n%s", summary.select("step", "setting", "layer", "head_set", "n_prompts", "n_eligible",
                                                   "success_rate", "original_success", "delta_original_success"))
