@@ -10,7 +10,7 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
-from bugscope.figures import HEIGHT, OKABE_ITO, Labels, _n, _title
+from bugscope.figures import HEIGHT, OKABE_ITO, Labels, _n, _null_nan, _title
 
 MEASURES = {"original_success": "the original's success: all targets judged right after the patch",
             "success_rate": "success on eligible targets (source right, target wrong unpatched)"}
@@ -37,8 +37,8 @@ def original_decomposition(table: pl.DataFrame, labels: Labels) -> alt.FacetChar
                      pl.col(f"{m.replace('_rate', '')}_low").alias("low"),
                      pl.col(f"{m.replace('_rate', '')}_high").alias("high"))
         for m in MEASURES])
-    long = long.with_columns(pl.struct("step", "setting", "changed").map_elements(_label, return_dtype=pl.String)
-                             .alias("setting_label"))
+    long = _null_nan(long.with_columns(pl.struct("step", "setting", "changed").map_elements(
+        _label, return_dtype=pl.String).alias("setting_label")), "rate", "low", "high")
     sets = [h for h in HEAD_SET_COLOURS if h in long["head_set"].to_list()]
     colour = alt.Color("head_set:N", title="head set", sort=sets,
                        scale=alt.Scale(domain=sets, range=[HEAD_SET_COLOURS[h] for h in sets]))
@@ -49,7 +49,7 @@ def original_decomposition(table: pl.DataFrame, labels: Labels) -> alt.FacetChar
            alt.Tooltip("low:Q", format=".3f"), alt.Tooltip("high:Q", format=".3f"), "n_prompts", "n_eligible"]
     points = alt.Chart().mark_point(filled=True, size=50).encode(x=x, y=y, yOffset=offset, color=colour, tooltip=tip)
     err = alt.Chart().mark_rule().encode(x=alt.X("low:Q", title=""), x2="high:Q", y=y, yOffset=offset, color=colour)
-    layered = alt.layer(err, points, data=long).properties(width=320, height=alt.Step(9 * max(1, len(sets))))
+    layered = alt.layer(err, points, data=long).properties(width=320, height=alt.Step(6 * max(1, len(sets))))
     chain = table.filter(pl.col("step") > 0)
     return layered.facet(row=alt.Row("layer:O", title="focus layer"),
                          column=alt.Column("measure:N", title=None, sort=list(MEASURES.values()))).properties(
