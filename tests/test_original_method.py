@@ -221,3 +221,21 @@ def test_ci_workflow_decomposition(ci_workflow, ci_config):
                                                    "original_procedure_is_sound"]))
     assert rows.height == 3 and (rows["verdict"] != "not testable here").all(), rows.select("claim_id", "detail")
     assert (ci_workflow / layout.figure("original_decomposition", "svg")).stat().st_size > 1000
+
+
+def test_figure_draws_every_setting_in_chain_order(tmp_path):
+    from bugscope import figures
+    from bugscope.figures_original import original_decomposition, setting_labels
+
+    s = _summary({"original": [True] * 4, "all_pairs": [True, False, True, False],
+                  "scoring_input": [True, True, True, False], "per_head_seed_pair": [True] * 4})
+    labels = figures.Labels("SmolLM2-135M-Instruct", "qa", "simple", 0.95)
+    chart = original_decomposition(s, labels)
+    order = setting_labels(s)
+    assert [o.split(" ")[1] for o in order] == ["original", "all_pairs", "scoring_input", "per_head_seed_pair"]
+    spec = chart.to_dict()
+    rows = [r for d in spec["datasets"].values() for r in d]
+    assert {r["setting"] for r in rows} == set(s["setting"]) and all(r["rate"] == r["rate"] for r in rows
+                                                                      if r["rate"] is not None)  # no NaN
+    out = figures.save_chart(chart, {ext: tmp_path / f"f.{ext}" for ext in figures.FIGURE_EXTS}, png_scale=1)
+    assert out and (tmp_path / "f.svg").stat().st_size > 1000
