@@ -24,7 +24,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from bugscope import patching
+from bugscope import patch_study, patching
 from bugscope.config import load_config
 from bugscope.io import read_table
 from bugscope.jobstats import MatmulFlops, peak_gpu_bytes
@@ -56,13 +56,13 @@ def main() -> None:
     model, tok = load_model(manifest, args.device)
     prompts = pl.from_arrow(read_table(results / "prompts" / "prompts.parquet", kind="prompts")[0])
     prompts = prompts.filter(pl.col("question_id") < args.questions)
-    spec, target, source = patching.spec_from_config(cfg)
+    spec, target, source = patch_study.spec_from_config(cfg)
     if args.positions:
         spec = patching.PatchSpec(positions=args.positions, operation=spec.operation)
     pairs = patching.make_pairs(prompts, target, source, spec.positions)
     plan = {layer: patching.named_head_sets(manifest.num_heads) for layer in args.layers}
     n_sets = sum(len(v) for v in plan.values())
-    patcher = patching.patcher_from_config(model, cfg, tok.pad_token_id)
+    patcher = patch_study.patcher_from_config(model, cfg, tok.pad_token_id)
     print(f"{manifest.name} on {args.device} ({args.threads} threads): {len(pairs)} target prompts, "
           f"layers {args.layers}, {n_sets} (layer, head set) combinations, positions={spec.positions}, "
           f"operation={spec.operation}")

@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from bugscope import layout, tables
+from bugscope import layout, original_decomposition, original_method, tables
 from bugscope.attribution import COMPONENTS, parity_rows, summarise_attribution
 from bugscope.baseline import accuracy_by_format, format_contrast
 from bugscope.config import analysed_layers, layer_groups
@@ -93,7 +93,7 @@ def scores_table(prompts: pl.DataFrame, rng: np.random.Generator) -> pl.DataFram
 
 def patch_rows(prompts: pl.DataFrame, scores: pl.DataFrame, layer_sets: dict[int, list[HeadSet]], config: dict, *,
                method: str, positions: str, rng: np.random.Generator) -> pl.DataFrame:
-    """A per-prompt patching table (bugscope.patching.run_study_sweep's schema) with random logit differences."""
+    """A per-prompt patching table (bugscope.patch_study.run_study_sweep's schema) with random logit differences."""
     pc, pr = config["patching"], config["prompts"]
     target, source = pr["buggy_format"], pr["correct_format"]
     sets = head_set_table(layer_sets)
@@ -210,6 +210,14 @@ def build_inputs(config: dict, root: Path) -> None:
     put(tables.PATCHING_ORIGINAL_METHOD, summary_table(original, n_resamples=boot["n_resamples"],
                                                        confidence=boot["confidence"], seed=config["seed"]),
         layout.PATCHING_ORIGINAL_METHOD, mode="original_method", focus_layers=focus)
+    if config["patching"]["original_generation"]["enabled"]:
+        per_prompt = decomposition_rows(prompts, config, focus, original_sets[focus[0]], rng)
+        put(tables.PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS, per_prompt, layout.PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS,
+            focus_layers=focus)
+        put(tables.PATCHING_ORIGINAL_DECOMPOSITION,
+            original_decomposition.summarise(per_prompt, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
+                                      seed=config["seed"]),
+            layout.PATCHING_ORIGINAL_DECOMPOSITION, focus_layers=focus)
     experiment_tables(config, prompts, scores, put, rng)
 
 
@@ -245,6 +253,28 @@ def experiment_tables(config: dict, prompts: pl.DataFrame, scores: pl.DataFrame,
         mode="bidirectional", focus_layers=focus)
     put(tables.PATCHING_LISTED_PAIRS, listed_pairs(both, prompts, config["prompts"]["extra_pairs"]),
         layout.PATCHING_LISTED_PAIRS, mode="bidirectional", focus_layers=focus)
+
+def decomposition_rows(prompts: pl.DataFrame, config: dict, focus: list[int], head_sets: list[HeadSet],
+                       rng: np.random.Generator) -> pl.DataFrame:
+    """Per-prompt rows of every decomposition setting (bugscope.original_method) with random verdicts."""
+    p = config["prompts"]
+    pairs = original_method.decomposition_pairs(prompts, p["buggy_format"], p["correct_format"],
+                                                config["patching"]["original_generation"]["n_pairs"])
+    heads = {hs.name: list(hs.heads) for hs in head_sets}
+    rows = []
+    for s in original_method.settings(config["patching"]["positions"]):
+        for layer in focus:
+            for hs in head_sets:
+                for pair in pairs:
+                    if s.pairs == "seed" and not original_method.is_seed_prompt(pair.target):
+                        continue
+                    judged = rng.random(3) < 0.5
+                    rows.append({**original_decomposition._row(s, layer, hs.name, heads, pair),
+                                 "generated": "x" if s.generates else None,
+                                 "logit_diff": None if s.generates else float(rng.normal()),
+                                 "judged": bool(judged[0]), "baseline_judged": bool(judged[1]),
+                                 "source_judged": bool(judged[2])})
+    return pl.DataFrame(rows, schema=original_decomposition.PER_PROMPT_SCHEMA)
 
 
 def build_attribution(config: dict, root: Path) -> None:

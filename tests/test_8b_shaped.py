@@ -49,7 +49,8 @@ CACHED_HOOKS = [*HOOKS, MLP_HOOK]  # one cache job caches every set's hooks
 MODEL_RULES = ["baseline", "cache_residuals", "cache_corpus",
                *[f"{stage}_{name}_{group}" for name, (*_, group) in SETS.items()
                  for stage in ("load_pretrained_sae", "encode_features", "sae_quality")],
-               "head_feature_attribution", f"head_sweep_{GROUP}", "head_subsets", "head_original_method"]
+               "head_feature_attribution", f"head_sweep_{GROUP}", "head_subsets", "head_original_method",
+               "original_decomposition"]
 
 EIGHTB_MARKS = (pytest.mark.eightb, pytest.mark.slow,
                 pytest.mark.skipif(os.environ.get("BUGSCOPE_8B", "1") == "0",

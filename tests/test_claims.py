@@ -183,6 +183,13 @@ REQUIRED_IDS = {"overlap_layer_7", "overlap_layer_8", "overlap_layer_10", "overl
                 "odd_heads_never", "only_layer_10", "even_head_feature_correlation", "re_entanglement"}
 
 
+def decomposition_summary() -> pl.DataFrame:
+    """The original-decomposition summary of a made-up per-prompt table (bugscope.original_method)."""
+    from tests.test_original_method import _summary
+
+    return _summary({"original": [True] * 4, "all_pairs": [True, False, True, False]})
+
+
 def producer_columns() -> dict[str, set[str]]:
     """Columns of each ledger table as its producer writes them."""
     from bugscope.sae_quality import QUALITY_SCHEMA
@@ -196,6 +203,7 @@ def producer_columns() -> dict[str, set[str]]:
         "feature_tokens": set(TOKEN_SCHEMA),
         "head_parity": set(PARITY_COLUMNS),
         "head_patching": set(patching_summary().columns),
+        "original_decomposition": set(decomposition_summary().columns),
         "sae_quality": set(QUALITY_SCHEMA.names),
     }
 

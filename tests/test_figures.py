@@ -453,9 +453,9 @@ def test_png_scale_and_png_size_rejects_non_png(tmp_path):
 # --- the real ci.yaml workflow --------------------------------------------------------------------
 
 
-# The nine figures of the study (FIGURES in workflow/rules/common.smk): the ci workflow draws them all.
+# The ten figures of the study (FIGURES in workflow/rules/common.smk): the ci workflow draws them all.
 ALL_FIGURES = ["baseline_accuracy", "feature_overlap", "amplification", "format_features", "sae_quality", "head_sweep",
-               "head_subsets", "head_attribution", "original_method"]
+               "head_subsets", "head_attribution", "original_method", "original_decomposition"]
 
 
 def test_ci_workflow_figures(ci_workflow, ci_config):

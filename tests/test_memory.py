@@ -139,6 +139,8 @@ STEPS = {
     "fig_replacement": ([], _figure("replacement", summary=layout.PATCHING_REPLACEMENT)),
     "fig_residual_map": ([], _figure("residual_map", summary=layout.PATCHING_RESIDUAL_MAP)),
     "fig_subsets_exhaustive": ([], _figure("subsets_exhaustive", summary=layout.PATCHING_EXHAUSTIVE)),
+    "fig_original_decomposition": ([], _figure("original_decomposition",
+                                                decomposition=layout.PATCHING_ORIGINAL_DECOMPOSITION)),
     **{f"report_table_{name}": ([producer] if producer else [], {
         "script": "report_table.py", "input": {"table": path}, "output": {"html": layout.REPORT_TABLE.format(name=name)},
         "params": {}, "wildcards": {"name": name}})

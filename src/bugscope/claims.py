@@ -271,7 +271,7 @@ def _beside(df: pl.DataFrame, row: int, col: str) -> str:
 
 
 def _describe_row(df: pl.DataFrame, row: int, where: Mapping) -> str:
-    keys = [k for k in ("layer", "feature_id", "head_set") if k in df.columns]
+    keys = [k for k in ("layer", "feature_id", "head_set", "setting") if k in df.columns]
     keys += [k for k, v in where.items() if k in df.columns and k not in keys and not k.startswith("is_")
              and not isinstance(v, (dict, list))]
     return ", ".join(f"{k}={df[k][row]}" for k in keys if df[k][row] is not None)

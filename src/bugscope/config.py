@@ -310,6 +310,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "patching_bidirectional": (*_BASE, *_PATCH, "patching.bidirectional", "focus_layers", "bootstrap"),
     # the top features come from the features stage, the focus layers from its overlap table
     "interventions": (*_BASE, "cache", "sae", "features", "bootstrap", "focus_layers", "interventions"),
+    # the original procedure with generation and the decomposition of the gap (its table has CIs)
+    "patching_original": (*_BASE, *_PATCH, "patching.original_generation", "focus_layers", "bootstrap"),
 }
 
 

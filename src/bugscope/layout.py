@@ -66,6 +66,9 @@ PATCHING_LISTED_PAIRS = f"{RESULTS}/patching/listed_pairs.parquet"
 # the stage runs on in one table (column sae_set).
 INTERVENTIONS_PROMPTS = f"{RESULTS}/interventions/features_prompts.parquet"
 INTERVENTIONS = f"{RESULTS}/interventions/features.parquet"
+# The original procedure with generation, and the gap to the per-head method one factor at a time
+PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS = f"{RESULTS}/patching/original_decomposition_prompts.parquet"
+PATCHING_ORIGINAL_DECOMPOSITION = f"{RESULTS}/patching/original_decomposition.parquet"
 
 # Figures, report tables and the claims ledger (bugscope.figures, bugscope.claims, workflow/rules/figures.smk)
 FIGURE = f"{RESULTS}/figures/{{name}}.{{ext}}"

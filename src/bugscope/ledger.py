@@ -31,6 +31,7 @@ TABLES: dict[str, tables.Table] = {
     "residual_map": tables.PATCHING_RESIDUAL_MAP,
     "head_bidirectional": tables.PATCHING_BIDIRECTIONAL,
     "listed_pairs": tables.PATCHING_LISTED_PAIRS,
+    "original_decomposition": tables.PATCHING_ORIGINAL_DECOMPOSITION,
     "sae_quality": tables.SAE_QUALITY,
     "interventions": tables.INTERVENTIONS,
 }

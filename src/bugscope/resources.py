@@ -43,7 +43,8 @@ SAE_RULE = {"train": "train_sae", "pretrained": "load_pretrained_sae"}
 PATCH_EXPERIMENT_RULES = {"head_replacement": "replacement", "head_subsets_exhaustive": "exhaustive",
                           "residual_map": "residual_map", "head_bidirectional": "bidirectional"}
 MODEL_RULES = ("baseline", "cache_residuals", "cache_corpus", *GROUP_RULES, "head_subsets", "head_original_method",
-               *PATCH_EXPERIMENT_RULES, "head_feature_attribution", "feature_pages", "feature_interventions")
+               *PATCH_EXPERIMENT_RULES, "original_decomposition", "head_feature_attribution", "feature_pages",
+               "feature_interventions")
 
 
 def patch_experiment_enabled(config: dict, rule: str) -> bool:
@@ -131,6 +132,8 @@ def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple
         "head_subsets_exhaustive": (n_prompts(config, n_formats=1), max(FOCUS_LAYERS_HINT, math.ceil(
             n_exhaustive_sets(config) / (config["model"]["num_heads"] + 4))), 0.0),
         "residual_map": (prompts, layers, 0.0),
+        # a few number pairs, one layer: generation (every setting x head set) dominates, not memory
+        "original_decomposition": (prompts, 1, 0.0),
         # one forward pass over the buggy- and correct-format prompts serves every layer; one SAE at a time
         "head_feature_attribution": (n_prompts(config, n_formats=2), 1, one),
         # no model: one SAE at a time encodes the layer's cached corpus activations
@@ -175,6 +178,8 @@ def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:
         if rule in PATCH_EXPERIMENT_RULES and not patch_experiment_enabled(config, rule):
             continue
         if rule == "feature_interventions" and not config["interventions"]["enabled"]:
+            continue
+        if rule == "original_decomposition" and not config["patching"]["original_generation"]["enabled"]:
             continue
         if rule in SET_GROUP_RULES:
             for s in sae_sets(config):

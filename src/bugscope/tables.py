@@ -118,6 +118,18 @@ PATCHING_ORIGINAL_METHOD_PROMPTS = _patching_prompts(layout.PATCHING_ORIGINAL_ME
 PATCHING_PROMPTS = _patching_prompts(layout.PATCHING_PROMPTS, "patching_summary")
 PATCHING_ORIGINAL_METHOD = Table(layout.PATCHING_ORIGINAL_METHOD, "patching_summary", "patching_focus",
                                  columns=PATCH_SUMMARY_COLUMNS)
+# The original procedure and the decomposition of its gap to the per-head method
+# (bugscope.original_method): per prompt, and one row per (setting, layer, head set). n_prompts is
+# the targets judged (original_success is over all of them; success_rate over n_eligible).
+ORIGINAL_DECOMPOSITION_COLUMNS = ("setting", "step", "chain", "changed", "layer", "head_set", "n_prompts",
+                                  "n_eligible", "success_rate", "success_low", "success_high", "original_success",
+                                  "original_success_low", "original_success_high", "delta_original_success")
+PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS = Table(
+    layout.PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS, "original_decomposition_prompts", "patching_original",
+    columns=("setting", "layer", "head_set", "prompt_id", "pair_id", "judged", "baseline_judged", "source_judged"))
+PATCHING_ORIGINAL_DECOMPOSITION = Table(
+    layout.PATCHING_ORIGINAL_DECOMPOSITION, "original_decomposition", "patching_original", "n_prompts",
+    columns=ORIGINAL_DECOMPOSITION_COLUMNS)
 # One row per (pair kind, order, layer, head set); success_rate and recovery are over the
 # n_eligible targets (source right, target wrong), so that is their n.
 PATCHING_SUMMARY = Table(

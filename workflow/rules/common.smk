@@ -159,6 +159,11 @@ FIGURES = [
         if bugscope_resources.patch_experiment_enabled(config, rule)
     ],
     *(["interventions"] if config["interventions"]["enabled"] else []),
+    *(
+        ["original_decomposition"]
+        if config["patching"]["original_generation"]["enabled"]
+        else []
+    ),
 ]
 REPORT_TABLES = {
     "baseline_accuracy": layout.BASELINE_ACCURACY,
@@ -216,7 +221,18 @@ def claims_table_sets():
 
 
 def table_is_made(path):
-    """False for the table of a stage the config turns off (interventions.enabled)."""
+    """False for the table of a stage the config turns off: the ledger does not wait for it."""
+    experiment = {
+        layout.PATCHING_REPLACEMENT: "head_replacement",
+        layout.PATCHING_EXHAUSTIVE: "head_subsets_exhaustive",
+        layout.PATCHING_RESIDUAL_MAP: "residual_map",
+        layout.PATCHING_BIDIRECTIONAL: "head_bidirectional",
+        layout.PATCHING_LISTED_PAIRS: "head_bidirectional",
+    }
+    if path in experiment:
+        return bugscope_resources.patch_experiment_enabled(config, experiment[path])
+    if path == layout.PATCHING_ORIGINAL_DECOMPOSITION:
+        return config["patching"]["original_generation"]["enabled"]
     return path != layout.INTERVENTIONS or config["interventions"]["enabled"]
 
 
@@ -259,6 +275,8 @@ def patching_targets():
     for rule, paths in experiments.items():
         if bugscope_resources.patch_experiment_enabled(config, rule):
             out += paths
+    if config["patching"]["original_generation"]["enabled"]:
+        out.append(layout.PATCHING_ORIGINAL_DECOMPOSITION)
     return out
 
 

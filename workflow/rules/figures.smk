@@ -25,6 +25,7 @@ localrules:
     fig_residual_map,
     fig_subsets_exhaustive,
     fig_interventions,
+    fig_original_decomposition,
     report_table,
     claims_ledger,
 
@@ -189,6 +190,13 @@ rule fig_replacement:
         **figure_outputs("replacement", "3. Attention heads"),
     log:
         f"{layout.LOGS}/figures/replacement.log",
+rule fig_original_decomposition:
+    input:
+        decomposition=layout.PATCHING_ORIGINAL_DECOMPOSITION,
+    output:
+        **figure_outputs("original_decomposition", "3. Attention heads"),
+    log:
+        f"{layout.LOGS}/figures/original_decomposition.log",
     conda:
         "../../environment.yml"
     params:
@@ -225,6 +233,7 @@ rule fig_subsets_exhaustive:
         png_scale=PNG_SCALE,
     script:
         "../scripts/fig_subsets_exhaustive.py"
+        "../scripts/fig_original_decomposition.py"
 
 
 rule report_table:
