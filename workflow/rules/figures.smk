@@ -190,13 +190,6 @@ rule fig_replacement:
         **figure_outputs("replacement", "3. Attention heads"),
     log:
         f"{layout.LOGS}/figures/replacement.log",
-rule fig_original_decomposition:
-    input:
-        decomposition=layout.PATCHING_ORIGINAL_DECOMPOSITION,
-    output:
-        **figure_outputs("original_decomposition", "3. Attention heads"),
-    log:
-        f"{layout.LOGS}/figures/original_decomposition.log",
     conda:
         "../../environment.yml"
     params:
@@ -233,6 +226,20 @@ rule fig_subsets_exhaustive:
         png_scale=PNG_SCALE,
     script:
         "../scripts/fig_subsets_exhaustive.py"
+
+
+rule fig_original_decomposition:
+    input:
+        decomposition=layout.PATCHING_ORIGINAL_DECOMPOSITION,
+    output:
+        **figure_outputs("original_decomposition", "3. Attention heads"),
+    log:
+        f"{layout.LOGS}/figures/original_decomposition.log",
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
+    script:
         "../scripts/fig_original_decomposition.py"
 
 

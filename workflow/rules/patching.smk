@@ -113,12 +113,6 @@ rule head_patching_summary:
 
 
 rule head_replacement:
-# The original procedure in full (generation, decode-time hook, string criterion) and the gap to
-# the per-head method one factor at a time (bugscope.original_method).
-PATCH_ORIGINAL_HASH = stage_hash(config, "patching_original")
-
-
-rule original_decomposition:
     input:
         unpack(focus_layer_input),
         manifest=layout.MODEL_MANIFEST,
@@ -130,12 +124,6 @@ rule original_decomposition:
         f"{layout.LOGS}/patching/head_replacement.log",
     benchmark:
         f"{layout.BENCHMARKS}/patching/head_replacement.tsv"
-        prompts=layout.PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS,
-        summary=layout.PATCHING_ORIGINAL_DECOMPOSITION,
-    log:
-        f"{layout.LOGS}/patching/original_decomposition.log",
-    benchmark:
-        f"{layout.BENCHMARKS}/patching/original_decomposition.tsv"
     conda:
         "../../environment.yml"
     threads: MODEL_JOB_THREADS
@@ -219,6 +207,29 @@ rule head_bidirectional:
         config_hash=stage_hash(config, "patching_bidirectional"),
     script:
         "../scripts/patch_experiments.py"
+
+
+# The original procedure in full (generation, decode-time hook, string criterion) and the gap to
+# the per-head method one factor at a time (bugscope.original_method).
+PATCH_ORIGINAL_HASH = stage_hash(config, "patching_original")
+
+
+rule original_decomposition:
+    input:
+        unpack(focus_layer_input),
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+    output:
+        prompts=layout.PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS,
+        summary=layout.PATCHING_ORIGINAL_DECOMPOSITION,
+    log:
+        f"{layout.LOGS}/patching/original_decomposition.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/patching/original_decomposition.tsv"
+    conda:
+        "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
         **model_job_resources("original_decomposition"),
     params:
         config_hash=PATCH_ORIGINAL_HASH,
