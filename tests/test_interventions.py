@@ -11,7 +11,7 @@ from bugscope.config import ConfigError, validate_config
 from bugscope.forward import decision_logits, logit_diff, make_batch
 from bugscope.prompts import build_prompt_table
 from bugscope.sites import site_module
-from tests.numerics import forward_tolerance, max_abs
+from tests.numerics import forward_tolerance, max_abs, rounding_tolerance
 
 LAYER = 10
 
@@ -351,3 +351,21 @@ def test_figure_draws_the_summary(tmp_path):
     out = {ext: tmp_path / f"f.{ext}" for ext in figures.FIGURE_EXTS}
     figures.save_chart(chart, out)
     assert out["svg"].stat().st_size > 1000
+
+
+@pytest.mark.numerical
+def test_clamping_every_feature_with_the_sources_error_term_reproduces_the_source(setup):
+    """x_t + [decode(f_s) - decode(f_t)] - err_t + err_s = x_s: the clamp's decode path, on every
+    feature, is exactly the source's reconstruction (the error terms carry the rest)."""
+    model, tok, pairs, sae, intervener, tgt, src = setup
+    every = tuple(range(sae.cfg.d_sae))
+    all_set = iv.FeatureSet("every", "tested", -1, every, every, every)
+    deltas, _ = intervener.deltas(sae, tgt.values[LAYER], src.values[LAYER], [iv.Condition(all_set, "clamp")])
+    scale = max(max_abs(torch.cat(tgt.values[LAYER])), max_abs(torch.cat(src.values[LAYER])))
+    tol = rounding_tolerance(torch.float32, scale=scale, reduction=sae.cfg.d_sae, depth=2)
+    for i, (xt, xs) in enumerate(zip(tgt.values[LAYER], src.values[LAYER])):
+        err_t = xt - sae.decode(sae.encode(xt))
+        err_s = xs - sae.decode(sae.encode(xs))
+        got = xt + deltas[0][i, :xt.shape[0]] - err_t + err_s
+        assert max_abs(got - xs) <= tol, i
+        assert max_abs(xt - xs) > 100 * tol  # the formats' residuals differ: the test can fail

@@ -239,3 +239,21 @@ def test_figure_draws_every_setting_in_chain_order(tmp_path):
                                                                       if r["rate"] is not None)  # no NaN
     out = figures.save_chart(chart, {ext: tmp_path / f"f.{ext}" for ext in figures.FIGURE_EXTS}, png_scale=1)
     assert out and (tmp_path / "f.svg").stat().st_size > 1000
+
+
+@pytest.mark.numerical
+def test_decode_time_patching_changes_generation_on_a_real_prompt(prompts, embedded):
+    """The original keeps its hook live while it generates: each generated token's attention output
+    at the layer is replaced by the source's first (sink) position. On the seed's own prompt pair,
+    with all heads patched, that changes the generated tokens; the first new token (from the
+    prefill, where both runs patch the same positions) is the same, so the change is in decoding."""
+    model, tok = embedded
+    pair = next(p for p in original_method.decomposition_pairs(prompts, "qa", "simple", 2)
+                if original_method.is_seed_prompt(p.target))
+    ids = [original_method.generation_ids(r, "scoring", tok, True) for r in (pair.target, pair.source)]
+    heads = tuple(range(model.config.num_attention_heads))
+    live, prefill = (original_method.generate_one_original(model, tok, *ids, LAYER, heads, max_new_tokens=8,
+                                                           decode_patch=d) for d in (True, False))
+    assert live[0] == prefill[0]
+    differ = [i for i, (a, b) in enumerate(zip(live, prefill)) if a != b]
+    assert differ and differ[0] >= 1, (tok.decode(live), tok.decode(prefill))

@@ -173,3 +173,18 @@ def test_workflow_experiment_tables(ci_workflow, ci_config):
     assert set(zip(listed["correct"], listed["wrong"])) == {("9.8", "9.11")}
     for name in ("replacement", "residual_map", "subsets_exhaustive"):
         assert (ci_workflow / layout.figure(name, "svg")).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("n_heads", [9, 12])
+def test_enumeration_yields_exactly_c_n_k_distinct_sets_per_size(n_heads):
+    n_even, n_odd = (n_heads + 1) // 2, n_heads // 2
+    sets = exhaustive_head_sets(n_heads, pools=["even", "odd", "all", "mixed"], budget=10 ** 6, samples=20, seed=0,
+                                layer=1)
+    for pool, members in (("even", n_even), ("odd", n_odd), ("all", n_heads)):
+        for k in range(1, members + 1):
+            got = [s.heads for s in sets if s.pool == pool and s.k == k]
+            assert len(got) == len(set(got)) == math.comb(members, k), (pool, k)
+    for k in range(2, n_heads + 1):
+        for j in range(max(1, k - n_even), min(k - 1, n_odd) + 1):
+            got = [s.heads for s in sets if s.pool == "mixed" and s.k == k and head_composition(s.heads)[1] == j]
+            assert len(got) == len(set(got)) == math.comb(n_odd, j) * math.comb(n_even, k - j), (k, j)
