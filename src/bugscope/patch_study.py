@@ -254,10 +254,11 @@ def residual_map_summary(per_prompt: pl.DataFrame, direction: str, config: dict)
 
 def bidirectional(patcher, prompts: pl.DataFrame, layers: Sequence[int], config: dict
                   ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(per prompt, summary) of the all / even / odd and single-head sets at the focus layers in
-    both directions: fix (correct-format heads into the buggy format) and break (the reverse)."""
+    """(per prompt, summary) of the all / even / odd head sets at the focus layers in both
+    directions: fix (correct-format heads into the buggy format) and break (the reverse). Single
+    heads in the fix direction are in the sweep."""
     spec, *_ = spec_from_config(config)
-    sets = {layer: named_head_sets(patcher.n_heads) for layer in layers}
+    sets = _sets(patcher.n_heads, layers)
     per_prompt = pl.concat([
         run_study_sweep(patcher, prompts, sets, spec, desc=f"bidirectional ({d})", **_formats(config, d))
         for d in patching.DIRECTIONS])
