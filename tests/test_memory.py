@@ -81,6 +81,8 @@ def one_set_config() -> dict:
     sets = raw["sae"]["sets"]
     sets[0]["named"] = next(s["named"] for s in sets if s.get("named"))
     raw["sae"]["sets"] = sets[:1]
+    for fs in raw.get("interventions", {}).get("feature_sets", []):  # the seed's ids, on the kept set
+        fs["sae_set"] = sets[0]["name"]
     return raw
 
 
