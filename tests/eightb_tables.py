@@ -253,6 +253,43 @@ def experiment_tables(config: dict, prompts: pl.DataFrame, scores: pl.DataFrame,
         mode="bidirectional", focus_layers=focus)
     put(tables.PATCHING_LISTED_PAIRS, listed_pairs(both, prompts, config["prompts"]["extra_pairs"]),
         layout.PATCHING_LISTED_PAIRS, mode="bidirectional", focus_layers=focus)
+    feature_stage_tables(config, prompts, scores, put, rng)
+
+
+def feature_stage_tables(config: dict, prompts: pl.DataFrame, scores: pl.DataFrame, put, rng) -> None:
+    """The interventions summary (bugscope.interventions.summarise, on every target prompt for each
+    of 9 conditions) and the feature-token table (bugscope.features.pages: every named feature, role,
+    format and pair split) at 8B row counts, with random values."""
+    from bugscope import interventions as iv
+
+    focus, n_heads, pc = list(config["focus_layers"]), config["model"]["num_heads"], config["patching"]
+    sae_set = config["sae"]["sets"][0]
+    one = {focus[0]: [s for s in named_head_sets(n_heads) if s.name == "all"]}
+    base = patch_rows(prompts, scores, one, config, method="per_head", positions=pc["positions"], rng=rng).select(
+        "prompt_id", "pair_id", "pair_kind", "order", "baseline_logit_diff", "source_logit_diff")
+    conds = pl.DataFrame({
+        "feature_set": ["none", *["top"] * 8], "family": ["none", *["tested", "random_control"] * 4],
+        "intervention": ["none", "ablate", "ablate", "clamp", "clamp", "steer", "steer", "steer", "steer"],
+        "scale": [None, None, None, None, None, 4.0, 4.0, 8.0, 8.0]})
+    per_prompt = base.join(conds, how="cross").with_columns(
+        sae_set=pl.lit(sae_set["name"]), layer=pl.lit(focus[0], pl.Int32),
+        sample=pl.when(pl.col("family") == "random_control").then(0).otherwise(-1),
+        n_features=pl.when(pl.col("family") == "none").then(0).otherwise(5))
+    per_prompt = per_prompt.with_columns(
+        logit_diff=pl.col("baseline_logit_diff") + pl.Series(rng.normal(0, 1.0, size=per_prompt.height)))
+    boot = config["bootstrap"]
+    put(tables.INTERVENTIONS, iv.summarise(per_prompt, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
+                                           seed=config["seed"]), layout.INTERVENTIONS, focus_layers=focus)
+    rows = [{"layer": int(layer), "feature_id": int(fid), "selection": f"named/{cat}", "rank": rank, "pairs": pairs,
+             "format": fmt, "level": "role", "role": role, "token": None, "n_tokens": 128, "n_prompts": 64,
+             "n_pairs": 32, **{c: float(rng.random()) for c in (
+                 "mean_activation", "mean_activation_low", "mean_activation_high", "firing_rate", "firing_rate_low",
+                 "firing_rate_high", "activation_share")}}
+            for layer, cats in sae_set["named"].items() for cat, ids in cats.items() for rank, fid in enumerate(ids)
+            for pairs in ("all", "heldout") for fmt in ("qa", "simple", "chat")
+            for role in ("number", "decimal_point", "comparison", "format", "answer", "other")]
+    put(tables.FEATURE_TOKENS, pl.DataFrame(rows, schema_overrides={"token": pl.String}),
+        layout.per_set(layout.FEATURE_TOKENS, sae_set["name"]), sae_set=sae_set["name"])
 
 def decomposition_rows(prompts: pl.DataFrame, config: dict, focus: list[int], head_sets: list[HeadSet],
                        rng: np.random.Generator) -> pl.DataFrame:
