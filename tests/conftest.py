@@ -36,6 +36,16 @@ def embedded(embedded_manifest):
 
 
 @pytest.fixture(scope="session")
+def prompts(ci_config, embedded):
+    """The prompt table of config/ci.yaml, built with the embedded model's tokenizer."""
+    import polars as pl
+
+    from bugscope.prompts import build_prompt_table
+
+    return pl.from_arrow(build_prompt_table(ci_config, embedded[1]))
+
+
+@pytest.fixture(scope="session")
 def ci_config():
     from bugscope.config import load_config
 

@@ -9,7 +9,6 @@ import torch
 from bugscope import interventions as iv
 from bugscope.config import ConfigError, validate_config
 from bugscope.forward import decision_logits, logit_diff, make_batch
-from bugscope.prompts import build_prompt_table
 from bugscope.sites import site_module
 from tests.numerics import forward_tolerance, max_abs, rounding_tolerance
 
@@ -26,12 +25,6 @@ def _sae(d_in: int, seed: int = 0, normalisation: str = "none", rescale: bool = 
         sae.b_dec.normal_(0, 0.5)
         sae.W_dec.mul_(4.0)
     return sae.eval()
-
-
-@pytest.fixture(scope="module")
-def prompts(ci_config, embedded):
-    _, tok = embedded
-    return pl.from_arrow(build_prompt_table(ci_config, tok))
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,10 @@ import torch
 from bugscope import claims, layout, original_decomposition, original_method, tables
 from bugscope.head_sets import HeadSet
 from bugscope.io import read_table
-from bugscope.prompts import build_prompt_table
 from tests.conftest import REPO
 
 LAYER = 10
 LEDGER = {c["id"]: c for c in claims.load_ledger(REPO / "config" / "claims.yaml")}
-
-
-@pytest.fixture(scope="module")
-def prompts(ci_config, embedded):
-    return pl.from_arrow(build_prompt_table(ci_config, embedded[1]))
 
 
 def test_string_criterion_is_the_originals_with_the_pairs_numbers():

@@ -13,17 +13,10 @@ from bugscope import patch_study, patching
 from bugscope.head_sets import exhaustive_head_sets, head_composition
 from bugscope.patch_summary import summarise
 from bugscope.patching import HeadPatcher, PatchSpec, make_pairs, named_head_sets
-from bugscope.prompts import build_prompt_table
 from bugscope.resources import n_exhaustive_sets
 from tests.numerics import forward_tolerance, rounding_tolerance
 
 LAYER = 10
-
-
-@pytest.fixture(scope="module")
-def prompts(ci_config, embedded):
-    _, tok = embedded
-    return pl.from_arrow(build_prompt_table(ci_config, tok))
 
 
 @pytest.fixture(scope="module")

@@ -24,18 +24,11 @@ from bugscope.patching import (
     resolve_focus_layers,
     subset_head_sets,
 )
-from bugscope.prompts import build_prompt_table
 from bugscope.sites import head_input_module, site_module
 from tests.numerics import forward_tolerance, max_abs
 from tests.oracle import sweep_naive
 
 LAYER = 10
-
-
-@pytest.fixture(scope="module")
-def prompts(ci_config, embedded):
-    _, tok = embedded
-    return pl.from_arrow(build_prompt_table(ci_config, tok))
 
 
 @pytest.fixture(scope="module")
