@@ -222,15 +222,9 @@ def claims_table_sets():
 
 def table_is_made(path):
     """False for the table of a stage the config turns off: the ledger does not wait for it."""
-    experiment = {
-        layout.PATCHING_REPLACEMENT: "head_replacement",
-        layout.PATCHING_EXHAUSTIVE: "head_subsets_exhaustive",
-        layout.PATCHING_RESIDUAL_MAP: "residual_map",
-        layout.PATCHING_BIDIRECTIONAL: "head_bidirectional",
-        layout.PATCHING_LISTED_PAIRS: "head_bidirectional",
-    }
-    if path in experiment:
-        return bugscope_resources.patch_experiment_enabled(config, experiment[path])
+    for rule, paths in PATCH_EXPERIMENT_TABLES.items():
+        if path in paths:
+            return bugscope_resources.patch_experiment_enabled(config, rule)
     if path == layout.PATCHING_ORIGINAL_DECOMPOSITION:
         return config["patching"]["original_generation"]["enabled"]
     return path != layout.INTERVENTIONS or config["interventions"]["enabled"]
@@ -256,6 +250,15 @@ def claims_inputs(wildcards):
 # --- attention-head patching (workflow/rules/patching.smk) ---------------------------------------
 
 
+# The summary tables of each focus-layer experiment rule (patching.smk), for the targets and the ledger.
+PATCH_EXPERIMENT_TABLES = {
+    "head_replacement": [layout.PATCHING_REPLACEMENT],
+    "head_subsets_exhaustive": [layout.PATCHING_EXHAUSTIVE],
+    "residual_map": [layout.PATCHING_RESIDUAL_MAP],
+    "head_bidirectional": [layout.PATCHING_BIDIRECTIONAL, layout.PATCHING_LISTED_PAIRS],
+}
+
+
 def patching_targets():
     """The head-patching summary, (patching.original_method) the original-method comparison and
     the enabled focus-layer experiments (patching.replacement / exhaustive / residual_map /
@@ -263,16 +266,7 @@ def patching_targets():
     out = [layout.PATCHING_SUMMARY]
     if config["patching"]["original_method"]:
         out.append(layout.PATCHING_ORIGINAL_METHOD)
-    experiments = {
-        "head_replacement": [layout.PATCHING_REPLACEMENT],
-        "head_subsets_exhaustive": [layout.PATCHING_EXHAUSTIVE],
-        "residual_map": [layout.PATCHING_RESIDUAL_MAP],
-        "head_bidirectional": [
-            layout.PATCHING_BIDIRECTIONAL,
-            layout.PATCHING_LISTED_PAIRS,
-        ],
-    }
-    for rule, paths in experiments.items():
+    for rule, paths in PATCH_EXPERIMENT_TABLES.items():
         if bugscope_resources.patch_experiment_enabled(config, rule):
             out += paths
     if config["patching"]["original_generation"]["enabled"]:
