@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bugscope import patch_study, patching
+from bugscope.baseline import score_prompts
 from bugscope.head_sets import exhaustive_head_sets, head_composition
 from bugscope.patch_summary import summarise
 from bugscope.patching import HeadPatcher, PatchSpec, make_pairs, named_head_sets
@@ -181,3 +182,24 @@ def test_enumeration_yields_exactly_c_n_k_distinct_sets_per_size(n_heads):
         for j in range(max(1, k - n_even), min(k - 1, n_odd) + 1):
             got = [s.heads for s in sets if s.pool == "mixed" and s.k == k and head_composition(s.heads)[1] == j]
             assert len(got) == len(set(got)) == math.comb(n_odd, j) * math.comb(n_even, k - j), (k, j)
+
+
+@pytest.mark.numerical
+def test_eligibility_from_the_baseline_stage_is_that_of_the_sweeps_own_unpatched_run(patcher, prompts, ci_config):
+    # The eligible-only experiments read eligibility off the baseline stage's scores instead of
+    # rerunning the model: the two unpatched runs must agree on every prompt, within the forward's
+    # rounding, and so pick the same targets in both directions.
+    rows = prompts.to_dicts()
+    scores = score_prompts(patcher.model, rows, batch_size=8, pad_token_id=patcher.pad_token_id)
+    from_baseline = patch_study.unpatched_logit_diffs(scores)
+    layered = patcher.unpatched_logit_diffs(rows)
+    tol = forward_tolerance(patcher.model, scale=max(abs(v) for v in layered.values()) + 1)
+    assert max(abs(from_baseline[k] - layered[k]) for k in layered) <= tol
+    n_eligible = 0
+    for direction in patching.DIRECTIONS:
+        target, source = patching.direction_formats(ci_config["prompts"], direction)
+        all_pairs = make_pairs(prompts, target, source, "decision")
+        picked = patch_study.eligible_pairs(all_pairs, direction, from_baseline)
+        assert picked == patch_study.eligible_pairs(all_pairs, direction, layered)
+        n_eligible += len(picked)
+    assert 0 < n_eligible  # the comparison decided something

@@ -53,17 +53,18 @@ def patcher_from_config(model, config: dict, pad_token_id: int) -> patching.Head
 def run_study_sweep(patcher: patching.HeadPatcher, prompts: pl.DataFrame, layer_sets: dict[int, list],
                     spec: patching.PatchSpec, *, target_format: str, source_format: str, direction: str,
                     desc: str, fractions: Sequence[float] | None = None,
-                    only_eligible: bool = False) -> pl.DataFrame:
+                    eligible_by: dict[int, float] | None = None) -> pl.DataFrame:
     """The tidy per-prompt table of one sweep: one row per (layer, head set, target prompt), with
     the source prompt's unpatched logit difference (a target is only fixable when its source is right).
 
-    fractions: replacement fractions (a `fraction` column follows `head_set`). only_eligible: patch
-    only the targets a patch can move to the source's answer (`eligible_pairs`): for sweeps whose
-    only readout is success and recovery, whose n is the eligible targets anyway.
+    fractions: replacement fractions (a `fraction` column follows `head_set`). eligible_by: the
+    unpatched logit difference of every prompt (`unpatched_logit_diffs`); given, only the targets a
+    patch can move to the source's answer are patched (`eligible_pairs`): for sweeps whose only
+    readout is success and recovery, whose n is the eligible targets anyway.
     """
     pairs = patching.make_pairs(prompts, target_format, source_format, spec.positions)
-    if only_eligible:
-        eligible = eligible_pairs(patcher, pairs, direction)
+    if eligible_by is not None:
+        eligible = eligible_pairs(pairs, direction, eligible_by)
         if eligible:
             pairs = eligible
         else:  # the summary then says n_eligible = 0 (rates null), and the ledger "not testable"
@@ -96,10 +97,15 @@ def run_study_sweep(patcher: patching.HeadPatcher, prompts: pl.DataFrame, layer_
     return out.select(cols).sort("method", "positions", "layer", "head_set", "fraction", "prompt_id")
 
 
-def eligible_pairs(patcher: patching.HeadPatcher, pairs: Sequence[patching.PatchPair],
-                   direction: str) -> list[patching.PatchPair]:
-    """The pairs whose target is eligible (`is_eligible`), by the same layer-by-layer unpatched run."""
-    ld = patcher.unpatched_logit_diffs([p.target for p in pairs] + [p.source for p in pairs])
+def unpatched_logit_diffs(scores: pl.DataFrame) -> dict[int, float]:
+    """prompt_id -> unpatched decision logit difference, from the baseline stage's scores: the one
+    unpatched run that decides which targets are eligible, so no experiment runs it again."""
+    return dict(zip(scores["prompt_id"].to_list(), scores["logit_diff"].to_list()))
+
+
+def eligible_pairs(pairs: Sequence[patching.PatchPair], direction: str,
+                   ld: dict[int, float]) -> list[patching.PatchPair]:
+    """The pairs whose target is eligible (`is_eligible`) by the unpatched logit differences `ld`."""
     return [p for p in pairs if bool(patch_summary.is_eligible(np.float64(ld[p.target["prompt_id"]]),
                                                  np.float64(ld[p.source["prompt_id"]]), direction))]
 
@@ -126,7 +132,8 @@ def _sets(n_heads: int, layers: Sequence[int], names: Sequence[str] = ORIGINAL_S
     return {layer: [s for s in named_head_sets(n_heads) if s.name in names] for layer in layers}
 
 
-def replacement(patcher, prompts: pl.DataFrame, layers: Sequence[int], config: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
+def replacement(patcher, prompts: pl.DataFrame, layers: Sequence[int], config: dict,
+                unpatched: dict[int, float]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(per prompt, summary) on the eligible targets at each replacement fraction: the all / even /
     odd head sets under per-head patching (configured positions), and the whole attention output
     (all slices) under the original method (post-o_proj, [:min_len]), the paper's blend."""
@@ -134,14 +141,15 @@ def replacement(patcher, prompts: pl.DataFrame, layers: Sequence[int], config: d
     fractions = sorted(float(a) for a in config["patching"]["replacement"]["fractions"])
     runs = [(spec, _sets(patcher.n_heads, layers)), (patching.ORIGINAL_METHOD, _sets(patcher.n_heads, layers, ["all"]))]
     per_prompt = pl.concat([
-        run_study_sweep(patcher, prompts, sets, s, fractions=fractions, only_eligible=True,
+        run_study_sweep(patcher, prompts, sets, s, fractions=fractions, eligible_by=unpatched,
                         desc=f"replacement ({s.method})", **_formats(config, config["patching"]["direction"]))
         for s, sets in runs])
     summary = patch_summary.summary_table(per_prompt, extra_keys=["fraction"], **_boot(config))
     return per_prompt, summary
 
 
-def exhaustive(patcher, prompts: pl.DataFrame, layers: Sequence[int], config: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
+def exhaustive(patcher, prompts: pl.DataFrame, layers: Sequence[int], config: dict,
+               unpatched: dict[int, float]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(per prompt, summary) of every head set of `patching.exhaustive` on the eligible targets."""
     ex = config["patching"]["exhaustive"]
     spec, *_ = spec_from_config(config)
@@ -150,7 +158,7 @@ def exhaustive(patcher, prompts: pl.DataFrame, layers: Sequence[int], config: di
         sets[layer] = exhaustive_head_sets(patcher.n_heads, pools=ex["pools"], budget=ex["budget"],
                                            samples=ex["samples"], seed=config["seed"], layer=layer, sizes=ex["sizes"])
     per_prompt = run_study_sweep(patcher, prompts, sets, spec, desc="exhaustive head sets",
-                                 only_eligible=True, **_formats(config, config["patching"]["direction"]))
+                                 eligible_by=unpatched, **_formats(config, config["patching"]["direction"]))
     return per_prompt, exhaustive_summary(per_prompt, patcher.n_heads, config)
 
 
@@ -220,12 +228,13 @@ def residual_map_rows(patcher, pairs: Sequence[patching.PatchPair], layers: Sequ
     return pl.concat(out)
 
 
-def residual_map(patcher, prompts: pl.DataFrame, layers: Sequence[int], config: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
+def residual_map(patcher, prompts: pl.DataFrame, layers: Sequence[int], config: dict,
+                 unpatched: dict[int, float]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(per prompt, summary per pair kind, order, layer and rank) of the residual stream patched at
     one matched (aligned) position, on the eligible targets of the configured direction."""
     fmt = _formats(config, config["patching"]["direction"])
     pairs = patching.make_pairs(prompts, fmt["target_format"], fmt["source_format"], "aligned")
-    pairs = eligible_pairs(patcher, pairs, fmt["direction"]) or pairs  # none: n_eligible 0, rates null
+    pairs = eligible_pairs(pairs, fmt["direction"], unpatched) or pairs  # none: n_eligible 0, rates null
     rows = residual_map_rows(patcher, pairs, layers)
     source_ld = patcher.unpatched_logit_diffs([p.source for p in pairs])
     link = pl.DataFrame({"prompt_id": [p.target["prompt_id"] for p in pairs],

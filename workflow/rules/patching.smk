@@ -117,6 +117,7 @@ rule head_replacement:
         unpack(focus_layer_input),
         manifest=layout.MODEL_MANIFEST,
         prompts=layout.PROMPTS,
+        scores=layout.BASELINE_SCORES,
     output:
         prompts=layout.PATCHING_REPLACEMENT_PROMPTS,
         summary=layout.PATCHING_REPLACEMENT,
@@ -141,6 +142,7 @@ rule head_subsets_exhaustive:
         unpack(focus_layer_input),
         manifest=layout.MODEL_MANIFEST,
         prompts=layout.PROMPTS,
+        scores=layout.BASELINE_SCORES,
     output:
         prompts=layout.PATCHING_EXHAUSTIVE_PROMPTS,
         summary=layout.PATCHING_EXHAUSTIVE,
@@ -165,6 +167,7 @@ rule residual_map:
     input:
         manifest=layout.MODEL_MANIFEST,
         prompts=layout.PROMPTS,
+        scores=layout.BASELINE_SCORES,
     output:
         prompts=layout.PATCHING_RESIDUAL_MAP_PROMPTS,
         summary=layout.PATCHING_RESIDUAL_MAP,

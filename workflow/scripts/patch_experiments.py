@@ -32,9 +32,14 @@ def main(smk):
         meta.update(focus_layers=layers, focus_layer_source=focus_source)
         log.info("focus layers %s (from %s)", layers, focus_source)
 
+    # The experiments on the eligible targets only read eligibility off the baseline stage's run.
+    eligible_by = {}
+    if "scores" in smk.input.keys():
+        scores = tables.frame(tables.BASELINE_SCORES, cfg, smk.input.scores)
+        eligible_by["unpatched"] = patch_study.unpatched_logit_diffs(scores)
     model, tokenizer = load_model(manifest, cfg["device"])
     patcher = patch_study.patcher_from_config(model, cfg, tokenizer.pad_token_id)
-    per_prompt, summary = getattr(patch_study, mode)(patcher, prompts, layers, cfg)
+    per_prompt, summary = getattr(patch_study, mode)(patcher, prompts, layers, cfg, **eligible_by)
     prompt_table, summary_table = DECLARED[mode]
     with tables.written_together() as put:
         put(prompt_table, per_prompt, smk.output.prompts, meta)
