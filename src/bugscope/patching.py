@@ -237,6 +237,7 @@ class HeadPatcher:
         self.memory_fraction = memory_fraction
         self.kv_reuse = kv_reuse
         self.progress = progress
+        self._unpatched: dict[tuple[int, ...], list[tuple[int, float]]] = {}
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
@@ -295,8 +296,13 @@ class HeadPatcher:
         """prompt_id -> unpatched decision logit difference, by the same layer-by-layer run as the sweep."""
         out = {}
         for start in range(0, len(rows), max(1, self.max_prompts)):
-            batch = make_batch(rows[start:start + self.max_prompts], self.pad_token_id, self.device)
-            out.update(zip(batch.prompt_ids.tolist(), self.runner.record(batch, []).baseline.double().tolist()))
+            chunk = rows[start:start + self.max_prompts]
+            key = tuple(r["prompt_id"] for r in chunk)
+            if key not in self._unpatched:  # a job's sweeps share their sources: each batch runs once
+                batch = make_batch(chunk, self.pad_token_id, self.device)
+                self._unpatched[key] = list(zip(batch.prompt_ids.tolist(),
+                                                self.runner.record(batch, []).baseline.double().tolist()))
+            out.update(self._unpatched[key])
         return out
 
     def writer(self, values: torch.Tensor, pos_mask: torch.Tensor, head_mask: torch.Tensor, site: str,
