@@ -24,6 +24,7 @@ TABLES: dict[str, tables.Table] = {
     "discriminative_features": tables.DISCRIMINATIVE_FEATURES,
     "named_features": tables.NAMED_FEATURES,
     "feature_tokens": tables.FEATURE_TOKENS,
+    "head_feature_attribution": tables.HEAD_FEATURE_ATTRIBUTION,
     "head_parity": tables.HEAD_PARITY,
     "head_patching": tables.PATCHING_SUMMARY,
     "head_replacement": tables.PATCHING_REPLACEMENT,
