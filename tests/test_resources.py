@@ -98,23 +98,3 @@ def test_cluster_doc_table_is_the_functions_output():
     bench = _bench()
     current = bench.doc_table(bench.DOC.read_text())
     assert current == bench.markdown(), "docs/cluster.md is stale: run python bench/resource_table.py --write-doc"
-
-
-def test_model_jobs_here_request_a_gpu_only_where_one_is_visible(monkeypatch):
-    monkeypatch.setattr(resources, "visible_gpu", lambda: False)
-    # CPU only: no GPU request (the profile's gpu cap would run them one at a time); half the cores
-    # on a small machine, so that two run side by side, and never more than a cluster job gets
-    assert resources.local_model_jobs(2, "auto") == (1, 0)
-    assert resources.local_model_jobs(3, "cpu") == (1, 0)
-    assert resources.local_model_jobs(64, "auto") == (resources.MODEL_JOB_THREADS, 0)
-    assert resources.local_model_jobs(None, "auto") == (resources.MODEL_JOB_THREADS, 0)
-    monkeypatch.setattr(resources, "visible_gpu", lambda: True)
-    assert resources.local_model_jobs(2, "auto") == (resources.MODEL_JOB_THREADS, 1)
-    assert resources.local_model_jobs(2, "cpu") == (1, 0)  # a GPU the config does not use
-
-
-def test_a_hidden_gpu_is_not_visible(monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert not resources.visible_gpu()
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
-    assert not resources.visible_gpu()

@@ -21,38 +21,12 @@ for that set; jobs that are not per set, for the primary set.
 from __future__ import annotations
 
 import math
-import os
 import re
-import sys
-from pathlib import Path
 
 from bugscope.config import analysed_layers, n_prompts, sae_sets
 
 # Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
 MODEL_JOB_THREADS = 2
-
-
-def local_model_jobs(cores: int | None, device: str) -> tuple[int, int]:
-    """(threads, gpu) of a model job that Snakemake runs on this machine with `cores` cores.
-
-    A GPU is requested only where one is visible (the default profile caps gpu at 1, so that jobs
-    never share a card); on a CPU-only machine that cap would only run the model jobs one at a
-    time. There, on fewer than 2 x MODEL_JOB_THREADS cores, a model job takes half the cores, so
-    that two run side by side (the patching and the SAE stages are independent): on 2 cores two
-    1-thread jobs do 12-17 % more work than one 2-thread job (a forward scales 1.7x from 1 to 2
-    threads), and a sweep and the baseline scores come out bit-identical at either thread count.
-    """
-    if device != "cpu" and visible_gpu():
-        return MODEL_JOB_THREADS, 1
-    return (max(1, min(MODEL_JOB_THREADS, cores // 2)) if cores else MODEL_JOB_THREADS), 0
-
-
-def visible_gpu() -> bool:
-    """Whether a CUDA or ROCm device node is present and not hidden by CUDA_VISIBLE_DEVICES, or
-    this is a Mac (MPS), decided without importing torch (the Snakefile parses in every call)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
-        return False
-    return sys.platform == "darwin" or Path("/dev/nvidia0").exists() or Path("/dev/kfd").exists()
 BASE_MB = 4000
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Layers the focus-layer patching rules are sized for (the focus layers are known only once the

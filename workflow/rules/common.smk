@@ -112,14 +112,8 @@ def feature_tables(sae_set):
     return tables
 
 
-# Threads and GPU of a job that runs the model: on a cluster, what bugscope.resources sizes for
-# the submission; run here, bugscope.resources.local_model_jobs (no GPU request without a GPU, and
-# two model jobs side by side on a small CPU-only machine).
-MODEL_JOB_THREADS, MODEL_JOB_GPU = bugscope_resources.MODEL_JOB_THREADS, 1
-if workflow.local_exec and not workflow.remote_exec:
-    MODEL_JOB_THREADS, MODEL_JOB_GPU = bugscope_resources.local_model_jobs(
-        getattr(workflow, "_cores", None), config.get("device", "auto")
-    )
+# Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
+MODEL_JOB_THREADS = bugscope_resources.MODEL_JOB_THREADS
 
 
 def model_job_resources(rule, group_layers=None, sae_set=None):
@@ -134,7 +128,7 @@ def model_job_resources(rule, group_layers=None, sae_set=None):
         config, rule, group_layers, SAE_SETS[sae_set] if sae_set else None
     )
     return {
-        "gpu": first["gpu"] * MODEL_JOB_GPU,
+        "gpu": first["gpu"],
         "runtime": lambda wildcards, attempt: first["runtime"] * attempt,
         "mem_mb": lambda wildcards, attempt: first["mem_mb"] * attempt,
         "cpus_per_task": first["cpus_per_task"],
