@@ -255,3 +255,24 @@ def test_numerical_feature_claims(cid, feature, role, rivals_ignored):
     # on the embedded model (or without the feature) it is not testable
     assert claims.evaluate_claim(c, lxm(role_rows(feature, {role: 2.0})), ctx())["verdict"] == "not testable here"
     assert claims.evaluate_claim(c, lxm(role_rows(1, {role: 2.0})), llama())["verdict"] == "not testable here"
+
+
+def test_token_table_is_the_same_bits_whatever_the_row_order():
+    # Values whose float sums depend on their order (not exact binary fractions), rows shuffled:
+    # a rerun must write the same table, bit for bit.
+    tokens = _tokens()
+    rng = np.random.default_rng(0)
+    acts = pl.concat([tokens.select("prompt_id", "position", pl.lit(f).alias("feature_id"),
+                                    pl.Series("activation", rng.uniform(0.1, 3.3, tokens.height)))
+                      for f in (7, 11)]).cast({"feature_id": pl.Int32})
+    sel = pl.DataFrame({"feature_id": [7, 11], "selection": ["named/format", "named/format"], "rank": [0, 1]},
+                       schema=pages.SELECTION_SCHEMA)
+    tables = []
+    for seed in range(3):
+        order = np.random.default_rng(seed + 1)
+        shuffled_acts = acts[order.permutation(acts.height).tolist()]
+        shuffled_tokens = tokens[order.permutation(tokens.height).tolist()]
+        tables.append(pages.token_table(shuffled_acts, shuffled_tokens, sel, layer=3, n_resamples=50,
+                                        confidence=0.95, seed=1))
+    assert tables[0].height > 0
+    assert tables[0].equals(tables[1]) and tables[0].equals(tables[2])

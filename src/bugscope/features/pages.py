@@ -295,18 +295,21 @@ def token_table(acts: pl.DataFrame, tokens: pl.DataFrame, selections: pl.DataFra
     dense = (tokens.join(features, how="cross")
              .join(acts.select("prompt_id", "position", "feature_id", "activation"),
                    on=["prompt_id", "position", "feature_id"], how="left")
-             .with_columns(pl.col("activation").fill_null(0.0).cast(pl.Float64)))
+             .with_columns(pl.col("activation").fill_null(0.0).cast(pl.Float64))
+             # Float sums depend on the order of their terms, and joins and group_by keep none: every
+             # mean below sums rows in this order (maintain_order), so a rerun writes the same bits.
+             .sort("prompt_id", "position", "feature_id"))
     out = []
     for split in PAIR_SPLITS:
         part = dense if split == "all" else dense.filter(pl.col("pair_id") % 2 == 1)
         if part.height == 0:
             continue
-        totals = part.group_by("feature_id", "format").agg(pl.col("activation").sum().alias("_total"))
+        totals = part.group_by("feature_id", "format", maintain_order=True).agg(pl.col("activation").sum().alias("_total"))
         levels = [("role", ["feature_id", "format", "role"])]
         if split == "all":  # per token string: all pairs, point estimates (the page lists them)
             levels.append(("token", ["feature_id", "format", "role", "token"]))
         for level, keys in levels:
-            per_prompt = part.group_by(*keys, "prompt_id", "pair_id").agg(
+            per_prompt = part.group_by(*keys, "prompt_id", "pair_id", maintain_order=True).agg(
                 pl.col("activation").mean().alias("mean_activation"),
                 (pl.col("activation") > 0).mean().alias("firing_rate"),
                 pl.col("activation").sum().alias("_sum"), pl.len().alias("_n"))
@@ -316,9 +319,9 @@ def token_table(acts: pl.DataFrame, tokens: pl.DataFrame, selections: pl.DataFra
                 rates = _cluster_means(per_prompt, keys, "firing_rate", n_resamples=n_resamples,
                                        confidence=confidence, seed=seed)
             else:
-                means, rates = (per_prompt.group_by(keys).agg(pl.col(v).mean()) for v in ("mean_activation",
-                                                                                          "firing_rate"))
-            counts = per_prompt.group_by(keys).agg(
+                means, rates = (per_prompt.group_by(keys, maintain_order=True).agg(pl.col(v).mean())
+                                for v in ("mean_activation", "firing_rate"))
+            counts = per_prompt.group_by(keys, maintain_order=True).agg(
                 pl.col("_n").sum().alias("n_tokens"), pl.col("prompt_id").n_unique().alias("n_prompts"),
                 pl.col("pair_id").n_unique().alias("n_pairs"), pl.col("_sum").sum().alias("_sum"))
             rows = (means.join(rates, on=keys).join(counts, on=keys).join(totals, on=["feature_id", "format"])
