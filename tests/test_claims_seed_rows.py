@@ -43,23 +43,30 @@ def test_layer_25_features_at_their_activations_and_directions():
     assert verdict("layer_25_wrong_answer_features", named_features=other)["verdict"] == "not testable here"
 
 
-def discriminative(layer: int, up: tuple[float, float], down: tuple[float, float], comparison: str) -> pl.DataFrame:
-    """Rank-0 rows of one comparison: (held-out mean in a, in b) of the top up and down feature."""
+def discriminative(layer: int, up: tuple[float, float], down: tuple[float, float], comparison: str,
+                   q_value: float = 0.001) -> pl.DataFrame:
+    """Rank-0 rows of one comparison: (mean in a, in b) of the top up and down feature, the same on
+    the held-out pairs, and its BH q-value."""
     return pl.DataFrame([{"layer": layer, "comparison": comparison, "direction": d, "rank": 0, "feature_id": f,
-                          "heldout_mean_a": a, "heldout_mean_b": b, "n_a": 40, "n_b": 40}
+                          "mean_a": a, "mean_b": b, "heldout_mean_a": a, "heldout_mean_b": b, "q_value": q_value,
+                          "n_a": 40, "n_b": 40}
                          for d, f, (a, b) in (("up", 1, up), ("down", 2, down))])
 
 
-def test_agnostic_layer_25_features_replicate_on_the_held_out_pairs():
+def test_agnostic_layer_25_features_are_discriminative_after_the_fdr_correction():
     depth_layer = round(0.80645 * 13)  # ctx()'s 14 layers
     holds = discriminative(depth_layer, (3.0, 1.0), (1.0, 3.0), "wrong_vs_right")
     small = ctx()
     assert verdict("layer_25_wrong_answer_features", small, discriminative_features=holds)["verdict"] == "holds"
     assert verdict("layer_25_correct_answer_features", small, discriminative_features=holds)["verdict"] == "holds"
-    # ranked on the even pairs, gone on the odd ones
-    gone = discriminative(depth_layer, (1.0, 1.0), (1.05, 1.0), "wrong_vs_right")
-    assert verdict("layer_25_wrong_answer_features", small, discriminative_features=gone)["verdict"] == "fails"
-    assert verdict("layer_25_correct_answer_features", small, discriminative_features=gone)["verdict"] == "fails"
+    # the top of many features, no larger than chance once all of them are corrected for
+    chance = discriminative(depth_layer, (3.0, 1.0), (1.0, 3.0), "wrong_vs_right", q_value=0.4)
+    assert verdict("layer_25_wrong_answer_features", small, discriminative_features=chance)["verdict"] == "fails"
+    assert verdict("layer_25_correct_answer_features", small, discriminative_features=chance)["verdict"] == "fails"
+    # significant but barely different
+    flat = discriminative(depth_layer, (1.05, 1.0), (1.0, 1.05), "wrong_vs_right")
+    assert verdict("layer_25_wrong_answer_features", small, discriminative_features=flat)["verdict"] == "fails"
+    assert verdict("layer_25_correct_answer_features", small, discriminative_features=flat)["verdict"] == "fails"
 
 
 def test_up_down_pattern_between_formats():
