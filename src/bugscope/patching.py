@@ -360,7 +360,10 @@ class HeadPatcher:
     # -- batch sizes --
 
     def rows_per_forward(self, n_cols: int, n_ctx: int) -> int:
-        """Rows (prompt x head set) of one patched forward that fit in `memory_fraction` of free memory."""
+        """Rows (prompt x head set) of one patched forward that fit in `memory_fraction` of memory: free
+        GPU memory, or the machine's total memory on a CPU. The row count sets the matmul shapes and
+        so the rounding; from free CPU memory, a rerun beside another process rounded differently
+        (7.8e-5 in a logit difference)."""
         if self.batch_rows != "auto":
             return int(self.batch_rows)
         nbytes = torch.finfo(self.dtype).bits // 8
@@ -372,7 +375,7 @@ class HeadPatcher:
             free, _ = torch.cuda.mem_get_info(self.device)
             cap = 1 << 16
         else:
-            free = _available_cpu_memory()
+            free = _total_cpu_memory()
             cap = 4096  # beyond this, CPU matmuls gain nothing and memory churns
         return max(1, min(cap, int(free * self.memory_fraction) // max(1, per_row)))
 
@@ -446,10 +449,5 @@ def _long(layer: int, sets: Sequence[HeadSet], prompt_ids: Sequence[int], diffs:
     return out
 
 
-def _available_cpu_memory() -> int:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+def _total_cpu_memory() -> int:
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
