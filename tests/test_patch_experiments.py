@@ -191,7 +191,7 @@ def test_eligibility_from_the_baseline_stage_is_that_of_the_sweeps_own_unpatched
     # rounding, and so pick the same targets in both directions.
     rows = prompts.to_dicts()
     scores = score_prompts(patcher.model, rows, batch_size=8, pad_token_id=patcher.pad_token_id)
-    from_baseline = patch_study.unpatched_logit_diffs(scores)
+    from_baseline = patch_study.logit_diffs_by_prompt(scores)
     layered = patcher.unpatched_logit_diffs(rows)
     tol = forward_tolerance(patcher.model, scale=max(abs(v) for v in layered.values()) + 1)
     assert max(abs(from_baseline[k] - layered[k]) for k in layered) <= tol

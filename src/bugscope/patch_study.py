@@ -58,7 +58,7 @@ def run_study_sweep(patcher: patching.HeadPatcher, prompts: pl.DataFrame, layer_
     the source prompt's unpatched logit difference (a target is only fixable when its source is right).
 
     fractions: replacement fractions (a `fraction` column follows `head_set`). eligible_by: the
-    unpatched logit difference of every prompt (`unpatched_logit_diffs`); given, only the targets a
+    unpatched logit difference of every prompt (`logit_diffs_by_prompt`); given, only the targets a
     patch can move to the source's answer are patched (`eligible_pairs`): for sweeps whose only
     readout is success and recovery, whose n is the eligible targets anyway.
     """
@@ -97,7 +97,7 @@ def run_study_sweep(patcher: patching.HeadPatcher, prompts: pl.DataFrame, layer_
     return out.select(cols).sort("method", "positions", "layer", "head_set", "fraction", "prompt_id")
 
 
-def unpatched_logit_diffs(scores: pl.DataFrame) -> dict[int, float]:
+def logit_diffs_by_prompt(scores: pl.DataFrame) -> dict[int, float]:
     """prompt_id -> unpatched decision logit difference, from the baseline stage's scores: the one
     unpatched run that decides which targets are eligible, so no experiment runs it again."""
     return dict(zip(scores["prompt_id"].to_list(), scores["logit_diff"].to_list()))

@@ -36,7 +36,7 @@ def main(smk):
     eligible_by = {}
     if "scores" in smk.input.keys():
         scores = tables.frame(tables.BASELINE_SCORES, cfg, smk.input.scores)
-        eligible_by["unpatched"] = patch_study.unpatched_logit_diffs(scores)
+        eligible_by["unpatched"] = patch_study.logit_diffs_by_prompt(scores)
     model, tokenizer = load_model(manifest, cfg["device"])
     patcher = patch_study.patcher_from_config(model, cfg, tokenizer.pad_token_id)
     per_prompt, summary = getattr(patch_study, mode)(patcher, prompts, layers, cfg, **eligible_by)
