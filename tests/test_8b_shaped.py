@@ -20,8 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -135,16 +139,63 @@ def test_gpu_check_script_parses_and_dry_runs():
 
 # --- BUGSCOPE_8B=1: the run itself -----------------------------------------------------------------
 
+# Disk the build (kept in the test cache) and one run (removed after this module) need, measured
+# with both SAE sets: build 4.3 GB, run 1.6 GB (three 513 MB SAE copies); a margin on top.
+BUILD_BYTES, RUN_BYTES = int(5e9), int(2.5e9)
+
+
+def _require_disk(path: Path, need: int, what: str) -> None:
+    """Skip, saying why, where the disk cannot hold `what`: a full disk would fail every later test too."""
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < need:
+        pytest.skip(f"{what} needs {need / 1e9:.1f} GB free under {path}, which has {free / 1e9:.1f} GB: "
+                    "free some disk, point BUGSCOPE_8B_DIR or --basetemp at a larger disk, or set BUGSCOPE_8B=0")
+
+
+def _require_fast_bfloat16(slowdown: float = 10.0) -> None:
+    """Skip, saying why, where this CPU multiplies bfloat16 matrices far slower than float32: torch's
+    CPU build has a fast bfloat16 matmul only with AVX-512 or AMX; on an AVX2-only CPU (an AMD EPYC:
+    0.29 vs 52 GFLOP/s) the bfloat16 run at these widths takes hours, not minutes. Where bfloat16 is
+    fast it is within a few times float32, so the medians of interleaved repeats sit far from the limit."""
+    x, y = torch.randn(128, 1024), torch.randn(1024, 1024)
+    pairs = {dtype: (x.to(dtype), y.to(dtype)) for dtype in (torch.bfloat16, torch.float32)}
+    times = {dtype: [] for dtype in pairs}
+    for _ in range(5):
+        for dtype, (a, b) in pairs.items():
+            t0 = time.perf_counter()
+            a @ b
+            times[dtype].append(time.perf_counter() - t0)
+    ratio = statistics.median(times[torch.bfloat16]) / statistics.median(times[torch.float32])
+    if ratio > slowdown:
+        pytest.skip(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) multiplies bfloat16 matrices "
+                    f"{ratio:.0f}x slower than float32: the bfloat16 run at Llama-3.1-8B's widths would take hours. "
+                    "Run it on a CPU with AVX-512 or AMX, or on a GPU (bench/gpu_check.sh)")
+
+
 @pytest.fixture(scope="session")
 def eightb_build():
     """The built model and SAEs (bench/make_8b_shaped.py), kept across sessions in the test cache."""
-    return shaped.build(os.environ.get("BUGSCOPE_8B_DIR", MODEL_CACHE / "8b_shaped"))
+    _require_fast_bfloat16()
+    out = Path(os.environ.get("BUGSCOPE_8B_DIR", MODEL_CACHE / "8b_shaped"))
+    if not (out / "build.json").is_file():
+        _require_disk(out, BUILD_BYTES, "the 8B-shaped build")
+    return shaped.build(out)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def eightb_run(tmp_path_factory, eightb_build):
-    """A finished run of config/llama31_8b_shaped.yaml (all default targets) on the CPU; its workdir."""
+    """A finished run of config/llama31_8b_shaped.yaml (all default targets) on the CPU; its workdir,
+    removed once this module's tests are done so that the rest of the suite has the disk back."""
+    _require_disk(tmp_path_factory.getbasetemp(), RUN_BYTES, "the 8B-shaped run")
     workdir = tmp_path_factory.mktemp("eightb")
+    try:
+        yield _run_eightb(workdir, eightb_build)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_eightb(workdir: Path, eightb_build: dict) -> Path:
     # model.checkpoint is build/8b_shaped/model, relative to the working directory
     (workdir / "build").mkdir()
     (workdir / "build" / "8b_shaped").symlink_to(os.path.dirname(eightb_build["model_dir"]))
