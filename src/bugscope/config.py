@@ -186,6 +186,14 @@ def intervention_sae_sets(config: dict) -> list[str]:
     return list(dict.fromkeys([primary, *named]))
 
 
+def head_set_feature_sets(config: dict) -> list[str]:
+    """The SAE sets of the head-set feature counts (bugscope.head_set_features): every set, when
+    patching.exhaustive (whose head sets it patches) is on."""
+    if not config["patching"]["exhaustive"]["enabled"]:
+        return []
+    return [s["name"] for s in config["sae"]["sets"]]
+
+
 def load_config(path: str | Path) -> dict:
     with open(path) as fh:
         raw = yaml.safe_load(fh) or {}
@@ -310,6 +318,9 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "patching_bidirectional": (*_BASE, *_PATCH, "patching.bidirectional", "focus_layers", "bootstrap"),
     # the top features come from the features stage, the focus layers from its overlap table
     "interventions": (*_BASE, "cache", "sae", "features", "bootstrap", "focus_layers", "interventions"),
+    # the critical features each even-head set turns on: the exhaustive sets, the features stage's SAEs
+    "head_set_features": (*_BASE, *_PATCH, "cache", "sae", "features", "patching.exhaustive", "focus_layers",
+                          "bootstrap"),
     # the original procedure with generation and the decomposition of the gap (its table has CIs)
     "patching_original": (*_BASE, *_PATCH, "patching.original_generation", "focus_layers", "bootstrap"),
 }

@@ -96,3 +96,33 @@ def subsets_exhaustive(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
             [*_eligible_text(df), f"{_n(n_sets)} head sets per layer and pair kind (every one where a size and "
              "composition has at most patching.exhaustive.budget); box: quartiles over sets, whiskers: min and max",
              _direction_text(df)]))
+
+
+def head_set_features(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
+    """The critical SAE features active at the decision position after each even-head set is patched
+    (bugscope.head_set_features), over sets per size k (box: quartiles, whiskers: min and max), with
+    the unpatched buggy prompt's and the source prompt's counts as rules; one row per (SAE set,
+    focus layer), one column per feature set, on all pairs."""
+    df = summary.filter(pl.col("pairs") == "all", pl.col("k") > 0).with_columns(
+        pl.format("{} L{}", "sae_set", "layer").alias("sae_layer"),
+        pl.format("{} ({} features)", "feature_set", "n_features").alias("features"))
+    refs = df.group_by("sae_layer", "features").agg(
+        pl.col("unpatched_active").first().alias("unpatched buggy prompt"),
+        pl.col("source_active").first().alias("source (correct format)")).unpivot(
+        index=["sae_layer", "features"], variable_name="reference", value_name="active")
+    data = pl.concat([df.select("sae_layer", "features", "k", "mean_active", "n_prompts", "n_pairs"), refs],
+                     how="diagonal_relaxed")
+    box = alt.Chart().transform_filter("isValid(datum.mean_active)").mark_boxplot(
+        extent="min-max", size=10, color=OKABE_ITO["blue"]).encode(
+        x=alt.X("k:O", title="even heads patched (k)"),
+        y=alt.Y("mean_active:Q", title="critical features active (mean over targets)"))
+    rule = alt.Chart().transform_filter("isValid(datum.active)").mark_rule(strokeDash=[4, 3]).encode(
+        y="active:Q", color=alt.Color("reference:N", title="reference", scale=alt.Scale(
+            range=[OKABE_ITO["orange"], OKABE_ITO["black"]])))
+    return alt.layer(box, rule, data=data).properties(width=WIDTH // 2, height=HEIGHT // 2).facet(
+        row=alt.Row("sae_layer:N", title="SAE set, focus layer"), column=alt.Column("features:N", title=None)
+    ).properties(title=_title(
+        f"Critical SAE features each even-head set turns on at the decision position ({labels.model})",
+        [f"{_n(df['n_prompts'])} eligible targets (bug pair kind, both orders), {_n(df['n_pairs'])} number pairs; "
+         "box over head sets: quartiles, whiskers min and max",
+         "the seed: any 8 of 16 even heads turn on at least 5 critical features, 4 even heads only 2-3"]))

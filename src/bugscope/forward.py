@@ -258,6 +258,19 @@ class LayerRunner:
         return self.decision_logit_diff(hidden[:, -1], run.batch, replicas)
 
     @torch.inference_mode()
+    def layer_written(self, run: "RecordedRun", layer: int, site: str, write, *, start: int,
+                      replicas: int) -> torch.Tensor:
+        """[replicas * b, cols, d_model]: the residual stream after `layer` alone, with `write` applied
+        to its attention output (`site`), over `replicas` copies of the batch, from query column `start` on."""
+        hidden = run.hidden_in[layer][:, start:].repeat(replicas, 1, 1)
+        kv = KVPrefix(run.kv, start, replicas) if start > 0 else None
+        handle = attention_writer_hook(self.model, layer, site, write)
+        try:
+            return self.layer(layer, hidden, run.ctx.tail(start, replicas), kv)
+        finally:
+            handle.remove()
+
+    @torch.inference_mode()
     def run_site_written(self, run: "RecordedRun", layer: int, site: str, write, *, start: int,
                          replicas: int) -> torch.Tensor:
         """[replicas * b] decision logit differences with `write` applied to the output of `site`

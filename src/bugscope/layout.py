@@ -66,6 +66,9 @@ PATCHING_LISTED_PAIRS = f"{RESULTS}/patching/listed_pairs.parquet"
 # the stage runs on in one table (column sae_set).
 INTERVENTIONS_PROMPTS = f"{RESULTS}/interventions/features_prompts.parquet"
 INTERVENTIONS = f"{RESULTS}/interventions/features.parquet"
+# The critical SAE features each even-head set turns on at the focus layers (bugscope.head_set_features)
+HEAD_SET_FEATURES_PROMPTS = f"{RESULTS}/interventions/head_set_features_prompts.parquet"
+HEAD_SET_FEATURES = f"{RESULTS}/interventions/head_set_features.parquet"
 # The original procedure with generation, and the gap to the per-head method one factor at a time
 PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS = f"{RESULTS}/patching/original_decomposition_prompts.parquet"
 PATCHING_ORIGINAL_DECOMPOSITION = f"{RESULTS}/patching/original_decomposition.parquet"

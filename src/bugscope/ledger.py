@@ -35,6 +35,7 @@ TABLES: dict[str, tables.Table] = {
     "original_decomposition": tables.PATCHING_ORIGINAL_DECOMPOSITION,
     "sae_quality": tables.SAE_QUALITY,
     "interventions": tables.INTERVENTIONS,
+    "head_set_features": tables.HEAD_SET_FEATURES,
 }
 
 

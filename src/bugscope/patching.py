@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from bugscope.features.overlap import resolve_focus_layers  # noqa: F401  (the focus layers of every sweep)
-from bugscope.forward import Batch, LayerRunner, RecordedRun, make_batch
+from bugscope.forward import Batch, LayerRunner, RecordedRun, capture_sites, make_batch
 from bugscope.head_sets import (  # noqa: F401  (re-exported: the head-set vocabulary of every sweep)
     CEILING,
     POOLS,
@@ -52,7 +52,7 @@ from bugscope.head_sets import (  # noqa: F401  (re-exported: the head-set vocab
     subset_head_sets,
 )
 from bugscope.model import model_geometry
-from bugscope.sites import HEAD_SITE
+from bugscope.sites import HEAD_SITE, hook_name
 
 POSITION_MODES = ("aligned", "decision", "suffix")
 ORIGINAL_POSITIONS = "original"  # the original method's positions [:min_len]
@@ -356,6 +356,28 @@ class HeadPatcher:
         write = self.writer(prep.values[layer][:, start:], prep.pos_mask[:, start:], self.head_mask(head_sets), site,
                             blend)
         return self.runner.run_written(prep.run, layer, site, write, start=start, replicas=r).reshape(r, b)
+
+    @torch.inference_mode()
+    def patched_site_output(self, prep: _Prepared, layer: int, head_sets: Sequence[HeadSet], site: str,
+                            read: str) -> torch.Tensor:
+        """[len(head_sets), b, d_model]: the output of site `read` (resid_post, mlp_out, attn_out) of
+        `layer` at the decision (last) column, each head set patched at `site`; only layer `layer` runs."""
+        b, r = prep.batch.input_ids.shape[0], len(head_sets)
+        start = self._first_patched(prep)
+        write = self.writer(prep.values[layer][:, start:], prep.pos_mask[:, start:], self.head_mask(head_sets), site)
+        hook, got = hook_name(layer, read), {}
+        with capture_sites(self.model, [hook], lambda _, t: got.__setitem__(hook, t[:, -1])):
+            self.runner.layer_written(prep.run, layer, site, write, start=start, replicas=r)
+        return got[hook].reshape(r, b, -1)
+
+    @torch.inference_mode()
+    def site_output(self, rows: Sequence[dict], layer: int, read: str) -> torch.Tensor:
+        """[len(rows), d_model]: the unpatched output of site `read` of `layer` at the decision (last) column."""
+        batch = make_batch(rows, self.pad_token_id, self.device)
+        hook, got = hook_name(layer, read), {}
+        with capture_sites(self.model, [hook], lambda _, t: got.__setitem__(hook, t[:, -1])):
+            self.runner.residuals_after(batch, [layer])
+        return got[hook]
 
     # -- batch sizes --
 

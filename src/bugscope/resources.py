@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 
-from bugscope.config import analysed_layers, n_prompts, sae_sets
+from bugscope.config import analysed_layers, head_set_feature_sets, n_prompts, sae_sets
 
 # Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
 MODEL_JOB_THREADS = 2
@@ -44,7 +44,7 @@ PATCH_EXPERIMENT_RULES = {"head_replacement": "replacement", "head_subsets_exhau
                           "residual_map": "residual_map", "head_bidirectional": "bidirectional"}
 MODEL_RULES = ("baseline", "cache_residuals", "cache_corpus", *GROUP_RULES, "head_subsets", "head_original_method",
                *PATCH_EXPERIMENT_RULES, "original_decomposition", "head_feature_attribution", "feature_pages",
-               "feature_interventions")
+               "feature_interventions", "head_set_features")
 
 
 def patch_experiment_enabled(config: dict, rule: str) -> bool:
@@ -142,6 +142,10 @@ def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple
         # (a focus layer counted as two: their number is known only once the overlap stage has run)
         "feature_interventions": (n_prompts(config, n_formats=2), 1,
                                   one * sum(2 if x == "focus" else 1 for x in config["interventions"]["layers"])),
+        # the exhaustive stage's even-head sets on one layer only (no later layers), one SAE per focus layer
+        "head_set_features": (n_prompts(config, n_formats=1), max(FOCUS_LAYERS_HINT, math.ceil(
+            n_exhaustive_sets(config) / (config["model"]["num_heads"] + 4) / config["model"]["num_layers"])),
+                              one * FOCUS_LAYERS_HINT),
     }
     if rule not in shapes:
         raise ValueError(f"job_resources: {rule!r} is not a model rule; expected one of {', '.join(MODEL_RULES)}.")
@@ -180,6 +184,8 @@ def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:
         if rule == "feature_interventions" and not config["interventions"]["enabled"]:
             continue
         if rule == "original_decomposition" and not config["patching"]["original_generation"]["enabled"]:
+            continue
+        if rule == "head_set_features" and not head_set_feature_sets(config):
             continue
         if rule in SET_GROUP_RULES:
             for s in sae_sets(config):

@@ -175,6 +175,14 @@ INTERVENTIONS = Table(
              "accuracy", "accuracy_low", "accuracy_high", "baseline_accuracy", "broken_rate", "broken_low",
              "broken_high", "n_prompts", "n_pairs"))
 
+HEAD_SET_FEATURES_PROMPTS = Table(
+    layout.HEAD_SET_FEATURES_PROMPTS, "head_set_features_prompts", "head_set_features",
+    columns=("sae_set", "layer", "feature_set", "head_set", "k", "prompt_id", "pair_id", "n_active"))
+HEAD_SET_FEATURES = Table(
+    layout.HEAD_SET_FEATURES, "head_set_features", "head_set_features", "n_prompts",
+    columns=("sae_set", "layer", "feature_set", "n_features", "head_set", "pool", "k", "pairs", "mean_active", "active_low",
+             "active_high", "unpatched_active", "source_active", "n_prompts", "n_pairs"))
+
 # The ledger reads every table above that it names; it is a summary of them, so no hash of its own.
 CLAIMS = Table(
     layout.CLAIMS, "claims", None,

@@ -6,6 +6,7 @@ from bugscope.config import (
     validate_config,
     analysed_layers,
     attribution_layers as attribution_layers_for,
+    head_set_feature_sets,
     layer_groups,
     primary_sae_set,
     sae_sets,
@@ -65,6 +66,7 @@ def final_outputs():
         *feature_targets(),
         *patching_targets(),
         *intervention_targets(),
+        *head_set_feature_targets(),
         *figure_targets(),
     ]
 
@@ -159,6 +161,7 @@ FIGURES = [
         if bugscope_resources.patch_experiment_enabled(config, rule)
     ],
     *(["interventions"] if config["interventions"]["enabled"] else []),
+    *(["head_set_features"] if head_set_feature_sets(config) else []),
     *(
         ["original_decomposition"]
         if config["patching"]["original_generation"]["enabled"]
@@ -227,6 +230,8 @@ def table_is_made(path):
             return bugscope_resources.patch_experiment_enabled(config, rule)
     if path == layout.PATCHING_ORIGINAL_DECOMPOSITION:
         return config["patching"]["original_generation"]["enabled"]
+    if path == layout.HEAD_SET_FEATURES:
+        return bool(head_set_feature_sets(config))
     return path != layout.INTERVENTIONS or config["interventions"]["enabled"]
 
 
@@ -291,3 +296,10 @@ def intervention_targets():
     if not config["interventions"]["enabled"]:
         return []
     return [layout.INTERVENTIONS, layout.INTERVENTIONS_PROMPTS]
+
+
+def head_set_feature_targets():
+    """The head-set feature counts, when a residual SAE set and patching.exhaustive are on."""
+    if not head_set_feature_sets(config):
+        return []
+    return [layout.HEAD_SET_FEATURES, layout.HEAD_SET_FEATURES_PROMPTS]

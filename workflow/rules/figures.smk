@@ -24,6 +24,7 @@ localrules:
     fig_replacement,
     fig_residual_map,
     fig_subsets_exhaustive,
+    fig_head_set_features,
     fig_interventions,
     fig_original_decomposition,
     report_table,
@@ -226,6 +227,21 @@ rule fig_subsets_exhaustive:
         png_scale=PNG_SCALE,
     script:
         "../scripts/fig_subsets_exhaustive.py"
+
+
+rule fig_head_set_features:
+    input:
+        summary=layout.HEAD_SET_FEATURES,
+    output:
+        **figure_outputs("head_set_features", "3. Attention heads"),
+    log:
+        f"{layout.LOGS}/figures/head_set_features.log",
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
+    script:
+        "../scripts/fig_head_set_features.py"
 
 
 rule fig_original_decomposition:

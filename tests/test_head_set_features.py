@@ -1,0 +1,156 @@
+"""The critical features a head-set patch turns on (bugscope.head_set_features), on the real embedded
+model: the one-layer patched read against a full naive forward, the counts, the summary, and the
+ledger rule of "8 even heads activate at least 5 critical features" on made-up tables."""
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from bugscope import head_set_features as hsf
+from bugscope import patching
+from bugscope.claims import evaluate_claim
+from bugscope.forward import make_batch
+from bugscope.head_sets import HeadSet
+from bugscope.ledger import load_ledger
+from bugscope.sites import attention_writer_hook, site_module
+from tests.conftest import REPO
+from tests.numerics import forward_tolerance, max_abs
+from tests.test_claims import ctx
+
+LAYER = 10
+SPEC = patching.PatchSpec(site=patching.HEAD_SITE, positions="aligned", operation="patch")
+SETS = [hsf.UNPATCHED, HeadSet("even_k2", "exhaustive", (0, 2), "even", 0), HeadSet("all", "named", tuple(range(9)), "all", -1)]
+
+
+@pytest.fixture(scope="module")
+def setup(prompts, embedded):
+    model, tok = embedded
+    pairs = patching.make_pairs(prompts, "qa", "simple", "aligned")[:5]
+    patcher = patching.HeadPatcher(model, pad_token_id=tok.pad_token_id, max_prompts=3, progress=False)
+    return model, tok, pairs, patcher
+
+
+@torch.inference_mode()
+def _naive(patcher, pairs, head_set, read):
+    """One full forward of the whole model with the heads patched, reading `read`'s output at the last column."""
+    batch = make_batch([p.target for p in pairs], patcher.pad_token_id, patcher.device)
+    pos_mask, values = patcher.placed(pairs, batch, [LAYER], SPEC, None)
+    write = patcher.writer(values[LAYER], pos_mask, patcher.head_mask([head_set]), SPEC.site)
+    got = {}
+    handles = [attention_writer_hook(patcher.model, LAYER, SPEC.site, write),
+               site_module(patcher.model, LAYER, read).register_forward_hook(
+                   lambda m, i, o: got.__setitem__("x", (o[0] if isinstance(o, tuple) else o)[:, -1].clone()))]
+    try:
+        patcher.model(**batch.model_inputs(), logits_to_keep=1, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return got["x"]
+
+
+@pytest.mark.numerical
+@pytest.mark.parametrize("read", ["resid_post", "mlp_out"])
+def test_one_layer_patched_read_equals_a_full_naive_forward(setup, read):
+    model, _, pairs, patcher = setup
+    prep = patcher.prepare(pairs[:3], [LAYER], SPEC)
+    fast = patcher.patched_site_output(prep, LAYER, SETS, SPEC.site, read)  # [sets, b, d]
+    naive = torch.stack([_naive(patcher, pairs[:3], s, read) for s in SETS])
+    tol = forward_tolerance(model, scale=max_abs(naive), depth=LAYER + 1)
+    assert fast.shape == naive.shape and max_abs(fast - naive) <= tol
+    # the empty set is the unpatched run; patching every head moves the layer's output
+    plain = patcher.site_output([p.target for p in pairs[:3]], LAYER, read)
+    assert max_abs(fast[0] - plain) <= tol
+    assert max_abs(fast[2] - plain) > 10 * tol
+
+
+def _sae(d_in: int):
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(0)
+    return TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=256, k=32)).eval()
+
+
+def test_counts_are_the_active_features_of_the_patched_and_source_outputs(setup):
+    model, _, pairs, patcher = setup
+    sae = _sae(model.config.hidden_size)
+    plain_src = sae.encode(patcher.site_output([p.source for p in pairs], LAYER, "resid_post"))
+    ids = tuple(int(i) for i in plain_src.gt(0).sum(0).argsort(descending=True)[:6])  # features the sources fire
+    patched, source = hsf.count_active(patcher, pairs, LAYER, SETS, sae, {"top": ids}, SPEC, read="resid_post")
+    assert patched["top"].shape == (len(SETS), len(pairs)) and source["top"].shape == (len(pairs),)
+    assert np.array_equal(source["top"], plain_src[:, list(ids)].gt(0).sum(-1).numpy())
+    plain_tgt = sae.encode(patcher.site_output([p.target for p in pairs], LAYER, "resid_post"))
+    assert np.array_equal(patched["top"][0], plain_tgt[:, list(ids)].gt(0).sum(-1).numpy())
+    assert patched["top"].max() <= len(ids) and source["top"].sum() > 0
+
+
+def _per_prompt(counts: dict[str, list[int]], *, sae_set: str = "main", layer: int = 4, feature_set: str = "top",
+                n_pairs: int = 6) -> pl.DataFrame:
+    """A made-up per-prompt table: head set (`even_k<k>_<i>`, or `none`) -> one count per target, two
+    orders per number pair."""
+    assert all(len(v) == 2 * n_pairs for v in counts.values())
+    rows = []
+    for name, values in counts.items():
+        k = 0 if name == "none" else int(name.split("_k")[1].split("_")[0])
+        rows += [{"sae_set": sae_set, "layer": layer, "feature_set": feature_set, "n_features": 5, "head_set": name,
+                  "pool": "none" if k == 0 else "even", "k": k, "heads": list(range(0, 2 * k, 2)), "prompt_id": i,
+                  "pair_id": i // 2, "n_active": v, "unpatched_active": counts["none"][i], "source_active": 5}
+                 for i, v in enumerate(values)]
+    return pl.DataFrame(rows, schema=hsf.PROMPT_SCHEMA)
+
+
+CONFIG = {"bootstrap": {"n_resamples": 200, "confidence": 0.95}, "seed": 0}
+
+
+def test_summary_means_cis_references_and_heldout_pairs():
+    counts = {"none": [1] * 12, "even_k2_0000": [5] * 12, "even_k1_0000": [2, 3] * 6}
+    s = hsf.summarise(_per_prompt(counts), CONFIG)
+    assert set(s["pairs"]) == {"all", "heldout"}
+    row = s.filter(pl.col("head_set") == "even_k1_0000", pl.col("pairs") == "all").row(0, named=True)
+    assert row["mean_active"] == pytest.approx(2.5) and row["active_low"] <= 2.5 <= row["active_high"]
+    assert row["unpatched_active"] == 1 and row["source_active"] == 5 and row["n_prompts"] == 12 and row["n_pairs"] == 6
+    held = s.filter(pl.col("head_set") == "even_k2_0000", pl.col("pairs") == "heldout").row(0, named=True)
+    assert held["n_pairs"] == 3 and held["n_prompts"] == 6  # the odd pair ids
+
+
+CLAIM = next(c for c in load_ledger(REPO / "config" / "claims.yaml") if c["id"] == "even_heads_activate_critical_features")
+
+
+@pytest.mark.parametrize("half, quarter, verdict", [
+    ([5] * 12, [2] * 12, "holds"),
+    ([5] * 10 + [4, 4], [2] * 12, "fails"),  # a set of half the even heads leaves a feature off on one pair
+    ([5] * 12, [4] * 12, "fails"),  # a quarter of the even heads already turns on 4
+])
+def test_agnostic_rule_fails_where_the_claim_is_false(half, quarter, verdict):
+    # 9 heads: 5 even; half of them = 2 heads, a quarter = 1 head. The last pair (ids 10, 11) is odd: held out.
+    counts = {"none": [1] * 12, "even_k2_0000": [5] * 12, "even_k2_0001": half, "even_k1_0000": quarter}
+    row = evaluate_claim(CLAIM, {"head_set_features": hsf.summarise(_per_prompt(counts), CONFIG)}, ctx(focus=(4,)))
+    assert (row["verdict"], row["form"]) == (verdict, "agnostic")
+
+
+def test_literal_rule_reads_the_seed_ids_of_the_mlp_output_set():
+    counts = {"none": [1] * 12, "even_k8_0000": [5] * 12, "even_k4_0000": [3] * 12}
+    table = hsf.summarise(_per_prompt(counts, sae_set="mlp_out", layer=10, feature_set="critical"), CONFIG)
+    llama = ctx(model="Llama-3.1-8B-Instruct", focus=(10,), num_heads=32, num_layers=32)
+    row = evaluate_claim(CLAIM, {"head_set_features": table}, llama)
+    assert (row["verdict"], row["form"], row["sae_set"]) == ("holds", "literal", "mlp_out")
+    counts["even_k4_0000"] = [4] * 12  # 4 even heads turn on more than the "2-3" the seed says
+    table = hsf.summarise(_per_prompt(counts, sae_set="mlp_out", layer=10, feature_set="critical"), CONFIG)
+    assert evaluate_claim(CLAIM, {"head_set_features": table}, llama)["verdict"] == "fails"
+    # the residual set's rows alone: the literal form is not scored on another set's ids
+    table = hsf.summarise(_per_prompt(counts, sae_set="residual", layer=10, feature_set="critical"), CONFIG)
+    assert evaluate_claim(CLAIM, {"head_set_features": table}, llama)["form"] != "literal"
+
+
+def test_figure_draws_every_size_and_both_references(tmp_path):
+    from bugscope import figures, figures_experiments
+
+    counts = {"none": [1] * 12, "even_k2_0000": [5] * 12, "even_k2_0001": [4] * 12, "even_k1_0000": [2] * 12}
+    chart = figures_experiments.head_set_features(hsf.summarise(_per_prompt(counts), CONFIG),
+                                                  figures.Labels("SmolLM2-135M-Instruct", "qa", "simple", 0.95))
+    spec = figures.save_chart(chart, {ext: tmp_path / f"f.{ext}" for ext in figures.FIGURE_EXTS}, png_scale=1)
+    assert all((tmp_path / f"f.{ext}").stat().st_size > 0 for ext in figures.FIGURE_EXTS)
+    data = pl.DataFrame(chart.to_dict()["datasets"][chart.to_dict()["data"]["name"]])
+    assert sorted(data.filter(pl.col("mean_active").is_not_null())["k"].unique().to_list()) == [1, 2]
+    assert set(data["reference"].drop_nulls()) == {"unpatched buggy prompt", "source (correct format)"}
+    assert spec is not None
