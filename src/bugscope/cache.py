@@ -89,7 +89,8 @@ def cache_activations(
 
             def on_output(hook, hidden):
                 acts = hidden[row_t, pos_t]  # [n, d_model]
-                if not torch.isfinite(acts).all():
+                # One reduction (amax propagates NaN; an Inf is its own maximum), not a mask per element.
+                if not torch.isfinite(acts.abs().amax()):
                     bad = sorted({prompt_col[i] for i in (~torch.isfinite(acts)).any(-1).nonzero().flatten().tolist()})
                     raise NonFiniteActivationError(
                         f"NaN or Inf activations at {hook} for prompt ids {bad[:10]}. "

@@ -44,8 +44,8 @@ def main(smk):
     with tables.written_together() as put:
         put(tables.HEAD_SET_FEATURES_PROMPTS, per_prompt, smk.output.prompts, meta)
         put(tables.HEAD_SET_FEATURES, summary, smk.output.summary, meta)
-    log.info("critical features active by head-set size (mean over sets):\n%s",
-             summary.group_by("sae_set", "layer", "feature_set", "k").agg(
+    log.info("critical features active by head-set size (all pairs; mean and min over sets):\n%s",
+             summary.filter(pl.col("pairs") == "all").group_by("sae_set", "layer", "feature_set", "k").agg(
                  n_sets=pl.len(), mean_active=pl.col("mean_active").mean(),
                  min_active=pl.col("mean_active").min()).sort("sae_set", "layer", "feature_set", "k"))
 
