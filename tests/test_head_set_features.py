@@ -15,7 +15,7 @@ from bugscope.head_sets import HeadSet
 from bugscope.ledger import load_ledger
 from bugscope.sites import attention_writer_hook, site_module
 from tests.conftest import REPO
-from tests.numerics import forward_tolerance, max_abs
+from tests.numerics import forward_tolerance, max_abs, rounding_tolerance
 from tests.test_claims import ctx
 
 LAYER = 10
@@ -77,11 +77,14 @@ def test_counts_are_the_active_features_of_the_patched_and_source_outputs(setup)
     plain_src = sae.encode(patcher.site_output([p.source for p in pairs], LAYER, "resid_post"))
     ids = tuple(int(i) for i in plain_src.gt(0).sum(0).argsort(descending=True)[:6])  # features the sources fire
     patched, source = hsf.count_active(patcher, pairs, LAYER, SETS, sae, {"top": ids}, SPEC, read="resid_post")
-    assert patched["top"].shape == (len(SETS), len(pairs)) and source["top"].shape == (len(pairs),)
-    assert np.array_equal(source["top"], plain_src[:, list(ids)].gt(0).sum(-1).numpy())
+    assert patched["top"].shape == (len(SETS), len(pairs), 2) and source["top"].shape == (len(pairs), 2)
+    assert np.array_equal(source["top"][:, 0], plain_src[:, list(ids)].gt(0).sum(-1).numpy())
+    mean_src = plain_src[:, list(ids)].detach().double().mean(-1).numpy()
+    tol = rounding_tolerance(torch.float32, scale=float(plain_src.detach().abs().max()), reduction=model.config.hidden_size)
+    assert np.abs(source["top"][:, 1] - mean_src).max() <= tol
     plain_tgt = sae.encode(patcher.site_output([p.target for p in pairs], LAYER, "resid_post"))
-    assert np.array_equal(patched["top"][0], plain_tgt[:, list(ids)].gt(0).sum(-1).numpy())
-    assert patched["top"].max() <= len(ids) and source["top"].sum() > 0
+    assert np.array_equal(patched["top"][0, :, 0], plain_tgt[:, list(ids)].gt(0).sum(-1).numpy())
+    assert patched["top"][..., 0].max() <= len(ids) and source["top"][:, 0].sum() > 0
 
 
 def _per_prompt(counts: dict[str, list[int]], *, sae_set: str = "main", layer: int = 4, feature_set: str = "top",
@@ -94,7 +97,8 @@ def _per_prompt(counts: dict[str, list[int]], *, sae_set: str = "main", layer: i
         k = 0 if name == "none" else int(name.split("_k")[1].split("_")[0])
         rows += [{"sae_set": sae_set, "layer": layer, "feature_set": feature_set, "n_features": 5, "head_set": name,
                   "pool": "none" if k == 0 else "even", "k": k, "heads": list(range(0, 2 * k, 2)), "prompt_id": i,
-                  "pair_id": i // 2, "n_active": v, "unpatched_active": counts["none"][i], "source_active": 5}
+                  "pair_id": i // 2, "n_active": v, "unpatched_active": counts["none"][i], "source_active": 5,
+                  "activation": 0.5 * v, "unpatched_activation": 0.5 * counts["none"][i], "source_activation": 2.5}
                  for i, v in enumerate(values)]
     return pl.DataFrame(rows, schema=hsf.PROMPT_SCHEMA)
 
@@ -109,6 +113,8 @@ def test_summary_means_cis_references_and_heldout_pairs():
     row = s.filter(pl.col("head_set") == "even_k1_0000", pl.col("pairs") == "all").row(0, named=True)
     assert row["mean_active"] == pytest.approx(2.5) and row["active_low"] <= 2.5 <= row["active_high"]
     assert row["unpatched_active"] == 1 and row["source_active"] == 5 and row["n_prompts"] == 12 and row["n_pairs"] == 6
+    assert row["mean_activation"] == pytest.approx(1.25) and row["activation_low"] <= 1.25 <= row["activation_high"]
+    assert row["unpatched_activation"] == pytest.approx(0.5) and row["source_activation"] == pytest.approx(2.5)
     held = s.filter(pl.col("head_set") == "even_k2_0000", pl.col("pairs") == "heldout").row(0, named=True)
     assert held["n_pairs"] == 3 and held["n_prompts"] == 6  # the odd pair ids
 

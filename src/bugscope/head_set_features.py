@@ -13,7 +13,9 @@ correct-format-up discriminative features (direction down, the ranking `interven
 uses); `critical`, the SAE set's named category `critical` of the layer (the seed's ids), where
 the config has one. Each summary row carries two references over the same targets: the count of
 the unpatched buggy prompt (`unpatched_active`, the empty head set) and of the source prompt itself
-(`source_active`, the correct format). Success of the same head sets is the exhaustive table's.
+(`source_active`, the correct format); the `*activation` columns give the set's mean activation
+the same way, which moves where a count of active features cannot (a feature active in both
+formats). Success of the same head sets is the exhaustive table's.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ CRITICAL_CATEGORY = "critical"  # the named category of the seed's critical feat
 UNPATCHED = HeadSet("none", "reference", (), "none", -1)
 
 PROMPT_COLUMNS = ["sae_set", "layer", "feature_set", "n_features", "head_set", "pool", "k", "heads", "prompt_id",
-                  "pair_id", "n_active", "unpatched_active", "source_active"]
+                  "pair_id", "n_active", "unpatched_active", "source_active", "activation", "unpatched_activation",
+                  "source_activation"]
 
 
 def critical_sets(discriminative: pl.DataFrame, named_cfg: Mapping, layer: int) -> dict[str, tuple[int, ...]]:
@@ -63,19 +66,20 @@ def even_head_sets(patcher, config: dict, layer: int) -> list[HeadSet]:
 def count_active(patcher, pairs: Sequence[patching.PatchPair], layer: int, head_sets: Sequence[HeadSet], sae,
                  feature_sets: Mapping[str, Sequence[int]], spec: patching.PatchSpec, *, read: str,
                  desc: str = "head sets -> features") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """({feature_set: [len(head_sets), n_pairs]}, {feature_set: [n_pairs]}): how many of each set's
-    features the SAE of site `read` finds active at the decision position of `layer`, per head set
-    patched by `spec`, and in the source prompts."""
+    """({feature_set: [len(head_sets), n_pairs, 2]}, {feature_set: [n_pairs, 2]}): how many of each
+    set's features the SAE of site `read` finds active at the decision position of `layer` (index 0)
+    and their mean activation (index 1), per head set patched by `spec`, and in the source prompts."""
     sdev, sdtype = next(sae.parameters()).device, sae.W_dec.dtype
     ids = {name: torch.tensor(list(f), dtype=torch.long, device=sdev) for name, f in feature_sets.items()}
 
-    def counts(resid: torch.Tensor) -> dict[str, torch.Tensor]:  # [..., d_model] -> {name: [...]}
+    def counts(resid: torch.Tensor) -> dict[str, torch.Tensor]:  # [..., d_model] -> {name: [..., 2]}
         f = sae.encode(resid.to(sdev, sdtype))
-        return {name: (f[..., i] > 0).sum(-1).cpu() for name, i in ids.items()}
+        return {name: torch.stack([(f[..., i] > 0).sum(-1).double(), f[..., i].double().mean(-1)], -1).cpu()
+                for name, i in ids.items()}
 
     n = len(pairs)
-    patched = {name: np.zeros((len(head_sets), n)) for name in ids}
-    source = {name: np.zeros(n) for name in ids}
+    patched = {name: np.zeros((len(head_sets), n, 2)) for name in ids}
+    source = {name: np.zeros((n, 2)) for name in ids}
     n_ctx = max(len(p.target["input_ids"]) for p in pairs)
     rows = patcher.rows_per_forward(n_ctx - min(min(p.target_positions) for p in pairs), n_ctx)
     per_batch = max(1, min(n, patcher.max_prompts, rows))
@@ -118,7 +122,8 @@ def head_set_features(patcher, prompts: pl.DataFrame, layers: Sequence[int], con
         patched, src = count_active(patcher, pairs, layer, head_sets, sae, sets, spec, read=sites[sae_set], desc=f"head sets -> features L{layer}")
         pids = [p.target["prompt_id"] for p in pairs]
         for name, ids in sets.items():
-            r, n = patched[name].shape
+            r, n, _ = patched[name].shape
+            active, activation = patched[name][..., 0], patched[name][..., 1]
             out.append(pl.DataFrame({
                 "sae_set": [sae_set] * (r * n), "layer": np.full(r * n, layer, dtype=np.int32),
                 "feature_set": [name] * (r * n), "n_features": np.full(r * n, len(ids), dtype=np.int32),
@@ -127,9 +132,11 @@ def head_set_features(patcher, prompts: pl.DataFrame, layers: Sequence[int], con
                 "heads": [list(s.heads) for s in head_sets for _ in range(n)],
                 "prompt_id": np.tile(np.asarray(pids, dtype=np.int32), r),
                 "pair_id": np.tile(np.asarray([pair_of[p] for p in pids], dtype=np.int32), r),
-                "n_active": patched[name].reshape(-1).astype(np.int32),
-                "unpatched_active": np.tile(patched[name][0], r).astype(np.int32),
-                "source_active": np.tile(src[name], r).astype(np.int32),
+                "n_active": active.reshape(-1).astype(np.int32),
+                "unpatched_active": np.tile(active[0], r).astype(np.int32),
+                "source_active": np.tile(src[name][:, 0], r).astype(np.int32),
+                "activation": activation.reshape(-1), "unpatched_activation": np.tile(activation[0], r),
+                "source_activation": np.tile(src[name][:, 1], r),
             }, schema_overrides={"heads": pl.List(pl.Int32)}))
     per_prompt = (pl.concat(out) if out else pl.DataFrame(schema=PROMPT_SCHEMA)).select(PROMPT_COLUMNS)
     return per_prompt, summarise(per_prompt, config)
@@ -138,7 +145,8 @@ def head_set_features(patcher, prompts: pl.DataFrame, layers: Sequence[int], con
 PROMPT_SCHEMA = {"sae_set": pl.String, "layer": pl.Int32, "feature_set": pl.String, "n_features": pl.Int32,
                  "head_set": pl.String, "pool": pl.String, "k": pl.Int32, "heads": pl.List(pl.Int32),
                  "prompt_id": pl.Int32, "pair_id": pl.Int32, "n_active": pl.Int32, "unpatched_active": pl.Int32,
-                 "source_active": pl.Int32}
+                 "source_active": pl.Int32, "activation": pl.Float64, "unpatched_activation": pl.Float64,
+                 "source_activation": pl.Float64}
 KEYS = ["sae_set", "layer", "feature_set", "n_features", "head_set", "pool", "k"]
 
 
@@ -155,19 +163,25 @@ def summarise(per_prompt: pl.DataFrame, config: dict) -> pl.DataFrame:
             if g.is_empty():
                 continue
             sets = g.select(KEYS).unique(maintain_order=True)
-            wide = g.pivot(on="head_set", index="prompt_id", values="n_active", sort_columns=False).sort("prompt_id")
             ref = g.filter(pl.col("head_set") == UNPATCHED.name).sort("prompt_id")
-            matrix = np.column_stack([wide[h].to_numpy().astype(np.float64) for h in sets["head_set"].to_list()]
-                                     + [ref["unpatched_active"].to_numpy(), ref["source_active"].to_numpy()])
+            names = sets["head_set"].to_list()
+            columns = []
+            for value, unpatched, source in (("n_active", "unpatched_active", "source_active"),
+                                             ("activation", "unpatched_activation", "source_activation")):
+                wide = g.pivot(on="head_set", index="prompt_id", values=value, sort_columns=False).sort("prompt_id")
+                columns += [wide[h].to_numpy().astype(np.float64) for h in names]
+                columns += [ref[unpatched].to_numpy().astype(np.float64), ref[source].to_numpy().astype(np.float64)]
             mean, low, high = cluster_bootstrap_mean_ci_columns(
-                matrix, ref["pair_id"].to_numpy(), n_resamples=boot["n_resamples"], confidence=boot["confidence"],
-                seed=config["seed"])
-            m = sets.height
+                np.column_stack(columns), ref["pair_id"].to_numpy(), n_resamples=boot["n_resamples"],
+                confidence=boot["confidence"], seed=config["seed"])
+            m, a = sets.height, sets.height + 2  # counts, then activations
             parts.append(sets.with_columns(
                 pairs=pl.lit(subset), mean_active=pl.Series(mean[:m]), active_low=pl.Series(low[:m]),
                 active_high=pl.Series(high[:m]), unpatched_active=pl.lit(float(mean[m])),
-                source_active=pl.lit(float(mean[m + 1])), n_prompts=pl.lit(ref.height, dtype=pl.Int32),
-                n_pairs=pl.lit(ref["pair_id"].n_unique(), dtype=pl.Int32)))
+                source_active=pl.lit(float(mean[m + 1])), mean_activation=pl.Series(mean[a:a + m]),
+                activation_low=pl.Series(low[a:a + m]), activation_high=pl.Series(high[a:a + m]),
+                unpatched_activation=pl.lit(float(mean[a + m])), source_activation=pl.lit(float(mean[a + m + 1])),
+                n_prompts=pl.lit(ref.height, dtype=pl.Int32), n_pairs=pl.lit(ref["pair_id"].n_unique(), dtype=pl.Int32)))
     if not parts:
         return pl.DataFrame(schema=SUMMARY_SCHEMA)
     return pl.concat(parts).select(list(SUMMARY_SCHEMA)).sort("sae_set", "layer", "feature_set", "pairs", "k", "head_set")
@@ -176,4 +190,6 @@ def summarise(per_prompt: pl.DataFrame, config: dict) -> pl.DataFrame:
 PAIR_SUBSETS = ("all", "heldout")
 SUMMARY_SCHEMA = {**{k: PROMPT_SCHEMA[k] for k in KEYS}, "pairs": pl.String, "mean_active": pl.Float64,
                   "active_low": pl.Float64, "active_high": pl.Float64, "unpatched_active": pl.Float64,
-                  "source_active": pl.Float64, "n_prompts": pl.Int32, "n_pairs": pl.Int32}
+                  "source_active": pl.Float64, "mean_activation": pl.Float64, "activation_low": pl.Float64,
+                  "activation_high": pl.Float64, "unpatched_activation": pl.Float64,
+                  "source_activation": pl.Float64, "n_prompts": pl.Int32, "n_pairs": pl.Int32}

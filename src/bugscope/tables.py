@@ -181,7 +181,8 @@ HEAD_SET_FEATURES_PROMPTS = Table(
 HEAD_SET_FEATURES = Table(
     layout.HEAD_SET_FEATURES, "head_set_features", "head_set_features", "n_prompts",
     columns=("sae_set", "layer", "feature_set", "n_features", "head_set", "pool", "k", "pairs", "mean_active", "active_low",
-             "active_high", "unpatched_active", "source_active", "n_prompts", "n_pairs"))
+             "active_high", "unpatched_active", "source_active", "mean_activation", "unpatched_activation",
+             "source_activation", "n_prompts", "n_pairs"))
 
 # The ledger reads every table above that it names; it is a summary of them, so no hash of its own.
 CLAIMS = Table(
