@@ -280,6 +280,22 @@ def feature_stage_tables(config: dict, prompts: pl.DataFrame, scores: pl.DataFra
     boot = config["bootstrap"]
     put(tables.INTERVENTIONS, iv.summarise(per_prompt, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
                                            seed=config["seed"]), layout.INTERVENTIONS, focus_layers=focus)
+    # head_set_features: every even-head set of patching.exhaustive (all 65,535 at 16 even heads) x pair subset
+    from bugscope.head_set_features import SUMMARY_SCHEMA
+    from bugscope.head_sets import exhaustive_head_sets
+
+    ex = pc["exhaustive"]
+    sets = exhaustive_head_sets(n_heads, pools=["even"], budget=ex["budget"], samples=ex["samples"],
+                                seed=config["seed"], layer=focus[0], sizes=ex["sizes"])
+    n = 2 * len(sets)
+    rand = {c: rng.random(n) * 5 for c in ("mean_active", "active_low", "active_high", "unpatched_active",
+                                            "source_active", "mean_activation", "activation_low", "activation_high",
+                                            "unpatched_activation", "source_activation")}
+    put(tables.HEAD_SET_FEATURES, pl.DataFrame({
+        "sae_set": [sae_set["name"]] * n, "layer": [focus[0]] * n, "feature_set": ["top"] * n, "n_features": [5] * n,
+        "head_set": [s.name for s in sets] * 2, "pool": ["even"] * n, "k": [len(s.heads) for s in sets] * 2,
+        "pairs": ["all"] * len(sets) + ["heldout"] * len(sets), **rand,
+        "n_prompts": [64] * n, "n_pairs": [32] * n}, schema=SUMMARY_SCHEMA), layout.HEAD_SET_FEATURES, focus_layers=focus)
     rows = [{"layer": int(layer), "feature_id": int(fid), "selection": f"named/{cat}", "rank": rank, "pairs": pairs,
              "format": fmt, "level": "role", "role": role, "token": None, "n_tokens": 128, "n_prompts": 64,
              "n_pairs": 32, **{c: float(rng.random()) for c in (

@@ -157,6 +157,8 @@ def test_figure_draws_every_size_and_both_references(tmp_path):
     spec = figures.save_chart(chart, {ext: tmp_path / f"f.{ext}" for ext in figures.FIGURE_EXTS}, png_scale=1)
     assert all((tmp_path / f"f.{ext}").stat().st_size > 0 for ext in figures.FIGURE_EXTS)
     data = pl.DataFrame(chart.to_dict()["datasets"][chart.to_dict()["data"]["name"]])
-    assert sorted(data.filter(pl.col("mean_active").is_not_null())["k"].unique().to_list()) == [1, 2]
+    boxes = data.filter(pl.col("median").is_not_null()).sort("k")
+    assert boxes["k"].to_list() == [1, 2] and boxes["n_sets"].to_list() == [1, 2]
+    assert boxes.filter(pl.col("k") == 2).select("lo", "hi").row(0) == (4.0, 5.0)
     assert set(data["reference"].drop_nulls()) == {"unpatched buggy prompt", "source (correct format)"}
     assert spec is not None

@@ -139,6 +139,7 @@ STEPS = {
     "fig_head_subsets": (["head_patching_summary"], _figure("head_subsets", summary=layout.PATCHING_SUMMARY)),
     "fig_original_method": ([], _figure("original_method", comparison=layout.PATCHING_ORIGINAL_METHOD)),
     "fig_interventions": ([], _figure("interventions", summary=layout.INTERVENTIONS)),
+    "fig_head_set_features": ([], _figure("head_set_features", summary=layout.HEAD_SET_FEATURES)),
     "fig_replacement": ([], _figure("replacement", summary=layout.PATCHING_REPLACEMENT)),
     "fig_residual_map": ([], _figure("residual_map", summary=layout.PATCHING_RESIDUAL_MAP)),
     "fig_subsets_exhaustive": ([], _figure("subsets_exhaustive", summary=layout.PATCHING_EXHAUSTIVE)),

@@ -159,8 +159,18 @@ def test_features_equal_sae_encode_and_round_trip_to_dense(layer_data):
     with torch.no_grad():
         expected = sae.encode(x)
     dense = sparse_to_dense(table, keys, sae.cfg.d_sae)
-    assert torch.equal(dense, expected)
-    assert table.num_rows == int((expected != 0).sum())
+    # Batches of 37 rows against one batch of all: another matmul blocking, so the values agree to
+    # rounding (exactly on some CPUs, not on AVX2-only ones), and TopK may swap a near-tie at its
+    # threshold: a feature kept on one side only is within rounding of the other side's smallest kept value.
+    tol = rounding_tolerance(torch.float32, scale=max_abs(expected), reduction=sae.cfg.d_in)
+    both = (dense != 0) & (expected != 0)
+    assert max_abs(dense[both] - expected[both]) <= tol
+    for row in ((dense != 0) ^ (expected != 0)).any(-1).nonzero().flatten().tolist():
+        for mine, other in ((dense[row], expected[row]), (expected[row], dense[row])):
+            lone = mine[(mine != 0) & (other == 0)]
+            if len(lone):
+                assert max_abs(lone - other[other != 0].min()) <= tol
+    assert table.num_rows == int((dense != 0).sum())
 
 
 def test_encoding_refuses_nan_activations(tmp_path, layer_data):
