@@ -242,17 +242,21 @@ class LayerRunner:
             hidden = self.layer(layer, hidden, ctx, rec)
         return RecordedRun(batch, ctx, hidden_in, rec.kv, self.decision_logit_diff(hidden[:, -1], batch))
 
+    @staticmethod
+    def _tail_inputs(run: "RecordedRun", layer: int, start: int, replicas: int):
+        """(hidden, ctx, kv) entering `layer` over `replicas` copies of the recorded batch, from query
+        column `start` on. Columns before `start` cannot change: their keys and values come from `run`."""
+        kv = KVPrefix(run.kv, start, replicas) if start > 0 else None
+        return run.hidden_in[layer][:, start:].repeat(replicas, 1, 1), run.ctx.tail(start, replicas), kv
+
     @torch.inference_mode()
     def run_written(self, run: "RecordedRun", layer: int, site: str, write, *, start: int, replicas: int) -> torch.Tensor:
         """[replicas * b] decision logit differences with `write` applied to the attention output
-        (`site`) of `layer`, over `replicas` copies of the batch, from query column `start` on.
-
-        Columns before `start` cannot change, so their keys and values come from `run`."""
-        hidden = run.hidden_in[layer][:, start:].repeat(replicas, 1, 1)
-        kv = KVPrefix(run.kv, start, replicas) if start > 0 else None
+        (`site`) of `layer`, over `replicas` copies of the batch, from query column `start` on."""
+        hidden, ctx, kv = self._tail_inputs(run, layer, start, replicas)
         handle = attention_writer_hook(self.model, layer, site, write)
         try:
-            hidden = self.run(layer, hidden, run.ctx.tail(start, replicas), kv)
+            hidden = self.run(layer, hidden, ctx, kv)
         finally:
             handle.remove()
         return self.decision_logit_diff(hidden[:, -1], run.batch, replicas)
@@ -262,11 +266,10 @@ class LayerRunner:
                       replicas: int) -> torch.Tensor:
         """[replicas * b, cols, d_model]: the residual stream after `layer` alone, with `write` applied
         to its attention output (`site`), over `replicas` copies of the batch, from query column `start` on."""
-        hidden = run.hidden_in[layer][:, start:].repeat(replicas, 1, 1)
-        kv = KVPrefix(run.kv, start, replicas) if start > 0 else None
+        hidden, ctx, kv = self._tail_inputs(run, layer, start, replicas)
         handle = attention_writer_hook(self.model, layer, site, write)
         try:
-            return self.layer(layer, hidden, run.ctx.tail(start, replicas), kv)
+            return self.layer(layer, hidden, ctx, kv)
         finally:
             handle.remove()
 
@@ -276,8 +279,7 @@ class LayerRunner:
         """[replicas * b] decision logit differences with `write` applied to the output of `site`
         (bugscope.sites.SITES: resid_post, mlp_out, attn_out) at `layer`, over `replicas` copies of
         the batch, from query column `start` on (earlier keys and values come from `run`)."""
-        hidden = run.hidden_in[layer][:, start:].repeat(replicas, 1, 1)
-        kv = KVPrefix(run.kv, start, replicas) if start > 0 else None
+        hidden, ctx, kv = self._tail_inputs(run, layer, start, replicas)
 
         def post_hook(_module, _inputs, output):
             if isinstance(output, tuple):
@@ -286,7 +288,7 @@ class LayerRunner:
 
         handle = site_module(self.model, layer, site).register_forward_hook(post_hook)
         try:
-            hidden = self.run(layer, hidden, run.ctx.tail(start, replicas), kv)
+            hidden = self.run(layer, hidden, ctx, kv)
         finally:
             handle.remove()
         return self.decision_logit_diff(hidden[:, -1], run.batch, replicas)
@@ -307,9 +309,8 @@ class LayerRunner:
                              *, start: int) -> torch.Tensor:
         """[b] decision logit differences with the residual stream after `layer` replaced by
         `values` [b, pos, d_model] where `pos_mask` [b, pos] is set, from query column `start` on."""
-        ctx = run.ctx.tail(start, 1)
-        kv = KVPrefix(run.kv, start, 1) if start > 0 else None
-        hidden = self.layer(layer, run.hidden_in[layer][:, start:], ctx, kv)
+        hidden, ctx, kv = self._tail_inputs(run, layer, start, 1)
+        hidden = self.layer(layer, hidden, ctx, kv)
         hidden = torch.where(pos_mask[:, start:, None], values[:, start:], hidden)
         hidden = self.run(layer + 1, hidden, ctx, kv)
         return self.decision_logit_diff(hidden[:, -1], run.batch)

@@ -32,7 +32,7 @@ from bugscope import patch_study, patching
 from bugscope.features.named import named_feature_ids
 from bugscope.head_sets import HeadSet, exhaustive_head_sets
 from bugscope.interventions import top_set
-from bugscope.prompts import BUG_PAIR_KIND
+from bugscope.prompts import BUG_PAIR_KIND, is_selection_pair
 from bugscope.stats import cluster_bootstrap_mean_ci_columns
 
 CRITICAL_TOP_N = 5  # the seed's five critical numerical features (10049, 11664, 8234, 15789, 22156)
@@ -56,9 +56,9 @@ def critical_sets(discriminative: pl.DataFrame, named_cfg: Mapping, layer: int) 
     return out
 
 
-def even_head_sets(patcher, config: dict, layer: int) -> list[HeadSet]:
+def even_head_sets(n_heads: int, config: dict, layer: int) -> list[HeadSet]:
     ex = config["patching"]["exhaustive"]
-    return exhaustive_head_sets(patcher.n_heads, pools=["even"], budget=ex["budget"], samples=ex["samples"],
+    return exhaustive_head_sets(n_heads, pools=["even"], budget=ex["budget"], samples=ex["samples"],
                                 seed=config["seed"], layer=layer, sizes=ex["sizes"])
 
 
@@ -118,7 +118,7 @@ def head_set_features(patcher, prompts: pl.DataFrame, layers: Sequence[int], con
         sets = feature_sets[(sae_set, layer)]
         if not pairs or not sets:
             continue
-        head_sets = [UNPATCHED, *even_head_sets(patcher, config, layer)]
+        head_sets = [UNPATCHED, *even_head_sets(patcher.n_heads, config, layer)]
         patched, src = count_active(patcher, pairs, layer, head_sets, sae, sets, spec, read=sites[sae_set], desc=f"head sets -> features L{layer}")
         pids = [p.target["prompt_id"] for p in pairs]
         for name, ids in sets.items():
@@ -159,7 +159,7 @@ def summarise(per_prompt: pl.DataFrame, config: dict) -> pl.DataFrame:
     parts = []
     for _, group in per_prompt.group_by(["sae_set", "layer", "feature_set"], maintain_order=True):
         for subset in PAIR_SUBSETS:
-            g = group if subset == "all" else group.filter(pl.col("pair_id") % 2 == 1)
+            g = group if subset == "all" else group.filter(~is_selection_pair(pl.col("pair_id")))
             if g.is_empty():
                 continue
             sets = g.select(KEYS).unique(maintain_order=True)

@@ -55,7 +55,7 @@ from bugscope.features.named import named_feature_ids
 from bugscope.forward import LayerRunner, capture_sites, make_batch
 from bugscope.patch_summary import _matrices, _rates
 from bugscope.patching import PatchPair, make_pairs
-from bugscope.prompts import ALL, BUG_PAIR_KIND
+from bugscope.prompts import ALL, BUG_PAIR_KIND, is_selection_pair
 from bugscope.sites import hook_name
 from bugscope.stats import derived_seed
 
@@ -431,7 +431,7 @@ def _splits(targets: pl.DataFrame):
     on all pairs and on the held-out (odd) pairs."""
     kind = targets["pair_kind"].cast(pl.String).to_numpy()
     order = targets["order"].cast(pl.String).to_numpy()
-    odd = targets["pair_id"].to_numpy() % 2 == 1
+    odd = ~is_selection_pair(targets["pair_id"].to_numpy())
     for subset, rows in (("all", np.ones(len(kind), dtype=bool)), ("heldout", odd)):
         for k in [ALL, *sorted(set(kind)), CONTROLS]:
             in_kind = (kind == k) | (k == ALL) | ((k == CONTROLS) & (kind != BUG_PAIR_KIND))

@@ -39,6 +39,13 @@ BUG_PAIR_KIND = "shorter_bigger"
 ALL = "all"  # the pooled value of pair_kind and order in the summary tables
 
 
+def is_selection_pair(pair_id):
+    """True for the number pairs that select features or marks (even pair_id); the odd ones are the
+    held-out pairs every selection-aware statistic is measured on. Takes a Polars expression or a
+    NumPy array."""
+    return pair_id % 2 == 0
+
+
 def kind_order_splits(pair_kind, order):
     """(pair kind, order, row mask) for every kind and order of the rows, each also pooled (ALL):
     the rows every summary table gives. `pair_kind` and `order` are per-row sequences."""

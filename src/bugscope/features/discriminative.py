@@ -11,6 +11,7 @@ import polars as pl
 from scipy import stats as sps
 
 from bugscope.features.values import dense_matrix
+from bugscope.prompts import is_selection_pair
 
 log = logging.getLogger("bugscope.features")
 
@@ -126,7 +127,7 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
     p, effect = paired_test(a[:, keep], b[:, keep], cfg["test"])
     out.append(_top_rows(layer, "buggy_vs_correct", feature_ids[keep], a[:, keep], b[:, keep], p, effect,
                          top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum())))
-    chosen = pairs["pair_id"].to_numpy() % 2 == 0
+    chosen = is_selection_pair(pairs["pair_id"].to_numpy())
     if chosen.sum() > 1 and (~chosen).sum() > 1:
         sa, sb = a[chosen], b[chosen]
         keep_s = np.maximum((sa > 0).mean(axis=0), (sb > 0).mean(axis=0)) >= cfg["min_firing_rate"]

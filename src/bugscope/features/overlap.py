@@ -29,6 +29,7 @@ import polars as pl
 
 from bugscope.config import ConfigError
 from bugscope.features.values import top_k
+from bugscope.prompts import is_selection_pair
 from bugscope.stats import _interval, cluster_resample_weights, cluster_resampled_means
 
 # The seed's amplification estimator (biased above 1 under the null), kept for the original study.
@@ -254,11 +255,6 @@ def _with_marks(summary: pl.DataFrame, mean_overlap: np.ndarray, layers: list[in
 # The selection-aware split, the same as the discriminative features' (SPLIT_COMPARISON there):
 # marks chosen on the even pair ids, statistics measured on the odd ones.
 HELDOUT_VARIANT = "per_pair_heldout"
-
-
-def is_selection_pair(pair_id: pl.Expr) -> pl.Expr:
-    """True for the number pairs that choose the marks (even pair_id); the others are held out."""
-    return pair_id % 2 == 0
 
 
 def _heldout_rows(per_pair: pl.DataFrame, heldout_baselines: pl.DataFrame | None, layers: list[int],

@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import polars as pl
 
+from bugscope.prompts import is_selection_pair
 from bugscope.stats import cluster_bootstrap_mean_ci_columns
 
 log = logging.getLogger("bugscope.features")
@@ -301,7 +302,7 @@ def token_table(acts: pl.DataFrame, tokens: pl.DataFrame, selections: pl.DataFra
              .sort("prompt_id", "position", "feature_id"))
     out = []
     for split in PAIR_SPLITS:
-        part = dense if split == "all" else dense.filter(pl.col("pair_id") % 2 == 1)
+        part = dense if split == "all" else dense.filter(~is_selection_pair(pl.col("pair_id")))
         if part.height == 0:
             continue
         totals = part.group_by("feature_id", "format", maintain_order=True).agg(pl.col("activation").sum().alias("_total"))

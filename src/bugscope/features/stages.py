@@ -18,9 +18,9 @@ from bugscope.attribution import (
 from bugscope.features.baselines import baseline_couples, baseline_overlap
 from bugscope.features.discriminative import discriminative_features
 from bugscope.features.named import NAMED_SCHEMA, named_feature_ids, named_features
-from bugscope.features.overlap import is_selection_pair, pair_overlap, pooled_overlap, summarise_overlap
+from bugscope.features.overlap import pair_overlap, pooled_overlap, summarise_overlap
 from bugscope.features.values import position_weights, prompt_pairs, prompt_values
-from bugscope.prompts import BUG_PAIR_KIND
+from bugscope.prompts import BUG_PAIR_KIND, is_selection_pair
 from bugscope.stats import derived_seed
 
 log = logging.getLogger("bugscope.features")
