@@ -29,11 +29,11 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # SAE-Lens's progress bar: noise on stderr
 
-import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from bugscope.config import load_config, with_sae_set  # noqa: E402
+from bugscope.corpus import split_ids  # noqa: E402
 from bugscope.sae import ActivationSource, ActivationStream, train_topk_sae  # noqa: E402
 from bugscope.sites import hook_name  # noqa: E402
 from bugscope.stats import layer_seed  # noqa: E402
@@ -98,7 +98,7 @@ def main() -> None:
     results = Path(args.results)
     acts_path = str(results / "activations" / "corpus" / f"{hook}.parquet")
     corpus = pq.read_table(results / "corpus" / "corpus.parquet", columns=["prompt_id", "split"])
-    train_ids = frozenset(corpus.filter(pc.equal(corpus.column("split"), "train")).column("prompt_id").to_pylist())
+    train_ids = split_ids(corpus, "train")
     seed = layer_seed(cfg["seed"], args.layer)
     batch_size = sae_cfg["batch_size"]
     n_steps = max(1, sae_cfg["training_tokens"] // batch_size)

@@ -10,7 +10,7 @@ Each point trains the layer's SAE exactly as `train_sae` does (`bugscope.sae.tra
 the config's `sae` settings, only `training_tokens` and `batch_size` replaced; the learning rate
 stays the config's), on the run's cached training split of the corpus (several epochs where the
 tokens exceed it), then measures EV on the held-out text (`lee.cor`) with the quality stage's
-`ReconstructionStats`. Prints one row per point: tokens, batch, epochs, training seconds, EV.
+`reconstruction_stats`. Prints one row per point: tokens, batch, epochs, training seconds, EV.
 `--results` is a finished run's results folder, read only; the corpus it cached bounds the epoch
 count, not the curve (more tokens than the split cycles it).
 """
@@ -25,11 +25,11 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # SAE-Lens's progress bar: noise on stderr
 
-import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from bugscope.config import load_config, with_sae_set  # noqa: E402
+from bugscope.corpus import split_ids  # noqa: E402
 from bugscope.sae import (  # noqa: E402
     ActivationSource,
     ActivationStream,
@@ -38,19 +38,11 @@ from bugscope.sae import (  # noqa: E402
     save_sae,
     train_topk_sae,
 )
-from bugscope.sae_quality import ReconstructionStats  # noqa: E402
+from bugscope.sae_quality import reconstruction_stats  # noqa: E402
 from bugscope.sites import hook_name  # noqa: E402
 from bugscope.stats import layer_seed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def heldout_ev(sae, source: ActivationSource, d_in: int) -> float:
-    acc = ReconstructionStats(d_in, sae.cfg.d_sae)
-    for _, _, x in iter_activations([source]):
-        for start in range(0, x.shape[0], 4096):
-            acc.update(sae, x[start:start + 4096])
-    return acc.result()["ev"]
 
 
 def main() -> None:
@@ -67,9 +59,8 @@ def main() -> None:
     cfg = load_config(args.config)
     cfg = with_sae_set(cfg, args.sae_set or cfg["sae"]["sets"][0]["name"])
     results = Path(args.results)
-    corpus = pq.read_table(results / "corpus" / "corpus.parquet", columns=["prompt_id", "split", "n_tokens"])
-    ids = {split: frozenset(corpus.filter(pc.equal(corpus.column("split"), split)).column("prompt_id").to_pylist())
-           for split in ("train", "heldout")}
+    corpus = pq.read_table(results / "corpus" / "corpus.parquet", columns=["prompt_id", "split"])
+    ids = {split: split_ids(corpus, split) for split in ("train", "heldout")}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; config {args.config}: expansion "
           f"{cfg['sae']['expansion']}, k {cfg['sae']['k']}, lr {cfg['sae']['lr']}")
     print("| layer | training tokens | batch | epochs | train s | EV held-out text |")
@@ -92,7 +83,7 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as tmp:  # the saved, folded form the quality stage reads
                     save_sae(trained.sae, Path(tmp) / "sae", {})
                     sae, _ = load_sae(Path(tmp) / "sae")
-                ev = heldout_ev(sae, heldout, d_in)
+                ev = reconstruction_stats(sae, heldout, cfg["sae"]["encode_batch_size"]).result()["ev"]
                 print(f"| {layer} | {trained.n_tokens} | {batch_size} | {trained.n_tokens / n_train:.2f} | "
                       f"{seconds:.1f} | {ev:.3f} |", flush=True)
 

@@ -88,6 +88,13 @@ def read_documents(source: TextSource) -> list[str]:
     return [line.strip() for line in raw.decode(source.encoding).splitlines() if line.strip()]
 
 
+def split_ids(corpus: pa.Table, split: str) -> frozenset[int]:
+    """The `prompt_id`s (keys of the corpus activation files) of the corpus rows in `split` (train or heldout)."""
+    import pyarrow.compute as pc
+
+    return frozenset(corpus.filter(pc.equal(corpus.column("split"), split)).column("prompt_id").to_pylist())
+
+
 def heldout_pair_ids(pair_ids, fraction: float, seed: int) -> list[int]:
     """Number pairs held out of SAE training (all their orders and formats), drawn with `seed`.
 

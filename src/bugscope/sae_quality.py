@@ -9,6 +9,7 @@ import pyarrow as pa
 import torch
 
 from bugscope.prompts import SINK_POSITION
+from bugscope.sae import ActivationSource, iter_activations
 
 
 class ReconstructionStats:
@@ -52,6 +53,15 @@ class ReconstructionStats:
 
 
 @torch.inference_mode()
+def reconstruction_stats(sae, source: ActivationSource, batch_size: int) -> ReconstructionStats:
+    """`ReconstructionStats` of `sae` over every row of `source`, encoded `batch_size` rows at a time."""
+    acc = ReconstructionStats(sae.cfg.d_in, sae.cfg.d_sae)
+    for _, _, x in iter_activations([source]):
+        for start in range(0, x.shape[0], batch_size):
+            acc.update(sae, x[start:start + batch_size])
+    return acc
+
+
 @torch.inference_mode()
 def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, batch_size: int,
                         pad_token_id: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

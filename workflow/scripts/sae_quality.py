@@ -4,10 +4,11 @@ import pyarrow as pa
 
 from bugscope import tables
 from bugscope.config import with_sae_set
+from bugscope.corpus import split_ids
 from bugscope.model import ModelManifest, load_model
 from bugscope.prompts import SINK_POSITION
-from bugscope.sae import ActivationSource, check_sae_fits, iter_activations, load_sae, sae_provenance_meta
-from bugscope.sae_quality import QUALITY_SCHEMA, ReconstructionStats, quality_row, spliced_logit_diffs
+from bugscope.sae import ActivationSource, check_sae_fits, load_sae, sae_provenance_meta
+from bugscope.sae_quality import QUALITY_SCHEMA, quality_row, reconstruction_stats, spliced_logit_diffs
 from bugscope.script import log, run
 from bugscope.sites import hook_name
 
@@ -21,7 +22,7 @@ def main(smk):
     held_pairs = corpus_meta["heldout_pair_ids"]
     held_prompts = prompts.filter(pl.col("pair_id").is_in(held_pairs)) if held_pairs else prompts
     held_prompt_ids = frozenset(held_prompts["prompt_id"].to_list())
-    held_corpus_ids = frozenset(pl.from_arrow(corpus).filter(pl.col("split") == "heldout")["prompt_id"].to_list())
+    held_corpus_ids = split_ids(corpus, "heldout")
     model, tokenizer = load_model(manifest, cfg["device"])
     device = next(model.parameters()).device
     # The spliced forward passes run on the held-out prompts of the two contrasted formats only: one
@@ -53,10 +54,7 @@ def main(smk):
             fired = None
             for name, source in (("prompts", ActivationSource(p_acts, prompt_ids=held_prompt_ids)),
                                  ("corpus", ActivationSource(c_acts, prompt_ids=held_corpus_ids))):
-                acc = ReconstructionStats(sae.cfg.d_in, sae.cfg.d_sae)
-                for _, _, x in iter_activations([source]):
-                    for start in range(0, x.shape[0], cfg["sae"]["encode_batch_size"]):
-                        acc.update(sae, x[start:start + cfg["sae"]["encode_batch_size"]])
+                acc = reconstruction_stats(sae, source, cfg["sae"]["encode_batch_size"])
                 stats[name] = acc.result()
                 fired = acc.fired if fired is None else fired | acc.fired
             row = quality_row(layer=layer, hook=hook, sae=sae, provenance=provenance, prompt_stats=stats["prompts"],

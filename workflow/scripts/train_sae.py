@@ -1,8 +1,8 @@
-import pyarrow.compute as pc
 import torch
 
 from bugscope import tables
 from bugscope.config import with_sae_set
+from bugscope.corpus import split_ids
 from bugscope.model import ModelManifest, pick_device
 from bugscope.sae import (
     ActivationSource,
@@ -21,7 +21,7 @@ def main(smk):
     sae_cfg = cfg["sae"]
     manifest = ModelManifest.load(smk.input.manifest)
     corpus, corpus_meta = tables.read(tables.CORPUS, cfg, smk.input.corpus, columns=["prompt_id", "split"])
-    train_ids = frozenset(corpus.filter(pc.equal(corpus.column("split"), "train")).column("prompt_id").to_pylist())
+    train_ids = split_ids(corpus, "train")
     device = str(pick_device(cfg["device"]))
     trained = []
     for acts_path in smk.input.activations:
