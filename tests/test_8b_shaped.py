@@ -246,7 +246,7 @@ def test_every_output_is_a_valid_table(eightb_run, eightb_config):
     for hook in CACHED_HOOKS:
         table, meta = tables.read(tables.PROMPT_ACTIVATIONS, eightb_config, eightb_run / layout.activations("prompts", hook))
         assert (meta["d_model"], meta["dtype"]) == (4096, "bfloat16")
-        assert table.schema.field("activation").type.list_size == 4096
+        assert table.schema.field("activation").type.byte_width == 4096 * 2  # 4,096 bfloat16 values a row
     # mlp_out has no head attribution (heads have no direct path into it)
     assert not (eightb_run / layout.per_set(layout.HEAD_FEATURE_ATTRIBUTION, "mlp_out")).exists()
     for name in ("baseline_accuracy", "head_sweep", "head_attribution", "original_method"):

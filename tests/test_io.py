@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -59,6 +60,19 @@ def test_vectors_round_trip(dtype):
     assert ((back - x).abs() <= rel * x.abs()).all()
     if dtype == "bfloat16":
         assert torch.equal(back, x.to(torch.bfloat16).float())
+    # A slice (non-zero offset), a chunked column and a Parquet round trip decode the same rows.
+    stored = back
+    col = vectors_to_arrow(x, dtype)
+    assert torch.equal(arrow_to_vectors(col.slice(2, 3), dtype), stored[2:5])
+    assert torch.equal(arrow_to_vectors(pa.chunked_array([col.slice(0, 4), col.slice(4)]), dtype), stored)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"activation": col}), sink)
+    read = pq.read_table(pa.BufferReader(sink.getvalue())).column("activation")
+    assert torch.equal(arrow_to_vectors(read, dtype), stored)
+    # One value per row holds the row's d values in the storage dtype, little-endian.
+    assert col.type.byte_width == 5 * getattr(torch, dtype).itemsize
+    if dtype == "float32":
+        assert np.array_equal(np.frombuffer(col[3].as_py(), "<f4"), x[3].numpy())
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

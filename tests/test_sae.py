@@ -14,7 +14,6 @@ import runpy
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -32,7 +31,7 @@ from bugscope.cache import (
 )
 from bugscope.corpus import SOURCES, build_corpus_table, cache_rows, heldout_pair_ids
 from bugscope.forward import decision_logits, make_batch
-from bugscope.io import read_metadata, vectors_to_arrow
+from bugscope.io import arrow_to_vectors, read_metadata, vectors_to_arrow
 from bugscope.sae_quality import ReconstructionStats, spliced_logit_diffs
 from tests.helpers import sparse_to_dense
 from tests.numerics import forward_tolerance, max_abs, rounding_tolerance
@@ -378,8 +377,7 @@ def test_encode_features_script_errors_leave_no_outputs(tmp_path, layer_data, ci
     # Layer 0's SAE is fine, layer 10's activations hold a NaN: neither feature table may appear.
     bad = tmp_path / "acts_nan.parquet"
     t = pq.read_table(layer_data.paths["prompts"])
-    x = bsae.iter_activations  # noqa: F841 (documentation: the script reads through iter_activations)
-    vecs = torch.from_numpy(np.stack(t.column("activation").to_numpy(zero_copy_only=False)).astype(np.float32))
+    vecs = arrow_to_vectors(t.column("activation"), "float32")
     vecs[3, 0] = float("inf")
     t = t.set_column(2, "activation", vectors_to_arrow(vecs, "float32"))
     pq.write_table(t, bad)
