@@ -81,6 +81,12 @@ def test_moved_keys_are_refused_with_where_they_went(ci_config, section, key, wh
         validate_config({"model": ci_config["model"], section: {key: "resid_post"}})
 
 
+def test_removed_key_is_refused_with_why(ci_config):
+    with pytest.raises(ConfigError, match=r"'sae.corpus.heldout_pair_fraction' was removed: .* Delete the key"):
+        validate_config({"model": ci_config["model"], "sae": {"corpus": {"heldout_pair_fraction": 0.2}}})
+    assert "heldout_pair_fraction" not in validate_config({"model": ci_config["model"]})["sae"]["corpus"]
+
+
 def test_sae_sets_resolve_layers_and_the_primary_set():
     from bugscope.config import primary_sae_set, sae_sets, with_sae_set
 

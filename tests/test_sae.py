@@ -41,7 +41,7 @@ LAYER = 10
 HOOK = f"blocks.{LAYER}.hook_resid_post"
 SAE_CFG = {"expansion": 1, "k": 8, "training_tokens": 1024, "batch_size": 64, "lr": 0.002}
 CORPUS_CFG = {"train_tokens": 700, "heldout_tokens": 200, "seq_len": 64, "include_prompts": True,
-              "heldout_pair_fraction": 0.25, "dtype": "float16"}
+              "dtype": "float16"}
 
 
 # The stage whose config hash each activation file carries (as cache_residuals and cache_corpus write them).
@@ -89,12 +89,17 @@ def test_corpus_is_deterministic_pinned_and_holds_out_pairs(layer_data, embedded
     again, meta = build_corpus_table(CORPUS_CFG, layer_data.prompts, tokenizer, seed=0, include_train=True)
     assert again.equals(layer_data.corpus)
     assert meta["corpus"]["files"]["lee_background"]["sha256"] == SOURCES[0].sha256
+    # The pairs held out of training are those the selection-aware claims are measured on: the odd ids.
+    pair_ids = set(layer_data.prompts.column("pair_id").to_pylist())
     held = set(meta["heldout_pair_ids"])
-    assert held and held == set(heldout_pair_ids(layer_data.prompts.column("pair_id").to_pylist(), 0.25, 0))
-    # No prompt of a held-out pair is in the training text; the held-out split is only the other file.
+    assert held == {p for p in pair_ids if p % 2 == 1} and held and held != pair_ids
+    assert held == set(heldout_pair_ids(layer_data.prompts.column("pair_id").to_pylist()))
+    # Every prompt of a selection pair is in the training text, none of a held-out pair; the held-out
+    # split is only the other file.
     pair_of = dict(zip(layer_data.prompts.column("prompt_id").to_pylist(), layer_data.prompts.column("pair_id").to_pylist()))
     rows = layer_data.corpus.to_pylist()
-    assert all(pair_of[r["doc_index"]] not in held for r in rows if r["source"] == "prompts")
+    trained = {r["doc_index"] for r in rows if r["source"] == "prompts"}
+    assert trained == {pid for pid, pair in pair_of.items() if pair % 2 == 0}
     assert {r["source"] for r in rows if r["split"] == "heldout"} == {"lee_test"}
     assert sum(r["n_tokens"] for r in rows if r["source"] == "lee_background") == 700
     assert "The" in rows[0]["text"] or rows[0]["text"].strip()  # real text, decoded

@@ -69,14 +69,24 @@ MOVED_KEYS = {
     "features.named": "moved to 'sae.sets[].named': feature ids belong to the SAE set they were read from",
 }
 
+# Keys that were removed: an old config is told why, and to delete the key.
+REMOVED_KEYS = {
+    "sae.corpus.heldout_pair_fraction": "was removed: the pairs held out of SAE training are now the held-out "
+    "pairs of every selection-aware claim (the odd pair ids), so that one split keeps those claims off both the "
+    "pairs that chose their features and the prompts the SAEs were trained on",
+}
+
 
 def _refuse_moved_keys(config: dict, source: str) -> None:
-    for old, where in MOVED_KEYS.items():
-        section, _, key = old.rpartition(".")
-        node = config.get(section) if section else config
-        if isinstance(node, dict) and key in node:
-            raise ConfigError(f"Invalid config ({source}): '{old}' {where}. Move the key; config/README.md "
-                              "shows the new layout.")
+    for keys, advice in ((MOVED_KEYS, "Move the key"), (REMOVED_KEYS, "Delete the key")):
+        for old, why in keys.items():
+            node = config
+            *sections, key = old.split(".")
+            for section in sections:
+                node = node.get(section) if isinstance(node, dict) else None
+            if isinstance(node, dict) and key in node:
+                raise ConfigError(f"Invalid config ({source}): '{old}' {why}. {advice}; config/README.md "
+                                  "shows the current layout.")
 
 
 def validate_config(config: dict, source: str = "config") -> dict:

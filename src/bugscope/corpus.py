@@ -11,9 +11,11 @@ at run time, its bytes are pinned by version and sha256, and two disjoint docume
 held-out split for free. It is small, which suits the demo budget; a study that needs more simply
 points the pretrained path at Llama Scope instead.
 
-The analysis prompts are added to the training split, except the held-out number pairs: every
-format and order of a held-out pair stays out of training, so the quality stage can measure
-reconstruction on prompts the SAE never saw. Position 0 (the attention sink, research notes
+The analysis prompts of the selection pairs (even pair_id, bugscope.prompts.is_selection_pair) are
+added to the training split. The other pairs, every format and order of them, stay out of
+training: they are the held-out pairs every selection-aware claim is measured on, so one split
+keeps those claims off the pairs that chose their features and off the text the SAEs learnt from,
+and the quality stage measures reconstruction on prompts the SAEs never saw. Position 0 (the attention sink, research notes
 section 3) is never cached for the corpus and never used in training or in quality metrics.
 """
 
@@ -24,10 +26,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from bugscope.io import installed_file
-from bugscope.prompts import SINK_POSITION
+from bugscope.prompts import SINK_POSITION, is_selection_pair
 
 CORPUS_PACKAGE = "gensim"
 CORPUS_VERSION = "4.4.0"
@@ -95,16 +98,11 @@ def split_ids(corpus: pa.Table, split: str) -> frozenset[int]:
     return frozenset(corpus.filter(pc.equal(corpus.column("split"), split)).column("prompt_id").to_pylist())
 
 
-def heldout_pair_ids(pair_ids, fraction: float, seed: int) -> list[int]:
-    """Number pairs held out of SAE training (all their orders and formats), drawn with `seed`.
-
-    At least one pair is held out whenever fraction > 0 and there are two or more pairs.
-    """
-    pairs = sorted(set(int(p) for p in pair_ids))
-    if fraction <= 0 or len(pairs) < 2:
-        return []
-    n = min(len(pairs) - 1, max(1, round(fraction * len(pairs))))
-    return sorted(random.Random(seed).sample(pairs, n))
+def heldout_pair_ids(pair_ids) -> list[int]:
+    """Number pairs held out of SAE training (all their orders and formats): the pairs that are not
+    selection pairs, on which every selection-aware claim is measured."""
+    pairs = np.unique(np.asarray(pair_ids, dtype=np.int64))
+    return pairs[~is_selection_pair(pairs)].tolist()
 
 
 def _chunks(ids: list[int], seq_len: int) -> list[list[int]]:
@@ -117,7 +115,7 @@ def build_corpus_table(corpus_cfg: dict, prompts: pa.Table, tokenizer, *, seed: 
 
     Training text: articles of the training file in an order shuffled with `seed`, cut into
     chunks of at most `seq_len` tokens, until `train_tokens` tokens; then the analysis prompts of
-    the pairs not held out. Held-out text: the held-out file's articles, up to `heldout_tokens`.
+    the selection pairs. Held-out text: the held-out file's articles, up to `heldout_tokens`.
     With include_train False (pretrained SAEs) only the held-out text is kept.
     """
     seq_len = corpus_cfg["seq_len"]
@@ -152,7 +150,7 @@ def build_corpus_table(corpus_cfg: dict, prompts: pa.Table, tokenizer, *, seed: 
         provenance["files"][source.name] = {"path": source.path, "sha256": source.sha256,
                                             "split": source.split, "tokens": used}
 
-    held = heldout_pair_ids(prompts.column("pair_id").to_pylist(), corpus_cfg["heldout_pair_fraction"], seed)
+    held = heldout_pair_ids(prompts.column("pair_id").to_numpy())
     if include_train and corpus_cfg["include_prompts"]:
         held_set = set(held)
         for p in prompts.to_pylist():
