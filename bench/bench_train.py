@@ -1,19 +1,22 @@
 """SAE training throughput against the dense-matmul bound, measured in the same run.
 
-What `train_sae` runs per layer is `bugscope.sae.train_topk_sae`: SAE-Lens's SAETrainer on a
-TopKTrainingSAE, fed by `ActivationStream` from the layer's cached corpus activations. Timed,
-interleaved in every repeat so that a noisy neighbour slows them alike:
+What `train_sae` runs is `bugscope.sae.train_layers`: per layer, SAE-Lens's SAETrainer on a
+TopKTrainingSAE (`train_topk_sae`), fed by `ActivationStream` from the layer's cached corpus
+activations; on a CPU one thread per layer, `--threads` layers side by side in worker processes.
+Timed, interleaved in every repeat so that a noisy neighbour slows them alike:
 
-- training: the whole `train_topk_sae` of one layer (stream, trainer set-up, every step, folding);
-- stream:   the ActivationStream alone, iterated for the batches that training draws;
-- bound:    the SAE's dense matmuls forward and backward (x @ W_enc, h @ W_dec, MSE) and an Adam
-            step, on random data of the same batch size, as many steps; no SAE-Lens, no TopK.
+- training: `train_layers` over the layers, as train_sae runs them (worker start-up included);
+- stream:   the ActivationStream alone, iterated for the batches that training draws, per layer;
+- bound:    per layer, the SAE's dense matmuls forward and backward (x @ W_enc, h @ W_dec, MSE)
+            and an Adam step on `--threads` threads, on random data of the same batch size, as many
+            steps; no SAE-Lens, no TopK, no auxiliary loss.
 
-Prints the medians, the fraction of the bound (bound / training, target >= 0.5) and the stream's
-share (stream / training).
+Prints the medians, the fraction of the bound (bound / training, target >= 0.5), the stream's
+share (stream / training) and, for comparison, the layers trained one after another in this
+process on `--threads` threads (what train_sae did before the worker processes).
 
-    python bench/bench_train.py --results /tmp/fresh2/results          # layer 8, the default config
-    python bench/bench_train.py --results RESULTS --layer 21 --repeats 7
+    python bench/bench_train.py --results RESULTS                      # layers 10-17
+    python bench/bench_train.py --results RESULTS --layers 14 27 --repeats 5
 
 `--results` is a finished run's results folder (its corpus activations and corpus table are read,
 never written).
@@ -34,7 +37,7 @@ import torch  # noqa: E402
 
 from bugscope.config import load_config, with_sae_set  # noqa: E402
 from bugscope.corpus import split_ids  # noqa: E402
-from bugscope.sae import ActivationSource, ActivationStream, train_topk_sae  # noqa: E402
+from bugscope.sae import ActivationSource, ActivationStream, LayerTraining, train_layers, train_topk_sae  # noqa: E402
 from bugscope.sites import hook_name  # noqa: E402
 from bugscope.stats import layer_seed  # noqa: E402
 
@@ -86,51 +89,61 @@ def main() -> None:
     ap.add_argument("--results", default=str(REPO / "results"), help="a finished run's results folder")
     ap.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
     ap.add_argument("--sae-set", default=None, help="default: the config's first SAE set")
-    ap.add_argument("--layer", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--layers", type=int, nargs="+", default=list(range(10, 18)))
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     cfg = with_sae_set(cfg, args.sae_set or cfg["sae"]["sets"][0]["name"])
     sae_cfg = cfg["sae"]
-    hook = hook_name(args.layer, cfg["sae_set"]["site"])
     results = Path(args.results)
-    acts_path = str(results / "activations" / "corpus" / f"{hook}.parquet")
     corpus = pq.read_table(results / "corpus" / "corpus.parquet", columns=["prompt_id", "split"])
     train_ids = split_ids(corpus, "train")
-    seed = layer_seed(cfg["seed"], args.layer)
+    jobs = []
+    for layer in args.layers:
+        hook = hook_name(layer, cfg["sae_set"]["site"])
+        source = ActivationSource(str(results / "activations" / "corpus" / f"{hook}.parquet"), prompt_ids=train_ids)
+        jobs.append(LayerTraining(layer, hook, source, layer_seed(cfg["seed"], layer)))
     batch_size = sae_cfg["batch_size"]
     n_steps = max(1, sae_cfg["training_tokens"] // batch_size)
     d_sae = sae_cfg["expansion"] * D_MODEL
-
-    def make_stream():
-        return ActivationStream([ActivationSource(acts_path, prompt_ids=train_ids)], batch_size=batch_size, seed=seed)
+    bound_one = dense_bound(batch_size, D_MODEL, d_sae, n_steps, cfg["seed"])
 
     def train():
-        train_topk_sae(make_stream(), d_in=D_MODEL, layer=args.layer, hook=hook, sae_cfg=sae_cfg, seed=seed)
+        train_layers(jobs, d_in=D_MODEL, sae_cfg=sae_cfg, workers=args.threads)
+
+    def train_serial():  # one after another in this process, on every thread
+        for job in jobs:
+            stream = ActivationStream([job.source], batch_size=batch_size, seed=job.seed)
+            train_topk_sae(stream, d_in=D_MODEL, layer=job.layer, hook=job.hook, sae_cfg=sae_cfg, seed=job.seed)
 
     def stream():
-        s = make_stream()
-        for _ in range(n_steps + n_first_batches(n_steps)):
-            next(s)
+        for job in jobs:
+            s = ActivationStream([job.source], batch_size=batch_size, seed=job.seed)
+            for _ in range(n_steps + n_first_batches(n_steps)):
+                next(s)
 
-    t_train, t_stream, t_bound = median_times([train, stream, dense_bound(batch_size, D_MODEL, d_sae, n_steps, seed)],
-                                              args.repeats)
+    def bound():
+        for _ in jobs:
+            bound_one()
+
+    t_train, t_serial, t_stream, t_bound = median_times([train, train_serial, stream, bound], args.repeats)
     ratio = t_bound / t_train
-    flops = 5 * 2 * batch_size * D_MODEL * d_sae * n_steps  # 2 forward matmuls; backward: dW_enc, dW_dec, dh
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.repeats} repeats, layer {args.layer} "
-          f"({acts_path})")
+    n = len(jobs)
+    flops = n * 5 * 2 * batch_size * D_MODEL * d_sae * n_steps  # 2 forward matmuls; backward: dW_enc, dW_dec, dh
+    print(f"torch {torch.__version__}, threads {args.threads}, {args.repeats} repeats, layers {args.layers} of {results}")
     print(f"SAE d_in {D_MODEL}, d_sae {d_sae}, k {sae_cfg['k']}, batch {batch_size}, {n_steps} steps "
-          f"({n_steps * batch_size} tokens)")
-    print(f"training     : median {t_train:.3f} s ({t_train / n_steps * 1e3:.2f} ms/step, "
-          f"{n_steps * batch_size / t_train:,.0f} tokens/s)")
-    print(f"stream alone : median {t_stream:.3f} s ({t_stream / n_steps * 1e3:.2f} ms/step)")
-    print(f"dense bound  : median {t_bound:.3f} s ({t_bound / n_steps * 1e3:.2f} ms/step, "
-          f"{flops / t_bound / 1e9:.1f} matmul GFLOP/s)")
+          f"({n_steps * batch_size} tokens) per layer")
+    print(f"training (train_layers, {args.threads} workers x 1 thread): median {t_train:.2f} s "
+          f"({t_train / n:.2f} s/layer, {n * n_steps * batch_size / t_train:,.0f} tokens/s)")
+    print(f"one after another on {args.threads} threads      : median {t_serial:.2f} s ({t_serial / n:.2f} s/layer); "
+          f"speed-up of the workers {t_serial / t_train:.2f}x")
+    print(f"stream alone : median {t_stream:.2f} s")
+    print(f"dense bound  : median {t_bound:.2f} s ({t_bound / n:.2f} s/layer, {flops / t_bound / 1e9:.1f} matmul GFLOP/s)")
     print(f"stream share stream/training: {t_stream / t_train:.2f}")
     print(f"fraction of bound bound/training: {ratio:.2f} "
-          f"{'(ok, >= 0.5)' if ratio >= 0.5 else '(below the 0.5 target)'}")
+          f"{'(ok, >= 0.5)' if ratio >= 0.5 else '(below the 0.5 target)'}; one after another: {t_bound / t_serial:.2f}")
 
 
 if __name__ == "__main__":

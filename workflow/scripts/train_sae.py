@@ -1,16 +1,13 @@
+import sys
+
 import torch
+from tqdm import tqdm
 
 from bugscope import tables
 from bugscope.config import with_sae_set
 from bugscope.corpus import split_ids
 from bugscope.model import ModelManifest, pick_device
-from bugscope.sae import (
-    ActivationSource,
-    ActivationStream,
-    check_sae_fits,
-    save_sae,
-    train_topk_sae,
-)
+from bugscope.sae import ActivationSource, LayerTraining, check_sae_fits, save_sae, train_layers
 from bugscope.script import log, run
 from bugscope.sites import hook_name
 from bugscope.stats import layer_seed
@@ -23,20 +20,24 @@ def main(smk):
     corpus, corpus_meta = tables.read(tables.CORPUS, cfg, smk.input.corpus, columns=["prompt_id", "split"])
     train_ids = split_ids(corpus, "train")
     device = str(pick_device(cfg["device"]))
-    trained = []
     for acts_path in smk.input.activations:
         tables.check(tables.CORPUS_ACTIVATIONS, cfg, acts_path)
-    for layer, acts_path in zip(smk.params.layers, smk.input.activations):
-        hook = hook_name(layer, cfg["sae_set"]["site"])
-        seed = layer_seed(cfg["seed"], layer)
-        stream = ActivationStream([ActivationSource(acts_path, prompt_ids=train_ids)],
-                                  batch_size=sae_cfg["batch_size"], seed=seed, device=device)
-        result = train_topk_sae(stream, d_in=manifest.d_model, layer=layer, hook=hook, sae_cfg=sae_cfg,
-                                seed=seed, device=device, model_name=manifest.name)
-        check_sae_fits(result.sae, expected_hook=hook, d_model=manifest.d_model, where=f"trained SAE for layer {layer}")
-        log.info("layer %d: %d steps, %d token-steps, training L0 %.1f, dead fraction %.3f", layer, result.n_steps,
-                 result.n_tokens, result.train_l0 or float("nan"), result.train_dead_fraction or 0.0)
-        trained.append((layer, hook, result))
+    jobs = [LayerTraining(layer, hook_name(layer, cfg["sae_set"]["site"]),
+                          ActivationSource(acts_path, prompt_ids=train_ids), layer_seed(cfg["seed"], layer))
+            for layer, acts_path in zip(smk.params.layers, smk.input.activations)]
+    progress = tqdm(total=len(jobs), desc="SAEs trained", unit="layer", file=sys.stderr)
+
+    def done(job, result):
+        check_sae_fits(result.sae, expected_hook=job.hook, d_model=manifest.d_model,
+                       where=f"trained SAE for layer {job.layer}")
+        log.info("layer %d: %d steps, %d token-steps, training L0 %.1f, dead fraction %.3f", job.layer,
+                 result.n_steps, result.n_tokens, result.train_l0 or float("nan"), result.train_dead_fraction or 0.0)
+        progress.update()
+
+    results = train_layers(jobs, d_in=manifest.d_model, sae_cfg=sae_cfg, device=device, model_name=manifest.name,
+                           workers=smk.threads, on_done=done)
+    progress.close()
+    trained = [(job.layer, job.hook, result) for job, result in zip(jobs, results)]
     # Every SAE of the group is trained before any is written: a failure leaves no partial outputs.
     for (layer, hook, result), out_dir in zip(trained, smk.output.saes):
         sae = result.sae.to(dtype=getattr(torch, sae_cfg["dtype"]))
