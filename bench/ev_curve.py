@@ -6,7 +6,7 @@ which (training tokens, batch size) buys the most EV per second of the 15-minute
     python bench/ev_curve.py --results RESULTS --layers 14 24
     python bench/ev_curve.py --results RESULTS --layers 14 --tokens 10240 20480 40960 --batch-sizes 128 256
 
-Each point trains the layer's SAE exactly as `train_sae` does (`bugscope.sae.train_topk_sae` with
+Each point trains the layer's SAE exactly as `train_sae` does (`bugscope.sae.train_layers`, one thread, with
 the config's `sae` settings, only `training_tokens` and `batch_size` replaced; the learning rate
 stays the config's), on the run's cached training split of the corpus (several epochs where the
 tokens exceed it), then measures EV on the held-out text (`lee.cor`) with the quality stage's
@@ -30,13 +30,14 @@ import torch  # noqa: E402
 
 from bugscope.config import load_config, with_sae_set  # noqa: E402
 from bugscope.corpus import split_ids  # noqa: E402
+from bugscope.io import read_metadata  # noqa: E402
 from bugscope.sae import (  # noqa: E402
     ActivationSource,
-    ActivationStream,
+    LayerTraining,
     iter_activations,
     load_sae,
     save_sae,
-    train_topk_sae,
+    train_layers,
 )
 from bugscope.sae_quality import reconstruction_stats  # noqa: E402
 from bugscope.sites import hook_name  # noqa: E402
@@ -70,15 +71,14 @@ def main() -> None:
         path = str(results / "activations" / "corpus" / f"{hook}.parquet")
         n_train = sum(x.shape[0] for _, _, x in iter_activations([ActivationSource(path, prompt_ids=ids["train"])]))
         heldout = ActivationSource(path, prompt_ids=ids["heldout"])
-        d_in = pq.read_schema(path).field("activation").type.list_size
+        d_in = int(read_metadata(path)["d_model"])
         seed = layer_seed(cfg["seed"], layer)
         for batch_size in args.batch_sizes:
             for tokens in args.tokens:
                 sae_cfg = {**cfg["sae"], "training_tokens": tokens, "batch_size": batch_size}
-                stream = ActivationStream([ActivationSource(path, prompt_ids=ids["train"])], batch_size=batch_size,
-                                          seed=seed)
+                job = LayerTraining(layer, hook, ActivationSource(path, prompt_ids=ids["train"]), seed)
                 t0 = time.perf_counter()
-                trained = train_topk_sae(stream, d_in=d_in, layer=layer, hook=hook, sae_cfg=sae_cfg, seed=seed)
+                [trained] = train_layers([job], d_in=d_in, sae_cfg=sae_cfg)
                 seconds = time.perf_counter() - t0
                 with tempfile.TemporaryDirectory() as tmp:  # the saved, folded form the quality stage reads
                     save_sae(trained.sae, Path(tmp) / "sae", {})

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import random
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, partialmethod
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -314,8 +313,11 @@ def train_layers(jobs: Sequence[LayerTraining], *, d_in: int, sae_cfg: dict, dev
             return results
         finally:
             torch.set_num_threads(threads)
-    # spawn, not fork: a forked child of a process whose OpenMP pool is up can hang.
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+    import sae_lens  # noqa: F401  (imported once here, inherited by the forked workers: 6 s each otherwise)
+
+    # fork, as torch's DataLoader workers: each worker runs torch on one thread, so it never enters the
+    # OpenMP pool it inherited. spawn would re-run the caller's main module, a Snakemake script.
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork"),
                              initializer=_init_training_worker) as pool:
         futures = {pool.submit(_train_layer_portable, job, train): job for job in jobs}
         for future in as_completed(futures):
@@ -326,8 +328,11 @@ def train_layers(jobs: Sequence[LayerTraining], *, d_in: int, sae_cfg: dict, dev
 
 
 def _init_training_worker() -> None:
-    os.environ["TQDM_DISABLE"] = "1"  # SAE-Lens's per-step bar from several workers at once: noise; the caller reports layers
+    from tqdm import tqdm
+
     torch.set_num_threads(1)
+    # SAE-Lens's per-step bars of several workers would interleave in one log: the caller reports layers.
+    tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)
 
 
 def _train_layer_portable(job: LayerTraining, train) -> TrainResult:
