@@ -152,6 +152,29 @@ def test_training_is_deterministic(layer_data):
     assert torch.equal(w[0], w[1])
 
 
+def test_layers_trained_side_by_side_equal_one_after_another(layer_data):
+    """train_layers' worker processes give every SAE the same bits as training the layers one after
+    another in this process, in job order, and the caller hears of each layer once."""
+    src = bsae.ActivationSource(str(layer_data.paths["corpus"]), prompt_ids=layer_data.train_ids)
+    cfg = {**SAE_CFG, "training_tokens": 256}
+    jobs = [bsae.LayerTraining(LAYER, HOOK, src, seed) for seed in (3, 4, 5)]
+    threads = torch.get_num_threads()
+    heard = []
+    serial = bsae.train_layers(jobs, d_in=576, sae_cfg=cfg, workers=1)
+    assert torch.get_num_threads() == threads  # the one thread per layer is given back
+    parallel = bsae.train_layers(jobs, d_in=576, sae_cfg=cfg, workers=2, on_done=lambda job, r: heard.append(job.seed))
+    assert sorted(heard) == [3, 4, 5]
+    assert [r.seed for r in parallel] == [3, 4, 5]
+    for a, b in zip(serial, parallel):
+        assert type(a.sae) is type(b.sae) and a.sae.cfg.to_dict() == b.sae.cfg.to_dict()
+        for name, value in a.sae.state_dict().items():
+            assert torch.equal(value, b.sae.state_dict()[name]), name
+        assert (a.n_steps, a.train_l0, a.train_dead_fraction, a.extra) == (b.n_steps, b.train_l0, b.train_dead_fraction,
+                                                                           b.extra)
+    # Different seeds train different SAEs: the comparison above could fail.
+    assert not torch.equal(serial[0].sae.W_enc, serial[1].sae.W_enc)
+
+
 # --- encoding ----------------------------------------------------------------------------------
 
 def test_features_equal_sae_encode_and_round_trip_to_dense(layer_data):

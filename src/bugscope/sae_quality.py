@@ -3,10 +3,13 @@ prompts and text, and the decision logit difference with the SAE spliced into th
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Sequence
 
 import pyarrow as pa
 import torch
+from tqdm import tqdm
 
 from bugscope.prompts import SINK_POSITION
 from bugscope.sae import ActivationSource, iter_activations
@@ -79,7 +82,10 @@ def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, b
     runner = LayerRunner(model)
     clean: list[torch.Tensor] = []
     spliced: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
-    for batch in iter_batches(list(rows), batch_size, pad_token_id, runner.device):
+    rows = list(rows)
+    batches = iter_batches(rows, batch_size, pad_token_id, runner.device)
+    for batch in tqdm(batches, total=math.ceil(len(rows) / batch_size), desc="spliced passes", unit="batch",
+                      file=sys.stderr):
         mask = (batch.attention_mask == 1) & (batch.position_ids > SINK_POSITION)  # [batch, pos]
         hidden, ctx = runner.begin(batch)
         entering = {}

@@ -6,7 +6,7 @@ from bugscope import tables
 from bugscope.config import with_sae_set
 from bugscope.corpus import split_ids
 from bugscope.model import ModelManifest, load_model
-from bugscope.prompts import SINK_POSITION
+from bugscope.prompts import BUG_PAIR_KIND, SINK_POSITION
 from bugscope.sae import ActivationSource, check_sae_fits, load_sae, sae_provenance_meta
 from bugscope.sae_quality import QUALITY_SCHEMA, quality_row, reconstruction_stats, spliced_logit_diffs
 from bugscope.script import log, run
@@ -25,15 +25,16 @@ def main(smk):
     held_corpus_ids = split_ids(corpus, "heldout")
     model, tokenizer = load_model(manifest, cfg["device"])
     device = next(model.parameters()).device
-    # The spliced forward passes run on the held-out prompts of the two contrasted formats only: one
-    # pass per layer over every token is the stage's largest cost.
+    # The spliced forward passes run on the held-out prompts of the bug's kind in the two contrasted
+    # formats only: one pass per layer over every token is the stage's largest cost, and it grows with
+    # the held-out pairs (half of them since SAE training holds out the odd pairs).
     contrast = [cfg["prompts"]["buggy_format"], cfg["prompts"]["correct_format"]]
-    rows = held_prompts.filter(pl.col("format").is_in(contrast)).to_dicts()
+    rows = held_prompts.filter(pl.col("format").is_in(contrast) & (pl.col("pair_kind") == BUG_PAIR_KIND)).to_dicts()
     meta = {"config_hash": smk.params.config_hash, "heldout_pair_ids": held_pairs,
             "prompts_heldout": bool(held_pairs), "excluded_positions": [SINK_POSITION], "corpus": corpus_meta["corpus"],
             "ev_definition": "1 - sum|x - x_hat|^2 / sum|x - mean(x)|^2 over held-out tokens",
             "dead_definition": "features never active on the held-out prompt and corpus tokens",
-            "logit_diff_prompts": "held-out pairs, formats " + " and ".join(contrast),
+            "logit_diff_prompts": f"held-out pairs of kind {BUG_PAIR_KIND}, formats " + " and ".join(contrast),
             **manifest.provenance()}
     for path in smk.input.prompt_activations:
         tables.check(tables.PROMPT_ACTIVATIONS, cfg, path)
