@@ -294,7 +294,7 @@ def train_layers(jobs: Sequence[LayerTraining], *, d_in: int, sae_cfg: dict, dev
 
     On a CPU every layer trains on one thread, `workers` layers side by side in worker processes:
     a 128-row training step is many small ops, which two threads run only 1.35x faster than one,
-    so on 2 cores two layers side by side finish 1.27x sooner than one after another on two
+    so on 2 cores two layers side by side finish about 1.2x sooner than one after another on two
     threads (bench/bench_train.py). One thread per layer also makes an SAE's bits independent of
     how many workers ran. On a GPU the layers train one after another in this process.
     `on_done(job, result)` is called as each layer finishes (progress), in finishing order.

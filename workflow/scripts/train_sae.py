@@ -25,6 +25,9 @@ def main(smk):
     jobs = [LayerTraining(layer, hook_name(layer, cfg["sae_set"]["site"]),
                           ActivationSource(acts_path, prompt_ids=train_ids), layer_seed(cfg["seed"], layer))
             for layer, acts_path in zip(smk.params.layers, smk.input.activations)]
+    # No tqdm monitor thread: train_layers forks its workers, and a thread holding tqdm's lock at the
+    # fork would leave it locked in the workers.
+    tqdm.monitor_interval = 0
     progress = tqdm(total=len(jobs), desc="SAEs trained", unit="layer", file=sys.stderr)
 
     def done(job, result):
