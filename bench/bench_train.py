@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from bugscope.config import load_config, with_sae_set  # noqa: E402
 from bugscope.corpus import split_ids  # noqa: E402
-from bugscope.sae import ActivationSource, ActivationStream, LayerTraining, train_layers, train_topk_sae  # noqa: E402
+from bugscope.sae import ActivationSource, LayerTraining, train_layer, train_layers  # noqa: E402
 from bugscope.sites import hook_name  # noqa: E402
 from bugscope.stats import layer_seed  # noqa: E402
 
@@ -115,12 +115,11 @@ def main() -> None:
 
     def train_serial():  # one after another in this process, on every thread
         for job in jobs:
-            stream = ActivationStream([job.source], batch_size=batch_size, seed=job.seed)
-            train_topk_sae(stream, d_in=D_MODEL, layer=job.layer, hook=job.hook, sae_cfg=sae_cfg, seed=job.seed)
+            train_layer(job, d_in=D_MODEL, sae_cfg=sae_cfg)
 
     def stream():
         for job in jobs:
-            s = ActivationStream([job.source], batch_size=batch_size, seed=job.seed)
+            s = job.stream(batch_size)
             for _ in range(n_steps + n_first_batches(n_steps)):
                 next(s)
 

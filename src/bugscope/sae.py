@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import random
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import partial, partialmethod
@@ -287,6 +288,16 @@ class LayerTraining:
     source: ActivationSource
     seed: int
 
+    def stream(self, batch_size: int, device: str = "cpu") -> ActivationStream:
+        return ActivationStream([self.source], batch_size=batch_size, seed=self.seed, device=device)
+
+
+def train_layer(job: LayerTraining, *, d_in: int, sae_cfg: dict, device: str = "cpu",
+                model_name: str = "") -> TrainResult:
+    """One layer's SAE, trained by `train_topk_sae` on the job's stream, on this process's threads."""
+    return train_topk_sae(job.stream(sae_cfg["batch_size"], device), d_in=d_in, layer=job.layer, hook=job.hook,
+                          sae_cfg=sae_cfg, seed=job.seed, device=device, model_name=model_name)
+
 
 def train_layers(jobs: Sequence[LayerTraining], *, d_in: int, sae_cfg: dict, device: str = "cpu",
                  model_name: str = "", workers: int = 1, on_done=None) -> list[TrainResult]:
@@ -297,34 +308,61 @@ def train_layers(jobs: Sequence[LayerTraining], *, d_in: int, sae_cfg: dict, dev
     so on 2 cores two layers side by side finish about 1.2x sooner than one after another on two
     threads (bench/bench_train.py). One thread per layer also makes an SAE's bits independent of
     how many workers ran. On a GPU the layers train one after another in this process.
-    `on_done(job, result)` is called as each layer finishes (progress), in finishing order.
+    `on_done(job, result)` is called as each layer finishes, in finishing order; a bar on stderr
+    counts the layers.
     """
-    train = partial(_train_layer, d_in=d_in, sae_cfg=sae_cfg, device=device, model_name=model_name)
-    if device != "cpu" or workers <= 1 or len(jobs) <= 1:
-        threads = torch.get_num_threads()
-        if device == "cpu":
-            torch.set_num_threads(1)
-        try:
-            results = []
-            for job in jobs:
-                results.append(train(job))
-                if on_done:
-                    on_done(job, results[-1])
-            return results
-        finally:
-            torch.set_num_threads(threads)
-    import sae_lens  # noqa: F401  (imported once here, inherited by the forked workers: 6 s each otherwise)
+    from tqdm import tqdm
 
-    # fork, as torch's DataLoader workers: each worker runs torch on one thread, so it never enters the
-    # OpenMP pool it inherited. spawn would re-run the caller's main module, a Snakemake script.
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork"),
-                             initializer=_init_training_worker) as pool:
-        futures = {pool.submit(_train_layer_portable, job, train): job for job in jobs}
-        for future in as_completed(futures):
-            future.result().sae = _rebuild_training_sae(*future.result().sae)
+    train = partial(train_layer, d_in=d_in, sae_cfg=sae_cfg, device=device, model_name=model_name)
+    parallel = device == "cpu" and workers > 1 and len(jobs) > 1
+    if parallel:
+        _stop_tqdm_monitor()
+    with tqdm(total=len(jobs), desc="SAEs trained", unit="layer", file=sys.stderr) as progress:
+        def done(job, result):
             if on_done:
-                on_done(futures[future], future.result())
-        return [f.result() for f in futures]
+                on_done(job, result)
+            progress.update()
+
+        if not parallel:
+            return _train_here(jobs, train, device, done)
+        import sae_lens  # noqa: F401  (imported once here, inherited by the forked workers: 6 s each otherwise)
+
+        # fork, as torch's DataLoader workers: each worker runs torch on one thread, so it never enters
+        # the OpenMP pool it inherited. spawn would re-run the caller's main module, a Snakemake script.
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_init_training_worker) as pool:
+            futures = {pool.submit(_train_layer_portable, job, train): job for job in jobs}
+            for future in as_completed(futures):
+                result = future.result()
+                result.sae = _rebuild_training_sae(*result.sae)
+                done(futures[future], result)
+            return [f.result() for f in futures]
+
+
+def _train_here(jobs, train, device: str, done) -> list[TrainResult]:
+    """The layers one after another in this process, on one thread each on a CPU (the same bits as a worker)."""
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        results = []
+        for job in jobs:
+            results.append(train(job))
+            done(job, results[-1])
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stop_tqdm_monitor() -> None:
+    """No tqdm monitor thread across the fork: one holding tqdm's lock at that moment would leave it
+    locked in the workers, whose (disabled) bars take it."""
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0
+    if tqdm.monitor is not None:
+        tqdm.monitor.exit()
+        tqdm.monitor = None
 
 
 def _init_training_worker() -> None:
@@ -349,12 +387,6 @@ def _rebuild_training_sae(cfg, state: dict):
     sae = TopKTrainingSAE(cfg)
     sae.load_state_dict(state)
     return sae
-
-
-def _train_layer(job: LayerTraining, *, d_in: int, sae_cfg: dict, device: str, model_name: str) -> TrainResult:
-    stream = ActivationStream([job.source], batch_size=sae_cfg["batch_size"], seed=job.seed, device=device)
-    return train_topk_sae(stream, d_in=d_in, layer=job.layer, hook=job.hook, sae_cfg=sae_cfg, seed=job.seed,
-                          device=device, model_name=model_name)
 
 
 # --- saving and loading ------------------------------------------------------------------------

@@ -1,7 +1,4 @@
-import sys
-
 import torch
-from tqdm import tqdm
 
 from bugscope import tables
 from bugscope.config import with_sae_set
@@ -25,28 +22,21 @@ def main(smk):
     jobs = [LayerTraining(layer, hook_name(layer, cfg["sae_set"]["site"]),
                           ActivationSource(acts_path, prompt_ids=train_ids), layer_seed(cfg["seed"], layer))
             for layer, acts_path in zip(smk.params.layers, smk.input.activations)]
-    # No tqdm monitor thread: train_layers forks its workers, and a thread holding tqdm's lock at the
-    # fork would leave it locked in the workers.
-    tqdm.monitor_interval = 0
-    progress = tqdm(total=len(jobs), desc="SAEs trained", unit="layer", file=sys.stderr)
 
     def done(job, result):
         check_sae_fits(result.sae, expected_hook=job.hook, d_model=manifest.d_model,
                        where=f"trained SAE for layer {job.layer}")
         log.info("layer %d: %d steps, %d token-steps, training L0 %.1f, dead fraction %.3f", job.layer,
                  result.n_steps, result.n_tokens, result.train_l0 or float("nan"), result.train_dead_fraction or 0.0)
-        progress.update()
 
     results = train_layers(jobs, d_in=manifest.d_model, sae_cfg=sae_cfg, device=device, model_name=manifest.name,
                            workers=smk.threads, on_done=done)
-    progress.close()
-    trained = [(job.layer, job.hook, result) for job, result in zip(jobs, results)]
     # Every SAE of the group is trained before any is written: a failure leaves no partial outputs.
-    for (layer, hook, result), out_dir in zip(trained, smk.output.saes):
+    for job, result, out_dir in zip(jobs, results, smk.output.saes):
         sae = result.sae.to(dtype=getattr(torch, sae_cfg["dtype"]))
         sae.cfg.dtype = sae_cfg["dtype"]
         save_sae(sae, out_dir, {
-            "sae_set": cfg["sae_set"]["name"], "source": "train", "release": None, "sae_id": None, "hook_name": hook, "layer": layer,
+            "sae_set": cfg["sae_set"]["name"], "source": "train", "release": None, "sae_id": None, "hook_name": job.hook, "layer": job.layer,
             "d_in": manifest.d_model, "d_sae": result.sae.cfg.d_sae, "architecture": "topk", "seed": result.seed,
             "config_hash": smk.params.config_hash, "corpus": corpus_meta["corpus"],
             "heldout_pair_ids": corpus_meta["heldout_pair_ids"],
