@@ -12,6 +12,7 @@ from bugscope.forward import decision_logits, logit_diff, make_batch
 from bugscope.io import read_table
 from bugscope.patch_summary import bug_kind_rows, summarise
 from bugscope.patching import (
+    CEILING,
     ORIGINAL_METHOD,
     HeadPatcher,
     HeadSet,
@@ -130,6 +131,38 @@ def test_patched_run_reuses_keys_and_values_at_every_layer(prompts, patcher, mon
     prep = patcher.prepare(pairs, [LAYER], PatchSpec(positions="decision"))
     patcher.run_patched(prep, LAYER, [_all_heads(patcher.n_heads)], "z")
     assert calls == list(range(LAYER, patcher.n_layers))
+
+
+def test_scores_and_records_shared_between_sweeps_change_no_bit(prompts, embedded, monkeypatch):
+    """A sweep scores its sources in the one pass that reads them, and within `reusing_records` a
+    second method reuses the targets' unpatched runs. Same batches on one machine: the numbers must
+    be exactly those of running everything again, and nothing may be run twice."""
+    model, tok = embedded
+    pairs = make_pairs(prompts.filter(pl.col("question_id") < 3), "qa", "simple", "decision")
+    n = HeadPatcher(model, pad_token_id=tok.pad_token_id, progress=False).n_heads
+    plan = {LAYER: [*named_head_sets(n)[:3], CEILING]}
+
+    def fresh():
+        return HeadPatcher(model, pad_token_id=tok.pad_token_id, max_prompts=2, batch_rows=5, progress=False)
+
+    sources = [p.source for p in pairs]
+    expected_sources = fresh().unpatched_logit_diffs(sources)
+    alone = [fresh().sweep(pairs, {LAYER: plan[LAYER][:3]}, spec)[0] for spec in (PatchSpec(positions="decision"),
+                                                                                   ORIGINAL_METHOD)]
+
+    shared = fresh()
+    records = []
+    record = shared.runner.record
+    monkeypatch.setattr(shared.runner, "record", lambda *a, **kw: (records.append(1), record(*a, **kw))[1])
+    with shared.reusing_records():
+        first, _ = shared.sweep(pairs, plan, PatchSpec(positions="decision"))
+        second, _ = shared.sweep(pairs, {LAYER: plan[LAYER][:3]}, ORIGINAL_METHOD)
+    assert len(records) == math.ceil(len(pairs) / shared.max_prompts)  # one unpatched run per target batch
+    assert shared.unpatched_logit_diffs(sources) == expected_sources  # scored in the sweep, no run left to do
+    assert len(records) == math.ceil(len(pairs) / shared.max_prompts)
+    assert first.filter(pl.col("head_set") != CEILING.name).sort("head_set", "prompt_id").equals(
+        alone[0].sort("head_set", "prompt_id"))
+    assert second.sort("head_set", "prompt_id").equals(alone[1].sort("head_set", "prompt_id"))
 
 
 @pytest.mark.numerical

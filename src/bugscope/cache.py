@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from bugscope import tables
 from bugscope.forward import capture_sites, iter_batches, run_decoder
-from bugscope.io import STORAGE_TORCH_DTYPES, atomic_path, encode_metadata, fsync_files, vector_type, vectors_to_arrow
+from bugscope.io import atomic_path, encode_metadata, fsync_files, storage_torch_dtype, vector_type, vectors_to_arrow
 from bugscope.sites import parse_hook_name
 
 INDEX_COLUMNS = ["prompt_id", "position"]
@@ -123,7 +123,7 @@ def _start_host_copy(acts: torch.Tensor, finite: torch.Tensor, dtype: str):
     """(acts in the storage dtype, the finite flag, copy-done event) on the host. From a GPU both go
     to pinned memory without blocking and the event marks the end of the copy; on the CPU they are
     the tensors themselves and the event is None."""
-    acts = acts.to(STORAGE_TORCH_DTYPES[dtype])
+    acts = acts.to(storage_torch_dtype(dtype))
     if acts.device.type != "cuda":
         return acts, finite, None
     host = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=True)

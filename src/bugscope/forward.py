@@ -208,26 +208,39 @@ class LayerRunner:
         return (lc - lw).cpu()
 
     @torch.inference_mode()
-    def capture_attention(self, batch: Batch, layers: Sequence[int], site: str, n_slices: int) -> dict[int, torch.Tensor]:
-        """Unpatched per-head outputs (site "z") or attention-output slices (site "attn_out") at
-        `layers`: layer -> [b, pos, n_slices, width]. Stops after the last layer asked for."""
-        got: dict[int, torch.Tensor] = {}
+    def unpatched_pass(self, batch: Batch, *, attention_layers: Sequence[int] = (), site: str | None = None,
+                       n_slices: int = 1, residual_layers: Sequence[int] = (), score: bool = False) -> "UnpatchedPass":
+        """One unpatched forward of a batch that collects what its callers read: the per-head outputs
+        (site "z") or attention-output slices (site "attn_out") at `attention_layers`, as [b, pos,
+        n_slices, width]; the residual stream after each of `residual_layers`; and, with `score`, the
+        decision logit difference. Without `score` it stops after the last layer asked for."""
+        attention: dict[int, torch.Tensor] = {}
 
         def grab(layer):
             def write(x):
-                got[layer] = x.reshape(*x.shape[:2], n_slices, -1).clone()
+                attention[layer] = x.reshape(*x.shape[:2], n_slices, -1).clone()
                 return x
             return write
 
-        handles = [attention_writer_hook(self.model, layer, site, grab(layer)) for layer in layers]
+        last = self.n_layers - 1 if score else max([*attention_layers, *residual_layers])
+        handles = [attention_writer_hook(self.model, layer, site, grab(layer)) for layer in attention_layers]
+        residuals = {}
         try:
             hidden, ctx = self.begin(batch)
-            for layer in range(max(layers) + 1):
+            for layer in range(last + 1):
                 hidden = self.layer(layer, hidden, ctx)
+                if layer in residual_layers:
+                    residuals[layer] = hidden
         finally:
             for h in handles:
                 h.remove()
-        return got
+        baseline = self.decision_logit_diff(hidden[:, -1], batch) if score else None
+        return UnpatchedPass(attention, residuals, baseline)
+
+    def capture_attention(self, batch: Batch, layers: Sequence[int], site: str, n_slices: int) -> dict[int, torch.Tensor]:
+        """Unpatched per-head outputs (site "z") or attention-output slices (site "attn_out") at
+        `layers`: layer -> [b, pos, n_slices, width]. Stops after the last layer asked for."""
+        return self.unpatched_pass(batch, attention_layers=layers, site=site, n_slices=n_slices).attention
 
     @torch.inference_mode()
     def record(self, batch: Batch, layers: Sequence[int]) -> "RecordedRun":
@@ -293,16 +306,9 @@ class LayerRunner:
             handle.remove()
         return self.decision_logit_diff(hidden[:, -1], run.batch, replicas)
 
-    @torch.inference_mode()
     def residuals_after(self, batch: Batch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """layer -> [b, pos, d_model]: the unpatched residual stream after each of `layers`."""
-        hidden, ctx = self.begin(batch)
-        out = {}
-        for layer in range(max(layers) + 1):
-            hidden = self.layer(layer, hidden, ctx)
-            if layer in layers:
-                out[layer] = hidden
-        return out
+        return self.unpatched_pass(batch, residual_layers=layers).residuals
 
     @torch.inference_mode()
     def run_residual_written(self, run: "RecordedRun", layer: int, values: torch.Tensor, pos_mask: torch.Tensor,
@@ -314,6 +320,15 @@ class LayerRunner:
         hidden = torch.where(pos_mask[:, start:, None], values[:, start:], hidden)
         hidden = self.run(layer + 1, hidden, ctx, kv)
         return self.decision_logit_diff(hidden[:, -1], run.batch)
+
+
+@dataclass
+class UnpatchedPass:
+    """What `LayerRunner.unpatched_pass` collected from one batch."""
+
+    attention: dict[int, torch.Tensor]  # layer -> [b, pos, n_slices, width]
+    residuals: dict[int, torch.Tensor]  # layer -> [b, pos, d_model] after the layer
+    baseline: torch.Tensor | None  # [b] decision logit difference, when scored
 
 
 @dataclass
@@ -345,7 +360,11 @@ class KVPrefix:
         self.prefix, self.n_cols, self.replicas = prefix, n_cols, replicas
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        pk, pv = self.prefix[layer_idx]
-        pk = pk[:, :, :self.n_cols].repeat(self.replicas, 1, 1, 1)
-        pv = pv[:, :, :self.n_cols].repeat(self.replicas, 1, 1, 1)
-        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+        return tuple(self._prepend(recorded, new) for recorded, new in zip(self.prefix[layer_idx], (key, value)))
+
+    def _prepend(self, recorded: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        # The replicas of the prefix are a broadcast view: the one copy is the concatenation.
+        b, *rest = recorded.shape
+        prefix = recorded[:, :, :self.n_cols][None].expand(self.replicas, b, rest[0], self.n_cols, rest[2])
+        joined = torch.cat([prefix, new.reshape(self.replicas, b, *new.shape[1:])], dim=3)
+        return joined.reshape(self.replicas * b, *joined.shape[2:])

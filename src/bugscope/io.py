@@ -16,12 +16,14 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 META_PREFIX = "bugscope."
 TMP_MARKER = ".tmp-"
@@ -193,12 +195,20 @@ def read_table(path, *, kind: str, config_hash: str | None = None, columns=None)
 
 # --- dense vectors in Parquet -------------------------------------------------------------------
 
-STORAGE_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORAGE_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def storage_torch_dtype(dtype: str):
+    """The torch dtype of a storage dtype name. torch is imported here, not at the top: the light
+    jobs (figures, tables, the ledger) import this module and never need it (1.5 s a job)."""
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
 def vector_type(d: int, dtype: str) -> pa.DataType:
     """Arrow type of one stored vector: its d values in the storage dtype, little-endian, back to back."""
-    return pa.binary(d * STORAGE_TORCH_DTYPES[dtype].itemsize)
+    return pa.binary(d * STORAGE_DTYPE_BYTES[dtype])
 
 
 def vectors_to_arrow(x: torch.Tensor, dtype: str) -> pa.FixedSizeBinaryArray:
@@ -208,7 +218,9 @@ def vectors_to_arrow(x: torch.Tensor, dtype: str) -> pa.FixedSizeBinaryArray:
     definition and a repetition level per element, which made encoding 5-10x slower than copying
     the bytes, the largest cost of caching after the forward pass itself.
     """
-    x = x.detach().cpu().to(STORAGE_TORCH_DTYPES[dtype]).contiguous()
+    import torch
+
+    x = x.detach().cpu().to(storage_torch_dtype(dtype)).contiguous()
     n, d = x.shape
     raw = x.view(torch.uint8).numpy()  # bfloat16 has no NumPy dtype; its bytes do
     return pa.Array.from_buffers(vector_type(d, dtype), n, [None, pa.py_buffer(raw)])
@@ -216,9 +228,11 @@ def vectors_to_arrow(x: torch.Tensor, dtype: str) -> pa.FixedSizeBinaryArray:
 
 def arrow_to_vectors(col: pa.ChunkedArray | pa.FixedSizeBinaryArray, dtype: str) -> torch.Tensor:
     """Inverse of `vectors_to_arrow`, always returning float32 [n, d]."""
+    import torch
+
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     width = col.type.byte_width
     raw = np.frombuffer(col.buffers()[1], dtype=np.uint8, count=len(col) * width, offset=col.offset * width)
-    t = torch.from_numpy(raw.copy()).view(STORAGE_TORCH_DTYPES[dtype])
+    t = torch.from_numpy(raw.copy()).view(storage_torch_dtype(dtype))
     return t.to(torch.float32).reshape(len(col), -1)

@@ -23,8 +23,6 @@ import os
 import time
 from typing import Iterator
 
-import torch
-
 STATS_ENV = "BUGSCOPE_JOB_STATS"
 
 
@@ -38,6 +36,8 @@ class MatmulFlops:
         self._sae_width = 0  # d_sae of the latents seen last (a decode follows the encode that made them)
 
     def _hook(self, module, inputs, output):
+        import torch
+
         if isinstance(module, torch.nn.Linear):
             if inputs:
                 rows = inputs[0].numel() // module.in_features
@@ -55,6 +55,8 @@ class MatmulFlops:
             self.flops += 2 * output.numel() * self._sae_width
 
     def __enter__(self) -> "MatmulFlops":
+        import torch
+
         self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
         return self
 
@@ -64,6 +66,8 @@ class MatmulFlops:
 
 def peak_gpu_bytes() -> int | None:
     """torch.cuda.max_memory_allocated() summed over devices, or None when CUDA was never used."""
+    import torch
+
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return None
     return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
@@ -76,6 +80,8 @@ def job_stats(rule: str) -> Iterator[None]:
     if not path:
         yield
         return
+    import torch  # here, not at the top: the light jobs never load it (bugscope.script)
+
     t0 = time.perf_counter()
     ok = False
     with MatmulFlops() as counter:

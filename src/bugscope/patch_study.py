@@ -140,10 +140,11 @@ def replacement(patcher, prompts: pl.DataFrame, layers: Sequence[int], config: d
     spec, *_ = spec_from_config(config)
     fractions = sorted(float(a) for a in config["patching"]["replacement"]["fractions"])
     runs = [(spec, _sets(patcher.n_heads, layers)), (patching.ORIGINAL_METHOD, _sets(patcher.n_heads, layers, ["all"]))]
-    per_prompt = pl.concat([
-        run_study_sweep(patcher, prompts, sets, s, fractions=fractions, eligible_by=unpatched,
-                        desc=f"replacement ({s.method})", **_formats(config, config["patching"]["direction"]))
-        for s, sets in runs])
+    with patcher.reusing_records():  # both methods patch the same targets
+        per_prompt = pl.concat([
+            run_study_sweep(patcher, prompts, sets, s, fractions=fractions, eligible_by=unpatched,
+                            desc=f"replacement ({s.method})", **_formats(config, config["patching"]["direction"]))
+            for s, sets in runs])
     summary = patch_summary.summary_table(per_prompt, extra_keys=["fraction"], **_boot(config))
     return per_prompt, summary
 
@@ -201,9 +202,9 @@ def residual_map_rows(patcher, pairs: Sequence[patching.PatchPair], layers: Sequ
     for start in range(0, len(pairs), step):
         part = pairs[start:start + step]
         batch = make_batch([p.target for p in part], patcher.pad_token_id, patcher.device)
-        sbatch = make_batch([p.source for p in part], patcher.pad_token_id, patcher.device)
         run = runner.record(batch, layers)
-        source = runner.residuals_after(sbatch, layers)
+        sbatch, source_run = patcher.source_pass(part, residual_layers=layers, score=True)
+        source = source_run.residuals
         for layer in layers:
             for rank in range(n_rank):
                 rows = [i for i, p in enumerate(part) if len(p.target_positions) > rank]

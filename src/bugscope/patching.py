@@ -27,6 +27,7 @@ batch per head set), and reads out only the two logits that are scored at the de
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from bugscope.features.overlap import resolve_focus_layers  # noqa: F401  (the focus layers of every sweep)
-from bugscope.forward import Batch, LayerRunner, RecordedRun, capture_sites, make_batch
+from bugscope.forward import Batch, LayerRunner, RecordedRun, UnpatchedPass, capture_sites, make_batch
 from bugscope.head_sets import (  # noqa: F401  (re-exported: the head-set vocabulary of every sweep)
     CEILING,
     POOLS,
@@ -52,106 +53,21 @@ from bugscope.head_sets import (  # noqa: F401  (re-exported: the head-set vocab
     subset_head_sets,
 )
 from bugscope.model import model_geometry
+from bugscope.patch_pairs import (  # noqa: F401  (re-exported: what every sweep patches where)
+    DIRECTIONS,
+    OPERATIONS,
+    ORIGINAL_METHOD,
+    ORIGINAL_POSITIONS,
+    POSITION_MODES,
+    SITES,
+    PatchPair,
+    PatchSpec,
+    common_suffix_length,
+    direction_formats,
+    make_pairs,
+    positions_for_pair,
+)
 from bugscope.sites import HEAD_SITE, hook_name
-
-POSITION_MODES = ("aligned", "decision", "suffix")
-ORIGINAL_POSITIONS = "original"  # the original method's positions [:min_len]
-OPERATIONS = ("patch", "zero", "mean")
-DIRECTIONS = ("fix", "break")
-SITES = (HEAD_SITE, "attn_out")  # o_proj input (true heads) or self_attn output (the seed's slices)
-
-
-# --- what to patch where --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PatchSpec:
-    """How one sweep patches: the site, the positions and the operation."""
-
-    site: str = HEAD_SITE
-    positions: str = "aligned"
-    operation: str = "patch"
-
-    def __post_init__(self):
-        if self.site not in SITES:
-            raise PatchingConfigError(f"unknown patch site {self.site!r}; expected one of {', '.join(SITES)}.")
-        if self.positions not in (*POSITION_MODES, ORIGINAL_POSITIONS):
-            raise PatchingConfigError(
-                f"patching.positions is {self.positions!r}; expected one of {', '.join(POSITION_MODES)}.")
-        if self.operation not in OPERATIONS:
-            raise PatchingConfigError(
-                f"patching.operation is {self.operation!r}; expected one of {', '.join(OPERATIONS)}.")
-
-    @property
-    def method(self) -> str:
-        return "original" if self.site == "attn_out" else "per_head"
-
-
-ORIGINAL_METHOD = PatchSpec(site="attn_out", positions=ORIGINAL_POSITIONS, operation="patch")
-
-
-@dataclass
-class PatchPair:
-    """One target prompt, the source prompt of the same question, and the positions patched."""
-
-    target: dict
-    source: dict
-    target_positions: list[int] = field(default_factory=list)
-    source_positions: list[int] = field(default_factory=list)
-
-
-def common_suffix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return n
-
-
-def positions_for_pair(target: dict, source: dict, mode: str) -> tuple[list[int], list[int]]:
-    """(target positions, source positions), matched index by index."""
-    if mode == "aligned":
-        return list(target["aligned_positions"]), list(source["aligned_positions"])
-    if mode == "decision":
-        return [target["decision_pos"]], [source["decision_pos"]]
-    if mode == "suffix":
-        n = max(1, common_suffix_length(target["input_ids"], source["input_ids"]))
-        nt, ns = len(target["input_ids"]), len(source["input_ids"])
-        return list(range(nt - n, nt)), list(range(ns - n, ns))
-    if mode == ORIGINAL_POSITIONS:
-        m = min(len(target["input_ids"]), len(source["input_ids"]))
-        return list(range(m)), list(range(m))
-    raise PatchingConfigError(f"unknown position mode {mode!r}; expected one of {', '.join(POSITION_MODES)}.")
-
-
-def direction_formats(prompts_cfg: dict, direction: str) -> tuple[str, str]:
-    """(target format, source format): fix patches the correct format into the buggy one."""
-    if direction == "fix":
-        return prompts_cfg["buggy_format"], prompts_cfg["correct_format"]
-    if direction == "break":
-        return prompts_cfg["correct_format"], prompts_cfg["buggy_format"]
-    raise PatchingConfigError(f"patching.direction is {direction!r}; expected one of {', '.join(DIRECTIONS)}.")
-
-
-def make_pairs(prompts: pl.DataFrame, target_format: str, source_format: str, mode: str) -> list[PatchPair]:
-    """One pair per question that exists in both formats, in question order."""
-    t = {r["question_id"]: r for r in prompts.filter(pl.col("format") == target_format).to_dicts()}
-    s = {r["question_id"]: r for r in prompts.filter(pl.col("format") == source_format).to_dicts()}
-    shared = sorted(set(t) & set(s))
-    if not shared:
-        raise PatchingConfigError(
-            f"No question exists in both the target format {target_format!r} and the source format "
-            f"{source_format!r} of the prompt table. Check prompts.formats, buggy_format and correct_format."
-        )
-    pairs = []
-    for q in shared:
-        tp, sp = positions_for_pair(t[q], s[q], mode)
-        if len(tp) != len(sp):
-            raise PatchingConfigError(
-                f"question {q}: {len(tp)} target positions but {len(sp)} source positions in mode {mode!r}; "
-                "the prompt table's aligned_positions must have the same length in every format. Rebuild it.")
-        pairs.append(PatchPair(t[q], s[q], tp, sp))
-    return pairs
-
 
 # --- the engine -----------------------------------------------------------------------------------
 
@@ -238,6 +154,7 @@ class HeadPatcher:
         self.kv_reuse = kv_reuse
         self.progress = progress
         self._unpatched: dict[tuple[int, ...], list[tuple[int, float]]] = {}
+        self._records: dict[tuple, RecordedRun] | None = None  # see reusing_records
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
@@ -280,15 +197,34 @@ class HeadPatcher:
                     sums[layer][:len(pos)] += got[layer][i, cols].double().cpu()
         return {layer: (s / counts[:, None, None]).to(self.dtype) for layer, s in sums.items()}
 
+    @torch.inference_mode()
+    def source_pass(self, pairs: Sequence[PatchPair], layers: Sequence[int] = (), site: str | None = None,
+                    residual_layers: Sequence[int] = (), score: bool = False) -> tuple[Batch, UnpatchedPass]:
+        """(batch, pass) of the source prompts of `pairs`: one unpatched pass for everything a sweep
+        reads from them, the site tensors at `layers` and the residual stream after
+        `residual_layers`. With `score` it also scores them, and `unpatched_logit_diffs` reuses
+        those scores for the same batch of sources instead of running it again."""
+        rows = [p.source for p in pairs]
+        batch = make_batch(rows, self.pad_token_id, self.device)
+        if layers:
+            self.slice_width(site)
+        got = self.runner.unpatched_pass(batch, attention_layers=layers, site=site, n_slices=self.n_heads,
+                                         residual_layers=residual_layers, score=score)
+        if score:
+            self._unpatched[tuple(r["prompt_id"] for r in rows)] = list(zip(batch.prompt_ids.tolist(),
+                                                                             got.baseline.double().tolist()))
+        return batch, got
+
     def placed(self, pairs: Sequence[PatchPair], batch: Batch, layers: Sequence[int], spec: PatchSpec,
-               means: dict[int, torch.Tensor] | None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """`place_values` for one target batch, capturing the source prompts' values first."""
-        source = source_pad = None
+               means: dict[int, torch.Tensor] | None, source: tuple[Batch, UnpatchedPass] | None = None
+               ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """`place_values` for one target batch, from the sources' `source_pass` (run here when not given)."""
+        values = pad = None
         if spec.operation == "patch":
-            sbatch, source = self.capture([p.source for p in pairs], layers, spec.site)
-            source_pad = sbatch.pad
+            sbatch, got = source if source is not None else self.source_pass(pairs, layers, spec.site)
+            values, pad = got.attention, sbatch.pad
         shape = (*batch.input_ids.shape, self.n_heads, self.slice_width(spec.site))
-        return place_values(pairs, batch.pad, shape, spec.operation, source=source, source_pad=source_pad,
+        return place_values(pairs, batch.pad, shape, spec.operation, source=values, source_pad=pad,
                             means=means, layers=layers, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
@@ -318,19 +254,46 @@ class HeadPatcher:
 
     @torch.inference_mode()
     def prepare(self, pairs: Sequence[PatchPair], layers: Sequence[int], spec: PatchSpec,
-                means: dict[int, torch.Tensor] | None = None, ceiling_layers: Sequence[int] = ()) -> _Prepared:
-        """The unpatched target run of one prompt batch, recorded for reuse by every patched run."""
+                means: dict[int, torch.Tensor] | None = None, ceiling_layers: Sequence[int] = (),
+                score_sources: bool = False) -> _Prepared:
+        """The unpatched target run of one prompt batch, recorded for reuse by every patched run,
+        after one unpatched pass over its sources (`source_pass`) when anything is read from them
+        (`score_sources`: their scores, unless an earlier sweep of this patcher has them)."""
         batch = make_batch([p.target for p in pairs], self.pad_token_id, self.device)
-        pos_mask, values = self.placed(pairs, batch, layers, spec, means)
+        source = None
+        score_sources = score_sources and tuple(p.source["prompt_id"] for p in pairs) not in self._unpatched
+        if spec.operation == "patch" or ceiling_layers or score_sources:
+            source = self.source_pass(pairs, layers if spec.operation == "patch" else (), spec.site, ceiling_layers,
+                                      score=score_sources)
+        pos_mask, values = self.placed(pairs, batch, layers, spec, means, source)
         residuals = {}
         if ceiling_layers:
-            sbatch = make_batch([p.source for p in pairs], self.pad_token_id, self.device)
-            source = {layer: r[:, :, None] for layer, r in self.runner.residuals_after(sbatch, ceiling_layers).items()}
+            sbatch, got = source
+            after = {layer: got.residuals[layer][:, :, None] for layer in ceiling_layers}
             _, placed = place_values(pairs, batch.pad, (*batch.input_ids.shape, 1, self.d_model), "patch",
-                                     source=source, source_pad=sbatch.pad, means=None, layers=ceiling_layers,
+                                     source=after, source_pad=sbatch.pad, means=None, layers=ceiling_layers,
                                      dtype=self.dtype, device=self.device)
             residuals = {layer: v[:, :, 0] for layer, v in placed.items()}
-        return _Prepared(self.runner.record(batch, layers), pos_mask, values, residuals)
+        return _Prepared(self._record(batch, layers), pos_mask, values, residuals)
+
+    @contextlib.contextmanager
+    def reusing_records(self):
+        """Within it, the unpatched target run of a prompt batch is recorded once and reused by every
+        sweep of the same targets and layers: for several methods on the same pairs. Outside it,
+        nothing is kept (a sweep over every layer records each batch once anyway)."""
+        self._records = {}
+        try:
+            yield self
+        finally:
+            self._records = None
+
+    def _record(self, batch: Batch, layers: Sequence[int]) -> RecordedRun:
+        if self._records is None:
+            return self.runner.record(batch, layers)
+        key = (tuple(batch.prompt_ids.tolist()), tuple(layers))
+        if key not in self._records:
+            self._records[key] = self.runner.record(batch, layers)
+        return self._records[key]
 
     def _first_patched(self, prep: _Prepared) -> int:
         if not self.kv_reuse:
@@ -439,7 +402,9 @@ class HeadPatcher:
         bar = tqdm(total=n_batches * len(chunks), desc=desc, unit="forward", disable=not self.progress)
         for start in range(0, len(pairs), per_batch):
             part = pairs[start:start + per_batch]
-            prep = self.prepare(part, layers, spec, means, ceiling_layers)
+            # The sources are scored here, in the pass that reads them: every caller of a sweep
+            # needs their logit differences (a target is only fixable when its source is right).
+            prep = self.prepare(part, layers, spec, means, ceiling_layers, score_sources=True)
             pids = [p.target["prompt_id"] for p in part]
             base.append(pl.DataFrame({"prompt_id": pids, "baseline_logit_diff": prep.baseline.double().numpy()}))
             for layer, chunk in chunks:

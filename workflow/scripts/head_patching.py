@@ -72,9 +72,10 @@ def main(smk):
         if spec.positions != "aligned":
             specs.append(patching.PatchSpec(site=HEAD_SITE, positions="aligned", operation=spec.operation))
         specs.append(patching.ORIGINAL_METHOD)
-        table = pl.concat([
-            patch_study.run_study_sweep(patcher, prompts, sets, s, desc=f"{s.method} ({s.positions})", **common)
-            for s in specs])
+        with patcher.reusing_records():  # the three methods patch the same targets
+            table = pl.concat([
+                patch_study.run_study_sweep(patcher, prompts, sets, s, desc=f"{s.method} ({s.positions})", **common)
+                for s in specs])
         boot = cfg["bootstrap"]
         summary = patch_summary.summary_table(table, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
                                          seed=cfg["seed"])

@@ -5,29 +5,12 @@ Modules: `values` (prompt pairs and per-prompt feature values), `overlap`, `base
 same-format chance levels), `discriminative`,
 `named` and `stages` (the stage drivers). The direct attribution of attention heads to SAE
 features lives in bugscope.attribution, the bootstrap helpers in bugscope.stats; their names are
-re-exported here so that `from bugscope.features import ...` keeps working. The two config
+re-exported here so that `from bugscope.features import ...` keeps working (the attribution's on
+first use: it loads torch, which the light jobs that import this package never need). The two config
 helpers the workflow calls while it parses (`check_config`, `attribution_layers`) live in
 bugscope.config, so that parsing imports none of these modules.
 """
 
-from bugscope.attribution import (
-    ATTRIBUTION_COLUMNS,
-    COMPONENTS,
-    NORMALISATIONS,
-    PARITY_COLUMNS,
-    EncoderView,
-    LayerCapture,
-    ParityResult,
-    attribute_layer,
-    attribution_features,
-    capture_decision,
-    encoder_view,
-    head_outputs,
-    parity_rows,
-    parity_test,
-    sae_pre_and_acts,
-    summarise_attribution,
-)
 from bugscope.config import attribution_layers
 from bugscope.config import check_features_config as check_config
 from bugscope.features.baselines import baseline_couples, baseline_overlap
@@ -93,3 +76,16 @@ __all__ = [
     # bugscope.stats, bugscope.sae
     "derived_seed", "bootstrap_indices", "ratio_bootstrap",
 ]
+
+_ATTRIBUTION_NAMES = frozenset({
+    "ATTRIBUTION_COLUMNS", "COMPONENTS", "NORMALISATIONS", "PARITY_COLUMNS", "EncoderView", "LayerCapture",
+    "ParityResult", "attribute_layer", "attribution_features", "capture_decision", "encoder_view", "head_outputs",
+    "parity_rows", "parity_test", "sae_pre_and_acts", "summarise_attribution"})
+
+
+def __getattr__(name: str):
+    if name in _ATTRIBUTION_NAMES:
+        from bugscope import attribution
+
+        return getattr(attribution, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,13 +8,6 @@ import numpy as np
 import polars as pl
 
 from bugscope import tables
-from bugscope.attribution import (
-    attribute_layer,
-    attribution_features,
-    capture_decision,
-    parity_rows,
-    summarise_attribution,
-)
 from bugscope.features.baselines import baseline_couples, baseline_overlap
 from bugscope.features.discriminative import discriminative_features
 from bugscope.features.named import NAMED_SCHEMA, named_feature_ids, named_features
@@ -151,8 +144,16 @@ def run_named(config: dict, prompts_path, feature_paths: dict[int, str]) -> tupl
 def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative_path,
                     sae_dirs: dict[int, str]) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """(attribution table, parity table, metadata) for the layers of `sae_dirs`."""
+    # Imported here: the other stages, light jobs, never load torch or SAE-Lens.
     from sae_lens import SAE
 
+    from bugscope.attribution import (
+        attribute_layer,
+        attribution_features,
+        capture_decision,
+        parity_rows,
+        summarise_attribution,
+    )
     from bugscope.model import pick_device
     from bugscope.sites import hook_name
 
