@@ -346,6 +346,23 @@ def test_figure_draws_the_summary(tmp_path):
     assert out["svg"].stat().st_size > 1000
 
 
+def test_figure_is_the_same_bytes_on_every_build():
+    """The chart's data keeps its row order: a rerun must write the same HTML (polars' unique and
+    join do not keep order unless asked; the 2026-12-07 runs differed in interventions.html)."""
+    from bugscope import figures
+    from bugscope.figures_interventions import interventions
+
+    base = _per_prompt()
+    parts = [base.filter(pl.col("family") == "none").with_columns(pl.lit(layer).alias("layer"))
+             for layer in (8, 21, 25)]
+    parts += [base.filter(pl.col("family") != "none").with_columns(pl.lit(layer).alias("layer"),
+                                                                   pl.lit(name).alias("feature_set"))
+              for layer in (8, 21, 25) for name in ("top", "buggy_up", "correct_up", "wrong_up")]
+    summary = iv.summarise(pl.concat(parts), n_resamples=20, confidence=0.95, seed=0)
+    specs = {interventions(summary, figures.Labels("SmolLM2-135M-Instruct")).to_json() for _ in range(12)}
+    assert len(specs) == 1
+
+
 @pytest.mark.numerical
 def test_clamping_every_feature_with_the_sources_error_term_reproduces_the_source(setup):
     """x_t + [decode(f_s) - decode(f_t)] - err_t + err_s = x_s: the clamp's decode path, on every

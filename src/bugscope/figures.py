@@ -342,7 +342,7 @@ def head_subsets(summary: pl.DataFrame, labels: Labels, focus: Sequence[int]) ->
     df = df.with_columns(pl.col("family").replace_strict(kinds).alias("kind"), pl.col("sample").clip(lower_bound=0).alias("_s"))
     keys = ["layer", "pair_kind", "pool", "k"]
     points = df.filter(pl.col("kind") != "ceiling").join(df.group_by(*keys, "kind").agg(pl.len().alias("_m")),
-                                                          on=[*keys, "kind"])
+                                                          on=[*keys, "kind"], maintain_order="left")
     offset = {"even": -0.12, "odd": 0.12, "all": 0.0}
     points = points.with_columns((pl.col("k") + pl.col("pool").replace_strict(offset, default=0.0)
                                   + pl.col("kind").replace_strict({"whole pool": 0.08, "random-head control": 0.3},

@@ -24,9 +24,11 @@ def _rows(summary: pl.DataFrame, pairs: str) -> pl.DataFrame:
         .when(pl.col("family") == "none").then(pl.lit("no intervention"))
         .otherwise(pl.lit("tested features")).alias("series"))
     none = df.filter(pl.col("family") == "none")
-    sets = df.filter(pl.col("family") != "none").select("sae_set", "layer", "feature_set").unique()
+    # Row order kept throughout: the chart's data, and so its HTML, must be the same bytes on a rerun.
+    sets = df.filter(pl.col("family") != "none").select("sae_set", "layer", "feature_set").unique(maintain_order=True)
     return pl.concat([df.filter(pl.col("family") != "none"),
-                      none.drop("feature_set").join(sets, on=["sae_set", "layer"]).select(df.columns)])
+                      none.drop("feature_set").join(sets, on=["sae_set", "layer"], maintain_order="left_right")
+                      .select(df.columns)])
 
 
 def interventions(summary: pl.DataFrame, labels: Labels, pairs: str = "all") -> alt.VConcatChart:

@@ -19,10 +19,12 @@ at positions `[:min_len]` of the two prompts, whatever they hold.
 
 Speed, without changing a number (tests compare against `sweep_naive`, one full forward per head
 set): the unpatched target run is done once per prompt batch and gives the residual stream entering
-every layer (so layers < L are never rerun) and the keys/values of every layer; a patched run starts
-at layer L, covers only the columns from the first patched position on (earlier positions cannot
-change, so their keys/values are reused), carries many head sets at once (one replica of the prompt
-batch per head set), and reads out only the two logits that are scored at the decision position.
+every layer (so layers < L are never rerun) and the keys/values of every layer; one unpatched pass
+over the batch's sources gives their patch values, their residual stream (the ceiling) and their
+scores; a patched run starts at layer L, covers only the columns from the first patched position on
+(earlier positions cannot change, so their keys/values are reused), carries many head sets at once
+(one replica of the prompt batch per head set), and reads out only the two logits that are scored
+at the decision position.
 """
 
 from __future__ import annotations
