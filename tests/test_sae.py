@@ -30,9 +30,10 @@ from bugscope.cache import (
     positions_for,
 )
 from bugscope.corpus import SOURCES, build_corpus_table, cache_rows, heldout_pair_ids
-from bugscope.forward import decision_logits, make_batch
+from bugscope.forward import decision_logits, logit_diff, make_batch
 from bugscope.io import arrow_to_vectors, read_metadata, vectors_to_arrow
 from bugscope.sae_quality import ReconstructionStats, spliced_logit_diffs
+from bugscope.sites import output_tensor, site_module
 from tests.helpers import sparse_to_dense
 from tests.numerics import forward_tolerance, max_abs, rounding_tolerance
 
@@ -270,6 +271,22 @@ def test_spliced_exact_reconstruction_leaves_logit_diff_unchanged(embedded, laye
     assert (clean - spliced[0]).abs().max() <= tol
     assert (clean - spliced[LAYER]).abs().max() <= tol
     assert (clean - spliced[LAYER + 1]).abs().max() > 10 * tol  # the splice really replaces the activation
+    # ... and replaces that layer's output: a plain forward with a hook on the decoder layer agrees
+    # (on the prompts in the splice's order: by length, as bugscope.forward.iter_batches takes them).
+    batch = make_batch(sorted(rows, key=lambda r: len(r["input_ids"])), tokenizer.pad_token_id, "cpu")
+    mask = (batch.attention_mask == 1) & (batch.position_ids > 0)
+
+    def splice(_module, _inputs, output):
+        hidden = output_tensor(output).clone()
+        hidden[mask] = zero.decode(zero.encode(hidden[mask]))
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = site_module(model, LAYER + 1, "resid_post").register_forward_hook(splice)
+    try:
+        hooked = logit_diff(decision_logits(model, batch), batch)
+    finally:
+        handle.remove()
+    assert (hooked - spliced[LAYER + 1]).abs().max() <= tol
 
 
 # --- the pretrained path, offline ----------------------------------------------------------------

@@ -126,16 +126,16 @@ def _check_finite(x: torch.Tensor, ids: np.ndarray, path) -> None:
 
 def read_row_group(source: ActivationSource, pf: pq.ParquetFile, i: int, dtype: str):
     """(prompt_id, position, activations [n, d]) of one row group, filtered and checked for NaN/Inf."""
-    t = pf.read_row_group(i, columns=["prompt_id", "position", "activation"])
+    t = pf.read_row_group(i, columns=["prompt_id", "position"])
     ids = t.column("prompt_id").to_numpy()
     pos = t.column("position").to_numpy()
     keep = ~np.isin(pos, list(source.drop_positions))
     if source.prompt_ids is not None:
         keep &= np.isin(ids, list(source.prompt_ids))
-    if not keep.any():
+    if not keep.any():  # e.g. the held-out text: most row groups hold none of it, and are not decoded
         return ids[:0], pos[:0], None
     idx = np.nonzero(keep)[0]
-    x = arrow_to_vectors(t.column("activation").take(pa.array(idx)), dtype)
+    x = arrow_to_vectors(pf.read_row_group(i, columns=["activation"]).column("activation").take(pa.array(idx)), dtype)
     _check_finite(x, ids[idx], source.path)
     return ids[idx], pos[idx], x
 

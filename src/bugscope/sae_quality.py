@@ -73,8 +73,9 @@ def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, b
 
     The site's output at the layer is replaced by the SAE reconstruction at every real position but
     the first (the attention sink keeps its own activation; padding is untouched). One unspliced
-    pass per batch gives the clean differences and the residual entering each spliced layer; each
-    spliced pass starts there, so the layers before the splice are never recomputed.
+    pass per batch gives the clean differences and the residual entering and leaving each spliced
+    layer; each spliced pass starts there (after the layer, for a resid_post splice), so no layer
+    before the splice is recomputed.
     """
     from bugscope.forward import LayerRunner, iter_batches
     from bugscope.sites import output_tensor, site_module
@@ -88,24 +89,33 @@ def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, b
                       file=sys.stderr):
         mask = (batch.attention_mask == 1) & (batch.position_ids > SINK_POSITION)  # [batch, pos]
         hidden, ctx = runner.begin(batch)
-        entering = {}
+        entering, leaving = {}, {}
         for i in range(runner.n_layers):
             if i in saes:
                 entering[i] = hidden
             hidden = runner.layer(i, hidden, ctx)
+            if i in saes:
+                leaving[i] = hidden
         clean.append(runner.decision_logit_diff(hidden[:, -1], batch))
-        for layer, sae in saes.items():
-            def replace(_module, _inputs, output, sae=sae):
-                hidden = output_tensor(output)
-                new = hidden.clone()
-                new[mask] = sae.decode(sae.encode(hidden[mask].to(sae.dtype))).to(hidden.dtype)
-                return (new, *output[1:]) if isinstance(output, tuple) else new
 
-            handle = site_module(model, layer, site).register_forward_hook(replace)
-            try:
-                last = runner.run(layer, entering[layer], ctx)[:, -1]
-            finally:
-                handle.remove()
+        for layer, sae in saes.items():
+            def splice(out, sae=sae):
+                new = out.clone()
+                new[mask] = sae.decode(sae.encode(out[mask].to(sae.dtype))).to(out.dtype)
+                return new
+
+            if site == "resid_post":  # the layer's output is the clean run's: splice it, run the rest
+                last = runner.run(layer + 1, splice(leaving[layer]), ctx)[:, -1]
+            else:  # the site is inside the layer: run the layer with the splice in it
+                def replace(_module, _inputs, output):
+                    new = splice(output_tensor(output))
+                    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+                handle = site_module(model, layer, site).register_forward_hook(replace)
+                try:
+                    last = runner.run(layer, entering[layer], ctx)[:, -1]
+                finally:
+                    handle.remove()
             spliced[layer].append(runner.decision_logit_diff(last, batch))
     return torch.cat(clean), {layer: torch.cat(parts) for layer, parts in spliced.items()}
 
