@@ -154,12 +154,17 @@ def test_scores_and_records_shared_between_sweeps_change_no_bit(prompts, embedde
     records = []
     record = shared.runner.record
     monkeypatch.setattr(shared.runner, "record", lambda *a, **kw: (records.append(1), record(*a, **kw))[1])
+    scored = []  # the unpatched passes that score a batch (`unpatched_logit_diffs` runs one for a batch it lacks)
+    unpatched_pass = shared.runner.unpatched_pass
+    monkeypatch.setattr(shared.runner, "unpatched_pass", lambda *a, **kw: (
+        scored.append(1) if kw.get("score") else None, unpatched_pass(*a, **kw))[1])
     with shared.reusing_records():
         first, _ = shared.sweep(pairs, plan, PatchSpec(positions="decision"))
         second, _ = shared.sweep(pairs, {LAYER: plan[LAYER][:3]}, ORIGINAL_METHOD)
     assert len(records) == math.ceil(len(pairs) / shared.max_prompts)  # one unpatched run per target batch
+    n_scored = len(scored)
     assert shared.unpatched_logit_diffs(sources) == expected_sources  # scored in the sweep, no run left to do
-    assert len(records) == math.ceil(len(pairs) / shared.max_prompts)
+    assert len(records) == math.ceil(len(pairs) / shared.max_prompts) and len(scored) == n_scored
     assert first.filter(pl.col("head_set") != CEILING.name).sort("head_set", "prompt_id").equals(
         alone[0].sort("head_set", "prompt_id"))
     assert second.sort("head_set", "prompt_id").equals(alone[1].sort("head_set", "prompt_id"))

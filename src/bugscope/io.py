@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bugscope.resources import DTYPE_BYTES
+
 if TYPE_CHECKING:
     import torch
 
@@ -195,9 +197,6 @@ def read_table(path, *, kind: str, config_hash: str | None = None, columns=None)
 
 # --- dense vectors in Parquet -------------------------------------------------------------------
 
-STORAGE_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
 def storage_torch_dtype(dtype: str):
     """The torch dtype of a storage dtype name. torch is imported here, not at the top: the light
     jobs (figures, tables, the ledger) import this module and never need it (1.5 s a job)."""
@@ -208,7 +207,7 @@ def storage_torch_dtype(dtype: str):
 
 def vector_type(d: int, dtype: str) -> pa.DataType:
     """Arrow type of one stored vector: its d values in the storage dtype, little-endian, back to back."""
-    return pa.binary(d * STORAGE_DTYPE_BYTES[dtype])
+    return pa.binary(d * DTYPE_BYTES[dtype])
 
 
 def vectors_to_arrow(x: torch.Tensor, dtype: str) -> pa.FixedSizeBinaryArray:

@@ -36,15 +36,13 @@ class MatmulFlops:
         self._sae_width = 0  # d_sae of the latents seen last (a decode follows the encode that made them)
 
     def _hook(self, module, inputs, output):
-        import torch
-
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, self._linear):
             if inputs:
                 rows = inputs[0].numel() // module.in_features
                 self.flops += 2 * rows * module.in_features * module.out_features
             return
         name = getattr(module, "name", None)  # SAE-Lens HookPoints carry their name
-        if name is None or not isinstance(output, torch.Tensor):
+        if name is None or not isinstance(output, self._tensor):
             return
         if name == "hook_sae_input":
             self._sae_in = output.shape[-1]
@@ -57,6 +55,7 @@ class MatmulFlops:
     def __enter__(self) -> "MatmulFlops":
         import torch
 
+        self._linear, self._tensor = torch.nn.Linear, torch.Tensor  # read on every module call: no import there
         self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
         return self
 

@@ -203,7 +203,7 @@ def residual_map_rows(patcher, pairs: Sequence[patching.PatchPair], layers: Sequ
         part = pairs[start:start + step]
         batch = make_batch([p.target for p in part], patcher.pad_token_id, patcher.device)
         run = runner.record(batch, layers)
-        sbatch, source_run = patcher.source_pass(part, residual_layers=layers, score=True)
+        sbatch, source_run = patcher.capture([p.source for p in part], residual_layers=layers, score=True)
         source = source_run.residuals
         for layer in layers:
             for rank in range(n_rank):

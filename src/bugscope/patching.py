@@ -169,11 +169,21 @@ class HeadPatcher:
                 "slices, which this model's width does not allow. Turn patching.original_method.enabled off.")
         return self.d_model // self.n_heads
 
-    def capture(self, rows: Sequence[dict], layers: Sequence[int], site: str) -> tuple[Batch, dict[int, torch.Tensor]]:
-        """Unpatched site tensors ([b, pos, head, d_slice]) at `layers` for one batch of prompts."""
+    @torch.inference_mode()
+    def capture(self, rows: Sequence[dict], layers: Sequence[int] = (), site: str | None = None, *,
+                residual_layers: Sequence[int] = (), score: bool = False) -> tuple[Batch, UnpatchedPass]:
+        """(batch, pass) of one unpatched pass over a batch of prompts, for everything a sweep reads
+        from it: the site tensors ([b, pos, head, d_slice]) at `layers`, the residual stream after
+        `residual_layers` and, with `score`, the decision logit differences, which
+        `unpatched_logit_diffs` then takes instead of running the same batch again."""
         batch = make_batch(rows, self.pad_token_id, self.device)
-        self.slice_width(site)
-        return batch, self.runner.capture_attention(batch, layers, site, self.n_heads)
+        if layers:
+            self.slice_width(site)
+        got = self.runner.unpatched_pass(batch, attention_layers=layers, site=site, n_slices=self.n_heads,
+                                         residual_layers=residual_layers, score=score)
+        if score:
+            self._unpatched[_batch_key(rows)] = list(zip(batch.prompt_ids.tolist(), got.baseline.double().tolist()))
+        return batch, got
 
     # -- patch values --
 
@@ -192,6 +202,7 @@ class HeadPatcher:
         for start in range(0, len(entries), step):
             chunk = entries[start:start + step]
             batch, got = self.capture([r for r, _ in chunk], layers, site)
+            got = got.attention
             for i, (_, pos) in enumerate(chunk):
                 cols = torch.tensor([int(batch.pad[i]) + p for p in pos][::-1])  # rank order
                 counts[:len(pos)] += 1
@@ -199,31 +210,13 @@ class HeadPatcher:
                     sums[layer][:len(pos)] += got[layer][i, cols].double().cpu()
         return {layer: (s / counts[:, None, None]).to(self.dtype) for layer, s in sums.items()}
 
-    @torch.inference_mode()
-    def source_pass(self, pairs: Sequence[PatchPair], layers: Sequence[int] = (), site: str | None = None,
-                    residual_layers: Sequence[int] = (), score: bool = False) -> tuple[Batch, UnpatchedPass]:
-        """(batch, pass) of the source prompts of `pairs`: one unpatched pass for everything a sweep
-        reads from them, the site tensors at `layers` and the residual stream after
-        `residual_layers`. With `score` it also scores them, and `unpatched_logit_diffs` reuses
-        those scores for the same batch of sources instead of running it again."""
-        rows = [p.source for p in pairs]
-        batch = make_batch(rows, self.pad_token_id, self.device)
-        if layers:
-            self.slice_width(site)
-        got = self.runner.unpatched_pass(batch, attention_layers=layers, site=site, n_slices=self.n_heads,
-                                         residual_layers=residual_layers, score=score)
-        if score:
-            self._unpatched[tuple(r["prompt_id"] for r in rows)] = list(zip(batch.prompt_ids.tolist(),
-                                                                             got.baseline.double().tolist()))
-        return batch, got
-
     def placed(self, pairs: Sequence[PatchPair], batch: Batch, layers: Sequence[int], spec: PatchSpec,
                means: dict[int, torch.Tensor] | None, source: tuple[Batch, UnpatchedPass] | None = None
                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """`place_values` for one target batch, from the sources' `source_pass` (run here when not given)."""
+        """`place_values` for one target batch, from the sources' `capture` (run here when not given)."""
         values = pad = None
         if spec.operation == "patch":
-            sbatch, got = source if source is not None else self.source_pass(pairs, layers, spec.site)
+            sbatch, got = source if source is not None else self.capture([p.source for p in pairs], layers, spec.site)
             values, pad = got.attention, sbatch.pad
         shape = (*batch.input_ids.shape, self.n_heads, self.slice_width(spec.site))
         return place_values(pairs, batch.pad, shape, spec.operation, source=values, source_pad=pad,
@@ -235,12 +228,9 @@ class HeadPatcher:
         out = {}
         for start in range(0, len(rows), max(1, self.max_prompts)):
             chunk = rows[start:start + self.max_prompts]
-            key = tuple(r["prompt_id"] for r in chunk)
-            if key not in self._unpatched:  # a job's sweeps share their sources: each batch runs once
-                batch = make_batch(chunk, self.pad_token_id, self.device)
-                self._unpatched[key] = list(zip(batch.prompt_ids.tolist(),
-                                                self.runner.record(batch, []).baseline.double().tolist()))
-            out.update(self._unpatched[key])
+            if _batch_key(chunk) not in self._unpatched:  # a job's sweeps share their sources: each batch runs once
+                self.capture(chunk, score=True)
+            out.update(self._unpatched[_batch_key(chunk)])
         return out
 
     def writer(self, values: torch.Tensor, pos_mask: torch.Tensor, head_mask: torch.Tensor, site: str,
@@ -259,14 +249,15 @@ class HeadPatcher:
                 means: dict[int, torch.Tensor] | None = None, ceiling_layers: Sequence[int] = (),
                 score_sources: bool = False) -> _Prepared:
         """The unpatched target run of one prompt batch, recorded for reuse by every patched run,
-        after one unpatched pass over its sources (`source_pass`) when anything is read from them
+        after one unpatched pass over its sources (`capture`) when anything is read from them
         (`score_sources`: their scores, unless an earlier sweep of this patcher has them)."""
         batch = make_batch([p.target for p in pairs], self.pad_token_id, self.device)
         source = None
-        score_sources = score_sources and tuple(p.source["prompt_id"] for p in pairs) not in self._unpatched
+        sources = [p.source for p in pairs]
+        score_sources = score_sources and _batch_key(sources) not in self._unpatched
         if spec.operation == "patch" or ceiling_layers or score_sources:
-            source = self.source_pass(pairs, layers if spec.operation == "patch" else (), spec.site, ceiling_layers,
-                                      score=score_sources)
+            source = self.capture(sources, layers if spec.operation == "patch" else (), spec.site,
+                                  residual_layers=ceiling_layers, score=score_sources)
         pos_mask, values = self.placed(pairs, batch, layers, spec, means, source)
         residuals = {}
         if ceiling_layers:
@@ -436,6 +427,11 @@ def _long(layer: int, sets: Sequence[HeadSet], prompt_ids: Sequence[int], diffs:
     if fractions is not None:
         out = out.with_columns(fraction=pl.Series(np.repeat(np.asarray(fractions, dtype=np.float64), b)))
     return out
+
+
+def _batch_key(rows: Sequence[dict]) -> tuple[int, ...]:
+    """A batch's prompt ids in order: its scores depend on the batch (padding), so they are kept per batch."""
+    return tuple(r["prompt_id"] for r in rows)
 
 
 def _total_cpu_memory() -> int:

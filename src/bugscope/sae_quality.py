@@ -81,6 +81,7 @@ def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, b
     from bugscope.sites import output_tensor, site_module
 
     runner = LayerRunner(model)
+    splice_output = site == "resid_post"  # the decoder layer's own output (bugscope.sites.site_module)
     clean: list[torch.Tensor] = []
     spliced: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
     rows = list(rows)
@@ -89,13 +90,13 @@ def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, b
                       file=sys.stderr):
         mask = (batch.attention_mask == 1) & (batch.position_ids > SINK_POSITION)  # [batch, pos]
         hidden, ctx = runner.begin(batch)
-        entering, leaving = {}, {}
+        resume = {}  # layer -> the clean residual a spliced pass starts from: leaving the layer, or entering it
         for i in range(runner.n_layers):
-            if i in saes:
-                entering[i] = hidden
+            if i in saes and not splice_output:
+                resume[i] = hidden
             hidden = runner.layer(i, hidden, ctx)
-            if i in saes:
-                leaving[i] = hidden
+            if i in saes and splice_output:
+                resume[i] = hidden
         clean.append(runner.decision_logit_diff(hidden[:, -1], batch))
 
         for layer, sae in saes.items():
@@ -104,8 +105,8 @@ def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, b
                 new[mask] = sae.decode(sae.encode(out[mask].to(sae.dtype))).to(out.dtype)
                 return new
 
-            if site == "resid_post":  # the layer's output is the clean run's: splice it, run the rest
-                last = runner.run(layer + 1, splice(leaving[layer]), ctx)[:, -1]
+            if splice_output:  # the layer's output is the clean run's: splice it, run the rest
+                last = runner.run(layer + 1, splice(resume[layer]), ctx)[:, -1]
             else:  # the site is inside the layer: run the layer with the splice in it
                 def replace(_module, _inputs, output):
                     new = splice(output_tensor(output))
@@ -113,7 +114,7 @@ def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, b
 
                 handle = site_module(model, layer, site).register_forward_hook(replace)
                 try:
-                    last = runner.run(layer, entering[layer], ctx)[:, -1]
+                    last = runner.run(layer, resume[layer], ctx)[:, -1]
                 finally:
                     handle.remove()
             spliced[layer].append(runner.decision_logit_diff(last, batch))

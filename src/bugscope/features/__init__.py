@@ -54,6 +54,12 @@ from bugscope.features.values import (
 )
 from bugscope.stats import bootstrap_indices, derived_seed, ratio_bootstrap
 
+_ATTRIBUTION_NAMES = (
+    "NORMALISATIONS", "COMPONENTS", "ATTRIBUTION_COLUMNS", "PARITY_COLUMNS", "EncoderView", "LayerCapture",
+    "ParityResult", "encoder_view", "sae_pre_and_acts", "capture_decision", "head_outputs", "attribute_layer",
+    "summarise_attribution", "parity_test", "parity_rows", "attribution_features",
+)
+
 __all__ = [
     # values
     "POSITION_MODES", "prompt_pairs", "position_weights", "prompt_values", "top_k", "dense_matrix",
@@ -69,19 +75,11 @@ __all__ = [
     # stages
     "check_config", "attribution_layers", "load_prompt_frame", "load_layer_values", "source_provenance",
     "run_overlap", "run_discriminative", "run_named", "run_attribution",
-    # bugscope.attribution
-    "NORMALISATIONS", "COMPONENTS", "ATTRIBUTION_COLUMNS", "PARITY_COLUMNS", "EncoderView", "LayerCapture",
-    "ParityResult", "encoder_view", "sae_pre_and_acts", "capture_decision", "head_outputs", "attribute_layer",
-    "summarise_attribution", "parity_test", "parity_rows", "attribution_features",
+    # bugscope.attribution (loaded on first use, __getattr__ below)
+    *_ATTRIBUTION_NAMES,
     # bugscope.stats, bugscope.sae
     "derived_seed", "bootstrap_indices", "ratio_bootstrap",
 ]
-
-_ATTRIBUTION_NAMES = frozenset({
-    "ATTRIBUTION_COLUMNS", "COMPONENTS", "NORMALISATIONS", "PARITY_COLUMNS", "EncoderView", "LayerCapture",
-    "ParityResult", "attribute_layer", "attribution_features", "capture_decision", "encoder_view", "head_outputs",
-    "parity_rows", "parity_test", "sae_pre_and_acts", "summarise_attribution"})
-
 
 def __getattr__(name: str):
     if name in _ATTRIBUTION_NAMES:
