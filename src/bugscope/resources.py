@@ -4,6 +4,9 @@
 memory, MB) and `cpus_per_task` on its first attempt; workflow/rules/common.smk multiplies runtime
 and memory by the attempt. Everything derives from the config, before any job runs:
 
+- gpu: 1, so that GPU jobs never share a card; 0 for a local run whose model jobs run on the CPU
+  (`gpu_visible`), where they run side by side, one thread each, as many as --cores allows;
+
 - runtime: 10 min + resources.minutes_per_b_per_100_prompts x model.size_b (at least 0.1) x
   prompts / 100 x max(1, layers / 8);
 - mem_mb: 4,000 MB + twice the model's weights (model.size_b x 2 or 4 bytes: loading can hold a
@@ -21,12 +24,21 @@ for that set; jobs that are not per set, for the primary set.
 from __future__ import annotations
 
 import math
+import os
 import re
+from pathlib import Path
 
 from bugscope.config import analysed_layers, head_set_feature_sets, n_prompts, sae_sets
 
-# Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
-MODEL_JOB_THREADS = 2
+# Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM). One: on a
+# CPU host two one-thread jobs side by side do about 1.2x the work of one two-thread job (the small
+# matmuls of a patched run scale poorly), and with one thread a job's bits never depend on how a
+# BLAS splits a matmul between threads (with two, MKL splits some small patched-run matmuls along
+# their inner dimension, which moves patched logit differences by up to ~1e-5).
+MODEL_JOB_THREADS = 1
+# train_sae trains its layers one thread each, this many side by side (bugscope.sae.train_layers):
+# the same bits at any number, and it sits on the longest chain of the DAG.
+TRAIN_JOB_THREADS = 2
 BASE_MB = 4000
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Layers the focus-layer patching rules are sized for (the focus layers are known only once the
@@ -152,13 +164,32 @@ def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple
     return shapes[rule]
 
 
+def job_threads(rule: str) -> int:
+    """Threads (cores) of one job of the model stage `rule`."""
+    return TRAIN_JOB_THREADS if rule == "train_sae" else MODEL_JOB_THREADS
+
+
+def gpu_visible(device: str) -> bool:
+    """Whether a model job started on this host would run on a GPU (bugscope.model.pick_device),
+    decided without importing torch: `device` cpu or cuda says so; auto looks for a GPU driver's
+    device files. A GPU seen where torch would find none only costs speed (the jobs then run one at
+    a time); the reverse would let two GPU jobs share a card, so anything GPU-like counts."""
+    if device != "auto":
+        return device == "cuda"
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    return (nvidia.is_dir() and any(nvidia.iterdir())) or any(
+        Path(p).exists() for p in ("/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
+
+
 def job_resources(config: dict, rule: str, group_layers: list[int] | None = None,
-                  sae_set: dict | None = None) -> dict[str, int]:
+                  sae_set: dict | None = None, *, on_gpu: bool = True) -> dict[str, int]:
     """gpu, runtime (minutes), mem_mb and cpus_per_task of one job of `rule` on its first attempt.
 
     `rule` is the stage name (`encode_features` for encode_features_main_L00_03); `group_layers` the
     layers of a per-group job (default: all analysed layers); `sae_set` the set of an SAE job
-    (default: the primary set).
+    (default: the primary set); `on_gpu` False for a local run on a host without a GPU (gpu 0).
     """
     n_group = len(group_layers) if group_layers is not None else len(analysed_layers(config))
     prompts, layers, saes = _shape(config, rule, n_group, sae_set)
@@ -166,7 +197,7 @@ def job_resources(config: dict, rule: str, group_layers: list[int] | None = None
     scale = config["resources"]["minutes_per_b_per_100_prompts"]
     runtime = int(10 + scale * max(size_b, 0.1) * (prompts / 100) * max(1, layers / 8))
     mem_mb = int(BASE_MB + 2 * weights_mb(config) + math.ceil(saes))
-    return {"gpu": 1, "runtime": runtime, "mem_mb": mem_mb, "cpus_per_task": MODEL_JOB_THREADS}
+    return {"gpu": int(on_gpu), "runtime": runtime, "mem_mb": mem_mb, "cpus_per_task": job_threads(rule)}
 
 
 def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:

@@ -116,6 +116,17 @@ def feature_tables(sae_set):
 
 # Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
 MODEL_JOB_THREADS = bugscope_resources.MODEL_JOB_THREADS
+TRAIN_JOB_THREADS = bugscope_resources.TRAIN_JOB_THREADS
+
+# A model job holds a GPU (gpu=1, which the local profile caps at one) only where it runs on one:
+# always on a cluster, and locally when this host has a GPU. Without one the model jobs run on the
+# CPU side by side, one thread each, up to --cores.
+ON_THIS_HOST = workflow.local_exec
+
+# The stages up to the feature overlap, which picks the focus layers, are the DAG's longest chain:
+# most model jobs wait for it, so a job of it starts before any other job that is ready.
+SAE_CHAIN_PRIORITY = 10
+MODEL_JOBS_ON_GPU = not ON_THIS_HOST or bugscope_resources.gpu_visible(config["device"])
 
 
 def model_job_resources(rule, group_layers=None, sae_set=None):
@@ -126,8 +137,9 @@ def model_job_resources(rule, group_layers=None, sae_set=None):
     the attempt, so a job retried after hitting its time or memory limit (`retries` in the SLURM
     profile) gets twice as much.
     """
+    sae_set_cfg = SAE_SETS[sae_set] if sae_set else None
     first = bugscope_resources.job_resources(
-        config, rule, group_layers, SAE_SETS[sae_set] if sae_set else None
+        config, rule, group_layers, sae_set_cfg, on_gpu=MODEL_JOBS_ON_GPU
     )
     return {
         "gpu": first["gpu"],

@@ -30,6 +30,7 @@ rule feature_overlap:
         f"{layout.LOGS}/features/{{sae_set}}/feature_overlap.log",
     benchmark:
         f"{layout.BENCHMARKS}/features/{{sae_set}}/feature_overlap.tsv"
+    priority: SAE_CHAIN_PRIORITY
     conda:
         "../../environment.yml"
     params:

@@ -61,6 +61,7 @@ rule cache_residuals:
         f"{layout.LOGS}/cache_residuals.log",
     benchmark:
         f"{layout.BENCHMARKS}/cache_residuals.tsv"
+    priority: SAE_CHAIN_PRIORITY
     conda:
         "../../environment.yml"
     threads: MODEL_JOB_THREADS

@@ -28,6 +28,7 @@ rule prepare_corpus:
         corpus=layout.CORPUS,
     log:
         f"{layout.LOGS}/sae/prepare_corpus.log",
+    priority: SAE_CHAIN_PRIORITY
     conda:
         "../../environment.yml"
     params:
@@ -46,6 +47,7 @@ rule cache_corpus:
         f"{layout.LOGS}/sae/cache_corpus.log",
     benchmark:
         f"{layout.BENCHMARKS}/sae/cache_corpus.tsv"
+    priority: SAE_CHAIN_PRIORITY
     conda:
         "../../environment.yml"
     threads: MODEL_JOB_THREADS
@@ -86,9 +88,10 @@ for sae_set, group, group_layers in [
                 f"{layout.LOGS}/sae/train_sae_{job}.log",
             benchmark:
                 f"{layout.BENCHMARKS}/sae/train_sae_{job}.tsv"
+            priority: SAE_CHAIN_PRIORITY
             conda:
                 "../../environment.yml"
-            threads: MODEL_JOB_THREADS
+            threads: TRAIN_JOB_THREADS
             resources:
                 **model_job_resources("train_sae", group_layers, sae_set),
             params:
@@ -114,6 +117,7 @@ for sae_set, group, group_layers in [
                 f"{layout.LOGS}/sae/load_pretrained_sae_{job}.log",
             benchmark:
                 f"{layout.BENCHMARKS}/sae/load_pretrained_sae_{job}.tsv"
+            priority: SAE_CHAIN_PRIORITY
             conda:
                 "../../environment.yml"
             threads: MODEL_JOB_THREADS
@@ -145,6 +149,7 @@ for sae_set, group, group_layers in [
             f"{layout.LOGS}/sae/encode_features_{job}.log",
         benchmark:
             f"{layout.BENCHMARKS}/sae/encode_features_{job}.tsv"
+        priority: SAE_CHAIN_PRIORITY
         conda:
             "../../environment.yml"
         threads: MODEL_JOB_THREADS
