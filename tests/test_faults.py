@@ -28,14 +28,14 @@ RESULT_SUFFIXES = (".parquet", ".safetensors")
 
 
 def model_rules_in_run_order(workdir: Path, finished_run: Path) -> list[str]:
-    """Rules that run the model or an SAE (they request a GPU), in the order a finished run started them."""
+    """Rules that run the model or an SAE (they declare cpus_per_task), in the order a finished run started them."""
     dry = run_snakemake(workdir, "-n", "--forceall").stdout
     gpu_rules, current = set(), None
     for line in dry.splitlines():
         m = re.match(r"^(?:local)?rule (\w+):", line.strip())
         if m:
             current = m.group(1)
-        elif current and line.strip().startswith("resources:") and re.search(r"\bgpu=1\b", line):
+        elif current and line.strip().startswith("resources:") and "cpus_per_task=" in line:
             gpu_rules.add(current)
     order = []
     for log in sorted((finished_run / ".snakemake" / "log").glob("*.snakemake.log")):

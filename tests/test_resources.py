@@ -4,12 +4,14 @@ table of docs/cluster.md is the function's output."""
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
+import torch
 
 from bugscope import resources
 from bugscope.config import load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, run_snakemake
 
 
 def _bench():
@@ -98,3 +100,44 @@ def test_cluster_doc_table_is_the_functions_output():
     bench = _bench()
     current = bench.doc_table(bench.DOC.read_text())
     assert current == bench.markdown(), "docs/cluster.md is stale: run python bench/resource_table.py --write-doc"
+
+
+def test_gpu_visible_follows_the_device_and_this_host():
+    assert not resources.gpu_visible("cpu") and resources.gpu_visible("cuda")
+    # auto: what torch finds here (the job's own choice, bugscope.model.pick_device), without torch
+    assert resources.gpu_visible("auto") == torch.cuda.is_available()
+
+
+def test_gpu_hidden_by_cuda_visible_devices(monkeypatch):
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not resources.gpu_visible("auto")
+
+
+def _dry_run_resources(workdir, device: str) -> dict[str, str]:
+    """rule -> its `resources:` line in a dry run of the ci.yaml workflow on this host."""
+    out = run_snakemake(workdir, "-n", "--forceall", "--config", f"device={device}").stdout
+    found, rule = {}, None
+    for line in out.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):", line.strip())
+        if m:
+            rule = m.group(1)
+        elif rule and line.strip().startswith("resources:"):
+            found[rule] = line
+    return found
+
+
+@pytest.mark.parametrize("device, gpu", [("cpu", 0), ("cuda", 1)])
+def test_local_model_jobs_hold_a_gpu_only_where_they_run_on_one(tmp_path, device, gpu):
+    """On a host without a GPU the model jobs ask for none, so the local profile's cap of one GPU job
+    does not make them wait for each other: they run side by side, one thread each."""
+    found = _dry_run_resources(tmp_path, device)
+    model_rules = {r: next(s for s in resources.MODEL_RULES if r == s or r.startswith(s + "_"))
+                   for r, line in found.items() if "cpus_per_task=" in line}
+    assert {"baseline", "cache_corpus", "head_sweep", "train_sae"} <= set(model_rules.values())
+    for rule in model_rules:
+        line = found[rule]
+        assert re.search(rf"\bgpu={gpu}\b", line), (rule, line)
+        assert re.search(r"\bcpus_per_task=1\b", line), (rule, line)
+    light = [r for r, line in found.items() if r not in model_rules]
+    assert light and not any("gpu=" in found[r] for r in light)

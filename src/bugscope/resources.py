@@ -36,9 +36,6 @@ from bugscope.config import analysed_layers, head_set_feature_sets, n_prompts, s
 # BLAS splits a matmul between threads (with two, MKL splits some small patched-run matmuls along
 # their inner dimension, which moves patched logit differences by up to ~1e-5).
 MODEL_JOB_THREADS = 1
-# train_sae trains its layers one thread each, this many side by side (bugscope.sae.train_layers):
-# the same bits at any number, and it sits on the longest chain of the DAG.
-TRAIN_JOB_THREADS = 2
 BASE_MB = 4000
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Layers the focus-layer patching rules are sized for (the focus layers are known only once the
@@ -164,11 +161,6 @@ def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple
     return shapes[rule]
 
 
-def job_threads(rule: str) -> int:
-    """Threads (cores) of one job of the model stage `rule`."""
-    return TRAIN_JOB_THREADS if rule == "train_sae" else MODEL_JOB_THREADS
-
-
 def gpu_visible(device: str) -> bool:
     """Whether a model job started on this host would run on a GPU (bugscope.model.pick_device),
     decided without importing torch: `device` cpu or cuda says so; auto looks for a GPU driver's
@@ -197,7 +189,7 @@ def job_resources(config: dict, rule: str, group_layers: list[int] | None = None
     scale = config["resources"]["minutes_per_b_per_100_prompts"]
     runtime = int(10 + scale * max(size_b, 0.1) * (prompts / 100) * max(1, layers / 8))
     mem_mb = int(BASE_MB + 2 * weights_mb(config) + math.ceil(saes))
-    return {"gpu": int(on_gpu), "runtime": runtime, "mem_mb": mem_mb, "cpus_per_task": job_threads(rule)}
+    return {"gpu": int(on_gpu), "runtime": runtime, "mem_mb": mem_mb, "cpus_per_task": MODEL_JOB_THREADS}
 
 
 def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:

@@ -116,7 +116,6 @@ def feature_tables(sae_set):
 
 # Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
 MODEL_JOB_THREADS = bugscope_resources.MODEL_JOB_THREADS
-TRAIN_JOB_THREADS = bugscope_resources.TRAIN_JOB_THREADS
 
 # A model job holds a GPU (gpu=1, which the local profile caps at one) only where it runs on one:
 # always on a cluster, and locally when this host has a GPU. Without one the model jobs run on the

@@ -91,7 +91,7 @@ for sae_set, group, group_layers in [
             priority: SAE_CHAIN_PRIORITY
             conda:
                 "../../environment.yml"
-            threads: TRAIN_JOB_THREADS
+            threads: MODEL_JOB_THREADS
             resources:
                 **model_job_resources("train_sae", group_layers, sae_set),
             params:
