@@ -4,8 +4,8 @@
 memory, MB) and `cpus_per_task` on its first attempt; workflow/rules/common.smk multiplies runtime
 and memory by the attempt. Everything derives from the config, before any job runs:
 
-- gpu: 1, so that GPU jobs never share a card; 0 for a local run whose model jobs run on the CPU
-  (`gpu_visible`), where they run side by side, one thread each, as many as --cores allows;
+- gpu: 1, so that GPU jobs never share a card (a local run on a host without a GPU asks for 0,
+  `gpu_visible`: its model jobs run side by side on the CPU, one thread each; common.smk);
 
 - runtime: 10 min + resources.minutes_per_b_per_100_prompts x model.size_b (at least 0.1) x
   prompts / 100 x max(1, layers / 8);
@@ -176,12 +176,12 @@ def gpu_visible(device: str) -> bool:
 
 
 def job_resources(config: dict, rule: str, group_layers: list[int] | None = None,
-                  sae_set: dict | None = None, *, on_gpu: bool = True) -> dict[str, int]:
+                  sae_set: dict | None = None) -> dict[str, int]:
     """gpu, runtime (minutes), mem_mb and cpus_per_task of one job of `rule` on its first attempt.
 
     `rule` is the stage name (`encode_features` for encode_features_main_L00_03); `group_layers` the
     layers of a per-group job (default: all analysed layers); `sae_set` the set of an SAE job
-    (default: the primary set); `on_gpu` False for a local run on a host without a GPU (gpu 0).
+    (default: the primary set).
     """
     n_group = len(group_layers) if group_layers is not None else len(analysed_layers(config))
     prompts, layers, saes = _shape(config, rule, n_group, sae_set)
@@ -189,7 +189,7 @@ def job_resources(config: dict, rule: str, group_layers: list[int] | None = None
     scale = config["resources"]["minutes_per_b_per_100_prompts"]
     runtime = int(10 + scale * max(size_b, 0.1) * (prompts / 100) * max(1, layers / 8))
     mem_mb = int(BASE_MB + 2 * weights_mb(config) + math.ceil(saes))
-    return {"gpu": int(on_gpu), "runtime": runtime, "mem_mb": mem_mb, "cpus_per_task": MODEL_JOB_THREADS}
+    return {"gpu": 1, "runtime": runtime, "mem_mb": mem_mb, "cpus_per_task": MODEL_JOB_THREADS}
 
 
 def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:

@@ -117,15 +117,18 @@ def feature_tables(sae_set):
 # Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM).
 MODEL_JOB_THREADS = bugscope_resources.MODEL_JOB_THREADS
 
-# A model job holds a GPU (gpu=1, which the local profile caps at one) only where it runs on one:
-# always on a cluster, and locally when this host has a GPU. Without one the model jobs run on the
-# CPU side by side, one thread each, up to --cores.
-ON_THIS_HOST = workflow.local_exec
-
 # The stages up to the feature overlap, which picks the focus layers, are the DAG's longest chain:
 # most model jobs wait for it, so a job of it starts before any other job that is ready.
 SAE_CHAIN_PRIORITY = 10
-MODEL_JOBS_ON_GPU = not ON_THIS_HOST or bugscope_resources.gpu_visible(config["device"])
+
+
+def model_job_gpu(wildcards):
+    """1: the job holds a GPU (the local profile caps them at one); 0: it runs on this host's CPU.
+    Always 1 on a cluster; locally 1 when this host has a GPU (bugscope.resources.gpu_visible).
+    Without one the model jobs run side by side, one thread each, up to --cores. A function, since
+    Snakemake knows its executor only once it builds the DAG: while this file is parsed,
+    workflow.local_exec is true even for a SLURM run."""
+    return int(not workflow.local_exec or bugscope_resources.gpu_visible(config["device"]))
 
 
 def model_job_resources(rule, group_layers=None, sae_set=None):
@@ -136,12 +139,11 @@ def model_job_resources(rule, group_layers=None, sae_set=None):
     the attempt, so a job retried after hitting its time or memory limit (`retries` in the SLURM
     profile) gets twice as much.
     """
-    sae_set_cfg = SAE_SETS[sae_set] if sae_set else None
     first = bugscope_resources.job_resources(
-        config, rule, group_layers, sae_set_cfg, on_gpu=MODEL_JOBS_ON_GPU
+        config, rule, group_layers, SAE_SETS[sae_set] if sae_set else None
     )
     return {
-        "gpu": first["gpu"],
+        "gpu": model_job_gpu,
         "runtime": lambda wildcards, attempt: first["runtime"] * attempt,
         "mem_mb": lambda wildcards, attempt: first["mem_mb"] * attempt,
         "cpus_per_task": first["cpus_per_task"],
