@@ -30,18 +30,18 @@ RESULT_SUFFIXES = (".parquet", ".safetensors")
 def model_rules_in_run_order(workdir: Path, finished_run: Path) -> list[str]:
     """Rules that run the model or an SAE (they declare cpus_per_task), in the order a finished run started them."""
     dry = run_snakemake(workdir, "-n", "--forceall").stdout
-    gpu_rules, current = set(), None
+    model_rules, current = set(), None
     for line in dry.splitlines():
         m = re.match(r"^(?:local)?rule (\w+):", line.strip())
         if m:
             current = m.group(1)
         elif current and line.strip().startswith("resources:") and "cpus_per_task=" in line:
-            gpu_rules.add(current)
+            model_rules.add(current)
     order = []
     for log in sorted((finished_run / ".snakemake" / "log").glob("*.snakemake.log")):
         for line in log.read_text().splitlines():
             m = re.match(r"^(?:local)?rule (\w+):", line.strip())
-            if m and m.group(1) in gpu_rules and m.group(1) not in order:
+            if m and m.group(1) in model_rules and m.group(1) not in order:
                 order.append(m.group(1))
     return order
 

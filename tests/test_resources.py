@@ -104,8 +104,10 @@ def test_cluster_doc_table_is_the_functions_output():
 
 def test_gpu_visible_follows_the_device_and_this_host():
     assert not resources.gpu_visible("cpu") and resources.gpu_visible("cuda")
-    # auto: what torch finds here (the job's own choice, bugscope.model.pick_device), without torch
-    assert resources.gpu_visible("auto") == torch.cuda.is_available()
+    # auto: what torch finds here (the job's own choice, bugscope.model.pick_device), without torch;
+    # only a CPU build of torch on a host with a GPU may differ, on the side that never shares a card
+    seen = resources.gpu_visible("auto")
+    assert seen == torch.cuda.is_available() or (seen and torch.version.cuda is None)
 
 
 def test_gpu_hidden_by_cuda_visible_devices(monkeypatch):

@@ -6,7 +6,6 @@ and memory by the attempt. Everything derives from the config, before any job ru
 
 - gpu: 1, so that GPU jobs never share a card (a local run on a host without a GPU asks for 0,
   `gpu_visible`: its model jobs run side by side on the CPU, one thread each; common.smk);
-
 - runtime: 10 min + resources.minutes_per_b_per_100_prompts x model.size_b (at least 0.1) x
   prompts / 100 x max(1, layers / 8);
 - mem_mb: 4,000 MB + twice the model's weights (model.size_b x 2 or 4 bytes: loading can hold a
@@ -31,10 +30,10 @@ from pathlib import Path
 from bugscope.config import analysed_layers, head_set_feature_sets, n_prompts, sae_sets
 
 # Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM). One: on a
-# CPU host two one-thread jobs side by side do about 1.2x the work of one two-thread job (the small
-# matmuls of a patched run scale poorly), and with one thread a job's bits never depend on how a
-# BLAS splits a matmul between threads (with two, MKL splits some small patched-run matmuls along
-# their inner dimension, which moves patched logit differences by up to ~1e-5).
+# CPU host two one-thread jobs side by side do about 1.2x the work of one two-thread job (a patched
+# run's matmuls are small and scale poorly), and no result depends on how the BLAS splits work
+# between threads (unpatched forwards give the same bits on one and two threads; patched logit
+# differences moved by up to 1.5e-5 from two threads to one).
 MODEL_JOB_THREADS = 1
 BASE_MB = 4000
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
