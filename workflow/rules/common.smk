@@ -128,7 +128,9 @@ def model_job_gpu(wildcards):
     Without one the model jobs run side by side, one thread each, up to --cores. A function, since
     Snakemake knows its executor only once it builds the DAG: while this file is parsed,
     workflow.local_exec is true even for a SLURM run."""
-    return int(not workflow.local_exec or bugscope_resources.gpu_visible(config["device"]))
+    return int(
+        not workflow.local_exec or bugscope_resources.gpu_visible(config["device"])
+    )
 
 
 def model_job_resources(rule, group_layers=None, sae_set=None):
