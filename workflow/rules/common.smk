@@ -122,15 +122,16 @@ MODEL_JOB_THREADS = bugscope_resources.MODEL_JOB_THREADS
 SAE_CHAIN_PRIORITY = 10
 
 
-def model_job_gpu(wildcards):
-    """1: the job holds a GPU (the local profile caps them at one); 0: it runs on this host's CPU.
-    Always 1 on a cluster; locally 1 when this host has a GPU (bugscope.resources.gpu_visible).
-    Without one the model jobs run side by side, one thread each, up to --cores. A function, since
-    Snakemake knows its executor only once it builds the DAG: while this file is parsed,
-    workflow.local_exec is true even for a SLURM run."""
-    return int(
-        not workflow.local_exec or bugscope_resources.gpu_visible(config["device"])
-    )
+# Whether model jobs started on this host run on a GPU, looked up once (bugscope.resources.gpu_visible).
+GPU_ON_THIS_HOST = bugscope_resources.gpu_visible(config["device"])
+
+
+def holds_gpu():
+    """Whether a model job holds the GPU it asks for (job_resources; the local profile caps them at
+    one): always on a cluster, locally only on a host with a GPU. Without one the model jobs ask for
+    none and run side by side, one thread each, up to --cores. Called when the DAG is built, since
+    while this file is parsed workflow.local_exec is true even for a SLURM run."""
+    return not workflow.local_exec or GPU_ON_THIS_HOST
 
 
 def model_job_resources(rule, group_layers=None, sae_set=None):
@@ -145,7 +146,7 @@ def model_job_resources(rule, group_layers=None, sae_set=None):
         config, rule, group_layers, SAE_SETS[sae_set] if sae_set else None
     )
     return {
-        "gpu": model_job_gpu,
+        "gpu": lambda wildcards: first["gpu"] if holds_gpu() else 0,
         "runtime": lambda wildcards, attempt: first["runtime"] * attempt,
         "mem_mb": lambda wildcards, attempt: first["mem_mb"] * attempt,
         "cpus_per_task": first["cpus_per_task"],
