@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bugscope.sae import encode_sparse
+from bugscope.sae.encode import encode_sparse
 
 
 def median_times(fns, repeats: int, sync) -> list[float]:

@@ -10,7 +10,7 @@ two logits read out at the decision position.
 
 Needs results/model/model.json and results/prompts/prompts.parquet of a finished run (or --results).
 Prints both times, the ratio, the largest difference between the two paths' logit differences, the
-matmul TFLOP/s of each path (bugscope.jobstats.MatmulFlops: a lower bound) and, on a GPU, the
+matmul TFLOP/s of each path (bugscope.run.jobstats.MatmulFlops: a lower bound) and, on a GPU, the
 peak GPU memory.
 """
 
@@ -24,11 +24,13 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from bugscope import patch_study, patching
 from bugscope.config import load_config
 from bugscope.io import read_table
-from bugscope.jobstats import MatmulFlops, peak_gpu_bytes
-from bugscope.model import ModelManifest, load_model
+from bugscope.model.load import ModelManifest, load_model
+from bugscope.patching.head_sets import named_head_sets
+from bugscope.patching.pairs import PatchSpec, make_pairs
+from bugscope.patching.study import patcher_from_config, spec_from_config
+from bugscope.run.jobstats import MatmulFlops, peak_gpu_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.oracle import sweep_naive  # noqa: E402  (the reference lives with the tests)
@@ -56,13 +58,13 @@ def main() -> None:
     model, tok = load_model(manifest, args.device)
     prompts = pl.from_arrow(read_table(results / "prompts" / "prompts.parquet", kind="prompts")[0])
     prompts = prompts.filter(pl.col("question_id") < args.questions)
-    spec, target, source = patch_study.spec_from_config(cfg)
+    spec, target, source = spec_from_config(cfg)
     if args.positions:
-        spec = patching.PatchSpec(positions=args.positions, operation=spec.operation)
-    pairs = patching.make_pairs(prompts, target, source, spec.positions)
-    plan = {layer: patching.named_head_sets(manifest.num_heads) for layer in args.layers}
+        spec = PatchSpec(positions=args.positions, operation=spec.operation)
+    pairs = make_pairs(prompts, target, source, spec.positions)
+    plan = {layer: named_head_sets(manifest.num_heads) for layer in args.layers}
     n_sets = sum(len(v) for v in plan.values())
-    patcher = patch_study.patcher_from_config(model, cfg, tok.pad_token_id)
+    patcher = patcher_from_config(model, cfg, tok.pad_token_id)
     print(f"{manifest.name} on {args.device} ({args.threads} threads): {len(pairs)} target prompts, "
           f"layers {args.layers}, {n_sets} (layer, head set) combinations, positions={spec.positions}, "
           f"operation={spec.operation}")

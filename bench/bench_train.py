@@ -36,9 +36,10 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from bugscope.config import load_config, with_sae_set  # noqa: E402
-from bugscope.corpus import split_ids  # noqa: E402
-from bugscope.sae import ActivationSource, LayerTraining, train_layer, train_layers  # noqa: E402
-from bugscope.sites import hook_name  # noqa: E402
+from bugscope.data.corpus import split_ids  # noqa: E402
+from bugscope.model.sites import hook_name  # noqa: E402
+from bugscope.sae.activations import ActivationSource
+from bugscope.sae.train import LayerTraining, train_layer, train_layers  # noqa: E402
 from bugscope.stats import layer_seed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

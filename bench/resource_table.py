@@ -3,7 +3,7 @@
     python bench/resource_table.py [CONFIG]            # default config/llama31_8b.yaml
     python bench/resource_table.py --write-doc         # regenerate the table in docs/cluster.md
 
-The numbers come from bugscope.resources.job_resources, the function workflow/rules/common.smk
+The numbers come from bugscope.run.resources.job_resources, the function workflow/rules/common.smk
 calls, so they are what Snakemake requests on the first attempt (a retry doubles runtime and mem_mb).
 tests/test_resources.py checks that the doc's table is this script's output.
 """
@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from bugscope.config import load_config
-from bugscope.resources import d_model, d_sae, rule_table, sae_mb, weights_mb
+from bugscope.run.resources import d_model, d_sae, rule_table, sae_mb, weights_mb
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "cluster.md"

@@ -18,7 +18,7 @@ MODEL_CACHE = Path(os.environ.get("BUGSCOPE_TEST_CACHE", REPO / ".pytest_cache" 
 @pytest.fixture(scope="session")
 def embedded_manifest():
     from bugscope.config import load_config
-    from bugscope.model import prepare_model
+    from bugscope.model.load import prepare_model
 
     cfg = load_config(REPO / "config" / "ci.yaml")
     return prepare_model(cfg["model"], MODEL_CACHE / "checkpoint", MODEL_CACHE / "model.json")
@@ -29,7 +29,7 @@ def embedded(embedded_manifest):
     """(model, tokenizer) of SmolLM2-135M-Instruct on the CPU, float32."""
     import torch
 
-    from bugscope.model import load_model
+    from bugscope.model.load import load_model
 
     torch.set_num_threads(2)
     return load_model(embedded_manifest, "cpu")
@@ -40,7 +40,7 @@ def prompts(ci_config, embedded):
     """The prompt table of config/ci.yaml, built with the embedded model's tokenizer."""
     import polars as pl
 
-    from bugscope.prompts import build_prompt_table
+    from bugscope.data.prompts import build_prompt_table
 
     return pl.from_arrow(build_prompt_table(ci_config, embedded[1]))
 

@@ -22,18 +22,25 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from bugscope import layout, original_decomposition, original_method, tables
-from bugscope.attribution import COMPONENTS, parity_rows, summarise_attribution
-from bugscope.baseline import accuracy_by_format, format_contrast
+from bugscope import layout, tables
 from bugscope.config import analysed_layers, layer_groups
+from bugscope.data.baseline import accuracy_by_format, format_contrast
+from bugscope.data.prompts import PROMPT_SCHEMA
+from bugscope.features.attribution import COMPONENTS, parity_rows, summarise_attribution
 from bugscope.features.named import named_feature_ids
-from bugscope.head_sets import HeadSet, exhaustive_head_sets, head_set_table, named_head_sets, subset_head_sets
-from bugscope.patch_study import PROMPT_COLUMNS, exhaustive_summary, listed_pairs, residual_map_summary
-from bugscope.patch_summary import summary_table
-from bugscope.prompts import PROMPT_SCHEMA
-from bugscope.sae import FEATURE_SCHEMA
-from bugscope.sae_quality import QUALITY_SCHEMA
-from bugscope.sites import hook_name
+from bugscope.model.sites import hook_name
+from bugscope.patching import original_decomposition, original_method
+from bugscope.patching.head_sets import (
+    HeadSet,
+    exhaustive_head_sets,
+    head_set_table,
+    named_head_sets,
+    subset_head_sets,
+)
+from bugscope.patching.study import PROMPT_COLUMNS, exhaustive_summary, listed_pairs, residual_map_summary
+from bugscope.patching.summary import summary_table
+from bugscope.sae.encode import FEATURE_SCHEMA
+from bugscope.sae.quality import QUALITY_SCHEMA
 
 D_SAE = 32_768
 L0 = 64  # active latents per position (Llama Scope's L0 is 50-150)
@@ -93,7 +100,7 @@ def scores_table(prompts: pl.DataFrame, rng: np.random.Generator) -> pl.DataFram
 
 def patch_rows(prompts: pl.DataFrame, scores: pl.DataFrame, layer_sets: dict[int, list[HeadSet]], config: dict, *,
                method: str, positions: str, rng: np.random.Generator) -> pl.DataFrame:
-    """A per-prompt patching table (bugscope.patch_study.run_study_sweep's schema) with random logit differences."""
+    """A per-prompt patching table (bugscope.patching.study.run_study_sweep's schema) with random logit differences."""
     pc, pr = config["patching"], config["prompts"]
     target, source = pr["buggy_format"], pr["correct_format"]
     sets = head_set_table(layer_sets)
@@ -116,7 +123,7 @@ def patch_rows(prompts: pl.DataFrame, scores: pl.DataFrame, layer_sets: dict[int
 def attribution_tables(prompts: pl.DataFrame, discriminative: pl.DataFrame, config: dict,
                        rng: np.random.Generator) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(attribution, parity) of every analysed layer: the real summarise/parity code on random direct attributions."""
-    from bugscope.attribution import attribution_features
+    from bugscope.features.attribution import attribution_features
 
     pr, fcfg = config["prompts"], config["features"]
     n_heads = config["model"]["num_heads"]
@@ -222,7 +229,7 @@ def build_inputs(config: dict, root: Path) -> None:
 
 
 def experiment_tables(config: dict, prompts: pl.DataFrame, scores: pl.DataFrame, put, rng) -> None:
-    """The focus-layer experiments' tables (bugscope.patch_study) at 8B sizes: every fraction and
+    """The focus-layer experiments' tables (bugscope.patching.study) at 8B sizes: every fraction and
     direction of the config, and EXHAUSTIVE_SETS of its exhaustive head sets."""
     focus, n_heads, pc = list(config["focus_layers"]), config["model"]["num_heads"], config["patching"]
     boot = {"n_resamples": config["bootstrap"]["n_resamples"], "confidence": config["bootstrap"]["confidence"],
@@ -260,7 +267,7 @@ def feature_stage_tables(config: dict, prompts: pl.DataFrame, scores: pl.DataFra
     """The interventions summary (bugscope.interventions.summarise, on every target prompt for each
     of 9 conditions) and the feature-token table (bugscope.features.pages: every named feature, role,
     format and pair split) at 8B row counts, with random values."""
-    from bugscope import interventions as iv
+    from bugscope.interventions import sae_features as iv
 
     focus, n_heads, pc = list(config["focus_layers"]), config["model"]["num_heads"], config["patching"]
     sae_set = config["sae"]["sets"][0]
@@ -281,8 +288,8 @@ def feature_stage_tables(config: dict, prompts: pl.DataFrame, scores: pl.DataFra
     put(tables.INTERVENTIONS, iv.summarise(per_prompt, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
                                            seed=config["seed"]), layout.INTERVENTIONS, focus_layers=focus)
     # head_set_features: every even-head set of patching.exhaustive (all 65,535 at 16 even heads) x pair subset
-    from bugscope.head_set_features import SUMMARY_SCHEMA
-    from bugscope.head_sets import exhaustive_head_sets
+    from bugscope.interventions.head_set_features import SUMMARY_SCHEMA
+    from bugscope.patching.head_sets import exhaustive_head_sets
 
     ex = pc["exhaustive"]
     sets = exhaustive_head_sets(n_heads, pools=["even"], budget=ex["budget"], samples=ex["samples"],
@@ -309,7 +316,7 @@ def feature_stage_tables(config: dict, prompts: pl.DataFrame, scores: pl.DataFra
 
 def decomposition_rows(prompts: pl.DataFrame, config: dict, focus: list[int], head_sets: list[HeadSet],
                        rng: np.random.Generator) -> pl.DataFrame:
-    """Per-prompt rows of every decomposition setting (bugscope.original_method) with random verdicts."""
+    """Per-prompt rows of every decomposition setting (bugscope.patching.original_method) with random verdicts."""
     p = config["prompts"]
     pairs = original_method.decomposition_pairs(prompts, p["buggy_format"], p["correct_format"],
                                                 config["patching"]["original_generation"]["n_pairs"])

@@ -10,9 +10,11 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from bugscope.forward import logit_diff, make_batch
-from bugscope.patching import HeadPatcher, HeadSet, PatchPair, PatchSpec, _long
-from bugscope.sites import attention_writer_hook
+from bugscope.model.forward import logit_diff, make_batch
+from bugscope.model.sites import attention_writer_hook
+from bugscope.patching.engine import HeadPatcher, _long
+from bugscope.patching.head_sets import HeadSet
+from bugscope.patching.pairs import PatchPair, PatchSpec
 
 
 @torch.inference_mode()

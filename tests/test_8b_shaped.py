@@ -32,10 +32,11 @@ import pytest
 import torch
 
 from bench import make_8b_shaped as shaped
-from bugscope import layout, patch_study, tables
+from bugscope import layout, tables
 from bugscope.config import load_config
-from bugscope.jobstats import MatmulFlops
-from bugscope.sites import hook_name
+from bugscope.model.sites import hook_name
+from bugscope.patching.study import patcher_from_config, spec_from_config
+from bugscope.run.jobstats import MatmulFlops
 from tests.conftest import MODEL_CACHE, REPO, run_snakemake
 
 CONFIG = REPO / "config" / "llama31_8b_shaped.yaml"
@@ -96,7 +97,7 @@ def test_builder_releases_match_sae_lens_directory():
     (bugscope.sae.resolve_pretrained) accepts each set at its site."""
     from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
 
-    from bugscope.sae import directory_hook_name, resolve_pretrained
+    from bugscope.sae.directory import directory_hook_name, resolve_pretrained
 
     for release, site, layers, _ in SETS.values():
         rel = shaped.RELEASES[release]
@@ -269,7 +270,7 @@ def test_model_manifest_has_llama31_8b_geometry(eightb_run):
 
 @eightb
 def test_saes_are_llama_scope_jumprelu_with_32768_latents(eightb_run, eightb_config):
-    from bugscope.sae import load_sae
+    from bugscope.sae.store import load_sae
 
     for name, (release, _site, layers, _) in SETS.items():
         for layer, hook in zip(layers, SET_HOOKS[name]):
@@ -301,7 +302,7 @@ def test_mlp_out_set_end_to_end(eightb_run, eightb_config):
     the activations are cached at that hook (the output of layer 1's MLP, not the residual stream)
     and its feature tables are under the set's paths."""
     from bugscope.io import arrow_to_vectors
-    from bugscope.model import ModelManifest, load_model
+    from bugscope.model.load import ModelManifest, load_model
 
     rel = shaped.RELEASES[shaped.MLP_RELEASE]
     # SAE-Lens's own conversion from the hub cache, offline, as the load_pretrained_sae rule does it.
@@ -397,19 +398,19 @@ def test_head_attribution_has_32_heads_and_its_identity_holds_in_bf16(eightb_run
 def test_optimised_sweep_matches_naive_loop_at_8b_geometry_in_float32(eightb_run, eightb_config):
     """GQA (8 KV heads for 32 query heads), head_dim 128, KV reuse: the optimised sweep equals one full
     forward per head set. In float32, where the tolerance is far below the patch effects."""
-    from bugscope import patching
-    from bugscope.model import ModelManifest, load_model
+    from bugscope.model.load import ModelManifest, load_model
+    from bugscope.patching import engine as patching
     from tests.numerics import forward_tolerance, max_abs
     from tests.oracle import sweep_naive
 
     manifest = ModelManifest.load(eightb_run / layout.MODEL_MANIFEST)
     model, tok = load_model(dataclasses.replace(manifest, dtype="float32"), "cpu")
     prompts = tables.frame(tables.PROMPTS, eightb_config, eightb_run / layout.PROMPTS)
-    spec, target, source = patch_study.spec_from_config(eightb_config)
+    spec, target, source = spec_from_config(eightb_config)
     pairs = patching.make_pairs(prompts, target, source, spec.positions)
     sets = [s for s in patching.named_head_sets(32) if s.name in ("all", "odd", "head00", "head07", "head31")]
     plan = {layer: sets for layer in LAYERS}
-    patcher = patch_study.patcher_from_config(model, eightb_config, tok.pad_token_id)
+    patcher = patcher_from_config(model, eightb_config, tok.pad_token_id)
     patcher.progress = False
     fast, base = patcher.sweep(pairs, plan, spec)
     slow = sweep_naive(patcher, pairs, plan, spec)

@@ -4,11 +4,11 @@ import polars as pl
 import pytest
 import torch
 
-from bugscope.cache import NonFiniteActivationError, cache_activations, positions_for
-from bugscope.forward import iter_batches
+from bugscope.data.prompts import build_prompt_table
 from bugscope.io import arrow_to_vectors, read_table
-from bugscope.prompts import build_prompt_table
-from bugscope.sites import hook_name
+from bugscope.model.cache import NonFiniteActivationError, cache_activations, positions_for
+from bugscope.model.forward import iter_batches
+from bugscope.model.sites import hook_name
 from tests.numerics import forward_tolerance, max_abs
 
 pytestmark = pytest.mark.numerical

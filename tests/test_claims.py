@@ -6,12 +6,16 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from bugscope import claims, layout, tables
+from bugscope import layout, tables
+from bugscope.claims.evaluate import VERDICTS, Context, _resolve, evaluate_claim
+from bugscope.claims.spec import TABLES, LedgerError, load_ledger, referenced_columns
 from bugscope.config import load_config
-from bugscope.features import DISCRIMINATIVE_COLUMNS, NAMED_SCHEMA, PARITY_COLUMNS
+from bugscope.features.attribution import PARITY_COLUMNS
+from bugscope.features.discriminative import DISCRIMINATIVE_COLUMNS
+from bugscope.features.named import NAMED_SCHEMA
 from bugscope.features.pages import TOKEN_SCHEMA
 from bugscope.io import read_metadata, read_table
-from bugscope.patch_summary import bug_kind_rows
+from bugscope.patching.summary import bug_kind_rows
 from tests.conftest import REPO
 from tests.test_figures import accuracy_table, overlap_table, patching_summary
 
@@ -19,12 +23,12 @@ LEDGER = REPO / "config" / "claims.yaml"
 
 
 # The SAE sets of config/llama31_8b.yaml: the literal forms read the MLP-output set.
-LLAMA_SETS = claims.Context.from_config(load_config(REPO / "config" / "llama31_8b.yaml"), None).sae_sets
+LLAMA_SETS = Context.from_config(load_config(REPO / "config" / "llama31_8b.yaml"), None).sae_sets
 
 
-def ctx(model="SmolLM2-135M-Instruct", focus=(5,), num_heads=9, num_layers=14) -> claims.Context:
+def ctx(model="SmolLM2-135M-Instruct", focus=(5,), num_heads=9, num_layers=14) -> Context:
     sets = {"sae_sets": LLAMA_SETS} if "llama" in model.lower() else {}
-    return claims.Context(model, "embedded", num_layers, num_heads, "qa", "simple", list(focus) if focus else None,
+    return Context(model, "embedded", num_layers, num_heads, "qa", "simple", list(focus) if focus else None,
                           **sets)
 
 
@@ -56,36 +60,36 @@ LITERAL_L7 = {"form": "literal", "requires_model": "Llama-3.1-8B", "description"
 
 
 def test_near_holds_and_fails():
-    holds = claims.evaluate_claim(claim(NEAR_MIN), {"feature_overlap": overlap_rows({0: 50, 2: 12, 5: 70, 12: 40})}, ctx())
+    holds = evaluate_claim(claim(NEAR_MIN), {"feature_overlap": overlap_rows({0: 50, 2: 12, 5: 70, 12: 40})}, ctx())
     assert holds["verdict"] == "holds" and holds["measured"] == 12 and holds["form"] == "agnostic"
     assert (holds["ci_low"], holds["ci_high"], holds["n"]) == (10, 14, 20) and "layer=2" in holds["selected"]
-    fails = claims.evaluate_claim(claim(NEAR_MIN), {"feature_overlap": overlap_rows({0: 50, 2: 35, 5: 70, 12: 40})}, ctx())
+    fails = evaluate_claim(claim(NEAR_MIN), {"feature_overlap": overlap_rows({0: 50, 2: 35, 5: 70, 12: 40})}, ctx())
     assert fails["verdict"] == "fails" and fails["measured"] == 35
 
 
 def test_literal_form_needs_the_model_and_falls_back_to_the_agnostic_form():
     tables = {"feature_overlap": overlap_rows({0: 50, 2: 12, 7: 45, 12: 40})}
-    small = claims.evaluate_claim(claim(LITERAL_L7, NEAR_MIN), tables, ctx())
+    small = evaluate_claim(claim(LITERAL_L7, NEAR_MIN), tables, ctx())
     assert small["form"] == "agnostic" and small["verdict"] == "holds" and "Llama-3.1-8B" in small["detail"]
-    llama = claims.evaluate_claim(claim(LITERAL_L7, NEAR_MIN), tables, ctx(model="Llama-3.1-8B-Instruct"))
+    llama = evaluate_claim(claim(LITERAL_L7, NEAR_MIN), tables, ctx(model="Llama-3.1-8B-Instruct"))
     assert llama["form"] == "literal" and llama["verdict"] == "fails" and llama["measured"] == 45
 
 
 def test_not_testable_here():
     # feature ids of another model, with no agnostic form
-    only_literal = claims.evaluate_claim(claim(LITERAL_L7), {"feature_overlap": overlap_rows({0: 50, 7: 10})}, ctx())
+    only_literal = evaluate_claim(claim(LITERAL_L7), {"feature_overlap": overlap_rows({0: 50, 7: 10})}, ctx())
     assert only_literal["verdict"] == "not testable here" and only_literal["measured"] is None
     # the table was not produced (stage missing)
-    missing = claims.evaluate_claim(claim(NEAR_MIN), {}, ctx())
+    missing = evaluate_claim(claim(NEAR_MIN), {}, ctx())
     assert missing["verdict"] == "not testable here" and "not produced" in missing["detail"]
     # the literal layer was not analysed
-    llama = claims.evaluate_claim(claim(LITERAL_L7), {"feature_overlap": overlap_rows({0: 50, 8: 10})},
+    llama = evaluate_claim(claim(LITERAL_L7), {"feature_overlap": overlap_rows({0: 50, 8: 10})},
                                   ctx(model="meta-llama/Llama-3.1-8B-Instruct"))
     assert llama["verdict"] == "not testable here" and "no row" in llama["detail"]
     # $focus unresolved
     focus = {"form": "agnostic", "description": "d", "checks": [
         {"table": "feature_overlap", "where": {"layer": "$focus"}, "metric": "overlap_pct", "at_least": 0}]}
-    unresolved = claims.evaluate_claim(claim(focus), {"feature_overlap": overlap_rows({0: 1, 5: 2})}, ctx(focus=None))
+    unresolved = evaluate_claim(claim(focus), {"feature_overlap": overlap_rows({0: 1, 5: 2})}, ctx(focus=None))
     assert unresolved["verdict"] == "not testable here" and "focus" in unresolved["detail"]
 
 
@@ -94,28 +98,28 @@ def test_local_max_below_and_abs():
         {"table": "feature_overlap", "where": {"variant": "per_pair", "is_max_overlap_middle": True},
          "metric": "overlap_pct", "local_max": True}]}
     valley_peak = overlap_rows({0: 50, 2: 10, 6: 80, 12: 45})
-    assert claims.evaluate_claim(claim(form), {"feature_overlap": valley_peak}, ctx())["verdict"] == "holds"
+    assert evaluate_claim(claim(form), {"feature_overlap": valley_peak}, ctx())["verdict"] == "holds"
     monotone = overlap_rows({0: 10, 2: 20, 6: 80, 12: 85})
-    assert claims.evaluate_claim(claim(form), {"feature_overlap": monotone}, ctx())["verdict"] == "fails"
+    assert evaluate_claim(claim(form), {"feature_overlap": monotone}, ctx())["verdict"] == "fails"
 
     below = {"form": "agnostic", "description": "bug", "checks": [
         {"table": "baseline_accuracy", "where": {"format": "$buggy_format"}, "metric": "accuracy",
          "below": {"where": {"format": "$correct_format"}}}]}
     acc = pl.DataFrame({"format": ["qa", "simple"], "n_prompts": [40, 40], "accuracy": [0.3, 0.7],
                         "accuracy_low": [0.2, 0.6], "accuracy_high": [0.4, 0.8]})
-    assert claims.evaluate_claim(claim(below), {"baseline_accuracy": acc}, ctx())["verdict"] == "holds"
+    assert evaluate_claim(claim(below), {"baseline_accuracy": acc}, ctx())["verdict"] == "holds"
     swapped = acc.with_columns(pl.Series("accuracy", [0.7, 0.3]))
-    assert claims.evaluate_claim(claim(below), {"baseline_accuracy": swapped}, ctx())["verdict"] == "fails"
+    assert evaluate_claim(claim(below), {"baseline_accuracy": swapped}, ctx())["verdict"] == "fails"
 
     corr = {"form": "agnostic", "description": "r", "checks": [
         {"table": "head_parity", "where": {"layer": "$focus", "statistic": "point_biserial_r"}, "metric": "value",
          "aggregate": "max_abs", "at_least": 0.85, "also": {"p_value": {"at_most": 0.05}}}]}
     parity = pl.DataFrame({"layer": [5, 5, 5], "statistic": ["point_biserial_r"] * 3, "feature_id": [1, 2, 3],
                            "value": [0.2, -0.9, 0.5], "p_value": [0.5, 0.02, 0.3], "n_heads": [9, 9, 9]})
-    r = claims.evaluate_claim(claim(corr), {"head_parity": parity}, ctx())
+    r = evaluate_claim(claim(corr), {"head_parity": parity}, ctx())
     assert r["verdict"] == "holds" and r["measured"] == pytest.approx(0.9) and "feature_id=2" in r["selected"]
     weak = parity.with_columns(pl.Series("p_value", [0.5, 0.2, 0.3]))
-    assert claims.evaluate_claim(claim(corr), {"head_parity": weak}, ctx())["verdict"] == "fails"
+    assert evaluate_claim(claim(corr), {"head_parity": weak}, ctx())["verdict"] == "fails"
 
 
 def test_above_on_head_patching_tables():
@@ -136,20 +140,20 @@ def test_above_on_head_patching_tables():
         return df
 
     apart = with_rates({(5, "even"): (0.9, 0.8, 1.0), (5, "odd"): (0.1, 0.0, 0.3)})
-    r = claims.evaluate_claim(claim(even_odd), {"head_patching": apart}, ctx())
+    r = evaluate_claim(claim(even_odd), {"head_patching": apart}, ctx())
     assert r["verdict"] == "holds" and r["measured"] == 0.9 and (r["ci_low"], r["ci_high"]) == (0.8, 1.0)
     assert r["n"] == int(bug_kind_rows(table)["n_eligible"][0]) and "head_set=even" in r["selected"]
     overlapping = with_rates({(5, "even"): (0.9, 0.5, 1.0), (5, "odd"): (0.4, 0.1, 0.6)})
-    assert claims.evaluate_claim(claim(even_odd), {"head_patching": overlapping}, ctx())["verdict"] == "fails"
+    assert evaluate_claim(claim(even_odd), {"head_patching": overlapping}, ctx())["verdict"] == "fails"
 
     best = {"form": "agnostic", "description": "unique best layer", "checks": [
         {"table": "head_patching", "where": {"layer": "$focus", "head_set": "even"}, "metric": "success_rate",
          "above": {"where": {"layer": {"not": "$focus"}, "head_set": "even"}, "ci": True},
          "ci": ["success_low", "success_high"]}]}
     unique = with_rates({(0, "even"): (0.1, 0.0, 0.2), (5, "even"): (0.9, 0.8, 1.0), (10, "even"): (0.3, 0.1, 0.5)})
-    assert claims.evaluate_claim(claim(best), {"head_patching": unique}, ctx())["verdict"] == "holds"
+    assert evaluate_claim(claim(best), {"head_patching": unique}, ctx())["verdict"] == "holds"
     tie = with_rates({(0, "even"): (0.1, 0.0, 0.2), (5, "even"): (0.9, 0.8, 1.0), (10, "even"): (0.85, 0.7, 1.0)})
-    r = claims.evaluate_claim(claim(best), {"head_patching": tie}, ctx())
+    r = evaluate_claim(claim(best), {"head_patching": tie}, ctx())
     assert r["verdict"] == "fails" and "layer=10" in r["detail"]
 
     rising = {"form": "agnostic", "description": "threshold", "checks": [
@@ -158,22 +162,22 @@ def test_above_on_head_patching_tables():
     pooled = bug_kind_rows(table)  # what a check selects unless it names pair_kind and order
     k1 = pooled.filter(pl.col("layer") == 5, pl.col("pool") == "even", pl.col("k") == 1)["success_rate"].max()
     k2 = pooled.filter(pl.col("layer") == 5, pl.col("pool") == "even", pl.col("k") == 2)["success_rate"].min()
-    r = claims.evaluate_claim(claim(rising), {"head_patching": table}, ctx())
+    r = evaluate_claim(claim(rising), {"head_patching": table}, ctx())
     assert r["verdict"] == ("holds" if k2 > k1 else "fails") and r["measured"] == pytest.approx(k2)
 
 
 def test_head_count_tokens():
-    assert claims._resolve("$half_even_heads", ctx(num_heads=32)) == 8
-    assert claims._resolve("$quarter_even_heads", ctx(num_heads=32)) == 4
-    assert claims._resolve("$half_even_heads", ctx(num_heads=9)) == 2
+    assert _resolve("$half_even_heads", ctx(num_heads=32)) == 8
+    assert _resolve("$quarter_even_heads", ctx(num_heads=32)) == 4
+    assert _resolve("$half_even_heads", ctx(num_heads=9)) == 2
 
 
 def test_ledger_shape_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("claims:\n  - {id: a, section: s, claim: c, study_value: 1, forms: "
                    "[{form: literal, description: d, checks: [{table: nope, metric: x, at_least: 1}]}]}\n")
-    with pytest.raises(claims.LedgerError, match="table 'nope'"):
-        claims.load_ledger(bad)
+    with pytest.raises(LedgerError, match="table 'nope'"):
+        load_ledger(bad)
 
 
 # --- the shipped ledger ---------------------------------------------------------------------------
@@ -184,7 +188,7 @@ REQUIRED_IDS = {"overlap_layer_7", "overlap_layer_8", "overlap_layer_10", "overl
 
 
 def decomposition_summary() -> pl.DataFrame:
-    """The original-decomposition summary of a made-up per-prompt table (bugscope.original_method)."""
+    """The original-decomposition summary of a made-up per-prompt table (bugscope.patching.original_method)."""
     from tests.test_original_method import _summary
 
     return _summary({"original": [True] * 4, "all_pairs": [True, False, True, False]})
@@ -192,7 +196,7 @@ def decomposition_summary() -> pl.DataFrame:
 
 def producer_columns() -> dict[str, set[str]]:
     """Columns of each ledger table as its producer writes them."""
-    from bugscope.sae_quality import QUALITY_SCHEMA
+    from bugscope.sae.quality import QUALITY_SCHEMA
 
     return {
         "feature_overlap": set(overlap_table().columns),
@@ -209,9 +213,9 @@ def producer_columns() -> dict[str, set[str]]:
 
 
 def test_every_claim_resolves_to_a_table_column():
-    ledger = claims.load_ledger(LEDGER)
+    ledger = load_ledger(LEDGER)
     assert REQUIRED_IDS <= {c["id"] for c in ledger}
-    assert all(spec.path for spec in claims.TABLES.values())  # every stage has landed: no pending table
+    assert all(spec.path for spec in TABLES.values())  # every stage has landed: no pending table
     known = producer_columns()
     for c in ledger:
         assert c["study_value"] is not None
@@ -220,18 +224,18 @@ def test_every_claim_resolves_to_a_table_column():
                 table = check["table"]
                 if table not in known:  # baseline_scores: checked on the real run below
                     continue
-                missing = set(claims.referenced_columns(check)) - known[table]
+                missing = set(referenced_columns(check)) - known[table]
                 assert not missing, (c["id"], form["form"], table, missing)
         for spec in {check["table"] for form in c["forms"] for check in form["checks"]}:
-            assert claims.TABLES[spec].n_column is None or claims.TABLES[spec].n_column in known.get(spec, {claims.TABLES[spec].n_column})
+            assert TABLES[spec].n_column is None or TABLES[spec].n_column in known.get(spec, {TABLES[spec].n_column})
 
 
 def test_ci_ledger(ci_workflow):
     table, meta = read_table(ci_workflow / layout.CLAIMS, kind=tables.CLAIMS.kind)
     ledger = pl.from_arrow(table)
-    ids = [c["id"] for c in claims.load_ledger(LEDGER)]
+    ids = [c["id"] for c in load_ledger(LEDGER)]
     assert ledger["claim_id"].to_list() == ids
-    assert set(ledger["verdict"].unique()) <= set(claims.VERDICTS)
+    assert set(ledger["verdict"].unique()) <= set(VERDICTS)
     tested = ledger.filter(pl.col("verdict") != "not testable here")
     assert tested["measured"].null_count() == 0 and tested["form"].null_count() == 0
     untested = ledger.filter(pl.col("verdict") == "not testable here")
@@ -243,15 +247,15 @@ def test_ci_ledger(ci_workflow):
     assert tested.filter(pl.col("sae_set") == "main")["detail"].str.contains("on the other SAE sets: mlp: ").all()
     # every real table the ledger read has the columns its checks name
     for name in meta["tables"]:
-        path = layout.per_set(claims.TABLES[name].path, "main")
-        cols = set(pl.from_arrow(read_table(ci_workflow / path, kind=claims.TABLES[name].kind)[0]).columns)
+        path = layout.per_set(TABLES[name].path, "main")
+        cols = set(pl.from_arrow(read_table(ci_workflow / path, kind=TABLES[name].kind)[0]).columns)
         if name == "baseline_scores":
             cols |= {"correct", "wrong"}
-        for c in claims.load_ledger(LEDGER):
+        for c in load_ledger(LEDGER):
             for form in c["forms"]:
                 for check in form["checks"]:
                     if check["table"] == name:
-                        assert set(claims.referenced_columns(check)) <= cols, (c["id"], name)
+                        assert set(referenced_columns(check)) <= cols, (c["id"], name)
     assert read_metadata(ci_workflow / layout.CLAIMS)["model"]
     assert (ci_workflow / layout.CLAIMS_MARKDOWN).read_text().startswith("# Claims ledger")
 
@@ -259,7 +263,7 @@ def test_ci_ledger(ci_workflow):
 def _contrast(gap_shorter: float, gap_longer: float) -> pl.DataFrame:
     """Scores of 20 number pairs per kind (two orders each) whose correct format is right on every
     prompt of a kind, or wrong on all, so that the two kinds' gaps are the given ones (each in {-1, 0, 1})."""
-    from bugscope.baseline import format_contrast
+    from bugscope.data.baseline import format_contrast
 
     rows = []
     for p in range(40):
@@ -274,15 +278,15 @@ def _contrast(gap_shorter: float, gap_longer: float) -> pl.DataFrame:
 
 
 def test_length_heuristic_control_fails_when_the_format_only_flips_the_heuristic():
-    rule = next(c for c in claims.load_ledger(LEDGER) if c["id"] == "format_effect_not_length_heuristic")
+    rule = next(c for c in load_ledger(LEDGER) if c["id"] == "format_effect_not_length_heuristic")
     flipped = _contrast(1, -1)  # buggy format wrong on shorter_bigger, as much better on longer_bigger
     assert flipped.filter(pl.col("pair_kind") == "shorter_bigger+longer_bigger")["accuracy_gap"][0] == 0
-    r = claims.evaluate_claim(rule, {"baseline_contrast": flipped}, ctx())
+    r = evaluate_claim(rule, {"baseline_contrast": flipped}, ctx())
     assert r["verdict"] == "fails"
     genuine = _contrast(1, 0)  # worse on shorter_bigger, no better on longer_bigger
-    assert claims.evaluate_claim(rule, {"baseline_contrast": genuine}, ctx())["verdict"] == "holds"
+    assert evaluate_claim(rule, {"baseline_contrast": genuine}, ctx())["verdict"] == "holds"
     no_bug = _contrast(0, 0)
-    assert claims.evaluate_claim(rule, {"baseline_contrast": no_bug}, ctx())["verdict"] == "fails"
+    assert evaluate_claim(rule, {"baseline_contrast": no_bug}, ctx())["verdict"] == "fails"
 
 
 def _parity(r_by_feature: dict[int, float], layer: int = 10, familywise: float = 0.001) -> pl.DataFrame:
@@ -295,23 +299,23 @@ def _parity(r_by_feature: dict[int, float], layer: int = 10, familywise: float =
 
 
 def test_correlation_rules_are_signed_and_need_every_listed_id():
-    ledger = {c["id"]: c for c in claims.load_ledger(LEDGER)}
+    ledger = {c["id"]: c for c in load_ledger(LEDGER)}
     even, odd = ledger["even_head_feature_correlation"], ledger["odd_head_feature_correlation"]
     llama = ctx(model="Llama-3.1-8B-Instruct", focus=(10,), num_heads=32, num_layers=32)
     even_ids = [10049, 11664, 8234, 15789, 22156]
     # The seed's values with the sign of "tied to the even heads" (odd = 1, so r < 0): holds.
     tied_even = _parity(dict(zip(even_ids, [-0.85, -0.88, -0.9, -0.92, -0.86])))
-    r = claims.evaluate_claim(even, {"head_parity": tied_even}, llama)
+    r = evaluate_claim(even, {"head_parity": tied_even}, llama)
     assert r["verdict"] == "holds" and r["form"] == "literal"
     # The same strengths tied to the *odd* heads: |r| would pass; the signed rule fails.
     tied_odd = _parity(dict(zip(even_ids, [0.85, 0.88, 0.9, 0.92, 0.86])))
-    assert claims.evaluate_claim(even, {"head_parity": tied_odd}, llama)["verdict"] == "fails"
-    assert claims.evaluate_claim(odd, {"head_parity": _parity(dict(zip(
+    assert evaluate_claim(even, {"head_parity": tied_odd}, llama)["verdict"] == "fails"
+    assert evaluate_claim(odd, {"head_parity": _parity(dict(zip(
         [25523, 22441, 18967, 7823, 13492], [-0.85] * 5)))}, llama)["verdict"] == "fails"
     # Four of the five ids present: not scored on the subset, not testable (the agnostic form then
     # decides, on the focus layer's rows: here the same rows, which hold).
     partial = tied_even.filter(pl.col("feature_id") != 22156)
-    r = claims.evaluate_claim(even, {"head_parity": partial}, llama)
+    r = evaluate_claim(even, {"head_parity": partial}, llama)
     assert r["form"] == "agnostic" and "[22156]" in r["detail"]
 
 
@@ -319,18 +323,18 @@ def test_correlation_rules_are_signed_and_need_every_listed_id():
 
 
 def test_correlation_agnostic_rules_need_the_familywise_p_of_the_selected_feature():
-    ledger = {c["id"]: c for c in claims.load_ledger(LEDGER)}
+    ledger = {c["id"]: c for c in load_ledger(LEDGER)}
     focus = ctx(focus=(5,))  # not Llama: the agnostic forms decide
     # 40 attributed features; the most negative r is -0.9, its own p 0.001 (it was chosen for it)
     rs = {f: 0.02 * (f - 20) for f in range(40)}
     for cid, extreme in (("even_head_feature_correlation", {7: -0.9}), ("odd_head_feature_correlation", {7: 0.9})):
         corrected = _parity({**rs, **extreme}, layer=5, familywise=0.01)
-        r = claims.evaluate_claim(ledger[cid], {"head_parity": corrected}, focus)
+        r = evaluate_claim(ledger[cid], {"head_parity": corrected}, focus)
         assert r["form"] == "agnostic" and r["verdict"] == "holds" and "feature_id=7" in r["selected"], r["detail"]
         assert "familywise" in r["form_tested"]
         # by chance among 40: significant alone (p_value 0.001), not after the max-statistic correction
         chance = _parity({**rs, **extreme}, layer=5, familywise=0.3)
-        r = claims.evaluate_claim(ledger[cid], {"head_parity": chance}, focus)
+        r = evaluate_claim(ledger[cid], {"head_parity": chance}, focus)
         assert r["verdict"] == "fails" and "familywise_p_value=0.3" in r["detail"], r["detail"]
 
 
@@ -347,7 +351,7 @@ def _heldout_features(direction: str, rates: list[tuple[float, float, float, flo
 
 
 def test_single_format_feature_rules_test_the_selected_feature_on_held_out_pairs():
-    ledger = {c["id"]: c for c in claims.load_ledger(LEDGER)}
+    ledger = {c["id"]: c for c in load_ledger(LEDGER)}
     # buggy-only (up): the feature picked on the even pairs fires in 80 % / 5 % there
     for cid, direction, swap in (("feature_18967_qa_only", "up", False), ("feature_31205_simple_only", "down", True)):
         def table(held_a: float, held_b: float) -> pl.DataFrame:
@@ -356,28 +360,28 @@ def test_single_format_feature_rules_test_the_selected_feature_on_held_out_pairs
                 rates = [(b, a, hb, ha) for a, b, ha, hb in rates]
             return _heldout_features(direction, rates)
 
-        r = claims.evaluate_claim(ledger[cid], {"discriminative_features": table(0.75, 0.05)}, ctx())
+        r = evaluate_claim(ledger[cid], {"discriminative_features": table(0.75, 0.05)}, ctx())
         assert r["form"] == "agnostic" and r["verdict"] == "holds" and "feature_id=100" in r["selected"], r["detail"]
         assert "held-out" in r["form_tested"]
         # the same pick on the even pairs, but on the held-out pairs it fires in a third of the prompts: fails
-        r = claims.evaluate_claim(ledger[cid], {"discriminative_features": table(0.3, 0.05)}, ctx())
+        r = evaluate_claim(ledger[cid], {"discriminative_features": table(0.3, 0.05)}, ctx())
         assert r["verdict"] == "fails" and r["measured"] == 0.8, r["detail"]
         # ... or fires in the other format too on the held-out pairs: fails
-        assert claims.evaluate_claim(ledger[cid], {"discriminative_features": table(0.75, 0.3)},
+        assert evaluate_claim(ledger[cid], {"discriminative_features": table(0.75, 0.3)},
                                      ctx())["verdict"] == "fails"
 
 
 def test_heldout_feature_ratio_rules_fail_when_the_top_feature_regresses_to_one():
-    ledger = {c["id"]: c for c in claims.load_ledger(LEDGER)}
+    ledger = {c["id"]: c for c in load_ledger(LEDGER)}
 
     def table(ratio_0: float, ratio_1: float) -> pl.DataFrame:
         df = _heldout_features("up", [(0.9, 0.9, 0.9, 0.9)] * 3)
         return df.with_columns(pl.Series("mean_a", [3.0, 2.5, 2.0]), pl.Series("mean_b", [1.0, 1.0, 1.0]),
                                pl.Series("heldout_mean_a", [ratio_0, ratio_1, 1.0]))
     for cid in ("feature_25523_ratio", "feature_22441_ratio"):
-        assert claims.evaluate_claim(ledger[cid], {"discriminative_features": table(1.6, 1.6)}, ctx())["verdict"] == "holds"
+        assert evaluate_claim(ledger[cid], {"discriminative_features": table(1.6, 1.6)}, ctx())["verdict"] == "holds"
         # ranked first on the even pairs at 3x / 2.5x, about 1x on the held-out pairs
-        assert claims.evaluate_claim(ledger[cid], {"discriminative_features": table(1.05, 1.05)}, ctx())["verdict"] == "fails"
+        assert evaluate_claim(ledger[cid], {"discriminative_features": table(1.05, 1.05)}, ctx())["verdict"] == "fails"
 
 
 def test_a_literal_form_reads_the_sae_set_it_requires(tmp_path):
@@ -392,23 +396,23 @@ def test_a_literal_form_reads_the_sae_set_it_requires(tmp_path):
     quality = pl.DataFrame({"sae_set": ["residual", "mlp_out"], "layer": [10, 10], "l0_corpus": [120.0, 52.0],
                             "n_tokens_corpus": [100, 100]})
     llama = ctx("Llama-3.1-8B-Instruct", num_layers=32, num_heads=32)
-    r = claims.evaluate_claim(claim, {"sae_quality": quality}, llama)
+    r = evaluate_claim(claim, {"sae_quality": quality}, llama)
     assert (r["verdict"], r["form"], r["measured"], r["sae_set"]) == ("holds", "literal", 52.0, "mlp_out")
     # the MLP-output set's L0 out of range: the literal form fails (the residual set's would not be read)
-    r = claims.evaluate_claim(claim, {"sae_quality": quality.with_columns(
+    r = evaluate_claim(claim, {"sae_quality": quality.with_columns(
         pl.when(pl.col("sae_set") == "mlp_out").then(200.0).otherwise(pl.col("l0_corpus")).alias("l0_corpus"))}, llama)
     assert (r["verdict"], r["form"]) == ("fails", "literal")
     # a run with only the residual set: the literal form is not testable; the agnostic one reads the primary set
-    only_residual = claims.Context(llama.model_name, "x", 32, 32, "qa", "simple", [10], LLAMA_SETS[:1])
-    r = claims.evaluate_claim(claim, {"sae_quality": quality}, only_residual)
+    only_residual = Context(llama.model_name, "x", 32, 32, "qa", "simple", [10], LLAMA_SETS[:1])
+    r = evaluate_claim(claim, {"sae_quality": quality}, only_residual)
     assert (r["form"], r["measured"], r["sae_set"]) == ("agnostic", 120.0, "residual")
     assert "llama_scope_lxm_8x at mlp_out" in r["detail"]
     import yaml
 
     bad = {**claim, "forms": [{**claim["forms"][0], "requires_sae": "llama_scope_lxm_8x"}]}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"claims": [bad]}))
-    with pytest.raises(claims.LedgerError, match="requires_sae"):
-        claims.load_ledger(tmp_path / "bad.yaml")
+    with pytest.raises(LedgerError, match="requires_sae"):
+        load_ledger(tmp_path / "bad.yaml")
 
 
 def test_an_agnostic_verdict_is_compared_across_sae_sets():
@@ -417,15 +421,15 @@ def test_an_agnostic_verdict_is_compared_across_sae_sets():
         {"form": "agnostic", "description": "agnostic",
          "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "at_most": 60}]}]}
     sets = LLAMA_SETS
-    run = claims.Context("m", "x", 32, 32, "qa", "simple", [10], sets)
+    run = Context("m", "x", 32, 32, "qa", "simple", [10], sets)
     agree = pl.DataFrame({"sae_set": ["residual", "mlp_out"], "layer": [10, 10], "l0_corpus": [40.0, 52.0],
                           "n_tokens_corpus": [100, 100]})
-    r = claims.evaluate_claim(claim, {"sae_quality": agree}, run)
+    r = evaluate_claim(claim, {"sae_quality": agree}, run)
     assert (r["verdict"], r["sae_set"], r["agrees_across_sae_sets"]) == ("holds", "residual", True)
-    r = claims.evaluate_claim(claim, {"sae_quality": agree.with_columns(pl.Series("l0_corpus", [40.0, 90.0]))}, run)
+    r = evaluate_claim(claim, {"sae_quality": agree.with_columns(pl.Series("l0_corpus", [40.0, 90.0]))}, run)
     assert (r["verdict"], r["agrees_across_sae_sets"]) == ("holds", False) and "mlp_out: fails" in r["detail"]
-    one = claims.Context("m", "x", 32, 32, "qa", "simple", [10], sets[:1])
-    assert claims.evaluate_claim(claim, {"sae_quality": agree.head(1)}, one)["agrees_across_sae_sets"] is None
+    one = Context("m", "x", 32, 32, "qa", "simple", [10], sets[:1])
+    assert evaluate_claim(claim, {"sae_quality": agree.head(1)}, one)["agrees_across_sae_sets"] is None
 
 
 def test_a_set_without_the_claims_layer_is_not_testable_on_it():
@@ -435,20 +439,20 @@ def test_a_set_without_the_claims_layer_is_not_testable_on_it():
         {"form": "agnostic", "description": "agnostic",
          "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "at_most": 60}]}]}
     assert [s["name"] for s in LLAMA_SETS] == ["residual", "mlp_out", "instruct"]
-    run = claims.Context("m", "x", 32, 32, "qa", "simple", [10], LLAMA_SETS)
+    run = Context("m", "x", 32, 32, "qa", "simple", [10], LLAMA_SETS)
     instruct = [3, 7, 11, 15, 19, 23, 27]
     quality = pl.DataFrame({"sae_set": ["residual", "mlp_out", *["instruct"] * 7], "layer": [10, 10, *instruct],
                             "l0_corpus": [40.0, 52.0, *[30.0] * 7], "n_tokens_corpus": [100] * 9})
-    r = claims.evaluate_claim(claim, {"sae_quality": quality}, run)
+    r = evaluate_claim(claim, {"sae_quality": quality}, run)
     assert (r["verdict"], r["sae_set"], r["agrees_across_sae_sets"]) == ("holds", "residual", True)
     assert "instruct: not testable" in r["detail"] and "mlp_out: holds" in r["detail"]
-    r = claims.evaluate_claim(claim, {"sae_quality": quality.with_columns(
+    r = evaluate_claim(claim, {"sae_quality": quality.with_columns(
         pl.when(pl.col("sae_set") == "mlp_out").then(90.0).otherwise(pl.col("l0_corpus")).alias("l0_corpus"))}, run)
     assert (r["verdict"], r["agrees_across_sae_sets"]) == ("holds", False)
     # at a layer the Instruct set covers, it is tested like the others
     at7 = {**claim, "forms": [{**claim["forms"][0], "checks": [{**claim["forms"][0]["checks"][0], "where": {"layer": 7}}]}]}
     with_7 = pl.concat([quality, pl.DataFrame({"sae_set": ["residual"], "layer": [7], "l0_corpus": [45.0],
                                                "n_tokens_corpus": [100]})])
-    r = claims.evaluate_claim(at7, {"sae_quality": with_7}, run)
+    r = evaluate_claim(at7, {"sae_quality": with_7}, run)
     assert (r["verdict"], r["agrees_across_sae_sets"]) == ("holds", True)
     assert "instruct: holds" in r["detail"] and "mlp_out: not testable" in r["detail"]

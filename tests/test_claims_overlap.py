@@ -10,21 +10,22 @@ import polars as pl
 import pytest
 import yaml
 
-from bugscope import claims
+from bugscope.claims.evaluate import Context, evaluate_claim
+from bugscope.claims.spec import LedgerError, load_ledger
 from bugscope.config import load_config
 from tests.conftest import REPO
 
-LEDGER = {c["id"]: c for c in claims.load_ledger(REPO / "config" / "claims.yaml")}
+LEDGER = {c["id"]: c for c in load_ledger(REPO / "config" / "claims.yaml")}
 LAYERS = list(range(32))
 MIDDLE = range(8, 25)  # 0.25 * 32 .. 0.75 * 32
 
 
-LLAMA_SETS = claims.Context.from_config(load_config(REPO / "config" / "llama31_8b.yaml"), None).sae_sets
+LLAMA_SETS = Context.from_config(load_config(REPO / "config" / "llama31_8b.yaml"), None).sae_sets
 
 
-def ctx(literal: bool) -> claims.Context:
+def ctx(literal: bool) -> Context:
     model = "meta-llama/Llama-3.1-8B-Instruct" if literal else "SmolLM2-135M-Instruct"
-    return claims.Context(model, "x", 32, 32 if literal else 9, "qa", "simple", [10],
+    return Context(model, "x", 32, 32 if literal else 9, "qa", "simple", [10],
                           **({"sae_sets": LLAMA_SETS} if literal else {}))
 
 
@@ -91,7 +92,7 @@ def world(changes: dict | None = None, heldout: dict | None = None) -> pl.DataFr
 
 
 def verdict(claim_id: str, table: pl.DataFrame, literal: bool) -> dict:
-    row = claims.evaluate_claim(LEDGER[claim_id], {"feature_overlap": table}, ctx(literal))
+    row = evaluate_claim(LEDGER[claim_id], {"feature_overlap": table}, ctx(literal))
     assert row["form"] == ("literal" if literal else "agnostic"), row["detail"]
     return row
 
@@ -155,12 +156,12 @@ def test_also_ops_are_strict_and_checked():
          "at_least": 0, "also": {"format_effect_pct_low": {"above": -1}}}]}
     claim = {"id": "c", "section": "s", "claim": "c", "study_value": 0, "forms": [form]}
     table = world()  # format_effect_pct_low at layer 10 is exactly -1
-    assert claims.evaluate_claim(claim, {"feature_overlap": table}, ctx(False))["verdict"] == "fails"
+    assert evaluate_claim(claim, {"feature_overlap": table}, ctx(False))["verdict"] == "fails"
     form["checks"][0]["also"] = {"format_effect_pct_low": {"at_least": -1}}
-    assert claims.evaluate_claim(claim, {"feature_overlap": table}, ctx(False))["verdict"] == "holds"
+    assert evaluate_claim(claim, {"feature_overlap": table}, ctx(False))["verdict"] == "holds"
     form["checks"][0]["also"] = {"format_effect_pct_low": {"greater": -1}}
-    with pytest.raises(claims.LedgerError, match="greater"):
-        claims.evaluate_claim(claim, {"feature_overlap": table}, ctx(False))
+    with pytest.raises(LedgerError, match="greater"):
+        evaluate_claim(claim, {"feature_overlap": table}, ctx(False))
 
 
 # --- selection: the agnostic forms test a marked layer on pairs that did not mark it -------------
@@ -191,7 +192,7 @@ def test_marked_layer_rules_fail_when_only_the_selection_half_shows_the_claim(cl
     assert row["verdict"] == "fails", row["detail"]
     assert "held-out" in row["form_tested"]
     # The same rule on the per_pair rows, marked and measured on the same pairs, would hold here.
-    again = claims.evaluate_claim(on_all_pairs(LEDGER[claim_id]), {"feature_overlap": table}, ctx(False))
+    again = evaluate_claim(on_all_pairs(LEDGER[claim_id]), {"feature_overlap": table}, ctx(False))
     assert again["form"] == "agnostic" and again["verdict"] == "holds", again["detail"]
 
 
@@ -229,7 +230,7 @@ def test_re_entanglement_fails_on_a_peak_of_the_selection_half_that_the_held_out
     row = verdict("re_entanglement", table, literal=False)
     assert row["verdict"] == "fails", row["detail"]
     assert "layer=15" in row["selected"] and row["n"] == 32
-    selected_on_the_tested_data = claims.evaluate_claim(on_all_pairs(LEDGER["re_entanglement"]),
+    selected_on_the_tested_data = evaluate_claim(on_all_pairs(LEDGER["re_entanglement"]),
                                                         {"feature_overlap": table}, ctx(False))
     assert selected_on_the_tested_data["verdict"] == "holds", selected_on_the_tested_data["detail"]
     # a real dip and peak on the held-out pairs too: holds
@@ -246,5 +247,5 @@ def test_re_entanglement_fails_on_a_peak_of_the_selection_half_that_the_held_out
 
 def test_marked_rules_are_not_testable_without_held_out_rows():
     table = world().filter(pl.col("variant") != "per_pair_heldout")
-    row = claims.evaluate_claim(LEDGER["re_entanglement"], {"feature_overlap": table}, ctx(False))
+    row = evaluate_claim(LEDGER["re_entanglement"], {"feature_overlap": table}, ctx(False))
     assert row["verdict"] == "not testable here" and "no row" in row["detail"]

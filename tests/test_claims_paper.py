@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import polars as pl
 
-from bugscope import claims
-from bugscope.head_sets import head_composition
+from bugscope.claims.evaluate import evaluate_claim
+from bugscope.claims.spec import load_ledger
+from bugscope.patching.head_sets import head_composition
 from tests.conftest import REPO
 from tests.test_claims import ctx
 
-PAPER = {c["id"]: c for c in claims.load_ledger(REPO / "config" / "claims.yaml") if c.get("source") == "paper"}
+PAPER = {c["id"]: c for c in load_ledger(REPO / "config" / "claims.yaml") if c.get("source") == "paper"}
 FOCUS = 5  # ctx()'s focus layer; ctx() has 9 heads: 5 even (0, 2, 4, 6, 8) and 4 odd
 
 
 def verdict(claim_id: str, **tables) -> str:
-    return claims.evaluate_claim(PAPER[claim_id], tables, ctx())["verdict"]
+    return evaluate_claim(PAPER[claim_id], tables, ctx())["verdict"]
 
 
 def rows(records: list[dict], **fixed) -> pl.DataFrame:

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import polars as pl
 
-from bugscope import claims
+from bugscope.claims.evaluate import evaluate_claim
+from bugscope.claims.spec import load_ledger
 from tests.conftest import REPO
 from tests.test_claims import ctx
 
-LEDGER = {c["id"]: c for c in claims.load_ledger(REPO / "config" / "claims.yaml")}
+LEDGER = {c["id"]: c for c in load_ledger(REPO / "config" / "claims.yaml")}
 LLAMA = ctx(model="Llama-3.1-8B-Instruct", focus=(10,), num_heads=32, num_layers=32)
 MLP_SET = "mlp_out"  # the set of config/llama31_8b.yaml with the seed's release and site
 
 
 def verdict(claim_id: str, context=LLAMA, **tables) -> dict:
-    return claims.evaluate_claim(LEDGER[claim_id], tables, context)
+    return evaluate_claim(LEDGER[claim_id], tables, context)
 
 
 def named(layer: int, features: dict[int, tuple[float, float]]) -> pl.DataFrame:

@@ -5,13 +5,7 @@ import copy
 import pytest
 import yaml
 
-from bugscope.config import (
-    ConfigError,
-    analysed_layers,
-    config_hash,
-    load_config,
-    validate_config,
-)
+from bugscope.config import ConfigError, analysed_layers, config_hash, load_config, validate_config
 from tests.conftest import REPO
 
 

@@ -1,4 +1,4 @@
-"""The model adapters (`bugscope.sites.FAMILIES`) on tiny random models of each family's real layer types.
+"""The model adapters (`bugscope.model.sites.FAMILIES`) on tiny random models of each family's real layer types.
 
 Each family's model is built from its own transformers config (Llama; Qwen2 with qkv biases and
 sliding-window layers; Qwen3 with q_norm/k_norm and head_dim != d_model / heads; Gemma 2 with its
@@ -13,20 +13,21 @@ import polars as pl
 import pytest
 import torch
 
-from bugscope.cache import cache_activations, positions_for
-from bugscope.forward import LayerRunner, decision_logits, logit_diff, make_batch
 from bugscope.io import arrow_to_vectors, read_table
-from bugscope.model import model_geometry
-from bugscope.patching import (
-    CEILING,
-    ORIGINAL_METHOD,
-    HeadPatcher,
-    PatchPair,
-    PatchSpec,
-    make_pairs,
-    named_head_sets,
+from bugscope.model.cache import cache_activations, positions_for
+from bugscope.model.forward import LayerRunner, decision_logits, logit_diff, make_batch
+from bugscope.model.load import model_geometry
+from bugscope.model.sites import (
+    FAMILIES,
+    UnsupportedModelError,
+    final_norm,
+    head_input_module,
+    hook_name,
+    site_module,
 )
-from bugscope.sites import FAMILIES, UnsupportedModelError, final_norm, head_input_module, hook_name, site_module
+from bugscope.patching.engine import HeadPatcher
+from bugscope.patching.head_sets import CEILING, named_head_sets
+from bugscope.patching.pairs import ORIGINAL_METHOD, PatchPair, PatchSpec, make_pairs
 from tests.numerics import forward_tolerance, max_abs
 from tests.oracle import sweep_naive
 
@@ -240,7 +241,7 @@ def test_an_unsupported_architecture_is_refused_by_name():
 
 def test_head_attribution_refuses_a_normalised_attention_output(family_model):
     """The direct attribution's W_O[h] z_h is the heads' residual write only where nothing follows o_proj."""
-    from bugscope.attribution import head_outputs
+    from bugscope.features.attribution import head_outputs
 
     family, model = family_model
     z = torch.zeros(2, N_HEADS * head_input_module(model, 0).in_features // N_HEADS)

@@ -9,7 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from bugscope import claims
+from bugscope.claims.evaluate import evaluate_claim
+from bugscope.claims.spec import load_ledger
 from bugscope.features import page_html, pages
 from tests.test_claims import LEDGER, ctx
 
@@ -188,7 +189,7 @@ def role_rows(feature: int, means: dict[str, float], *, layer: int = 10, selecti
 
 
 def ledger() -> dict:
-    return {c["id"]: c for c in claims.load_ledger(LEDGER)}
+    return {c["id"]: c for c in load_ledger(LEDGER)}
 
 
 def llama():
@@ -203,18 +204,18 @@ def lxm(df: pl.DataFrame) -> dict:
 def test_format_token_claim_literal_needs_every_seed_feature_on_format_tokens():
     c = ledger()["feature_format_tokens"]
     good = pl.concat([role_rows(f, {"format": 3.0, "number": 1.0, "other": 0.5}) for f in (22441, 18967, 14782)])
-    r = claims.evaluate_claim(c, lxm(good), llama())
+    r = evaluate_claim(c, lxm(good), llama())
     assert r["form"] == "literal" and r["verdict"] == "holds", r["detail"]
     assert r["measured"] == 3.0 and r["n"] == 10
     # 14782 fires more on the numbers than on the format tokens: fails
     bad = pl.concat([role_rows(f, {"format": 3.0, "number": 1.0}) for f in (22441, 18967)]
                     + [role_rows(14782, {"format": 1.0, "number": 2.0})])
-    assert claims.evaluate_claim(c, lxm(bad), llama())["verdict"] == "fails"
+    assert evaluate_claim(c, lxm(bad), llama())["verdict"] == "fails"
     # on format tokens but with a CI reaching 0: fails
     weak = pl.concat([role_rows(f, {"format": 0.1, "number": 0.05}) for f in (22441, 18967, 14782)])
-    assert claims.evaluate_claim(c, lxm(weak), llama())["verdict"] == "fails"
+    assert evaluate_claim(c, lxm(weak), llama())["verdict"] == "fails"
     # one of the ids missing (not named in the run): the literal form is not testable
-    missing = claims.evaluate_claim(c, lxm(good.filter(pl.col("feature_id") != 14782)), llama())
+    missing = evaluate_claim(c, lxm(good.filter(pl.col("feature_id") != 14782)), llama())
     assert missing["verdict"] == "not testable here" and "14782" in missing["detail"], missing["detail"]
 
 
@@ -229,11 +230,11 @@ def test_format_token_claim_agnostic_reads_the_heldout_ranked_feature_on_heldout
             role_rows(42, {"answer": 9.0}, pairs="heldout", fmt="simple", **sel),  # the other format: not read
             role_rows(43, {"answer": 9.0}, pairs="heldout", layer=5, selection="buggy_vs_correct_heldout/up",
                       rank=1)])}
-    r = claims.evaluate_claim(c, table({"format": 2.0, "answer": 1.5}), ctx(focus=(5,)))
+    r = evaluate_claim(c, table({"format": 2.0, "answer": 1.5}), ctx(focus=(5,)))
     assert r["form"] == "agnostic" and r["verdict"] == "holds" and "feature_id=42" in r["selected"], r["detail"]
     assert r["measured"] == 2.0
     # on the held-out pairs it fires more on the answer tokens: fails, whatever all pairs say
-    r = claims.evaluate_claim(c, table({"format": 2.0, "answer": 2.5}), ctx(focus=(5,)))
+    r = evaluate_claim(c, table({"format": 2.0, "answer": 2.5}), ctx(focus=(5,)))
     assert r["verdict"] == "fails" and r["measured"] == 2.0
 
 
@@ -245,16 +246,16 @@ def test_format_token_claim_agnostic_reads_the_heldout_ranked_feature_on_heldout
 def test_numerical_feature_claims(cid, feature, role, rivals_ignored):
     c = ledger()[cid]
     assert all(f["form"] == "literal" for f in c["forms"])  # no agnostic form: see config/claims.yaml
-    holds = claims.evaluate_claim(c, lxm(role_rows(feature, {role: 2.0, "other": 0.5, **{
+    holds = evaluate_claim(c, lxm(role_rows(feature, {role: 2.0, "other": 0.5, **{
         r: 5.0 for r in rivals_ignored}})), llama())
     assert holds["verdict"] == "holds" and holds["measured"] == 2.0, holds["detail"]
     # another role (format) is higher: fails
-    assert claims.evaluate_claim(c, lxm(role_rows(feature, {role: 2.0, "format": 2.5})), llama())["verdict"] == "fails"
+    assert evaluate_claim(c, lxm(role_rows(feature, {role: 2.0, "format": 2.5})), llama())["verdict"] == "fails"
     # highest there but firing on a fifth of those tokens only: fails
-    assert claims.evaluate_claim(c, lxm(role_rows(feature, {role: 2.0}, rate=0.2)), llama())["verdict"] == "fails"
+    assert evaluate_claim(c, lxm(role_rows(feature, {role: 2.0}, rate=0.2)), llama())["verdict"] == "fails"
     # on the embedded model (or without the feature) it is not testable
-    assert claims.evaluate_claim(c, lxm(role_rows(feature, {role: 2.0})), ctx())["verdict"] == "not testable here"
-    assert claims.evaluate_claim(c, lxm(role_rows(1, {role: 2.0})), llama())["verdict"] == "not testable here"
+    assert evaluate_claim(c, lxm(role_rows(feature, {role: 2.0})), ctx())["verdict"] == "not testable here"
+    assert evaluate_claim(c, lxm(role_rows(1, {role: 2.0})), llama())["verdict"] == "not testable here"
 
 
 def test_token_table_is_the_same_bits_whatever_the_row_order():

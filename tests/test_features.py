@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from bugscope import attribution as A
 from bugscope import features as F
 from bugscope.config import primary_sae_set, with_sae_set
+from bugscope.features.attribution import attribute_layer, capture_decision, parity_test, summarise_attribution
 from tests.numerics import max_abs, rounding_tolerance
 
 
@@ -416,7 +416,7 @@ def test_parity_detects_planted_parity():
     rng = np.random.default_rng(0)
     m = rng.normal(size=(9, 12))
     m[1::2] += 3.0
-    res = A.parity_test(m, n_permutations=10_000, seed=0)
+    res = parity_test(m, n_permutations=10_000, seed=0)
     assert res.exact and res.n_permutations == math.comb(9, 4)
     assert res.p_value == pytest.approx(1 / math.comb(9, 4)) and res.eta_squared > 0.5
     assert (res.r > 0.5).all()
@@ -431,7 +431,7 @@ def test_parity_p_uniform_under_shuffled_labels(n_heads, n_permutations):
         m = rng.normal(size=(n_heads, 8)) + rng.normal(size=(1, 8)) * 3  # feature effects, no head effect
         m[1::2] += 2.0  # a real parity effect ...
         m = m[rng.permutation(n_heads)]  # ... destroyed by shuffling the head labels
-        res = A.parity_test(m, n_permutations=n_permutations, seed=seed)
+        res = parity_test(m, n_permutations=n_permutations, seed=seed)
         ps.append(res.p_value)
         rps.append(res.r_p_value[0])
     ps, rps = np.array(ps), np.array(rps)
@@ -447,7 +447,7 @@ def test_parity_familywise_p_corrects_the_choice_of_the_most_correlated_feature(
     rng = np.random.default_rng(7)
     own, familywise = [], []
     for seed in range(200):
-        res = A.parity_test(rng.normal(size=(32, 40)), n_permutations=199, seed=seed)
+        res = parity_test(rng.normal(size=(32, 40)), n_permutations=199, seed=seed)
         best = int(np.argmax(np.abs(res.r)))
         own.append(res.r_p_value[best])
         familywise.append(res.r_familywise_p_value[best])
@@ -458,7 +458,7 @@ def test_parity_familywise_p_corrects_the_choice_of_the_most_correlated_feature(
     # a planted parity effect on one feature survives the correction
     m = rng.normal(size=(32, 40))
     m[1::2, 3] += 3.0
-    res = A.parity_test(m, n_permutations=199, seed=0)
+    res = parity_test(m, n_permutations=199, seed=0)
     assert res.r_familywise_p_value[3] == pytest.approx(1 / 200)
 
 
@@ -487,11 +487,11 @@ def _make_sae(kind: str, normalisation: str, d_in: int, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def decision_capture(embedded, ci_config):
-    from bugscope.prompts import build_prompt_table
+    from bugscope.data.prompts import build_prompt_table
 
     model, tokenizer = embedded
     prompts = pl.from_arrow(build_prompt_table(ci_config, tokenizer)).head(12)
-    ids, caps = A.capture_decision(model, prompts.to_dicts(), layers=[3, 10], batch_size=6,
+    ids, caps = capture_decision(model, prompts.to_dicts(), layers=[3, 10], batch_size=6,
                                    pad_token_id=tokenizer.pad_token_id)
     return prompts, ids, caps
 
@@ -512,7 +512,7 @@ def test_head_attributions_reconstruct_sae_pre_activation(embedded, decision_cap
         # the captured pieces are the layer's residual stream: pre + attention + MLP = post
         add_tol = rounding_tolerance(torch.float32, scale=max_abs(cap.resid_post), reduction=3)
         assert (cap.resid_pre + cap.attn_out + cap.mlp_out - cap.resid_post).abs().max() <= add_tol
-        res = A.attribute_layer(model, layer, sae, cap, feats, n_heads=n_heads, site=site)
+        res = attribute_layer(model, layer, sae, cap, feats, n_heads=n_heads, site=site)
         assert res["pre"].abs().max().item() > 1e-2
         # The float64 decomposition against the SAE's own float32 encoding of the float32 capture:
         # float32 rounding of the largest term, through o_proj and the encoder.
@@ -530,7 +530,7 @@ def test_head_attributions_reconstruct_sae_pre_activation(embedded, decision_cap
         assert corr > 0.5, corr
     formats = pl.DataFrame({"prompt_id": ids.astype(np.int32)}).join(
         prompts.select("prompt_id", "format"), on="prompt_id", how="left", maintain_order="left")["format"].to_numpy()
-    rows = A.summarise_attribution(res, layer=10, feature_ids=feats, sources=["x"] * len(feats), formats=formats)
+    rows = summarise_attribution(res, layer=10, feature_ids=feats, sources=["x"] * len(feats), formats=formats)
     sums = rows.group_by("format", "feature_id").agg(pl.col("direct_attribution").sum(), pl.col("pre_activation").first())
     assert (sums["direct_attribution"] - sums["pre_activation"]).abs().max() <= tol
 

@@ -11,7 +11,7 @@ import torch
 from bugscope import layout
 from bugscope.config import analysed_layers, primary_sae_set, sae_sets
 from bugscope.io import read_metadata, read_table
-from bugscope.sites import hook_name
+from bugscope.model.sites import hook_name
 from tests.conftest import REPO
 from tests.numerics import rounding_tolerance
 
@@ -84,9 +84,11 @@ def test_feature_pages_of_every_set(workdir, ci_config):
     per-token table over the prompts' cached tokens, and corpus contexts that the SAE reproduces."""
     from bugscope import tables
     from bugscope.config import with_sae_set
-    from bugscope.features import focus_layers
-    from bugscope.features.pages import ROLES
-    from bugscope.sae import ActivationSource, encode_sparse, iter_activations, load_sae
+    from bugscope.features.page_html import ROLES
+    from bugscope.focus import focus_layers
+    from bugscope.sae.activations import ActivationSource, iter_activations
+    from bugscope.sae.encode import encode_sparse
+    from bugscope.sae.store import load_sae
 
     overlap = tables.frame(tables.FEATURE_OVERLAP, ci_config,
                            workdir / layout.per_set(layout.FEATURE_OVERLAP, primary_sae_set(ci_config)))

@@ -17,18 +17,15 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from bugscope import figures, figures_overlap, layout, tables
-from bugscope.features import (
-    NAMED_SCHEMA,
-    baseline_couples,
-    baseline_overlap,
-    pair_overlap,
-    pooled_overlap,
-    summarise_overlap,
-)
+from bugscope import layout, tables
+from bugscope.data.prompts import ALL, BUG_PAIR_KIND, PAIR_KINDS
+from bugscope.features.chance import baseline_couples, baseline_overlap
+from bugscope.features.named import NAMED_SCHEMA
+from bugscope.features.overlap import pair_overlap, pooled_overlap, summarise_overlap
+from bugscope.figures import charts as figures
+from bugscope.figures import overlap as figures_overlap
 from bugscope.io import read_table
-from bugscope.patch_summary import bug_kind_rows
-from bugscope.prompts import ALL, BUG_PAIR_KIND, PAIR_KINDS
+from bugscope.patching.summary import bug_kind_rows
 from tests.conftest import REPO, run_snakemake
 from tests.helpers import png_size
 
@@ -60,7 +57,7 @@ def overlap_table(layers=(0, 3, 5, 8, 10, 13), n_pairs=12, k=5, num_layers=14, s
 
 
 def accuracy_table() -> pl.DataFrame:
-    from bugscope.baseline import accuracy_by_format
+    from bugscope.data.baseline import accuracy_by_format
 
     rng = np.random.default_rng(1)
     scores = pl.DataFrame({"format": ["qa"] * 20 + ["simple"] * 20 + ["chat"] * 20,
@@ -75,7 +72,7 @@ HELDOUT_COLUMNS = ("heldout_mean_a", "heldout_mean_b", "heldout_firing_rate_a", 
 
 
 def discriminative_table(layer=8) -> pl.DataFrame:
-    from bugscope.features import DISCRIMINATIVE_COLUMNS
+    from bugscope.features.discriminative import DISCRIMINATIVE_COLUMNS
 
     rng = np.random.default_rng(2)
     rows = []
@@ -99,7 +96,7 @@ def named_table(layer=8) -> pl.DataFrame:
 
 
 def attribution_table(layer=8, n_heads=9, feature_ids=(5, 17, 99)) -> pl.DataFrame:
-    from bugscope.features import ATTRIBUTION_COLUMNS
+    from bugscope.features.attribution import ATTRIBUTION_COLUMNS
 
     rng = np.random.default_rng(3)
     rows = []
@@ -120,7 +117,8 @@ def patching_summary(layers=(0, 5, 10), focus=(5,), n_heads=9, n_pairs=12, seed=
     """A patching summary made by bugscope.patching from random per-prompt logit differences: the named
     head sets (and the ceiling) at every layer, random even/odd subsets of sizes 1 and 2 and the
     random-head control's all-head sets at the focus layers; number pairs of the three kinds, both orders."""
-    from bugscope import patch_summary, patching
+    from bugscope.patching import engine as patching
+    from bugscope.patching import summary as patch_summary
 
     rng = np.random.default_rng(seed)
     sets = {layer: patching.named_head_sets(n_heads) + ([patching.CEILING] if ceiling else []) for layer in layers}
@@ -153,7 +151,7 @@ def original_method_table(layer=5) -> pl.DataFrame:
 
 def sae_quality_table(layers=(0, 10, 29)) -> pl.DataFrame:
     """A table with bugscope.sae's QUALITY_SCHEMA."""
-    from bugscope.sae_quality import QUALITY_SCHEMA
+    from bugscope.sae.quality import QUALITY_SCHEMA
 
     n = len(layers)
     rows = [{"layer": layer, "hook_name": f"blocks.{layer}.hook_resid_post", "source": "train", "d_sae": 576,

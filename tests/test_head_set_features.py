@@ -1,4 +1,4 @@
-"""The critical features a head-set patch turns on (bugscope.head_set_features), on the real embedded
+"""The critical features a head-set patch turns on (bugscope.interventions.head_set_features), on the real embedded
 model: the one-layer patched read against a full naive forward, the counts, the summary, and the
 ledger rule of "8 even heads activate at least 5 critical features" on made-up tables."""
 
@@ -7,27 +7,28 @@ import polars as pl
 import pytest
 import torch
 
-from bugscope import head_set_features as hsf
-from bugscope import patching
-from bugscope.claims import evaluate_claim
-from bugscope.forward import make_batch
-from bugscope.head_sets import HeadSet
-from bugscope.ledger import load_ledger
-from bugscope.sites import attention_writer_hook, site_module
+from bugscope.claims.evaluate import evaluate_claim
+from bugscope.claims.spec import load_ledger
+from bugscope.interventions.head_set_features import PROMPT_SCHEMA, UNPATCHED, count_active, summarise
+from bugscope.model.forward import make_batch
+from bugscope.model.sites import HEAD_SITE, attention_writer_hook, site_module
+from bugscope.patching.engine import HeadPatcher
+from bugscope.patching.head_sets import HeadSet
+from bugscope.patching.pairs import PatchSpec, make_pairs
 from tests.conftest import REPO
 from tests.numerics import forward_tolerance, max_abs, rounding_tolerance
 from tests.test_claims import ctx
 
 LAYER = 10
-SPEC = patching.PatchSpec(site=patching.HEAD_SITE, positions="aligned", operation="patch")
-SETS = [hsf.UNPATCHED, HeadSet("even_k2", "exhaustive", (0, 2), "even", 0), HeadSet("all", "named", tuple(range(9)), "all", -1)]
+SPEC = PatchSpec(site=HEAD_SITE, positions="aligned", operation="patch")
+SETS = [UNPATCHED, HeadSet("even_k2", "exhaustive", (0, 2), "even", 0), HeadSet("all", "named", tuple(range(9)), "all", -1)]
 
 
 @pytest.fixture(scope="module")
 def setup(prompts, embedded):
     model, tok = embedded
-    pairs = patching.make_pairs(prompts, "qa", "simple", "aligned")[:5]
-    patcher = patching.HeadPatcher(model, pad_token_id=tok.pad_token_id, max_prompts=3, progress=False)
+    pairs = make_pairs(prompts, "qa", "simple", "aligned")[:5]
+    patcher = HeadPatcher(model, pad_token_id=tok.pad_token_id, max_prompts=3, progress=False)
     return model, tok, pairs, patcher
 
 
@@ -76,7 +77,7 @@ def test_counts_are_the_active_features_of_the_patched_and_source_outputs(setup)
     sae = _sae(model.config.hidden_size)
     plain_src = sae.encode(patcher.site_output([p.source for p in pairs], LAYER, "resid_post"))
     ids = tuple(int(i) for i in plain_src.gt(0).sum(0).argsort(descending=True)[:6])  # features the sources fire
-    patched, source = hsf.count_active(patcher, pairs, LAYER, SETS, sae, {"top": ids}, SPEC, read="resid_post")
+    patched, source = count_active(patcher, pairs, LAYER, SETS, sae, {"top": ids}, SPEC, read="resid_post")
     assert patched["top"].shape == (len(SETS), len(pairs), 2) and source["top"].shape == (len(pairs), 2)
     assert np.array_equal(source["top"][:, 0], plain_src[:, list(ids)].gt(0).sum(-1).numpy())
     mean_src = plain_src[:, list(ids)].detach().double().mean(-1).numpy()
@@ -100,7 +101,7 @@ def _per_prompt(counts: dict[str, list[int]], *, sae_set: str = "main", layer: i
                   "pair_id": i // 2, "n_active": v, "unpatched_active": counts["none"][i], "source_active": 5,
                   "activation": 0.5 * v, "unpatched_activation": 0.5 * counts["none"][i], "source_activation": 2.5}
                  for i, v in enumerate(values)]
-    return pl.DataFrame(rows, schema=hsf.PROMPT_SCHEMA)
+    return pl.DataFrame(rows, schema=PROMPT_SCHEMA)
 
 
 CONFIG = {"bootstrap": {"n_resamples": 200, "confidence": 0.95}, "seed": 0}
@@ -108,7 +109,7 @@ CONFIG = {"bootstrap": {"n_resamples": 200, "confidence": 0.95}, "seed": 0}
 
 def test_summary_means_cis_references_and_heldout_pairs():
     counts = {"none": [1] * 12, "even_k2_0000": [5] * 12, "even_k1_0000": [2, 3] * 6}
-    s = hsf.summarise(_per_prompt(counts), CONFIG)
+    s = summarise(_per_prompt(counts), CONFIG)
     assert set(s["pairs"]) == {"all", "heldout"}
     row = s.filter(pl.col("head_set") == "even_k1_0000", pl.col("pairs") == "all").row(0, named=True)
     assert row["mean_active"] == pytest.approx(2.5) and row["active_low"] <= 2.5 <= row["active_high"]
@@ -130,29 +131,30 @@ CLAIM = next(c for c in load_ledger(REPO / "config" / "claims.yaml") if c["id"] 
 def test_agnostic_rule_fails_where_the_claim_is_false(half, quarter, verdict):
     # 9 heads: 5 even; half of them = 2 heads, a quarter = 1 head. The last pair (ids 10, 11) is odd: held out.
     counts = {"none": [1] * 12, "even_k2_0000": [5] * 12, "even_k2_0001": half, "even_k1_0000": quarter}
-    row = evaluate_claim(CLAIM, {"head_set_features": hsf.summarise(_per_prompt(counts), CONFIG)}, ctx(focus=(4,)))
+    row = evaluate_claim(CLAIM, {"head_set_features": summarise(_per_prompt(counts), CONFIG)}, ctx(focus=(4,)))
     assert (row["verdict"], row["form"]) == (verdict, "agnostic")
 
 
 def test_literal_rule_reads_the_seed_ids_of_the_mlp_output_set():
     counts = {"none": [1] * 12, "even_k8_0000": [5] * 12, "even_k4_0000": [3] * 12}
-    table = hsf.summarise(_per_prompt(counts, sae_set="mlp_out", layer=10, feature_set="critical"), CONFIG)
+    table = summarise(_per_prompt(counts, sae_set="mlp_out", layer=10, feature_set="critical"), CONFIG)
     llama = ctx(model="Llama-3.1-8B-Instruct", focus=(10,), num_heads=32, num_layers=32)
     row = evaluate_claim(CLAIM, {"head_set_features": table}, llama)
     assert (row["verdict"], row["form"], row["sae_set"]) == ("holds", "literal", "mlp_out")
     counts["even_k4_0000"] = [4] * 12  # 4 even heads turn on more than the "2-3" the seed says
-    table = hsf.summarise(_per_prompt(counts, sae_set="mlp_out", layer=10, feature_set="critical"), CONFIG)
+    table = summarise(_per_prompt(counts, sae_set="mlp_out", layer=10, feature_set="critical"), CONFIG)
     assert evaluate_claim(CLAIM, {"head_set_features": table}, llama)["verdict"] == "fails"
     # the residual set's rows alone: the literal form is not scored on another set's ids
-    table = hsf.summarise(_per_prompt(counts, sae_set="residual", layer=10, feature_set="critical"), CONFIG)
+    table = summarise(_per_prompt(counts, sae_set="residual", layer=10, feature_set="critical"), CONFIG)
     assert evaluate_claim(CLAIM, {"head_set_features": table}, llama)["form"] != "literal"
 
 
 def test_figure_draws_every_size_and_both_references(tmp_path):
-    from bugscope import figures, figures_experiments
+    from bugscope.figures import charts as figures
+    from bugscope.figures import experiments as figures_experiments
 
     counts = {"none": [1] * 12, "even_k2_0000": [5] * 12, "even_k2_0001": [4] * 12, "even_k1_0000": [2] * 12}
-    chart = figures_experiments.head_set_features(hsf.summarise(_per_prompt(counts), CONFIG),
+    chart = figures_experiments.head_set_features(summarise(_per_prompt(counts), CONFIG),
                                                   figures.Labels("SmolLM2-135M-Instruct", "qa", "simple", 0.95))
     spec = figures.save_chart(chart, {ext: tmp_path / f"f.{ext}" for ext in figures.FIGURE_EXTS}, png_scale=1)
     assert all((tmp_path / f"f.{ext}").stat().st_size > 0 for ext in figures.FIGURE_EXTS)

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bugscope.model import ModelManifest, ModelUnavailableError, load_model, load_tokenizer, prepare_model
+from bugscope.model.load import (
+    ModelManifest,
+    ModelUnavailableError,
+    load_model,
+    load_tokenizer,
+    prepare_model,
+)
 
 REPO_ID = "tiny-org/tiny-llama"
 OLD = hashlib.sha1(b"tiny-llama v1.0").hexdigest()  # tagged v1.0
@@ -198,7 +204,7 @@ def test_a_hub_manifest_without_a_snapshot_asks_for_prepare_model(tmp_path):
 
 
 def test_sae_revision_is_unknown_when_the_cache_lacks_that_folder(offline_cache):
-    from bugscope.sae import cached_revision
+    from bugscope.sae.store import cached_revision
 
     assert cached_revision(REPO_ID, "tokenizer.json") == NEW  # refs/main -> NEW, which holds it
     assert cached_revision(REPO_ID, "no-such-sae") is None

@@ -6,10 +6,23 @@ import polars as pl
 import pytest
 import torch
 
-from bugscope import interventions as iv
 from bugscope.config import ConfigError, validate_config
-from bugscope.forward import decision_logits, logit_diff, make_batch
-from bugscope.sites import site_module
+from bugscope.interventions.sae_features import (
+    Condition,
+    FeatureIntervener,
+    FeatureSet,
+    InterventionConfigError,
+    conditions_for,
+    firing_rate_bins,
+    intervention_layers,
+    named_set,
+    random_controls,
+    study_pairs,
+    summarise,
+    top_set,
+)
+from bugscope.model.forward import decision_logits, logit_diff, make_batch
+from bugscope.model.sites import site_module
 from tests.numerics import forward_tolerance, max_abs, rounding_tolerance
 
 LAYER = 10
@@ -30,9 +43,9 @@ def _sae(d_in: int, seed: int = 0, normalisation: str = "none", rescale: bool = 
 @pytest.fixture(scope="module")
 def setup(prompts, embedded, ci_config):
     model, tok = embedded
-    pairs = iv.study_pairs(prompts, ci_config)[:6]
+    pairs = study_pairs(prompts, ci_config)[:6]
     sae = _sae(model.config.hidden_size)
-    intervener = iv.FeatureIntervener(model, pad_token_id=tok.pad_token_id, site="resid_post", max_prompts=4,
+    intervener = FeatureIntervener(model, pad_token_id=tok.pad_token_id, site="resid_post", max_prompts=4,
                                       rows_per_forward=12)
     tgt = intervener.capture([p.target for p in pairs], [p.target_positions for p in pairs], [LAYER])
     src = intervener.capture([p.source for p in pairs], [p.source_positions for p in pairs], [LAYER])
@@ -51,11 +64,11 @@ def _firing(sae, x):
 def test_intervention_on_no_feature_leaves_the_logits_unchanged(setup):
     model, tok, pairs, sae, intervener, tgt, src = setup
     tol = forward_tolerance(model, scale=_scale(model, tok, [p.target for p in pairs]))
-    empty = iv.FeatureSet("empty", "tested", -1, (), (), ())
+    empty = FeatureSet("empty", "tested", -1, (), (), ())
     fired = _firing(sae, tgt.values[LAYER])[:3]
-    some = iv.FeatureSet("some", "tested", -1, tuple(fired), tuple(fired), tuple(fired))
-    conds = [iv.Condition(None, "none"), iv.Condition(empty, "ablate"), iv.Condition(empty, "clamp"),
-             iv.Condition(some, "steer", 0.0), iv.Condition(some, "ablate")]
+    some = FeatureSet("some", "tested", -1, tuple(fired), tuple(fired), tuple(fired))
+    conds = [Condition(None, "none"), Condition(empty, "ablate"), Condition(empty, "clamp"),
+             Condition(some, "steer", 0.0), Condition(some, "ablate")]
     deltas, rates = intervener.deltas(sae, tgt.values[LAYER], src.values[LAYER], conds)
     assert all(float(d.abs().max()) == 0.0 for d in deltas[:4])  # f' = f: decode(f') - decode(f) is exactly 0
     assert rates.shape == (sae.cfg.d_sae,) and 0 < rates.mean() < 1
@@ -115,8 +128,8 @@ def test_engine_equals_a_naive_full_forward(setup, normalisation, rescale):
     model, tok, pairs, _, intervener, tgt, src = setup
     sae = _sae(model.config.hidden_size, normalisation=normalisation, rescale=rescale)
     fired = _firing(sae, tgt.values[LAYER] + src.values[LAYER])
-    fs = iv.FeatureSet("t", "tested", -1, tuple(fired[:4]), tuple(fired[4:8]), tuple(fired[:8]))
-    conds = [iv.Condition(fs, "ablate"), iv.Condition(fs, "clamp"), iv.Condition(fs, "steer", 4.0)]
+    fs = FeatureSet("t", "tested", -1, tuple(fired[:4]), tuple(fired[4:8]), tuple(fired[:8]))
+    conds = [Condition(fs, "ablate"), Condition(fs, "clamp"), Condition(fs, "steer", 4.0)]
     deltas, _ = intervener.deltas(sae, tgt.values[LAYER], src.values[LAYER], conds)
     ld = intervener.run(pairs, {LAYER: deltas})[LAYER]
     means = sae.encode(torch.cat(src.values[LAYER])).mean(0)
@@ -132,32 +145,32 @@ def test_engine_equals_a_naive_full_forward(setup, normalisation, rescale):
 def test_random_controls_match_firing_rate_bins_and_are_seeded():
     rng = np.random.default_rng(0)
     rates = np.concatenate([np.zeros(20), rng.uniform(0, 1, 200)])
-    tested = iv.FeatureSet("top", "tested", -1, (25, 30), (200, 210), (25, 30, 200, 210))
+    tested = FeatureSet("top", "tested", -1, (25, 30), (200, 210), (25, 30, 200, 210))
     kw = dict(n_bins=5, n_samples=3, exclude={25, 30, 200, 210, 5}, seed=0, layer=3, set_index=0)
-    a = iv.random_controls(tested, rates, **kw)
-    b = iv.random_controls(tested, rates, **kw)
+    a = random_controls(tested, rates, **kw)
+    b = random_controls(tested, rates, **kw)
     assert a == b and len(a) == 3 and len({s.clamped for s in a}) == 3
-    bins = iv.firing_rate_bins(rates, 5)
+    bins = firing_rate_bins(rates, 5)
     for s in a:
         assert s.family == "random_control" and s.name == "top"
         assert not set(s.clamped) & kw["exclude"] and len(set(s.clamped)) == 4
         assert [bins[i] for i in s.clamped] == [bins[i] for i in tested.clamped]
         assert s.buggy_up == s.clamped[:2] and s.correct_up == s.clamped[2:]
     # A feature that never fires is matched to one that never fires.
-    dead = iv.FeatureSet("d", "tested", -1, (3,), (), (3,))
-    assert all(rates[s.clamped[0]] == 0 for s in iv.random_controls(dead, rates, **{**kw, "exclude": {3}}))
+    dead = FeatureSet("d", "tested", -1, (3,), (), (3,))
+    assert all(rates[s.clamped[0]] == 0 for s in random_controls(dead, rates, **{**kw, "exclude": {3}}))
 
 
 def test_sets_and_conditions():
     disc = pl.DataFrame({"layer": [8] * 6, "comparison": ["buggy_vs_correct_heldout"] * 4 + ["buggy_vs_correct"] * 2,
                          "direction": ["up", "up", "down", "down", "up", "down"], "rank": [0, 1, 0, 1, 0, 0],
                          "feature_id": [1, 2, 3, 4, 9, 9]})
-    top = iv.top_set(disc, 8, 1)
+    top = top_set(disc, 8, 1)
     assert top.buggy_up == (1,) and top.correct_up == (3,) and top.clamped == (1, 3)  # the even-pair ranking
-    named = iv.named_set({"8": {"buggy_format_up": [5], "correct_format_up": [6], "other": [7]}}, 8)
+    named = named_set({"8": {"buggy_format_up": [5], "correct_format_up": [6], "other": [7]}}, 8)
     assert named.buggy_up == (5,) and named.correct_up == (6,) and named.clamped == (5, 6, 7)
-    assert iv.named_set({}, 8) is None
-    conds = iv.conditions_for([top], [1, 2])
+    assert named_set({}, 8) is None
+    conds = conditions_for([top], [1, 2])
     assert [(c.intervention, c.scale) for c in conds] == [("none", None), ("ablate", None), ("clamp", None),
                                                           ("steer", 1.0), ("steer", 2.0)]
 
@@ -179,7 +192,7 @@ def _per_prompt():
 
 
 def test_summary_counts_eligible_targets_and_control_breakage():
-    s = iv.summarise(_per_prompt(), n_resamples=200, confidence=0.95, seed=0)
+    s = summarise(_per_prompt(), n_resamples=200, confidence=0.95, seed=0)
     row = lambda **k: s.filter(*[pl.col(c) == v for c, v in k.items()]).row(0, named=True)  # noqa: E731
     bug = row(intervention="ablate", pairs="all", pair_kind="shorter_bigger", order="all")
     assert bug["n_eligible"] == 4 and bug["success_rate"] == 1.0 and bug["baseline_accuracy"] == 0.0
@@ -201,16 +214,16 @@ def test_config_section(ci_config):
     with pytest.raises(ConfigError, match="SAE set"):
         validate_config({**raw, "interventions": {"feature_sets": [{"name": "x", "layer": 10, "features": [1],
                                                                      "sae_set": "nope"}]}})
-    with pytest.raises(iv.InterventionConfigError, match="does not cover"):
-        iv.intervention_layers({"interventions": {"layers": ["focus", 5]}}, [10], [0, 10, 29])
-    assert iv.intervention_layers({"interventions": {"layers": ["focus", 29]}}, [10], [0, 10, 29]) == [10, 29]
+    with pytest.raises(InterventionConfigError, match="does not cover"):
+        intervention_layers({"interventions": {"layers": ["focus", 5]}}, [10], [0, 10, 29])
+    assert intervention_layers({"interventions": {"layers": ["focus", 29]}}, [10], [0, 10, 29]) == [10, 29]
 
 
 # --- the claims ledger's interventions claims, on made-up tables -----------------------------------
 
 
 def _ledger_claim(cid):
-    from bugscope import claims
+    from bugscope.claims import evaluate as claims
     from tests.conftest import REPO
 
     return next(c for c in claims.load_ledger(REPO / "config" / "claims.yaml") if c["id"] == cid)
@@ -245,14 +258,14 @@ def _table(focus_tested=(0.8, 0.6, 0.9), random=(0.05, 0.0, 0.1), other_layer=(0
 
 
 def _ctx(model="SmolLM2-135M-Instruct", focus=(5,)):
-    from bugscope import claims
+    from bugscope.claims import evaluate as claims
 
     return claims.Context(model, "embedded", 30, 9, "qa", "simple", list(focus))
 
 
 @pytest.mark.parametrize("cid", ["target_features_correct", "format_features_ablation_corrects"])
 def test_feature_correction_claims_hold_only_above_the_random_control(cid):
-    from bugscope import claims
+    from bugscope.claims import evaluate as claims
 
     c = _ledger_claim(cid)
     r = claims.evaluate_claim(c, {"interventions": _table()}, _ctx())
@@ -271,7 +284,7 @@ def test_feature_correction_claims_hold_only_above_the_random_control(cid):
 
 
 def test_feature_layer_only_claim_needs_the_focus_layer_above_every_other_layer():
-    from bugscope import claims
+    from bugscope.claims import evaluate as claims
 
     c = _ledger_claim("feature_layer_10_only")
     assert claims.evaluate_claim(c, {"interventions": _table()}, _ctx())["verdict"] == "holds"
@@ -288,7 +301,7 @@ def test_feature_layer_only_claim_needs_the_focus_layer_above_every_other_layer(
 
 
 def test_literal_feature_claims_read_the_seed_ids_on_the_mlp_output_set():
-    from bugscope import claims
+    from bugscope.claims import evaluate as claims
     from bugscope.config import load_config
     from tests.conftest import REPO
 
@@ -315,10 +328,10 @@ def test_literal_feature_claims_read_the_seed_ids_on_the_mlp_output_set():
 
 
 def test_the_ledger_reads_columns_the_summary_writes():
-    from bugscope import claims
+    from bugscope.claims import evaluate as claims
     from tests.conftest import REPO
 
-    cols = set(iv.summarise(_per_prompt(), n_resamples=50, confidence=0.95, seed=0).columns)
+    cols = set(summarise(_per_prompt(), n_resamples=50, confidence=0.95, seed=0).columns)
     assert set(tables_columns()) <= cols
     for c in claims.load_ledger(REPO / "config" / "claims.yaml"):
         for form in c["forms"]:
@@ -334,10 +347,10 @@ def tables_columns():
 
 
 def test_figure_draws_the_summary(tmp_path):
-    from bugscope import figures
-    from bugscope.figures_interventions import interventions
+    from bugscope.figures import charts as figures
+    from bugscope.figures.interventions import interventions
 
-    summary = iv.summarise(_per_prompt(), n_resamples=50, confidence=0.95, seed=0)
+    summary = summarise(_per_prompt(), n_resamples=50, confidence=0.95, seed=0)
     chart = interventions(summary, figures.Labels("SmolLM2-135M-Instruct"))
     spec = chart.to_dict()
     assert "success rate" in str(spec) and "broken rate on control pairs" in str(spec)
@@ -349,8 +362,8 @@ def test_figure_draws_the_summary(tmp_path):
 def test_figure_is_the_same_bytes_on_every_build():
     """The chart's data keeps its row order: a rerun must write the same HTML (polars' unique and
     join do not keep order unless asked; the 2026-12-07 runs differed in interventions.html)."""
-    from bugscope import figures
-    from bugscope.figures_interventions import interventions
+    from bugscope.figures import charts as figures
+    from bugscope.figures.interventions import interventions
 
     base = _per_prompt()
     parts = [base.filter(pl.col("family") == "none").with_columns(pl.lit(layer).alias("layer"))
@@ -358,7 +371,7 @@ def test_figure_is_the_same_bytes_on_every_build():
     parts += [base.filter(pl.col("family") != "none").with_columns(pl.lit(layer).alias("layer"),
                                                                    pl.lit(name).alias("feature_set"))
               for layer in (8, 21, 25) for name in ("top", "buggy_up", "correct_up", "wrong_up")]
-    summary = iv.summarise(pl.concat(parts), n_resamples=20, confidence=0.95, seed=0)
+    summary = summarise(pl.concat(parts), n_resamples=20, confidence=0.95, seed=0)
     specs = {interventions(summary, figures.Labels("SmolLM2-135M-Instruct")).to_json() for _ in range(12)}
     assert len(specs) == 1
 
@@ -369,8 +382,8 @@ def test_clamping_every_feature_with_the_sources_error_term_reproduces_the_sourc
     feature, is exactly the source's reconstruction (the error terms carry the rest)."""
     model, tok, pairs, sae, intervener, tgt, src = setup
     every = tuple(range(sae.cfg.d_sae))
-    all_set = iv.FeatureSet("every", "tested", -1, every, every, every)
-    deltas, _ = intervener.deltas(sae, tgt.values[LAYER], src.values[LAYER], [iv.Condition(all_set, "clamp")])
+    all_set = FeatureSet("every", "tested", -1, every, every, every)
+    deltas, _ = intervener.deltas(sae, tgt.values[LAYER], src.values[LAYER], [Condition(all_set, "clamp")])
     scale = max(max_abs(torch.cat(tgt.values[LAYER])), max_abs(torch.cat(src.values[LAYER])))
     tol = rounding_tolerance(torch.float32, scale=scale, reduction=sae.cfg.d_sae, depth=2)
     for i, (xt, xs) in enumerate(zip(tgt.values[LAYER], src.values[LAYER])):

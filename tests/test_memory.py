@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bugscope import claims, layout
+from bugscope import layout
+from bugscope.claims.spec import TABLES
 from bugscope.config import analysed_layers, layer_groups, primary_sae_set, stage_hash, validate_config
-from bugscope.sites import hook_name
+from bugscope.model.sites import hook_name
 from tests.conftest import REPO
 from tests.eightb_tables import build_attribution, build_inputs
 
@@ -156,10 +157,10 @@ STEPS = {
                        "attribution"], {
         "script": "claims_ledger.py",
         "input": {"ledger": str(REPO / "config" / "claims.yaml"), "prompts": layout.PROMPTS,
-                  **{name: per_set(spec.path) for name, spec in claims.TABLES.items()}},
+                  **{name: per_set(spec.path) for name, spec in TABLES.items()}},
         "output": {"claims": layout.CLAIMS, "markdown": layout.CLAIMS_MARKDOWN, "html": layout.CLAIMS_HTML},
         "params": {"table_sets": {name: [SET] if "{sae_set}" in spec.path else [None]
-                                  for name, spec in claims.TABLES.items()}}}),
+                                  for name, spec in TABLES.items()}}}),
 }
 
 

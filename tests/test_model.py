@@ -5,12 +5,7 @@ import copy
 import pytest
 import torch
 
-from bugscope.model import (
-    ModelManifest,
-    ModelUnavailableError,
-    prepare_model,
-    resolve_hub_model,
-)
+from bugscope.model.load import ModelManifest, ModelUnavailableError, prepare_model, resolve_hub_model
 from tests.conftest import MODEL_CACHE, REPO, run_snakemake
 
 

@@ -1,4 +1,4 @@
-"""The original procedure in full (bugscope.original_method): batched generation against the original
+"""The original procedure in full (bugscope.patching.original_method): batched generation against the original
 code one prompt at a time, the string criterion, the decomposition summary, its ledger rows (made-up
 tables where each claim holds and where it is false) and the real ci.yaml tables."""
 
@@ -10,13 +10,16 @@ import polars as pl
 import pytest
 import torch
 
-from bugscope import claims, layout, original_decomposition, original_method, tables
-from bugscope.head_sets import HeadSet
+from bugscope import layout, tables
+from bugscope.claims.evaluate import Context, evaluate_claim
+from bugscope.claims.spec import load_ledger
 from bugscope.io import read_table
+from bugscope.patching import original_decomposition, original_method
+from bugscope.patching.head_sets import HeadSet
 from tests.conftest import REPO
 
 LAYER = 10
-LEDGER = {c["id"]: c for c in claims.load_ledger(REPO / "config" / "claims.yaml")}
+LEDGER = {c["id"]: c for c in load_ledger(REPO / "config" / "claims.yaml")}
 
 
 def test_string_criterion_is_the_originals_with_the_pairs_numbers():
@@ -124,7 +127,7 @@ def test_summary_rates_eligibility_and_paired_deltas():
 
 
 def _ctx(model="SmolLM2-135M-Instruct", focus=(5,)):
-    return claims.Context(model, "embedded", 14, 9, "qa", "simple", list(focus))
+    return Context(model, "embedded", 14, 9, "qa", "simple", list(focus))
 
 
 def _table(**by_setting) -> pl.DataFrame:
@@ -146,7 +149,7 @@ def _table(**by_setting) -> pl.DataFrame:
 
 
 def _verdict(claim_id, table, ctx=None):
-    return claims.evaluate_claim(LEDGER[claim_id], {"original_decomposition": table}, ctx or _ctx())
+    return evaluate_claim(LEDGER[claim_id], {"original_decomposition": table}, ctx or _ctx())
 
 
 def test_whole_attention_output_rows():
@@ -160,7 +163,7 @@ def test_whole_attention_output_rows():
     none = _table(all_pairs={"success_rate": float("nan"), "original_success": 1.0})
     assert _verdict("whole_attention_output", none)["verdict"] == "holds"
     # the literal form: the seed pair at layer 10 on Llama
-    llama = claims.Context("Llama-3.1-8B-Instruct", "x", 32, 32, "qa", "simple", [10])
+    llama = Context("Llama-3.1-8B-Instruct", "x", 32, 32, "qa", "simple", [10])
     assert _verdict("whole_attention_output", _table(original={"original_success": 1.0}), llama)["verdict"] == "holds"
     r = _verdict("whole_attention_output", _table(original={"original_success": 0.0}), llama)
     assert r["verdict"] == "fails" and r["form"] == "literal"
@@ -218,8 +221,8 @@ def test_ci_workflow_decomposition(ci_workflow, ci_config):
 
 
 def test_figure_draws_every_setting_in_chain_order(tmp_path):
-    from bugscope import figures
-    from bugscope.figures_original import original_decomposition, setting_labels
+    from bugscope.figures import charts as figures
+    from bugscope.figures.original import original_decomposition, setting_labels
 
     s = _summary({"original": [True] * 4, "all_pairs": [True, False, True, False],
                   "scoring_input": [True, True, True, False], "per_head_seed_pair": [True] * 4})

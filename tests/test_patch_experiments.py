@@ -9,12 +9,13 @@ import polars as pl
 import pytest
 import torch
 
-from bugscope import patch_study, patching
-from bugscope.baseline import score_prompts
-from bugscope.head_sets import exhaustive_head_sets, head_composition
-from bugscope.patch_summary import summarise
-from bugscope.patching import HeadPatcher, PatchSpec, make_pairs, named_head_sets
-from bugscope.resources import n_exhaustive_sets
+from bugscope.data.baseline import score_prompts
+from bugscope.patching.engine import HeadPatcher
+from bugscope.patching.head_sets import exhaustive_head_sets, head_composition, named_head_sets
+from bugscope.patching.pairs import DIRECTIONS, PatchSpec, direction_formats, make_pairs
+from bugscope.patching.study import eligible_pairs, listed_pairs, logit_diffs_by_prompt, residual_map_rows
+from bugscope.patching.summary import summarise
+from bugscope.run.resources import n_exhaustive_sets
 from tests.numerics import forward_tolerance, rounding_tolerance
 
 LAYER = 10
@@ -28,7 +29,7 @@ def patcher(embedded):
 
 @pytest.fixture(scope="module")
 def pairs(prompts, ci_config):
-    target, source = patching.direction_formats(ci_config["prompts"], "fix")
+    target, source = direction_formats(ci_config["prompts"], "fix")
     return make_pairs(prompts, target, source, "aligned")[:6]
 
 
@@ -54,7 +55,7 @@ def test_replacement_at_one_is_the_plain_patch_and_at_zero_no_patch(patcher, pai
 @pytest.mark.numerical
 def test_residual_map_at_the_last_layer_and_decision_position_gives_the_source(patcher, pairs):
     last = patcher.n_layers - 1
-    rows = patch_study.residual_map_rows(patcher, pairs, [last, LAYER])
+    rows = residual_map_rows(patcher, pairs, [last, LAYER])
     source = patcher.unpatched_logit_diffs([p.source for p in pairs])
     got = rows.filter(pl.col("layer") == last, pl.col("rank") == 0).sort("prompt_id")
     want = np.array([source[p.source["prompt_id"]] for p in sorted(pairs, key=lambda p: p.target["prompt_id"])])
@@ -124,7 +125,7 @@ def test_listed_pairs_counts_eligible_targets_of_each_listed_pair():
         "prompt_id": [0, 1, 2, 3], "baseline_logit_diff": [-1.0, -1.0, -1.0, 1.0],
         "source_logit_diff": [1.0, 1.0, 1.0, 1.0], "logit_diff": [1.0, -0.5, 2.0, 1.0]},
         schema_overrides={"prompt_id": pl.Int32})
-    out = patch_study.listed_pairs(per_prompt, prompts, [["9.8", "9.11"], ["3.4", "3.25"], ["1.5", "1.25"]])
+    out = listed_pairs(per_prompt, prompts, [["9.8", "9.11"], ["3.4", "3.25"], ["1.5", "1.25"]])
     by = {r["correct"]: r for r in out.to_dicts()}
     assert set(by) == {"9.8", "3.4"}  # a listed pair the prompt table lacks has no row
     assert by["9.8"]["n_eligible"] == 2 and by["9.8"]["n_success"] == 1 and by["9.8"]["works"] is False
@@ -191,15 +192,15 @@ def test_eligibility_from_the_baseline_stage_is_that_of_the_sweeps_own_unpatched
     # rounding, and so pick the same targets in both directions.
     rows = prompts.to_dicts()
     scores = score_prompts(patcher.model, rows, batch_size=8, pad_token_id=patcher.pad_token_id)
-    from_baseline = patch_study.logit_diffs_by_prompt(scores)
+    from_baseline = logit_diffs_by_prompt(scores)
     layered = patcher.unpatched_logit_diffs(rows)
     tol = forward_tolerance(patcher.model, scale=max(abs(v) for v in layered.values()) + 1)
     assert max(abs(from_baseline[k] - layered[k]) for k in layered) <= tol
     n_eligible = 0
-    for direction in patching.DIRECTIONS:
-        target, source = patching.direction_formats(ci_config["prompts"], direction)
+    for direction in DIRECTIONS:
+        target, source = direction_formats(ci_config["prompts"], direction)
         all_pairs = make_pairs(prompts, target, source, "decision")
-        picked = patch_study.eligible_pairs(all_pairs, direction, from_baseline)
-        assert picked == patch_study.eligible_pairs(all_pairs, direction, layered)
+        picked = eligible_pairs(all_pairs, direction, from_baseline)
+        assert picked == eligible_pairs(all_pairs, direction, layered)
         n_eligible += len(picked)
     assert 0 < n_eligible  # the comparison decided something

@@ -8,24 +8,21 @@ import torch
 
 from bugscope import layout
 from bugscope.config import ConfigError, validate_config
-from bugscope.forward import decision_logits, logit_diff, make_batch
+from bugscope.focus import resolve_focus_layers
 from bugscope.io import read_table
-from bugscope.patch_summary import bug_kind_rows, summarise
-from bugscope.patching import (
+from bugscope.model.forward import decision_logits, logit_diff, make_batch
+from bugscope.model.sites import head_input_module, site_module
+from bugscope.patching.engine import HeadPatcher
+from bugscope.patching.head_sets import (
     CEILING,
-    ORIGINAL_METHOD,
-    HeadPatcher,
     HeadSet,
     PatchingConfigError,
-    PatchPair,
-    PatchSpec,
     check_head_set,
-    make_pairs,
     named_head_sets,
-    resolve_focus_layers,
     subset_head_sets,
 )
-from bugscope.sites import head_input_module, site_module
+from bugscope.patching.pairs import ORIGINAL_METHOD, PatchPair, PatchSpec, make_pairs
+from bugscope.patching.summary import bug_kind_rows, summarise
 from tests.numerics import forward_tolerance, max_abs
 from tests.oracle import sweep_naive
 
@@ -121,7 +118,7 @@ def test_patched_run_reuses_keys_and_values_at_every_layer(prompts, patcher, mon
     """With decision positions only, a patched run starts at the last column: every layer it runs
     must take the earlier columns' keys and values from the stand-in cache, or its attention would
     see one position only. A transformers release that stops passing our cache would fail here."""
-    from bugscope import forward
+    from bugscope.model import forward
 
     calls = []
     update = forward.KVPrefix.update

@@ -5,7 +5,7 @@ import copy
 import polars as pl
 import pytest
 
-from bugscope.prompts import PromptError, build_prompt_table, draw_number_pairs, pair_kind
+from bugscope.data.prompts import PromptError, build_prompt_table, draw_number_pairs, pair_kind
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_prompt_last_is_the_colon_before_the_answer(table, embedded):
     for row in table.filter(pl.col("format") != "chat").iter_rows(named=True):
         assert tok.decode([row["input_ids"][row["prompt_last_pos"]]]) == ":"
         assert row["prompt_last_pos"] < row["decision_pos"]
-    from bugscope.cache import positions_for
+    from bugscope.model.cache import positions_for
 
     row = table.row(0, named=True)
     assert row["prompt_last_pos"] in positions_for(row, "aligned")
@@ -93,7 +93,7 @@ def test_answers_that_never_diverge_are_an_error(ci_config, embedded):
 
 def test_formats_that_cannot_be_aligned_are_an_error(ci_config, embedded, monkeypatch):
     """A format whose text does not contain the question verbatim shares no question token."""
-    from bugscope import prompts as P
+    from bugscope.data import prompts as P
 
     original = P.render
 

@@ -1,4 +1,4 @@
-"""Job resources (bugscope.resources): the arithmetic by hand, the defaults left as they were, and the
+"""Job resources (bugscope.run.resources): the arithmetic by hand, the defaults left as they were, and the
 table of docs/cluster.md is the function's output."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from bugscope import resources
 from bugscope.config import load_config
+from bugscope.run import resources
 from tests.conftest import REPO, run_snakemake
 
 

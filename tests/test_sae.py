@@ -1,4 +1,4 @@
-"""SAE stage (bugscope.sae, bugscope.corpus, workflow/scripts/*sae*): real model, real corpus, real Parquet.
+"""SAE stage (bugscope.sae, bugscope.data.corpus, workflow/scripts/*sae*): real model, real corpus, real Parquet.
 
 The module fixture caches layer 10 of SmolLM2 for a slice of the Lee corpus and the CI prompts
 with the same `cache_activations` code the workflow uses, and trains a small TopK SAE on it with
@@ -20,20 +20,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bugscope import sae as bsae
 from bugscope import tables
-from bugscope.baseline import score_prompts
-from bugscope.cache import (
-    NonFiniteActivationError,
-    activation_schema,
-    cache_activations,
-    positions_for,
-)
-from bugscope.corpus import SOURCES, build_corpus_table, cache_rows, heldout_pair_ids
-from bugscope.forward import decision_logits, logit_diff, make_batch
+from bugscope.data.baseline import score_prompts
+from bugscope.data.corpus import SOURCES, build_corpus_table, cache_rows, heldout_pair_ids
 from bugscope.io import arrow_to_vectors, read_metadata, vectors_to_arrow
-from bugscope.sae_quality import ReconstructionStats, spliced_logit_diffs
-from bugscope.sites import output_tensor, site_module
+from bugscope.model.cache import NonFiniteActivationError, activation_schema, cache_activations, positions_for
+from bugscope.model.forward import decision_logits, logit_diff, make_batch
+from bugscope.model.sites import output_tensor, site_module
+from bugscope.sae import store, train
+from bugscope.sae.activations import ActivationSource, ActivationStream, iter_activations
+from bugscope.sae.directory import SAEConfigError, directory_hook_name, resolve_pretrained
+from bugscope.sae.encode import FEATURE_SCHEMA, encode_activation_file
+from bugscope.sae.quality import ReconstructionStats, spliced_logit_diffs
+from bugscope.sae.store import PROVENANCE_FILE, check_sae_fits, load_sae, sae_provenance_meta, save_sae
+from bugscope.sae.train import LayerTraining, train_topk_sae
 from tests.helpers import sparse_to_dense
 from tests.numerics import forward_tolerance, max_abs, rounding_tolerance
 
@@ -52,7 +52,7 @@ STAGE_OF = {"prompts": "activations", "corpus": "sae"}
 @pytest.fixture(scope="module")
 def layer_data(tmp_path_factory, embedded, ci_config):
     from bugscope.config import stage_hash
-    from bugscope.prompts import build_prompt_table
+    from bugscope.data.prompts import build_prompt_table
 
     model, tokenizer = embedded
     root = tmp_path_factory.mktemp("sae")
@@ -65,11 +65,11 @@ def layer_data(tmp_path_factory, embedded, ci_config):
                           meta={"dataset": name, "config_hash": stage_hash(ci_config, STAGE_OF[name])},
                           batch_size=16, pad_token_id=tokenizer.pad_token_id)
     train_ids = frozenset(pc.filter(corpus.column("prompt_id"), pc.equal(corpus.column("split"), "train")).to_pylist())
-    stream = bsae.ActivationStream([bsae.ActivationSource(str(paths["corpus"]), prompt_ids=train_ids)],
+    stream = ActivationStream([ActivationSource(str(paths["corpus"]), prompt_ids=train_ids)],
                                    batch_size=SAE_CFG["batch_size"], seed=1, buffer_rows=256)
-    result = bsae.train_topk_sae(stream, d_in=576, layer=LAYER, hook=HOOK, sae_cfg=SAE_CFG, seed=1)
+    result = train_topk_sae(stream, d_in=576, layer=LAYER, hook=HOOK, sae_cfg=SAE_CFG, seed=1)
     sae_dir = root / "sae" / HOOK
-    bsae.save_sae(result.sae, sae_dir, {"source": "train", "hook_name": HOOK, "seed": 1, "d_sae": 576,
+    save_sae(result.sae, sae_dir, {"source": "train", "hook_name": HOOK, "seed": 1, "d_sae": 576,
                                         "training": {"train_l0": result.train_l0}})
     return SimpleNamespace(root=root, prompts=prompts, corpus=corpus, corpus_meta=corpus_meta, paths=paths,
                            result=result, sae_dir=sae_dir, train_ids=train_ids)
@@ -77,7 +77,7 @@ def layer_data(tmp_path_factory, embedded, ci_config):
 
 def _read_acts(path):
     keys, xs = [], []
-    for ids, pos, x in bsae.iter_activations([bsae.ActivationSource(str(path), drop_positions=frozenset())]):
+    for ids, pos, x in iter_activations([ActivationSource(str(path), drop_positions=frozenset())]):
         keys += list(zip(ids.tolist(), pos.tolist()))
         xs.append(x)
     return keys, torch.cat(xs)
@@ -114,13 +114,13 @@ def test_corpus_cache_leaves_out_the_attention_sink(layer_data):
 
 
 def test_stream_batches_are_seeded_and_filtered(layer_data):
-    src = bsae.ActivationSource(str(layer_data.paths["corpus"]), prompt_ids=layer_data.train_ids)
-    a = bsae.ActivationStream([src], batch_size=32, seed=5, buffer_rows=128)
-    b = bsae.ActivationStream([src], batch_size=32, seed=5, buffer_rows=128)
+    src = ActivationSource(str(layer_data.paths["corpus"]), prompt_ids=layer_data.train_ids)
+    a = ActivationStream([src], batch_size=32, seed=5, buffer_rows=128)
+    b = ActivationStream([src], batch_size=32, seed=5, buffer_rows=128)
     batches = [next(a) for _ in range(6)]
     assert all(x.shape == (32, 576) for x in batches)
     assert all(torch.equal(x, next(b)) for x in batches)
-    n_train = sum(x.shape[0] for _, _, x in bsae.iter_activations([src]))
+    n_train = sum(x.shape[0] for _, _, x in iter_activations([src]))
     n_all = pq.ParquetFile(layer_data.paths["corpus"]).metadata.num_rows
     assert 0 < n_train < n_all  # held-out text and held-out pairs are filtered out
 
@@ -140,15 +140,15 @@ def test_trained_sae_reloads_with_load_from_disk(layer_data):
         expected = trained.encode(x)
         tol = rounding_tolerance(torch.float32, scale=max_abs(expected), reduction=x.shape[1])
         assert (loaded.encode(x) - expected).abs().max() <= tol
-    provenance = json.loads((layer_data.sae_dir / bsae.PROVENANCE_FILE).read_text())
+    provenance = json.loads((layer_data.sae_dir / PROVENANCE_FILE).read_text())
     assert provenance["seed"] == 1 and provenance["hook_name"] == HOOK
     assert layer_data.result.train_l0 == pytest.approx(SAE_CFG["k"])
 
 
 def test_training_is_deterministic(layer_data):
-    src = bsae.ActivationSource(str(layer_data.paths["corpus"]), prompt_ids=layer_data.train_ids)
+    src = ActivationSource(str(layer_data.paths["corpus"]), prompt_ids=layer_data.train_ids)
     cfg = {**SAE_CFG, "training_tokens": 256}
-    w = [bsae.train_topk_sae(bsae.ActivationStream([src], batch_size=64, seed=3, buffer_rows=256), d_in=576,
+    w = [train_topk_sae(ActivationStream([src], batch_size=64, seed=3, buffer_rows=256), d_in=576,
                              layer=LAYER, hook=HOOK, sae_cfg=cfg, seed=3).sae.W_enc.detach().clone() for _ in range(2)]
     assert torch.equal(w[0], w[1])
 
@@ -156,14 +156,14 @@ def test_training_is_deterministic(layer_data):
 def test_layers_trained_side_by_side_equal_one_after_another(layer_data):
     """train_layers' worker processes give every SAE the same bits as training the layers one after
     another in this process, in job order, and the caller hears of each layer once."""
-    src = bsae.ActivationSource(str(layer_data.paths["corpus"]), prompt_ids=layer_data.train_ids)
+    src = ActivationSource(str(layer_data.paths["corpus"]), prompt_ids=layer_data.train_ids)
     cfg = {**SAE_CFG, "training_tokens": 256}
-    jobs = [bsae.LayerTraining(LAYER, HOOK, src, seed) for seed in (3, 4, 5)]
+    jobs = [LayerTraining(LAYER, HOOK, src, seed) for seed in (3, 4, 5)]
     threads = torch.get_num_threads()
     heard = []
-    serial = bsae.train_layers(jobs, d_in=576, sae_cfg=cfg, workers=1)
+    serial = train.train_layers(jobs, d_in=576, sae_cfg=cfg, workers=1)
     assert torch.get_num_threads() == threads  # the one thread per layer is given back
-    parallel = bsae.train_layers(jobs, d_in=576, sae_cfg=cfg, workers=2, on_done=lambda job, r: heard.append(job.seed))
+    parallel = train.train_layers(jobs, d_in=576, sae_cfg=cfg, workers=2, on_done=lambda job, r: heard.append(job.seed))
     assert sorted(heard) == [3, 4, 5]
     assert [r.seed for r in parallel] == [3, 4, 5]
     for a, b in zip(serial, parallel):
@@ -179,9 +179,9 @@ def test_layers_trained_side_by_side_equal_one_after_another(layer_data):
 # --- encoding ----------------------------------------------------------------------------------
 
 def test_features_equal_sae_encode_and_round_trip_to_dense(layer_data):
-    sae, _ = bsae.load_sae(layer_data.sae_dir)
-    table = bsae.encode_activation_file(sae, layer_data.paths["prompts"], batch_size=37)
-    assert table.schema.equals(bsae.FEATURE_SCHEMA)
+    sae, _ = load_sae(layer_data.sae_dir)
+    table = encode_activation_file(sae, layer_data.paths["prompts"], batch_size=37)
+    assert table.schema.equals(FEATURE_SCHEMA)
     assert pc.min(table.column("activation")).as_py() != 0  # a row only for a non-zero feature
     keys, x = _read_acts(layer_data.paths["prompts"])
     with torch.no_grad():
@@ -202,7 +202,7 @@ def test_features_equal_sae_encode_and_round_trip_to_dense(layer_data):
 
 
 def test_encoding_refuses_nan_activations(tmp_path, layer_data):
-    sae, _ = bsae.load_sae(layer_data.sae_dir)
+    sae, _ = load_sae(layer_data.sae_dir)
     bad = torch.randn(4, 576)
     bad[2, 7] = float("nan")
     path = tmp_path / "bad.parquet"
@@ -210,7 +210,7 @@ def test_encoding_refuses_nan_activations(tmp_path, layer_data):
     pq.write_table(pa.Table.from_arrays([pa.array([0, 0, 1, 1], pa.int32()), pa.array([1, 2, 1, 2], pa.int32()),
                                          vectors_to_arrow(bad, "float32")], schema=schema), path)
     with pytest.raises(NonFiniteActivationError, match=r"NaN or Inf.*prompt ids \[1\]"):
-        bsae.encode_activation_file(sae, path)
+        encode_activation_file(sae, path)
 
 
 # --- quality -------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_spliced_exact_reconstruction_leaves_logit_diff_unchanged(embedded, laye
     assert (clean - spliced[LAYER]).abs().max() <= tol
     assert (clean - spliced[LAYER + 1]).abs().max() > 10 * tol  # the splice really replaces the activation
     # ... and replaces that layer's output: a plain forward with a hook on the decoder layer agrees
-    # (on the prompts in the splice's order: by length, as bugscope.forward.iter_batches takes them).
+    # (on the prompts in the splice's order: by length, as bugscope.model.forward.iter_batches takes them).
     batch = make_batch(sorted(rows, key=lambda r: len(r["input_ids"])), tokenizer.pad_token_id, "cpu")
     mask = (batch.attention_mask == 1) & (batch.position_ids > 0)
 
@@ -294,19 +294,19 @@ def test_spliced_exact_reconstruction_leaves_logit_diff_unchanged(embedded, laye
 def test_directory_has_every_llama_scope_template():
     for site, letter in (("resid_post", "r"), ("mlp_out", "m"), ("attn_out", "a")):
         for width in ("8x", "32x"):
-            ids = bsae.resolve_pretrained(f"llama_scope_lx{letter}_{width}", f"l{{layer}}{letter}_{width}", range(32), site)
+            ids = resolve_pretrained(f"llama_scope_lx{letter}_{width}", f"l{{layer}}{letter}_{width}", range(32), site)
             assert ids == {layer: f"l{layer}{letter}_{width}" for layer in range(32)}
-            assert bsae.directory_hook_name(f"llama_scope_lx{letter}_{width}", f"l31{letter}_{width}") == f"blocks.31.hook_{site}"
+            assert directory_hook_name(f"llama_scope_lx{letter}_{width}", f"l31{letter}_{width}") == f"blocks.31.hook_{site}"
 
 
 def test_directory_reads_as_sae_lens_reads_it():
-    """bugscope.sae_directory reads pretrained_saes.yaml one release at a time, without importing
+    """bugscope.sae.directory reads pretrained_saes.yaml one release at a time, without importing
     SAE-Lens (the workflow checks pretrained sets while it parses): on every release it must find
     what SAE-Lens's own reader finds, each release's text alone (the fast path) included."""
     import yaml
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
-    from bugscope import sae_directory
+    from bugscope.sae import directory as sae_directory
 
     theirs = get_pretrained_saes_directory()
     assert sae_directory.pretrained_releases() == list(theirs)
@@ -322,8 +322,8 @@ def test_directory_reads_as_sae_lens_reads_it():
     ("llama_scope_lxm_8x", "l{layer}m_8x", "resid_post", r"do not read the set's site 'resid_post'.*blocks.3.hook_mlp_out"),
 ])
 def test_bad_pretrained_config_fails_before_download(release, sae_id, site, match):
-    with pytest.raises(bsae.SAEConfigError, match=match):
-        bsae.resolve_pretrained(release, sae_id, [3, 10], site)
+    with pytest.raises(SAEConfigError, match=match):
+        resolve_pretrained(release, sae_id, [3, 10], site)
 
 
 def _write_llama_scope_checkpoint(cache: Path, layer: int, d_in: int, d_sae: int, site_letter: str = "R"):
@@ -365,14 +365,14 @@ def offline_hub(tmp_path, monkeypatch):
 @pytest.mark.numerical
 def test_pretrained_llama_scope_form_loads_offline(offline_hub, layer_data):
     release, sae_id, factor, raw, hyper = _write_llama_scope_checkpoint(offline_hub, LAYER, 576, 1024)
-    assert bsae.resolve_pretrained(release, "l{layer}r_8x", [LAYER], "resid_post") == {LAYER: sae_id}
-    sae, hub = bsae.load_pretrained_sae(release, sae_id, dtype="float32")
+    assert resolve_pretrained(release, "l{layer}r_8x", [LAYER], "resid_post") == {LAYER: sae_id}
+    sae, hub = store.load_pretrained_sae(release, sae_id, dtype="float32")
     # The repo SAE-Lens's directory maps the release to, and the commit the cache resolved main to.
     assert hub == {"sae_repo_id": "fnlp/Llama3_1-8B-Base-LXR-8x", "sae_folder": "Llama3_1-8B-Base-L10R-8x",
                    "sae_revision": "0" * 40}
     assert sae.cfg.architecture() == "jumprelu" and sae.cfg.normalize_activations == "none"  # folded
     assert torch.unique(sae.threshold).numel() == 1  # one scalar threshold
-    bsae.check_sae_fits(sae, expected_hook=HOOK, d_model=576, where="test")
+    check_sae_fits(sae, expected_hook=HOOK, d_model=576, where="test")
     # SAE-Lens's Llama Scope conversion: input scale folded into W_enc (and W_dec, b_dec), threshold scaled.
     _, x = _read_acts(layer_data.paths["prompts"])
     pre = (x * factor) @ raw["encoder.weight"].T + raw["encoder.bias"]
@@ -385,23 +385,23 @@ def test_pretrained_llama_scope_form_loads_offline(offline_hub, layer_data):
         dec_tol = rounding_tolerance(torch.float32, scale=max_abs(recon), reduction=expected.shape[1], depth=2)
         assert (sae.decode(sae.encode(x)) - recon).abs().max() <= dec_tol
     # Saved and reloaded like a trained SAE, it encodes the same (what encode_features does).
-    bsae.save_sae(sae, layer_data.root / "pre", {"source": "pretrained", "release": release, "sae_id": sae_id, **hub})
-    again, prov = bsae.load_sae(layer_data.root / "pre")
-    table = bsae.encode_activation_file(again, layer_data.paths["prompts"])
+    save_sae(sae, layer_data.root / "pre", {"source": "pretrained", "release": release, "sae_id": sae_id, **hub})
+    again, prov = load_sae(layer_data.root / "pre")
+    table = encode_activation_file(again, layer_data.paths["prompts"])
     keys, _ = _read_acts(layer_data.paths["prompts"])
     assert (sparse_to_dense(table, keys, 1024) - expected).abs().max() <= enc_tol
     assert prov["release"] == release
     assert (prov["sae_repo_id"], prov["sae_revision"]) == ("fnlp/Llama3_1-8B-Base-LXR-8x", "0" * 40)
-    assert bsae.sae_provenance_meta(prov)["sae"]["sae_revision"] == "0" * 40  # copied into feature tables
+    assert sae_provenance_meta(prov)["sae"]["sae_revision"] == "0" * 40  # copied into feature tables
 
 
 def test_pretrained_d_in_and_site_mismatch_are_refused(offline_hub):
     release, sae_id, *_ = _write_llama_scope_checkpoint(offline_hub, 3, 64, 128)
-    sae, _ = bsae.load_pretrained_sae(release, sae_id)
-    with pytest.raises(bsae.SAEConfigError, match=r"d_in=64 but the model's residual width is d_model=576"):
-        bsae.check_sae_fits(sae, expected_hook="blocks.3.hook_resid_post", d_model=576, where="test")
-    with pytest.raises(bsae.SAEConfigError, match=r"reads 'blocks.3.hook_resid_post'.*cached at 'blocks.3.hook_mlp_out'"):
-        bsae.check_sae_fits(sae, expected_hook="blocks.3.hook_mlp_out", d_model=64, where="test")
+    sae, _ = store.load_pretrained_sae(release, sae_id)
+    with pytest.raises(SAEConfigError, match=r"d_in=64 but the model's residual width is d_model=576"):
+        check_sae_fits(sae, expected_hook="blocks.3.hook_resid_post", d_model=576, where="test")
+    with pytest.raises(SAEConfigError, match=r"reads 'blocks.3.hook_resid_post'.*cached at 'blocks.3.hook_mlp_out'"):
+        check_sae_fits(sae, expected_hook="blocks.3.hook_mlp_out", d_model=64, where="test")
 
 
 # --- the workflow scripts leave no partial outputs ------------------------------------------------

@@ -42,13 +42,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from bugscope import sae as bsae
-from bugscope.cache import activation_schema
 from bugscope.config import validate_config
 from bugscope.io import vectors_to_arrow, write_parquet
-from bugscope.model import ModelManifest
-from bugscope.sae_quality import sae_training_model
-from bugscope.sites import hook_name
+from bugscope.model.cache import activation_schema
+from bugscope.model.load import ModelManifest
+from bugscope.model.sites import hook_name
+from bugscope.sae import store
+from bugscope.sae.directory import SAEConfigError, directory_hook_name, resolve_pretrained
+from bugscope.sae.encode import encode_activation_file
+from bugscope.sae.quality import sae_training_model
+from bugscope.sae.store import load_sae, sae_provenance_meta
 from tests.helpers import sparse_to_dense
 from tests.numerics import rounding_tolerance
 
@@ -217,7 +220,7 @@ def _run_load_script(tmp_path: Path, fmt: Format, *, d_model: int, set_name: str
     ModelManifest(name=config["model"]["name"], source="local", path=str(tmp_path / "weights"), revision=None,
                   dtype="float32", num_layers=32, num_heads=8, num_kv_heads=8, head_dim=8, d_model=d_model,
                   vocab_size=100).save(manifest)
-    ids = bsae.resolve_pretrained(fmt.release, fmt.template, [fmt.layer], "resid_post")
+    ids = resolve_pretrained(fmt.release, fmt.template, [fmt.layer], "resid_post")
     out = tmp_path / "sae" / set_name / hook_name(fmt.layer)
     smk = SimpleNamespace(config=config, rule="load_pretrained_sae_test", threads=1, log=[str(tmp_path / "load.log")],
                           input=SimpleNamespace(manifest=str(manifest)), output=SimpleNamespace(saes=[str(out)]),
@@ -240,12 +243,12 @@ def test_each_release_goes_through_its_own_converter(name):
     assert get_conversion_loader_name(fmt.release) == fmt.conversion_func
     assert NAMED_PRETRAINED_SAE_LOADERS[fmt.conversion_func].__name__ == fmt.loader
     # the config's id template resolves against SAE-Lens's directory, and its site is the residual stream
-    assert bsae.resolve_pretrained(fmt.release, fmt.template, [fmt.layer], "resid_post") == {fmt.layer: fmt.sae_id}
+    assert resolve_pretrained(fmt.release, fmt.template, [fmt.layer], "resid_post") == {fmt.layer: fmt.sae_id}
     expected = None if name == "qwen_scope" else hook_name(fmt.layer)  # Qwen Scope's entries do not name the site
-    assert bsae.directory_hook_name(fmt.release, fmt.sae_id) == expected
+    assert directory_hook_name(fmt.release, fmt.sae_id) == expected
     if expected:
-        with pytest.raises(bsae.SAEConfigError, match="do not read the set's site 'mlp_out'"):
-            bsae.resolve_pretrained(fmt.release, fmt.template, [fmt.layer], "mlp_out")
+        with pytest.raises(SAEConfigError, match="do not read the set's site 'mlp_out'"):
+            resolve_pretrained(fmt.release, fmt.template, [fmt.layer], "mlp_out")
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
@@ -274,7 +277,7 @@ def test_format_loads_through_the_workflow_and_encodes_as_its_definition(name, o
     _test_widths(monkeypatch, name)
     raw = write_checkpoint(name, offline_hub)
     out = _run_load_script(tmp_path, fmt, d_model=D_IN)
-    sae, prov = bsae.load_sae(out)
+    sae, prov = load_sae(out)
     # provenance: the hub source, the site and the model the quality table compares with
     assert prov["sae_repo_id"] and (prov["sae_revision"], prov["release"], prov["sae_id"]) == (COMMIT, fmt.release, fmt.sae_id)
     assert (prov["hook_name"], prov["layer"], prov["d_in"], prov["d_sae"]) == (hook_name(fmt.layer), fmt.layer, D_IN, D_SAE)
@@ -282,7 +285,7 @@ def test_format_loads_through_the_workflow_and_encodes_as_its_definition(name, o
     assert (prov["architecture"], sae.cfg.architecture()) == (fmt.architecture, fmt.architecture)
     assert prov["sae_model_name"] == fmt.sae_model
     assert sae_training_model(prov, fmt.checkpoint) == (fmt.sae_model, fmt.trained_on_it)
-    assert bsae.sae_provenance_meta(prov)["sae"]["sae_revision"] == COMMIT
+    assert sae_provenance_meta(prov)["sae"]["sae_revision"] == COMMIT
     if name == "qwen_scope":
         assert sae.cfg.k == QWEN_K
 
@@ -314,7 +317,7 @@ def test_format_loads_through_the_workflow_and_encodes_as_its_definition(name, o
     # the feature table encode_features writes from a cached activation file
     acts_path = tmp_path / "acts.parquet"
     _activation_file(acts_path, x)
-    table = bsae.encode_activation_file(sae, acts_path)
+    table = encode_activation_file(sae, acts_path)
     assert table.num_rows == int((got != 0).sum())  # one row per non-zero of sae.encode
     dense = sparse_to_dense(table, [(i // 10, i % 10) for i in range(N_TOKENS)], D_SAE).double()
     assert ((dense - expected).abs() * ~unsure).max() <= enc_tol
@@ -338,11 +341,11 @@ def test_gemma_scope_scaling_factor_of_ones_is_dropped_and_another_refused(offli
     raw = write_checkpoint("gemma_scope", offline_hub)
     _, folder = get_repo_id_and_folder_name(fmt.release, fmt.sae_id)
     path = next(offline_hub.glob(f"models--*/snapshots/{COMMIT}/{folder}/params.npz"))
-    plain, _ = bsae.load_pretrained_sae(fmt.release, fmt.sae_id)
+    plain, _ = store.load_pretrained_sae(fmt.release, fmt.sae_id)
     np.savez(path, **{k: v.numpy() for k, v in raw.items()}, scaling_factor=np.ones(D_SAE, np.float32))
-    ones, _ = bsae.load_pretrained_sae(fmt.release, fmt.sae_id)
+    ones, _ = store.load_pretrained_sae(fmt.release, fmt.sae_id)
     assert {k: v.shape for k, v in ones.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
     assert all(torch.equal(ones.state_dict()[k], v) for k, v in plain.state_dict().items())
     np.savez(path, **{k: v.numpy() for k, v in raw.items()}, scaling_factor=np.full(D_SAE, 2.0, np.float32))
     with pytest.raises(ValueError, match="Scaling factor is present"):
-        bsae.load_pretrained_sae(fmt.release, fmt.sae_id)
+        store.load_pretrained_sae(fmt.release, fmt.sae_id)

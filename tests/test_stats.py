@@ -36,7 +36,7 @@ def test_blocked_bootstrap_equals_the_whole_array(monkeypatch, block_columns):
 PEAK_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np, polars as pl
-    from bugscope.patch_summary import summary_table
+    from bugscope.patching.summary import summary_table
     n_prompts, n_layers, n_sets = 512, 32, 70
     rng = np.random.default_rng(0)
     base = rng.normal(size=n_prompts)

@@ -47,7 +47,7 @@ def test_the_scanner_sees_internals_but_not_prose():
 def test_only_forward_and_sites_touch_model_internals(path):
     uses = internal_uses(path.read_text())
     assert not uses, (f"{path.relative_to(PACKAGE)} reaches into transformers internals ({', '.join(uses)}): "
-                      "go through bugscope.sites (where a site lives) or bugscope.forward (running layers).")
+                      "go through bugscope.model.sites (where a site lives) or bugscope.model.forward (running layers).")
 
 
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -9,7 +9,7 @@ import polars as pl
 from bugscope import layout
 from bugscope.config import analysed_layers, load_config
 from bugscope.io import read_table
-from bugscope.sites import hook_name
+from bugscope.model.sites import hook_name
 from tests.conftest import REPO, run_snakemake
 
 

@@ -197,7 +197,7 @@ def intervention_sae_sets(config: dict) -> list[str]:
 
 
 def head_set_feature_sets(config: dict) -> list[str]:
-    """The SAE sets of the head-set feature counts (bugscope.head_set_features): every set, when
+    """The SAE sets of the head-set feature counts (bugscope.interventions.head_set_features): every set, when
     patching.exhaustive (whose head sets it patches) is on."""
     if not config["patching"]["exhaustive"]["enabled"]:
         return []

@@ -22,13 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bugscope.resources import DTYPE_BYTES
-
 if TYPE_CHECKING:
     import torch
 
 META_PREFIX = "bugscope."
 TMP_MARKER = ".tmp-"
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class DiskFullError(OSError):

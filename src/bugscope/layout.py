@@ -1,7 +1,7 @@
 """The results layout: the one place that decides where every output lives.
 
 Snakemake rules (workflow/rules/common.smk) and tests both read paths from here. `{hook}` is a
-hook name such as `blocks.10.hook_resid_post` (see `bugscope.sites`); `{dataset}` is `prompts`
+hook name such as `blocks.10.hook_resid_post` (see `bugscope.model.sites`); `{dataset}` is `prompts`
 (the analysis prompts) or `corpus` (SAE training text); `{sae_set}` is the name of an SAE set
 (`sae.sets`): every SAE and feature-analysis output is per set.
 """
@@ -66,7 +66,7 @@ PATCHING_LISTED_PAIRS = f"{RESULTS}/patching/listed_pairs.parquet"
 # the stage runs on in one table (column sae_set).
 INTERVENTIONS_PROMPTS = f"{RESULTS}/interventions/features_prompts.parquet"
 INTERVENTIONS = f"{RESULTS}/interventions/features.parquet"
-# The critical SAE features each even-head set turns on at the focus layers (bugscope.head_set_features)
+# The critical SAE features each even-head set turns on at the focus layers (bugscope.interventions.head_set_features)
 HEAD_SET_FEATURES_PROMPTS = f"{RESULTS}/interventions/head_set_features_prompts.parquet"
 HEAD_SET_FEATURES = f"{RESULTS}/interventions/head_set_features.parquet"
 # The original procedure with generation, and the gap to the per-head method one factor at a time

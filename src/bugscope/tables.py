@@ -119,7 +119,7 @@ PATCHING_PROMPTS = _patching_prompts(layout.PATCHING_PROMPTS, "patching_summary"
 PATCHING_ORIGINAL_METHOD = Table(layout.PATCHING_ORIGINAL_METHOD, "patching_summary", "patching_focus",
                                  columns=PATCH_SUMMARY_COLUMNS)
 # The original procedure and the decomposition of its gap to the per-head method
-# (bugscope.original_method): per prompt, and one row per (setting, layer, head set). n_prompts is
+# (bugscope.patching.original_method): per prompt, and one row per (setting, layer, head set). n_prompts is
 # the targets judged (original_success is over all of them; success_rate over n_eligible).
 ORIGINAL_DECOMPOSITION_COLUMNS = ("setting", "step", "chain", "changed", "layer", "head_set", "n_prompts",
                                   "n_eligible", "success_rate", "success_low", "success_high", "original_success",

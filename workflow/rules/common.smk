@@ -12,9 +12,9 @@ from bugscope.config import (
     sae_sets,
     stage_hash,
 )
-from bugscope.sites import HEAD_WRITTEN_SITES, hook_name, parse_hook_name
-import bugscope.ledger as bugscope_ledger
-import bugscope.resources as bugscope_resources
+from bugscope.model.sites import HEAD_WRITTEN_SITES, hook_name, parse_hook_name
+import bugscope.claims.spec as bugscope_ledger
+import bugscope.run.resources as bugscope_resources
 
 # Validate once at start-up; every default is filled in, so rules read keys without fallbacks.
 config.update(validate_config(config, source="the Snakemake config"))
@@ -122,7 +122,7 @@ MODEL_JOB_THREADS = bugscope_resources.MODEL_JOB_THREADS
 SAE_CHAIN_PRIORITY = 10
 
 
-# Whether model jobs started on this host run on a GPU, looked up once (bugscope.resources.gpu_visible).
+# Whether model jobs started on this host run on a GPU, looked up once (bugscope.run.resources.gpu_visible).
 GPU_ON_THIS_HOST = bugscope_resources.gpu_visible(config["device"])
 
 
@@ -135,7 +135,7 @@ def holds_gpu():
 
 
 def model_job_resources(rule, group_layers=None, sae_set=None):
-    """Resources of a job that runs the model or an SAE (bugscope.resources.job_resources).
+    """Resources of a job that runs the model or an SAE (bugscope.run.resources.job_resources).
 
     `rule` is the stage (`encode_features` for encode_features_main_L00_03), `group_layers` the
     layers of a per-group job, `sae_set` the name of an SAE job's set. Runtime and memory grow with

@@ -1,6 +1,6 @@
 # Feature analyses, once per SAE set (`{sae_set}`): overlap between formats, discriminative and
 # named features, and the direct attribution of attention heads to SAE features. Logic:
-# bugscope.features and bugscope.attribution.
+# bugscope.features and bugscope.features.attribution.
 # The features section's parse-time checks and layer choice live in bugscope.config (light to import).
 import bugscope.config as bugscope_config
 

@@ -1,5 +1,5 @@
 # Figures, report tables and the claims ledger. Logic: bugscope.figures (overlap and amplification:
-# bugscope.figures_overlap), bugscope.claims.
+# bugscope.figures.overlap), bugscope.claims.
 # One rule per figure, each reading only the tables it draws, so that editing one figure's script
 # reruns only that rule. Every figure, report table and the ledger are default targets
 # (FIGURES, REPORT_TABLES and figure_targets in common.smk).

@@ -44,7 +44,7 @@ rule feature_interventions:
 
 
 # The critical SAE features each even-head set of patching.exhaustive turns on at the focus layers:
-# the seed's "any 8 even heads activate at least 5 critical features". Logic: bugscope.head_set_features.
+# the seed's "any 8 even heads activate at least 5 critical features". Logic: bugscope.interventions.head_set_features.
 HEAD_SET_FEATURE_SETS = head_set_feature_sets(config)
 
 

@@ -108,7 +108,7 @@ rule head_patching_summary:
         "../scripts/head_patching_summary.py"
 
 
-# The focus-layer experiments of bugscope.patch_study, one rule each so that each reruns
+# The focus-layer experiments of bugscope.patching.study, one rule each so that each reruns
 # alone when its settings change (STAGE_SECTIONS: patching_<experiment>).
 
 
@@ -213,7 +213,7 @@ rule head_bidirectional:
 
 
 # The original procedure in full (generation, decode-time hook, string criterion) and the gap to
-# the per-head method one factor at a time (bugscope.original_method).
+# the per-head method one factor at a time (bugscope.patching.original_method).
 PATCH_ORIGINAL_HASH = stage_hash(config, "patching_original")
 
 

@@ -1,8 +1,8 @@
 # SAE stage: the training corpus and its activations, then per SAE set (sae.sets) one SAE per
 # layer (trained here with SAE-Lens, or pretrained from SAE-Lens's directory), sparse feature tables
-# and SAE quality. Logic: bugscope.sae and bugscope.corpus. Jobs handle resources.layers_per_job
+# and SAE quality. Logic: bugscope.sae and bugscope.data.corpus. Jobs handle resources.layers_per_job
 # layers of one set each (rules <stage>_<set>_<group>) and write one output per layer.
-import bugscope.sae_directory as bugscope_sae_directory
+import bugscope.sae.directory as bugscope_sae_directory
 
 SAE_CONFIG_HASH = stage_hash(config, "sae")
 # Pretrained: release, ids and hook sites are checked against SAE-Lens's directory now, before any job.

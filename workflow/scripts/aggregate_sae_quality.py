@@ -1,7 +1,7 @@
 import polars as pl
 
 from bugscope import tables
-from bugscope.script import log, run
+from bugscope.run.script import log, run
 
 
 def main(smk):

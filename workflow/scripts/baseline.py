@@ -1,9 +1,9 @@
 import polars as pl
 
 from bugscope import tables
-from bugscope.baseline import accuracy_by_format, format_contrast, greedy_check, score_prompts
-from bugscope.model import ModelManifest, load_model
-from bugscope.script import log, run
+from bugscope.data.baseline import accuracy_by_format, format_contrast, greedy_check, score_prompts
+from bugscope.model.load import ModelManifest, load_model
+from bugscope.run.script import log, run
 
 
 def main(smk):

@@ -1,7 +1,7 @@
 from bugscope import tables
-from bugscope.model import ModelManifest, load_tokenizer
-from bugscope.prompts import build_prompt_table
-from bugscope.script import log, run
+from bugscope.data.prompts import build_prompt_table
+from bugscope.model.load import ModelManifest, load_tokenizer
+from bugscope.run.script import log, run
 
 
 def main(smk):

@@ -1,8 +1,8 @@
 
 from bugscope import tables
-from bugscope.cache import cache_activations, positions_for
-from bugscope.model import ModelManifest, load_model
-from bugscope.script import log, run
+from bugscope.model.cache import cache_activations, positions_for
+from bugscope.model.load import ModelManifest, load_model
+from bugscope.run.script import log, run
 
 
 def main(smk):

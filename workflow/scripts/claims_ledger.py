@@ -3,11 +3,14 @@ from pathlib import Path
 
 import polars as pl
 
-from bugscope import claims, report, tables
+from bugscope import tables
+from bugscope.claims import report
+from bugscope.claims.evaluate import Context, evaluate, prepare_tables
+from bugscope.claims.spec import TABLES, load_ledger
 from bugscope.config import primary_sae_set
-from bugscope.features import focus_layers
+from bugscope.focus import focus_layers
 from bugscope.io import atomic_path
-from bugscope.script import log, run
+from bugscope.run.script import log, run
 
 
 def read_table(smk, name: str) -> pl.DataFrame:
@@ -15,24 +18,24 @@ def read_table(smk, name: str) -> pl.DataFrame:
     in a `sae_set` column (a set whose site the stage does not run on has no file)."""
     paths, sets = smk.input[name], smk.params.table_sets[name]
     paths = [paths] if isinstance(paths, str) else list(paths)
-    frames = [tables.frame(claims.TABLES[name], smk.config, path) for path in paths]
+    frames = [tables.frame(TABLES[name], smk.config, path) for path in paths]
     if sets == [None]:
         return frames[0]
     return pl.concat([f.with_columns(pl.lit(s).alias("sae_set")) for f, s in zip(frames, sets)], how="diagonal_relaxed")
 
 
 def main(smk):
-    ledger = claims.load_ledger(smk.input.ledger)
-    names = [k for k in smk.input.keys() if k in claims.TABLES and smk.params.table_sets[k]]
+    ledger = load_ledger(smk.input.ledger)
+    names = [k for k in smk.input.keys() if k in TABLES and smk.params.table_sets[k]]
     raw = {name: read_table(smk, name) for name in names}
     prompts = tables.frame(tables.PROMPTS, smk.config, smk.input.prompts, columns=["prompt_id", "correct", "wrong"])
-    prepared = claims.prepare_tables(raw, prompts)
+    prepared = prepare_tables(raw, prompts)
     overlap = prepared.get("feature_overlap")
     if overlap is not None:
         overlap = overlap.filter(pl.col("sae_set") == primary_sae_set(smk.config))
     focus = focus_layers(smk.config, overlap) if (overlap is not None or smk.config["focus_layers"] != "auto") else None
-    ctx = claims.Context.from_config(smk.config, focus)
-    result = claims.evaluate(ledger, prepared, ctx)
+    ctx = Context.from_config(smk.config, focus)
+    result = evaluate(ledger, prepared, ctx)
     # The ledger by name and content, not by where this checkout happens to live: two clones agree.
     ledger_file = Path(smk.input.ledger)
     meta = {"model": smk.config["model"]["name"], "focus_layers": focus, "tables": names, "ledger": ledger_file.name,

@@ -2,8 +2,8 @@ import polars as pl
 
 from bugscope import tables
 from bugscope.config import with_sae_set
-from bugscope.features import run_discriminative
-from bugscope.script import log, run
+from bugscope.features.stages import run_discriminative
+from bugscope.run.script import log, run
 
 
 def main(smk):

@@ -3,17 +3,13 @@ import pyarrow.parquet as pq
 
 from bugscope import tables
 from bugscope.config import with_sae_set
+from bugscope.data.prompts import SINK_POSITION
 from bugscope.io import read_metadata
-from bugscope.model import pick_device
-from bugscope.prompts import SINK_POSITION
-from bugscope.sae import (
-    check_sae_fits,
-    encode_activation_file,
-    load_sae,
-    sae_provenance_meta,
-)
-from bugscope.script import log, run
-from bugscope.sites import hook_name
+from bugscope.model.load import pick_device
+from bugscope.model.sites import hook_name
+from bugscope.run.script import log, run
+from bugscope.sae.encode import encode_activation_file
+from bugscope.sae.store import check_sae_fits, load_sae, sae_provenance_meta
 
 
 def main(smk):

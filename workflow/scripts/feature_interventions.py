@@ -5,14 +5,21 @@ Writes the per-prompt table (every condition x buggy-format prompt) and its summ
 
 import polars as pl
 
-from bugscope import interventions, tables
+from bugscope import tables
 from bugscope.config import sae_sets
-from bugscope.features import focus_layers
+from bugscope.focus import focus_layers
+from bugscope.interventions.sae_features import (
+    FeatureIntervener,
+    bug_kind_rows,
+    intervention_layers,
+    run_interventions,
+    summarise,
+)
 from bugscope.layout import SAE_DIR, per_set
-from bugscope.model import ModelManifest, load_model
-from bugscope.sae import load_sae
-from bugscope.script import log, run
-from bugscope.sites import hook_name
+from bugscope.model.load import ModelManifest, load_model
+from bugscope.model.sites import hook_name
+from bugscope.run.script import log, run
+from bugscope.sae.store import load_sae
 
 
 def main(smk):
@@ -29,21 +36,21 @@ def main(smk):
     per_prompt, meta_sets = [], {}
     for name in smk.params.sae_sets:
         s = by_name[name]
-        layers = interventions.intervention_layers(cfg, focus, smk.params.set_layers[name])
+        layers = intervention_layers(cfg, focus, smk.params.set_layers[name])
         log.info("SAE set %s (%s): layers %s (focus layers %s)", name, s["site"], layers, focus)
         saes = {layer: load_sae(per_set(SAE_DIR, name, hook=hook_name(layer, s["site"])), device=str(device))[0]
                 for layer in layers}
-        intervener = interventions.FeatureIntervener(model, pad_token_id=tokenizer.pad_token_id, site=s["site"],
+        intervener = FeatureIntervener(model, pad_token_id=tokenizer.pad_token_id, site=s["site"],
                                                      max_prompts=icfg["max_prompts"], rows_per_forward=icfg["batch_rows"])
         disc = tables.frame(tables.DISCRIMINATIVE_FEATURES, cfg, discriminative[name])
-        table, meta = interventions.run_interventions(intervener, prompts, cfg, sae_set=name, saes=saes,
+        table, meta = run_interventions(intervener, prompts, cfg, sae_set=name, saes=saes,
                                                       discriminative=disc, named_cfg=s["named"], log=log)
         per_prompt.append(table)
         meta_sets[name] = {"layers": layers, "site": s["site"], **meta}
         del saes
     table = pl.concat(per_prompt)
     boot = cfg["bootstrap"]
-    summary = interventions.summarise(table, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
+    summary = summarise(table, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
                                       seed=cfg["seed"])
     meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], "focus_layers": focus,
             "positions": icfg["positions"], "steering": "additive: f + scale * mean correct-format activation",
@@ -51,7 +58,7 @@ def main(smk):
     with tables.written_together() as put:
         put(tables.INTERVENTIONS_PROMPTS, table, smk.output.prompts, meta)
         put(tables.INTERVENTIONS, summary, smk.output.summary, meta)
-    shown = interventions.bug_kind_rows(summary).select(
+    shown = bug_kind_rows(summary).select(
         "sae_set", "layer", "feature_set", "family", "sample", "intervention", "scale", "n_eligible", "success_rate",
         "success_low", "success_high", "recovery", "accuracy", "baseline_accuracy")
     log.info("interventions (bug pair kind, all pairs):\n%s", shown)

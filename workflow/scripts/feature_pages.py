@@ -4,8 +4,8 @@ from bugscope import tables
 from bugscope.config import with_sae_set
 from bugscope.features.pages import run_pages
 from bugscope.io import atomic_path
-from bugscope.model import ModelManifest, load_tokenizer, pick_device
-from bugscope.script import log, run
+from bugscope.model.load import ModelManifest, load_tokenizer, pick_device
+from bugscope.run.script import log, run
 
 
 def main(smk):

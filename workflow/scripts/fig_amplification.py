@@ -1,12 +1,14 @@
 
-from bugscope import figures, figures_overlap, tables
-from bugscope.script import run
+from bugscope import tables
+from bugscope.figures.charts import FIGURE_EXTS, Labels, save_chart
+from bugscope.figures.overlap import amplification
+from bugscope.run.script import run
 
 
 def main(smk):
     overlap = tables.frame(tables.FEATURE_OVERLAP, smk.config, smk.input.overlap)
-    chart = figures_overlap.amplification(overlap, figures.Labels.from_config(smk.config))
-    figures.save_chart(chart, {ext: smk.output[ext] for ext in figures.FIGURE_EXTS}, png_scale=smk.params.png_scale)
+    chart = amplification(overlap, Labels.from_config(smk.config))
+    save_chart(chart, {ext: smk.output[ext] for ext in FIGURE_EXTS}, png_scale=smk.params.png_scale)
 
 
 run(snakemake, main)  # noqa: F821

@@ -1,12 +1,13 @@
 
-from bugscope import figures, tables
-from bugscope.script import run
+from bugscope import tables
+from bugscope.figures.charts import FIGURE_EXTS, Labels, baseline_accuracy, save_chart
+from bugscope.run.script import run
 
 
 def main(smk):
     accuracy = tables.frame(tables.BASELINE_ACCURACY, smk.config, smk.input.accuracy)
-    chart = figures.baseline_accuracy(accuracy, figures.Labels.from_config(smk.config))
-    figures.save_chart(chart, {ext: smk.output[ext] for ext in figures.FIGURE_EXTS}, png_scale=smk.params.png_scale)
+    chart = baseline_accuracy(accuracy, Labels.from_config(smk.config))
+    save_chart(chart, {ext: smk.output[ext] for ext in FIGURE_EXTS}, png_scale=smk.params.png_scale)
 
 
 run(snakemake, main)  # noqa: F821

@@ -1,7 +1,8 @@
 
-from bugscope import figures, tables
-from bugscope.features import focus_layers
-from bugscope.script import log, run
+from bugscope import tables
+from bugscope.figures.charts import FIGURE_EXTS, Labels, format_features, save_chart
+from bugscope.focus import focus_layers
+from bugscope.run.script import log, run
 
 
 def main(smk):
@@ -10,8 +11,8 @@ def main(smk):
     overlap = tables.frame(tables.FEATURE_OVERLAP, smk.config, smk.input.overlap) if "overlap" in smk.input.keys() else None
     focus = focus_layers(smk.config, overlap)
     log.info("focus layers: %s", focus)
-    chart = figures.format_features(discriminative, named, figures.Labels.from_config(smk.config), focus)
-    figures.save_chart(chart, {ext: smk.output[ext] for ext in figures.FIGURE_EXTS}, png_scale=smk.params.png_scale)
+    chart = format_features(discriminative, named, Labels.from_config(smk.config), focus)
+    save_chart(chart, {ext: smk.output[ext] for ext in FIGURE_EXTS}, png_scale=smk.params.png_scale)
 
 
 run(snakemake, main)  # noqa: F821

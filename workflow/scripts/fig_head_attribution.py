@@ -1,7 +1,8 @@
 
-from bugscope import figures, tables
-from bugscope.features import focus_layers
-from bugscope.script import log, run
+from bugscope import tables
+from bugscope.figures.charts import FIGURE_EXTS, Labels, head_attribution, save_chart
+from bugscope.focus import focus_layers
+from bugscope.run.script import log, run
 
 
 def main(smk):
@@ -14,8 +15,8 @@ def main(smk):
         raise ValueError(f"focus layer(s) {missing} have no head attribution (attributed layers: {attributed}); "
                          "add them to features.attribution.layers or set it to 'all'.")
     log.info("focus layers: %s", focus)
-    chart = figures.head_attribution(attribution, figures.Labels.from_config(smk.config), focus)
-    figures.save_chart(chart, {ext: smk.output[ext] for ext in figures.FIGURE_EXTS}, png_scale=smk.params.png_scale)
+    chart = head_attribution(attribution, Labels.from_config(smk.config), focus)
+    save_chart(chart, {ext: smk.output[ext] for ext in FIGURE_EXTS}, png_scale=smk.params.png_scale)
 
 
 run(snakemake, main)  # noqa: F821

@@ -1,7 +1,8 @@
 import polars as pl
 
-from bugscope import figures, tables
-from bugscope.script import log, run
+from bugscope import tables
+from bugscope.figures.charts import FIGURE_EXTS, Labels, head_subsets, save_chart
+from bugscope.run.script import log, run
 
 
 def main(smk):
@@ -12,8 +13,8 @@ def main(smk):
     if not focus:
         raise ValueError(f"{smk.input.summary} records no focus layers and has no head subsets to draw.")
     log.info("focus layers: %s (from %s)", focus, meta.get("focus_layer_source"))
-    chart = figures.head_subsets(summary, figures.Labels.from_config(smk.config), focus)
-    figures.save_chart(chart, {ext: smk.output[ext] for ext in figures.FIGURE_EXTS}, png_scale=smk.params.png_scale)
+    chart = head_subsets(summary, Labels.from_config(smk.config), focus)
+    save_chart(chart, {ext: smk.output[ext] for ext in FIGURE_EXTS}, png_scale=smk.params.png_scale)
 
 
 run(snakemake, main)  # noqa: F821

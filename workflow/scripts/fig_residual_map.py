@@ -1,11 +1,13 @@
-from bugscope import figures, figures_experiments, tables
-from bugscope.script import run
+from bugscope import tables
+from bugscope.figures.charts import FIGURE_EXTS, Labels, save_chart
+from bugscope.figures.experiments import residual_map
+from bugscope.run.script import run
 
 
 def main(smk):
     summary = tables.frame(tables.PATCHING_RESIDUAL_MAP, smk.config, smk.input.summary)
-    chart = figures_experiments.residual_map(summary, figures.Labels.from_config(smk.config))
-    figures.save_chart(chart, {ext: smk.output[ext] for ext in figures.FIGURE_EXTS}, png_scale=smk.params.png_scale)
+    chart = residual_map(summary, Labels.from_config(smk.config))
+    save_chart(chart, {ext: smk.output[ext] for ext in FIGURE_EXTS}, png_scale=smk.params.png_scale)
 
 
 run(snakemake, main)  # noqa: F821

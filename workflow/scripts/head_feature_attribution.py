@@ -1,8 +1,8 @@
 from bugscope import tables
 from bugscope.config import with_sae_set
-from bugscope.features import run_attribution
-from bugscope.model import ModelManifest, load_model
-from bugscope.script import log, run
+from bugscope.features.stages import run_attribution
+from bugscope.model.load import ModelManifest, load_model
+from bugscope.run.script import log, run
 
 
 def main(smk):

@@ -12,10 +12,15 @@ mode (params.mode):
 
 import polars as pl
 
-from bugscope import patch_study, patch_summary, patching, tables
-from bugscope.model import ModelManifest, load_model
-from bugscope.script import log, run
-from bugscope.sites import HEAD_SITE
+from bugscope import tables
+from bugscope.focus import resolve_focus_layers
+from bugscope.model.load import ModelManifest, load_model
+from bugscope.model.sites import HEAD_SITE
+from bugscope.patching.head_sets import CEILING, named_head_sets, random_control_sets, subset_head_sets
+from bugscope.patching.pairs import ORIGINAL_METHOD, PatchSpec
+from bugscope.patching.study import patcher_from_config, run_study_sweep, spec_from_config
+from bugscope.patching.summary import summary_table
+from bugscope.run.script import log, run
 
 
 def main(smk):
@@ -24,7 +29,7 @@ def main(smk):
     mode = smk.params.mode
     manifest = ModelManifest.load(smk.input.manifest)
     prompts = tables.frame(tables.PROMPTS, smk.config, smk.input.prompts)
-    spec, target, source = patch_study.spec_from_config(cfg)
+    spec, target, source = spec_from_config(cfg)
     meta = {"config_hash": smk.params.config_hash, "seed": cfg["seed"], "mode": mode,
             "positions": pc["positions"], "operation": pc["operation"], "direction": pc["direction"],
             **manifest.provenance()}
@@ -36,48 +41,48 @@ def main(smk):
         overlap = None
         if "overlap" in smk.input.keys():
             overlap = tables.frame(tables.FEATURE_OVERLAP, smk.config, smk.input.overlap)
-        layers, focus_source = patching.resolve_focus_layers(cfg, overlap)
+        layers, focus_source = resolve_focus_layers(cfg, overlap)
         meta.update(focus_layers=layers, focus_layer_source=focus_source)
         log.info("focus layers %s (from %s)", layers, focus_source)
 
     model, tokenizer = load_model(manifest, cfg["device"])
-    patcher = patch_study.patcher_from_config(model, cfg, tokenizer.pad_token_id)
+    patcher = patcher_from_config(model, cfg, tokenizer.pad_token_id)
     n_heads = manifest.num_heads
     common = {"target_format": target, "source_format": source, "direction": pc["direction"]}
 
     if mode == "sweep":
         # The ceiling (the whole residual stream) needs a source to copy from.
-        ceiling = [patching.CEILING] if spec.operation == "patch" else []
-        sets = {layer: patching.named_head_sets(n_heads) + ceiling for layer in layers}
-        table = patch_study.run_study_sweep(patcher, prompts, sets, spec, desc=f"head sweep {smk.params.group}", **common)
+        ceiling = [CEILING] if spec.operation == "patch" else []
+        sets = {layer: named_head_sets(n_heads) + ceiling for layer in layers}
+        table = run_study_sweep(patcher, prompts, sets, spec, desc=f"head sweep {smk.params.group}", **common)
     elif mode == "subsets":
         sub = pc["subsets"]
         sets = {}
         for layer in layers:
-            drawn = patching.subset_head_sets(n_heads, pools=sub["pools"], sizes=sub["sizes"],
+            drawn = subset_head_sets(n_heads, pools=sub["pools"], sizes=sub["sizes"],
                                               samples=sub["samples"], seed=cfg["seed"], layer=layer)
-            control = patching.random_control_sets(n_heads, samples=sub["samples"], seed=cfg["seed"], layer=layer)
+            control = random_control_sets(n_heads, samples=sub["samples"], seed=cfg["seed"], layer=layer)
             names = {s.name for s in drawn}
             sets[layer] = drawn + [s for s in control if s.name not in names]
         meta["subset_seed"] = cfg["seed"]
         meta["n_head_sets"] = {str(k): len(v) for k, v in sets.items()}
-        table = patch_study.run_study_sweep(patcher, prompts, sets, spec, desc="head subsets", **common)
+        table = run_study_sweep(patcher, prompts, sets, spec, desc="head subsets", **common)
     else:
         if pc["operation"] != "patch":
             log.info("the original method only patches; it runs with operation 'patch' beside per-head '%s'", pc["operation"])
         # all / even / odd: the seed's head sets (single heads are in the sweep); two of the three
         # methods here run every position, so this keeps the comparison cheap.
-        sets = {layer: [s for s in patching.named_head_sets(n_heads) if s.family != "single"] for layer in layers}
+        sets = {layer: [s for s in named_head_sets(n_heads) if s.family != "single"] for layer in layers}
         specs = [spec]
         if spec.positions != "aligned":
-            specs.append(patching.PatchSpec(site=HEAD_SITE, positions="aligned", operation=spec.operation))
-        specs.append(patching.ORIGINAL_METHOD)
+            specs.append(PatchSpec(site=HEAD_SITE, positions="aligned", operation=spec.operation))
+        specs.append(ORIGINAL_METHOD)
         with patcher.reusing_records():  # the three methods patch the same targets
             table = pl.concat([
-                patch_study.run_study_sweep(patcher, prompts, sets, s, desc=f"{s.method} ({s.positions})", **common)
+                run_study_sweep(patcher, prompts, sets, s, desc=f"{s.method} ({s.positions})", **common)
                 for s in specs])
         boot = cfg["bootstrap"]
-        summary = patch_summary.summary_table(table, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
+        summary = summary_table(table, n_resamples=boot["n_resamples"], confidence=boot["confidence"],
                                          seed=cfg["seed"])
         shown = summary.filter(pl.col("family") != "single").select(
             "method", "positions", "layer", "head_set", "success_rate", "success_low", "success_high",

@@ -4,14 +4,15 @@ import polars as pl
 import polars.selectors as cs
 import pyarrow as pa
 
-from bugscope import patch_summary, tables
-from bugscope.script import log, run
+from bugscope import tables
+from bugscope.patching.summary import HEAD_SET_COLUMNS, SUMMARY_KEYS, bug_kind_rows, concat_summaries, summary_table
+from bugscope.run.script import log, run
 
-# What the summary reads of the per-prompt rows, one input at a time (bugscope.patch_summary): at
+# What the summary reads of the per-prompt rows, one input at a time (bugscope.patching.summary): at
 # 8B sizes (2.8M rows) the whole table and the summary's work on it would not fit in 2 GB together
 # (tests/test_memory.py). Its strings are read as categoricals (4 bytes a row, cheap to group by);
 # the whole table is read again to be written.
-SUMMARY_INPUT = [*patch_summary.SUMMARY_KEYS, *patch_summary.HEAD_SET_COLUMNS, "prompt_id", "pair_id", "logit_diff",
+SUMMARY_INPUT = [*SUMMARY_KEYS, *HEAD_SET_COLUMNS, "prompt_id", "pair_id", "logit_diff",
                  "baseline_logit_diff", "source_logit_diff"]
 
 
@@ -31,13 +32,13 @@ def main(smk):
         # The unpatched run inside the patching engine must agree with the baseline stage.
         check = max(check, part.unique("prompt_id").join(scores, on="prompt_id", suffix="_scores").select(
             (pl.col("baseline_logit_diff") - pl.col("logit_diff_scores")).abs().max()).item())
-        summaries.append(patch_summary.summary_table(
+        summaries.append(summary_table(
             part, n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=cfg["seed"],
             n_heads=cfg["model"]["num_heads"]).with_columns(cs.categorical().cast(pl.String)))
         metas.append(meta)
         del part, table
     log.info("unpatched logit difference vs baseline stage: max |difference| %.2e", check)
-    summary = patch_summary.concat_summaries(summaries)
+    summary = concat_summaries(summaries)
     focus = next((m for m in metas if "focus_layers" in m), {})
     meta = {k: v for k, v in metas[0].items() if k not in ("layers", "mode", "kind")}
     meta.update(config_hash=smk.params.config_hash, focus_layers=focus.get("focus_layers"),
@@ -49,7 +50,7 @@ def main(smk):
         put(tables.PATCHING_PROMPTS, per_prompt, smk.output.prompts, meta)
         del per_prompt
         put(tables.PATCHING_SUMMARY, summary, smk.output.summary, meta)
-    top = patch_summary.bug_kind_rows(summary).filter(pl.col("family") != "subset").sort("recovery", descending=True)
+    top = bug_kind_rows(summary).filter(pl.col("family") != "subset").sort("recovery", descending=True)
     log.info("top head sets by recovery:\n%s", top.head(10).select(
         "layer", "head_set", "n_eligible", "success_rate", "recovery", "recovery_low", "recovery_high", "broken_rate"))
 

@@ -1,17 +1,20 @@
 """Rule head_set_features: the critical SAE features each even-head set turns on at the focus layers.
 
-Writes the per-prompt counts and their summary (bugscope.head_set_features).
+Writes the per-prompt counts and their summary (bugscope.interventions.head_set_features).
 """
 
 import polars as pl
 
-from bugscope import head_set_features, patch_study, patching, tables
+from bugscope import tables
 from bugscope.config import sae_sets
+from bugscope.focus import resolve_focus_layers
+from bugscope.interventions import head_set_features
 from bugscope.layout import SAE_DIR, per_set
-from bugscope.model import ModelManifest, load_model
-from bugscope.sae import load_sae
-from bugscope.script import log, run
-from bugscope.sites import hook_name
+from bugscope.model.load import ModelManifest, load_model
+from bugscope.model.sites import hook_name
+from bugscope.patching.study import logit_diffs_by_prompt, patcher_from_config
+from bugscope.run.script import log, run
+from bugscope.sae.store import load_sae
 
 
 def main(smk):
@@ -19,8 +22,8 @@ def main(smk):
     manifest = ModelManifest.load(smk.input.manifest)
     prompts = tables.frame(tables.PROMPTS, cfg, smk.input.prompts)
     overlap = tables.frame(tables.FEATURE_OVERLAP, cfg, smk.input.overlap) if "overlap" in smk.input.keys() else None
-    focus, focus_source = patching.resolve_focus_layers(cfg, overlap)
-    unpatched = patch_study.logit_diffs_by_prompt(tables.frame(tables.BASELINE_SCORES, cfg, smk.input.scores))
+    focus, focus_source = resolve_focus_layers(cfg, overlap)
+    unpatched = logit_diffs_by_prompt(tables.frame(tables.BASELINE_SCORES, cfg, smk.input.scores))
     model, tokenizer = load_model(manifest, cfg["device"])
     device = str(next(model.parameters()).device)
     by_name = {s["name"]: s for s in sae_sets(cfg)}
@@ -33,7 +36,7 @@ def main(smk):
             feature_sets[(name, layer)] = sets
             saes[(name, layer)] = load_sae(per_set(SAE_DIR, name, hook=hook_name(layer, by_name[name]["site"])),
                                            device=device)[0]
-    patcher = patch_study.patcher_from_config(model, cfg, tokenizer.pad_token_id)
+    patcher = patcher_from_config(model, cfg, tokenizer.pad_token_id)
     per_prompt, summary = head_set_features.head_set_features(patcher, prompts, focus, cfg, saes=saes,
                                                               sites={n: by_name[n]["site"] for n in smk.params.sae_sets},
                                                               feature_sets=feature_sets, unpatched=unpatched)

@@ -1,8 +1,8 @@
 from bugscope.config import with_sae_set
-from bugscope.model import ModelManifest, pick_device
-from bugscope.sae import check_sae_fits, load_pretrained_sae, save_sae
-from bugscope.script import log, run
-from bugscope.sites import hook_name
+from bugscope.model.load import ModelManifest, pick_device
+from bugscope.model.sites import hook_name
+from bugscope.run.script import log, run
+from bugscope.sae.store import check_sae_fits, load_pretrained_sae, save_sae
 
 
 def main(smk):

@@ -1,7 +1,7 @@
 from bugscope import tables
 from bugscope.config import with_sae_set
-from bugscope.features import run_named
-from bugscope.script import log, run
+from bugscope.features.stages import run_named
+from bugscope.run.script import log, run
 
 
 def main(smk):

@@ -1,13 +1,16 @@
 """Rule original_decomposition: the original procedure in full (generation with the decode-time
 hook, string criterion) and the gap to the per-head decision-logit method, one factor at a time, on
-the same prompts, at the focus layers (bugscope.original_method)."""
+the same prompts, at the focus layers (bugscope.patching.original_method)."""
 
 import time
 
-from bugscope import original_decomposition, patch_study, patching, tables
-from bugscope.head_sets import named_head_sets
-from bugscope.model import ModelManifest, load_model
-from bugscope.script import log, run
+from bugscope import tables
+from bugscope.focus import resolve_focus_layers
+from bugscope.model.load import ModelManifest, load_model
+from bugscope.patching import original_decomposition
+from bugscope.patching.head_sets import named_head_sets
+from bugscope.patching.study import patcher_from_config, spec_from_config
+from bugscope.run.script import log, run
 
 
 def main(smk):
@@ -16,14 +19,14 @@ def main(smk):
     pc, gc = cfg["patching"], cfg["patching"]["original_generation"]
     manifest = ModelManifest.load(smk.input.manifest)
     prompts = tables.frame(tables.PROMPTS, cfg, smk.input.prompts)
-    _, target, source = patch_study.spec_from_config(cfg)
+    _, target, source = spec_from_config(cfg)
     overlap = None
     if "overlap" in smk.input.keys():
         overlap = tables.frame(tables.FEATURE_OVERLAP, cfg, smk.input.overlap)
-    layers, focus_source = patching.resolve_focus_layers(cfg, overlap)
+    layers, focus_source = resolve_focus_layers(cfg, overlap)
     log.info("focus layers %s (from %s)", layers, focus_source)
     model, tokenizer = load_model(manifest, cfg["device"])
-    patcher = patch_study.patcher_from_config(model, cfg, tokenizer.pad_token_id)
+    patcher = patcher_from_config(model, cfg, tokenizer.pad_token_id)
     patcher.progress = False
     sets = [s for s in named_head_sets(manifest.num_heads) if s.family != "single"]
     chat = cfg["prompts"]["formats"][target].get("chat_template", False)

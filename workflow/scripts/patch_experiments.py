@@ -1,10 +1,13 @@
 """Rules head_replacement, head_subsets_exhaustive, residual_map and head_bidirectional: the focus-layer
-patching experiments of bugscope.patch_study (params.mode), per prompt and summarised."""
+patching experiments of bugscope.patching.study (params.mode), per prompt and summarised."""
 
-from bugscope import patch_study, patching, tables
+from bugscope import tables
 from bugscope.config import analysed_layers
-from bugscope.model import ModelManifest, load_model
-from bugscope.script import log, run
+from bugscope.focus import resolve_focus_layers
+from bugscope.model.load import ModelManifest, load_model
+from bugscope.patching import study
+from bugscope.patching.study import listed_pairs, logit_diffs_by_prompt, patcher_from_config
+from bugscope.run.script import log, run
 
 DECLARED = {  # mode -> (per-prompt table, summary table)
     "replacement": (tables.PATCHING_REPLACEMENT_PROMPTS, tables.PATCHING_REPLACEMENT),
@@ -28,7 +31,7 @@ def main(smk):
         overlap = None
         if "overlap" in smk.input.keys():
             overlap = tables.frame(tables.FEATURE_OVERLAP, cfg, smk.input.overlap)
-        layers, focus_source = patching.resolve_focus_layers(cfg, overlap)
+        layers, focus_source = resolve_focus_layers(cfg, overlap)
         meta.update(focus_layers=layers, focus_layer_source=focus_source)
         log.info("focus layers %s (from %s)", layers, focus_source)
 
@@ -36,16 +39,16 @@ def main(smk):
     eligible_by = {}
     if "scores" in smk.input.keys():
         scores = tables.frame(tables.BASELINE_SCORES, cfg, smk.input.scores)
-        eligible_by["unpatched"] = patch_study.logit_diffs_by_prompt(scores)
+        eligible_by["unpatched"] = logit_diffs_by_prompt(scores)
     model, tokenizer = load_model(manifest, cfg["device"])
-    patcher = patch_study.patcher_from_config(model, cfg, tokenizer.pad_token_id)
-    per_prompt, summary = getattr(patch_study, mode)(patcher, prompts, layers, cfg, **eligible_by)
+    patcher = patcher_from_config(model, cfg, tokenizer.pad_token_id)
+    per_prompt, summary = getattr(study, mode)(patcher, prompts, layers, cfg, **eligible_by)
     prompt_table, summary_table = DECLARED[mode]
     with tables.written_together() as put:
         put(prompt_table, per_prompt, smk.output.prompts, meta)
         put(summary_table, summary, smk.output.summary, meta)
         if mode == "bidirectional":
-            listed = patch_study.listed_pairs(per_prompt, prompts, cfg["prompts"]["extra_pairs"])
+            listed = listed_pairs(per_prompt, prompts, cfg["prompts"]["extra_pairs"])
             put(tables.PATCHING_LISTED_PAIRS, listed, smk.output.listed, meta)
     log.info("wrote %d per-prompt rows, %d summary rows", per_prompt.height, summary.height)
 

@@ -1,9 +1,9 @@
 import polars as pl
 
 from bugscope import tables
-from bugscope.corpus import build_corpus_table
-from bugscope.model import ModelManifest, load_tokenizer
-from bugscope.script import log, run
+from bugscope.data.corpus import build_corpus_table
+from bugscope.model.load import ModelManifest, load_tokenizer
+from bugscope.run.script import log, run
 
 
 def main(smk):

@@ -1,5 +1,5 @@
-from bugscope.model import prepare_model
-from bugscope.script import log, run
+from bugscope.model.load import prepare_model
+from bugscope.run.script import log, run
 
 
 def main(smk):

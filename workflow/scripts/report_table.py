@@ -1,9 +1,9 @@
 import polars as pl
 import pyarrow.parquet as pq
 
-from bugscope import report
+from bugscope.claims import report
 from bugscope.io import atomic_path, read_metadata
-from bugscope.script import run
+from bugscope.run.script import run
 
 
 def main(smk):

@@ -4,13 +4,14 @@ import pyarrow as pa
 
 from bugscope import tables
 from bugscope.config import with_sae_set
-from bugscope.corpus import split_ids
-from bugscope.model import ModelManifest, load_model
-from bugscope.prompts import BUG_PAIR_KIND, SINK_POSITION
-from bugscope.sae import ActivationSource, check_sae_fits, load_sae, sae_provenance_meta
-from bugscope.sae_quality import QUALITY_SCHEMA, quality_row, reconstruction_stats, spliced_logit_diffs
-from bugscope.script import log, run
-from bugscope.sites import hook_name
+from bugscope.data.corpus import split_ids
+from bugscope.data.prompts import BUG_PAIR_KIND, SINK_POSITION
+from bugscope.model.load import ModelManifest, load_model
+from bugscope.model.sites import hook_name
+from bugscope.run.script import log, run
+from bugscope.sae.activations import ActivationSource
+from bugscope.sae.quality import QUALITY_SCHEMA, quality_row, reconstruction_stats, spliced_logit_diffs
+from bugscope.sae.store import check_sae_fits, load_sae, sae_provenance_meta
 
 
 def main(smk):

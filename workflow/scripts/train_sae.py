@@ -2,11 +2,13 @@ import torch
 
 from bugscope import tables
 from bugscope.config import with_sae_set
-from bugscope.corpus import split_ids
-from bugscope.model import ModelManifest, pick_device
-from bugscope.sae import ActivationSource, LayerTraining, check_sae_fits, save_sae, train_layers
-from bugscope.script import log, run
-from bugscope.sites import hook_name
+from bugscope.data.corpus import split_ids
+from bugscope.model.load import ModelManifest, pick_device
+from bugscope.model.sites import hook_name
+from bugscope.run.script import log, run
+from bugscope.sae.activations import ActivationSource
+from bugscope.sae.store import check_sae_fits, save_sae
+from bugscope.sae.train import LayerTraining, train_layers
 from bugscope.stats import layer_seed
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import polars as pl
 from scipy import stats as sps
 
+from bugscope.data.prompts import is_selection_pair
 from bugscope.features.values import dense_matrix
-from bugscope.prompts import is_selection_pair
 
 log = logging.getLogger("bugscope.features")
 

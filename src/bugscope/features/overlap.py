@@ -1,5 +1,5 @@
 """Overlap of the top-k feature sets of the two formats, per prompt pair and pooled, summarised per
-layer with cluster-bootstrap CIs and beside the same-format chance levels (bugscope.features.baselines).
+layer with cluster-bootstrap CIs and beside the same-format chance levels (bugscope.features.chance).
 
 Definitions (also in config/README.md):
 - shared / buggy_only / correct_only: sizes of the intersection and of the two differences of the
@@ -27,9 +27,8 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from bugscope.config import ConfigError
+from bugscope.data.prompts import is_selection_pair
 from bugscope.features.values import top_k
-from bugscope.prompts import is_selection_pair
 from bugscope.stats import _interval, cluster_resample_weights, cluster_resampled_means
 
 # The seed's amplification estimator (biased above 1 under the null), kept for the original study.
@@ -115,7 +114,7 @@ def middle_layers(layers: Sequence[int], num_layers: int, fraction: Sequence[flo
     return [layer for layer in layers if lo * num_layers <= layer <= hi * num_layers]
 
 
-# The chance baselines (bugscope.features.baselines), `variant` of their summary rows.
+# The chance baselines (bugscope.features.chance), `variant` of their summary rows.
 COMPARISONS = ("same_format_different_question", "same_format_swapped_order")
 # Statistics averaged on the log scale (a geometric mean): the interval is exp of the log one.
 LOG_STATS = ("amplification_geomean",)
@@ -176,7 +175,7 @@ def summarise_overlap(per_pair: pl.DataFrame, pooled: pl.DataFrame, *, k: int, n
     resamples in which a layer has the smallest mean overlap) and `argmax_middle_frequency` (the
     same for the largest among the middle layers) say how certain the two marks are, and the
     beyond-baseline columns (`format_effect_pct`, `amplification_excess`) are differences taken
-    within each resample. `baselines` (`bugscope.features.baselines.baseline_overlap` rows of every
+    within each resample. `baselines` (`bugscope.features.chance.baseline_overlap` rows of every
     layer) adds the rows of the two same-format comparisons, per format and for both formats.
 
     The `per_pair_heldout` rows (see the module docstring) are the per_pair statistics of the odd
@@ -266,7 +265,7 @@ def _heldout_rows(per_pair: pl.DataFrame, heldout_baselines: pl.DataFrame | None
         return None
     if heldout_baselines is not None and heldout_baselines.filter(is_selection_pair(pl.col("pair_id"))).height:
         raise ValueError("heldout_baselines hold a selection pair (even pair_id): build them from the odd pairs only "
-                         "(bugscope.features.baselines.baseline_couples of the held-out pairs).")
+                         "(bugscope.features.chance.baseline_couples of the held-out pairs).")
     # The mean overlap of the selection half, per layer, in the order of `layers` (no null overlap_pct).
     means = chosen.group_by("layer").agg(pl.col("overlap_pct").cast(pl.Float64).mean())
     selection_mean = np.array([means.filter(pl.col("layer") == la)["overlap_pct"].item() for la in layers])
@@ -328,35 +327,3 @@ SUMMARY_COLUMNS = ["layer", "variant", "format", "k", "n_pairs", "n_number_pairs
                    "is_max_overlap_middle", *[c for s in OVERLAP_STATS for c in (s, f"{s}_low", f"{s}_high")],
                    "n_pairs_amplification", "argmin_frequency", "argmax_middle_frequency",
                    *[c for s in BEYOND_BASELINE for c in (s, f"{s}_low", f"{s}_high")]]
-
-
-def resolve_focus_layers(config: dict, overlap: pl.DataFrame | None) -> tuple[list[int], str]:
-    """(focus layers, where they came from): the one place that decides them.
-
-    The config's list; or, for "auto", the overlap table's max-overlap middle layer; or, for "auto"
-    without an overlap stage, the model's middle layer.
-    """
-    n = config["model"]["num_layers"]
-    if config["focus_layers"] != "auto":
-        layers, source = sorted(config["focus_layers"]), "config"
-    elif overlap is not None:
-        # The all-pairs mark: the focus is where patching and attribution measure, separate
-        # measurements; the ledger's claims on the marked layer's overlap read per_pair_heldout.
-        layers = overlap.filter(pl.col("variant") == "per_pair", pl.col("is_max_overlap_middle"))["layer"].to_list()
-        if not layers:
-            raise ValueError(
-                "focus_layers is 'auto' but no analysed layer lies among the middle layers "
-                "(features.overlap.middle_fraction): list focus_layers explicitly or analyse more layers.")
-        source = "overlap"
-    else:
-        layers, source = [n // 2], "fallback_middle_layer"
-    for layer in layers:
-        if not 0 <= layer < n:
-            raise ConfigError(f"Focus layer {layer} is outside the model, which has layers 0..{n - 1}. "
-                              "Fix 'focus_layers' in the config (or model.num_layers if the model changed).")
-    return layers, source
-
-
-def focus_layers(config: dict, overlap: pl.DataFrame | None = None) -> list[int]:
-    """The focus layers of `resolve_focus_layers`."""
-    return resolve_focus_layers(config, overlap)[0]

@@ -8,7 +8,9 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from bugscope.features.pages import NEURONPEDIA_URL, ROLES
+# Token roles, in the order the pages list them (bugscope.features.pages assigns them).
+ROLES = ("number", "decimal_point", "comparison", "format", "answer", "other")
+NEURONPEDIA_URL = "https://www.neuronpedia.org/{neuronpedia_id}/{feature_id}"
 
 # --- the HTML pages ----------------------------------------------------------------------------------
 

@@ -29,18 +29,17 @@ from typing import Iterable, Sequence
 import numpy as np
 import polars as pl
 
-from bugscope.prompts import is_selection_pair
+from bugscope.data.prompts import is_selection_pair
+from bugscope.features.page_html import render_index, render_page
 from bugscope.stats import cluster_bootstrap_mean_ci_columns
 
 log = logging.getLogger("bugscope.features")
 
 SINK_ROLE = "sink"  # position 0, the attention sink: never in the tables
-ROLES = ("number", "decimal_point", "comparison", "format", "answer", "other")
 COMPARISON_WORDS = ("bigger", "larger", "greater", "smaller", "higher", "lower", "more", "less")
 PAIR_SPLITS = ("all", "heldout")  # heldout: the odd pair ids (the even ones rank buggy_vs_correct_heldout)
 # The rankings of the discriminative table a page shows (the split one is what the claims read).
 RANKINGS = ("buggy_vs_correct", "buggy_vs_correct_heldout")
-NEURONPEDIA_URL = "https://www.neuronpedia.org/{neuronpedia_id}/{feature_id}"
 
 
 # --- token roles ------------------------------------------------------------------------------------
@@ -103,10 +102,10 @@ def token_roles(offsets: Sequence[tuple[int, int]], text: str, question: str, nu
 def prompt_tokens(prompts: pl.DataFrame, config: dict, tokenizer) -> pl.DataFrame:
     """(prompt_id, position, format, pair_id, role, token) of every token of `prompts` but the sink.
 
-    The offsets come from tokenizing the prompt as bugscope.prompts did (text + answer prefix +
+    The offsets come from tokenizing the prompt as bugscope.data.prompts did (text + answer prefix +
     correct answer), checked to give the prompt table's input_ids.
     """
-    from bugscope.prompts import render
+    from bugscope.data.prompts import render
 
     pcfg = config["prompts"]
     rows = {k: [] for k in ("prompt_id", "position", "format", "pair_id", "role", "token")}
@@ -217,7 +216,8 @@ def corpus_top_contexts(sae, activations_path, feature_ids: Iterable[int], *, n:
                         batch_size: int = 4096) -> TopContexts:
     """Encode one layer's cached corpus activations with `sae`, one row group at a time, keeping
     the top `n` contexts of each of `feature_ids` (corpus sequences in `exclude_ids` are skipped)."""
-    from bugscope.sae import ActivationSource, encode_sparse, iter_activations
+    from bugscope.sae.activations import ActivationSource, iter_activations
+    from bugscope.sae.encode import encode_sparse
 
     top = TopContexts(feature_ids, n)
     excluded = np.asarray(sorted(set(int(i) for i in exclude_ids)), dtype=np.int64)
@@ -343,7 +343,7 @@ def token_table(acts: pl.DataFrame, tokens: pl.DataFrame, selections: pl.DataFra
 def neuronpedia_id(provenance: dict) -> tuple[str | None, str]:
     """(the Neuronpedia id of an SAE, or None with the reason): SAE-Lens's directory entry of its
     release and id; SAEs trained here have none."""
-    from bugscope.sae_directory import release_saes
+    from bugscope.sae.directory import release_saes
 
     release, sae_id = provenance.get("release"), provenance.get("sae_id")
     if provenance.get("source") == "train" or not release:
@@ -372,12 +372,11 @@ def run_pages(config: dict, tokenizer, *, prompts_path, corpus_path, discriminat
     (`config["sae_set"]`, bugscope.config.with_sae_set); `overlap`: the primary set's overlap table
     (None: focus_layers is a list) for the focus layers."""
     from bugscope import tables
+    from bugscope.data.prompts import BUG_PAIR_KIND
     from bugscope.features.named import named_feature_ids
-    from bugscope.features.overlap import resolve_focus_layers
-    from bugscope.features.page_html import render_index, render_page
-    from bugscope.prompts import BUG_PAIR_KIND
-    from bugscope.sae import load_sae
-    from bugscope.sites import hook_name
+    from bugscope.focus import resolve_focus_layers
+    from bugscope.model.sites import hook_name
+    from bugscope.sae.store import load_sae
     from bugscope.stats import derived_seed
 
     s, pcfg, pages_cfg, boot = config["sae_set"], config["prompts"], config["feature_pages"], config["bootstrap"]
@@ -474,8 +473,8 @@ CONTEXT_SCHEMA = {"layer": pl.Int32, "feature_id": pl.Int32, "rank": pl.Int32, "
 
 
 def _cached_tokens(tokens: pl.DataFrame, prompts: pl.DataFrame, mode: str) -> pl.DataFrame:
-    """The rows of `tokens` at the positions the prompt cache holds (bugscope.cache.positions_for)."""
-    from bugscope.cache import positions_for
+    """The rows of `tokens` at the positions the prompt cache holds (bugscope.model.cache.positions_for)."""
+    from bugscope.model.cache import positions_for
 
     rows = [(r["prompt_id"], p) for r in prompts.select("prompt_id", "input_ids", "decision_pos", "aligned_positions",
                                                           "prompt_last_pos").iter_rows(named=True)

@@ -8,12 +8,12 @@ import numpy as np
 import polars as pl
 
 from bugscope import tables
-from bugscope.features.baselines import baseline_couples, baseline_overlap
+from bugscope.data.prompts import BUG_PAIR_KIND, is_selection_pair
+from bugscope.features.chance import baseline_couples, baseline_overlap
 from bugscope.features.discriminative import discriminative_features
 from bugscope.features.named import NAMED_SCHEMA, named_feature_ids, named_features
 from bugscope.features.overlap import pair_overlap, pooled_overlap, summarise_overlap
 from bugscope.features.values import position_weights, prompt_pairs, prompt_values
-from bugscope.prompts import BUG_PAIR_KIND, is_selection_pair
 from bugscope.stats import derived_seed
 
 log = logging.getLogger("bugscope.features")
@@ -147,15 +147,15 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
     # Imported here: the other stages, light jobs, never load torch or SAE-Lens.
     from sae_lens import SAE
 
-    from bugscope.attribution import (
+    from bugscope.features.attribution import (
         attribute_layer,
         attribution_features,
         capture_decision,
         parity_rows,
         summarise_attribution,
     )
-    from bugscope.model import pick_device
-    from bugscope.sites import hook_name
+    from bugscope.model.load import pick_device
+    from bugscope.model.sites import hook_name
 
     fcfg, pcfg = config["features"], config["prompts"]
     buggy, correct = pcfg["buggy_format"], pcfg["correct_format"]

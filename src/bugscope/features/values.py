@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from bugscope.prompts import SINK_POSITION
+from bugscope.data.prompts import SINK_POSITION
 
 POSITION_MODES = ("decision", "aligned_mean", "prompt_last")
 

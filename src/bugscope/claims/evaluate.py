@@ -1,0 +1,470 @@
+"""The claims ledger: every quantitative claim of the seed study, checked against the measured tables.
+
+`config/claims.yaml` lists the claims. Each claim has one or more *forms*, tried in order: the
+`literal` form tests the seed's statement as written (its layer numbers and feature ids, so it
+usually `requires_model` Llama-3.1-8B); an `agnostic` form tests what the claim means on any model
+("a middle layer of maximum overlap between two layers of low overlap"). The first form that can be
+tested decides the verdict:
+
+- `holds`: every check of the form passes;
+- `fails`: a check does not pass;
+- `not testable here`: no form can be tested (the model is not the one the ids belong to, a table
+  was not produced, no row matches, the metric is null); `detail` says why, form by form.
+
+A check selects rows of one table (`where`), reduces them to one row (`aggregate`), reads `metric`
+(a column, or `a / b` for the ratio of two columns) and applies one test:
+
+    near: {target, tolerance}     |value - target| <= tolerance (target defaults to study_value)
+    range: [low, high]            low <= value <= high
+    at_least: x / at_most: x      value >= x / value <= x
+    below: {where: {...}}         value < the same metric on the row the inner `where` selects
+    above: {where: {...}, ci: b}  value > the same metric on every row the inner `where` selects;
+                                  with `ci: true` the selected row's CI lies entirely above all of
+                                  theirs (its lower bound above the highest of their upper bounds)
+    local_max: true               the selected layer's CI lies above the CI of some earlier and
+                                  some later layer (feature_overlap rows)
+
+`also: {column: {at_most/at_least/above/below: x}}` adds a condition on other columns of the
+selected row (e.g. a p-value, or a CI bound: `{format_effect_pct_low: {above: 0}}`; above / below
+are strict). `beside: [columns]` reports other columns of the selected row (with their `_low` /
+`_high` interval where the table has one) in `detail` without testing them: an overlap is shown
+with its same-format chance level. Decisions use point estimates unless a check tests a CI bound;
+each row reports the interval and n beside them.
+
+`where` values: a scalar (equality), a list (membership), `{not: v}`, `{between: [a, b]}`,
+`{depth: f}` (the layer round(f * (num_layers - 1)): a layer at the same relative depth as the
+seed's), `{after: <bool column>, by: n}` (the analysed layer n places after the row marked by that
+column), and the tokens `$focus` (the focus layers), `$buggy_format`, `$correct_format`,
+`$half_even_heads` / `$quarter_even_heads` (half / a quarter of the even heads: 8 / 4 of Llama's 16).
+A list in `where` (feature ids, `$focus`) must be matched in full: a check whose listed values are
+not all in the table is not testable, never scored on the ones present. Correlation claims are
+signed ("tied to the even heads" is r < 0 with odd = 1); an aggregate ending in `_abs` tests the
+absolute value, which no such claim may use.
+Unless a check names them, `pair_kind` and `order` select the bug's kind with both orders pooled
+(`DEFAULT_WHERE`).
+
+SAE sets: the feature tables and the SAE quality table hold one set's rows per `sae_set`. A form
+reads the primary set (the first of `sae.sets`) unless it declares `requires_sae: {release, site}`
+(the seed's feature ids belong to Llama Scope's MLP-output SAEs): it then reads the set with that
+release and site, and is not testable on a run without one. An agnostic form is also evaluated on
+every other set: `agrees_across_sae_sets` says whether its verdict is the same there (null with one
+set, or where no other set could test it).
+
+A claim on a selected item (a marked layer, a top-ranked feature, the most correlated feature) is
+tested on data that did not select it, which the ledger says in the form's description: marks and
+ranks chosen on the even pair ids and statistics of the odd ones (feature_overlap rows of variant
+per_pair_heldout, discriminative heldout_* columns), or a familywise p (head_parity).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import polars as pl
+
+from bugscope.claims.spec import (
+    TABLES,
+    LedgerError,
+    metric_columns,
+)
+from bugscope.data.prompts import ALL, BUG_PAIR_KIND
+
+VERDICTS = ("holds", "fails", "not testable here")
+
+
+# Rows a check selects unless its `where` names the column: the bug's pair kind with both question
+# orders pooled (the control kinds and the single orders are separate rows of these tables).
+DEFAULT_WHERE: dict[str, dict] = {
+    "baseline_accuracy": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "head_patching": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "head_replacement": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "head_subsets_exhaustive": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "residual_map": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "head_bidirectional": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "interventions": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+}
+
+
+def _where(table: str, where: Mapping | None, df: pl.DataFrame, sae_set: str | None = None) -> dict:
+    defaults = {k: v for k, v in DEFAULT_WHERE.get(table, {}).items() if k in df.columns}
+    if sae_set is not None and "sae_set" in df.columns:
+        defaults["sae_set"] = sae_set
+    return {**defaults, **(where or {})}
+
+
+# Where a claim comes from: the seed document, or the published paper (arXiv 2508.19414) and its code.
+SOURCES = ("seed document", "paper")
+RESULT_SCHEMA = {
+    "claim_id": pl.String, "source": pl.String, "section": pl.String, "claim": pl.String, "study_value": pl.String,
+    "verdict": pl.String, "form": pl.String, "form_tested": pl.String, "table": pl.String, "metric": pl.String,
+    "rule": pl.String, "selected": pl.String, "measured": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
+    "n": pl.Int64, "sae_set": pl.String, "agrees_across_sae_sets": pl.Boolean, "detail": pl.String,
+}
+
+
+class NotTestable(Exception):
+    """This form cannot be tested on these tables; the message says why."""
+
+
+@dataclass
+class Context:
+    """What the ledger needs from the run: the model, the formats and the focus layers."""
+
+    model_name: str
+    model_checkpoint: str
+    num_layers: int
+    num_heads: int
+    buggy_format: str
+    correct_format: str
+    focus: list[int] | None  # None: unresolved (focus_layers auto and no overlap table)
+    sae_sets: tuple[dict, ...] = ({"name": "main", "source": "train", "release": None, "site": "resid_post"},)
+
+    @classmethod
+    def from_config(cls, config: Mapping, focus: list[int] | None) -> "Context":
+        sets = tuple({k: s[k] for k in ("name", "source", "release", "site")} for s in config["sae"]["sets"])
+        return cls(config["model"]["name"], config["model"]["checkpoint"], config["model"]["num_layers"],
+                   config["model"]["num_heads"], config["prompts"]["buggy_format"], config["prompts"]["correct_format"],
+                   focus, sets)
+
+    def sae_set_for(self, form: Mapping) -> str:
+        """The SAE set a form reads: the one its `requires_sae` names (release and site), else the primary."""
+        wanted = form.get("requires_sae")
+        if not wanted:
+            return self.sae_sets[0]["name"]
+        for s in self.sae_sets:
+            if s["release"] == wanted["release"] and s["site"] == wanted["site"]:
+                return s["name"]
+        have = ", ".join(f"{s['name']} ({s['release'] or 'trained here'}, {s['site']})" for s in self.sae_sets)
+        raise NotTestable(f"its feature ids belong to the SAEs {wanted['release']} at {wanted['site']}; this run's "
+                          f"SAE sets are {have}")
+
+    def is_model(self, wanted: str) -> bool:
+        norm = lambda s: "".join(ch for ch in s.lower() if ch.isalnum())  # noqa: E731
+        return norm(wanted) in norm(self.model_name) or norm(wanted) in norm(self.model_checkpoint)
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+def _resolve(value: Any, ctx: Context) -> Any:
+    if isinstance(value, str) and value.startswith("$"):
+        if value == "$buggy_format":
+            return ctx.buggy_format
+        if value == "$correct_format":
+            return ctx.correct_format
+        if value == "$focus":
+            if ctx.focus is None:
+                raise NotTestable("the focus layer is unresolved (focus_layers auto and no overlap table)")
+            return list(ctx.focus)
+        if value == "$half_even_heads":
+            return (ctx.num_heads + 1) // 2 // 2
+        if value == "$quarter_even_heads":
+            return max(1, (ctx.num_heads + 1) // 2 // 4)
+        raise LedgerError(f"unknown token {value!r}; expected $focus, $buggy_format, $correct_format, "
+                          "$half_even_heads or $quarter_even_heads.")
+    return value
+
+
+def select(df: pl.DataFrame, where: Mapping[str, Any], ctx: Context) -> pl.DataFrame:
+    """Rows of `df` matching `where` (see the module docstring); `after` marks are applied last."""
+    later = {}
+    for col, raw in where.items():
+        if col not in df.columns:
+            raise LedgerError(f"column {col!r} is not in the table (columns: {', '.join(df.columns)}).")
+        if isinstance(raw, dict) and "after" in raw:
+            later[col] = raw
+            continue
+        if isinstance(raw, dict) and "not" in raw:
+            v = _resolve(raw["not"], ctx)
+            cond = ~pl.col(col).is_in(v) if isinstance(v, list) else pl.col(col) != v
+        elif isinstance(raw, dict) and "between" in raw:
+            lo, hi = raw["between"]
+            cond = pl.col(col).is_between(lo, hi)
+        elif isinstance(raw, dict) and "depth" in raw:
+            cond = pl.col(col) == round(float(raw["depth"]) * (ctx.num_layers - 1))
+        else:
+            v = _resolve(raw, ctx)
+            cond = pl.col(col).is_in(v) if isinstance(v, list) else pl.col(col) == v
+        df = df.filter(cond)
+    for col, raw in later.items():
+        mark, by = raw["after"], int(raw.get("by", 1))
+        ordered = df.sort(col)
+        marked = ordered.with_row_index("_i").filter(pl.col(mark))
+        if marked.height != 1:
+            raise NotTestable(f"expected one row marked {mark}, found {marked.height}")
+        i = int(marked["_i"][0]) + by
+        if not 0 <= i < ordered.height:
+            raise NotTestable(f"no analysed {col} {by} place(s) after the one marked {mark}")
+        df = ordered.slice(i, 1)
+    return df
+
+
+def _require_every_listed_value(sel: pl.DataFrame, where: Mapping[str, Any], ctx: Context, name: str) -> None:
+    """A check on listed items (feature ids, layers) is tested on all of them or not at all: scored
+    on the subset that happens to be present, it would pass more easily."""
+    for col, raw in where.items():
+        v = _resolve(raw, ctx) if not isinstance(raw, dict) else None
+        if isinstance(v, list):
+            missing = sorted(set(v) - set(sel[col].to_list()))
+            if missing:
+                raise NotTestable(f"{col} {missing} of the claim's {v} are not in {name}")
+
+
+def _values(df: pl.DataFrame, metric: str) -> pl.Series:
+    cols = metric_columns(metric)
+    for c in cols:
+        if c not in df.columns:
+            raise LedgerError(f"metric column {c!r} is not in the table (columns: {', '.join(df.columns)}).")
+    if len(cols) == 1:
+        return df[cols[0]].cast(pl.Float64)
+    if len(cols) == 2:
+        a, b = df[cols[0]].cast(pl.Float64), df[cols[1]].cast(pl.Float64)
+        return pl.Series([x / y if (x is not None and y not in (None, 0)) else None for x, y in zip(a, b)],
+                         dtype=pl.Float64)
+    raise LedgerError(f"metric {metric!r}: expected a column or 'a / b'.")
+
+
+def _pick(df: pl.DataFrame, values: pl.Series, aggregate: str) -> int:
+    """Row index chosen by the aggregate among rows with a finite metric."""
+    ok = [i for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+    if not ok:
+        raise NotTestable("the metric is null on every selected row")
+    if aggregate == "single":
+        if df.height != 1:
+            raise LedgerError(f"the selection matches {df.height} rows where one was expected; narrow 'where' "
+                              "or give an aggregate (min, max, max_abs, min_abs).")
+        return 0
+    key = {"min": lambda i: values[i], "max": lambda i: -values[i],
+           "max_abs": lambda i: -abs(values[i]), "min_abs": lambda i: abs(values[i])}[aggregate]
+    return min(ok, key=key)
+
+
+def _ci(df: pl.DataFrame, row: int, check: dict, value: float) -> tuple[float | None, float | None]:
+    metric = check["metric"]
+    names = check.get("ci") or [f"{metric}_low", f"{metric}_high"]
+    if "/" in metric or not all(n in df.columns for n in names):
+        return None, None
+    lo, hi = df[names[0]][row], df[names[1]][row]
+    if check.get("aggregate", "").endswith("_abs") and value < 0 and lo is not None and hi is not None:
+        lo, hi = -hi, -lo
+    return lo, hi
+
+
+ALSO_OPS = {"at_most": lambda v, x: v <= x, "at_least": lambda v, x: v >= x,
+            "above": lambda v, x: v > x, "below": lambda v, x: v < x}
+
+
+def _beside(df: pl.DataFrame, row: int, col: str) -> str:
+    """'col=v [low, high]' of the selected row, for `beside` (not tested)."""
+    if col not in df.columns:
+        raise LedgerError(f"beside: column {col!r} is not in the table (columns: {', '.join(df.columns)}).")
+    v = df[col][row]
+    lo, hi = (df[f"{col}_{b}"][row] if f"{col}_{b}" in df.columns else None for b in ("low", "high"))
+    ci = f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""
+    return f"{col}={v:.3g}{ci}" if v is not None else f"{col}=null"
+
+
+def _describe_row(df: pl.DataFrame, row: int, where: Mapping) -> str:
+    keys = [k for k in ("layer", "feature_id", "head_set", "setting") if k in df.columns]
+    keys += [k for k, v in where.items() if k in df.columns and k not in keys and not k.startswith("is_")
+             and not isinstance(v, (dict, list))]
+    return ", ".join(f"{k}={df[k][row]}" for k in keys if df[k][row] is not None)
+
+
+def _rule_text(check: dict, study_value) -> str:
+    m = check["metric"]
+    if check.get("aggregate", "single") != "single":
+        m = f"{check['aggregate']}({m})"
+    if "near" in check:
+        t = check["near"].get("target", study_value)
+        return f"|{m} - {t}| <= {check['near']['tolerance']}"
+    if "range" in check:
+        return f"{check['range'][0]} <= {m} <= {check['range'][1]}"
+    if "at_least" in check:
+        return f"{m} >= {check['at_least']}"
+    if "at_most" in check:
+        return f"{m} <= {check['at_most']}"
+    if "below" in check:
+        return f"{m} < {check['metric']} at {check['below']['where']}"
+    if "above" in check:
+        if check["above"].get("ci"):
+            return f"CI of {m} above the CI of {check['metric']} at every row of {check['above']['where']}"
+        return f"{m} > {check['metric']} at every row of {check['above']['where']}"
+    return f"{m}: CI above the CI of an earlier and a later layer"
+
+
+def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context, study_value,
+              sae_set: str | None = None) -> dict:
+    """Evaluate one check on the rows of SAE set `sae_set` (default: the primary set):
+    {'ok', 'value', 'low', 'high', 'n', 'selected', 'note'}; raises NotTestable."""
+    name = check["table"]
+    df = tables.get(name)
+    if df is None:
+        raise NotTestable(f"table {name} was not produced by this workflow (its stage is missing or did not run)")
+    sae_set = sae_set or ctx.sae_sets[0]["name"]
+    if "sae_set" in df.columns and sae_set not in df["sae_set"].unique().to_list():
+        raise NotTestable(f"table {name} has no rows of SAE set {sae_set} (this stage does not run on its site)")
+    where = _where(name, check.get("where"), df, sae_set)
+    sel = select(df, where, ctx)
+    if sel.height == 0:
+        raise NotTestable(f"no row of {name} matches {dict(where)}")
+    _require_every_listed_value(sel, where, ctx, name)
+    values = _values(sel, check["metric"])
+    row = _pick(sel, values, check.get("aggregate", "single"))
+    value = float(values[row])
+    low, high = _ci(sel, row, check, value)
+    if check.get("aggregate", "single").endswith("_abs"):
+        value = abs(value)
+    spec = TABLES[name]
+    n = int(sel[spec.n_column][row]) if spec.n_column and sel[spec.n_column][row] is not None else None
+    if n is None and name == "baseline_scores":
+        n = 1
+    note = ""
+    if "near" in check:
+        target = float(check["near"].get("target", study_value))
+        ok = abs(value - target) <= float(check["near"]["tolerance"])
+    elif "range" in check:
+        ok = check["range"][0] <= value <= check["range"][1]
+    elif "at_least" in check:
+        ok = value >= check["at_least"]
+    elif "at_most" in check:
+        ok = value <= check["at_most"]
+    elif "below" in check:
+        other = select(df, _where(name, check["below"]["where"], df, sae_set), ctx)
+        if other.height != 1:
+            raise NotTestable(f"the comparison row {check['below']['where']} matches {other.height} rows of {name}")
+        ref = _values(other, check["metric"])[0]
+        if ref is None:
+            raise NotTestable("the comparison row's metric is null")
+        ok = value < ref
+        note = f"compared with {ref:.4g} at {_describe_row(other, 0, check['below']['where'])}"
+    elif "above" in check:
+        other = select(df, _where(name, check["above"]["where"], df, sae_set), ctx)
+        if other.height == 0:
+            raise NotTestable(f"no row of {name} matches the comparison {check['above']['where']}")
+        ref_values = _values(other, check["metric"])
+        if check["above"].get("ci"):
+            lo_col, hi_col = check.get("ci") or [f"{check['metric']}_low", f"{check['metric']}_high"]
+            if low is None or hi_col not in other.columns:
+                raise NotTestable("above with ci: true needs a CI on the selected and the comparison rows")
+            highs = [h for h in other[hi_col].to_list() if h is not None and math.isfinite(h)]
+            if not highs:
+                raise NotTestable("the comparison rows have no CI")
+            i = max(range(other.height), key=lambda j: -math.inf if other[hi_col][j] is None
+                    or not math.isfinite(other[hi_col][j]) else other[hi_col][j])
+            ok = low > max(highs)
+            note = (f"CI [{low:.3g}, {high:.3g}] vs highest comparison CI [{other[lo_col][i]:.3g}, {max(highs):.3g}] "
+                    f"at {_describe_row(other, i, check['above']['where'])} ({other.height} comparison rows)")
+        else:
+            finite = [j for j, v in enumerate(ref_values) if v is not None and math.isfinite(v)]
+            if not finite:
+                raise NotTestable("the comparison rows' metric is null")
+            i = max(finite, key=lambda j: ref_values[j])
+            ok = value > ref_values[i]
+            note = (f"compared with the highest of {other.height} comparison rows, {ref_values[i]:.4g} at "
+                    f"{_describe_row(other, i, check['above']['where'])}")
+    else:  # local_max over the layers of the same variant
+        lo_col, hi_col = check.get("ci") or [f"{check['metric']}_low", f"{check['metric']}_high"]
+        layer = sel["layer"][row]
+        rest = select(df, {k: v for k, v in where.items() if k != "layer" and not isinstance(v, dict)
+                           and not (k.startswith("is_") and v is True)}, ctx)
+        if low is None:
+            raise NotTestable("local_max needs a CI on the selected row")
+        earlier = rest.filter(pl.col("layer") < layer, pl.col(hi_col) < low)["layer"].to_list()
+        later = rest.filter(pl.col("layer") > layer, pl.col(hi_col) < low)["layer"].to_list()
+        ok = bool(earlier) and bool(later)
+        note = (f"lower layers (CI entirely below): before {earlier or 'none'}, after {later or 'none'}")
+    for col, cond in check.get("also", {}).items():
+        v = sel[col][row]
+        if v is None:
+            raise NotTestable(f"{col} is null on the selected row")
+        for op, x in cond.items():
+            if op not in ALSO_OPS:
+                raise LedgerError(f"also: {col}: {op!r} is not one of {', '.join(ALSO_OPS)}.")
+            ok = ok and ALSO_OPS[op](v, x)
+            note = (note + "; " if note else "") + f"{col}={v:.3g} ({op} {x})"
+    for col in check.get("beside", []):
+        note = (note + "; " if note else "") + f"beside: {_beside(sel, row, col)}"
+    return {"ok": bool(ok), "value": value, "low": low, "high": high, "n": n,
+            "selected": _describe_row(sel, row, where), "note": note}
+
+
+def evaluate_claim(claim: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context) -> dict:
+    """One ledger row: the verdict of the first testable form, or why no form could be tested."""
+    reasons = []
+    base = {"claim_id": claim["id"], "source": claim.get("source", SOURCES[0]), "section": claim["section"],
+            "claim": claim["claim"].strip(),
+            "study_value": str(claim["study_value"])}
+    for form in claim["forms"]:
+        kind = form["form"]
+        try:
+            if "requires_model" in form and not ctx.is_model(form["requires_model"]):
+                raise NotTestable(f"its feature ids/layers belong to {form['requires_model']}; this run is {ctx.model_name}")
+            sae_set = ctx.sae_set_for(form)
+            results = [run_check(c, tables, ctx, claim["study_value"], sae_set) for c in form["checks"]]
+        except NotTestable as why:
+            reasons.append(f"{kind}: {why}")
+            continue
+        first, check = results[0], form["checks"][0]
+        verdict = "holds" if all(r["ok"] for r in results) else "fails"
+        per_set = any(_per_set(tables.get(c["table"])) for c in form["checks"])
+        others = _other_set_verdicts(form, tables, ctx, claim["study_value"], sae_set) if per_set else {}
+        notes = [r["note"] for r in results if r["note"]]
+        notes += [f"check {i + 1}: {_rule_text(c, claim['study_value'])} -> {r['value']:.4g} at {r['selected']} "
+                  f"({'pass' if r['ok'] else 'fail'})" for i, (c, r) in enumerate(zip(form["checks"], results)) if i > 0]
+        if others:
+            notes.append("on the other SAE sets: " + ", ".join(f"{name}: {v}" for name, v in others.items()))
+        tested = [v for v in others.values() if v in ("holds", "fails")]
+        return {**base, "verdict": verdict, "form": kind,
+                "form_tested": form["description"].strip(),
+                "table": ", ".join(dict.fromkeys(c["table"] for c in form["checks"])), "metric": check["metric"],
+                "rule": "; ".join(_rule_text(c, claim["study_value"]) for c in form["checks"]),
+                "selected": first["selected"], "measured": first["value"], "ci_low": first["low"],
+                "ci_high": first["high"], "n": first["n"],
+                "sae_set": sae_set if per_set else None,
+                "agrees_across_sae_sets": all(v == verdict for v in tested) if tested else None,
+                "detail": "; ".join([*reasons, *notes])}
+    return {**base, "verdict": "not testable here", "form": None, "form_tested": None,
+            "table": ", ".join(dict.fromkeys(c["table"] for f in claim["forms"] for c in f["checks"])),
+            "metric": claim["forms"][0]["checks"][0]["metric"], "rule": None, "selected": None, "measured": None,
+            "ci_low": None, "ci_high": None, "n": None, "sae_set": None, "agrees_across_sae_sets": None,
+            "detail": "; ".join(reasons)}
+
+
+def _other_set_verdicts(form: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context, study_value,
+                        tested_on: str) -> dict[str, str]:
+    """An agnostic form's verdict on every other SAE set ("does it hold with other SAEs?"); a literal
+    form is about one set's feature ids, so it has none."""
+    if form["form"] != "agnostic":
+        return {}
+    out = {}
+    for s in ctx.sae_sets:
+        if s["name"] == tested_on:
+            continue
+        try:
+            ok = all(run_check(c, tables, ctx, study_value, s["name"])["ok"] for c in form["checks"])
+            out[s["name"]] = "holds" if ok else "fails"
+        except NotTestable:
+            out[s["name"]] = "not testable"
+    return out
+
+
+def _per_set(df: pl.DataFrame | None) -> bool:
+    return df is not None and "sae_set" in df.columns
+
+
+def evaluate(claims: list[dict], tables: Mapping[str, pl.DataFrame | None], ctx: Context) -> pl.DataFrame:
+    rows = [evaluate_claim(c, tables, ctx) for c in claims]
+    return pl.DataFrame(rows, schema=RESULT_SCHEMA)
+
+
+def prepare_tables(raw: Mapping[str, pl.DataFrame], prompts: pl.DataFrame | None) -> dict[str, pl.DataFrame]:
+    """Tables as the ledger reads them: baseline scores gain the prompt's numbers (`correct`, `wrong`)."""
+    out = dict(raw)
+    if "baseline_scores" in out and prompts is not None and "correct" not in out["baseline_scores"].columns:
+        out["baseline_scores"] = out["baseline_scores"].join(
+            prompts.select("prompt_id", "correct", "wrong"), on="prompt_id", how="left")
+    return out
+

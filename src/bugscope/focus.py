@@ -1,0 +1,40 @@
+"""The focus layers: the one place that decides where patching, attribution and the interventions
+measure."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from bugscope.config import ConfigError
+
+
+def resolve_focus_layers(config: dict, overlap: pl.DataFrame | None) -> tuple[list[int], str]:
+    """(focus layers, where they came from): the one place that decides them.
+
+    The config's list; or, for "auto", the overlap table's max-overlap middle layer; or, for "auto"
+    without an overlap stage, the model's middle layer.
+    """
+    n = config["model"]["num_layers"]
+    if config["focus_layers"] != "auto":
+        layers, source = sorted(config["focus_layers"]), "config"
+    elif overlap is not None:
+        # The all-pairs mark: the focus is where patching and attribution measure, separate
+        # measurements; the ledger's claims on the marked layer's overlap read per_pair_heldout.
+        layers = overlap.filter(pl.col("variant") == "per_pair", pl.col("is_max_overlap_middle"))["layer"].to_list()
+        if not layers:
+            raise ValueError(
+                "focus_layers is 'auto' but no analysed layer lies among the middle layers "
+                "(features.overlap.middle_fraction): list focus_layers explicitly or analyse more layers.")
+        source = "overlap"
+    else:
+        layers, source = [n // 2], "fallback_middle_layer"
+    for layer in layers:
+        if not 0 <= layer < n:
+            raise ConfigError(f"Focus layer {layer} is outside the model, which has layers 0..{n - 1}. "
+                              "Fix 'focus_layers' in the config (or model.num_layers if the model changed).")
+    return layers, source
+
+
+def focus_layers(config: dict, overlap: pl.DataFrame | None = None) -> list[int]:
+    """The focus layers of `resolve_focus_layers`."""
+    return resolve_focus_layers(config, overlap)[0]
