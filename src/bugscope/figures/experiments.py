@@ -106,9 +106,10 @@ def head_set_features(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
     df = summary.filter(pl.col("pairs") == "all", pl.col("k") > 0).with_columns(
         pl.format("{} L{}", "sae_set", "layer").alias("sae_layer"),
         pl.format("{} ({} features)", "feature_set", "n_features").alias("features"))
+    # Sorted: group_by keeps no row order, and the figure's bytes must not change between reruns.
     refs = df.group_by("sae_layer", "features").agg(
         pl.col("unpatched_active").first().alias("unpatched buggy prompt"),
-        pl.col("source_active").first().alias("source (correct format)")).unpivot(
+        pl.col("source_active").first().alias("source (correct format)")).sort("sae_layer", "features").unpivot(
         index=["sae_layer", "features"], variable_name="reference", value_name="active")
     # Quartiles over the sets of each size, computed here: an 8B run has up to 12,870 sets per size.
     boxes = df.group_by("sae_layer", "features", "k").agg(
