@@ -8,7 +8,7 @@ Run: python bench/bench_cache.py [--repeats 5] [--prompts 96]
 The bare pass is `model.model(...)` over the same left-padded batches with no hooks; the caching
 pass gathers the configured positions of every layer and writes one Parquet file per layer.
 Prints the median time of each and the throughput ratio (target >= 0.9), the matmul TFLOP/s of
-the bare pass (bugscope.run.jobstats.MatmulFlops: a lower bound) and, on a GPU, the peak GPU memory.
+the bare pass (bugscope.model.flops.MatmulFlops: a lower bound) and, on a GPU, the peak GPU memory.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from bugscope.config import analysed_layers, load_config
 from bugscope.data.corpus import cache_rows
 from bugscope.data.prompts import build_prompt_table
 from bugscope.model.cache import cache_activations, positions_for
+from bugscope.model.flops import MatmulFlops
 from bugscope.model.forward import iter_batches
 from bugscope.model.load import ModelManifest, load_model, prepare_model
 from bugscope.model.sites import hook_name
-from bugscope.run.jobstats import MatmulFlops, peak_gpu_bytes
+from bugscope.run.jobstats import peak_gpu_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ two logits read out at the decision position.
 
 Needs results/model/model.json and results/prompts/prompts.parquet of a finished run (or --results).
 Prints both times, the ratio, the largest difference between the two paths' logit differences, the
-matmul TFLOP/s of each path (bugscope.run.jobstats.MatmulFlops: a lower bound) and, on a GPU, the
+matmul TFLOP/s of each path (bugscope.model.flops.MatmulFlops: a lower bound) and, on a GPU, the
 peak GPU memory.
 """
 
@@ -26,11 +26,12 @@ import torch
 
 from bugscope.config import load_config
 from bugscope.io import read_table
+from bugscope.model.flops import MatmulFlops
 from bugscope.model.load import ModelManifest, load_model
 from bugscope.patching.head_sets import named_head_sets
 from bugscope.patching.pairs import PatchSpec, make_pairs
 from bugscope.patching.study import patcher_from_config, spec_from_config
-from bugscope.run.jobstats import MatmulFlops, peak_gpu_bytes
+from bugscope.run.jobstats import peak_gpu_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.oracle import sweep_naive  # noqa: E402  (the reference lives with the tests)

@@ -82,3 +82,23 @@ def ci_workflow(tmp_path_factory, embedded_manifest):
     workdir = tmp_path_factory.mktemp("ci_workflow")
     run_snakemake(workdir, env={"HF_TOKEN": CANARY_TOKEN})
     return workdir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_boundary_guard():
+    """Hooks, generation and model calls from bugscope outside bugscope.model fail the test
+    (tests/boundary_guard.py)."""
+    from tests.boundary_guard import Guard
+
+    guard = Guard().install()
+    yield guard
+    guard.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def _no_boundary_violation(model_boundary_guard):
+    """Also fails a test whose violation was raised and then caught by the code under test."""
+    seen = len(model_boundary_guard.violations)
+    yield
+    new = model_boundary_guard.violations[seen:]
+    assert not new, f"model boundary crossed: {new}"

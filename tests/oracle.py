@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from bugscope.model.forward import logit_diff, make_batch
 from bugscope.model.sites import attention_writer_hook
-from bugscope.patching.engine import HeadPatcher, _long
+from bugscope.patching.engine import HeadPatcher, long_rows
 from bugscope.patching.head_sets import HeadSet
 from bugscope.patching.pairs import PatchPair, PatchSpec
 
@@ -40,7 +40,7 @@ def sweep_naive(patcher: HeadPatcher, pairs: Sequence[PatchPair], layer_sets: di
                     logits = patcher.model(**batch.model_inputs(), logits_to_keep=1, use_cache=False).logits[:, -1]
                 finally:
                     handle.remove()
-                out.append(_long(layer, [s], pids, logit_diff(logits, batch)[None]))
+                out.append(long_rows(layer, [s], pids, logit_diff(logits, batch)[None]))
                 bar.update()
     bar.close()
     return pl.concat(out)

@@ -34,9 +34,9 @@ import torch
 from bench import make_8b_shaped as shaped
 from bugscope import layout, tables
 from bugscope.config import load_config
+from bugscope.model.flops import MatmulFlops
 from bugscope.model.sites import hook_name
 from bugscope.patching.study import patcher_from_config, spec_from_config
-from bugscope.run.jobstats import MatmulFlops
 from tests.conftest import MODEL_CACHE, REPO, run_snakemake
 
 CONFIG = REPO / "config" / "llama31_8b_shaped.yaml"

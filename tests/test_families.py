@@ -241,7 +241,7 @@ def test_an_unsupported_architecture_is_refused_by_name():
 
 def test_head_attribution_refuses_a_normalised_attention_output(family_model):
     """The direct attribution's W_O[h] z_h is the heads' residual write only where nothing follows o_proj."""
-    from bugscope.features.attribution import head_outputs
+    from bugscope.model.layer_parts import head_outputs
 
     family, model = family_model
     z = torch.zeros(2, N_HEADS * head_input_module(model, 0).in_features // N_HEADS)

@@ -13,7 +13,8 @@ from scipy import stats as sps
 
 from bugscope import features as F
 from bugscope.config import primary_sae_set, with_sae_set
-from bugscope.features.attribution import attribute_layer, capture_decision, parity_test, summarise_attribution
+from bugscope.features.attribution import attribute_layer, parity_test, summarise_attribution
+from bugscope.model.capture import capture_decision
 from tests.numerics import max_abs, rounding_tolerance
 
 

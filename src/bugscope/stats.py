@@ -79,7 +79,7 @@ def cluster_bootstrap_mean_ci_columns(matrix, clusters, *, n_resamples: int, con
     with np.errstate(invalid="ignore", divide="ignore"):
         means = (weights @ sums) / (weights @ counts)  # [n_resamples, m]; NaN where nothing was drawn
         point = sums.sum(0) / counts.sum(0)
-    low, high = _interval(means, confidence)
+    low, high = percentile_interval(means, confidence)
     return point, low, high
 
 
@@ -106,7 +106,7 @@ def cluster_bootstrap_ratio_ci_columns(numerator, denominator, clusters, *, n_re
         boot = np.where(rb != 0, ra / rb, np.nan)
         ta, tb = sa.sum(0), sb.sum(0)
         point = np.where(tb != 0, ta / tb, np.nan)
-    low, high = _interval(boot, confidence)
+    low, high = percentile_interval(boot, confidence)
     return point, low, high
 
 
@@ -180,7 +180,7 @@ def bootstrap_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
 
 
-def _interval(resampled: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+def percentile_interval(resampled: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval per column of [n_resamples, m], ignoring NaN resamples."""
     alpha = (1 - confidence) / 2
     with warnings.catch_warnings():
@@ -206,5 +206,5 @@ def ratio_bootstrap(a: np.ndarray, b: np.ndarray, *, n_resamples: int, confidenc
     with np.errstate(all="ignore"):
         boot = np.where(mb > 0, ma / mb, np.nan)
         point = np.where(b.mean(axis=0) > 0, a.mean(axis=0) / b.mean(axis=0), np.nan)
-    low, high = _interval(boot, confidence)
+    low, high = percentile_interval(boot, confidence)
     return point, low, high

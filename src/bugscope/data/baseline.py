@@ -12,11 +12,12 @@ from tqdm import tqdm
 
 from bugscope.data.prompts import kind_order_splits
 from bugscope.model.forward import decision_logits, iter_batches, logit_diff
+from bugscope.model.generate import greedy_generate
 from bugscope.stats import (
-    _interval,
     cluster_bootstrap_mean_ci_columns,
     cluster_resample_weights,
     cluster_resampled_means,
+    percentile_interval,
 )
 
 _NUMBER = re.compile(r"\d+\.\d+")
@@ -87,7 +88,7 @@ def format_contrast(scores: pl.DataFrame, *, buggy_format: str, correct_format: 
         resampled = np.column_stack([resampled, resampled[:, i] + resampled[:, j]])
         point = np.append(point, point[i] + point[j])
         kinds, n_pairs = [*kinds, LENGTH_CONTROL], [*n_pairs, n_pairs[i] + n_pairs[j]]
-    low, high = _interval(resampled, confidence)
+    low, high = percentile_interval(resampled, confidence)
     return pl.DataFrame({"pair_kind": kinds, "buggy_format": buggy_format, "correct_format": correct_format,
                          "n_pairs": n_pairs, "accuracy_gap": point, "accuracy_gap_low": low,
                          "accuracy_gap_high": high, "confidence": confidence})
@@ -115,8 +116,7 @@ def greedy_check(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int,
         chunk = rows[start:start + batch_size]
         enc = tokenizer([r["text"] for r in chunk], return_tensors="pt", padding=True,
                         add_special_tokens=add_special_tokens).to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        gen = greedy_generate(model, enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for r, text in zip(chunk, texts):
             out.append({"prompt_id": r["prompt_id"], "generated": text,

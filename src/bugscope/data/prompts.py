@@ -37,6 +37,7 @@ ORDERS = ("correct_first", "wrong_first")
 PAIR_KINDS = ("shorter_bigger", "longer_bigger", "same_length")
 BUG_PAIR_KIND = "shorter_bigger"
 ALL = "all"  # the pooled value of pair_kind and order in the summary tables
+CONTROLS = "controls"  # the pair_kind of the rows pooling every kind but the bug's
 
 
 def is_selection_pair(pair_id):

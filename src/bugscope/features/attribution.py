@@ -2,8 +2,8 @@
 
 At the decision position of a layer, the SAE pre-activation of a feature is split into the direct
 contribution of every head (W_O[h] z_h through the SAE's frozen input map) and the non-head terms;
-zero and mean ablations of each head check it. The model's modules are reached through
-bugscope.model.sites only.
+zero and mean ablations of each head check it. The decision-position tensors come from
+bugscope.model.capture, each head's write and the MLP re-run from bugscope.model.layer_parts.
 """
 
 from __future__ import annotations
@@ -17,16 +17,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from bugscope.model.sites import (
-    HEAD_WRITTEN_SITES,
-    UnsupportedModelError,
-    decoder_layers,
-    head_input_module,
-    heads_write_linearly,
-    mlp_tail,
-    output_tensor,
-    site_module,
-)
+from bugscope.model.capture import LayerCapture, recorded_output
+from bugscope.model.layer_parts import head_outputs, head_write_bias, resid_post_from_mid
+from bugscope.model.sites import HEAD_WRITTEN_SITES
 from bugscope.stats import derived_seed
 
 # --- parity permutation test --------------------------------------------------------------------
@@ -175,109 +168,12 @@ def encoder_view(sae, feature_ids: Sequence[int], dtype=torch.float64) -> Encode
 @torch.inference_mode()
 def sae_pre_and_acts(sae, x: torch.Tensor, feature_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """([n, F] pre-activation as SAE-Lens computes it (hook_sae_acts_pre), [n, F] activation)."""
-    seen = {}
-    handle = sae.hook_sae_acts_pre.register_forward_hook(lambda _m, _i, out: seen.__setitem__("pre", out))
-    try:
+    with recorded_output(sae.hook_sae_acts_pre) as seen:
         acts = sae.encode(x.to(sae.W_enc.dtype))
-    finally:
-        handle.remove()
-    pre = seen["pre"]
+    pre = seen["output"]
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         pre = pre * sae.W_dec.norm(dim=-1)
     return pre[:, feature_ids], acts[:, feature_ids]
-
-
-@dataclass
-class LayerCapture:
-    """Per prompt, at the decision position of one layer ([n, ...])."""
-
-    resid_pre: torch.Tensor  # [n, d_model] input of the decoder layer
-    z: torch.Tensor  # [n, n_heads * head_dim] input of the attention output projection (the per-head outputs)
-    attn_out: torch.Tensor  # [n, d_model] output of the attention block (after the output projection)
-    mlp_out: torch.Tensor  # [n, d_model]
-    resid_post: torch.Tensor  # [n, d_model] output of the decoder layer
-
-
-class _StopForward(Exception):
-    pass
-
-
-@torch.inference_mode()
-def capture_decision(model, rows: Sequence[dict], *, layers: Sequence[int], batch_size: int,
-                     pad_token_id: int) -> tuple[np.ndarray, dict[int, LayerCapture]]:
-    """One forward pass per batch; returns prompt ids and, per layer, the decision-position tensors."""
-    from bugscope.model.forward import iter_batches, run_decoder
-
-    device = next(model.parameters()).device
-    store = {layer: {k: [] for k in ("resid_pre", "z", "attn_out", "mlp_out", "resid_post")} for layer in layers}
-    last = max(layers)
-    handles = []
-
-    def keep(layer, key, t):
-        # float32 holds a float32 or bfloat16 model's values exactly; attribute_layer works in float64
-        store[layer][key].append(t[:, -1, :].detach().to("cpu", torch.float32))
-
-    for layer in layers:
-        block = decoder_layers(model)[layer]
-
-        def pre_hook(_m, args, kwargs, layer=layer):
-            keep(layer, "resid_pre", args[0] if args else kwargs["hidden_states"])
-
-        def post_hook(_m, _i, out, layer=layer):
-            keep(layer, "resid_post", output_tensor(out))
-            if layer == last:
-                raise _StopForward
-
-        handles += [
-            block.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            head_input_module(model, layer).register_forward_pre_hook(
-                lambda _m, args, layer=layer: keep(layer, "z", args[0])),
-            site_module(model, layer, "attn_out").register_forward_hook(
-                lambda _m, _i, out, layer=layer: keep(layer, "attn_out", output_tensor(out))),
-            site_module(model, layer, "mlp_out").register_forward_hook(
-                lambda _m, _i, out, layer=layer: keep(layer, "mlp_out", output_tensor(out))),
-            block.register_forward_hook(post_hook),
-        ]
-    ids = []
-    try:
-        for batch in iter_batches(rows, batch_size, pad_token_id, device):
-            ids.append(batch.prompt_ids.numpy())
-            try:
-                run_decoder(model, batch)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    caps = {layer: LayerCapture(**{k: torch.cat(v) for k, v in parts.items()}) for layer, parts in store.items()}
-    return np.concatenate(ids), caps
-
-
-def head_outputs(model, layer: int, z: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[heads, n, d_model]: W_O[h] z_h, the residual-stream write of each head."""
-    if not heads_write_linearly(model):
-        raise UnsupportedModelError(
-            "The direct head attribution splits the attention output into W_O[h] z_h per head, but this model "
-            "normalises the attention output before the residual stream (Gemma 2's post_attention_layernorm), "
-            "so heads have no additive write into it: the attribution is not defined for this model.")
-    w_o = head_input_module(model, layer).weight.detach().to(z.dtype).cpu()  # [d_model, heads*head_dim]
-    d_model = w_o.shape[0]
-    head_dim = w_o.shape[1] // n_heads
-    return torch.einsum("nhk,dhk->hnd", z.view(z.shape[0], n_heads, head_dim), w_o.view(d_model, n_heads, head_dim))
-
-
-def _o_bias(model, layer: int, d_model: int) -> torch.Tensor:
-    b = head_input_module(model, layer).bias
-    return torch.zeros(d_model, dtype=torch.float64) if b is None else b.detach().to("cpu", torch.float64)
-
-
-@torch.inference_mode()
-def _mlp_tail(model, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
-    """resid_post of a decision position given its resid_mid (bugscope.model.sites.mlp_tail), float64 on the CPU."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    x = resid_mid.to(device, dtype)
-    return mlp_tail(model, layer, x).to("cpu", torch.float64)
 
 
 COMPONENTS = ("resid_pre", "mlp_out", "attn_bias", "sae_bias")
@@ -315,7 +211,7 @@ def attribute_layer(model, layer: int, sae, cap: LayerCapture, feature_ids: Sequ
     n = x.shape[0]
     s = view.scale(x)  # [n]
     heads = head_outputs(model, layer, cap.z, n_heads)  # [H, n, d]
-    bias = _o_bias(model, layer, x.shape[1]).expand(n, -1)
+    bias = head_write_bias(model, layer, x.shape[1]).expand(n, -1)
     out = {
         "heads": view.contribution(heads, s),
         "resid_pre": view.contribution(cap.resid_pre if on_resid else torch.zeros_like(x), s),
@@ -338,7 +234,7 @@ def attribute_layer(model, layer: int, sae, cap: LayerCapture, feature_ids: Sequ
         resid_pre = cap.resid_pre.expand(*attn_out.shape[:-2], -1, -1).reshape(-1, attn_out.shape[-1])
         for start in range(0, flat.shape[0], chunk):
             a = flat[start:start + chunk]
-            pre, act = encode(_mlp_tail(model, layer, resid_pre[start:start + chunk] + a) if on_resid else a)
+            pre, act = encode(resid_post_from_mid(model, layer, resid_pre[start:start + chunk] + a) if on_resid else a)
             pres.append(pre)
             acts.append(act)
         shape = (*attn_out.shape[:-1], len(feature_ids))

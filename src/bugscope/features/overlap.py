@@ -29,7 +29,7 @@ import polars as pl
 
 from bugscope.data.prompts import is_selection_pair
 from bugscope.features.values import top_k
-from bugscope.stats import _interval, cluster_resample_weights, cluster_resampled_means
+from bugscope.stats import cluster_resample_weights, cluster_resampled_means, percentile_interval
 
 # The seed's amplification estimator (biased above 1 under the null), kept for the original study.
 AMPLIFICATION_ORIGINAL = "amplification_original_mean_of_ratios"
@@ -148,7 +148,7 @@ class _Clustered:
     def columns(self, confidence: float, stats) -> dict:
         out = {}
         for stat in stats:
-            low, high = _interval(self.boot[stat], confidence)
+            low, high = percentile_interval(self.boot[stat], confidence)
             values = (self.points[stat], low, high)
             if stat in LOG_STATS:
                 values = tuple(np.exp(v) for v in values)
@@ -158,7 +158,7 @@ class _Clustered:
 
 def _difference(name: str, point, boot, confidence: float, log: bool = False) -> dict:
     """A difference of two means computed within each resample (exp'd for a log-scale ratio)."""
-    low, high = _interval(boot, confidence)
+    low, high = percentile_interval(boot, confidence)
     values = tuple(np.exp(v) for v in (point, low, high)) if log else (point, low, high)
     return dict(zip((name, f"{name}_low", f"{name}_high"), values))
 

@@ -150,10 +150,10 @@ def run_attribution(config: dict, model, tokenizer, prompts_path, discriminative
     from bugscope.features.attribution import (
         attribute_layer,
         attribution_features,
-        capture_decision,
         parity_rows,
         summarise_attribution,
     )
+    from bugscope.model.capture import capture_decision
     from bugscope.model.load import pick_device
     from bugscope.model.sites import hook_name
 

@@ -60,11 +60,11 @@ class Labels:
                    config["bootstrap"]["confidence"])
 
 
-def _title(text: str, subtitle: str | Sequence[str] | None = None) -> alt.TitleParams:
+def chart_title(text: str, subtitle: str | Sequence[str] | None = None) -> alt.TitleParams:
     return alt.TitleParams(text, subtitle=subtitle or "", anchor="start")
 
 
-def _n(values) -> str:
+def n_label(values) -> str:
     """'64' or '60-64' for a column of counts."""
     values = [int(v) for v in values if v is not None]
     if not values:
@@ -89,11 +89,11 @@ def _kinds(df: pl.DataFrame) -> list[str]:
     return [k for k in PAIR_KINDS if k in present] + sorted(present - set(PAIR_KINDS))
 
 
-def _kind_column(df: pl.DataFrame) -> alt.Column:
+def kind_column(df: pl.DataFrame) -> alt.Column:
     return alt.Column("pair_kind:N", title="pair kind", sort=_kinds(df))
 
 
-def _null_nan(df: pl.DataFrame, *columns: str) -> pl.DataFrame:
+def null_nan(df: pl.DataFrame, *columns: str) -> pl.DataFrame:
     """NaN (a rate over no rows) as null, which Vega-Lite leaves undrawn."""
     return df.with_columns(pl.when(pl.col(c).is_not_nan()).then(pl.col(c)).alias(c) for c in columns)
 
@@ -110,7 +110,7 @@ def baseline_accuracy(accuracy: pl.DataFrame, labels: Labels) -> alt.FacetChart:
     """Accuracy per prompt format (x) and question order (bars: each order and both pooled), one
     column per pair kind, decision-logit metric, with the pair-level CIs."""
     role = {labels.buggy_format: " (buggy)", labels.correct_format: " (correct)"}
-    df = _null_nan(accuracy.filter(pl.col("pair_kind") != ALL), "accuracy", "accuracy_low", "accuracy_high").with_columns(
+    df = null_nan(accuracy.filter(pl.col("pair_kind") != ALL), "accuracy", "accuracy_low", "accuracy_high").with_columns(
         (pl.col("format") + pl.col("format").replace_strict(role, default="")).alias("format_role"),
         pl.col("order").replace({ALL: ORDERS_POOLED}).alias("order_label"))
     orders = [o for o in (ORDERS_POOLED, *ORDERS) if o in df["order_label"].to_list()]
@@ -130,9 +130,9 @@ def baseline_accuracy(accuracy: pl.DataFrame, labels: Labels) -> alt.FacetChart:
         x=x, xOffset=offset, y=alt.Y("accuracy_low:Q", title=""), y2="accuracy_high:Q")
     chance = alt.Chart().mark_rule(strokeDash=[4, 4], color=OKABE_ITO["grey"]).encode(y=alt.datum(0.5))
     pooled = df.filter(pl.col("order") == ALL)
-    n_pairs = ", ".join(f"{k} {_n(pooled.filter(pl.col('pair_kind') == k)['n_pairs'])}" for k in _kinds(df))
+    n_pairs = ", ".join(f"{k} {n_label(pooled.filter(pl.col('pair_kind') == k)['n_pairs'])}" for k in _kinds(df))
     return alt.layer(bars, err, chance, data=df).properties(width=WIDTH // 2, height=HEIGHT).facet(
-        column=_kind_column(df)).properties(title=_title(
+        column=kind_column(df)).properties(title=chart_title(
             f"Baseline accuracy per prompt format, question order and pair kind ({labels.model})",
             [f"decision-token logit difference > 0; number pairs: {n_pairs}; {KIND_NOTE}",
              f"bars: {labels.ci} (bootstrap over number pairs); dashed: chance"]))
@@ -160,7 +160,7 @@ def format_features(discriminative: pl.DataFrame, named: pl.DataFrame, labels: L
                          pl.format("f{} ({}, {}x)", "feature_id", "category", pl.col("ratio").round(2)).alias("label"))
            .select("layer", "feature_id", "mean_buggy", "mean_correct", "direction", "kind", "label"))
     df = pl.concat([disc, nam], how="diagonal_relaxed")
-    n_pairs = _n(disc["n_a"]) if disc.height else _n(named["n_pairs"])
+    n_pairs = n_label(disc["n_a"]) if disc.height else n_label(named["n_pairs"])
     hi = max(float(df.select(pl.max_horizontal("mean_buggy", "mean_correct").max()).item() or 1.0), 1e-6)
     axis = alt.Scale(domain=[0, hi * 1.05], nice=False)
     colour = alt.Color("direction:N", title=None, legend=alt.Legend(orient="top"),
@@ -178,7 +178,7 @@ def format_features(discriminative: pl.DataFrame, named: pl.DataFrame, labels: L
                  alt.Tooltip("q_value:Q", format=".2g"), "significant"])
     text = alt.Chart().mark_text(align="left", dx=6, dy=-6, fontSize=10).encode(x=x, y=y, text="label:N")
     layered = alt.layer(diag, points, text, data=df).properties(width=WIDTH - 120, height=WIDTH - 120)
-    title = _title(f"Format-sensitive SAE features at focus layer {', '.join(map(str, focus))} ({labels.model})",
+    title = chart_title(f"Format-sensitive SAE features at focus layer {', '.join(map(str, focus))} ({labels.model})",
                    f"top buggy-vs-correct features per direction and named features; means over {n_pairs} prompt "
                    "pairs; dashed: equal activation")
     if len(focus) > 1:
@@ -192,8 +192,8 @@ def format_features(discriminative: pl.DataFrame, named: pl.DataFrame, labels: L
 def sae_quality(quality: pl.DataFrame, labels: Labels) -> alt.HConcatChart:
     """Per layer: explained variance on held-out prompt and corpus tokens, L0, and the dead fraction."""
     q = quality.sort("layer")
-    prompts_label = f"held-out analysis prompts ({_n(q['n_tokens_prompts'])} tokens)"
-    corpus_label = f"held-out corpus ({_n(q['n_tokens_corpus'])} tokens)"
+    prompts_label = f"held-out analysis prompts ({n_label(q['n_tokens_prompts'])} tokens)"
+    corpus_label = f"held-out corpus ({n_label(q['n_tokens_corpus'])} tokens)"
     domain = [prompts_label, corpus_label]
     colour = alt.Color("tokens:N", title="evaluated on", legend=alt.Legend(orient="top", labelLimit=400, direction="vertical"),
                        scale=alt.Scale(domain=domain, range=[BUGGY_COLOUR, CORRECT_COLOUR]))
@@ -209,22 +209,22 @@ def sae_quality(quality: pl.DataFrame, labels: Labels) -> alt.HConcatChart:
     ev = alt.Chart(long).mark_line(point=True).encode(
         x=x, y=alt.Y("ev:Q", title="explained variance (1 = perfect reconstruction)", scale=alt.Scale(domainMax=1)),
         color=colour, strokeDash=alt.StrokeDash("tokens:N", legend=None), tooltip=tip,
-    ).properties(width=width, height=HEIGHT, title=_title("Explained variance"))
+    ).properties(width=width, height=HEIGHT, title=chart_title("Explained variance"))
     l0 = alt.Chart(long).mark_line(point=True).encode(
         x=x, y=alt.Y("l0:Q", title="L0 (mean active features per token)", scale=alt.Scale(zero=True)),
         color=colour, strokeDash=alt.StrokeDash("tokens:N", legend=None), tooltip=tip,
-    ).properties(width=width, height=HEIGHT, title=_title("L0"))
+    ).properties(width=width, height=HEIGHT, title=chart_title("L0"))
     dead = alt.Chart(q).mark_bar(color=OKABE_ITO["grey"]).encode(
         x=alt.X("layer:O", title="layer"),
         y=alt.Y("dead_fraction:Q", title="dead fraction (never active on held-out tokens)",
                 scale=alt.Scale(domain=[0, 1])),
         tooltip=["layer", "d_sae", "source", alt.Tooltip("dead_fraction:Q", format=".3f"),
                  alt.Tooltip("train_dead_fraction:Q", format=".3f")],
-    ).properties(width=width // 2 + 40, height=HEIGHT, title=_title("Dead features"))
+    ).properties(width=width // 2 + 40, height=HEIGHT, title=chart_title("Dead features"))
     source = ", ".join(sorted(set(q["source"].drop_nulls().to_list()))) or "?"
-    return alt.hconcat(ev, l0, dead).properties(title=_title(
-        f"SAE quality per layer ({labels.model}; {source} SAEs, {_n(q['d_sae'])} features)",
-        f"reconstruction of held-out tokens of the {_n(q['n_prompts'])} held-out analysis prompts and of the "
+    return alt.hconcat(ev, l0, dead).properties(title=chart_title(
+        f"SAE quality per layer ({labels.model}; {source} SAEs, {n_label(q['d_sae'])} features)",
+        f"reconstruction of held-out tokens of the {n_label(q['n_prompts'])} held-out analysis prompts and of the "
         "held-out corpus; the attention-sink position 0 is left out"))
 
 
@@ -238,16 +238,16 @@ CONTROL_COLOURS = [OKABE_ITO["purple"], OKABE_ITO["green"]]
 REFERENCE_FAMILIES = ["ceiling", "random_control"]
 
 
-def _eligible_text(df: pl.DataFrame) -> list[str]:
+def eligible_text(df: pl.DataFrame) -> list[str]:
     """Two subtitle lines: the eligible targets (source right, target wrong) of all, per pair kind; the rates."""
-    per_kind = ", ".join(f"{k} {_n(d['n_eligible'])} of {_n(d['n_prompts'])}"
+    per_kind = ", ".join(f"{k} {n_label(d['n_eligible'])} of {n_label(d['n_prompts'])}"
                          for k in _kinds(df) for d in [df.filter(pl.col("pair_kind") == k)])
     return [f"eligible target prompts (source right, target wrong unpatched), both question orders pooled: {per_kind}",
             "success rate: the fraction of them the patch makes right; recovery: sum(LD patched - LD target) / "
             "sum(LD source - LD target) over them, 1 = the source's logit difference"]
 
 
-def _direction_text(df: pl.DataFrame) -> str:
+def direction_text(df: pl.DataFrame) -> str:
     row = df.row(0, named=True)
     return (f"{row['source_format']} -> {row['target_format']} ({row['direction']}), {row['method']} patch "
             f"at {row['positions']} positions; {KIND_NOTE}")
@@ -261,7 +261,7 @@ def head_set_order(n_heads: int) -> list[str]:
 def _patch_rows(summary: pl.DataFrame) -> pl.DataFrame:
     """by_kind rows with head_set_label (all / even / odd / h<i>), the heads list as text (for
     tooltips), NaN rates as nulls and `series`: '<pool> heads', the ceiling or 'random k heads (control)'."""
-    return _null_nan(by_kind(summary), *RATE_COLUMNS).with_columns(
+    return null_nan(by_kind(summary), *RATE_COLUMNS).with_columns(
         pl.when(pl.col("family") == "single").then(pl.format("h{}", pl.col("heads").list.first()))
         .otherwise(pl.col("head_set")).alias("head_set_label"),
         pl.col("heads").cast(pl.List(pl.String)).list.join(",").alias("heads"),
@@ -270,7 +270,7 @@ def _patch_rows(summary: pl.DataFrame) -> pl.DataFrame:
         .otherwise(pl.format("{} heads", "head_set")).alias("series"))
 
 
-def _rate_tooltip(*extra) -> list:
+def rate_tooltip(*extra) -> list:
     return [*extra, "pair_kind", "layer", "head_set", "heads", *(alt.Tooltip(f"{c}:Q", format=".3f") for c in RATE_COLUMNS),
             alt.Tooltip("broken_rate:Q", format=".3f"), "n_eligible", "n_prompts"]
 
@@ -291,11 +291,11 @@ def _recovery_by_layer(df: pl.DataFrame, labels: Labels) -> alt.FacetChart:
                          alt.value([1, 0]))
     line = alt.Chart().mark_line(point=True).encode(
         x=x, y=alt.Y("recovery:Q", title=f"recovery ({labels.ci})"), color=colour, strokeDash=dash,
-        tooltip=_rate_tooltip("series"))
+        tooltip=rate_tooltip("series"))
     err = alt.Chart().mark_errorbar(ticks=True).encode(
         x=x, y=alt.Y("recovery_low:Q", title=""), y2="recovery_high:Q", color=colour)
     return alt.layer(err, line, data=df).properties(width=WIDTH // 2 + 40, height=HEIGHT).facet(
-        column=_kind_column(df))
+        column=kind_column(df))
 
 
 def head_sweep(summary: pl.DataFrame, labels: Labels, n_heads: int) -> alt.VConcatChart:
@@ -312,7 +312,7 @@ def head_sweep(summary: pl.DataFrame, labels: Labels, n_heads: int) -> alt.VConc
         y=alt.Y("layer:O", title="layer", sort="ascending"))
     rect = base.mark_rect().encode(
         color=alt.Color("success_rate:Q", title="success rate", scale=alt.Scale(scheme=SEQUENTIAL, domain=[0, 1])),
-        tooltip=_rate_tooltip())
+        tooltip=rate_tooltip())
     layers = cells["layer"].n_unique()
     marks = [rect]
     if layers * len(order) <= 400:  # small grids: print the rates in the cells
@@ -321,11 +321,11 @@ def head_sweep(summary: pl.DataFrame, labels: Labels, n_heads: int) -> alt.VConc
             color=alt.condition(alt.datum.success_rate > 0.6, alt.value("black"), alt.value("white"))))
     heat = alt.layer(*marks, data=cells).properties(width=max(26 * len(order), 300), height=max(18 * layers, 120)).facet(
         row=alt.Row("pair_kind:N", title="pair kind", sort=_kinds(cells)))
-    return alt.vconcat(lines, heat).resolve_scale(color="independent").properties(title=_title(
+    return alt.vconcat(lines, heat).resolve_scale(color="independent").properties(title=chart_title(
         f"Head patching sweep: recovery and success rate per layer and head set ({labels.model})",
-        [*_eligible_text(df), "top: recovery with " + labels.ci + " (bootstrap over number pairs); dashed: the ceiling "
+        [*eligible_text(df), "top: recovery with " + labels.ci + " (bootstrap over number pairs); dashed: the ceiling "
          "(whole residual stream patched) and the random-head control (mean over random all-head sets of as many heads "
-         "as the even / the odd pool, where the subsets were run); bottom: success rate", _direction_text(df)]))
+         "as the even / the odd pool, where the subsets were run); bottom: success rate", direction_text(df)]))
 
 
 def head_subsets(summary: pl.DataFrame, labels: Labels, focus: Sequence[int]) -> alt.FacetChart:
@@ -369,20 +369,20 @@ def head_subsets(summary: pl.DataFrame, labels: Labels, focus: Sequence[int]) ->
         x=x, y=alt.Y("recovery:Q", title=f"recovery ({labels.ci})"), color=colour,
         shape=alt.Shape("kind:N", title=None, scale=alt.Scale(domain=["random subset", "whole pool", "random-head control"],
                                                               range=["circle", "diamond", "square"])),
-        tooltip=_rate_tooltip("pool", "k"))
+        tooltip=rate_tooltip("pool", "k"))
     ceiling = alt.Chart().mark_rule(strokeDash=[5, 3], color=OKABE_ITO["grey"]).transform_filter(
         alt.FieldEqualPredicate(field="kind", equal="ceiling")).encode(y=alt.Y("recovery:Q", title=""),
-                                                                       tooltip=_rate_tooltip("kind"))
+                                                                       tooltip=rate_tooltip("kind"))
     data = pl.concat([points, df.filter(pl.col("kind") == "ceiling"), means], how="diagonal_relaxed")
     per_k = subsets.group_by(keys).agg(pl.len().alias("n"))["n"]
     return alt.layer(ceiling, line, err, pts, data=data).properties(width=WIDTH // 2 + 60, height=HEIGHT).facet(
-        row=alt.Row("layer:O", title="focus layer"), column=_kind_column(df)).properties(title=_title(
+        row=alt.Row("layer:O", title="focus layer"), column=kind_column(df)).properties(title=chart_title(
             f"Recovery vs number of heads patched at focus layer {', '.join(map(str, focus))} ({labels.model})",
-            [*_eligible_text(df),
-             f"pools: {', '.join(pools)}; points: random k-subsets ({_n(per_k)} per pool and k) with {labels.ci} "
+            [*eligible_text(df),
+             f"pools: {', '.join(pools)}; points: random k-subsets ({n_label(per_k)} per pool and k) with {labels.ci} "
              "(bootstrap over number pairs); diamonds: the whole pool; squares: the random-head control; line: mean "
              "over subsets; dashed: the ceiling (whole residual stream)",
-             _direction_text(df)]))
+             direction_text(df)]))
 
 
 def original_method(comparison: pl.DataFrame, labels: Labels, n_heads: int) -> alt.FacetChart:
@@ -402,15 +402,15 @@ def original_method(comparison: pl.DataFrame, labels: Labels, n_heads: int) -> a
     offset = alt.XOffset("method_label:N", sort=methods)
     bars = alt.Chart().mark_bar().encode(
         x=x, xOffset=offset, color=colour, y=alt.Y("recovery:Q", title=f"recovery ({labels.ci})"),
-        tooltip=_rate_tooltip("method", "positions"))
+        tooltip=rate_tooltip("method", "positions"))
     err = alt.Chart().mark_errorbar(ticks=True, color="black").encode(
         x=x, xOffset=offset, y=alt.Y("recovery_low:Q", title=""), y2="recovery_high:Q")
     layered = alt.layer(bars, err, data=df).properties(width=max(22 * len(order) * len(methods) // 2, 240),
                                                         height=HEIGHT * 2 // 3)
     row = df.row(0, named=True)
-    return layered.facet(row=alt.Row("layer:O", title="focus layer"), column=_kind_column(df)).properties(title=_title(
+    return layered.facet(row=alt.Row("layer:O", title="focus layer"), column=kind_column(df)).properties(title=chart_title(
         f"The seed's head patching vs true per-head patching, same prompts ({labels.model})",
-        [*_eligible_text(df),
+        [*eligible_text(df),
          f"{row['source_format']} -> {row['target_format']} ({row['direction']}); bars: {labels.ci} "
          f"(bootstrap over number pairs); the ceiling and the random-head control: the sweep figure; {KIND_NOTE}"]))
 
@@ -433,7 +433,7 @@ def head_attribution(attribution: pl.DataFrame, labels: Labels, focus: Sequence[
             .with_columns(pl.format("h{}", "head").alias("head_label"),
                           pl.when(pl.col("head") % 2 == 0).then(pl.lit("even")).otherwise(pl.lit("odd")).alias("parity"),
                           pl.format("f{} ({})", "feature_id", "feature_source").alias("feature")))
-    n_prompts = _n(heads["n_prompts"])
+    n_prompts = n_label(heads["n_prompts"])
     lim = float(long["direct_attribution"].abs().max() or 1.0)
     chart = alt.Chart(long).mark_rect().encode(
         x=alt.X("head_label:N", sort=order, title="head (even, then odd)"),
@@ -446,7 +446,7 @@ def head_attribution(attribution: pl.DataFrame, labels: Labels, focus: Sequence[
     return chart.facet(
         column=alt.Column("panel:N", sort=panels, title=None),
         row=alt.Row("layer:O", title="layer"),
-    ).properties(title=_title(
+    ).properties(title=chart_title(
         f"Direct attribution of attention heads to SAE features at focus layer {', '.join(map(str, focus))} "
         f"({labels.model})",
         f"mean contribution of each head to the feature's pre-activation at the decision position, per format "

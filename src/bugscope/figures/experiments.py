@@ -14,20 +14,20 @@ from bugscope.figures.charts import (
     RATE_COLUMNS,
     WIDTH,
     Labels,
-    _direction_text,
-    _eligible_text,
-    _kind_column,
-    _n,
-    _null_nan,
-    _rate_tooltip,
-    _title,
     by_kind,
+    chart_title,
+    direction_text,
+    eligible_text,
+    kind_column,
+    n_label,
+    null_nan,
+    rate_tooltip,
 )
 
 
 def _rows(summary: pl.DataFrame) -> pl.DataFrame:
     """by_kind rows with NaN rates as nulls and list columns (the heads) as text, which Vega-Lite takes."""
-    df = _null_nan(by_kind(summary), *RATE_COLUMNS)
+    df = null_nan(by_kind(summary), *RATE_COLUMNS)
     lists = [c for c, t in df.schema.items() if isinstance(t, pl.List)]
     return df.with_columns(pl.col(c).cast(pl.List(pl.String)).list.join(",") for c in lists)
 
@@ -48,14 +48,14 @@ def replacement(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
     x = alt.X("fraction:Q", title="replacement fraction a", scale=alt.Scale(domain=[0, 1]))
     line = alt.Chart().mark_line(point=True).encode(
         x=x, y=alt.Y("success_rate:Q", title=f"success rate ({labels.ci})", scale=alt.Scale(domain=[0, 1])),
-        color=colour, strokeDash=dash, tooltip=_rate_tooltip("method", "fraction"))
+        color=colour, strokeDash=dash, tooltip=rate_tooltip("method", "fraction"))
     err = alt.Chart().mark_errorbar(opacity=0.5).encode(x=x, y=alt.Y("success_low:Q", title=""),
                                                          y2="success_high:Q", color=colour)
     return alt.layer(err, line, data=df).properties(width=WIDTH // 2 + 40, height=HEIGHT * 2 // 3).facet(
-        row=alt.Row("layer:O", title="focus layer"), column=_kind_column(df)).properties(title=_title(
+        row=alt.Row("layer:O", title="focus layer"), column=kind_column(df)).properties(title=chart_title(
             f"Replacement fraction: a * source + (1 - a) * target in the patched heads ({labels.model})",
-            [*_eligible_text(df), "a = 1 is the plain patch; the paper reports a sharp step at a = 0.6",
-             _direction_text(df.filter(pl.col("method") == "per_head"))]))
+            [*eligible_text(df), "a = 1 is the plain patch; the paper reports a sharp step at a = 0.6",
+             direction_text(df.filter(pl.col("method") == "per_head"))]))
 
 
 def residual_map(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
@@ -72,9 +72,9 @@ def residual_map(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
     n_layers = df["layer"].n_unique()
     return alt.layer(rect, data=df).properties(width=max(16 * df["rank"].n_unique(), 200),
                                                height=max(10 * n_layers, 120)).facet(
-        column=_kind_column(df)).properties(title=_title(
+        column=kind_column(df)).properties(title=chart_title(
             f"Residual-stream patching map: source -> target at one layer and position ({labels.model})",
-            [*_eligible_text(df), "the ceiling of any head patch at that layer and position; intervals: tooltip"]))
+            [*eligible_text(df), "the ceiling of any head patch at that layer and position; intervals: tooltip"]))
 
 
 def subsets_exhaustive(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
@@ -91,11 +91,11 @@ def subsets_exhaustive(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
         color=colour)
     n_sets = df.group_by("layer", "pair_kind").agg(pl.len())["len"]
     return alt.layer(box, data=df).properties(width=WIDTH, height=HEIGHT * 2 // 3).facet(
-        row=alt.Row("layer:O", title="focus layer"), column=_kind_column(df)).properties(title=_title(
+        row=alt.Row("layer:O", title="focus layer"), column=kind_column(df)).properties(title=chart_title(
             f"Every head set by size and composition: success rate over sets ({labels.model})",
-            [*_eligible_text(df), f"{_n(n_sets)} head sets per layer and pair kind (every one where a size and "
+            [*eligible_text(df), f"{n_label(n_sets)} head sets per layer and pair kind (every one where a size and "
              "composition has at most patching.exhaustive.budget); box: quartiles over sets, whiskers: min and max",
-             _direction_text(df)]))
+             direction_text(df)]))
 
 
 def head_set_features(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
@@ -131,8 +131,8 @@ def head_set_features(summary: pl.DataFrame, labels: Labels) -> alt.FacetChart:
             range=[OKABE_ITO["orange"], OKABE_ITO["black"]])))
     return alt.layer(whisker, box, median, rule, data=data).properties(width=WIDTH // 2, height=HEIGHT // 2).facet(
         row=alt.Row("sae_layer:N", title="SAE set, focus layer"), column=alt.Column("features:N", title=None)
-    ).properties(title=_title(
+    ).properties(title=chart_title(
         f"Critical SAE features each even-head set turns on at the decision position ({labels.model})",
-        [f"{_n(df['n_prompts'])} eligible targets (bug pair kind, both orders), {_n(df['n_pairs'])} number pairs; "
+        [f"{n_label(df['n_prompts'])} eligible targets (bug pair kind, both orders), {n_label(df['n_pairs'])} number pairs; "
          "box over head sets: quartiles, whiskers min and max",
          "the seed: any 8 of 16 even heads turn on at least 5 critical features, 4 even heads only 2-3"]))

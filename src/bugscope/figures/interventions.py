@@ -5,9 +5,8 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
-from bugscope.data.prompts import ALL, BUG_PAIR_KIND
-from bugscope.figures.charts import HEIGHT, OKABE_ITO, WIDTH, Labels, _n, _null_nan, _title
-from bugscope.interventions.sae_features import CONTROLS
+from bugscope.data.prompts import ALL, BUG_PAIR_KIND, CONTROLS
+from bugscope.figures.charts import HEIGHT, OKABE_ITO, WIDTH, Labels, chart_title, n_label, null_nan
 
 FAMILY_COLOURS = {"tested": OKABE_ITO["blue"], "random_control": OKABE_ITO["grey"], "none": OKABE_ITO["black"]}
 RATES = ("success_rate", "success_low", "success_high", "broken_rate", "broken_low", "broken_high", "accuracy",
@@ -16,7 +15,7 @@ RATES = ("success_rate", "success_low", "success_high", "broken_rate", "broken_l
 
 def _rows(summary: pl.DataFrame, pairs: str) -> pl.DataFrame:
     """Both orders pooled on `pairs`, the identity shown in every feature set's panel, with a condition label."""
-    df = _null_nan(summary.filter(pl.col("order") == ALL, pl.col("pairs") == pairs), *RATES)
+    df = null_nan(summary.filter(pl.col("order") == ALL, pl.col("pairs") == pairs), *RATES)
     df = df.with_columns(
         pl.when(pl.col("intervention") == "steer").then(pl.format("steer x{}", pl.col("scale").round(2)))
         .otherwise(pl.col("intervention")).alias("condition"),
@@ -69,10 +68,10 @@ def interventions(summary: pl.DataFrame, labels: Labels, pairs: str = "all") -> 
     base = bug.filter(pl.col("family") == "none")
     acc = ", ".join(f"layer {r['layer']}: {r['baseline_accuracy']:.2f}" for r in base.unique("layer").sort("layer")
                     .iter_rows(named=True))
-    return alt.vconcat(*charts).properties(title=_title(
+    return alt.vconcat(*charts).properties(title=chart_title(
         f"SAE-feature interventions at the {labels.buggy_format} prompts ({labels.model}; SAE set {', '.join(primary)})",
         [f"SAE spliced in with its error term kept; eligible targets ({labels.buggy_format} wrong, same question in "
-         f"{labels.correct_format} right): {_n(bug['n_eligible'])} of {_n(bug['n_prompts'])} {BUG_PAIR_KIND} prompts "
+         f"{labels.correct_format} right): {n_label(bug['n_eligible'])} of {n_label(bug['n_prompts'])} {BUG_PAIR_KIND} prompts "
          f"({pairs} pairs, both orders pooled); baseline accuracy {acc}",
          "ablate: buggy-format-up features set to 0; clamp: the set's features set to their correct-format values; "
          "steer xs: correct-format-up features + s x their mean correct-format activation",

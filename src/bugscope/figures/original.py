@@ -10,7 +10,7 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
-from bugscope.figures.charts import HEIGHT, OKABE_ITO, Labels, _n, _null_nan, _title
+from bugscope.figures.charts import HEIGHT, OKABE_ITO, Labels, chart_title, n_label, null_nan
 
 MEASURES = {"original_success": "the original's success: all targets judged right after the patch",
             "success_rate": "success on eligible targets (source right, target wrong unpatched)"}
@@ -37,7 +37,7 @@ def original_decomposition(table: pl.DataFrame, labels: Labels) -> alt.FacetChar
                      pl.col(f"{m.replace('_rate', '')}_low").alias("low"),
                      pl.col(f"{m.replace('_rate', '')}_high").alias("high"))
         for m in MEASURES])
-    long = _null_nan(long.with_columns(pl.struct("step", "setting", "changed").map_elements(
+    long = null_nan(long.with_columns(pl.struct("step", "setting", "changed").map_elements(
         _label, return_dtype=pl.String).alias("setting_label")), "rate", "low", "high")
     sets = [h for h in HEAD_SET_COLOURS if h in long["head_set"].to_list()]
     colour = alt.Color("head_set:N", title="head set", sort=sets,
@@ -53,9 +53,9 @@ def original_decomposition(table: pl.DataFrame, labels: Labels) -> alt.FacetChar
     chain = table.filter(pl.col("step") > 0)
     return layered.facet(row=alt.Row("layer:O", title="focus layer"),
                          column=alt.Column("measure:N", title=None, sort=list(MEASURES.values()))).properties(
-        title=_title(
+        title=chart_title(
             f"From the original procedure to the per-head method, one factor at a time ({labels.model})",
-            [f"the same {labels.buggy_format} targets in every setting ({_n(chain['n_prompts'])} prompts; the seed "
-             f"pair alone: 1); eligible targets per setting: {_n(table['n_eligible'])}",
+            [f"the same {labels.buggy_format} targets in every setting ({n_label(chain['n_prompts'])} prompts; the seed "
+             f"pair alone: 1); eligible targets per setting: {n_label(table['n_eligible'])}",
              "each step changes the factor in brackets from the step above; departures change one factor of "
              "their reference setting only"])).configure_view(continuousHeight=HEIGHT)

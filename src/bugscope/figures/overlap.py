@@ -10,7 +10,7 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
-from bugscope.figures.charts import BUGGY_COLOUR, CORRECT_COLOUR, HEIGHT, OKABE_ITO, WIDTH, Labels, _n, _title
+from bugscope.figures.charts import BUGGY_COLOUR, CORRECT_COLOUR, HEIGHT, OKABE_ITO, WIDTH, Labels, chart_title, n_label
 
 BASELINE_LABELS = {"same_format_different_question": "same format, different question (chance level)",
                    "same_format_swapped_order": "same format, question orders swapped"}
@@ -29,7 +29,7 @@ def feature_overlap(overlap: pl.DataFrame, labels: Labels) -> alt.VConcatChart:
     per_pair = overlap.filter(pl.col("variant") == "per_pair").sort("layer")
     pooled = overlap.filter(pl.col("variant") == "pooled").sort("layer")
     k = int(overlap["k"][0])
-    n_pairs = _n(per_pair["n_pairs"])
+    n_pairs = n_label(per_pair["n_pairs"])
     mean_label = f"{labels.buggy_format} vs {labels.correct_format}: mean over prompt pairs ({labels.ci})"
     pooled_label = "seed's pooled variant (top-k of format means)"
     cols = ["layer", "overlap_pct", "overlap_pct_low", "overlap_pct_high", "variant"]
@@ -55,7 +55,7 @@ def feature_overlap(overlap: pl.DataFrame, labels: Labels) -> alt.VConcatChart:
     mark_text = alt.Chart(marks).mark_text(dy=-12, fontWeight="bold").encode(x=x, y="overlap_pct:Q", text="mark:N")
     top = alt.layer(band, line, mark_text).properties(
         width=WIDTH, height=HEIGHT,
-        title=_title(f"Top-{k} SAE feature overlap between {labels.buggy_format} and {labels.correct_format} "
+        title=chart_title(f"Top-{k} SAE feature overlap between {labels.buggy_format} and {labels.correct_format} "
                      f"prompts, per layer ({labels.model})",
                      [f"{n_pairs} prompt pairs; bands: {labels.ci} (bootstrap over number pairs)",
                       "reference bands: two prompts of one format (both formats pooled); a format effect is the "
@@ -76,7 +76,7 @@ def feature_overlap(overlap: pl.DataFrame, labels: Labels) -> alt.VConcatChart:
         order="order:Q",
         tooltip=["layer", "set", alt.Tooltip("features:Q", format=".2f")],
     ).properties(width=WIDTH, height=HEIGHT * 2 // 3,
-                 title=_title("Shared and format-specific features of each pair's two top-k sets",
+                 title=chart_title("Shared and format-specific features of each pair's two top-k sets",
                               f"mean over {n_pairs} prompt pairs"))
     return alt.vconcat(top, bars).resolve_scale(color="independent")
 
@@ -119,7 +119,7 @@ def amplification(overlap: pl.DataFrame, labels: Labels) -> alt.LayerChart:
     one = alt.Chart(pl.DataFrame({"y": [1.0]})).mark_rule(strokeDash=[4, 4], color=OKABE_ITO["grey"]).encode(y="y:Q")
     return alt.layer(band, one, err, pts).properties(
         width=WIDTH, height=HEIGHT,
-        title=_title(f"Amplification of shared top-k features per layer ({labels.model})",
-                     [f"pairs with at least one shared feature: {_n(per_pair['n_pairs_amplification'])} of "
-                      f"{_n(per_pair['n_pairs'])}; bars and band: {labels.ci} (bootstrap over number pairs)",
+        title=chart_title(f"Amplification of shared top-k features per layer ({labels.model})",
+                     [f"pairs with at least one shared feature: {n_label(per_pair['n_pairs_amplification'])} of "
+                      f"{n_label(per_pair['n_pairs'])}; bars and band: {labels.ci} (bootstrap over number pairs)",
                       "dashed: no amplification (1); the original study's mean of ratios is biased above 1"]))

@@ -50,18 +50,17 @@ import numpy as np
 import polars as pl
 import torch
 
-from bugscope.data.prompts import ALL, BUG_PAIR_KIND, is_selection_pair
+from bugscope.data.prompts import ALL, BUG_PAIR_KIND, CONTROLS, is_selection_pair
 from bugscope.features.discriminative import SPLIT_COMPARISON
 from bugscope.features.named import named_feature_ids
 from bugscope.model.forward import LayerRunner, capture_sites, make_batch
 from bugscope.model.sites import hook_name
 from bugscope.patching.pairs import PatchPair, make_pairs
-from bugscope.patching.summary import _matrices, _rates
+from bugscope.patching.summary import per_prompt_matrices, rate_columns
 from bugscope.stats import derived_seed
 
 INTERVENTIONS = ("none", "ablate", "clamp", "steer")
 FOCUS = "focus"  # the token of interventions.layers for the focus layers
-CONTROLS = "controls"  # the pair_kind of the rows pooling every kind but the bug's
 PAIR_SUBSETS = ("all", "heldout")  # heldout: odd pair ids (the top features are ranked on the even ones)
 _RANDOM_STREAM = 15  # label of the random-control draws in stats.derived_seed
 
@@ -445,7 +444,7 @@ def summarise(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: float, 
     """One row per (condition, pairs, pair_kind, order): the rates of bugscope.patching.summary with
     cluster-bootstrap CIs over number pairs (the same draws for every condition of a split)."""
     df = per_prompt.with_columns(_condition_key().alias("_condition"))
-    groups, targets, ld = _matrices(df, ["_condition"])
+    groups, targets, ld = per_prompt_matrices(df, ["_condition"])
     info = df.select("_condition", *CONDITION_COLUMNS[:-1]).unique("_condition")
     groups = groups.join(info, on="_condition", how="left", maintain_order="left")
     right = (ld > 0).astype(float)
@@ -454,7 +453,7 @@ def summarise(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: float, 
     boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
     parts = []
     for subset, kind, order, mask in _splits(targets):
-        cols = _rates(ld[mask], right[mask], base[mask], src[mask], pairs[mask], boot)
+        cols = rate_columns(ld[mask], right[mask], base[mask], src[mask], pairs[mask], boot)
         parts.append(groups.with_columns(pl.lit(subset).alias("pairs"), pl.lit(kind).alias("pair_kind"),
                                          pl.lit(order).alias("order"),
                                          **{k: pl.Series(k, v) for k, v in cols.items()},

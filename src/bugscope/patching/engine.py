@@ -390,14 +390,14 @@ class HeadPatcher:
                 else:
                     diffs = self.run_patched(prep, layer, sets, spec.site,
                                              None if fractions is None else [a for _, a in chunk])
-                out.append(_long(layer, sets, pids, diffs, None if fractions is None else [a for _, a in chunk]))
+                out.append(long_rows(layer, sets, pids, diffs, None if fractions is None else [a for _, a in chunk]))
                 bar.update()
             del prep
         bar.close()
         return pl.concat(out), pl.concat(base)
 
 
-def _long(layer: int, sets: Sequence[HeadSet], prompt_ids: Sequence[int], diffs: torch.Tensor,
+def long_rows(layer: int, sets: Sequence[HeadSet], prompt_ids: Sequence[int], diffs: torch.Tensor,
           fractions: Sequence[float] | None = None) -> pl.DataFrame:
     """[len(sets), len(prompt_ids)] -> rows (layer, head_set, prompt_id, logit_diff[, fraction])."""
     r, b = len(sets), len(prompt_ids)

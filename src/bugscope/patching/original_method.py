@@ -38,7 +38,8 @@ import torch
 from bugscope.data.baseline import parse_answer
 from bugscope.data.prompts import BUG_PAIR_KIND
 from bugscope.model.forward import LayerRunner, make_batch
-from bugscope.model.sites import HEAD_SITE, attention_writer_hook, site_module
+from bugscope.model.generate import generate_with_attention_write, generate_with_source_heads
+from bugscope.model.sites import HEAD_SITE
 from bugscope.patching.head_sets import HeadSet
 from bugscope.patching.pairs import ORIGINAL_POSITIONS, PatchPair, positions_for_pair
 
@@ -270,12 +271,9 @@ def generate_patched(model, tokenizer, pairs: Sequence[PatchPair], layer: int, h
             values[r, cols] = source[i][torch.tensor(spos, dtype=torch.long)]
             head_mask[r, list(hs.heads)] = True
         write = _GenerationWriter(values, pos_mask, head_mask, first, decode_patch, n_heads)
-        handle = attention_writer_hook(model, layer, site, write)
-        try:
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad)
-        finally:
-            handle.remove()
+        gen = generate_with_attention_write(model, layer, site, write, input_ids=ids.to(device),
+                                            attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                            pad_token_id=pad)
         new = [until_eos(t, eos) for t in gen[:, width:].tolist()]
         for r, (i, hs) in enumerate(chunk):
             p = pairs[i]
@@ -304,43 +302,8 @@ def generate_plain(model, tokenizer, rows: Sequence[dict], *, input_kind: str, m
 @torch.inference_mode()
 def generate_one_original(model, tokenizer, target_ids: Sequence[int], source_ids: Sequence[int], layer: int,
                           heads: Sequence[int], *, max_new_tokens: int, decode_patch: bool = True) -> list[int]:
-    """The original procedure on one unpadded prompt pair, written as the original code is: save
-    self_attn's output on the source, copy the heads' slices at [:min(seq_len, saved_len)] in a
-    forward hook that stays live during `model.generate` (unless `decode_patch` is off)."""
-    n_heads = model.config.num_attention_heads
-    module = site_module(model, layer, "attn_out")  # layers[layer].self_attn
-    saved = {}
-
-    def save(_m, _i, output):
-        saved["x"] = (output[0] if isinstance(output, tuple) else output).detach().clone()
-
-    h = module.register_forward_hook(save)
-    try:
-        model(input_ids=torch.tensor([list(source_ids)]))
-    finally:
-        h.remove()
-    calls = {"n": 0}
-
-    def patch(_m, _i, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        calls["n"] += 1
-        if calls["n"] > 1 and not decode_patch:
-            return output
-        b, seq_len, size = hidden.shape
-        view = hidden.view(b, seq_len, n_heads, size // n_heads)
-        src = saved["x"].view(b, -1, n_heads, size // n_heads)
-        new = view.clone()
-        m = min(seq_len, src.shape[1])
-        for head in heads:
-            new[:, :m, head, :] = src[:, :m, head, :]
-        new = new.view(b, seq_len, size)
-        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-
-    h = module.register_forward_hook(patch)
-    try:
-        ids = torch.tensor([list(target_ids)])
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    finally:
-        h.remove()
-    return until_eos(gen[0, ids.shape[1]:].tolist(), eos_ids(model, tokenizer))
+    """The original procedure on one unpadded prompt pair (bugscope.model.generate.generate_with_source_heads):
+    its new tokens up to the first end-of-generation token."""
+    new = generate_with_source_heads(model, target_ids, source_ids, layer, heads, max_new_tokens=max_new_tokens,
+                                     decode_patch=decode_patch, pad_token_id=tokenizer.pad_token_id)
+    return until_eos(new, eos_ids(model, tokenizer))

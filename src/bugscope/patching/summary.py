@@ -42,7 +42,7 @@ _SPLIT = ["method", "positions", "operation", "direction"]
 _TARGET = ["prompt_id", "pair_id", "pair_kind", "order", "baseline_logit_diff", "source_logit_diff"]
 
 
-def _matrices(per_prompt: pl.DataFrame, keys: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray]:
+def per_prompt_matrices(per_prompt: pl.DataFrame, keys: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray]:
     """(groups: the unique `keys`, targets: one row per prompt_id, ld [targets, groups])."""
     groups = per_prompt.select(keys).unique(maintain_order=True)
     targets = per_prompt.select(*[c for c in _TARGET if c in per_prompt.columns]).unique("prompt_id").sort("prompt_id")
@@ -65,7 +65,7 @@ def is_eligible(baseline_logit_diff, source_logit_diff, direction: str):
     return target_right & ~source_right
 
 
-def _rates(ld: np.ndarray, right: np.ndarray, base: np.ndarray, src: np.ndarray, pairs: np.ndarray,
+def rate_columns(ld: np.ndarray, right: np.ndarray, base: np.ndarray, src: np.ndarray, pairs: np.ndarray,
            boot: dict, direction: str = "fix") -> dict[str, np.ndarray]:
     """The columns of the module docstring for targets x groups matrices (right: fraction right).
 
@@ -120,8 +120,8 @@ def summarise(per_prompt: pl.DataFrame, *, keys: Sequence[str], n_resamples: int
               seed: int, direction: str = "fix") -> pl.DataFrame:
     """One row per `keys` group (e.g. layer, head_set) over all prompts: the rates of the module
     docstring. `per_prompt` has prompt_id, pair_id, logit_diff, baseline_logit_diff, source_logit_diff."""
-    groups, targets, ld = _matrices(per_prompt, list(keys))
-    cols = _rates(ld, (ld > 0).astype(float), targets["baseline_logit_diff"].to_numpy(),
+    groups, targets, ld = per_prompt_matrices(per_prompt, list(keys))
+    cols = rate_columns(ld, (ld > 0).astype(float), targets["baseline_logit_diff"].to_numpy(),
                   targets["source_logit_diff"].to_numpy(), targets["pair_id"].to_numpy(),
                   {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}, direction)
     return _frame(groups, cols, confidence)
@@ -155,12 +155,12 @@ def summary_table(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: flo
                   n_heads: int | None = None, extra_keys: Sequence[str] = ()) -> pl.DataFrame:
     """One row per (method, positions, ..., pair kind, order, layer, head set[, extra_keys]): the
     rates of the module docstring plus the head-set columns. With `n_heads`, the random-head control
-    rows are added where the subsets were run. The direction column decides eligibility (`_rates`)."""
+    rows are added where the subsets were run. The direction column decides eligibility (`rate_columns`)."""
     set_keys = [k for k in SUMMARY_KEYS if k not in ("pair_kind", "order")] + list(extra_keys)
     boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
     parts = []
     for _, by_method in per_prompt.group_by(_SPLIT, maintain_order=True):
-        groups, targets, ld = _matrices(by_method, set_keys)
+        groups, targets, ld = per_prompt_matrices(by_method, set_keys)
         sets = by_method.select(*set_keys, *HEAD_SET_COLUMNS).unique(set_keys, maintain_order=True)
         groups = groups.join(sets, on=set_keys, how="left", maintain_order="left")
         right = (ld > 0).astype(float)
@@ -170,7 +170,7 @@ def summary_table(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: flo
         pairs = targets["pair_id"].to_numpy()
         for kind, order, mask in kind_order_splits(targets["pair_kind"].cast(pl.String).to_list(),
                                                    targets["order"].cast(pl.String).to_list()):
-            cols = _rates(ld[mask], right[mask], base[mask], src[mask], pairs[mask], boot,
+            cols = rate_columns(ld[mask], right[mask], base[mask], src[mask], pairs[mask], boot,
                           by_method["direction"][0])
             parts.append(_frame(groups.with_columns(pl.lit(kind).alias("pair_kind"), pl.lit(order).alias("order")),
                                 cols, confidence))

@@ -78,10 +78,9 @@ def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, b
     before the splice is recomputed.
     """
     from bugscope.model.forward import LayerRunner, iter_batches
-    from bugscope.model.sites import output_tensor, site_module
+    from bugscope.model.splice import site_replaced_logit_diffs
 
     runner = LayerRunner(model)
-    splice_output = site == "resid_post"  # the decoder layer's own output (bugscope.model.sites.site_module)
     clean: list[torch.Tensor] = []
     spliced: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
     rows = list(rows)
@@ -89,35 +88,19 @@ def spliced_logit_diffs(model, saes: dict, rows: Sequence[dict], *, site: str, b
     for batch in tqdm(batches, total=math.ceil(len(rows) / batch_size), desc="spliced passes", unit="batch",
                       file=sys.stderr):
         mask = (batch.attention_mask == 1) & (batch.position_ids > SINK_POSITION)  # [batch, pos]
-        hidden, ctx = runner.begin(batch)
-        resume = {}  # layer -> the clean residual a spliced pass starts from: leaving the layer, or entering it
-        for i in range(runner.n_layers):
-            if i in saes and not splice_output:
-                resume[i] = hidden
-            hidden = runner.layer(i, hidden, ctx)
-            if i in saes and splice_output:
-                resume[i] = hidden
-        clean.append(runner.decision_logit_diff(hidden[:, -1], batch))
 
-        for layer, sae in saes.items():
-            def splice(out, sae=sae):
+        def splicer(sae, mask=mask):
+            def splice(out):
                 new = out.clone()
                 new[mask] = sae.decode(sae.encode(out[mask].to(sae.dtype))).to(out.dtype)
                 return new
+            return splice
 
-            if splice_output:  # the layer's output is the clean run's: splice it, run the rest
-                last = runner.run(layer + 1, splice(resume[layer]), ctx)[:, -1]
-            else:  # the site is inside the layer: run the layer with the splice in it
-                def replace(_module, _inputs, output):
-                    new = splice(output_tensor(output))
-                    return (new, *output[1:]) if isinstance(output, tuple) else new
-
-                handle = site_module(model, layer, site).register_forward_hook(replace)
-                try:
-                    last = runner.run(layer, resume[layer], ctx)[:, -1]
-                finally:
-                    handle.remove()
-            spliced[layer].append(runner.decision_logit_diff(last, batch))
+        clean_diffs, spliced_diffs = site_replaced_logit_diffs(
+            runner, batch, site, {layer: splicer(sae) for layer, sae in saes.items()})
+        clean.append(clean_diffs)
+        for layer, diffs in spliced_diffs.items():
+            spliced[layer].append(diffs)
     return torch.cat(clean), {layer: torch.cat(parts) for layer, parts in spliced.items()}
 
 
