@@ -399,7 +399,8 @@ def test_optimised_sweep_matches_naive_loop_at_8b_geometry_in_float32(eightb_run
     """GQA (8 KV heads for 32 query heads), head_dim 128, KV reuse: the optimised sweep equals one full
     forward per head set. In float32, where the tolerance is far below the patch effects."""
     from bugscope.model.load import ModelManifest, load_model
-    from bugscope.patching import engine as patching
+    from bugscope.patching.head_sets import named_head_sets
+    from bugscope.patching.pairs import make_pairs
     from tests.numerics import forward_tolerance, max_abs
     from tests.oracle import sweep_naive
 
@@ -407,8 +408,8 @@ def test_optimised_sweep_matches_naive_loop_at_8b_geometry_in_float32(eightb_run
     model, tok = load_model(dataclasses.replace(manifest, dtype="float32"), "cpu")
     prompts = tables.frame(tables.PROMPTS, eightb_config, eightb_run / layout.PROMPTS)
     spec, target, source = spec_from_config(eightb_config)
-    pairs = patching.make_pairs(prompts, target, source, spec.positions)
-    sets = [s for s in patching.named_head_sets(32) if s.name in ("all", "odd", "head00", "head07", "head31")]
+    pairs = make_pairs(prompts, target, source, spec.positions)
+    sets = [s for s in named_head_sets(32) if s.name in ("all", "odd", "head00", "head07", "head31")]
     plan = {layer: sets for layer in LAYERS}
     patcher = patcher_from_config(model, eightb_config, tok.pad_token_id)
     patcher.progress = False

@@ -6,6 +6,7 @@ import polars as pl
 import pytest
 import torch
 
+from bugscope.claims.spec import load_ledger, referenced_columns
 from bugscope.config import ConfigError, validate_config
 from bugscope.interventions.sae_features import (
     Condition,
@@ -223,10 +224,9 @@ def test_config_section(ci_config):
 
 
 def _ledger_claim(cid):
-    from bugscope.claims import evaluate as claims
     from tests.conftest import REPO
 
-    return next(c for c in claims.load_ledger(REPO / "config" / "claims.yaml") if c["id"] == cid)
+    return next(c for c in load_ledger(REPO / "config" / "claims.yaml") if c["id"] == cid)
 
 
 def _summary_rows(cells, sae_set="main"):
@@ -328,16 +328,15 @@ def test_literal_feature_claims_read_the_seed_ids_on_the_mlp_output_set():
 
 
 def test_the_ledger_reads_columns_the_summary_writes():
-    from bugscope.claims import evaluate as claims
     from tests.conftest import REPO
 
     cols = set(summarise(_per_prompt(), n_resamples=50, confidence=0.95, seed=0).columns)
     assert set(tables_columns()) <= cols
-    for c in claims.load_ledger(REPO / "config" / "claims.yaml"):
+    for c in load_ledger(REPO / "config" / "claims.yaml"):
         for form in c["forms"]:
             for check in form["checks"]:
                 if check["table"] == "interventions":
-                    assert set(claims.referenced_columns(check)) <= cols, c["id"]
+                    assert set(referenced_columns(check)) <= cols, c["id"]
 
 
 def tables_columns():
