@@ -10,6 +10,7 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import jsonschema
 import yaml
@@ -93,6 +94,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     """Return a validated copy of `config` with every default filled in; raise ConfigError."""
     config = copy.deepcopy(dict(config))
     _refuse_moved_keys(config, source)
+    derived = [key for key in DERIVED_DEFAULTS if _lookup(config, key) is None]
     errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         e = errors[0]
@@ -101,8 +103,20 @@ def validate_config(config: dict, source: str = "config") -> dict:
             "See config/README.md for every key, its type and its default, and fix that entry "
             f"({len(errors)} problem(s) in all)."
         )
+    for key in derived:
+        section, name = key.split(".")
+        config[section][name] = DERIVED_DEFAULTS[key](config)
     _check_semantics(config, source)
     return config
+
+
+# Defaults that must agree with another key derive from it (filled after the schema's defaults), so
+# that setting one key never makes another's default invalid: features.discriminative.top_n: 4 gives
+# interventions.top_n 4 (the top set is drawn from the discriminative features) and feature_pages.top_n 4.
+DERIVED_DEFAULTS: dict[str, Callable[[dict], object]] = {
+    "interventions.top_n": lambda c: min(5, c["features"]["discriminative"]["top_n"]),
+    "feature_pages.top_n": lambda c: min(5, c["features"]["discriminative"]["top_n"]),
+}
 
 
 def _check_semantics(config: dict, source: str) -> None:
@@ -202,6 +216,24 @@ def head_set_feature_sets(config: dict) -> list[str]:
     if not config["patching"]["exhaustive"]["enabled"]:
         return []
     return [s["name"] for s in config["sae"]["sets"]]
+
+
+# The model's shape the config declares (model.num_layers, model.num_heads): the one source every stage
+# reads (layer ranges, head sets, job sizes, the ledger). The checkpoint is checked against it where the
+# model is prepared (bugscope.model.load.prepare_model) and where a job reads the manifest
+# (bugscope.run.script.run); bugscope.model.load.load_model checks the loaded model against the manifest.
+DECLARED_GEOMETRY = ("num_layers", "num_heads")
+
+
+def check_model_geometry(model_cfg: dict, found: dict, where: str) -> None:
+    """Raise ConfigError when the checkpoint's shape (`found`: num_layers, num_heads) is not the one
+    the config declares; the message names the key to fix."""
+    for key in DECLARED_GEOMETRY:
+        if found[key] != model_cfg[key]:
+            raise ConfigError(
+                f"The config says model.{key}={model_cfg[key]}, but {where} has {found[key]}. "
+                f"Fix model.{key} in the config (or model.checkpoint, if it names the wrong model)."
+            )
 
 
 def load_config(path: str | Path) -> dict:

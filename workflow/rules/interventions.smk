@@ -2,7 +2,7 @@
 # its site with its error term kept, features of the buggy-format prompts ablated, clamped to the
 # same question's correct-format values or steered, against random features of matched firing
 # rate. Logic: bugscope.interventions.
-from bugscope.config import intervention_sae_sets
+from bugscope.config import head_set_feature_sets, intervention_sae_sets
 
 INTERVENTIONS_HASH = stage_hash(config, "interventions")
 INTERVENTION_SETS = intervention_sae_sets(config)

@@ -27,6 +27,10 @@ from bugscope.stats import derived_seed
 SINK_POSITION = 0
 
 ORDERS = ("correct_first", "wrong_first")
+# The published study's one question, "Which is bigger: 9.8 or 9.11?": its (correct, wrong) pair,
+# asked correct first (STUDY_ORDER). The one name for it ("seed" means a random seed).
+STUDY_PAIR = ("9.8", "9.11")
+STUDY_ORDER = "correct_first"
 
 # Kinds of number pair (research notes section 8). Every kind's answers diverge at the first
 # decimal digit, the correct one's digit being the larger, so one decision token is scored for all:

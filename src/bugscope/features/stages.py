@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 
 from bugscope import tables
-from bugscope.data.prompts import BUG_PAIR_KIND, is_selection_pair
+from bugscope.data.prompts import BUG_PAIR_KIND, STUDY_ORDER, STUDY_PAIR, is_selection_pair
 from bugscope.features.chance import baseline_couples, baseline_overlap
 from bugscope.features.discriminative import discriminative_features
 from bugscope.features.named import NAMED_SCHEMA, named_feature_ids, named_features
@@ -28,13 +28,9 @@ def load_prompt_frame(path, config: dict, columns: list[str] | None = None) -> p
     return frame.filter(pl.col("pair_kind") == BUG_PAIR_KIND).drop("pair_kind")
 
 
-# The one question the original study measured: 9.8 vs 9.11, 9.8 asked first.
-ORIGINAL_PAIR = ("9.8", "9.11", "correct_first")
-
-
 def original_single_pair(prompts_path, config: dict, pairs: pl.DataFrame) -> pl.DataFrame:
     """The row of `pairs` of the original study's question (empty when the prompt set lacks it)."""
-    correct, wrong, order = ORIGINAL_PAIR
+    (correct, wrong), order = STUDY_PAIR, STUDY_ORDER
     ids = load_prompt_frame(prompts_path, config, ["question_id", "correct", "wrong", "order"]).filter(
         pl.col("correct") == correct, pl.col("wrong") == wrong, pl.col("order") == order)["question_id"].unique()
     return pairs.filter(pl.col("question_id").is_in(ids.to_list()))

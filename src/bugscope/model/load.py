@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bugscope.config import check_model_geometry
 from bugscope.io import atomic_path, installed_file
 from bugscope.model.sites import model_family
 
@@ -267,12 +268,7 @@ def prepare_model(model_cfg: dict, checkpoint_dir: str | Path, manifest_path: st
         name=model_cfg["name"], source=source, path=path, revision=revision, dtype=model_cfg["dtype"],
         **{k: geometry[k] for k in MANIFEST_GEOMETRY}, snapshot_path=snapshot,
     )
-    for key in ("num_layers", "num_heads"):
-        if getattr(manifest, key) != model_cfg[key]:
-            raise ModelUnavailableError(
-                f"The config says model.{key}={model_cfg[key]}, but the checkpoint {path} has "
-                f"{getattr(manifest, key)}. Fix model.{key} in the config."
-            )
+    check_model_geometry(model_cfg, geometry, f"the checkpoint {path}")
     manifest.save(manifest_path)
     return manifest
 
@@ -315,6 +311,15 @@ def load_model(manifest: ModelManifest, device: str = "auto"):
         model = AutoModelForCausalLM.from_pretrained(manifest.folder(), local_files_only=True, dtype=dtype)
     except OSError as err:
         raise _cannot_load(manifest, err) from err
+    found = model_geometry(model.config)
+    stale = [k for k in MANIFEST_GEOMETRY if found[k] != getattr(manifest, k)]
+    if stale:
+        raise ModelUnavailableError(
+            f"The checkpoint of {manifest.name} at {manifest.folder()} has "
+            f"{', '.join(f'{k}={found[k]}' for k in stale)}, but its manifest (model.json) records "
+            f"{', '.join(f'{k}={getattr(manifest, k)}' for k in stale)}: the checkpoint changed after "
+            "prepare_model. Rerun it (snakemake --forcerun prepare_model)."
+        )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -36,7 +36,7 @@ import polars as pl
 import torch
 
 from bugscope.data.baseline import parse_answer
-from bugscope.data.prompts import BUG_PAIR_KIND
+from bugscope.data.prompts import BUG_PAIR_KIND, STUDY_ORDER, STUDY_PAIR
 from bugscope.model.forward import LayerRunner, make_batch
 from bugscope.model.generate import generate_with_attention_write, generate_with_source_heads
 from bugscope.model.sites import HEAD_SITE
@@ -46,7 +46,6 @@ from bugscope.patching.pairs import ORIGINAL_POSITIONS, PatchPair, positions_for
 VERBS = ("bigger", "larger", "greater")
 INPUTS = ("prompt", "scoring")  # generation from the prompt text, or from the scoring input (input_ids)
 METRICS = ("string", "parse_answer", "logit_diff")
-SEED_PAIR = ("9.8", "9.11")  # the seed's pair, asked correct first: "Which is bigger: 9.8 or 9.11?"
 
 
 def string_success(text: str, correct: str, wrong: str) -> bool:
@@ -144,7 +143,7 @@ def decomposition_pairs(prompts: pl.DataFrame, target_format: str, source_format
 
 
 def is_seed_prompt(row: dict) -> bool:
-    return (row["correct"], row["wrong"]) == SEED_PAIR and row["order"] == "correct_first"
+    return (row["correct"], row["wrong"]) == STUDY_PAIR and row["order"] == STUDY_ORDER
 
 
 def generation_ids(row: dict, input_kind: str, tokenizer, add_special_tokens: bool) -> list[int]:

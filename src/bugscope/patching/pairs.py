@@ -17,7 +17,7 @@ POSITION_MODES = ("aligned", "decision", "suffix")
 ORIGINAL_POSITIONS = "original"  # the original method's positions [:min_len]
 OPERATIONS = ("patch", "zero", "mean")
 DIRECTIONS = ("fix", "break")
-SITES = (HEAD_SITE, "attn_out")  # o_proj input (true heads) or self_attn output (the seed's slices)
+PATCH_SITES = (HEAD_SITE, "attn_out")  # patched at: o_proj input (true heads) or self_attn output (the seed's slices)
 
 
 
@@ -30,8 +30,8 @@ class PatchSpec:
     operation: str = "patch"
 
     def __post_init__(self):
-        if self.site not in SITES:
-            raise PatchingConfigError(f"unknown patch site {self.site!r}; expected one of {', '.join(SITES)}.")
+        if self.site not in PATCH_SITES:
+            raise PatchingConfigError(f"unknown patch site {self.site!r}; expected one of {', '.join(PATCH_SITES)}.")
         if self.positions not in (*POSITION_MODES, ORIGINAL_POSITIONS):
             raise PatchingConfigError(
                 f"patching.positions is {self.positions!r}; expected one of {', '.join(POSITION_MODES)}.")

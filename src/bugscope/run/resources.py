@@ -27,7 +27,8 @@ import os
 import re
 from pathlib import Path
 
-from bugscope.config import analysed_layers, head_set_feature_sets, n_prompts, sae_sets
+from bugscope import stages
+from bugscope.config import analysed_layers, layer_groups, n_prompts, sae_sets
 from bugscope.io import DTYPE_BYTES
 
 # Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM). One: on a
@@ -41,23 +42,10 @@ BASE_MB = 4000
 # overlap stage has run, with focus_layers: auto).
 FOCUS_LAYERS_HINT = 8
 
-# The model rules, by stage name. A per-layer-group rule is `<stage>_<group>` (head_sweep_L00_03), and
-# one of an SAE set `<stage>_<set>_<group>` (encode_features_main_L00_03).
-SET_GROUP_RULES = ("train_sae", "load_pretrained_sae", "encode_features", "sae_quality")
-GROUP_RULES = (*SET_GROUP_RULES, "head_sweep")
-# The rule that makes a set's SAEs, by sae.sets[].source.
-SAE_RULE = {"train": "train_sae", "pretrained": "load_pretrained_sae"}
-# The focus-layer patching experiments, by rule: the patching config key that turns each on.
-PATCH_EXPERIMENT_RULES = {"head_replacement": "replacement", "head_subsets_exhaustive": "exhaustive",
-                          "residual_map": "residual_map", "head_bidirectional": "bidirectional"}
-MODEL_RULES = ("baseline", "cache_residuals", "cache_corpus", *GROUP_RULES, "head_subsets", "head_original_method",
-               *PATCH_EXPERIMENT_RULES, "original_decomposition", "head_feature_attribution", "feature_pages",
-               "feature_interventions", "head_set_features")
-
-
-def patch_experiment_enabled(config: dict, rule: str) -> bool:
-    value = config["patching"][PATCH_EXPERIMENT_RULES[rule]]
-    return bool(value["enabled"] if isinstance(value, dict) else value)
+# The model rules, by stage name: the stages of resource class "model" in bugscope.stages, in workflow
+# order. A per-layer-group rule is `<stage>_<group>` (head_sweep_L00_03), and one of an SAE set
+# `<stage>_<set>_<group>` (encode_features_main_L00_03).
+MODEL_RULES = stages.MODEL_STAGES
 
 
 def n_exhaustive_sets(config: dict) -> int:
@@ -192,31 +180,21 @@ def job_resources(config: dict, rule: str, group_layers: list[int] | None = None
 
 
 def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:
-    """(rule name, job_resources) of every model rule the config makes, in the workflow's order."""
-    from bugscope.config import layer_groups
-
+    """(rule name, job_resources) of every model rule the config makes, in the workflow's order
+    (bugscope.stages: which stages run, and how their jobs split)."""
     per_job = config["resources"]["layers_per_job"]
-    groups = layer_groups(analysed_layers(config), per_job)
     out = []
-    for rule in MODEL_RULES:
-        if rule == "head_original_method" and not config["patching"]["original_method"]:
+    for name in MODEL_RULES:
+        stage = stages.STAGE[name]
+        if not stage.enabled(config):
             continue
-        if rule in PATCH_EXPERIMENT_RULES and not patch_experiment_enabled(config, rule):
-            continue
-        if rule == "feature_interventions" and not config["interventions"]["enabled"]:
-            continue
-        if rule == "original_decomposition" and not config["patching"]["original_generation"]["enabled"]:
-            continue
-        if rule == "head_set_features" and not head_set_feature_sets(config):
-            continue
-        if rule in SET_GROUP_RULES:
-            for s in sae_sets(config):
-                if rule in SAE_RULE.values() and rule != SAE_RULE[s["source"]]:
-                    continue
-                out += [(f"{rule}_{s['name']}_{group}", job_resources(config, rule, layers, s))
+        if stage.per == "set_group":
+            for s in stage.sets(config):
+                out += [(f"{name}_{s['name']}_{group}", job_resources(config, name, layers, s))
                         for group, layers in layer_groups(s["layers"], per_job).items()]
-        elif rule in GROUP_RULES:
-            out += [(f"{rule}_{group}", job_resources(config, rule, layers)) for group, layers in groups.items()]
+        elif stage.per == "group":
+            out += [(f"{name}_{group}", job_resources(config, name, layers))
+                    for group, layers in layer_groups(analysed_layers(config), per_job).items()]
         else:
-            out.append((rule, job_resources(config, rule)))
+            out.append((name, job_resources(config, name)))
     return out

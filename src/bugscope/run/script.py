@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import traceback
 
+from bugscope.config import check_model_geometry
 from bugscope.io import DiskFullError
 from bugscope.run.jobstats import job_stats
 
@@ -37,6 +39,7 @@ def run(snakemake, main) -> None:
         if os.environ.get(FAIL_RULE_ENV) == snakemake.rule:
             raise RuntimeError(f"injected failure ({FAIL_RULE_ENV}={snakemake.rule}); unset {FAIL_RULE_ENV} and rerun")
         # BUGSCOPE_JOB_STATS=<file>: wall time, peak GPU memory and matmul FLOPs per job (bench/gpu_check.sh)
+        _check_manifest(snakemake)
         with job_stats(snakemake.rule):
             main(snakemake)
     except USER_ERRORS as err:
@@ -48,6 +51,18 @@ def run(snakemake, main) -> None:
     finally:
         if log_path:
             sys.stderr.flush()
+
+
+def _check_manifest(snakemake) -> None:
+    """A job that reads the model manifest checks it against the shape the config declares
+    (model.num_layers, model.num_heads: bugscope.config.check_model_geometry) before any work."""
+    manifest = getattr(snakemake.input, "manifest", None)
+    model_cfg = snakemake.config.get("model")
+    if not manifest or not model_cfg:
+        return
+    with open(manifest) as fh:
+        found = json.load(fh)
+    check_model_geometry(model_cfg, found, f"the checkpoint recorded in {manifest}")
 
 
 def _set_up_torch(threads: int, seed: int) -> None:
