@@ -1,4 +1,4 @@
-"""The stage registry (bugscope.stages), the derived config defaults and the declared model shape."""
+"""The stage registry (bugscope.run.stages), the derived config defaults and the declared model shape."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import re
 import pytest
 import yaml
 
-from bugscope import stages
 from bugscope.config import ConfigError, check_model_geometry, load_config, validate_config
-from bugscope.run import resources
+from bugscope.run import resources, stages
 from tests.conftest import REPO
 
 

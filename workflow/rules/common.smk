@@ -11,7 +11,7 @@ from bugscope.config import (
     sae_sets,
     stage_hash,
 )
-import bugscope.stages as stages
+from bugscope.run import stages
 import bugscope.claims.spec as bugscope_ledger
 import bugscope.run.resources as bugscope_resources
 
@@ -48,7 +48,7 @@ localrules:
 
 
 def final_outputs():
-    """The default target: every output of the stages the config runs (bugscope.stages.targets)."""
+    """The default target: every output of the stages the config runs (bugscope.run.stages.targets)."""
     return stages.targets(config)
 
 
@@ -110,7 +110,7 @@ def model_job_resources(rule, group_layers=None, sae_set=None):
 # --- figures, report tables and the claims ledger (workflow/rules/figures.smk) ------------------
 
 
-# The report tables by name (rule report_table; bugscope.stages declares them with the figures).
+# The report tables by name (rule report_table; bugscope.run.stages declares them with the figures).
 REPORT_TABLES = stages.report_tables(config)
 
 
@@ -136,7 +136,7 @@ def figure_outputs(name, category):
 
 def claims_table_sets():
     """The SAE sets whose file the ledger reads, per table: [None] for a table that is not per set
-    (bugscope.stages.claims_table_sets: none for a stage the config turns off)."""
+    (bugscope.run.stages.claims_table_sets: none for a stage the config turns off)."""
     return stages.claims_table_sets(
         config, {name: spec.path for name, spec in bugscope_ledger.TABLES.items()}
     )

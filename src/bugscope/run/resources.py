@@ -27,9 +27,9 @@ import os
 import re
 from pathlib import Path
 
-from bugscope import stages
 from bugscope.config import analysed_layers, layer_groups, n_prompts, sae_sets
 from bugscope.io import DTYPE_BYTES
+from bugscope.run import stages
 
 # Threads of a job that runs the model (torch intra-op threads; cpus_per_task on SLURM). One: on a
 # CPU host two one-thread jobs side by side do about 1.2x the work of one two-thread job (a patched
@@ -42,7 +42,7 @@ BASE_MB = 4000
 # overlap stage has run, with focus_layers: auto).
 FOCUS_LAYERS_HINT = 8
 
-# The model rules, by stage name: the stages of resource class "model" in bugscope.stages, in workflow
+# The model rules, by stage name: the stages of resource class "model" in bugscope.run.stages, in workflow
 # order. A per-layer-group rule is `<stage>_<group>` (head_sweep_L00_03), and one of an SAE set
 # `<stage>_<set>_<group>` (encode_features_main_L00_03).
 MODEL_RULES = stages.MODEL_STAGES
@@ -181,7 +181,7 @@ def job_resources(config: dict, rule: str, group_layers: list[int] | None = None
 
 def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:
     """(rule name, job_resources) of every model rule the config makes, in the workflow's order
-    (bugscope.stages: which stages run, and how their jobs split)."""
+    (bugscope.run.stages: which stages run, and how their jobs split)."""
     per_job = config["resources"]["layers_per_job"]
     out = []
     for name in MODEL_RULES:

@@ -226,7 +226,7 @@ def producer(template: str) -> Stage:
     for stage in STAGES:
         if template in stage.outputs:
             return stage
-    raise KeyError(f"no stage of bugscope.stages writes {template!r}: declare it in the stage's outputs.")
+    raise KeyError(f"no stage of bugscope.run.stages writes {template!r}: declare it in the stage's outputs.")
 
 
 def set_tables(config: dict, sae_set: str) -> list[str]:
