@@ -150,14 +150,14 @@ def test_literal_rule_reads_the_seed_ids_of_the_mlp_output_set():
 
 
 def test_figure_draws_every_size_and_both_references(tmp_path):
-    from bugscope.figures import charts as figures
     from bugscope.figures import experiments as figures_experiments
+    from bugscope.figures import style
 
     counts = {"none": [1] * 12, "even_k2_0000": [5] * 12, "even_k2_0001": [4] * 12, "even_k1_0000": [2] * 12}
     chart = figures_experiments.head_set_features(summarise(_per_prompt(counts), CONFIG),
-                                                  figures.Labels("SmolLM2-135M-Instruct", "qa", "simple", 0.95))
-    spec = figures.save_chart(chart, {ext: tmp_path / f"f.{ext}" for ext in figures.FIGURE_EXTS}, png_scale=1)
-    assert all((tmp_path / f"f.{ext}").stat().st_size > 0 for ext in figures.FIGURE_EXTS)
+                                                  style.Labels("SmolLM2-135M-Instruct", "qa", "simple", 0.95))
+    spec = style.save_chart(chart, {ext: tmp_path / f"f.{ext}" for ext in style.FIGURE_EXTS}, png_scale=1)
+    assert all((tmp_path / f"f.{ext}").stat().st_size > 0 for ext in style.FIGURE_EXTS)
     data = pl.DataFrame(chart.to_dict()["datasets"][chart.to_dict()["data"]["name"]])
     boxes = data.filter(pl.col("median").is_not_null()).sort("k")
     assert boxes["k"].to_list() == [1, 2] and boxes["n_sets"].to_list() == [1, 2]

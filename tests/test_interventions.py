@@ -346,22 +346,22 @@ def tables_columns():
 
 
 def test_figure_draws_the_summary(tmp_path):
-    from bugscope.figures import charts as figures
+    from bugscope.figures import style
     from bugscope.figures.interventions import interventions
 
     summary = summarise(_per_prompt(), n_resamples=50, confidence=0.95, seed=0)
-    chart = interventions(summary, figures.Labels("SmolLM2-135M-Instruct"))
+    chart = interventions(summary, style.Labels("SmolLM2-135M-Instruct"))
     spec = chart.to_dict()
     assert "success rate" in str(spec) and "broken rate on control pairs" in str(spec)
-    out = {ext: tmp_path / f"f.{ext}" for ext in figures.FIGURE_EXTS}
-    figures.save_chart(chart, out)
+    out = {ext: tmp_path / f"f.{ext}" for ext in style.FIGURE_EXTS}
+    style.save_chart(chart, out)
     assert out["svg"].stat().st_size > 1000
 
 
 def test_figure_is_the_same_bytes_on_every_build():
     """The chart's data keeps its row order: a rerun must write the same HTML (polars' unique and
     join do not keep order unless asked; the 2026-12-07 runs differed in interventions.html)."""
-    from bugscope.figures import charts as figures
+    from bugscope.figures import style
     from bugscope.figures.interventions import interventions
 
     base = _per_prompt()
@@ -371,7 +371,7 @@ def test_figure_is_the_same_bytes_on_every_build():
                                                                    pl.lit(name).alias("feature_set"))
               for layer in (8, 21, 25) for name in ("top", "buggy_up", "correct_up", "wrong_up")]
     summary = summarise(pl.concat(parts), n_resamples=20, confidence=0.95, seed=0)
-    specs = {interventions(summary, figures.Labels("SmolLM2-135M-Instruct")).to_json() for _ in range(12)}
+    specs = {interventions(summary, style.Labels("SmolLM2-135M-Instruct")).to_json() for _ in range(12)}
     assert len(specs) == 1
 
 

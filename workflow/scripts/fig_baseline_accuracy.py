@@ -1,6 +1,7 @@
 
 from bugscope import tables
-from bugscope.figures.charts import FIGURE_EXTS, Labels, baseline_accuracy, save_chart
+from bugscope.figures.behaviour import baseline_accuracy
+from bugscope.figures.style import FIGURE_EXTS, Labels, save_chart
 from bugscope.run.script import run
 
 

@@ -1,7 +1,7 @@
 
 from bugscope import tables
-from bugscope.figures.charts import FIGURE_EXTS, Labels, save_chart
 from bugscope.figures.overlap import feature_overlap
+from bugscope.figures.style import FIGURE_EXTS, Labels, save_chart
 from bugscope.run.script import run
 
 

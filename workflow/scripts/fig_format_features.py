@@ -1,6 +1,7 @@
 
 from bugscope import tables
-from bugscope.figures.charts import FIGURE_EXTS, Labels, format_features, save_chart
+from bugscope.figures.features import format_features
+from bugscope.figures.style import FIGURE_EXTS, Labels, save_chart
 from bugscope.focus import focus_layers
 from bugscope.run.script import log, run
 

@@ -1,6 +1,7 @@
 
 from bugscope import tables
-from bugscope.figures.charts import FIGURE_EXTS, Labels, head_attribution, save_chart
+from bugscope.figures.features import head_attribution
+from bugscope.figures.style import FIGURE_EXTS, Labels, save_chart
 from bugscope.focus import focus_layers
 from bugscope.run.script import log, run
 

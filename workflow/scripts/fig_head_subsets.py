@@ -1,7 +1,8 @@
 import polars as pl
 
 from bugscope import tables
-from bugscope.figures.charts import FIGURE_EXTS, Labels, head_subsets, save_chart
+from bugscope.figures.patching import head_subsets
+from bugscope.figures.style import FIGURE_EXTS, Labels, save_chart
 from bugscope.run.script import log, run
 
 

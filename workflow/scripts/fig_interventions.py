@@ -1,8 +1,8 @@
 import polars as pl
 
 from bugscope import tables
-from bugscope.figures.charts import FIGURE_EXTS, Labels, save_chart
 from bugscope.figures.interventions import interventions
+from bugscope.figures.style import FIGURE_EXTS, Labels, save_chart
 from bugscope.run.script import run
 
 

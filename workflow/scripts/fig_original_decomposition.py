@@ -1,6 +1,6 @@
 from bugscope import tables
-from bugscope.figures.charts import FIGURE_EXTS, Labels, save_chart
 from bugscope.figures.original import original_decomposition
+from bugscope.figures.style import FIGURE_EXTS, Labels, save_chart
 from bugscope.run.script import run
 
 

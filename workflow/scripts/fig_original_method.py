@@ -1,6 +1,7 @@
 
 from bugscope import tables
-from bugscope.figures.charts import FIGURE_EXTS, Labels, original_method, save_chart
+from bugscope.figures.patching import original_method
+from bugscope.figures.style import FIGURE_EXTS, Labels, save_chart
 from bugscope.run.script import run
 
 

@@ -1,6 +1,6 @@
 from bugscope import tables
-from bugscope.figures.charts import FIGURE_EXTS, Labels, save_chart
 from bugscope.figures.experiments import residual_map
+from bugscope.figures.style import FIGURE_EXTS, Labels, save_chart
 from bugscope.run.script import run
 
 

@@ -3,7 +3,8 @@ import polars as pl
 
 from bugscope import tables
 from bugscope.config import primary_sae_set
-from bugscope.figures.charts import FIGURE_EXTS, Labels, sae_quality, save_chart
+from bugscope.figures.features import sae_quality
+from bugscope.figures.style import FIGURE_EXTS, Labels, save_chart
 from bugscope.run.script import run
 
 

@@ -1,27 +1,24 @@
 """Figures of the focus-layer patching experiments (bugscope.patching.study): the replacement
 fraction, the residual-stream patching map and every head set by size and composition. Conventions:
-bugscope.figures."""
+bugscope.figures.style."""
 
 from __future__ import annotations
 
 import altair as alt
 import polars as pl
 
-from bugscope.figures.charts import (
+from bugscope.figures.patching import RATE_COLUMNS, direction_text, eligible_text, rate_tooltip
+from bugscope.figures.style import (
     DIVERGING,
     HEIGHT,
     OKABE_ITO,
-    RATE_COLUMNS,
     WIDTH,
     Labels,
     by_kind,
     chart_title,
-    direction_text,
-    eligible_text,
     kind_column,
     n_label,
     null_nan,
-    rate_tooltip,
 )
 
 

@@ -1,4 +1,4 @@
-"""The SAE-feature interventions figure (bugscope.interventions), in the style of bugscope.figures."""
+"""The SAE-feature interventions figure (bugscope.interventions), in the style of bugscope.figures.style."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import altair as alt
 import polars as pl
 
 from bugscope.data.prompts import ALL, BUG_PAIR_KIND, CONTROLS
-from bugscope.figures.charts import HEIGHT, OKABE_ITO, WIDTH, Labels, chart_title, n_label, null_nan
+from bugscope.figures.style import HEIGHT, OKABE_ITO, WIDTH, Labels, chart_title, n_label, null_nan
 
 FAMILY_COLOURS = {"tested": OKABE_ITO["blue"], "random_control": OKABE_ITO["grey"], "none": OKABE_ITO["black"]}
 RATES = ("success_rate", "success_low", "success_high", "broken_rate", "broken_low", "broken_high", "accuracy",

@@ -1,8 +1,8 @@
 """The original procedure and the per-head method, one factor at a time (bugscope.patching.original_method):
 the success of each setting of the decomposition at the focus layer(s), chain first.
 
-Split from bugscope.figures (whose palette, sizes, `Labels` and title helpers it uses);
-`figures.save_chart` saves it like every other figure.
+It uses the palette, sizes, `Labels` and title helpers of bugscope.figures.style, whose `save_chart`
+saves it like every other figure.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
-from bugscope.figures.charts import HEIGHT, OKABE_ITO, Labels, chart_title, n_label, null_nan
+from bugscope.figures.style import HEIGHT, OKABE_ITO, Labels, chart_title, n_label, null_nan
 
 MEASURES = {"original_success": "the original's success: all targets judged right after the patch",
             "success_rate": "success on eligible targets (source right, target wrong unpatched)"}

@@ -1,8 +1,8 @@
 """Figures 2 and 3: the top-k feature overlap between the formats and the amplification of the
 shared features, per layer, each beside its same-format chance level (bugscope.features.chance).
 
-Split from bugscope.figures (whose palette, sizes, `Labels` and title helpers they use) to keep
-each module short; `figures.save_chart` saves them like every other figure.
+They use the palette, sizes, `Labels` and title helpers of bugscope.figures.style, whose `save_chart`
+saves them like every other figure.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
-from bugscope.figures.charts import BUGGY_COLOUR, CORRECT_COLOUR, HEIGHT, OKABE_ITO, WIDTH, Labels, chart_title, n_label
+from bugscope.figures.style import BUGGY_COLOUR, CORRECT_COLOUR, HEIGHT, OKABE_ITO, WIDTH, Labels, chart_title, n_label
 
 BASELINE_LABELS = {"same_format_different_question": "same format, different question (chance level)",
                    "same_format_swapped_order": "same format, question orders swapped"}

@@ -1,0 +1,55 @@
+"""Figure 1, the model's behaviour without intervention: baseline accuracy per prompt format, question
+order and pair kind (bugscope.data.baseline)."""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+
+from bugscope.data.prompts import ALL, ORDERS
+from bugscope.figures.style import (
+    HEIGHT,
+    KIND_NOTE,
+    OKABE_ITO,
+    WIDTH,
+    Labels,
+    chart_title,
+    kind_column,
+    kind_order,
+    n_label,
+    null_nan,
+)
+
+ORDERS_POOLED = "both orders"
+
+
+def baseline_accuracy(accuracy: pl.DataFrame, labels: Labels) -> alt.FacetChart:
+    """Accuracy per prompt format (x) and question order (bars: each order and both pooled), one
+    column per pair kind, decision-logit metric, with the pair-level CIs."""
+    role = {labels.buggy_format: " (buggy)", labels.correct_format: " (correct)"}
+    df = null_nan(accuracy.filter(pl.col("pair_kind") != ALL), "accuracy", "accuracy_low", "accuracy_high").with_columns(
+        (pl.col("format") + pl.col("format").replace_strict(role, default="")).alias("format_role"),
+        pl.col("order").replace({ALL: ORDERS_POOLED}).alias("order_label"))
+    orders = [o for o in (ORDERS_POOLED, *ORDERS) if o in df["order_label"].to_list()]
+    colour = alt.Color("order_label:N", title="question order", sort=orders, legend=alt.Legend(orient="top"),
+                       scale=alt.Scale(domain=orders, range=[OKABE_ITO["black"], OKABE_ITO["sky_blue"],
+                                                            OKABE_ITO["orange"]][:len(orders)]))
+    x = alt.X("format_role:N", title="prompt format", sort=sorted(df["format_role"].unique().to_list()),
+              axis=alt.Axis(labelAngle=0))
+    offset = alt.XOffset("order_label:N", sort=orders)
+    bars = alt.Chart().mark_bar(opacity=0.8).encode(
+        x=x, xOffset=offset, color=colour,
+        y=alt.Y("accuracy:Q", title=f"accuracy (fraction answered right, {labels.ci})", scale=alt.Scale(domain=[0, 1])),
+        tooltip=["format", "pair_kind", "order", "n_prompts", "n_pairs", alt.Tooltip("accuracy:Q", format=".3f"),
+                 alt.Tooltip("accuracy_low:Q", format=".3f"), alt.Tooltip("accuracy_high:Q", format=".3f"),
+                 alt.Tooltip("mean_logit_diff:Q", format=".3f")])
+    err = alt.Chart().mark_errorbar(ticks=True, color="black").encode(
+        x=x, xOffset=offset, y=alt.Y("accuracy_low:Q", title=""), y2="accuracy_high:Q")
+    chance = alt.Chart().mark_rule(strokeDash=[4, 4], color=OKABE_ITO["grey"]).encode(y=alt.datum(0.5))
+    pooled = df.filter(pl.col("order") == ALL)
+    n_pairs = ", ".join(f"{k} {n_label(pooled.filter(pl.col('pair_kind') == k)['n_pairs'])}" for k in kind_order(df))
+    return alt.layer(bars, err, chance, data=df).properties(width=WIDTH // 2, height=HEIGHT).facet(
+        column=kind_column(df)).properties(title=chart_title(
+            f"Baseline accuracy per prompt format, question order and pair kind ({labels.model})",
+            [f"decision-token logit difference > 0; number pairs: {n_pairs}; {KIND_NOTE}",
+             f"bars: {labels.ci} (bootstrap over number pairs); dashed: chance"]))
