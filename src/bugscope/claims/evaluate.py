@@ -148,7 +148,8 @@ class Context:
 # --- evaluation -----------------------------------------------------------------------------------
 
 
-def _resolve(value: Any, ctx: Context) -> Any:
+def resolve_value(value: Any, ctx: Context) -> Any:
+    """`value` with its "$name" references (the formats, the focus layers, head counts ...) resolved in `ctx`."""
     if isinstance(value, str) and value.startswith("$"):
         if value == "$buggy_format":
             return ctx.buggy_format
@@ -177,7 +178,7 @@ def select(df: pl.DataFrame, where: Mapping[str, Any], ctx: Context) -> pl.DataF
             later[col] = raw
             continue
         if isinstance(raw, dict) and "not" in raw:
-            v = _resolve(raw["not"], ctx)
+            v = resolve_value(raw["not"], ctx)
             cond = ~pl.col(col).is_in(v) if isinstance(v, list) else pl.col(col) != v
         elif isinstance(raw, dict) and "between" in raw:
             lo, hi = raw["between"]
@@ -185,7 +186,7 @@ def select(df: pl.DataFrame, where: Mapping[str, Any], ctx: Context) -> pl.DataF
         elif isinstance(raw, dict) and "depth" in raw:
             cond = pl.col(col) == round(float(raw["depth"]) * (ctx.num_layers - 1))
         else:
-            v = _resolve(raw, ctx)
+            v = resolve_value(raw, ctx)
             cond = pl.col(col).is_in(v) if isinstance(v, list) else pl.col(col) == v
         df = df.filter(cond)
     for col, raw in later.items():
@@ -205,7 +206,7 @@ def _require_every_listed_value(sel: pl.DataFrame, where: Mapping[str, Any], ctx
     """A check on listed items (feature ids, layers) is tested on all of them or not at all: scored
     on the subset that happens to be present, it would pass more easily."""
     for col, raw in where.items():
-        v = _resolve(raw, ctx) if not isinstance(raw, dict) else None
+        v = resolve_value(raw, ctx) if not isinstance(raw, dict) else None
         if isinstance(v, list):
             missing = sorted(set(v) - set(sel[col].to_list()))
             if missing:

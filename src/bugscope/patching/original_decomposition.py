@@ -1,8 +1,7 @@
 """The decomposition of the gap between the original procedure and the per-head method: every
 setting of `bugscope.patching.original_method.settings` on the same prompts (`run_decomposition`), and its
-summary with cluster-bootstrap intervals over number pairs (`summarise`).
-
-Split from bugscope.patching.original_method (the procedure and the settings) to keep each module short.
+summary with cluster-bootstrap intervals over number pairs (`summarise`). The procedure and the
+settings themselves: bugscope.patching.original_method.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a patch writes where: the patch spec (site, positions, operation), the prompt pairs
 (target, source) and the positions matched between them. The engine that runs them is
-`bugscope.patching`, which re-exports these names; its docstring describes the position modes.
+`bugscope.patching.engine`; the position modes are described in the `bugscope.patching` docstring.
 """
 
 from __future__ import annotations
