@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from bugscope import layout, tables
-from bugscope.claims.evaluate import VERDICTS, Context, _resolve, evaluate_claim
+from bugscope.claims.evaluate import VERDICTS, Context, evaluate_claim, resolve_value
 from bugscope.claims.spec import TABLES, LedgerError, load_ledger, referenced_columns
 from bugscope.config import load_config
 from bugscope.features.attribution import PARITY_COLUMNS
@@ -17,7 +17,7 @@ from bugscope.features.pages import TOKEN_SCHEMA
 from bugscope.io import read_metadata, read_table
 from bugscope.patching.summary import bug_kind_rows
 from tests.conftest import REPO
-from tests.test_figures import accuracy_table, overlap_table, patching_summary
+from tests.figure_tables import accuracy_table, overlap_table, patching_summary
 
 LEDGER = REPO / "config" / "claims.yaml"
 
@@ -167,9 +167,9 @@ def test_above_on_head_patching_tables():
 
 
 def test_head_count_tokens():
-    assert _resolve("$half_even_heads", ctx(num_heads=32)) == 8
-    assert _resolve("$quarter_even_heads", ctx(num_heads=32)) == 4
-    assert _resolve("$half_even_heads", ctx(num_heads=9)) == 2
+    assert resolve_value("$half_even_heads", ctx(num_heads=32)) == 8
+    assert resolve_value("$quarter_even_heads", ctx(num_heads=32)) == 4
+    assert resolve_value("$half_even_heads", ctx(num_heads=9)) == 2
 
 
 def test_ledger_shape_errors(tmp_path):
@@ -189,9 +189,9 @@ REQUIRED_IDS = {"overlap_layer_7", "overlap_layer_8", "overlap_layer_10", "overl
 
 def decomposition_summary() -> pl.DataFrame:
     """The original-decomposition summary of a made-up per-prompt table (bugscope.patching.original_method)."""
-    from tests.test_original_method import _summary
+    from tests.test_original_method import decomposition_summary_of
 
-    return _summary({"original": [True] * 4, "all_pairs": [True, False, True, False]})
+    return decomposition_summary_of({"original": [True] * 4, "all_pairs": [True, False, True, False]})
 
 
 def producer_columns() -> dict[str, set[str]]:

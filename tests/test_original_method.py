@@ -101,12 +101,13 @@ def _per_prompt(judged: dict[str, list[bool]], base=(False, False, True, False),
     return pl.DataFrame(rows, schema=original_decomposition.PER_PROMPT_SCHEMA)
 
 
-def _summary(judged, **kw):
+def decomposition_summary_of(judged, **kw):
+    """original_decomposition.summarise of hand-made per-prompt judgements (`_per_prompt`)."""
     return original_decomposition.summarise(_per_prompt(judged, **kw), n_resamples=200, confidence=0.95, seed=0)
 
 
 def test_summary_rates_eligibility_and_paired_deltas():
-    s = _summary({"original": [True] * 4, "all_pairs": [True, False, True, False],
+    s = decomposition_summary_of({"original": [True] * 4, "all_pairs": [True, False, True, False],
                   "scoring_input": [True, True, True, False]})
     row = {r["setting"]: r for r in s.iter_rows(named=True)}
     assert row["original"]["n_prompts"] == 1 and row["original"]["original_success"] == 1.0
@@ -221,12 +222,12 @@ def test_ci_workflow_decomposition(ci_workflow, ci_config):
 
 
 def test_figure_draws_every_setting_in_chain_order(tmp_path):
-    from bugscope.figures import charts as figures
+    from bugscope.figures import style
     from bugscope.figures.original import original_decomposition, setting_labels
 
-    s = _summary({"original": [True] * 4, "all_pairs": [True, False, True, False],
+    s = decomposition_summary_of({"original": [True] * 4, "all_pairs": [True, False, True, False],
                   "scoring_input": [True, True, True, False], "per_head_seed_pair": [True] * 4})
-    labels = figures.Labels("SmolLM2-135M-Instruct", "qa", "simple", 0.95)
+    labels = style.Labels("SmolLM2-135M-Instruct", "qa", "simple", 0.95)
     chart = original_decomposition(s, labels)
     order = setting_labels(s)
     assert [o.split(" ")[1] for o in order] == ["original", "all_pairs", "scoring_input", "per_head_seed_pair"]
@@ -234,7 +235,7 @@ def test_figure_draws_every_setting_in_chain_order(tmp_path):
     rows = [r for d in spec["datasets"].values() for r in d]
     assert {r["setting"] for r in rows} == set(s["setting"]) and all(r["rate"] == r["rate"] for r in rows
                                                                       if r["rate"] is not None)  # no NaN
-    out = figures.save_chart(chart, {ext: tmp_path / f"f.{ext}" for ext in figures.FIGURE_EXTS}, png_scale=1)
+    out = style.save_chart(chart, {ext: tmp_path / f"f.{ext}" for ext in style.FIGURE_EXTS}, png_scale=1)
     assert out and (tmp_path / "f.svg").stat().st_size > 1000
 
 

@@ -1,0 +1,84 @@
+"""Discriminative and named features: a planted feature is found, a noise feature's held-out ratio
+shrinks to one, the Benjamini-Hochberg q-values and the named ratios."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from bugscope.features.discriminative import bh_qvalues, discriminative_features
+from bugscope.features.named import named_features
+from bugscope.features.values import position_weights, prompt_pairs, prompt_values
+from tests.helpers import pair_prompts, sparse_features
+
+
+def test_discriminative_finds_planted_feature():
+    rng = np.random.default_rng(3)
+    n_q = 30
+    prompts = pair_prompts(n_q)
+    pairs = prompt_pairs(prompts, "qa", "simple")
+    rows = []
+    for q in range(n_q):
+        for j in range(2):
+            pid = 2 * q + j
+            rows.append((pid, 5, 100, 3.0 + (2.0 if j == 0 else 0.0) + rng.normal(0, 0.3)))  # up in buggy
+            rows.append((pid, 5, 200, 3.0 + (1.5 if j == 1 else 0.0) + rng.normal(0, 0.3)))  # down in buggy
+            rows += [(pid, 5, f, float(rng.exponential())) for f in range(10) if rng.random() < 0.5]
+    values = prompt_values(sparse_features(rows), position_weights(prompts, "decision"))
+    scores = pl.DataFrame({"prompt_id": np.arange(2 * n_q, dtype=np.int32), "is_correct": np.arange(2 * n_q) % 4 < 2})
+    cfg = {"test": "wilcoxon", "min_firing_rate": 0.05, "fdr_alpha": 0.05, "top_n": 3, "min_group_size": 5}
+    out = discriminative_features(values, pairs, scores, layer=7, cfg=cfg)
+    bvc = out.filter(pl.col("comparison") == "buggy_vs_correct")
+    up = bvc.filter(pl.col("direction") == "up", pl.col("rank") == 0).row(0, named=True)
+    down = bvc.filter(pl.col("direction") == "down", pl.col("rank") == 0).row(0, named=True)
+    assert up["feature_id"] == 100 and up["significant"] and up["q_value"] < 1e-4 and up["effect_size"] > 2
+    assert down["feature_id"] == 200 and down["significant"]
+    assert bvc.filter(~pl.col("feature_id").is_in([100, 200]))["significant"].sum() == 0
+    assert set(out["comparison"].unique()) == {"buggy_vs_correct", "buggy_vs_correct_heldout", "wrong_vs_right"}
+    assert out.filter(pl.col("comparison") == "wrong_vs_right")["n_a"].unique().to_list() == [n_q // 2]
+    # Held out: ranked on the even pair ids, measured on the odd ones. The planted feature stays on
+    # top and keeps its ratio on pairs that did not rank it.
+    held = out.filter(pl.col("comparison") == "buggy_vs_correct_heldout", pl.col("direction") == "up",
+                      pl.col("rank") == 0).row(0, named=True)
+    assert held["feature_id"] == 100 and held["n_a"] == len(range(0, n_q // 2, 2)) * 2
+    assert held["heldout_mean_a"] / held["heldout_mean_b"] == pytest.approx(5 / 3, abs=0.25)
+    assert held["heldout_firing_rate_a"] == held["heldout_firing_rate_b"] == 1.0  # about 5 and 3, never 0
+
+
+def test_heldout_ratio_of_a_noise_feature_shrinks_to_one():
+    # No feature differs between formats: the top-ranked one has a ratio above 1 on the pairs that
+    # ranked it, by selection alone, and about 1 on the held-out pairs.
+    rng = np.random.default_rng(5)
+    n_q = 80
+    prompts = pair_prompts(n_q)
+    pairs = prompt_pairs(prompts, "qa", "simple")
+    rows = [(2 * q + j, 5, f, float(rng.exponential())) for q in range(n_q) for j in range(2) for f in range(300)]
+    values = prompt_values(sparse_features(rows), position_weights(prompts, "decision"))
+    scores = pl.DataFrame({"prompt_id": np.arange(2 * n_q, dtype=np.int32), "is_correct": np.arange(2 * n_q) % 4 < 2})
+    cfg = {"test": "wilcoxon", "min_firing_rate": 0.05, "fdr_alpha": 0.05, "top_n": 1, "min_group_size": 5}
+    top = discriminative_features(values, pairs, scores, layer=7, cfg=cfg).filter(
+        pl.col("comparison") == "buggy_vs_correct_heldout", pl.col("direction") == "up").row(0, named=True)
+    assert top["mean_a"] / top["mean_b"] > 1.25
+    assert abs(top["heldout_mean_a"] / top["heldout_mean_b"] - 1) < abs(top["mean_a"] / top["mean_b"] - 1) / 2
+
+
+def test_bh_matches_definition():
+    p = np.array([0.01, 0.04, 0.03, 0.2, np.nan])
+    q = bh_qvalues(p)
+    # m = 5 (NaN counts as p = 1): sorted q = 0.01*5/1, min(0.03*5/2, 0.04*5/3), 0.04*5/3, 0.2*5/4, 1
+    assert q == pytest.approx([0.05, 1 / 15, 1 / 15, 0.25, 1.0])
+
+
+def test_named_ratio_and_zero_denominator():
+    prompts = pair_prompts(3)
+    pairs = prompt_pairs(prompts, "qa", "simple")
+    rows = [(0, 5, 1, 3.0), (2, 5, 1, 3.0), (4, 5, 1, 3.0), (1, 5, 1, 2.0), (3, 5, 1, 2.0), (5, 5, 1, 2.0),
+            (0, 5, 2, 1.0)]
+    values = prompt_values(sparse_features(rows), position_weights(prompts, "decision"))
+    out = named_features(values, pairs, layer=3, named={"fmt": [1, 2], "none": [3]}, n_resamples=200,
+                           confidence=0.95, seed=0).sort("feature_id")
+    r1, r2, r3 = out.rows(named=True)
+    assert r1["ratio"] == pytest.approx(1.5) and r1["ratio_low"] == pytest.approx(1.5) and r1["firing_rate_buggy"] == 1.0
+    assert r2["ratio"] is None and r2["mean_buggy"] == pytest.approx(1 / 3) and r2["firing_rate_correct"] == 0.0
+    assert r3["ratio"] is None and r3["mean_buggy"] == 0.0 and r3["category"] == "none"
