@@ -306,7 +306,7 @@ def test_mlp_out_set_end_to_end(eightb_run, eightb_config):
 
     rel = shaped.RELEASES[shaped.MLP_RELEASE]
     # SAE-Lens's own conversion from the hub cache, offline, as the load_pretrained_sae rule does it.
-    probe = ("import json; from bugscope.sae import load_pretrained_sae; "
+    probe = ("import json; from bugscope.sae.store import load_pretrained_sae; "
              f"sae, src = load_pretrained_sae({shaped.MLP_RELEASE!r}, {rel.sae_id(1)!r}); "
              "print(json.dumps({'hook': sae.cfg.metadata.hook_name, 'model': sae.cfg.metadata.model_name, "
              "'arch': sae.cfg.architecture(), 'd_sae': sae.cfg.d_sae, **src}))")
