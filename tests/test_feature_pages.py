@@ -178,7 +178,7 @@ def role_rows(feature: int, means: dict[str, float], *, layer: int = 10, selecti
               rank: int = 0, pairs: str = "all", fmt: str = "qa", rate: float = 0.9, ci: float = 0.2) -> pl.DataFrame:
     """Hand-made feature_tokens role rows of one feature (every role; unlisted roles at 0)."""
     rows = []
-    for role in pages.ROLES:
+    for role in page_html.ROLES:
         m = means.get(role, 0.0)
         rows.append({"layer": layer, "feature_id": feature, "selection": selection, "rank": rank, "pairs": pairs,
                      "format": fmt, "level": "role", "role": role, "token": "", "n_tokens": 40, "n_prompts": 20,

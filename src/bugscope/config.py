@@ -225,12 +225,12 @@ def head_set_feature_sets(config: dict) -> list[str]:
 DECLARED_GEOMETRY = ("num_layers", "num_heads")
 
 
-def check_model_geometry(model_cfg: dict, found: dict, where: str) -> None:
-    """Raise ConfigError when the checkpoint's shape (`found`: num_layers, num_heads) is not the one
-    the config declares; the message names the key to fix."""
+def check_model_geometry(model_cfg: dict, found: dict, where: str, error: type[Exception] = ConfigError) -> None:
+    """Raise `error` when the checkpoint's shape (`found`: num_layers, num_heads) is not the one the
+    config declares; the message names the key to fix."""
     for key in DECLARED_GEOMETRY:
         if found[key] != model_cfg[key]:
-            raise ConfigError(
+            raise error(
                 f"The config says model.{key}={model_cfg[key]}, but {where} has {found[key]}. "
                 f"Fix model.{key} in the config (or model.checkpoint, if it names the wrong model)."
             )

@@ -268,7 +268,7 @@ def prepare_model(model_cfg: dict, checkpoint_dir: str | Path, manifest_path: st
         name=model_cfg["name"], source=source, path=path, revision=revision, dtype=model_cfg["dtype"],
         **{k: geometry[k] for k in MANIFEST_GEOMETRY}, snapshot_path=snapshot,
     )
-    check_model_geometry(model_cfg, geometry, f"the checkpoint {path}")
+    check_model_geometry(model_cfg, geometry, f"the checkpoint {path}", error=ModelUnavailableError)
     manifest.save(manifest_path)
     return manifest
 
