@@ -60,48 +60,41 @@ def pair_prompts(n_questions: int, decision_pos: int = 5, aligned=(0, 2, 5)):
 # --- Vega-Lite specs ---------------------------------------------------------------------------
 
 
+def spec_nodes(spec):
+    """Every dict of a Vega-Lite spec, depth first (layers, facets, concats and their encodings)."""
+    if isinstance(spec, dict):
+        yield spec
+        for v in spec.values():
+            yield from spec_nodes(v)
+    elif isinstance(spec, list):
+        for v in spec:
+            yield from spec_nodes(v)
+
+
 def encoded_fields(spec) -> set[str]:
     """Every `field` an encoding channel of the Vega-Lite spec (any layer, facet or concat) reads."""
     found = set()
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "encoding" in node:
-                for channel in node["encoding"].values():
-                    for enc in channel if isinstance(channel, list) else [channel]:
-                        if isinstance(enc, dict) and "field" in enc:
-                            found.add(enc["field"])
-            if "facet" in node and isinstance(node["facet"], dict):
-                for enc in node["facet"].values():
+    for node in spec_nodes(spec):
+        if "encoding" in node:
+            for channel in node["encoding"].values():
+                for enc in channel if isinstance(channel, list) else [channel]:
                     if isinstance(enc, dict) and "field" in enc:
                         found.add(enc["field"])
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(spec)
+        if "facet" in node and isinstance(node["facet"], dict):
+            for enc in node["facet"].values():
+                if isinstance(enc, dict) and "field" in enc:
+                    found.add(enc["field"])
     return found
 
 
 def titles(spec) -> str:
     text = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            t = node.get("title")
-            if isinstance(t, dict):
-                text.extend([str(t.get("text", "")), str(t.get("subtitle", ""))])
-            elif isinstance(t, str):
-                text.append(t)
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(spec)
+    for node in spec_nodes(spec):
+        t = node.get("title")
+        if isinstance(t, dict):
+            text.extend([str(t.get("text", "")), str(t.get("subtitle", ""))])
+        elif isinstance(t, str):
+            text.append(t)
     return " ".join(text)
 
 

@@ -28,6 +28,7 @@ from bugscope.model.sites import (
     output_tensor,
     parse_hook_name,
     site_module,
+    site_writer_hook,
     unembedding,
 )
 
@@ -293,13 +294,7 @@ class LayerRunner:
         (bugscope.model.sites.SITES: resid_post, mlp_out, attn_out) at `layer`, over `replicas` copies of
         the batch, from query column `start` on (earlier keys and values come from `run`)."""
         hidden, ctx, kv = self._tail_inputs(run, layer, start, replicas)
-
-        def post_hook(_module, _inputs, output):
-            if isinstance(output, tuple):
-                return (write(output[0]),) + tuple(output[1:])
-            return write(output)
-
-        handle = site_module(self.model, layer, site).register_forward_hook(post_hook)
+        handle = site_writer_hook(self.model, layer, site, write)
         try:
             hidden = self.run(layer, hidden, ctx, kv)
         finally:

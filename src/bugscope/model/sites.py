@@ -182,12 +182,17 @@ def attention_writer_hook(model, layer: int, site: str, write: Callable[[torch.T
         return head_input_module(model, layer).register_forward_pre_hook(pre_hook)
     if site != "attn_out":
         raise ValueError(f"attention writes go to site {HEAD_SITE!r} or 'attn_out', not {site!r}")
+    return site_writer_hook(model, layer, "attn_out", write)
 
+
+def site_writer_hook(model, layer: int, site: str, write: Callable[[torch.Tensor], torch.Tensor]):
+    """Make `write` replace the output of `site` (SITES: resid_post, mlp_out, attn_out) at `layer`;
+    returns the hook's handle."""
     def post_hook(_module, _inputs, output):
         if isinstance(output, tuple):
             return (write(output[0]),) + tuple(output[1:])
         return write(output)
-    return site_module(model, layer, "attn_out").register_forward_hook(post_hook)
+    return site_module(model, layer, site).register_forward_hook(post_hook)
 
 
 def mlp_tail(model, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Callable, Mapping
 import torch
 
 from bugscope.model.forward import Batch, LayerRunner
-from bugscope.model.sites import output_tensor, site_module
+from bugscope.model.sites import site_writer_hook
 
 
 @torch.inference_mode()
@@ -38,11 +38,7 @@ def site_replaced_logit_diffs(runner: LayerRunner, batch: Batch, site: str,
         if splice_output:  # the layer's output is the clean run's: replace it, run the rest
             last = runner.run(layer + 1, splice(resume[layer]), ctx)[:, -1]
         else:  # the site is inside the layer: run the layer with the replacement in it
-            def replace(_module, _inputs, output, splice=splice):
-                new = splice(output_tensor(output))
-                return (new, *output[1:]) if isinstance(output, tuple) else new
-
-            handle = site_module(runner.model, layer, site).register_forward_hook(replace)
+            handle = site_writer_hook(runner.model, layer, site, splice)
             try:
                 last = runner.run(layer, resume[layer], ctx)[:, -1]
             finally:

@@ -186,7 +186,7 @@ def rule_table(config: dict) -> list[tuple[str, dict[str, int]]]:
     out = []
     for name in MODEL_RULES:
         stage = stages.STAGE[name]
-        if not stage.enabled(config):
+        if not stage.when(config):
             continue
         if stage.per == "set_group":
             for s in stage.sets(config):

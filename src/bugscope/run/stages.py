@@ -58,9 +58,6 @@ class Stage:
     # The SAE sets a per-set stage runs for, by the set (default: every set).
     for_set: Callable[[dict], bool] = field(default=lambda s: True)
 
-    def enabled(self, config: dict) -> bool:
-        return self.when(config)
-
     def sets(self, config: dict) -> list[dict]:
         """The SAE sets (resolved) this stage runs for; [] for a stage that is not per set."""
         return [s for s in sae_sets(config) if self.for_set(s)] if self.per in ("set", "set_group") else []
@@ -168,11 +165,6 @@ STAGE = {s.name: s for s in STAGES}
 MODEL_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.model)
 
 
-def enabled(config: dict, name: str) -> bool:
-    """Whether the stage `name` runs under `config`."""
-    return STAGE[name].enabled(config)
-
-
 def hooks(config: dict, sae_set: dict | None = None) -> list[str]:
     """The hooks `sae_set` reads at its layers; without one, every hook some set reads (one cache
     job fills them all), by layer."""
@@ -190,7 +182,7 @@ def report_tables(config: dict) -> dict[str, str]:
 
 def figures(config: dict) -> list[str]:
     """The figures the config makes, in report order."""
-    return [name for name in FIGURE_SOURCES if enabled(config, f"fig_{name}")]
+    return [name for name in FIGURE_SOURCES if STAGE[f"fig_{name}"].when(config)]
 
 
 def expand(config: dict, stage: Stage, templates: tuple[str, ...]) -> list[str]:
@@ -217,7 +209,7 @@ def expand(config: dict, stage: Stage, templates: tuple[str, ...]) -> list[str]:
 
 def targets(config: dict) -> list[str]:
     """The default target: every output of every stage the config runs, but the intermediate ones."""
-    return [path for stage in STAGES if stage.enabled(config)
+    return [path for stage in STAGES if stage.when(config)
             for path in expand(config, stage, tuple(t for t in stage.outputs if t not in stage.intermediate))]
 
 
@@ -231,7 +223,7 @@ def producer(template: str) -> Stage:
 
 def set_tables(config: dict, sae_set: str) -> list[str]:
     """The per-set feature-analysis outputs (templates) one SAE set gets, in workflow order."""
-    return [t for stage in STAGES if stage.per == "set" and stage.enabled(config)
+    return [t for stage in STAGES if stage.per == "set" and stage.when(config)
             and sae_set in [s["name"] for s in stage.sets(config)] for t in stage.outputs]
 
 
@@ -241,7 +233,7 @@ def claims_table_sets(config: dict, ledger_tables: Mapping[str, str]) -> dict[st
     out = {}
     for name, template in ledger_tables.items():
         stage = producer(template)
-        if not stage.enabled(config):
+        if not stage.when(config):
             out[name] = []
         elif "{sae_set}" in template:
             out[name] = [s["name"] for s in stage.sets(config)]
