@@ -27,13 +27,7 @@ from pathlib import Path
 
 def benchmark_rows(workdir: str | Path) -> dict[str, dict]:
     """rule -> {"s", "max_rss"} (the last line of each benchmark TSV: the latest run)."""
-    out = {}
-    for tsv in sorted(Path(workdir, "benchmarks").rglob("*.tsv")):
-        with open(tsv) as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
-        if rows:
-            out[tsv.stem] = {"s": float(rows[-1]["s"]), "max_rss": float(rows[-1]["max_rss"])}
-    return out
+    return {Path(job).name: row for job, row in benchmark_files(workdir).items()}
 
 
 DOC_BEGIN = "<!-- job_table.py --update-doc: begin (generated, do not edit) -->"
