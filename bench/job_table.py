@@ -91,7 +91,7 @@ def table(workdir: str | Path, stats_path: str | Path | None = None) -> str:
     # Rules with a benchmark (the model and SAE rules, two feature rules) or with counted FLOPs; the
     # light rules (figures, report tables) are left out.
     rules = [r for r in set(bench) | set(stats) if r in bench or stats[r].get("flops")]
-    rules.sort(key=lambda r: -(bench.get(r, {}).get("s") or stats[r].get("seconds") or 0))
+    rules.sort(key=lambda r: (-(bench.get(r, {}).get("s") or stats[r].get("seconds") or 0), r))
     lines = ["| rule | wall s | max_rss MB | peak GPU GiB | matmul TFLOP | TFLOP/s |",
              "|---|---:|---:|---:|---:|---:|"]
     for rule in rules:
