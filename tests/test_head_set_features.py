@@ -164,3 +164,17 @@ def test_figure_draws_every_size_and_both_references(tmp_path):
     assert boxes.filter(pl.col("k") == 2).select("lo", "hi").row(0) == (4.0, 5.0)
     assert set(data["reference"].drop_nulls()) == {"unpatched buggy prompt", "source (correct format)"}
     assert spec is not None
+
+
+def test_figure_is_the_same_on_a_rerun():
+    """The chart's data keeps one row order, so a rerun writes the same HTML (its reference rows came
+    out of an unordered group_by: two ci runs of the same code wrote different files)."""
+    from bugscope.figures.experiments import head_set_features
+    from bugscope.figures.style import Labels
+
+    counts = {"none": [1] * 12, "even_k2_0000": [5] * 12, "even_k2_0001": [4] * 12, "even_k1_0000": [2] * 12}
+    parts = [_per_prompt(counts, sae_set=s, layer=layer, feature_set=f)
+             for s in ("main", "mlp", "attn") for layer in (8, 10, 12) for f in ("critical", "top")]
+    summary = summarise(pl.concat(parts), CONFIG)
+    labels = Labels("SmolLM2-135M-Instruct", "qa", "simple", 0.95)
+    assert len({head_set_features(summary, labels).to_json() for _ in range(12)}) == 1
