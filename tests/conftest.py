@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bugscope.run.boundary import ENV as BOUNDARY_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 # The converted embedded checkpoint is cached across test sessions (conversion takes ~40 s).
 MODEL_CACHE = Path(os.environ.get("BUGSCOPE_TEST_CACHE", REPO / ".pytest_cache" / "bugscope"))
@@ -70,7 +72,7 @@ def run_snakemake(workdir: Path, *args: str, configfile: str | Path = REPO / "co
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
            "--configfile", str(configfile), "--cores", "2", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, BOUNDARY_ENV: "1", **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
@@ -87,8 +89,8 @@ def ci_workflow(tmp_path_factory, embedded_manifest):
 @pytest.fixture(scope="session", autouse=True)
 def model_boundary_guard():
     """Hooks, generation and model calls from bugscope outside bugscope.model fail the test
-    (tests/boundary_guard.py)."""
-    from tests.boundary_guard import Guard
+    (bugscope/run/boundary.py)."""
+    from bugscope.run.boundary import Guard
 
     guard = Guard().install()
     yield guard

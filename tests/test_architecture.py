@@ -1,5 +1,5 @@
 """The package's layers and its one model boundary, checked on the source (ast) and, for hooks and
-generation, at run time (tests/boundary_guard.py, installed by conftest.py for every test).
+generation, at run time (bugscope/run/boundary.py, installed by conftest.py for every test).
 
 Rules:
 1. Imports go one way, down `LAYERS`; `features` and `patching` (one layer) never import each other;
@@ -126,7 +126,7 @@ def model_calls(source: str) -> list[str]:
       block(x)`, `head = unembedding(m); head(h)`).
     Not seen: a module passed in under another name and called, a module reached through an
     attribute chain (`m.model.layers[0](x)`: test_structure's internals rule forbids those outside
-    model/), `getattr`, or a callback that calls the model. The runtime guard (tests/boundary_guard.py)
+    model/), `getattr`, or a callback that calls the model. The runtime guard (bugscope/run/boundary.py)
     covers hooks, generate and top-level model calls whatever the name.
     """
     found = []
@@ -259,7 +259,7 @@ def test_prose_and_plain_reads_are_not_flagged():
 def test_the_runtime_guard_stops_a_hook_registered_outside_the_model_package(model_boundary_guard):
     import torch
 
-    from tests.boundary_guard import SRC, BoundaryViolation
+    from bugscope.run.boundary import SRC, BoundaryViolation
 
     planted = "def plant(m):\n    return m.register_forward_hook(lambda *a: None)\n"
     linear = torch.nn.Linear(2, 2)
@@ -272,3 +272,30 @@ def test_the_runtime_guard_stops_a_hook_registered_outside_the_model_package(mod
     exec(compile(planted, SRC + "model/planted.py", "exec"), scope)
     scope["plant"](linear).remove()  # bugscope.model may
     linear.register_forward_hook(lambda *a: None).remove()  # so may a test
+
+
+def test_a_workflow_job_runs_under_the_guard_when_asked(model_boundary_guard, monkeypatch):
+    """BUGSCOPE_BOUNDARY_GUARD=1 (set by the tests' Snakemake runs): a model job's script that
+    registers a hook from outside bugscope.model fails, with the offending file named; unset, it runs."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bugscope.run.boundary import ENV, SRC, BoundaryViolation
+    from bugscope.run.script import run
+
+    planted = "def plant(m):\n    return m.register_forward_hook(lambda *a: None).remove()\n"
+    scope: dict = {}
+    exec(compile(planted, SRC + "figures/planted.py", "exec"), scope)
+    job = SimpleNamespace(log=[], threads=1, config={}, rule="planted",
+                          input=SimpleNamespace())
+    model_boundary_guard.uninstall()  # the test session's guard would stop the hook itself
+    try:
+        unguarded = torch.nn.Module.register_forward_hook
+        run(job, lambda smk: scope["plant"](torch.nn.Linear(2, 2)))  # no guard asked for: runs
+        monkeypatch.setenv(ENV, "1")
+        with pytest.raises(BoundaryViolation, match="figures/planted.py"):
+            run(job, lambda smk: scope["plant"](torch.nn.Linear(2, 2)))
+        assert torch.nn.Module.register_forward_hook is unguarded  # the job's guard is gone again
+    finally:
+        model_boundary_guard.install()

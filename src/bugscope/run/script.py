@@ -10,6 +10,8 @@ import traceback
 
 from bugscope.config import check_model_geometry
 from bugscope.io import DiskFullError
+from bugscope.run.boundary import ENV as BOUNDARY_ENV
+from bugscope.run.boundary import BoundaryViolation, Guard
 from bugscope.run.jobstats import job_stats
 
 log = logging.getLogger("bugscope")
@@ -40,8 +42,15 @@ def run(snakemake, main) -> None:
             raise RuntimeError(f"injected failure ({FAIL_RULE_ENV}={snakemake.rule}); unset {FAIL_RULE_ENV} and rerun")
         # BUGSCOPE_JOB_STATS=<file>: wall time, peak GPU memory and matmul FLOPs per job (bench/gpu_check.sh)
         _check_manifest(snakemake)
-        with job_stats(snakemake.rule):
-            main(snakemake)
+        guard = _boundary_guard()
+        try:
+            with job_stats(snakemake.rule):
+                main(snakemake)
+        finally:
+            if guard is not None:
+                guard.uninstall()
+        if guard is not None and guard.violations:  # raised inside main and caught there
+            raise BoundaryViolation(f"model boundary crossed: {guard.violations}")
     except USER_ERRORS as err:
         traceback.print_exc(file=sys.stderr)
         message = f"bugscope: rule {snakemake.rule} failed: {err}"
@@ -63,6 +72,14 @@ def _check_manifest(snakemake) -> None:
     with open(manifest) as fh:
         found = json.load(fh)
     check_model_geometry(model_cfg, found, f"the checkpoint recorded in {manifest}")
+
+
+def _boundary_guard():
+    """With BUGSCOPE_BOUNDARY_GUARD=1, a model job (one whose script imported torch) runs under the
+    model-boundary guard (bugscope.run.boundary); light jobs never import torch for it."""
+    if os.environ.get(BOUNDARY_ENV) != "1" or "torch" not in sys.modules:
+        return None
+    return Guard().install()
 
 
 def _set_up_torch(threads: int, seed: int) -> None:

@@ -2,6 +2,10 @@
 or a call of a transformers model (`model(...)`) made directly by bugscope code outside
 `bugscope.model` raises `BoundaryViolation` and is recorded.
 
+Installed for every test (tests/conftest.py) and, with BUGSCOPE_BOUNDARY_GUARD=1, in every model job
+of a workflow run (bugscope.run.script; the tests' ci runs set it), so the jobs Snakemake starts are
+checked too.
+
 Cheap: the wrappers read one frame, the direct caller's, and only on hook registration, `generate`
 and model calls (PreTrainedModel.__call__, not every submodule). A direct caller outside
 src/bugscope (a test's own hook, transformers calling its inner model, SAE-Lens) is allowed, so a
@@ -15,10 +19,11 @@ import functools
 import sys
 from pathlib import Path
 
-import bugscope
-
-SRC = str(Path(bugscope.__file__).resolve().parent) + "/"
+SRC = str(Path(__file__).resolve().parents[1]) + "/"
 MODEL = SRC + "model/"
+
+
+ENV = "BUGSCOPE_BOUNDARY_GUARD"  # set to 1: bugscope.run.script installs the guard in model jobs
 
 
 class BoundaryViolation(AssertionError):
