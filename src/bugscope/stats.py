@@ -208,3 +208,97 @@ def ratio_bootstrap(a: np.ndarray, b: np.ndarray, *, n_resamples: int, confidenc
         point = np.where(b.mean(axis=0) > 0, a.mean(axis=0) / b.mean(axis=0), np.nan)
     low, high = percentile_interval(boot, confidence)
     return point, low, high
+
+
+# --- proportions over few clusters, two-arm tests, multiplicity (research notes section 9) --------
+# A percentile bootstrap over 4-6 clusters prints [0, 0] for 0 of 6; these intervals do not.
+
+
+def clopper_pearson(k, n, confidence: float):
+    """Exact (Clopper-Pearson) interval of k successes in n independent trials, element-wise."""
+    from scipy.stats import beta
+
+    k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    alpha = 1 - confidence
+    with np.errstate(invalid="ignore", divide="ignore"):
+        low = np.where(k > 0, beta.ppf(alpha / 2, k, n - k + 1), 0.0)
+        high = np.where(k < n, beta.ppf(1 - alpha / 2, k + 1, n - k), 1.0)
+    empty = n <= 0
+    return np.where(empty, np.nan, low), np.where(empty, np.nan, high)
+
+
+def wilson_interval(p, n, confidence: float):
+    """Wilson score interval of a proportion p observed on n (possibly fractional) trials, element-wise."""
+    from scipy.stats import norm
+
+    p, n = np.asarray(p, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    z = norm.ppf(1 - (1 - confidence) / 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    bad = ~(n > 0)
+    return np.where(bad, np.nan, np.clip(centre - half, 0, 1)), np.where(bad, np.nan, np.clip(centre + half, 0, 1))
+
+
+def clustered_proportion_columns(matrix, clusters, confidence: float) -> dict[str, np.ndarray]:
+    """Per column of an [n, m] array of outcomes in [0, 1] (NaN: the row is not counted): the rate,
+    its interval and the number of clusters (number pairs) it rests on.
+
+    Where every cluster gives at most one 0/1 outcome, the interval is Clopper-Pearson. Where a
+    cluster gives several (the two orders of a pair), it is Wilson's on the design-effect-adjusted
+    n: n / deff, with deff the variance of the cluster ratio estimator over the variance under
+    independence (at least 1). A rate of exactly 0 or 1 has no variance to measure deff with, so
+    it counts each cluster once. Returns rate, low, high, n_clusters, n_effective, each [m].
+    """
+    x = np.asarray(matrix, dtype=np.float64)
+    m = x.shape[1]
+    cluster_of, c = _cluster_index(clusters)
+    sums, counts = _cluster_sums(x, cluster_of, c)  # [c, m]
+    k, n = sums.sum(0), counts.sum(0)
+    n_clusters = (counts > 0).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = np.where(n > 0, k / n, np.nan)
+        resid = ((sums - rate * counts) ** 2).sum(0)
+        var_cluster = n_clusters / np.maximum(n_clusters - 1, 1) * resid / (n * n)
+        var_iid = rate * (1 - rate) / n
+        deff = np.where(var_iid > 0, np.maximum(1.0, var_cluster / var_iid), np.nan)
+        n_eff = np.where(var_iid > 0, n / deff, n_clusters.astype(np.float64))
+    binary = np.all(np.isnan(x) | (x == 0) | (x == 1), axis=0)
+    single = (counts <= 1).all(0) & binary
+    cp_low, cp_high = clopper_pearson(np.round(k), n, confidence)
+    w_low, w_high = wilson_interval(rate, n_eff, confidence)
+    low, high = np.where(single, cp_low, w_low), np.where(single, cp_high, w_high)
+    empty = n == 0
+    return {"rate": rate, "low": np.where(empty, np.nan, low), "high": np.where(empty, np.nan, high),
+            "n_clusters": n_clusters.astype(np.int64), "n_effective": np.where(empty, 0.0, n_eff) + np.zeros(m)}
+
+
+def fisher_exact_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided Fisher exact p of k1/n1 against k2/n2 (1.0 when either arm is empty)."""
+    from scipy.stats import fisher_exact
+
+    if n1 <= 0 or n2 <= 0:
+        return 1.0
+    return float(fisher_exact([[k1, n1 - k1], [k2, n2 - k2]])[1])
+
+
+def holm_adjusted(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (familywise error), in the input order."""
+    p = np.asarray(p_values, dtype=np.float64)
+    order = np.argsort(p, kind="stable")
+    m = len(p)
+    adjusted = np.maximum.accumulate((m - np.arange(m)) * p[order]) if m else p
+    out = np.empty(m)
+    out[order] = np.minimum(adjusted, 1.0)
+    return out
+
+
+def fewest_clusters_to_decide(*, at_least: float | None = None, at_most: float | None = None,
+                              confidence: float, limit: int = 10_000) -> int | None:
+    """The fewest independent targets on which a region can be decided at all with an exact
+    interval: all of them fixed clears `at_least`, none of them clears `at_most` (None past limit)."""
+    for n in range(1, limit + 1):
+        low, high = clopper_pearson(n if at_least is not None else 0, n, confidence)
+        if (at_least is None or low >= at_least) and (at_most is None or high <= at_most):
+            return n
+    return None

@@ -29,7 +29,8 @@ class Table:
     path: str  # layout template; {hook}, {dataset}, {group} are filled by the rule
     kind: str
     stage: str | None  # key of STAGE_SECTIONS: the settings the table depends on (None: checked by its kind only)
-    n_column: str | None = None  # the column with each row's n (claims ledger)
+    n_column: str | None = None  # the column with each row's n (claims ledger): its independent clusters
+    n_unit: str | None = None  # what n_column counts, as the ledger prints it
     columns: tuple[str, ...] = ()  # the columns its readers rely on (checked on read and on write)
 
     def config_hash(self, config: dict) -> str | None:
@@ -40,6 +41,7 @@ class Table:
 PATCH_PROMPT_COLUMNS = ("method", "positions", "layer", "head_set", "prompt_id", "pair_id", "pair_kind", "order",
                         "logit_diff", "baseline_logit_diff", "source_logit_diff")
 PATCH_SUMMARY_COLUMNS = ("method", "positions", "pair_kind", "order", "layer", "head_set", "family", "n_eligible",
+                         "n_eligible_pairs",
                          "success_rate", "recovery", "recovery_low", "recovery_high")
 
 # `columns` names what identifies a row and what every reader of the table uses, not all columns.
@@ -49,10 +51,10 @@ PROMPTS = Table(layout.PROMPTS, "prompts", "prompts",
 BASELINE_SCORES = Table(layout.BASELINE_SCORES, "baseline_scores", "baseline",
                         columns=("prompt_id", "pair_id", "pair_kind", "order", "format", "is_correct"))
 BASELINE_ACCURACY = Table(
-    layout.BASELINE_ACCURACY, "baseline_accuracy", "baseline", "n_prompts",
+    layout.BASELINE_ACCURACY, "baseline_accuracy", "baseline", "n_pairs", "number pairs",
     columns=("format", "pair_kind", "order", "n_prompts", "accuracy", "accuracy_low", "accuracy_high"))
 BASELINE_CONTRAST = Table(
-    layout.BASELINE_CONTRAST, "baseline_contrast", "baseline", "n_pairs",
+    layout.BASELINE_CONTRAST, "baseline_contrast", "baseline", "n_pairs", "number pairs",
     columns=("pair_kind", "n_pairs", "accuracy_gap", "accuracy_gap_low", "accuracy_gap_high"))
 BASELINE_GENERATION = Table(
     layout.BASELINE_GENERATION, "baseline_generation", "baseline",
@@ -68,37 +70,37 @@ CORPUS_ACTIVATIONS = Table(
 FEATURES = Table(layout.FEATURES, "features", "sae", columns=("prompt_id", "position", "feature_id", "activation"))
 SAE_QUALITY_COLUMNS = ("layer", "hook_name", "ev_prompts", "ev_corpus", "l0_corpus", "dead_fraction")
 SAE_QUALITY_LAYER = Table(layout.SAE_QUALITY_LAYER, "sae_quality", "sae", columns=SAE_QUALITY_COLUMNS)
-SAE_QUALITY = Table(layout.SAE_QUALITY, "sae_quality", "sae", "n_tokens_corpus", columns=SAE_QUALITY_COLUMNS)
+SAE_QUALITY = Table(layout.SAE_QUALITY, "sae_quality", "sae", "n_tokens_corpus", "corpus tokens", columns=SAE_QUALITY_COLUMNS)
 
 # One row per (layer, variant, format): format is null on the cross-format rows (per_pair, pooled,
 # per_pair_heldout, original_single_pair) and names the format (or "both") on the same-format
 # baseline rows. The per_pair_heldout rows have the per_pair columns, measured on the odd pair ids
 # and marked (is_min_overlap, is_max_overlap_middle) on the even ones (bugscope.features.overlap).
 FEATURE_OVERLAP = Table(
-    layout.FEATURE_OVERLAP, "feature_overlap", "features", "n_pairs",
+    layout.FEATURE_OVERLAP, "feature_overlap", "features", "n_number_pairs", "number pairs",
     columns=("layer", "variant", "format", "k", "n_pairs", "overlap_pct", "overlap_pct_low", "overlap_pct_high",
              "is_min_overlap", "is_max_overlap_middle"))
 FEATURE_OVERLAP_PAIRS = Table(
     layout.FEATURE_OVERLAP_PAIRS, "feature_overlap_pairs", "features",
     columns=("layer", "question_id", "pair_id", "overlap_pct"))
 DISCRIMINATIVE_FEATURES = Table(
-    layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "features", "n_a",
+    layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "features", "n_a", "prompts of the first group",
     columns=("layer", "comparison", "direction", "rank", "feature_id", "q_value", "significant",
              "heldout_mean_a", "heldout_mean_b", "heldout_firing_rate_a", "heldout_firing_rate_b"))
 NAMED_FEATURES = Table(
-    layout.NAMED_FEATURES, "named_features", "features", "n_pairs",
+    layout.NAMED_FEATURES, "named_features", "features", "n_pairs", "questions",
     columns=("layer", "category", "feature_id", "ratio", "n_pairs"))
 HEAD_FEATURE_ATTRIBUTION = Table(
     layout.HEAD_FEATURE_ATTRIBUTION, "head_feature_attribution", "features",
     columns=("layer", "feature_id", "format", "component", "head", "direct_attribution"))
 HEAD_PARITY = Table(
-    layout.HEAD_PARITY, "head_parity", "features", "n_heads",
+    layout.HEAD_PARITY, "head_parity", "features", "n_heads", "heads",
     columns=("layer", "target", "feature_id", "statistic", "value", "p_value", "familywise_p_value"))
 # Feature pages (bugscope.features.pages): one row per (selection, feature, pair split, format,
 # level, role, token) at a page layer; level "role" rows pool a role's tokens (token ""), level
 # "token" rows one token string. A feature chosen twice (named and ranked) has rows under each.
 FEATURE_TOKENS = Table(
-    layout.FEATURE_TOKENS, "feature_tokens", "feature_pages", "n_pairs",
+    layout.FEATURE_TOKENS, "feature_tokens", "feature_pages", "n_pairs", "number pairs",
     columns=("layer", "feature_id", "selection", "rank", "pairs", "format", "level", "role", "token", "n_tokens",
              "n_prompts", "n_pairs", "mean_activation", "mean_activation_low", "mean_activation_high",
              "firing_rate", "firing_rate_low", "firing_rate_high", "activation_share"))
@@ -128,37 +130,41 @@ PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS = Table(
     layout.PATCHING_ORIGINAL_DECOMPOSITION_PROMPTS, "original_decomposition_prompts", "patching_original",
     columns=("setting", "layer", "head_set", "prompt_id", "pair_id", "judged", "baseline_judged", "source_judged"))
 PATCHING_ORIGINAL_DECOMPOSITION = Table(
-    layout.PATCHING_ORIGINAL_DECOMPOSITION, "original_decomposition", "patching_original", "n_prompts",
+    layout.PATCHING_ORIGINAL_DECOMPOSITION, "original_decomposition", "patching_original", "n_eligible_pairs",
+    "eligible number pairs",
     columns=ORIGINAL_DECOMPOSITION_COLUMNS)
 # One row per (pair kind, order, layer, head set); success_rate and recovery are over the
 # n_eligible targets (source right, target wrong), so that is their n.
 PATCHING_SUMMARY = Table(
-    layout.PATCHING_SUMMARY, "patching_summary", "patching_summary", "n_eligible",
+    layout.PATCHING_SUMMARY, "patching_summary", "patching_summary", "n_eligible_pairs", "eligible number pairs",
     columns=PATCH_SUMMARY_COLUMNS)
 
 # The focus-layer experiments: per-prompt rows and their summaries (success and recovery over
 # n_eligible; in the break direction, success is taking the source's wrong answer).
 PATCHING_REPLACEMENT_PROMPTS = _patching_prompts(layout.PATCHING_REPLACEMENT_PROMPTS, "patching_replacement")
-PATCHING_REPLACEMENT = Table(layout.PATCHING_REPLACEMENT, "patching_summary", "patching_replacement", "n_eligible",
+PATCHING_REPLACEMENT = Table(layout.PATCHING_REPLACEMENT, "patching_summary", "patching_replacement", "n_eligible_pairs",
+                             "eligible number pairs",
                              columns=(*PATCH_SUMMARY_COLUMNS, "fraction"))
 PATCHING_EXHAUSTIVE_PROMPTS = _patching_prompts(layout.PATCHING_EXHAUSTIVE_PROMPTS, "patching_exhaustive")
 # One row per (pair kind, order, layer, head set) with the set's composition (n_even, n_odd,
 # composition) and k relative to the even pool (k_of_even_pool = k / number of even heads).
-PATCHING_EXHAUSTIVE = Table(layout.PATCHING_EXHAUSTIVE, "patching_summary", "patching_exhaustive", "n_eligible",
+PATCHING_EXHAUSTIVE = Table(layout.PATCHING_EXHAUSTIVE, "patching_summary", "patching_exhaustive", "n_eligible_pairs",
+                            "eligible number pairs",
                             columns=(*PATCH_SUMMARY_COLUMNS, "k", "n_even", "n_odd", "composition"))
 PATCHING_RESIDUAL_MAP_PROMPTS = Table(
     layout.PATCHING_RESIDUAL_MAP_PROMPTS, "residual_map_prompts", "patching_residual_map",
     columns=("layer", "rank", "prompt_id", "pair_id", "logit_diff", "baseline_logit_diff", "source_logit_diff"))
 PATCHING_RESIDUAL_MAP = Table(
-    layout.PATCHING_RESIDUAL_MAP, "residual_map", "patching_residual_map", "n_eligible",
+    layout.PATCHING_RESIDUAL_MAP, "residual_map", "patching_residual_map", "n_eligible_pairs", "eligible number pairs",
     columns=("pair_kind", "order", "layer", "rank", "n_eligible", "success_rate", "recovery", "recovery_low",
              "recovery_high"))
 PATCHING_BIDIRECTIONAL_PROMPTS = _patching_prompts(layout.PATCHING_BIDIRECTIONAL_PROMPTS, "patching_bidirectional")
-PATCHING_BIDIRECTIONAL = Table(layout.PATCHING_BIDIRECTIONAL, "patching_summary", "patching_bidirectional", "n_eligible",
+PATCHING_BIDIRECTIONAL = Table(layout.PATCHING_BIDIRECTIONAL, "patching_summary", "patching_bidirectional", "n_eligible_pairs",
+                               "eligible number pairs",
                          columns=(*PATCH_SUMMARY_COLUMNS, "direction"))
 # One row per (direction, layer, head set, listed number pair): both orders of the pair.
 PATCHING_LISTED_PAIRS = Table(
-    layout.PATCHING_LISTED_PAIRS, "listed_pairs", "patching_bidirectional", "n_eligible",
+    layout.PATCHING_LISTED_PAIRS, "listed_pairs", "patching_bidirectional", "n_eligible", "eligible prompts",
     columns=("direction", "layer", "head_set", "correct", "wrong", "n_eligible", "n_success", "success_rate"))
 # SAE-feature interventions: one row per (SAE set, layer, feature set, family, sample, intervention,
 # scale) and target prompt; summarised per pairs (all / heldout), pair kind and order, with the
@@ -169,7 +175,7 @@ INTERVENTIONS_PROMPTS = Table(
     columns=(*INTERVENTION_CONDITION_COLUMNS, "prompt_id", "pair_id", "pair_kind", "order", "logit_diff",
              "baseline_logit_diff", "source_logit_diff"))
 INTERVENTIONS = Table(
-    layout.INTERVENTIONS, "interventions", "interventions", "n_eligible",
+    layout.INTERVENTIONS, "interventions", "interventions", "n_eligible_pairs", "eligible number pairs",
     columns=(*INTERVENTION_CONDITION_COLUMNS, "n_features", "pairs", "pair_kind", "order", "n_eligible",
              "success_rate", "success_low", "success_high", "recovery", "recovery_low", "recovery_high",
              "accuracy", "accuracy_low", "accuracy_high", "baseline_accuracy", "broken_rate", "broken_low",
@@ -179,7 +185,7 @@ HEAD_SET_FEATURES_PROMPTS = Table(
     layout.HEAD_SET_FEATURES_PROMPTS, "head_set_features_prompts", "head_set_features",
     columns=("sae_set", "layer", "feature_set", "head_set", "k", "prompt_id", "pair_id", "n_active"))
 HEAD_SET_FEATURES = Table(
-    layout.HEAD_SET_FEATURES, "head_set_features", "head_set_features", "n_prompts",
+    layout.HEAD_SET_FEATURES, "head_set_features", "head_set_features", "n_pairs", "number pairs",
     columns=("sae_set", "layer", "feature_set", "n_features", "head_set", "pool", "k", "pairs", "mean_active", "active_low",
              "active_high", "unpatched_active", "source_active", "mean_activation", "unpatched_activation",
              "source_activation", "n_prompts", "n_pairs"))

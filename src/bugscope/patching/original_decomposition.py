@@ -25,7 +25,7 @@ from bugscope.patching.original_method import (
     settings,
 )
 from bugscope.patching.pairs import PatchPair
-from bugscope.stats import cluster_bootstrap_mean_ci_columns
+from bugscope.stats import cluster_bootstrap_mean_ci_columns, clustered_proportion_columns
 
 log = logging.getLogger("bugscope")
 
@@ -57,7 +57,8 @@ def summarise(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: float, 
     - delta_original_success: original_success minus the reference setting's, on the same targets
       (paired within each resample; for the seed pair against many pairs, the reference's single
       value is subtracted from this interval).
-    Intervals: percentile cluster bootstrap over number pairs (pair_id), the same draws for every row.
+    Intervals: the success rate's is exact over number pairs (`stats.clustered_proportion_columns`),
+    the others a percentile cluster bootstrap over number pairs (pair_id), the same draws for every row.
     """
     keys = ["setting", "layer", "head_set"]
     groups = per_prompt.select(*SETTING_COLUMNS, "layer", "head_set", "heads").unique(keys, maintain_order=True)
@@ -72,7 +73,8 @@ def summarise(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: float, 
         judged[i, j], base[i, j], src[i, j] = float(r[4]), float(r[5]), float(r[6])
     eligible = (base == 0) & (src == 1)
     boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
-    succ = cluster_bootstrap_mean_ci_columns(np.where(eligible, judged, np.nan), pairs, **boot)
+    exact = clustered_proportion_columns(np.where(eligible, judged, np.nan), pairs, confidence)
+    succ = exact["rate"], exact["low"], exact["high"]
     orig = cluster_bootstrap_mean_ci_columns(judged, pairs, **boot)
     # the reference's value on the same targets (NaN where it did not judge them)
     ref = np.full((n, m), np.nan)
@@ -101,6 +103,7 @@ def summarise(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: float, 
         pl.lit(BUG_PAIR_KIND).alias("pair_kind"), pl.lit(ALL).alias("order"),
         pl.Series("n_prompts", counts, dtype=pl.Int64), pl.Series("n_pairs", n_pairs, dtype=pl.Int64),
         pl.Series("n_eligible", eligible.sum(0), dtype=pl.Int64),
+        pl.Series("n_eligible_pairs", exact["n_clusters"], dtype=pl.Int64),
         pl.Series("success_rate", succ[0]), pl.Series("success_low", succ[1]), pl.Series("success_high", succ[2]),
         pl.Series("original_success", orig[0]), pl.Series("original_success_low", orig[1]),
         pl.Series("original_success_high", orig[2]),

@@ -14,9 +14,12 @@ A patch can only *fix* a target whose source is right (research notes section 8)
 - broken_rate: among the targets right unpatched, the fraction wrong after the patch;
 - accuracy and mean_logit_diff: over all targets (baseline_accuracy beside them).
 
-Every interval is a percentile bootstrap over number pairs (`pair_id`: the two orders of a pair
-are not independent); all groups share the same resampled pairs (the same seed), so their
-intervals are comparable. Rows are given per pair kind and question order, and pooled ("all").
+The success and broken rates are proportions over few targets, so their intervals are exact over
+number pairs (`stats.clustered_proportion_columns`: Clopper-Pearson with one target per pair,
+Wilson on the design-effect-adjusted n with several); `n_eligible_pairs` is the number of pairs
+the success rate rests on. Every other interval is a percentile bootstrap over number pairs
+(`pair_id`: the two orders of a pair are not independent); all groups share the same resampled
+pairs (the same seed), so their intervals are comparable. Rows are given per pair kind and question order, and pooled ("all").
 
 Two reference rows sit beside the head sets at the same layer and positions: the ceiling (family
 `ceiling`: the whole residual stream patched) and, where the subsets were run, the random-head
@@ -33,7 +36,11 @@ import polars as pl
 
 from bugscope.data.prompts import ALL, BUG_PAIR_KIND, kind_order_splits
 from bugscope.patching.head_sets import control_sizes
-from bugscope.stats import cluster_bootstrap_mean_ci_columns, cluster_bootstrap_ratio_ci_columns
+from bugscope.stats import (
+    cluster_bootstrap_mean_ci_columns,
+    cluster_bootstrap_ratio_ci_columns,
+    clustered_proportion_columns,
+)
 
 SUMMARY_KEYS = ["method", "positions", "operation", "direction", "target_format", "source_format", "pair_kind",
                 "order", "layer", "head_set"]
@@ -82,20 +89,25 @@ def rate_columns(ld: np.ndarray, right: np.ndarray, base: np.ndarray, src: np.nd
     def only(mask, values):
         return np.where(mask[:, None], values, np.nan)
 
-    succ = ci(only(eligible, takes_source))
+    def exact(values):
+        out = clustered_proportion_columns(values, pairs, boot["confidence"])
+        return out["rate"], out["low"], out["high"], out["n_clusters"]
+
+    succ = exact(only(eligible, takes_source))
     rec = cluster_bootstrap_ratio_ci_columns(only(eligible, ld - base[:, None]),
                                              only(eligible, np.broadcast_to((src - base)[:, None], ld.shape)),
                                              pairs, **boot)
     flip = ci(np.where(right_base[:, None], 1.0 - right, right))
     fixed = ci(only(wrong_base, right))
-    brok = ci(only(right_base, 1.0 - right))
+    brok = exact(only(right_base, 1.0 - right))
     acc = ci(right)
     mean_ld = ci(ld)
     b_acc = [v[0] for v in ci(right_base.astype(float)[:, None])]
     b_ld = [v[0] for v in ci(base[:, None])]
     return {
         "n_prompts": np.full(m, len(base)), "n_pairs": np.full(m, len(np.unique(pairs))),
-        "n_eligible": np.full(m, int(eligible.sum())), "n_baseline_wrong": np.full(m, int(wrong_base.sum())),
+        "n_eligible": np.full(m, int(eligible.sum())), "n_eligible_pairs": succ[3],
+        "n_baseline_wrong": np.full(m, int(wrong_base.sum())),
         "n_baseline_right": np.full(m, int(right_base.sum())),
         "success_rate": succ[0], "success_low": succ[1], "success_high": succ[2],
         "recovery": rec[0], "recovery_low": rec[1], "recovery_high": rec[2],
