@@ -236,6 +236,12 @@ def check_model_geometry(model_cfg: dict, found: dict, where: str, error: type[E
             )
 
 
+def verdict_defaults() -> dict:
+    """The defaults of `claims.verdicts`, from the schema."""
+    props = load_schema()["properties"]["claims"]["properties"]["verdicts"]["properties"]
+    return {k: v["default"] for k, v in props.items()}
+
+
 def load_config(path: str | Path) -> dict:
     with open(path) as fh:
         raw = yaml.safe_load(fh) or {}

@@ -59,19 +59,31 @@ per_pair_heldout, discriminative heldout_* columns), or a familywise p (head_par
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import polars as pl
 
+from bugscope.claims.decide import FAIL, INCONCLUSIVE, PASS, PTest, adjust_family, combine, region_outcome
+from bugscope.claims.preconditions import Outcome, ceiling, evaluate_needs, premise
 from bugscope.claims.spec import (
     TABLES,
     LedgerError,
     metric_columns,
+    metric_null,
 )
+from bugscope.config import verdict_defaults
 from bugscope.data.prompts import ALL, BUG_PAIR_KIND
+from bugscope.stats import fewest_clusters_to_decide, fisher_exact_p
 
-VERDICTS = ("holds", "fails", "not testable here")
+VERDICTS = ("holds", "fails", "inconclusive", "not testable here")
+VERDICT_OF = {PASS: "holds", FAIL: "fails", INCONCLUSIVE: "inconclusive"}
+
+# Metrics whose interval is exact over number pairs where the table gives one (success over eligible
+# targets: bugscope.stats.clustered_proportion_columns), so it stands with few pairs.
+EXACT_INTERVAL_METRICS = ("success_rate", "broken_rate")
+EXACT_INTERVAL_TABLES = ("head_patching", "head_replacement", "head_subsets_exhaustive", "residual_map",
+                         "head_bidirectional", "original_decomposition", "interventions")
 
 
 # Rows a check selects unless its `where` names the column: the bug's pair kind with both question
@@ -100,12 +112,18 @@ RESULT_SCHEMA = {
     "claim_id": pl.String, "source": pl.String, "section": pl.String, "claim": pl.String, "study_value": pl.String,
     "verdict": pl.String, "form": pl.String, "form_tested": pl.String, "table": pl.String, "metric": pl.String,
     "rule": pl.String, "selected": pl.String, "measured": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
-    "n": pl.Int64, "sae_set": pl.String, "agrees_across_sae_sets": pl.Boolean, "detail": pl.String,
+    "n": pl.Int64, "n_unit": pl.String, "sae_set": pl.String, "agrees_across_sae_sets": pl.Boolean,
+    "family_tests": pl.Int64, "detail": pl.String,
 }
 
 
 class NotTestable(Exception):
-    """This form cannot be tested on these tables; the message says why."""
+    """This form cannot be tested on these tables; the message says why. `precondition`: a
+    precondition of the claim failed (the claim is then "not testable", with its numbers)."""
+
+    def __init__(self, message: str, precondition: bool = False):
+        super().__init__(message)
+        self.precondition = precondition
 
 
 @dataclass
@@ -120,13 +138,16 @@ class Context:
     correct_format: str
     focus: list[int] | None  # None: unresolved (focus_layers auto and no overlap table)
     sae_sets: tuple[dict, ...] = ({"name": "main", "source": "train", "release": None, "site": "resid_post"},)
+    # claims.verdicts of the config, and the confidence of its intervals (bootstrap.confidence)
+    verdicts: Mapping = field(default_factory=lambda: {**verdict_defaults(), "confidence": 0.95})
 
     @classmethod
     def from_config(cls, config: Mapping, focus: list[int] | None) -> "Context":
         sets = tuple({k: s[k] for k in ("name", "source", "release", "site")} for s in config["sae"]["sets"])
+        verdicts = {**config["claims"]["verdicts"], "confidence": config["bootstrap"]["confidence"]}
         return cls(config["model"]["name"], config["model"]["checkpoint"], config["model"]["num_layers"],
                    config["model"]["num_heads"], config["prompts"]["buggy_format"], config["prompts"]["correct_format"],
-                   focus, sets)
+                   focus, sets, verdicts)
 
     def sae_set_for(self, form: Mapping) -> str:
         """The SAE set a form reads: the one its `requires_sae` names (release and site), else the primary."""
@@ -159,12 +180,16 @@ def resolve_value(value: Any, ctx: Context) -> Any:
             if ctx.focus is None:
                 raise NotTestable("the focus layer is unresolved (focus_layers auto and no overlap table)")
             return list(ctx.focus)
+        if value == "$all":
+            return float(ctx.verdicts["all_fraction"])
+        if value == "$none":
+            return float(ctx.verdicts["none_fraction"])
         if value == "$half_even_heads":
             return (ctx.num_heads + 1) // 2 // 2
         if value == "$quarter_even_heads":
             return max(1, (ctx.num_heads + 1) // 2 // 4)
         raise LedgerError(f"unknown token {value!r}; expected $focus, $buggy_format, $correct_format, "
-                          "$half_even_heads or $quarter_even_heads.")
+                          "$all, $none, $half_even_heads or $quarter_even_heads.")
     return value
 
 
@@ -274,7 +299,7 @@ def _describe_row(df: pl.DataFrame, row: int, where: Mapping) -> str:
     return ", ".join(f"{k}={df[k][row]}" for k in keys if df[k][row] is not None)
 
 
-def _rule_text(check: dict, study_value) -> str:
+def _rule_text(check: dict, study_value, ctx: Context | None = None) -> str:
     m = check["metric"]
     if check.get("aggregate", "single") != "single":
         m = f"{check['aggregate']}({m})"
@@ -284,9 +309,9 @@ def _rule_text(check: dict, study_value) -> str:
     if "range" in check:
         return f"{check['range'][0]} <= {m} <= {check['range'][1]}"
     if "at_least" in check:
-        return f"{m} >= {check['at_least']}"
+        return f"{m} >= {_bound(check, 'at_least', ctx) if ctx else check['at_least']:g}"
     if "at_most" in check:
-        return f"{m} <= {check['at_most']}"
+        return f"{m} <= {_bound(check, 'at_most', ctx) if ctx else check['at_most']:g}"
     if "below" in check:
         return f"{m} < {check['metric']} at {check['below']['where']}"
     if "above" in check:
@@ -296,10 +321,127 @@ def _rule_text(check: dict, study_value) -> str:
     return f"{m}: CI above the CI of an earlier and a later layer"
 
 
+def _interval(sel: pl.DataFrame, row: int, check: dict, value: float, name: str, n: int | None,
+              ctx: Context) -> tuple[float | None, float | None, str, str]:
+    """(low, high, kind, why not): the interval a check decides on. kind: exact (an exact interval, or
+    a value the claim names that has no sampling error, `exact: true`), bootstrap, or none."""
+    low, high = _ci(sel, row, check, value)
+    if check.get("exact"):
+        return value, value, "exact", ""
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return None, None, "none", "no interval: a point estimate decides nothing"
+    if check["metric"].strip() in EXACT_INTERVAL_METRICS and name in EXACT_INTERVAL_TABLES:
+        return low, high, "exact", ""
+    floor = int(ctx.verdicts["min_bootstrap_clusters"])
+    unit = TABLES[name].n_unit or ""
+    if n is not None and ("pairs" in unit or "questions" in unit) and n < floor:
+        return low, high, "bootstrap", (f"a bootstrap over {n} {unit} (fewer than {floor}) has a degenerate "
+                                        "percentile interval")
+    return low, high, "bootstrap", ""
+
+
+def _bound(check: dict, key: str, ctx: Context) -> float:
+    """An `at_least` / `at_most` bound, its token ($all, $none) resolved."""
+    return float(resolve_value(check[key], ctx))
+
+
+def _region(check: dict, study_value, ctx: Context) -> tuple[float, float, bool, bool]:
+    """(lo, hi, strict lo, strict hi) of a one-row test: where the claim is true."""
+    null = metric_null(check)
+    if "near" in check:
+        t, tol = float(check["near"].get("target", study_value)), float(check["near"]["tolerance"])
+        return t - tol, t + tol, False, False
+    if "range" in check:
+        return float(check["range"][0]), float(check["range"][1]), False, False
+    if "at_least" in check:
+        x = _bound(check, "at_least", ctx)
+        return x, math.inf, null is not None and x == null, False
+    x = _bound(check, "at_most", ctx)
+    return -math.inf, x, False, null is not None and x == null
+
+
+def _counts(df: pl.DataFrame, i: int, metric: str) -> tuple[int, int] | None:
+    """(successes, targets) of a success rate on eligible targets, for Fisher's test."""
+    if metric.strip() not in EXACT_INTERVAL_METRICS or "n_eligible" not in df.columns:
+        return None
+    rate, n = df[metric.strip()][i], df["n_eligible"][i]
+    if n is None or rate is None or not math.isfinite(rate):
+        return (0, int(n or 0)) if n is not None and not n else None
+    return int(round(rate * n)), int(n)
+
+
+def _compare(check: dict, sel: pl.DataFrame, row: int, other: pl.DataFrame, where: Mapping, value: float,
+             low, high, direction: str) -> tuple[str | None, list[PTest], str]:
+    """Two arms: Fisher's test on success counts, else separate intervals (`decide` module docstring)."""
+    metric = check["metric"]
+    mine = _counts(sel, row, metric)
+    ref_values = _values(other, metric)
+    if mine is not None and all(_counts(other, j, metric) is not None for j in range(other.height)):
+        tests, notes = [], []
+        for j in range(other.height):
+            k2, n2 = _counts(other, j, metric)
+            p = fisher_exact_p(*mine, k2, n2)
+            r1, r2 = mine[0] / max(mine[1], 1), k2 / max(n2, 1)
+            label = f"{mine[0]}/{mine[1]} vs {k2}/{n2} at {_describe_row(other, j, where)}"
+            tests.append(PTest(label, p, "effect", r1 > r2 if direction == "above" else r1 < r2))
+            notes.append(label)
+        return None, tests, "Fisher's exact test: " + "; ".join(notes)
+    lo_col, hi_col = check.get("ci") or [f"{metric}_low", f"{metric}_high"]
+    if low is None or lo_col not in other.columns:
+        return INCONCLUSIVE, [], "no interval to compare (a point-estimate comparison decides nothing)"
+    o_lo = [v for v in other[lo_col].to_list() if v is not None and math.isfinite(v)]
+    o_hi = [v for v in other[hi_col].to_list() if v is not None and math.isfinite(v)]
+    if not o_lo or not o_hi:
+        raise NotTestable("the comparison rows have no CI")
+    if direction == "above":
+        outcome = PASS if low > max(o_hi) else FAIL if high < max(o_lo) else INCONCLUSIVE
+    else:
+        outcome = PASS if high < min(o_lo) else FAIL if low > min(o_hi) else INCONCLUSIVE
+    finite = [j for j, v in enumerate(ref_values) if v is not None and math.isfinite(v)]
+    j = max(finite, key=lambda i: ref_values[i]) if direction == "above" else min(finite, key=lambda i: ref_values[i])
+    return outcome, [], (f"CI [{low:.3g}, {high:.3g}] against {other.height} comparison row(s), e.g. "
+                         f"{ref_values[j]:.4g} [{other[lo_col][j]:.3g}, {other[hi_col][j]:.3g}] at "
+                         f"{_describe_row(other, j, where)}: separate intervals decide")
+
+
+def _also(check: dict, sel: pl.DataFrame, row: int) -> tuple[list[str], list[PTest], list[str]]:
+    """The `also` conditions: p-value gates (tests), interval bounds (outcomes), other columns
+    (a condition not met makes the check inconclusive; met, it decides nothing)."""
+    outcomes, tests, notes = [], [], []
+    for col, cond in check.get("also", {}).items():
+        v = sel[col][row]
+        if v is None:
+            raise NotTestable(f"{col} is null on the selected row")
+        for op, x in cond.items():
+            if op not in ALSO_OPS:
+                raise LedgerError(f"also: {col}: {op!r} is not one of {', '.join(ALSO_OPS)}.")
+            if col.endswith(("p_value", "q_value")):
+                kind = "significant" if op in ("at_most", "below") else "not_significant"
+                tests.append(PTest(f"{col}", float(v), kind))
+                continue
+            met = ALSO_OPS[op](v, x)
+            base = col.rsplit("_", 1)[0]
+            other = f"{base}_high" if col.endswith("_low") else f"{base}_low" if col.endswith("_high") else None
+            if other in sel.columns and sel[other][row] is not None and op in ALSO_OPS:
+                w = sel[other][row]
+                excluded = not ALSO_OPS[op](w, x) if col.endswith("_low") == (op in ("above", "at_least")) else False
+                outcome = PASS if met else FAIL if excluded else INCONCLUSIVE
+                notes.append(f"{base} interval [{min(v, w):.3g}, {max(v, w):.3g}] {op} {x} -> {outcome}")
+            else:
+                outcome = PASS if met else INCONCLUSIVE
+                notes.append(f"{col}={v:.3g} {op} {x} -> {'met' if met else 'not met (inconclusive)'} "
+                             "(a point condition: it can only withhold a verdict)")
+                if met:
+                    continue
+            outcomes.append(outcome)
+    return outcomes, tests, notes
+
+
 def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context, study_value,
               sae_set: str | None = None) -> dict:
-    """Evaluate one check on the rows of SAE set `sae_set` (default: the primary set):
-    {'ok', 'value', 'low', 'high', 'n', 'selected', 'note'}; raises NotTestable."""
+    """Evaluate one check on the rows of SAE set `sae_set` (default: the primary set): {'outcomes',
+    'tests', 'value', 'low', 'high', 'n', 'selected', 'row', 'note'}; raises NotTestable. The check's
+    outcome is `check_outcome` once the tests' family is Holm-adjusted."""
     name = check["table"]
     df = tables.get(name)
     if df is None:
@@ -315,58 +457,25 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
     values = _values(sel, check["metric"])
     row = _pick(sel, values, check.get("aggregate", "single"))
     value = float(values[row])
-    low, high = _ci(sel, row, check, value)
-    if check.get("aggregate", "single").endswith("_abs"):
-        value = abs(value)
     spec = TABLES[name]
     n = int(sel[spec.n_column][row]) if spec.n_column and sel[spec.n_column][row] is not None else None
     if n is None and name == "baseline_scores":
         n = 1
-    note = ""
-    if "near" in check:
-        target = float(check["near"].get("target", study_value))
-        ok = abs(value - target) <= float(check["near"]["tolerance"])
-    elif "range" in check:
-        ok = check["range"][0] <= value <= check["range"][1]
-    elif "at_least" in check:
-        ok = value >= check["at_least"]
-    elif "at_most" in check:
-        ok = value <= check["at_most"]
-    elif "below" in check:
-        other = select(df, _where(name, check["below"]["where"], df, sae_set), ctx)
-        if other.height != 1:
-            raise NotTestable(f"the comparison row {check['below']['where']} matches {other.height} rows of {name}")
-        ref = _values(other, check["metric"])[0]
-        if ref is None:
-            raise NotTestable("the comparison row's metric is null")
-        ok = value < ref
-        note = f"compared with {ref:.4g} at {_describe_row(other, 0, check['below']['where'])}"
-    elif "above" in check:
-        other = select(df, _where(name, check["above"]["where"], df, sae_set), ctx)
-        if other.height == 0:
-            raise NotTestable(f"no row of {name} matches the comparison {check['above']['where']}")
-        ref_values = _values(other, check["metric"])
-        if check["above"].get("ci"):
-            lo_col, hi_col = check.get("ci") or [f"{check['metric']}_low", f"{check['metric']}_high"]
-            if low is None or hi_col not in other.columns:
-                raise NotTestable("above with ci: true needs a CI on the selected and the comparison rows")
-            highs = [h for h in other[hi_col].to_list() if h is not None and math.isfinite(h)]
-            if not highs:
-                raise NotTestable("the comparison rows have no CI")
-            i = max(range(other.height), key=lambda j: -math.inf if other[hi_col][j] is None
-                    or not math.isfinite(other[hi_col][j]) else other[hi_col][j])
-            ok = low > max(highs)
-            note = (f"CI [{low:.3g}, {high:.3g}] vs highest comparison CI [{other[lo_col][i]:.3g}, {max(highs):.3g}] "
-                    f"at {_describe_row(other, i, check['above']['where'])} ({other.height} comparison rows)")
-        else:
-            finite = [j for j, v in enumerate(ref_values) if v is not None and math.isfinite(v)]
-            if not finite:
-                raise NotTestable("the comparison rows' metric is null")
-            i = max(finite, key=lambda j: ref_values[j])
-            ok = value > ref_values[i]
-            note = (f"compared with the highest of {other.height} comparison rows, {ref_values[i]:.4g} at "
-                    f"{_describe_row(other, i, check['above']['where'])}")
-    else:  # local_max over the layers of the same variant
+    low, high, kind, why = _interval(sel, row, check, value, name, n, ctx)
+    if check.get("aggregate", "single").endswith("_abs"):
+        value = abs(value)
+    outcomes, tests, notes = [], [], []
+    if "below" in check or "above" in check:
+        direction = "below" if "below" in check else "above"
+        inner = check[direction]["where"]
+        other = select(df, _where(name, inner, df, sae_set), ctx)
+        if other.height == 0 or (direction == "below" and other.height != 1):
+            raise NotTestable(f"the comparison {inner} matches {other.height} rows of {name}")
+        outcome, tests, note = _compare(check, sel, row, other, inner, value, low if not why else None, high,
+                                        direction)
+        outcomes += [outcome] if outcome else []
+        notes.append(note)
+    elif "local_max" in check:
         lo_col, hi_col = check.get("ci") or [f"{check['metric']}_low", f"{check['metric']}_high"]
         layer = sel["layer"][row]
         rest = select(df, {k: v for k, v in where.items() if k != "layer" and not isinstance(v, dict)
@@ -375,69 +484,153 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
             raise NotTestable("local_max needs a CI on the selected row")
         earlier = rest.filter(pl.col("layer") < layer, pl.col(hi_col) < low)["layer"].to_list()
         later = rest.filter(pl.col("layer") > layer, pl.col(hi_col) < low)["layer"].to_list()
-        ok = bool(earlier) and bool(later)
-        note = (f"lower layers (CI entirely below): before {earlier or 'none'}, after {later or 'none'}")
-    for col, cond in check.get("also", {}).items():
-        v = sel[col][row]
-        if v is None:
-            raise NotTestable(f"{col} is null on the selected row")
-        for op, x in cond.items():
-            if op not in ALSO_OPS:
-                raise LedgerError(f"also: {col}: {op!r} is not one of {', '.join(ALSO_OPS)}.")
-            ok = ok and ALSO_OPS[op](v, x)
-            note = (note + "; " if note else "") + f"{col}={v:.3g} ({op} {x})"
+        # Not being shown a local maximum is not being shown none: never "fail" on this test.
+        outcomes.append(PASS if earlier and later and not why else INCONCLUSIVE)
+        notes.append(f"lower layers (CI entirely below): before {earlier or 'none'}, after {later or 'none'}")
+    else:
+        lo, hi, strict_lo, strict_hi = _region(check, study_value, ctx)
+        if why:
+            outcomes.append(INCONCLUSIVE)
+        else:
+            outcomes.append(region_outcome(low, high, lo, hi, strict_lo=strict_lo, strict_hi=strict_hi))
+        fewest = _fewest(check, ctx)
+        if fewest:
+            notes.append(fewest)
+    if why:
+        notes.append(why)
+    more, more_tests, also_notes = _also(check, sel, row)
+    outcomes += more
+    tests += more_tests
+    notes += also_notes
     for col in check.get("beside", []):
-        note = (note + "; " if note else "") + f"beside: {_beside(sel, row, col)}"
-    return {"ok": bool(ok), "value": value, "low": low, "high": high, "n": n,
-            "selected": _describe_row(sel, row, where), "note": note}
+        notes.append(f"beside: {_beside(sel, row, col)}")
+    return {"outcomes": outcomes, "tests": tests, "value": value, "low": low, "high": high, "n": n,
+            "n_unit": spec.n_unit if n is not None else None, "interval": kind,
+            "selected": _describe_row(sel, row, where), "row": sel.row(row, named=True), "note": "; ".join(notes)}
+
+
+def _fewest(check: dict, ctx: Context) -> str:
+    """The fewest eligible pairs at which a success-rate region can be decided at all."""
+    if check["metric"].strip() not in EXACT_INTERVAL_METRICS or not ({"at_least", "at_most"} & set(check)):
+        return ""
+    conf = float(ctx.verdicts["confidence"])
+    n = (fewest_clusters_to_decide(at_least=_bound(check, "at_least", ctx), confidence=conf) if "at_least" in check
+         else fewest_clusters_to_decide(at_most=_bound(check, "at_most", ctx), confidence=conf))
+    return f"decidable from {n} eligible number pairs" if n else "not decidable at any sample size"
+
+
+def check_outcome(result: dict, alpha: float) -> str:
+    return combine([*result["outcomes"], *(t.outcome(alpha) for t in result["tests"])])
+
+
+def _check_text(i: int, check: dict, result: dict, study_value, alpha: float, ctx: Context) -> str:
+    ci = f" [{result['low']:.3g}, {result['high']:.3g}]" if result["low"] is not None else ""
+    n = f", n={result['n']} {result['n_unit']}" if result["n"] is not None else ""
+    tests = "".join(f"; {t.text(alpha)}" for t in result["tests"])
+    note = f"; {result['note']}" if result["note"] else ""
+    return (f"check {i + 1}: {result['value']:.4g}{ci}{n} at {result['selected']}; requires "
+            f"{_rule_text(check, study_value, ctx)} -> {check_outcome(result, alpha)}{tests}{note}")
+
+
+def _try_form(claim: dict, form: dict, tables, ctx: Context) -> dict:
+    """The checks of one form and its preconditions; raises NotTestable."""
+    if "requires_model" in form and not ctx.is_model(form["requires_model"]):
+        raise NotTestable(f"its feature ids/layers belong to {form['requires_model']}; this run is {ctx.model_name}")
+    sae_set = ctx.sae_set_for(form)
+    results = [run_check(c, tables, ctx, claim["study_value"], sae_set) for c in form["checks"]]
+    needs = evaluate_needs(claim.get("needs", []), results[0]["row"], tables, ctx.verdicts)
+    failed = [o for o in needs if o.ok is False]
+    unknown = [o for o in needs if o.ok is None]
+    if failed or unknown:
+        raise NotTestable("; ".join(o.text for o in failed + unknown), precondition=True)
+    return {"sae_set": sae_set, "results": results, "needs": needs}
 
 
 def evaluate_claim(claim: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context) -> dict:
-    """One ledger row: the verdict of the first testable form, or why no form could be tested."""
-    reasons = []
-    base = {"claim_id": claim["id"], "source": claim.get("source", SOURCES[0]), "section": claim["section"],
-            "claim": claim["claim"].strip(),
-            "study_value": str(claim["study_value"])}
-    for form in claim["forms"]:
-        kind = form["form"]
-        try:
-            if "requires_model" in form and not ctx.is_model(form["requires_model"]):
-                raise NotTestable(f"its feature ids/layers belong to {form['requires_model']}; this run is {ctx.model_name}")
-            sae_set = ctx.sae_set_for(form)
-            results = [run_check(c, tables, ctx, claim["study_value"], sae_set) for c in form["checks"]]
-        except NotTestable as why:
-            reasons.append(f"{kind}: {why}")
+    """One ledger row, with the tests of its checks Holm-adjusted within the claim alone (`evaluate`
+    adjusts them within the claim's section)."""
+    return evaluate([claim], tables, ctx).row(0, named=True)
+
+
+def _decided_row(claim: dict, form: dict, tried: dict, tables, ctx: Context, alpha: float) -> dict:
+    results, checks = tried["results"], form["checks"]
+    verdict = VERDICT_OF[combine(check_outcome(r, alpha) for r in results)]
+    per_set = any(_per_set(tables.get(c["table"])) for c in checks)
+    others = _other_set_verdicts(form, tables, ctx, claim["study_value"], tried["sae_set"], alpha) if per_set else {}
+    notes = [o.text for o in tried["needs"]]
+    notes += [_check_text(i, c, r, claim["study_value"], alpha, ctx) for i, (c, r) in enumerate(zip(checks, results))]
+    if others:
+        notes.append("on the other SAE sets: " + ", ".join(f"{name}: {v}" for name, v in others.items()))
+    tested = [v for v in others.values() if v in ("holds", "fails", "inconclusive")]
+    first = results[0]
+    return {"verdict": verdict, "form": form["form"], "form_tested": form["description"].strip(),
+            "table": ", ".join(dict.fromkeys(c["table"] for c in checks)), "metric": checks[0]["metric"],
+            "rule": "; ".join(_rule_text(c, claim["study_value"], ctx) for c in checks),
+            "selected": first["selected"], "measured": first["value"], "ci_low": first["low"],
+            "ci_high": first["high"], "n": first["n"], "n_unit": first["n_unit"],
+            "sae_set": tried["sae_set"] if per_set else None,
+            "agrees_across_sae_sets": all(v == verdict for v in tested) if tested else None,
+            "detail": "; ".join(notes)}
+
+
+def evaluate(claims: list[dict], tables: Mapping[str, pl.DataFrame | None], ctx: Context) -> pl.DataFrame:
+    """The ledger: the precondition rows, then one row per claim. Each claim is decided by its first
+    testable form; the p-values of the decided forms are Holm-adjusted within each section."""
+    alpha = float(ctx.verdicts["alpha"])
+    decided, family_tests = [], {}
+    for c in claims:
+        reasons, chosen = [], None
+        for form in c["forms"]:
+            try:
+                chosen = (form, _try_form(c, form, tables, ctx))
+                break
+            except NotTestable as why:
+                reasons.append((form["form"], why))
+        if chosen:
+            family_tests.setdefault(c["section"], []).extend(t for r in chosen[1]["results"] for t in r["tests"])
+        decided.append((c, chosen, reasons))
+    for tests in family_tests.values():
+        adjust_family(tests)
+    rows = precondition_rows(tables, ctx)
+    for c, chosen, reasons in decided:
+        base = {"claim_id": c["id"], "source": c.get("source", SOURCES[0]), "section": c["section"],
+                "claim": c["claim"].strip(), "study_value": str(c["study_value"]),
+                "family_tests": len(family_tests.get(c["section"], []))}
+        if chosen:
+            rows.append({**base, **_decided_row(c, chosen[0], chosen[1], tables, ctx, alpha)})
             continue
-        first, check = results[0], form["checks"][0]
-        verdict = "holds" if all(r["ok"] for r in results) else "fails"
-        per_set = any(_per_set(tables.get(c["table"])) for c in form["checks"])
-        others = _other_set_verdicts(form, tables, ctx, claim["study_value"], sae_set) if per_set else {}
-        notes = [r["note"] for r in results if r["note"]]
-        notes += [f"check {i + 1}: {_rule_text(c, claim['study_value'])} -> {r['value']:.4g} at {r['selected']} "
-                  f"({'pass' if r['ok'] else 'fail'})" for i, (c, r) in enumerate(zip(form["checks"], results)) if i > 0]
-        if others:
-            notes.append("on the other SAE sets: " + ", ".join(f"{name}: {v}" for name, v in others.items()))
-        tested = [v for v in others.values() if v in ("holds", "fails")]
-        return {**base, "verdict": verdict, "form": kind,
-                "form_tested": form["description"].strip(),
-                "table": ", ".join(dict.fromkeys(c["table"] for c in form["checks"])), "metric": check["metric"],
-                "rule": "; ".join(_rule_text(c, claim["study_value"]) for c in form["checks"]),
-                "selected": first["selected"], "measured": first["value"], "ci_low": first["low"],
-                "ci_high": first["high"], "n": first["n"],
-                "sae_set": sae_set if per_set else None,
-                "agrees_across_sae_sets": all(v == verdict for v in tested) if tested else None,
-                "detail": "; ".join([*reasons, *notes])}
-    return {**base, "verdict": "not testable here", "form": None, "form_tested": None,
-            "table": ", ".join(dict.fromkeys(c["table"] for f in claim["forms"] for c in f["checks"])),
-            "metric": claim["forms"][0]["checks"][0]["metric"], "rule": None, "selected": None, "measured": None,
-            "ci_low": None, "ci_high": None, "n": None, "sae_set": None, "agrees_across_sae_sets": None,
-            "detail": "; ".join(reasons)}
+        why = "; ".join(f"{kind}: {w}" for kind, w in reasons)
+        blocked = [w for _, w in reasons if w.precondition]
+        rows.append({**base, "verdict": "not testable here", "form": None, "form_tested": None,
+                     "table": ", ".join(dict.fromkeys(ch["table"] for f in c["forms"] for ch in f["checks"])),
+                     "metric": c["forms"][0]["checks"][0]["metric"], "rule": None, "selected": None,
+                     "measured": None, "ci_low": None, "ci_high": None, "n": None, "n_unit": None, "sae_set": None,
+                     "agrees_across_sae_sets": None,
+                     "detail": ("not testable: " + "; ".join(str(w) for w in blocked)) if blocked else why})
+    return pl.DataFrame(rows, schema=RESULT_SCHEMA)
+
+
+def precondition_rows(tables: Mapping[str, pl.DataFrame | None], ctx: Context) -> list[dict]:
+    """The ledger's opening rows: the premise, and the ceiling and eligible pairs at each focus layer."""
+    rows = []
+    outcomes = [premise(tables, ctx.verdicts)]
+    for layer in ctx.focus or []:
+        c = ceiling(tables, layer, ctx.verdicts)
+        outcomes.append(Outcome(f"ceiling_layer_{layer}", c.ok, c.text))
+    for o in outcomes:
+        verdict = {True: "holds", False: "fails", None: "not testable here"}[o.ok]
+        rows.append({"claim_id": f"precondition_{o.name}", "source": "this run", "section": "preconditions",
+                     "claim": o.text.split(":", 1)[0], "study_value": None, "verdict": verdict, "form": None,
+                     "form_tested": None, "table": None, "metric": None, "rule": None, "selected": None,
+                     "measured": None, "ci_low": None, "ci_high": None, "n": None, "n_unit": None, "sae_set": None,
+                     "agrees_across_sae_sets": None, "family_tests": None, "detail": o.text})
+    return rows
 
 
 def _other_set_verdicts(form: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context, study_value,
-                        tested_on: str) -> dict[str, str]:
+                        tested_on: str, alpha: float) -> dict[str, str]:
     """An agnostic form's verdict on every other SAE set ("does it hold with other SAEs?"); a literal
-    form is about one set's feature ids, so it has none."""
+    form is about one set's feature ids, so it has none. Its tests are not part of any family."""
     if form["form"] != "agnostic":
         return {}
     out = {}
@@ -445,8 +638,8 @@ def _other_set_verdicts(form: dict, tables: Mapping[str, pl.DataFrame | None], c
         if s["name"] == tested_on:
             continue
         try:
-            ok = all(run_check(c, tables, ctx, study_value, s["name"])["ok"] for c in form["checks"])
-            out[s["name"]] = "holds" if ok else "fails"
+            results = [run_check(c, tables, ctx, study_value, s["name"]) for c in form["checks"]]
+            out[s["name"]] = VERDICT_OF[combine(check_outcome(r, alpha) for r in results)]
         except NotTestable:
             out[s["name"]] = "not testable"
     return out
@@ -454,11 +647,6 @@ def _other_set_verdicts(form: dict, tables: Mapping[str, pl.DataFrame | None], c
 
 def _per_set(df: pl.DataFrame | None) -> bool:
     return df is not None and "sae_set" in df.columns
-
-
-def evaluate(claims: list[dict], tables: Mapping[str, pl.DataFrame | None], ctx: Context) -> pl.DataFrame:
-    rows = [evaluate_claim(c, tables, ctx) for c in claims]
-    return pl.DataFrame(rows, schema=RESULT_SCHEMA)
 
 
 def prepare_tables(raw: Mapping[str, pl.DataFrame], prompts: pl.DataFrame | None) -> dict[str, pl.DataFrame]:

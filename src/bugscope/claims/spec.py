@@ -10,9 +10,19 @@ from pathlib import Path
 import yaml
 
 from bugscope import tables
+from bugscope.claims.preconditions import PRECONDITIONS
 
 TESTS = ("near", "range", "at_least", "at_most", "below", "above", "local_max")
 AGGREGATES = ("single", "min", "max", "max_abs", "min_abs")
+
+# The value of a metric under "no effect": a tolerance window around a claimed value must not
+# contain it (a "1.25x amplification" window of +/- 0.3 would pass at 1.0), and a bound equal to it
+# is strict. A check can name its own with `null:`.
+METRIC_NULLS = {
+    "amplification_geomean": 1.0, "amplification_excess": 1.0, "amplification_original_mean_of_ratios": 1.0,
+    "ratio": 1.0, "format_effect_pct": 0.0, "accuracy_gap": 0.0, "delta_original_success": 0.0,
+    "effect_size": 0.0, "mean_diff": 0.0,
+}
 
 
 # The tables the ledger can test, by the name a claim uses (bugscope.tables declares each).
@@ -71,11 +81,40 @@ def load_ledger(path: str | Path) -> list[dict]:
                 raise LedgerError(f"{path}: claim {cid} ({form['form']}): requires_sae must be "
                                   "{release: <SAE-Lens release>, site: <hook site>}.")
             for check in form["checks"]:
-                _check_shape(cid, check, path)
+                _check_shape(cid, check, c["study_value"], path)
+        needs = c.get("needs", [])
+        unknown = [n for n in needs if n not in PRECONDITIONS]
+        if not isinstance(needs, list) or unknown:
+            raise LedgerError(f"{path}: claim {cid}: needs must be a list of {', '.join(PRECONDITIONS)}; "
+                              f"unknown: {unknown}.")
     return claims
 
 
-def _check_shape(cid: str, check: dict, path) -> None:
+def metric_null(check: dict) -> float | None:
+    """The check's null value: its own `null:`, else the metric's (METRIC_NULLS), else None."""
+    if "null" in check:
+        return float(check["null"])
+    return METRIC_NULLS.get(check["metric"].strip())
+
+
+def _refuse_window_with_null(cid: str, check: dict, study_value, path) -> None:
+    null = metric_null(check)
+    if null is None:
+        return
+    if "near" in check:
+        t, tol = float(check["near"].get("target", study_value)), float(check["near"]["tolerance"])
+        lo, hi = t - tol, t + tol
+    elif "range" in check:
+        lo, hi = map(float, check["range"])
+    else:
+        return
+    if lo <= null <= hi:
+        raise LedgerError(f"{path}: claim {cid}: the window [{lo:g}, {hi:g}] of {check['metric']} contains its null "
+                          f"{null:g} (no effect), so it would pass without an effect. Narrow the tolerance so that "
+                          "the window excludes the null, or test the effect against the null separately.")
+
+
+def _check_shape(cid: str, check: dict, study_value, path) -> None:
     if check.get("table") not in TABLES:
         raise LedgerError(f"{path}: claim {cid}: table {check.get('table')!r} is not one of {', '.join(TABLES)}.")
     if "metric" not in check:
@@ -85,6 +124,7 @@ def _check_shape(cid: str, check: dict, path) -> None:
         raise LedgerError(f"{path}: claim {cid}: a check needs exactly one test of {', '.join(TESTS)}; found {tests}.")
     if check.get("aggregate", "single") not in AGGREGATES:
         raise LedgerError(f"{path}: claim {cid}: aggregate must be one of {', '.join(AGGREGATES)}.")
+    _refuse_window_with_null(cid, check, study_value, path)
 
 
 def metric_columns(metric: str) -> list[str]:
