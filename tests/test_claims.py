@@ -15,7 +15,6 @@ from bugscope.features.discriminative import DISCRIMINATIVE_COLUMNS
 from bugscope.features.named import NAMED_SCHEMA
 from bugscope.features.pages import TOKEN_SCHEMA
 from bugscope.io import read_metadata, read_table
-from bugscope.patching.summary import bug_kind_rows
 from tests.conftest import REPO
 from tests.figure_tables import accuracy_table, overlap_table, patching_summary
 
@@ -40,6 +39,7 @@ def overlap_rows(values: dict[int, float], ci: float = 2.0) -> pl.DataFrame:
     hi = max(mids, key=values.get)
     return pl.DataFrame({
         "layer": layers, "variant": ["per_pair"] * len(layers), "n_pairs": [20] * len(layers),
+        "n_number_pairs": [20] * len(layers),
         "is_min_overlap": [layer == lo for layer in layers], "is_max_overlap_middle": [layer == hi for layer in layers],
         "overlap_pct": [values[layer] for layer in layers],
         "overlap_pct_low": [values[layer] - ci for layer in layers],
@@ -64,13 +64,17 @@ def test_near_holds_and_fails():
     assert holds["verdict"] == "holds" and holds["measured"] == 12 and holds["form"] == "agnostic"
     assert (holds["ci_low"], holds["ci_high"], holds["n"]) == (10, 14, 20) and "layer=2" in holds["selected"]
     fails = evaluate_claim(claim(NEAR_MIN), {"feature_overlap": overlap_rows({0: 50, 2: 35, 5: 70, 12: 40})}, ctx())
-    assert fails["verdict"] == "fails" and fails["measured"] == 35
+    assert fails["verdict"] == "fails" and fails["measured"] == 35 and "-> fail" in fails["detail"]
+    # 19 [17, 21] straddles the window's edge (20): neither inside nor outside
+    edge = evaluate_claim(claim(NEAR_MIN), {"feature_overlap": overlap_rows({0: 50, 2: 19, 5: 70, 12: 40})}, ctx())
+    assert edge["verdict"] == "inconclusive" and "requires |overlap_pct - 10| <= 10 -> inconclusive" in edge["detail"]
 
 
 def test_literal_form_needs_the_model_and_falls_back_to_the_agnostic_form():
     tables = {"feature_overlap": overlap_rows({0: 50, 2: 12, 7: 45, 12: 40})}
     small = evaluate_claim(claim(LITERAL_L7, NEAR_MIN), tables, ctx())
-    assert small["form"] == "agnostic" and small["verdict"] == "holds" and "Llama-3.1-8B" in small["detail"]
+    # the literal form's reason for not being tested stays off a row the agnostic form decided
+    assert small["form"] == "agnostic" and small["verdict"] == "holds" and "Llama-3.1-8B" not in small["detail"]
     llama = evaluate_claim(claim(LITERAL_L7, NEAR_MIN), tables, ctx(model="Llama-3.1-8B-Instruct"))
     assert llama["form"] == "literal" and llama["verdict"] == "fails" and llama["measured"] == 45
 
@@ -99,8 +103,9 @@ def test_local_max_below_and_abs():
          "metric": "overlap_pct", "local_max": True}]}
     valley_peak = overlap_rows({0: 50, 2: 10, 6: 80, 12: 45})
     assert evaluate_claim(claim(form), {"feature_overlap": valley_peak}, ctx())["verdict"] == "holds"
+    # not shown to be a local maximum is not shown to be none: inconclusive, never "fails"
     monotone = overlap_rows({0: 10, 2: 20, 6: 80, 12: 85})
-    assert evaluate_claim(claim(form), {"feature_overlap": monotone}, ctx())["verdict"] == "fails"
+    assert evaluate_claim(claim(form), {"feature_overlap": monotone}, ctx())["verdict"] == "inconclusive"
 
     below = {"form": "agnostic", "description": "bug", "checks": [
         {"table": "baseline_accuracy", "where": {"format": "$buggy_format"}, "metric": "accuracy",
@@ -108,62 +113,64 @@ def test_local_max_below_and_abs():
     acc = pl.DataFrame({"format": ["qa", "simple"], "n_prompts": [40, 40], "accuracy": [0.3, 0.7],
                         "accuracy_low": [0.2, 0.6], "accuracy_high": [0.4, 0.8]})
     assert evaluate_claim(claim(below), {"baseline_accuracy": acc}, ctx())["verdict"] == "holds"
-    swapped = acc.with_columns(pl.Series("accuracy", [0.7, 0.3]))
+    swapped = acc.with_columns(pl.Series("accuracy", [0.7, 0.3]), pl.Series("accuracy_low", [0.6, 0.2]),
+                               pl.Series("accuracy_high", [0.8, 0.4]))
     assert evaluate_claim(claim(below), {"baseline_accuracy": swapped}, ctx())["verdict"] == "fails"
+    # overlapping intervals: the point estimates differ, and decide nothing
+    close = acc.with_columns(pl.Series("accuracy_high", [0.65, 0.8]))
+    assert evaluate_claim(claim(below), {"baseline_accuracy": close}, ctx())["verdict"] == "inconclusive"
 
     corr = {"form": "agnostic", "description": "r", "checks": [
         {"table": "head_parity", "where": {"layer": "$focus", "statistic": "point_biserial_r"}, "metric": "value",
-         "aggregate": "max_abs", "at_least": 0.85, "also": {"p_value": {"at_most": 0.05}}}]}
+         "aggregate": "max_abs", "at_least": 0.85, "exact": True, "also": {"p_value": {"at_most": 0.05}}}]}
     parity = pl.DataFrame({"layer": [5, 5, 5], "statistic": ["point_biserial_r"] * 3, "feature_id": [1, 2, 3],
                            "value": [0.2, -0.9, 0.5], "p_value": [0.5, 0.02, 0.3], "n_heads": [9, 9, 9]})
     r = evaluate_claim(claim(corr), {"head_parity": parity}, ctx())
     assert r["verdict"] == "holds" and r["measured"] == pytest.approx(0.9) and "feature_id=2" in r["selected"]
+    # strong but not significant: the test withholds the verdict; weak and exact: fails
     weak = parity.with_columns(pl.Series("p_value", [0.5, 0.2, 0.3]))
-    assert evaluate_claim(claim(corr), {"head_parity": weak}, ctx())["verdict"] == "fails"
+    assert evaluate_claim(claim(corr), {"head_parity": weak}, ctx())["verdict"] == "inconclusive"
+    small = parity.with_columns(pl.Series("value", [0.2, -0.5, 0.4]))
+    assert evaluate_claim(claim(corr), {"head_parity": small}, ctx())["verdict"] == "fails"
 
 
 def test_above_on_head_patching_tables():
-    """even > odd with disjoint CIs, a unique best layer, and success rising with k, on a real summary table."""
+    """Two arms of success counts are compared by Fisher's exact test (Holm within the section), on a
+    real summary table whose rates and eligible counts are overwritten."""
     table = patching_summary(layers=(0, 5, 10), focus=(5,))
     even_odd = {"form": "agnostic", "description": "even above odd", "checks": [
         {"table": "head_patching", "where": {"layer": "$focus", "head_set": "even"}, "metric": "success_rate",
-         "above": {"where": {"layer": "$focus", "head_set": "odd"}, "ci": True}, "ci": ["success_low", "success_high"]}]}
+         "above": {"where": {"layer": "$focus", "head_set": "odd"}}, "ci": ["success_low", "success_high"]}]}
 
-    def with_rates(rates: dict) -> pl.DataFrame:
-        """Overwrite (layer, head_set) -> (rate, low, high)."""
-        df = table
-        for (layer, hs), (r, lo, hi) in rates.items():
+    def with_counts(counts: dict) -> pl.DataFrame:
+        """Overwrite (layer, head_set) -> (fixed, eligible); the rest keep 0 of 20."""
+        df = table.with_columns(pl.lit(20, dtype=pl.Int64).alias("n_eligible"), pl.lit(0.0).alias("success_rate"))
+        for (layer, hs), (k, n) in counts.items():
             m = (pl.col("layer") == layer) & (pl.col("head_set") == hs)
-            df = df.with_columns(pl.when(m).then(r).otherwise(pl.col("success_rate")).alias("success_rate"),
-                                 pl.when(m).then(lo).otherwise(pl.col("success_low")).alias("success_low"),
-                                 pl.when(m).then(hi).otherwise(pl.col("success_high")).alias("success_high"))
+            df = df.with_columns(pl.when(m).then(k / n).otherwise(pl.col("success_rate")).alias("success_rate"),
+                                 pl.when(m).then(n).otherwise(pl.col("n_eligible")).alias("n_eligible"))
         return df
 
-    apart = with_rates({(5, "even"): (0.9, 0.8, 1.0), (5, "odd"): (0.1, 0.0, 0.3)})
+    apart = with_counts({(5, "even"): (18, 20), (5, "odd"): (2, 20)})
     r = evaluate_claim(claim(even_odd), {"head_patching": apart}, ctx())
-    assert r["verdict"] == "holds" and r["measured"] == 0.9 and (r["ci_low"], r["ci_high"]) == (0.8, 1.0)
-    assert r["n"] == int(bug_kind_rows(table)["n_eligible"][0]) and "head_set=even" in r["selected"]
-    overlapping = with_rates({(5, "even"): (0.9, 0.5, 1.0), (5, "odd"): (0.4, 0.1, 0.6)})
-    assert evaluate_claim(claim(even_odd), {"head_patching": overlapping}, ctx())["verdict"] == "fails"
+    assert r["verdict"] == "holds" and r["measured"] == 0.9 and "18/20 vs 2/20" in r["detail"]
+    assert "Fisher" in r["detail"] and "head_set=even" in r["selected"]
+    close = with_counts({(5, "even"): (18, 20), (5, "odd"): (15, 20)})  # p = 0.41
+    assert evaluate_claim(claim(even_odd), {"head_patching": close}, ctx())["verdict"] == "inconclusive"
+    reversed_ = with_counts({(5, "even"): (2, 20), (5, "odd"): (18, 20)})
+    assert evaluate_claim(claim(even_odd), {"head_patching": reversed_}, ctx())["verdict"] == "fails"
+    # 0 against 0 is no comparison at all
+    zeros = with_counts({(5, "even"): (0, 6), (5, "odd"): (0, 6)})
+    assert evaluate_claim(claim(even_odd), {"head_patching": zeros}, ctx())["verdict"] == "inconclusive"
 
     best = {"form": "agnostic", "description": "unique best layer", "checks": [
         {"table": "head_patching", "where": {"layer": "$focus", "head_set": "even"}, "metric": "success_rate",
-         "above": {"where": {"layer": {"not": "$focus"}, "head_set": "even"}, "ci": True},
-         "ci": ["success_low", "success_high"]}]}
-    unique = with_rates({(0, "even"): (0.1, 0.0, 0.2), (5, "even"): (0.9, 0.8, 1.0), (10, "even"): (0.3, 0.1, 0.5)})
+         "above": {"where": {"layer": {"not": "$focus"}, "head_set": "even"}}}]}
+    unique = with_counts({(0, "even"): (2, 20), (5, "even"): (19, 20), (10, "even"): (5, 20)})
     assert evaluate_claim(claim(best), {"head_patching": unique}, ctx())["verdict"] == "holds"
-    tie = with_rates({(0, "even"): (0.1, 0.0, 0.2), (5, "even"): (0.9, 0.8, 1.0), (10, "even"): (0.85, 0.7, 1.0)})
+    tie = with_counts({(0, "even"): (2, 20), (5, "even"): (18, 20), (10, "even"): (17, 20)})
     r = evaluate_claim(claim(best), {"head_patching": tie}, ctx())
-    assert r["verdict"] == "fails" and "layer=10" in r["detail"]
-
-    rising = {"form": "agnostic", "description": "threshold", "checks": [
-        {"table": "head_patching", "where": {"layer": "$focus", "pool": "even", "k": 2}, "metric": "success_rate",
-         "aggregate": "min", "above": {"where": {"layer": "$focus", "pool": "even", "k": 1}}}]}
-    pooled = bug_kind_rows(table)  # what a check selects unless it names pair_kind and order
-    k1 = pooled.filter(pl.col("layer") == 5, pl.col("pool") == "even", pl.col("k") == 1)["success_rate"].max()
-    k2 = pooled.filter(pl.col("layer") == 5, pl.col("pool") == "even", pl.col("k") == 2)["success_rate"].min()
-    r = evaluate_claim(claim(rising), {"head_patching": table}, ctx())
-    assert r["verdict"] == ("holds" if k2 > k1 else "fails") and r["measured"] == pytest.approx(k2)
+    assert r["verdict"] == "inconclusive" and "layer=10" in r["detail"]
 
 
 def test_head_count_tokens():
@@ -285,8 +292,14 @@ def test_length_heuristic_control_fails_when_the_format_only_flips_the_heuristic
     assert r["verdict"] == "fails"
     genuine = _contrast(1, 0)  # worse on shorter_bigger, no better on longer_bigger
     assert evaluate_claim(rule, {"baseline_contrast": genuine}, ctx())["verdict"] == "holds"
-    no_bug = _contrast(0, 0)
-    assert evaluate_claim(rule, {"baseline_contrast": no_bug}, ctx())["verdict"] == "fails"
+    # no format gap: the premise fails, so the control is not testable (it is not "fails")
+    no_bug = evaluate_claim(rule, {"baseline_contrast": _contrast(0, 0)}, ctx())
+    assert no_bug["verdict"] == "not testable here" and no_bug["detail"].startswith("not testable: premise")
+    # a gap on shorter_bigger, and a sum whose interval straddles 0
+    noisy = genuine.with_columns(
+        pl.when(pl.col("pair_kind") == "shorter_bigger+longer_bigger").then(-0.05).otherwise(
+            pl.col("accuracy_gap_low")).alias("accuracy_gap_low"))
+    assert evaluate_claim(rule, {"baseline_contrast": noisy}, ctx())["verdict"] == "inconclusive"
 
 
 def _parity(r_by_feature: dict[int, float], layer: int = 10, familywise: float = 0.001) -> pl.DataFrame:
@@ -333,55 +346,74 @@ def test_correlation_agnostic_rules_need_the_familywise_p_of_the_selected_featur
         assert r["form"] == "agnostic" and r["verdict"] == "holds" and "feature_id=7" in r["selected"], r["detail"]
         assert "familywise" in r["form_tested"]
         # by chance among 40: significant alone (p_value 0.001), not after the max-statistic correction
+        # (absence of significance shows no absence of the effect: inconclusive)
         chance = _parity({**rs, **extreme}, layer=5, familywise=0.3)
         r = evaluate_claim(ledger[cid], {"head_parity": chance}, focus)
-        assert r["verdict"] == "fails" and "familywise_p_value=0.3" in r["detail"], r["detail"]
+        assert r["verdict"] == "inconclusive" and "familywise_p_value: p=0.3" in r["detail"], r["detail"]
+        # the most extreme feature is weaker than the claim: fails
+        weak = _parity({**rs, 7: extreme[7] / 2}, layer=5, familywise=0.01)
+        assert evaluate_claim(ledger[cid], {"head_parity": weak}, focus)["verdict"] == "fails"
 
 
-def _heldout_features(direction: str, rates: list[tuple[float, float, float, float]], layer: int = 5) -> pl.DataFrame:
+def _heldout_features(direction: str, rates: list[tuple[float, float, tuple, tuple]], layer: int = 5) -> pl.DataFrame:
     """buggy_vs_correct_heldout rows of one direction: (firing_rate_a, firing_rate_b) on the ranking
-    (even) pairs and (heldout_firing_rate_a, heldout_firing_rate_b) on the held-out ones, per rank."""
+    (even) pairs and the held-out firing-rate intervals ((low, high) of a, (low, high) of b), per rank."""
     rows = [{"layer": layer, "comparison": "buggy_vs_correct_heldout", "direction": direction, "rank": i,
              "feature_id": 100 + i, "effect_size": 1.0 if direction == "up" else -1.0, "mean_diff": 0.0,
              "mean_a": 1.0, "mean_b": 1.0, "firing_rate_a": fa, "firing_rate_b": fb, "p_value": 0.001,
-             "q_value": 0.01, "significant": True, "n_a": 20, "n_b": 20, "n_tested": 300,
-             "heldout_mean_a": 1.0, "heldout_mean_b": 1.0, "heldout_firing_rate_a": ha, "heldout_firing_rate_b": hb}
+             "q_value": 0.01, "significant": True, "n_a": 20, "n_b": 20, "n_tested": 300, "n_pairs": 20,
+             "ratio": 1.0, "ratio_low": 0.9, "ratio_high": 1.1, "heldout_mean_a": 1.0, "heldout_mean_b": 1.0,
+             "heldout_firing_rate_a": sum(ha) / 2, "heldout_firing_rate_b": sum(hb) / 2, "n_heldout_pairs": 20,
+             "heldout_ratio": 1.0, "heldout_ratio_low": 0.9, "heldout_ratio_high": 1.1,
+             "heldout_firing_rate_a_low": ha[0], "heldout_firing_rate_a_high": ha[1],
+             "heldout_firing_rate_b_low": hb[0], "heldout_firing_rate_b_high": hb[1]}
             for i, (fa, fb, ha, hb) in enumerate(rates)]
     return pl.DataFrame(rows).select(DISCRIMINATIVE_COLUMNS)
 
 
 def test_single_format_feature_rules_test_the_selected_feature_on_held_out_pairs():
     ledger = {c["id"]: c for c in load_ledger(LEDGER)}
-    # buggy-only (up): the feature picked on the even pairs fires in 80 % / 5 % there
+    # buggy-only (up): the feature picked on the even pairs fires in 80 % / 5 % there; the held-out
+    # firing-rate intervals decide
     for cid, direction, swap in (("feature_18967_qa_only", "up", False), ("feature_31205_simple_only", "down", True)):
-        def table(held_a: float, held_b: float) -> pl.DataFrame:
-            rates = [(0.8, 0.05, held_a, held_b), (0.6, 0.3, 0.6, 0.3), (0.3, 0.02, 0.3, 0.02)]
+        def table(held_a: tuple, held_b: tuple) -> pl.DataFrame:
+            rates = [(0.8, 0.05, held_a, held_b), (0.6, 0.3, (0.5, 0.7), (0.2, 0.4)), (0.3, 0.02, (0.2, 0.4), (0, 0.1))]
             if swap:  # correct-only: the same with the formats exchanged
                 rates = [(b, a, hb, ha) for a, b, ha, hb in rates]
             return _heldout_features(direction, rates)
 
-        r = evaluate_claim(ledger[cid], {"discriminative_features": table(0.75, 0.05)}, ctx())
+        r = evaluate_claim(ledger[cid], {"discriminative_features": table((0.6, 0.9), (0.0, 0.08))}, ctx())
         assert r["form"] == "agnostic" and r["verdict"] == "holds" and "feature_id=100" in r["selected"], r["detail"]
-        assert "held-out" in r["form_tested"]
-        # the same pick on the even pairs, but on the held-out pairs it fires in a third of the prompts: fails
-        r = evaluate_claim(ledger[cid], {"discriminative_features": table(0.3, 0.05)}, ctx())
+        assert "held-out" in r["form_tested"] and "selection step" in r["detail"]
+        # the same pick on the even pairs, but on the held-out pairs it fires in at most a third: fails
+        r = evaluate_claim(ledger[cid], {"discriminative_features": table((0.1, 0.35), (0.0, 0.08))}, ctx())
         assert r["verdict"] == "fails" and r["measured"] == 0.8, r["detail"]
         # ... or fires in the other format too on the held-out pairs: fails
-        assert evaluate_claim(ledger[cid], {"discriminative_features": table(0.75, 0.3)},
-                                     ctx())["verdict"] == "fails"
+        assert evaluate_claim(ledger[cid], {"discriminative_features": table((0.6, 0.9), (0.2, 0.4))},
+                              ctx())["verdict"] == "fails"
+        # held-out intervals that straddle the thresholds: inconclusive
+        assert evaluate_claim(ledger[cid], {"discriminative_features": table((0.4, 0.8), (0.0, 0.15))},
+                              ctx())["verdict"] == "inconclusive"
 
 
 def test_heldout_feature_ratio_rules_fail_when_the_top_feature_regresses_to_one():
     ledger = {c["id"]: c for c in load_ledger(LEDGER)}
 
-    def table(ratio_0: float, ratio_1: float) -> pl.DataFrame:
-        df = _heldout_features("up", [(0.9, 0.9, 0.9, 0.9)] * 3)
+    def table(low: float, high: float) -> pl.DataFrame:
+        df = _heldout_features("up", [(0.9, 0.9, (0.8, 1.0), (0.8, 1.0))] * 3)
         return df.with_columns(pl.Series("mean_a", [3.0, 2.5, 2.0]), pl.Series("mean_b", [1.0, 1.0, 1.0]),
-                               pl.Series("heldout_mean_a", [ratio_0, ratio_1, 1.0]))
+                               pl.Series("heldout_ratio", [(low + high) / 2] * 3),
+                               pl.Series("heldout_ratio_low", [low] * 3), pl.Series("heldout_ratio_high", [high] * 3))
     for cid in ("feature_25523_ratio", "feature_22441_ratio"):
-        assert evaluate_claim(ledger[cid], {"discriminative_features": table(1.6, 1.6)}, ctx())["verdict"] == "holds"
+        assert evaluate_claim(ledger[cid], {"discriminative_features": table(1.55, 1.8)}, ctx())["verdict"] == "holds"
         # ranked first on the even pairs at 3x / 2.5x, about 1x on the held-out pairs
-        assert evaluate_claim(ledger[cid], {"discriminative_features": table(1.05, 1.05)}, ctx())["verdict"] == "fails"
+        assert evaluate_claim(ledger[cid], {"discriminative_features": table(0.95, 1.15)}, ctx())["verdict"] == "fails"
+        assert evaluate_claim(ledger[cid], {"discriminative_features": table(1.3, 1.7)},
+                              ctx())["verdict"] == "inconclusive"
+        # fewer than 10 held-out number pairs: the bootstrap interval decides nothing
+        few = table(1.55, 1.8).with_columns(pl.lit(6).alias("n_heldout_pairs"))
+        r = evaluate_claim(ledger[cid], {"discriminative_features": few}, ctx())
+        assert r["verdict"] == "inconclusive" and "fewer than 10" in r["detail"]
 
 
 def test_a_literal_form_reads_the_sae_set_it_requires(tmp_path):
@@ -390,9 +422,10 @@ def test_a_literal_form_reads_the_sae_set_it_requires(tmp_path):
     claim = {"id": "x", "section": "sae", "claim": "k", "study_value": "50", "forms": [
         {"form": "literal", "requires_model": "Llama-3.1-8B",
          "requires_sae": {"release": "llama_scope_lxm_8x", "site": "mlp_out"}, "description": "literal",
-         "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "range": [45, 60]}]},
+         "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "range": [45, 60],
+                    "exact": True}]},
         {"form": "agnostic", "description": "agnostic",
-         "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "at_least": 1}]}]}
+         "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "at_least": 1, "exact": True}]}]}
     quality = pl.DataFrame({"sae_set": ["residual", "mlp_out"], "layer": [10, 10], "l0_corpus": [120.0, 52.0],
                             "n_tokens_corpus": [100, 100]})
     llama = ctx("Llama-3.1-8B-Instruct", num_layers=32, num_heads=32)
@@ -419,7 +452,7 @@ def test_an_agnostic_verdict_is_compared_across_sae_sets():
     """The same agnostic rule on every SAE set: agreement is reported, and a disagreement is visible."""
     claim = {"id": "x", "section": "sae", "claim": "l0", "study_value": "1", "forms": [
         {"form": "agnostic", "description": "agnostic",
-         "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "at_most": 60}]}]}
+         "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "at_most": 60, "exact": True}]}]}
     sets = LLAMA_SETS
     run = Context("m", "x", 32, 32, "qa", "simple", [10], sets)
     agree = pl.DataFrame({"sae_set": ["residual", "mlp_out"], "layer": [10, 10], "l0_corpus": [40.0, 52.0],
@@ -437,7 +470,7 @@ def test_a_set_without_the_claims_layer_is_not_testable_on_it():
     at layer 10 is "not testable" on it, and agrees_across_sae_sets compares the sets that can test it."""
     claim = {"id": "x", "section": "sae", "claim": "l0", "study_value": "1", "forms": [
         {"form": "agnostic", "description": "agnostic",
-         "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "at_most": 60}]}]}
+         "checks": [{"table": "sae_quality", "where": {"layer": 10}, "metric": "l0_corpus", "at_most": 60, "exact": True}]}]}
     assert [s["name"] for s in LLAMA_SETS] == ["residual", "mlp_out", "instruct"]
     run = Context("m", "x", 32, 32, "qa", "simple", [10], LLAMA_SETS)
     instruct = [3, 7, 11, 15, 19, 23, 27]

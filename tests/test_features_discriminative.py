@@ -12,6 +12,8 @@ from bugscope.features.named import named_features
 from bugscope.features.values import position_weights, prompt_pairs, prompt_values
 from tests.helpers import pair_prompts, sparse_features
 
+BOOT = {"n_resamples": 400, "confidence": 0.95, "seed": 0}
+
 
 def test_discriminative_finds_planted_feature():
     rng = np.random.default_rng(3)
@@ -28,7 +30,7 @@ def test_discriminative_finds_planted_feature():
     values = prompt_values(sparse_features(rows), position_weights(prompts, "decision"))
     scores = pl.DataFrame({"prompt_id": np.arange(2 * n_q, dtype=np.int32), "is_correct": np.arange(2 * n_q) % 4 < 2})
     cfg = {"test": "wilcoxon", "min_firing_rate": 0.05, "fdr_alpha": 0.05, "top_n": 3, "min_group_size": 5}
-    out = discriminative_features(values, pairs, scores, layer=7, cfg=cfg)
+    out = discriminative_features(values, pairs, scores, layer=7, cfg=cfg, boot=BOOT)
     bvc = out.filter(pl.col("comparison") == "buggy_vs_correct")
     up = bvc.filter(pl.col("direction") == "up", pl.col("rank") == 0).row(0, named=True)
     down = bvc.filter(pl.col("direction") == "down", pl.col("rank") == 0).row(0, named=True)
@@ -44,6 +46,12 @@ def test_discriminative_finds_planted_feature():
     assert held["feature_id"] == 100 and held["n_a"] == len(range(0, n_q // 2, 2)) * 2
     assert held["heldout_mean_a"] / held["heldout_mean_b"] == pytest.approx(5 / 3, abs=0.25)
     assert held["heldout_firing_rate_a"] == held["heldout_firing_rate_b"] == 1.0  # about 5 and 3, never 0
+    # intervals over the held-out number pairs: the ratio's excludes 1, the firing rates' are exact
+    assert held["heldout_ratio"] == pytest.approx(held["heldout_mean_a"] / held["heldout_mean_b"])
+    assert 1 < held["heldout_ratio_low"] <= held["heldout_ratio"] <= held["heldout_ratio_high"]
+    assert held["heldout_firing_rate_a_low"] > 0.6 and held["heldout_firing_rate_a_high"] == 1.0
+    assert held["n_heldout_pairs"] == len({int(p) for p in pairs["pair_id"].to_list() if p % 2})
+    assert up["ratio_low"] > 1 and down["ratio_high"] < 1 and up["n_pairs"] == pairs["pair_id"].n_unique()
 
 
 def test_heldout_ratio_of_a_noise_feature_shrinks_to_one():
@@ -57,10 +65,11 @@ def test_heldout_ratio_of_a_noise_feature_shrinks_to_one():
     values = prompt_values(sparse_features(rows), position_weights(prompts, "decision"))
     scores = pl.DataFrame({"prompt_id": np.arange(2 * n_q, dtype=np.int32), "is_correct": np.arange(2 * n_q) % 4 < 2})
     cfg = {"test": "wilcoxon", "min_firing_rate": 0.05, "fdr_alpha": 0.05, "top_n": 1, "min_group_size": 5}
-    top = discriminative_features(values, pairs, scores, layer=7, cfg=cfg).filter(
+    top = discriminative_features(values, pairs, scores, layer=7, cfg=cfg, boot=BOOT).filter(
         pl.col("comparison") == "buggy_vs_correct_heldout", pl.col("direction") == "up").row(0, named=True)
     assert top["mean_a"] / top["mean_b"] > 1.25
     assert abs(top["heldout_mean_a"] / top["heldout_mean_b"] - 1) < abs(top["mean_a"] / top["mean_b"] - 1) / 2
+    assert top["heldout_ratio_low"] < 1 < top["heldout_ratio_high"]  # the held-out interval contains no effect
 
 
 def test_bh_matches_definition():

@@ -84,7 +84,7 @@ FEATURE_OVERLAP_PAIRS = Table(
     layout.FEATURE_OVERLAP_PAIRS, "feature_overlap_pairs", "features",
     columns=("layer", "question_id", "pair_id", "overlap_pct"))
 DISCRIMINATIVE_FEATURES = Table(
-    layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "features", "n_a", "prompts of the first group",
+    layout.DISCRIMINATIVE_FEATURES, "discriminative_features", "features", "n_pairs", "number pairs",
     columns=("layer", "comparison", "direction", "rank", "feature_id", "q_value", "significant",
              "heldout_mean_a", "heldout_mean_b", "heldout_firing_rate_a", "heldout_firing_rate_b"))
 NAMED_FEATURES = Table(

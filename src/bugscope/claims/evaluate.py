@@ -121,9 +121,10 @@ class NotTestable(Exception):
     """This form cannot be tested on these tables; the message says why. `precondition`: a
     precondition of the claim failed (the claim is then "not testable", with its numbers)."""
 
-    def __init__(self, message: str, precondition: bool = False):
+    def __init__(self, message: str, precondition: bool = False, other_model: bool = False):
         super().__init__(message)
         self.precondition = precondition
+        self.other_model = other_model  # the form is about another model: no news on this run
 
 
 @dataclass
@@ -300,40 +301,47 @@ def _describe_row(df: pl.DataFrame, row: int, where: Mapping) -> str:
 
 
 def _rule_text(check: dict, study_value, ctx: Context | None = None) -> str:
+    """The requirement of a check as the ledger prints it (decided on the interval: `decide`)."""
     m = check["metric"]
     if check.get("aggregate", "single") != "single":
         m = f"{check['aggregate']}({m})"
+
+    def bound(key: str) -> str:
+        return f"{_bound(check, key, ctx):g}" if ctx else str(check[key])
+
     if "near" in check:
         t = check["near"].get("target", study_value)
         return f"|{m} - {t}| <= {check['near']['tolerance']}"
     if "range" in check:
         return f"{check['range'][0]} <= {m} <= {check['range'][1]}"
     if "at_least" in check:
-        return f"{m} >= {_bound(check, 'at_least', ctx) if ctx else check['at_least']:g}"
+        return f"{m} >= {bound('at_least')}"
     if "at_most" in check:
-        return f"{m} <= {_bound(check, 'at_most', ctx) if ctx else check['at_most']:g}"
+        return f"{m} <= {bound('at_most')}"
     if "below" in check:
         return f"{m} < {check['metric']} at {check['below']['where']}"
     if "above" in check:
-        if check["above"].get("ci"):
-            return f"CI of {m} above the CI of {check['metric']} at every row of {check['above']['where']}"
         return f"{m} > {check['metric']} at every row of {check['above']['where']}"
+    if "selects" in check:
+        return f"{m} selects the row; " + ", ".join(f"{c} {op} {x}" for c, cond in check.get("also", {}).items()
+                                                    for op, x in cond.items())
     return f"{m}: CI above the CI of an earlier and a later layer"
 
 
-def _interval(sel: pl.DataFrame, row: int, check: dict, value: float, name: str, n: int | None,
+def _interval(sel: pl.DataFrame, row: int, check: dict, value: float, n_unit: str | None, n: int | None,
               ctx: Context) -> tuple[float | None, float | None, str, str]:
     """(low, high, kind, why not): the interval a check decides on. kind: exact (an exact interval, or
     a value the claim names that has no sampling error, `exact: true`), bootstrap, or none."""
     low, high = _ci(sel, row, check, value)
     if check.get("exact"):
-        return value, value, "exact", ""
+        v = abs(value) if check.get("aggregate", "single").endswith("_abs") else value
+        return v, v, "exact", ""
     if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
         return None, None, "none", "no interval: a point estimate decides nothing"
-    if check["metric"].strip() in EXACT_INTERVAL_METRICS and name in EXACT_INTERVAL_TABLES:
+    if check["metric"].strip() in EXACT_INTERVAL_METRICS and check["table"] in EXACT_INTERVAL_TABLES:
         return low, high, "exact", ""
     floor = int(ctx.verdicts["min_bootstrap_clusters"])
-    unit = TABLES[name].n_unit or ""
+    unit = n_unit or ""
     if n is not None and ("pairs" in unit or "questions" in unit) and n < floor:
         return low, high, "bootstrap", (f"a bootstrap over {n} {unit} (fewer than {floor}) has a degenerate "
                                         "percentile interval")
@@ -386,6 +394,13 @@ def _compare(check: dict, sel: pl.DataFrame, row: int, other: pl.DataFrame, wher
             tests.append(PTest(label, p, "effect", r1 > r2 if direction == "above" else r1 < r2))
             notes.append(label)
         return None, tests, "Fisher's exact test: " + "; ".join(notes)
+    if check.get("exact"):  # named items measured without sampling: the values themselves compare
+        finite = [j for j, v in enumerate(ref_values) if v is not None and math.isfinite(v)]
+        if not finite:
+            raise NotTestable("the comparison rows' metric is null")
+        refs = [ref_values[j] for j in finite]
+        ok = value > max(refs) if direction == "above" else value < min(refs)
+        return PASS if ok else FAIL, [], f"exact values: {value:.4g} against {', '.join(f'{r:.4g}' for r in refs)}"
     lo_col, hi_col = check.get("ci") or [f"{metric}_low", f"{metric}_high"]
     if low is None or lo_col not in other.columns:
         return INCONCLUSIVE, [], "no interval to compare (a point-estimate comparison decides nothing)"
@@ -458,10 +473,14 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
     row = _pick(sel, values, check.get("aggregate", "single"))
     value = float(values[row])
     spec = TABLES[name]
-    n = int(sel[spec.n_column][row]) if spec.n_column and sel[spec.n_column][row] is not None else None
+    n = (int(sel[spec.n_column][row]) if spec.n_column in sel.columns and sel[spec.n_column][row] is not None
+         else None)
     if n is None and name == "baseline_scores":
         n = 1
-    low, high, kind, why = _interval(sel, row, check, value, name, n, ctx)
+    n_unit = spec.n_unit
+    if check["metric"].startswith("heldout_") and "n_heldout_pairs" in sel.columns:  # the held-out half's own n
+        n, n_unit = sel["n_heldout_pairs"][row], "held-out number pairs"
+    low, high, kind, why = _interval(sel, row, check, value, n_unit, n, ctx)
     if check.get("aggregate", "single").endswith("_abs"):
         value = abs(value)
     outcomes, tests, notes = [], [], []
@@ -487,6 +506,8 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
         # Not being shown a local maximum is not being shown none: never "fail" on this test.
         outcomes.append(PASS if earlier and later and not why else INCONCLUSIVE)
         notes.append(f"lower layers (CI entirely below): before {earlier or 'none'}, after {later or 'none'}")
+    elif check.get("selects"):
+        notes.append("selection step: its value picked the row and is not tested; the conditions below decide")
     else:
         lo, hi, strict_lo, strict_hi = _region(check, study_value, ctx)
         if why:
@@ -505,7 +526,7 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
     for col in check.get("beside", []):
         notes.append(f"beside: {_beside(sel, row, col)}")
     return {"outcomes": outcomes, "tests": tests, "value": value, "low": low, "high": high, "n": n,
-            "n_unit": spec.n_unit if n is not None else None, "interval": kind,
+            "n_unit": n_unit if n is not None else None, "interval": kind,
             "selected": _describe_row(sel, row, where), "row": sel.row(row, named=True), "note": "; ".join(notes)}
 
 
@@ -516,7 +537,8 @@ def _fewest(check: dict, ctx: Context) -> str:
     conf = float(ctx.verdicts["confidence"])
     n = (fewest_clusters_to_decide(at_least=_bound(check, "at_least", ctx), confidence=conf) if "at_least" in check
          else fewest_clusters_to_decide(at_most=_bound(check, "at_most", ctx), confidence=conf))
-    return f"decidable from {n} eligible number pairs" if n else "not decidable at any sample size"
+    return (f"decidable from {n} eligible targets, one per number pair" if n
+            else "not decidable at any sample size")
 
 
 def check_outcome(result: dict, alpha: float) -> str:
@@ -535,10 +557,11 @@ def _check_text(i: int, check: dict, result: dict, study_value, alpha: float, ct
 def _try_form(claim: dict, form: dict, tables, ctx: Context) -> dict:
     """The checks of one form and its preconditions; raises NotTestable."""
     if "requires_model" in form and not ctx.is_model(form["requires_model"]):
-        raise NotTestable(f"its feature ids/layers belong to {form['requires_model']}; this run is {ctx.model_name}")
+        raise NotTestable(f"its feature ids/layers belong to {form['requires_model']}; this run is {ctx.model_name}",
+                          other_model=True)
     sae_set = ctx.sae_set_for(form)
     results = [run_check(c, tables, ctx, claim["study_value"], sae_set) for c in form["checks"]]
-    needs = evaluate_needs(claim.get("needs", []), results[0]["row"], tables, ctx.verdicts)
+    needs = evaluate_needs(claim.get("needs", []), [r["row"] for r in results], tables, ctx.verdicts)
     failed = [o for o in needs if o.ok is False]
     unknown = [o for o in needs if o.ok is None]
     if failed or unknown:
@@ -549,15 +572,18 @@ def _try_form(claim: dict, form: dict, tables, ctx: Context) -> dict:
 def evaluate_claim(claim: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Context) -> dict:
     """One ledger row, with the tests of its checks Holm-adjusted within the claim alone (`evaluate`
     adjusts them within the claim's section)."""
-    return evaluate([claim], tables, ctx).row(0, named=True)
+    return evaluate([claim], tables, ctx).row(-1, named=True)
 
 
-def _decided_row(claim: dict, form: dict, tried: dict, tables, ctx: Context, alpha: float) -> dict:
+def _decided_row(claim: dict, form: dict, tried: dict, tables, ctx: Context, alpha: float,
+                 reasons: list) -> dict:
     results, checks = tried["results"], form["checks"]
     verdict = VERDICT_OF[combine(check_outcome(r, alpha) for r in results)]
     per_set = any(_per_set(tables.get(c["table"])) for c in checks)
     others = _other_set_verdicts(form, tables, ctx, claim["study_value"], tried["sae_set"], alpha) if per_set else {}
-    notes = [o.text for o in tried["needs"]]
+    # Why an earlier form was not tested, unless it is about another model (then it says nothing here).
+    notes = [f"{kind} form not tested: {why}" for kind, why in reasons if not why.other_model]
+    notes += [o.text for o in tried["needs"]]
     notes += [_check_text(i, c, r, claim["study_value"], alpha, ctx) for i, (c, r) in enumerate(zip(checks, results))]
     if others:
         notes.append("on the other SAE sets: " + ", ".join(f"{name}: {v}" for name, v in others.items()))
@@ -597,7 +623,7 @@ def evaluate(claims: list[dict], tables: Mapping[str, pl.DataFrame | None], ctx:
                 "claim": c["claim"].strip(), "study_value": str(c["study_value"]),
                 "family_tests": len(family_tests.get(c["section"], []))}
         if chosen:
-            rows.append({**base, **_decided_row(c, chosen[0], chosen[1], tables, ctx, alpha)})
+            rows.append({**base, **_decided_row(c, chosen[0], chosen[1], tables, ctx, alpha, reasons)})
             continue
         why = "; ".join(f"{kind}: {w}" for kind, w in reasons)
         blocked = [w for _, w in reasons if w.precondition]

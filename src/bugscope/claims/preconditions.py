@@ -121,16 +121,20 @@ def features_can_move(row: Mapping) -> Outcome:
                    f"unpatched, {_fmt(row['source_active'])} in the source -> {'pass' if ok else 'fail'}")
 
 
-def evaluate_needs(needs, row: Mapping, tables: Mapping[str, pl.DataFrame | None], verdicts: Mapping) -> list[Outcome]:
-    """The outcome of each precondition a claim names, on the row its first check selected."""
+def evaluate_needs(needs, rows: list[Mapping], tables: Mapping[str, pl.DataFrame | None],
+                   verdicts: Mapping) -> list[Outcome]:
+    """The outcome of each precondition a claim names, on the rows its checks selected: the first
+    check's row names the layer and the measure; eligible_pairs reads the fewest of any row."""
     out = []
+    row = rows[0]
     for name in needs:
         if name == "premise":
             out.append(premise(tables, verdicts))
         elif name == "ceiling":
             out.append(ceiling(tables, row.get("layer"), verdicts))
         elif name == "eligible_pairs":
-            out.append(eligible_pairs(row, verdicts))
+            counted = [r for r in rows if r.get("n_eligible_pairs") is not None]
+            out.append(eligible_pairs(min(counted, key=lambda r: r["n_eligible_pairs"]) if counted else row, verdicts))
         elif name == "sources_judged":
             out.append(sources_judged(row))
         else:

@@ -12,7 +12,7 @@ import yaml
 from bugscope import tables
 from bugscope.claims.preconditions import PRECONDITIONS
 
-TESTS = ("near", "range", "at_least", "at_most", "below", "above", "local_max")
+TESTS = ("near", "range", "at_least", "at_most", "below", "above", "local_max", "selects")
 AGGREGATES = ("single", "min", "max", "max_abs", "min_abs")
 
 # The value of a metric under "no effect": a tolerance window around a claimed value must not
@@ -102,13 +102,17 @@ def _refuse_window_with_null(cid: str, check: dict, study_value, path) -> None:
     if null is None:
         return
     if "near" in check:
-        t, tol = float(check["near"].get("target", study_value)), float(check["near"]["tolerance"])
+        try:
+            t, tol = float(check["near"].get("target", study_value)), float(check["near"]["tolerance"])
+        except (TypeError, ValueError):
+            raise LedgerError(f"{path}: claim {cid}: near needs a numeric target (or a numeric study_value).") from None
         lo, hi = t - tol, t + tol
     elif "range" in check:
         lo, hi = map(float, check["range"])
     else:
         return
-    if lo <= null <= hi:
+    claimed = float(check["near"].get("target", study_value)) if "near" in check else None
+    if lo <= null <= hi and claimed != null:
         raise LedgerError(f"{path}: claim {cid}: the window [{lo:g}, {hi:g}] of {check['metric']} contains its null "
                           f"{null:g} (no effect), so it would pass without an effect. Narrow the tolerance so that "
                           "the window excludes the null, or test the effect against the null separately.")

@@ -12,6 +12,12 @@ from scipy import stats as sps
 
 from bugscope.data.prompts import is_selection_pair
 from bugscope.features.values import dense_matrix
+from bugscope.stats import (
+    cluster_resample_weights,
+    cluster_resampled_means,
+    clustered_proportion_columns,
+    percentile_interval,
+)
 
 log = logging.getLogger("bugscope.features")
 
@@ -99,8 +105,46 @@ def _top_rows(layer: int, comparison: str, feature_ids: np.ndarray, a: np.ndarra
 
 DISCRIMINATIVE_COLUMNS = ["layer", "comparison", "direction", "rank", "feature_id", "effect_size", "mean_diff",
                           "mean_a", "mean_b", "firing_rate_a", "firing_rate_b", "p_value", "q_value",
-                          "significant", "n_a", "n_b", "n_tested", "heldout_mean_a", "heldout_mean_b",
-                          "heldout_firing_rate_a", "heldout_firing_rate_b"]
+                          "significant", "n_a", "n_b", "n_tested", "n_pairs", "ratio", "ratio_low", "ratio_high",
+                          "heldout_mean_a", "heldout_mean_b", "heldout_firing_rate_a", "heldout_firing_rate_b",
+                          "n_heldout_pairs", "heldout_ratio", "heldout_ratio_low", "heldout_ratio_high",
+                          "heldout_firing_rate_a_low", "heldout_firing_rate_a_high", "heldout_firing_rate_b_low",
+                          "heldout_firing_rate_b_high"]
+HELDOUT_COLUMNS = DISCRIMINATIVE_COLUMNS[DISCRIMINATIVE_COLUMNS.index("heldout_mean_a"):]
+
+
+def interval_columns(a: np.ndarray, b: np.ndarray, clusters_a: np.ndarray, clusters_b: np.ndarray, *,
+                     boot: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """Per column (feature) of a [n_a, m] and b [n_b, m]: the ratio of means a / b with a percentile
+    bootstrap over number pairs (a pair's rows on both sides move together: research notes section
+    8), the firing rates of both sides with exact intervals over number pairs, and the number of pairs."""
+    m = a.shape[1]
+    stacked = np.vstack([np.hstack([a, np.full_like(a, np.nan)]), np.hstack([np.full_like(b, np.nan), b])])
+    clusters = np.concatenate([clusters_a, clusters_b])
+    labels, index = np.unique(clusters, return_inverse=True)
+    weights = cluster_resample_weights(len(labels), n_resamples=boot["n_resamples"], seed=boot["seed"])
+    means = cluster_resampled_means(stacked, index, weights)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        resampled = np.where(means[:, m:] > 0, means[:, :m] / means[:, m:], np.nan)
+        point = np.where(b.mean(axis=0) > 0, a.mean(axis=0) / np.where(b.mean(axis=0) > 0, b.mean(axis=0), 1), np.nan)
+    low, high = percentile_interval(resampled, boot["confidence"])
+    fa = clustered_proportion_columns((a > 0).astype(float), clusters_a, boot["confidence"])
+    fb = clustered_proportion_columns((b > 0).astype(float), clusters_b, boot["confidence"])
+    return {f"{prefix}ratio": point, f"{prefix}ratio_low": low, f"{prefix}ratio_high": high,
+            f"{prefix}firing_rate_a_low": fa["low"], f"{prefix}firing_rate_a_high": fa["high"],
+            f"{prefix}firing_rate_b_low": fb["low"], f"{prefix}firing_rate_b_high": fb["high"],
+            "n_heldout_pairs" if prefix else "n_pairs": np.full(m, len(labels), dtype=np.int64)}
+
+
+def _with_intervals(top: pl.DataFrame, feature_ids: np.ndarray, a: np.ndarray, b: np.ndarray, clusters_a, clusters_b,
+                    boot: dict, prefix: str = "") -> pl.DataFrame:
+    """`top` with `interval_columns` of its features on a and b (all of a side's rows)."""
+    column = {int(f): i for i, f in enumerate(feature_ids)}
+    idx = np.array([column[int(f)] for f in top["feature_id"].to_list()], dtype=np.int64)
+    cols = interval_columns(a[:, idx], b[:, idx], clusters_a, clusters_b, boot=boot, prefix=prefix)
+    if not prefix:  # the firing-rate intervals are the held-out rows' (the tested ones)
+        cols = {k: v for k, v in cols.items() if "firing" not in k}
+    return top.with_columns(**{k: pl.Series(k, v) for k, v in cols.items()})
 
 # Selection-aware ranking (research notes section 8): the top features ranked on the pairs with an
 # even pair_id, their means measured on the others. The top-ranked of thousands of features clears
@@ -109,13 +153,15 @@ SPLIT_COMPARISON = "buggy_vs_correct_heldout"
 
 
 def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: pl.DataFrame, *, layer: int,
-                            cfg: dict) -> pl.DataFrame:
+                            cfg: dict, boot: dict) -> pl.DataFrame:
     """Top features of one layer per comparison and direction (see config/README.md).
 
     buggy_vs_correct: paired test across prompt pairs (a = buggy format, b = correct format).
     wrong_vs_right: within the buggy format, prompts answered wrong (a) vs right (b), unpaired.
     Only features firing in at least `min_firing_rate` of the prompts of either side are tested;
-    BH-FDR runs over the tested features of the layer and comparison.
+    BH-FDR runs over the tested features of the layer and comparison. Every row gets the ratio of
+    means a / b with its interval over number pairs; the held-out rows, held-out ratios and firing
+    rates with theirs (`interval_columns`; `boot`: n_resamples, confidence, seed).
     """
     out = []
     buggy_ids = pairs["prompt_id_buggy"].to_numpy()
@@ -125,9 +171,11 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
     b = dense_matrix(values, correct_ids, feature_ids)
     keep = np.maximum((a > 0).mean(axis=0), (b > 0).mean(axis=0)) >= cfg["min_firing_rate"]
     p, effect = paired_test(a[:, keep], b[:, keep], cfg["test"])
-    out.append(_top_rows(layer, "buggy_vs_correct", feature_ids[keep], a[:, keep], b[:, keep], p, effect,
-                         top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum())))
-    chosen = is_selection_pair(pairs["pair_id"].to_numpy())
+    number_pair = pairs["pair_id"].to_numpy()
+    top = _top_rows(layer, "buggy_vs_correct", feature_ids[keep], a[:, keep], b[:, keep], p, effect,
+                    top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum()))
+    out.append(_with_intervals(top, feature_ids, a, b, number_pair, number_pair, boot))
+    chosen = is_selection_pair(number_pair)
     if chosen.sum() > 1 and (~chosen).sum() > 1:
         sa, sb = a[chosen], b[chosen]
         keep_s = np.maximum((sa > 0).mean(axis=0), (sb > 0).mean(axis=0)) >= cfg["min_firing_rate"]
@@ -137,10 +185,13 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
         column = {int(f): i for i, f in enumerate(feature_ids)}
         idx = np.array([column[int(f)] for f in top["feature_id"].to_list()], dtype=np.int64)
         held_a, held_b = a[~chosen][:, idx], b[~chosen][:, idx]
-        out.append(top.with_columns(pl.Series("heldout_mean_a", held_a.mean(axis=0)),
-                                    pl.Series("heldout_mean_b", held_b.mean(axis=0)),
-                                    pl.Series("heldout_firing_rate_a", (held_a > 0).mean(axis=0)),
-                                    pl.Series("heldout_firing_rate_b", (held_b > 0).mean(axis=0))))
+        top = _with_intervals(top, feature_ids, sa, sb, number_pair[chosen], number_pair[chosen], boot)
+        top = top.with_columns(pl.Series("heldout_mean_a", held_a.mean(axis=0)),
+                               pl.Series("heldout_mean_b", held_b.mean(axis=0)),
+                               pl.Series("heldout_firing_rate_a", (held_a > 0).mean(axis=0)),
+                               pl.Series("heldout_firing_rate_b", (held_b > 0).mean(axis=0)))
+        held = number_pair[~chosen]
+        out.append(_with_intervals(top, feature_ids, a[~chosen], b[~chosen], held, held, boot, prefix="heldout_"))
 
     answered = pl.DataFrame({"prompt_id": buggy_ids.astype(np.int32)}).join(
         scores.select(pl.col("prompt_id").cast(pl.Int32), "is_correct"), on="prompt_id", how="left")
@@ -155,8 +206,10 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
         wrong_m, right_m = a[~right], a[right]
         keep = np.maximum((wrong_m > 0).mean(axis=0), (right_m > 0).mean(axis=0)) >= cfg["min_firing_rate"]
         p, effect = unpaired_test(wrong_m[:, keep], right_m[:, keep], cfg["test"])
-        out.append(_top_rows(layer, "wrong_vs_right", feature_ids[keep], wrong_m[:, keep], right_m[:, keep], p,
-                             effect, top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum())))
-    for col in ("heldout_mean_a", "heldout_mean_b", "heldout_firing_rate_a", "heldout_firing_rate_b"):
-        out = [t if col in t.columns else t.with_columns(pl.lit(None, pl.Float64).alias(col)) for t in out]
-    return pl.concat(out, how="vertical_relaxed").select(DISCRIMINATIVE_COLUMNS)
+        top = _top_rows(layer, "wrong_vs_right", feature_ids[keep], wrong_m[:, keep], right_m[:, keep], p,
+                        effect, top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum()))
+        out.append(_with_intervals(top, feature_ids, wrong_m, right_m, number_pair[~right], number_pair[right], boot))
+    for col in HELDOUT_COLUMNS:
+        dtype = pl.Int64 if col == "n_heldout_pairs" else pl.Float64
+        out = [t if col in t.columns else t.with_columns(pl.lit(None, dtype).alias(col)) for t in out]
+    return pl.concat([t.select(DISCRIMINATIVE_COLUMNS) for t in out], how="vertical_relaxed")

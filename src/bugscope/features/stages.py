@@ -104,7 +104,8 @@ def run_discriminative(config: dict, prompts_path, scores_path, feature_paths: d
     out, metas = [], {}
     for layer, path in sorted(feature_paths.items()):
         values, metas[layer] = load_layer_values(path, weights, config)
-        out.append(discriminative_features(values, pairs, scores, layer=layer, cfg=fcfg["discriminative"]))
+        out.append(discriminative_features(values, pairs, scores, layer=layer, cfg=fcfg["discriminative"],
+                                           boot={**config["bootstrap"], "seed": derived_seed(config["seed"], layer)}))
     meta = {"position": fcfg["position"], **{k: v for k, v in fcfg["discriminative"].items()},
             "a_b": {"buggy_vs_correct": [pcfg["buggy_format"], pcfg["correct_format"]],
                     "buggy_vs_correct_heldout": "ranked on the pairs with an even pair_id; heldout_mean_* and heldout_firing_rate_* on the others",
