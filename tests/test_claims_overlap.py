@@ -35,7 +35,8 @@ def ctx(literal: bool) -> Context:
 # The seed's story, true beyond the baseline: overlap collapses at 7 (a format effect of 40
 # points), separates at 8, re-entangles at 10 (no format effect left), 60 % at 25; amplification
 # 1.97x at 8, 1.25x at 9 and 1.24x at 10 beyond its null, none at 7, 1.13x at 25. Each metric is
-# (value, half-width of its interval).
+# (value, half-width of its interval); `argmax_middle_frequency` (how often the bootstrap puts the
+# middle maximum at a layer; no interval) is 1 at the marked middle maximum unless a layer names it.
 SEED_WORLD = {
     7: {"overlap_pct": (10, 2), "format_effect_pct": (40, 5), "amplification_geomean": (1.0, 0.1),
         "amplification_excess": (1.0, 0.1), "pooled_amplification": 1.0},
@@ -68,6 +69,10 @@ def _cross_rows(spec: dict, variant: str, marks_from: dict) -> pl.DataFrame:
         rows.append(row)
     mean = {la: marks_from[la].get("overlap_pct", DEFAULT["overlap_pct"])[0] for la in LAYERS}
     lo, hi = min(LAYERS, key=mean.get), max(MIDDLE, key=mean.get)
+    for row in rows:  # NaN outside the middle layers, as the producer writes it
+        la = row["layer"]
+        freq = spec[la].get("argmax_middle_frequency", float(la == hi))
+        row["argmax_middle_frequency"] = float(freq) if la in MIDDLE else float("nan")
     return pl.DataFrame(rows).with_columns((pl.col("layer") == lo).alias("is_min_overlap"),
                                            (pl.col("layer") == hi).alias("is_max_overlap_middle"))
 
@@ -134,17 +139,7 @@ WORLDS = {
 # Literal forms whose checks are all single exact measurements (original_single_pair, `exact:
 # true`): a value has no interval to straddle an edge, and one on the edge lies in the closed window.
 ONLY_EXACT = ("overlap_layer_10", "overlap_layer_25")
-# The literal re_entanglement form cannot be tested on any table with original_single_pair rows:
-# its `below` check is `exact: true`, but the comparison row (the single pair at layer 10) is still
-# read for an interval, which that variant never has ("the comparison rows have no CI"); and its
-# `is_max_overlap_middle at_least 1` check has neither an interval nor `exact: true`, so it could
-# only ever be inconclusive. Engine/ledger bug, reported; strict, so a fix shows up here.
-LITERAL_RE_ENTANGLEMENT = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                            reason="literal re_entanglement is never testable (engine bug)")
-
-
-CASES = [pytest.param(c, lit, id=f"{c}-{'literal' if lit else 'agnostic'}",
-                      marks=[LITERAL_RE_ENTANGLEMENT] if lit and c == "re_entanglement" else [])
+CASES = [pytest.param(c, lit, id=f"{c}-{'literal' if lit else 'agnostic'}")
          for c in sorted(WORLDS) for lit in (True, False)]
 
 
@@ -171,6 +166,25 @@ def test_re_entanglement_fails_when_the_format_effect_grows_at_the_peak():
     # larger at the peak (60 [55, 65]) than at the dip, beyond both intervals: fails
     larger = verdict("re_entanglement", world({10: {"format_effect_pct": (60, 5)}}), literal=False)
     assert larger["verdict"] == "fails", larger["detail"]
+
+
+def test_literal_re_entanglement_reads_exact_locations():
+    # Check 1 compares the single original pair's overlap at 7 and 10, check 2 how often the
+    # all-pairs bootstrap puts the middle maximum at layer 10: both exact, no interval needed.
+    row = verdict("re_entanglement", world(), literal=True)
+    assert "check 2: 1 at layer=10" in row["detail"] and "exact values: 10 against 80" in row["detail"], row["detail"]
+    # the bootstrap puts the middle maximum at 11 more often than at 10: shown false, as exact
+    at_11 = verdict("re_entanglement", world({10: {"argmax_middle_frequency": 0.3},
+                                              11: {"argmax_middle_frequency": 0.7}}), literal=True)
+    assert at_11["verdict"] == "fails", at_11["detail"]
+    assert "requires argmax_middle_frequency >= 0.5 -> fail" in at_11["detail"]
+    # half of the resamples: the closed bound 0.5 holds (0.5 is no null of a frequency)
+    half = world({10: {"argmax_middle_frequency": 0.5}, 11: {"argmax_middle_frequency": 0.5}})
+    assert verdict("re_entanglement", half, literal=True)["verdict"] == "holds"
+    # the original pair's overlap at 7 above that at 10 (its single value no lower): fails
+    for pooled in (85, 80):
+        row = verdict("re_entanglement", world({7: {"pooled_overlap": (pooled, 0)}}), literal=True)
+        assert row["verdict"] == "fails" and "check 1" in row["detail"].split("-> fail")[0], row["detail"]
 
 
 def test_a_peak_that_is_not_a_local_maximum_is_never_shown_false():

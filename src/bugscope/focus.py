@@ -38,3 +38,13 @@ def resolve_focus_layers(config: dict, overlap: pl.DataFrame | None) -> tuple[li
 def focus_layers(config: dict, overlap: pl.DataFrame | None = None) -> list[int]:
     """The focus layers of `resolve_focus_layers`."""
     return resolve_focus_layers(config, overlap)[0]
+
+
+def focus_frequencies(overlap: pl.DataFrame | None) -> dict[int, float]:
+    """How often each middle layer is the max-overlap layer across the overlap stage's bootstrap over
+    number pairs (`argmax_middle_frequency` of the all-pairs rows): the uncertainty of the "auto" choice."""
+    if overlap is None or "argmax_middle_frequency" not in overlap.columns:
+        return {}
+    rows = overlap.filter(pl.col("variant") == "per_pair", pl.col("argmax_middle_frequency").is_finite(),
+                          pl.col("argmax_middle_frequency") > 0)
+    return {int(layer): float(f) for layer, f in rows.select("layer", "argmax_middle_frequency").iter_rows()}

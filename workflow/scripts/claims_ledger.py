@@ -8,7 +8,7 @@ from bugscope.claims import report
 from bugscope.claims.evaluate import Context, evaluate, prepare_tables
 from bugscope.claims.spec import TABLES, load_ledger
 from bugscope.config import primary_sae_set
-from bugscope.focus import focus_layers
+from bugscope.focus import focus_frequencies, focus_layers
 from bugscope.io import atomic_path
 from bugscope.run.script import log, run
 
@@ -34,11 +34,12 @@ def main(smk):
     if overlap is not None:
         overlap = overlap.filter(pl.col("sae_set") == primary_sae_set(smk.config))
     focus = focus_layers(smk.config, overlap) if (overlap is not None or smk.config["focus_layers"] != "auto") else None
-    ctx = Context.from_config(smk.config, focus)
+    ctx = Context.from_config(smk.config, focus, focus_frequencies(overlap))
     result = evaluate(ledger, prepared, ctx)
     # The ledger by name and content, not by where this checkout happens to live: two clones agree.
     ledger_file = Path(smk.input.ledger)
-    meta = {"model": smk.config["model"]["name"], "focus_layers": focus, "tables": names, "ledger": ledger_file.name,
+    meta = {"model": smk.config["model"]["name"], "focus_layers": focus, "focus_choice": ctx.focus_choice,
+            "tables": names, "ledger": ledger_file.name,
             "ledger_sha256": hashlib.sha256(ledger_file.read_bytes()).hexdigest()}
     tables.write(tables.CLAIMS, result, smk.output.claims, meta)
     title = f"Claims ledger: the seed's claims on {smk.config['model']['name']}"

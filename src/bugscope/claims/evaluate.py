@@ -59,7 +59,7 @@ per_pair_heldout, discriminative heldout_* columns), or a familywise p (head_par
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import polars as pl
@@ -76,12 +76,19 @@ from bugscope.config import verdict_defaults
 from bugscope.data.prompts import ALL, BUG_PAIR_KIND
 from bugscope.stats import fewest_clusters_to_decide, fisher_exact_p
 
-VERDICTS = ("holds", "fails", "inconclusive", "not testable here")
+VERDICTS = ("holds", "fails", "inconclusive", "layer-dependent", "not testable here")
 VERDICT_OF = {PASS: "holds", FAIL: "fails", INCONCLUSIVE: "inconclusive"}
 
 # Metrics whose interval is exact over number pairs where the table gives one (success over eligible
 # targets: bugscope.stats.clustered_proportion_columns), so it stands with few pairs.
 EXACT_INTERVAL_METRICS = ("success_rate", "broken_rate")
+# Metrics of the patching tables over every target, not the eligible ones: their n is n_pairs.
+OVER_ALL_TARGETS = ("accuracy", "flip_rate", "mean_logit_diff", "original_success", "delta_original_success",
+                    "fixed_rate_all_wrong")
+# The interval columns of the rates whose names do not follow <metric>_low / <metric>_high.
+RATE_INTERVALS = {"success_rate": ["success_low", "success_high"], "broken_rate": ["broken_low", "broken_high"],
+                  "flip_rate": ["flip_low", "flip_high"], "mean_logit_diff": ["logit_diff_low", "logit_diff_high"],
+                  "delta_original_success": ["delta_low", "delta_high"]}
 EXACT_INTERVAL_TABLES = ("head_patching", "head_replacement", "head_subsets_exhaustive", "residual_map",
                          "head_bidirectional", "original_decomposition", "interventions")
 
@@ -138,17 +145,21 @@ class Context:
     buggy_format: str
     correct_format: str
     focus: list[int] | None  # None: unresolved (focus_layers auto and no overlap table)
+    # with focus_layers auto: {layer: how often the overlap bootstrap chooses it} (focus.focus_frequencies)
+    focus_choice: Mapping[int, float] = field(default_factory=dict)
     sae_sets: tuple[dict, ...] = ({"name": "main", "source": "train", "release": None, "site": "resid_post"},)
     # claims.verdicts of the config, and the confidence of its intervals (bootstrap.confidence)
     verdicts: Mapping = field(default_factory=lambda: {**verdict_defaults(), "confidence": 0.95})
 
     @classmethod
-    def from_config(cls, config: Mapping, focus: list[int] | None) -> "Context":
+    def from_config(cls, config: Mapping, focus: list[int] | None, focus_choice: Mapping[int, float] | None = None
+                    ) -> "Context":
         sets = tuple({k: s[k] for k in ("name", "source", "release", "site")} for s in config["sae"]["sets"])
         verdicts = {**config["claims"]["verdicts"], "confidence": config["bootstrap"]["confidence"]}
+        focus_choice = dict(focus_choice or {}) if config["focus_layers"] == "auto" else {}
         return cls(config["model"]["name"], config["model"]["checkpoint"], config["model"]["num_layers"],
                    config["model"]["num_heads"], config["prompts"]["buggy_format"], config["prompts"]["correct_format"],
-                   focus, sets, verdicts)
+                   focus, sets, verdicts, focus_choice)
 
     def sae_set_for(self, form: Mapping) -> str:
         """The SAE set a form reads: the one its `requires_sae` names (release and site), else the primary."""
@@ -270,7 +281,7 @@ def _pick(df: pl.DataFrame, values: pl.Series, aggregate: str) -> int:
 
 def _ci(df: pl.DataFrame, row: int, check: dict, value: float) -> tuple[float | None, float | None]:
     metric = check["metric"]
-    names = check.get("ci") or [f"{metric}_low", f"{metric}_high"]
+    names = check.get("ci") or RATE_INTERVALS.get(metric.strip()) or [f"{metric}_low", f"{metric}_high"]
     if "/" in metric or not all(n in df.columns for n in names):
         return None, None
     lo, hi = df[names[0]][row], df[names[1]][row]
@@ -480,6 +491,8 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
     n_unit = spec.n_unit
     if check["metric"].startswith("heldout_") and "n_heldout_pairs" in sel.columns:  # the held-out half's own n
         n, n_unit = sel["n_heldout_pairs"][row], "held-out number pairs"
+    elif check["metric"].strip() in OVER_ALL_TARGETS and "n_pairs" in sel.columns:
+        n, n_unit = sel["n_pairs"][row], "number pairs"
     low, high, kind, why = _interval(sel, row, check, value, n_unit, n, ctx)
     if check.get("aggregate", "single").endswith("_abs"):
         value = abs(value)
@@ -527,7 +540,8 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
         notes.append(f"beside: {_beside(sel, row, col)}")
     return {"outcomes": outcomes, "tests": tests, "value": value, "low": low, "high": high, "n": n,
             "n_unit": n_unit if n is not None else None, "interval": kind,
-            "selected": _describe_row(sel, row, where), "row": sel.row(row, named=True), "note": "; ".join(notes)}
+            "selected": _describe_row(sel, row, where), "row": sel.row(row, named=True), "matched": sel,
+            "note": "; ".join(notes)}
 
 
 def _fewest(check: dict, ctx: Context) -> str:
@@ -561,7 +575,8 @@ def _try_form(claim: dict, form: dict, tables, ctx: Context) -> dict:
                           other_model=True)
     sae_set = ctx.sae_set_for(form)
     results = [run_check(c, tables, ctx, claim["study_value"], sae_set) for c in form["checks"]]
-    needs = evaluate_needs(claim.get("needs", []), [r["row"] for r in results], tables, ctx.verdicts)
+    needs = evaluate_needs(claim.get("needs", []), [r["row"] for r in results], tables, ctx.verdicts,
+                           matched=results[0]["matched"])
     failed = [o for o in needs if o.ok is False]
     unknown = [o for o in needs if o.ok is None]
     if failed or unknown:
@@ -623,7 +638,8 @@ def evaluate(claims: list[dict], tables: Mapping[str, pl.DataFrame | None], ctx:
                 "claim": c["claim"].strip(), "study_value": str(c["study_value"]),
                 "family_tests": len(family_tests.get(c["section"], []))}
         if chosen:
-            rows.append({**base, **_decided_row(c, chosen[0], chosen[1], tables, ctx, alpha, reasons)})
+            row = {**base, **_decided_row(c, chosen[0], chosen[1], tables, ctx, alpha, reasons)}
+            rows.append(_with_other_focus_layers(row, c, chosen[0], tables, ctx, alpha))
             continue
         why = "; ".join(f"{kind}: {w}" for kind, w in reasons)
         blocked = [w for _, w in reasons if w.precondition]
@@ -636,11 +652,42 @@ def evaluate(claims: list[dict], tables: Mapping[str, pl.DataFrame | None], ctx:
     return pl.DataFrame(rows, schema=RESULT_SCHEMA)
 
 
+def _uses_focus(form: dict) -> bool:
+    return "$focus" in repr([c.get("where") for c in form["checks"]] + [c.get(t, {}).get("where") for c in form["checks"]
+                                                                    for t in ("above", "below") if t in c])
+
+
+def _with_other_focus_layers(row: dict, claim: dict, form: dict, tables, ctx: Context, alpha: float) -> dict:
+    """The claim evaluated again at every other layer the focus choice picks often (research notes
+    section 9: the layer choice inside the uncertainty); "layer-dependent" where the verdicts differ."""
+    floor = float(ctx.verdicts.get("layer_min_frequency", 0.05))
+    others = sorted(layer for layer, f in ctx.focus_choice.items() if f >= floor and [layer] != list(ctx.focus or []))
+    if not others or not _uses_focus(form):
+        return row
+    freq = ctx.focus_choice
+    verdicts = {layer: row["verdict"] for layer in (ctx.focus or [])}
+    for layer in others:
+        try:
+            tried = _try_form(claim, form, tables, replace(ctx, focus=[layer]))
+            verdicts[layer] = VERDICT_OF[combine(check_outcome(r, alpha) for r in tried["results"])]
+        except NotTestable as why:
+            verdicts[layer] = "not testable here" + (" (a precondition fails)" if why.precondition else "")
+    text = "verdict by focus layer (how often the overlap bootstrap chooses it): " + "; ".join(
+        f"{layer} ({freq.get(layer, 0):.0%}): {v}" for layer, v in sorted(verdicts.items()))
+    decided = {v for v in verdicts.values() if v in VERDICT_OF.values()}
+    out = {**row, "detail": f"{text}; {row['detail']}"}
+    if len(decided) > 1:
+        out["verdict"] = "layer-dependent"
+    return out
+
+
 def precondition_rows(tables: Mapping[str, pl.DataFrame | None], ctx: Context) -> list[dict]:
     """The ledger's opening rows: the premise, and the ceiling and eligible pairs at each focus layer."""
     rows = []
     outcomes = [premise(tables, ctx.verdicts)]
-    for layer in ctx.focus or []:
+    floor = float(ctx.verdicts.get("layer_min_frequency", 0.05))
+    chosen = sorted(set(ctx.focus or []) | {layer for layer, f in ctx.focus_choice.items() if f >= floor})
+    for layer in chosen:
         c = ceiling(tables, layer, ctx.verdicts)
         outcomes.append(Outcome(f"ceiling_layer_{layer}", c.ok, c.text))
     for o in outcomes:

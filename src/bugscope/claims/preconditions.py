@@ -9,7 +9,7 @@ a component or a feature count can be decided at all. A claim names the ones it 
   (Fisher, alpha) where that control was run. A site where nothing can fix anything says nothing
   about which heads do, or do not, fix it;
 - eligible_pairs: the selected row rests on at least `min_eligible_pairs` eligible number pairs;
-- sources_judged: the sources are judged right under the row's criterion (some eligible target);
+- sources_judged: every row the claim reads judges some source right under its criterion;
 - features_can_move: the feature count differs between the unpatched target and the source, so a
   patch can move it (five features active in every condition cannot).
 
@@ -105,12 +105,17 @@ def eligible_pairs(row: Mapping, verdicts: Mapping) -> Outcome:
                    f"-> {'pass' if ok else 'fail'}")
 
 
-def sources_judged(row: Mapping) -> Outcome:
-    if "source_success" not in row:
-        return Outcome("sources_judged", None, "sources_judged: the row has no source_success")
-    ok = (row["source_success"] or 0) > 0 and (row.get("n_eligible") or 0) > 0
-    return Outcome("sources_judged", ok, f"sources_judged: {_fmt(row['source_success'])} of the sources are right "
-                   f"under this criterion, {row.get('n_eligible')} eligible targets -> {'pass' if ok else 'fail'}")
+def sources_judged(matched: pl.DataFrame) -> Outcome:
+    """Every row the claim reads (all steps of a chain, not only the one its aggregate picks) judges
+    some source right: a step whose criterion judges none right measures the criterion, not the patch."""
+    if "source_success" not in matched.columns:
+        return Outcome("sources_judged", None, "sources_judged: the rows have no source_success")
+    worst = matched.sort("source_success").row(0, named=True)
+    ok = (worst["source_success"] or 0) > 0
+    where = ", ".join(f"{k}={worst[k]}" for k in ("setting", "layer", "head_set") if k in worst)
+    return Outcome("sources_judged", ok, f"sources_judged: {_fmt(worst['source_success'])} of the sources are right "
+                   f"under the criterion at {where} (the lowest of {matched.height} rows read) "
+                   f"-> {'pass' if ok else 'fail'}")
 
 
 def features_can_move(row: Mapping) -> Outcome:
@@ -122,7 +127,7 @@ def features_can_move(row: Mapping) -> Outcome:
 
 
 def evaluate_needs(needs, rows: list[Mapping], tables: Mapping[str, pl.DataFrame | None],
-                   verdicts: Mapping) -> list[Outcome]:
+                   verdicts: Mapping, matched: pl.DataFrame | None = None) -> list[Outcome]:
     """The outcome of each precondition a claim names, on the rows its checks selected: the first
     check's row names the layer and the measure; eligible_pairs reads the fewest of any row."""
     out = []
@@ -136,7 +141,7 @@ def evaluate_needs(needs, rows: list[Mapping], tables: Mapping[str, pl.DataFrame
             counted = [r for r in rows if r.get("n_eligible_pairs") is not None]
             out.append(eligible_pairs(min(counted, key=lambda r: r["n_eligible_pairs"]) if counted else row, verdicts))
         elif name == "sources_judged":
-            out.append(sources_judged(row))
+            out.append(sources_judged(matched if matched is not None else pl.DataFrame([row])))
         else:
             out.append(features_can_move(row))
     return out

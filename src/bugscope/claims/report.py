@@ -38,7 +38,8 @@ DISPLAY = [("claim_id", "claim"), ("claim", "what the study asserts"), ("study_v
            ("verdict", "verdict"), ("form", "form"), ("form_tested", "form tested"), ("rule", "decision rule"),
            ("selected", "row"), ("sae_set", "SAE set"), ("measured", "measured"), ("ci", "CI"), ("n", "n"),
            ("agrees_across_sae_sets", "same verdict on the other SAE sets"), ("detail", "detail")]
-COLOURS = {"holds": "#009E73", "fails": "#D55E00", "inconclusive": "#E69F00", "not testable here": "#999999"}
+COLOURS = {"holds": "#009E73", "fails": "#D55E00", "inconclusive": "#E69F00", "layer-dependent": "#CC79A7",
+           "not testable here": "#999999"}
 
 
 def _display_rows(ledger: pl.DataFrame) -> list[dict]:
