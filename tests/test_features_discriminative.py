@@ -91,3 +91,26 @@ def test_named_ratio_and_zero_denominator():
     assert r1["ratio"] == pytest.approx(1.5) and r1["ratio_low"] == pytest.approx(1.5) and r1["firing_rate_buggy"] == 1.0
     assert r2["ratio"] is None and r2["mean_buggy"] == pytest.approx(1 / 3) and r2["firing_rate_correct"] == 0.0
     assert r3["ratio"] is None and r3["mean_buggy"] == 0.0 and r3["category"] == "none"
+
+
+def test_wrong_vs_right_ratio_is_stratified_by_question_order():
+    """The model names the number asked last, so wrong answers are mostly correct-first prompts. A
+    feature that fires on correct-first prompts only tells the orders apart: its unstratified
+    wrong/right ratio is large, its order-stratified one about 1. A planted wrong-answer feature
+    keeps a ratio above 1 in both orders."""
+    from bugscope.features.discriminative import interval_columns
+
+    rng = np.random.default_rng(7)
+    n = 400
+    order = np.where(np.arange(n) % 2 == 0, "correct_first", "wrong_first")
+    wrong = np.where(order == "correct_first", rng.random(n) < 0.9, rng.random(n) < 0.1)
+    order_feature = np.where(order == "correct_first", 3.0, 0.0) + rng.exponential(0.1, n)
+    answer_feature = np.where(wrong, 2.0, 1.0) + rng.exponential(0.1, n)
+    x = np.column_stack([order_feature, answer_feature])
+    pairs = np.arange(n) // 2
+    naive = x[wrong].mean(axis=0) / x[~wrong].mean(axis=0)
+    cols = interval_columns(x[wrong], x[~wrong], pairs[wrong], pairs[~wrong], boot=BOOT,
+                            strata_a=order[wrong], strata_b=order[~wrong])
+    assert naive[0] > 3 and cols["ratio"][0] == pytest.approx(1.0, abs=0.1)
+    assert cols["ratio_low"][0] < 1.1 and cols["ratio_high"][0] > 0.9
+    assert cols["ratio"][1] == pytest.approx(2.0, abs=0.15) and cols["ratio_low"][1] > 1.5

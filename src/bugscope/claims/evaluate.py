@@ -159,7 +159,7 @@ class Context:
         focus_choice = dict(focus_choice or {}) if config["focus_layers"] == "auto" else {}
         return cls(config["model"]["name"], config["model"]["checkpoint"], config["model"]["num_layers"],
                    config["model"]["num_heads"], config["prompts"]["buggy_format"], config["prompts"]["correct_format"],
-                   focus, sets, verdicts, focus_choice)
+                   focus, focus_choice=focus_choice, sae_sets=sets, verdicts=verdicts)
 
     def sae_set_for(self, form: Mapping) -> str:
         """The SAE set a form reads: the one its `requires_sae` names (release and site), else the primary."""
@@ -486,9 +486,9 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
     spec = TABLES[name]
     n = (int(sel[spec.n_column][row]) if spec.n_column in sel.columns and sel[spec.n_column][row] is not None
          else None)
-    if n is None and name == "baseline_scores":
-        n = 1
     n_unit = spec.n_unit
+    if n is None and name == "baseline_scores":
+        n, n_unit = 1, "named prompt"
     if check["metric"].startswith("heldout_") and "n_heldout_pairs" in sel.columns:  # the held-out half's own n
         n, n_unit = sel["n_heldout_pairs"][row], "held-out number pairs"
     elif check["metric"].strip() in OVER_ALL_TARGETS and "n_pairs" in sel.columns:

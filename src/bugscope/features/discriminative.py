@@ -113,20 +113,50 @@ DISCRIMINATIVE_COLUMNS = ["layer", "comparison", "direction", "rank", "feature_i
 HELDOUT_COLUMNS = DISCRIMINATIVE_COLUMNS[DISCRIMINATIVE_COLUMNS.index("heldout_mean_a"):]
 
 
+def _stratified_ratio(means_a: np.ndarray, means_b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """sum_s w_s mean_a_s / sum_s w_s mean_b_s over strata (last axis groups of m columns)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        num = np.nansum(means_a * w, axis=-2)
+        den = np.nansum(means_b * w, axis=-2)
+        return np.where(den > 0, num / den, np.nan)
+
+
 def interval_columns(a: np.ndarray, b: np.ndarray, clusters_a: np.ndarray, clusters_b: np.ndarray, *,
-                     boot: dict, prefix: str = "") -> dict[str, np.ndarray]:
+                     boot: dict, prefix: str = "", strata_a=None, strata_b=None) -> dict[str, np.ndarray]:
     """Per column (feature) of a [n_a, m] and b [n_b, m]: the ratio of means a / b with a percentile
     bootstrap over number pairs (a pair's rows on both sides move together: research notes section
-    8), the firing rates of both sides with exact intervals over number pairs, and the number of pairs."""
+    8), the firing rates of both sides with exact intervals over number pairs, and the number of pairs.
+
+    With strata (the question order of each row), the ratio compares a and b within each stratum
+    and pools them with Mantel-Haenszel weights n_a n_b / (n_a + n_b): a feature that only tells
+    the orders apart, where one order is mostly wrong, then has a ratio near 1. A stratum without
+    rows on both sides has no weight."""
     m = a.shape[1]
-    stacked = np.vstack([np.hstack([a, np.full_like(a, np.nan)]), np.hstack([np.full_like(b, np.nan), b])])
+    strata_a = np.zeros(len(a), dtype=np.int64) if strata_a is None else np.asarray(strata_a)
+    strata_b = np.zeros(len(b), dtype=np.int64) if strata_b is None else np.asarray(strata_b)
+    levels = sorted(set(strata_a.tolist()) | set(strata_b.tolist()))
+    blocks, weights_s = [], []
+    for level in levels:
+        ia, ib = strata_a == level, strata_b == level
+        na, nb = int(ia.sum()), int(ib.sum())
+        weights_s.append(na * nb / (na + nb) if na and nb else 0.0)
+        blocks.append((ia, ib))
+    # columns: [a of stratum 0, ..., a of stratum S-1, b of stratum 0, ...], m each; NaN off-stratum
+    n_a, n_b, s = len(a), len(b), len(levels)
+    stacked = np.full((n_a + n_b, 2 * s * m), np.nan)
+    for k, (ia, ib) in enumerate(blocks):
+        stacked[:n_a][ia, k * m:(k + 1) * m] = a[ia]
+        stacked[n_a:][ib, (s + k) * m:(s + k + 1) * m] = b[ib]
     clusters = np.concatenate([clusters_a, clusters_b])
     labels, index = np.unique(clusters, return_inverse=True)
     weights = cluster_resample_weights(len(labels), n_resamples=boot["n_resamples"], seed=boot["seed"])
-    means = cluster_resampled_means(stacked, index, weights)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        resampled = np.where(means[:, m:] > 0, means[:, :m] / means[:, m:], np.nan)
-        point = np.where(b.mean(axis=0) > 0, a.mean(axis=0) / np.where(b.mean(axis=0) > 0, b.mean(axis=0), 1), np.nan)
+    w = np.asarray(weights_s)[:, None]  # [S, 1]
+    means = cluster_resampled_means(stacked, index, weights).reshape(-1, 2, s, m)  # [R, side, S, m]
+    resampled = _stratified_ratio(means[:, 0], means[:, 1], w)
+    with warnings.catch_warnings():  # a stratum without rows on one side: NaN, and weight 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        full = np.nanmean(stacked.reshape(n_a + n_b, 2, s, m), axis=0)
+    point = _stratified_ratio(full[0], full[1], w)
     low, high = percentile_interval(resampled, boot["confidence"])
     fa = clustered_proportion_columns((a > 0).astype(float), clusters_a, boot["confidence"])
     fb = clustered_proportion_columns((b > 0).astype(float), clusters_b, boot["confidence"])
@@ -137,11 +167,12 @@ def interval_columns(a: np.ndarray, b: np.ndarray, clusters_a: np.ndarray, clust
 
 
 def _with_intervals(top: pl.DataFrame, feature_ids: np.ndarray, a: np.ndarray, b: np.ndarray, clusters_a, clusters_b,
-                    boot: dict, prefix: str = "") -> pl.DataFrame:
+                    boot: dict, prefix: str = "", strata=(None, None)) -> pl.DataFrame:
     """`top` with `interval_columns` of its features on a and b (all of a side's rows)."""
     column = {int(f): i for i, f in enumerate(feature_ids)}
     idx = np.array([column[int(f)] for f in top["feature_id"].to_list()], dtype=np.int64)
-    cols = interval_columns(a[:, idx], b[:, idx], clusters_a, clusters_b, boot=boot, prefix=prefix)
+    cols = interval_columns(a[:, idx], b[:, idx], clusters_a, clusters_b, boot=boot, prefix=prefix,
+                            strata_a=strata[0], strata_b=strata[1])
     if not prefix:  # the firing-rate intervals are the held-out rows' (the tested ones)
         cols = {k: v for k, v in cols.items() if "firing" not in k}
     return top.with_columns(**{k: pl.Series(k, v) for k, v in cols.items()})
@@ -208,7 +239,11 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
         p, effect = unpaired_test(wrong_m[:, keep], right_m[:, keep], cfg["test"])
         top = _top_rows(layer, "wrong_vs_right", feature_ids[keep], wrong_m[:, keep], right_m[:, keep], p,
                         effect, top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum()))
-        out.append(_with_intervals(top, feature_ids, wrong_m, right_m, number_pair[~right], number_pair[right], boot))
+        # Stratified by question order: the model names the number asked last, so which prompts are
+        # wrong follows the order, and an order feature would pass for a wrong-answer feature.
+        order = pairs["order"].to_numpy() if "order" in pairs.columns else np.zeros(len(right), dtype=np.int64)
+        out.append(_with_intervals(top, feature_ids, wrong_m, right_m, number_pair[~right], number_pair[right], boot,
+                                   strata=(order[~right], order[right])))
     for col in HELDOUT_COLUMNS:
         dtype = pl.Int64 if col == "n_heldout_pairs" else pl.Float64
         out = [t if col in t.columns else t.with_columns(pl.lit(None, dtype).alias(col)) for t in out]

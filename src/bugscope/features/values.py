@@ -25,10 +25,12 @@ POSITION_MODES = ("decision", "aligned_mean", "prompt_last")
 
 
 def prompt_pairs(prompts: pl.DataFrame, buggy_format: str, correct_format: str) -> pl.DataFrame:
-    """One row per question that has both formats: question_id, pair_id, prompt_id_buggy, prompt_id_correct."""
-    sel = prompts.select("prompt_id", "question_id", "pair_id", "format")
+    """One row per question that has both formats: question_id, pair_id, (order,) prompt_id_buggy,
+    prompt_id_correct."""
+    order = ["order"] if "order" in prompts.columns else []
+    sel = prompts.select("prompt_id", "question_id", "pair_id", *order, "format")
     buggy = sel.filter(pl.col("format") == buggy_format).select(
-        "question_id", "pair_id", pl.col("prompt_id").alias("prompt_id_buggy"))
+        "question_id", "pair_id", *order, pl.col("prompt_id").alias("prompt_id_buggy"))
     correct = sel.filter(pl.col("format") == correct_format).select(
         "question_id", pl.col("prompt_id").alias("prompt_id_correct"))
     pairs = buggy.join(correct, on="question_id", how="inner").sort("question_id")
