@@ -172,7 +172,8 @@ def test_literal_re_entanglement_reads_exact_locations():
     # Check 1 compares the single original pair's overlap at 7 and 10, check 2 how often the
     # all-pairs bootstrap puts the middle maximum at layer 10: both exact, no interval needed.
     row = verdict("re_entanglement", world(), literal=True)
-    assert "check 2: 1 at layer=10" in row["detail"] and "exact values: 10 against 80" in row["detail"], row["detail"]
+    assert row["verdict"] == "holds" and "exact values: 10 against 80" in row["detail"], row["detail"]
+    assert "check 2: 1 [1, 1], n=32 number pairs at layer=10" in row["detail"]
     # the bootstrap puts the middle maximum at 11 more often than at 10: shown false, as exact
     at_11 = verdict("re_entanglement", world({10: {"argmax_middle_frequency": 0.3},
                                               11: {"argmax_middle_frequency": 0.7}}), literal=True)
@@ -184,7 +185,8 @@ def test_literal_re_entanglement_reads_exact_locations():
     # the original pair's overlap at 7 above that at 10 (its single value no lower): fails
     for pooled in (85, 80):
         row = verdict("re_entanglement", world({7: {"pooled_overlap": (pooled, 0)}}), literal=True)
-        assert row["verdict"] == "fails" and "check 1" in row["detail"].split("-> fail")[0], row["detail"]
+        assert row["verdict"] == "fails", row["detail"]
+        assert "'original_single_pair', 'layer': 10} -> fail; exact values" in row["detail"]
 
 
 def test_a_peak_that_is_not_a_local_maximum_is_never_shown_false():
