@@ -239,10 +239,19 @@ def test_every_claim_resolves_to_a_table_column():
 
 def test_ci_ledger(ci_workflow):
     table, meta = read_table(ci_workflow / layout.CLAIMS, kind=tables.CLAIMS.kind)
-    ledger = pl.from_arrow(table)
+    full = pl.from_arrow(table)
+    # the precondition rows open the ledger: the premise, then the ceiling at each focus layer
+    pre = full.filter(pl.col("section") == "preconditions")
+    assert pre["claim_id"].to_list()[0] == "precondition_premise" and pre.height >= 2
+    assert full["claim_id"].to_list()[:pre.height] == pre["claim_id"].to_list()
+    assert (pre["detail"].str.contains("needs")).all()
+    ledger = full.filter(pl.col("section") != "preconditions")
     ids = [c["id"] for c in load_ledger(LEDGER)]
     assert ledger["claim_id"].to_list() == ids
-    assert set(ledger["verdict"].unique()) <= set(VERDICTS)
+    assert set(full["verdict"].unique()) <= set(VERDICTS)
+    # a claim whose precondition failed says which, with its numbers
+    blocked = ledger.filter(pl.col("detail").str.starts_with("not testable:"))
+    assert (blocked["verdict"] == "not testable here").all()
     tested = ledger.filter(pl.col("verdict") != "not testable here")
     assert tested["measured"].null_count() == 0 and tested["form"].null_count() == 0
     untested = ledger.filter(pl.col("verdict") == "not testable here")

@@ -173,7 +173,7 @@ def test_literal_re_entanglement_reads_exact_locations():
     # all-pairs bootstrap puts the middle maximum at layer 10: both exact, no interval needed.
     row = verdict("re_entanglement", world(), literal=True)
     assert row["verdict"] == "holds" and "exact values: 10 against 80" in row["detail"], row["detail"]
-    assert "check 2: 1 [1, 1], n=32 number pairs at layer=10" in row["detail"]
+    assert "check 2: 1 (exact: a named item), n=32 number pairs at layer=10" in row["detail"]
     # the bootstrap puts the middle maximum at 11 more often than at 10: shown false, as exact
     at_11 = verdict("re_entanglement", world({10: {"argmax_middle_frequency": 0.3},
                                               11: {"argmax_middle_frequency": 0.7}}), literal=True)

@@ -217,7 +217,10 @@ def test_ci_workflow_decomposition(ci_workflow, ci_config):
     ledger = pl.from_arrow(read_table(ci_workflow / layout.CLAIMS, kind=tables.CLAIMS.kind)[0])
     rows = ledger.filter(pl.col("claim_id").is_in(["whole_attention_output", "whole_attention_output_decode_time",
                                                    "original_procedure_is_sound"]))
-    assert rows.height == 3 and (rows["verdict"] != "not testable here").all(), rows.select("claim_id", "detail")
+    # decided, or not testable with the precondition that failed and its numbers (the ci model lacks the bug)
+    assert rows.height == 3 and ((rows["verdict"] != "not testable here")
+                                 | rows["detail"].str.starts_with("not testable: premise")).all(), rows.select(
+        "claim_id", "detail")
     assert (ci_workflow / layout.figure("original_decomposition", "svg")).stat().st_size > 1000
 
 

@@ -145,11 +145,11 @@ class Context:
     buggy_format: str
     correct_format: str
     focus: list[int] | None  # None: unresolved (focus_layers auto and no overlap table)
-    # with focus_layers auto: {layer: how often the overlap bootstrap chooses it} (focus.focus_frequencies)
-    focus_choice: Mapping[int, float] = field(default_factory=dict)
     sae_sets: tuple[dict, ...] = ({"name": "main", "source": "train", "release": None, "site": "resid_post"},)
     # claims.verdicts of the config, and the confidence of its intervals (bootstrap.confidence)
     verdicts: Mapping = field(default_factory=lambda: {**verdict_defaults(), "confidence": 0.95})
+    # with focus_layers auto: {layer: how often the overlap bootstrap chooses it} (focus.focus_frequencies)
+    focus_choice: Mapping[int, float] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Mapping, focus: list[int] | None, focus_choice: Mapping[int, float] | None = None
@@ -341,12 +341,12 @@ def _rule_text(check: dict, study_value, ctx: Context | None = None) -> str:
 
 def _interval(sel: pl.DataFrame, row: int, check: dict, value: float, n_unit: str | None, n: int | None,
               ctx: Context) -> tuple[float | None, float | None, str, str]:
-    """(low, high, kind, why not): the interval a check decides on. kind: exact (an exact interval, or
-    a value the claim names that has no sampling error, `exact: true`), bootstrap, or none."""
+    """(low, high, kind, why not): the interval a check decides on. kind: exact (an exact interval),
+    named (`exact: true`: a value of named items without sampling error), bootstrap, or none."""
     low, high = _ci(sel, row, check, value)
     if check.get("exact"):
         v = abs(value) if check.get("aggregate", "single").endswith("_abs") else value
-        return v, v, "exact", ""
+        return v, v, "named", ""
     if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
         return None, None, "none", "no interval: a point estimate decides nothing"
     if check["metric"].strip() in EXACT_INTERVAL_METRICS and check["table"] in EXACT_INTERVAL_TABLES:
@@ -560,7 +560,8 @@ def check_outcome(result: dict, alpha: float) -> str:
 
 
 def _check_text(i: int, check: dict, result: dict, study_value, alpha: float, ctx: Context) -> str:
-    ci = f" [{result['low']:.3g}, {result['high']:.3g}]" if result["low"] is not None else ""
+    ci = (f" [{result['low']:.3g}, {result['high']:.3g}]" if result["low"] is not None and result["interval"] != "named"
+          else " (exact: a named item)" if result["interval"] == "named" else "")
     n = f", n={result['n']} {result['n_unit']}" if result["n"] is not None else ""
     tests = "".join(f"; {t.text(alpha)}" for t in result["tests"])
     note = f"; {result['note']}" if result["note"] else ""
@@ -607,8 +608,10 @@ def _decided_row(claim: dict, form: dict, tried: dict, tables, ctx: Context, alp
     return {"verdict": verdict, "form": form["form"], "form_tested": form["description"].strip(),
             "table": ", ".join(dict.fromkeys(c["table"] for c in checks)), "metric": checks[0]["metric"],
             "rule": "; ".join(_rule_text(c, claim["study_value"], ctx) for c in checks),
-            "selected": first["selected"], "measured": first["value"], "ci_low": first["low"],
-            "ci_high": first["high"], "n": first["n"], "n_unit": first["n_unit"],
+            "selected": first["selected"], "measured": first["value"],
+            # a named item's value has no interval: none is printed ([v, v] would be one never computed)
+            "ci_low": None if first["interval"] == "named" else first["low"],
+            "ci_high": None if first["interval"] == "named" else first["high"], "n": first["n"], "n_unit": first["n_unit"],
             "sae_set": tried["sae_set"] if per_set else None,
             "agrees_across_sae_sets": all(v == verdict for v in tested) if tested else None,
             "detail": "; ".join(notes)}
