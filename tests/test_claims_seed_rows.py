@@ -52,10 +52,12 @@ def undecided(r: dict, checks: int) -> bool:
 
 
 def named(layer: int, features: dict[int, tuple[float, float]]) -> pl.DataFrame:
-    """Named-feature rows {feature_id: (mean_buggy, mean_correct)} of the MLP-output set, with a
-    ratio CI of +/- 5 % around the ratio, over 40 questions."""
+    """Named-feature rows {feature_id: (mean_buggy, mean_correct)} of the MLP-output set, with
+    intervals of +/- 5 % around the ratio and the means, over 40 number pairs."""
     rows = [{"sae_set": MLP_SET, "layer": layer, "category": "c", "feature_id": f, "mean_buggy": b, "mean_correct": c,
-             "ratio": b / c, "ratio_low": 0.95 * b / c, "ratio_high": 1.05 * b / c, "n_pairs": 40}
+             "ratio": b / c, "ratio_low": 0.95 * b / c, "ratio_high": 1.05 * b / c, "n_pairs": 40,
+             "mean_buggy_low": 0.95 * b, "mean_buggy_high": 1.05 * b, "mean_correct_low": 0.95 * c,
+             "mean_correct_high": 1.05 * c}
             for f, (b, c) in features.items()]
     return pl.DataFrame(rows)
 
@@ -78,22 +80,22 @@ def test_layer_25_features_at_their_activations_and_directions():
     # the right directions at a tenth of the stated activation
     small = named(25, {10049: (0.1, 0.25), 11664: (0.1, 0.23)})
     wrong_answer, correct_answer = LAYER_25
-    # As shipped, the ratio check decides on its interval, but the activation checks read mean_buggy
-    # / mean_correct, which named_features gives without an interval: the literal forms can fail or
-    # stay inconclusive, never hold (until the table has a mean interval).
-    assert not {"mean_buggy_low", "mean_correct_low"} & set(NAMED_SCHEMA)
+    # the ratio and the activations are decided on their intervals over number pairs
+    assert {"mean_buggy_low", "mean_correct_high", "firing_rate_buggy_low"} <= set(NAMED_SCHEMA)
     r = verdict(wrong_answer, named_features=right)
-    assert r["verdict"] == "inconclusive" and "requires min(ratio) >= 1 -> pass" in r["detail"], r["detail"]
-    assert r["detail"].count("-> inconclusive") == 3 and NO_INTERVAL in r["detail"]
-    assert (r["measured"], r["n"], r["n_unit"]) == (pytest.approx(2.5 / 1.5), 40, "questions")
+    assert r["verdict"] == "holds" and "requires min(ratio) >= 1 -> pass" in r["detail"], r["detail"]
+    assert (r["measured"], r["n"], r["n_unit"]) == (pytest.approx(2.5 / 1.5), 40, "number pairs")
     r = verdict(correct_answer, named_features=right)
-    assert r["verdict"] == "inconclusive" and "requires max(ratio) <= 1 -> pass" in r["detail"], r["detail"]
-    assert r["detail"].count("-> inconclusive") == 2
+    assert r["verdict"] == "holds" and "requires max(ratio) <= 1 -> pass" in r["detail"], r["detail"]
+    # an activation interval straddling the stated range: inconclusive
+    edge = named(25, {11813: (3.1, 1.5), 20139: (2.6, 1.0), 15508: (3.5, 2.0)})
+    assert verdict(wrong_answer, named_features=edge)["verdict"] == "inconclusive"
     for claim, check in ((wrong_answer, "min(ratio) >= 1"), (correct_answer, "max(ratio) <= 1")):
         r = verdict(claim, named_features=reversed_)
         assert r["verdict"] == "fails" and f"requires {check} -> fail" in r["detail"], r["detail"]
     r = verdict(wrong_answer, named_features=flat)
-    assert undecided(r, 4) and r["measured"] == pytest.approx(1.0) and "feature_id=15508" in r["selected"]
+    assert r["verdict"] == "inconclusive" and r["measured"] == pytest.approx(1.0) and "feature_id=15508" in r["selected"]
+    assert verdict(correct_answer, named_features=small)["verdict"] == "fails"  # a tenth of the stated activation
     # the rows and regions of every check, on exact copies
     wrong_exact, correct_exact = exact(wrong_answer), exact(correct_answer)
     assert verdict(wrong_exact, named_features=right)["verdict"] == "holds"

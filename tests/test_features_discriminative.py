@@ -34,7 +34,7 @@ def test_discriminative_finds_planted_feature():
     bvc = out.filter(pl.col("comparison") == "buggy_vs_correct")
     up = bvc.filter(pl.col("direction") == "up", pl.col("rank") == 0).row(0, named=True)
     down = bvc.filter(pl.col("direction") == "down", pl.col("rank") == 0).row(0, named=True)
-    assert up["feature_id"] == 100 and up["significant"] and up["q_value"] < 1e-4 and up["effect_size"] > 2
+    assert up["feature_id"] == 100 and up["significant"] and up["q_value"] < 0.01 and up["effect_size"] > 2
     assert down["feature_id"] == 200 and down["significant"]
     assert bvc.filter(~pl.col("feature_id").is_in([100, 200]))["significant"].sum() == 0
     assert set(out["comparison"].unique()) == {"buggy_vs_correct", "buggy_vs_correct_heldout", "wrong_vs_right"}
@@ -91,6 +91,9 @@ def test_named_ratio_and_zero_denominator():
     assert r1["ratio"] == pytest.approx(1.5) and r1["ratio_low"] == pytest.approx(1.5) and r1["firing_rate_buggy"] == 1.0
     assert r2["ratio"] is None and r2["mean_buggy"] == pytest.approx(1 / 3) and r2["firing_rate_correct"] == 0.0
     assert r3["ratio"] is None and r3["mean_buggy"] == 0.0 and r3["category"] == "none"
+    # intervals over the 2 number pairs of the 3 questions (pair_prompts: two questions per pair)
+    assert r1["n_pairs"] == 2 and r1["mean_buggy_low"] == r1["mean_buggy_high"] == pytest.approx(3.0)
+    assert r1["firing_rate_buggy_low"] < 1.0 == r1["firing_rate_buggy_high"]
 
 
 def test_wrong_vs_right_ratio_is_stratified_by_question_order():

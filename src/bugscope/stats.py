@@ -173,13 +173,6 @@ def subset_generator(master_seed: int, layer: int, pool_index: int, k: int, *mor
     return np.random.default_rng([master_seed, layer, pool_index, k, *more])
 
 
-# --- bootstrap over rows, NaN-tolerant (the feature analyses, bugscope.features) ---------------
-
-
-def bootstrap_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-
-
 def percentile_interval(resampled: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval per column of [n_resamples, m], ignoring NaN resamples."""
     alpha = (1 - confidence) / 2
@@ -187,27 +180,6 @@ def percentile_interval(resampled: np.ndarray, confidence: float) -> tuple[np.nd
         warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanquantile(resampled, [alpha, 1 - alpha], axis=0)
     return low, high
-
-
-def _nanmean_axis1(x: np.ndarray) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(x, axis=1)
-
-
-def ratio_bootstrap(a: np.ndarray, b: np.ndarray, *, n_resamples: int, confidence: float, seed: int):
-    """Ratio of column means mean(a) / mean(b) over paired rows, with a pair bootstrap CI.
-
-    A resample whose denominator mean is 0 has no ratio and is left out of the interval; the
-    point estimate is null when mean(b) is 0.
-    """
-    idx = bootstrap_indices(a.shape[0], n_resamples, seed)
-    ma, mb = a[idx].mean(axis=1), b[idx].mean(axis=1)  # [n_resamples, m]
-    with np.errstate(all="ignore"):
-        boot = np.where(mb > 0, ma / mb, np.nan)
-        point = np.where(b.mean(axis=0) > 0, a.mean(axis=0) / b.mean(axis=0), np.nan)
-    low, high = percentile_interval(boot, confidence)
-    return point, low, high
 
 
 # --- proportions over few clusters, two-arm tests, multiplicity (research notes section 9) --------

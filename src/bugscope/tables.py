@@ -88,7 +88,7 @@ DISCRIMINATIVE_FEATURES = Table(
     columns=("layer", "comparison", "direction", "rank", "feature_id", "q_value", "significant",
              "heldout_mean_a", "heldout_mean_b", "heldout_firing_rate_a", "heldout_firing_rate_b"))
 NAMED_FEATURES = Table(
-    layout.NAMED_FEATURES, "named_features", "features", "n_pairs", "questions",
+    layout.NAMED_FEATURES, "named_features", "features", "n_pairs", "number pairs",
     columns=("layer", "category", "feature_id", "ratio", "n_pairs"))
 HEAD_FEATURE_ATTRIBUTION = Table(
     layout.HEAD_FEATURE_ATTRIBUTION, "head_feature_attribution", "features",

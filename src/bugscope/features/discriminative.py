@@ -30,8 +30,18 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
     return sps.false_discovery_control(p, method="bh")
 
 
+def pair_means(x: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """[n_clusters, m]: the mean of each cluster's rows (the two orders of a number pair)."""
+    labels, index = np.unique(clusters, return_inverse=True)
+    sums = np.zeros((len(labels), x.shape[1]))
+    np.add.at(sums, index, x)
+    return sums / np.bincount(index, minlength=len(labels))[:, None]
+
+
 def paired_test(a: np.ndarray, b: np.ndarray, test: str) -> tuple[np.ndarray, np.ndarray]:
-    """Column-wise paired test of a vs b ([n, m] each): (p-value, Cohen's d_z of a - b).
+    """Column-wise paired test of a vs b ([n, m] each, one row per independent unit): (p-value,
+    Cohen's d_z of a - b). Callers pass number-pair means (`pair_means`): the two orders of a pair
+    are not independent (research notes section 8).
 
     A column without any non-zero difference gets p = 1 and effect 0.
     """
@@ -187,7 +197,8 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
                             cfg: dict, boot: dict) -> pl.DataFrame:
     """Top features of one layer per comparison and direction (see config/README.md).
 
-    buggy_vs_correct: paired test across prompt pairs (a = buggy format, b = correct format).
+    buggy_vs_correct: paired test across number pairs (a = buggy format, b = correct format; a
+    pair's two orders averaged first).
     wrong_vs_right: within the buggy format, prompts answered wrong (a) vs right (b), unpaired.
     Only features firing in at least `min_firing_rate` of the prompts of either side are tested;
     BH-FDR runs over the tested features of the layer and comparison. Every row gets the ratio of
@@ -201,8 +212,8 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
     a = dense_matrix(values, buggy_ids, feature_ids)
     b = dense_matrix(values, correct_ids, feature_ids)
     keep = np.maximum((a > 0).mean(axis=0), (b > 0).mean(axis=0)) >= cfg["min_firing_rate"]
-    p, effect = paired_test(a[:, keep], b[:, keep], cfg["test"])
     number_pair = pairs["pair_id"].to_numpy()
+    p, effect = paired_test(pair_means(a[:, keep], number_pair), pair_means(b[:, keep], number_pair), cfg["test"])
     top = _top_rows(layer, "buggy_vs_correct", feature_ids[keep], a[:, keep], b[:, keep], p, effect,
                     top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum()))
     out.append(_with_intervals(top, feature_ids, a, b, number_pair, number_pair, boot))
@@ -210,7 +221,8 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
     if chosen.sum() > 1 and (~chosen).sum() > 1:
         sa, sb = a[chosen], b[chosen]
         keep_s = np.maximum((sa > 0).mean(axis=0), (sb > 0).mean(axis=0)) >= cfg["min_firing_rate"]
-        p_s, effect_s = paired_test(sa[:, keep_s], sb[:, keep_s], cfg["test"])
+        p_s, effect_s = paired_test(pair_means(sa[:, keep_s], number_pair[chosen]),
+                                    pair_means(sb[:, keep_s], number_pair[chosen]), cfg["test"])
         top = _top_rows(layer, SPLIT_COMPARISON, feature_ids[keep_s], sa[:, keep_s], sb[:, keep_s], p_s, effect_s,
                         top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep_s.sum()))
         column = {int(f): i for i, f in enumerate(feature_ids)}
