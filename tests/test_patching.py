@@ -8,7 +8,7 @@ import torch
 
 from bugscope import layout
 from bugscope.config import ConfigError, validate_config
-from bugscope.focus import resolve_focus_layers
+from bugscope.focus import choice_layers, resolve_focus_layers
 from bugscope.io import read_table
 from bugscope.model.forward import decision_logits, logit_diff, make_batch
 from bugscope.model.sites import head_input_module, site_module
@@ -232,6 +232,26 @@ def test_config_section_defaults_and_validation(ci_config):
         validate_config({"model": ci_config["model"], "patching": {"positions": "everywhere"}})
     layers, source = resolve_focus_layers(cfg, None)
     assert layers == [cfg["model"]["num_layers"] // 2] and source == "fallback_middle_layer"
+
+
+def test_focus_only_stages_run_at_the_two_most_chosen_layers(ci_config):
+    """With auto, the focus layer is the all-pairs argmax; the exhaustive subsets, the interventions
+    and the head-set features also run at the layer the overlap bootstrap chooses most often after
+    it, if it is chosen often enough; never at more than two layers."""
+    cfg = validate_config({"model": ci_config["model"]})
+
+    def overlap(freqs: dict[int, float], marked: int) -> pl.DataFrame:
+        return pl.DataFrame({"layer": list(freqs), "variant": ["per_pair"] * len(freqs),
+                             "is_max_overlap_middle": [layer == marked for layer in freqs],
+                             "argmax_middle_frequency": list(freqs.values())})
+
+    split = overlap({3: 0.02, 4: 0.55, 6: 0.40, 7: 0.03}, marked=4)
+    assert choice_layers(cfg, split) == ([4, 6], "overlap+bootstrap_choice")
+    assert resolve_focus_layers(cfg, split) == ([4], "overlap")
+    clear = overlap({4: 0.97, 6: 0.03}, marked=4)
+    assert choice_layers(cfg, clear) == ([4], "overlap")
+    assert choice_layers({**cfg, "focus_min_frequency": 0.01}, clear)[0] == [4, 6]
+    assert choice_layers({**cfg, "focus_layers": [2, 5]}, split) == ([2, 5], "config")
 
 
 def test_subsets_are_seeded_distinct_and_complete_when_small():

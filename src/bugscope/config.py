@@ -361,13 +361,13 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     # The focus-layer experiments of patching.{replacement,exhaustive,residual_map,bidirectional}:
     # each its own stage, so that editing one reruns only it.
     "patching_replacement": (*_BASE, *_PATCH, "patching.replacement", "focus_layers", "bootstrap"),
-    "patching_exhaustive": (*_BASE, *_PATCH, "patching.exhaustive", "focus_layers", "bootstrap"),
+    "patching_exhaustive": (*_BASE, *_PATCH, "patching.exhaustive", "focus_layers", "focus_min_frequency", "bootstrap"),
     "patching_residual_map": (*_BASE, "patching.direction", "patching.residual_map", "layers", "bootstrap"),
     "patching_bidirectional": (*_BASE, *_PATCH, "patching.bidirectional", "focus_layers", "bootstrap"),
     # the top features come from the features stage, the focus layers from its overlap table
-    "interventions": (*_BASE, "cache", "sae", "features", "bootstrap", "focus_layers", "interventions"),
+    "interventions": (*_BASE, "cache", "sae", "features", "bootstrap", "focus_layers", "focus_min_frequency", "interventions"),
     # the critical features each even-head set turns on: the exhaustive sets, the features stage's SAEs
-    "head_set_features": (*_BASE, *_PATCH, "cache", "sae", "features", "patching.exhaustive", "focus_layers",
+    "head_set_features": (*_BASE, *_PATCH, "cache", "sae", "features", "patching.exhaustive", "focus_layers", "focus_min_frequency",
                           "bootstrap"),
     # the original procedure with generation and the decomposition of the gap (its table has CIs)
     "patching_original": (*_BASE, *_PATCH, "patching.original_generation", "focus_layers", "bootstrap"),

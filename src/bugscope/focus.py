@@ -48,3 +48,23 @@ def focus_frequencies(overlap: pl.DataFrame | None) -> dict[int, float]:
     rows = overlap.filter(pl.col("variant") == "per_pair", pl.col("argmax_middle_frequency").is_finite(),
                           pl.col("argmax_middle_frequency") > 0)
     return {int(layer): float(f) for layer, f in rows.select("layer", "argmax_middle_frequency").iter_rows()}
+
+
+# The stages that run at the focus layer only (the exhaustive subsets, the SAE-feature interventions
+# and the features each head set turns on) run at this many of the layers the choice picks.
+CHOICE_STAGE_LAYERS = 2
+
+
+def choice_layers(config: dict, overlap: pl.DataFrame | None) -> tuple[list[int], str]:
+    """(layers, where they came from) of the focus-only stages: with focus_layers auto, the focus
+    layer and the layer the overlap bootstrap chooses most often after it, if it chooses it in at
+    least `focus_min_frequency` of the resamples (research notes section 9: the layer choice inside
+    the uncertainty); otherwise the focus layers."""
+    layers, source = resolve_focus_layers(config, overlap)
+    if config["focus_layers"] != "auto":
+        return layers, source
+    floor = float(config["focus_min_frequency"])
+    others = sorted(((f, layer) for layer, f in focus_frequencies(overlap).items()
+                     if layer not in layers and f >= floor), key=lambda t: (-t[0], t[1]))
+    extra = [layer for _, layer in others][: max(0, CHOICE_STAGE_LAYERS - len(layers))]
+    return sorted(layers + extra), source + ("+bootstrap_choice" if extra else "")

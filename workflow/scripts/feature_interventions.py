@@ -7,7 +7,7 @@ import polars as pl
 
 from bugscope import tables
 from bugscope.config import sae_sets
-from bugscope.focus import focus_layers
+from bugscope.focus import choice_layers
 from bugscope.interventions.sae_features import (
     FeatureIntervener,
     bug_kind_rows,
@@ -28,7 +28,7 @@ def main(smk):
     manifest = ModelManifest.load(smk.input.manifest)
     prompts = tables.frame(tables.PROMPTS, cfg, smk.input.prompts)
     overlap = tables.frame(tables.FEATURE_OVERLAP, cfg, smk.input.overlap) if "overlap" in smk.input.keys() else None
-    focus = focus_layers(cfg, overlap)
+    focus, _ = choice_layers(cfg, overlap)  # a focus-only stage: the layers the choice picks
     model, tokenizer = load_model(manifest, cfg["device"])
     device = next(model.parameters()).device
     by_name = {s["name"]: s for s in sae_sets(cfg)}

@@ -7,7 +7,7 @@ import polars as pl
 
 from bugscope import tables
 from bugscope.config import sae_sets
-from bugscope.focus import resolve_focus_layers
+from bugscope.focus import choice_layers
 from bugscope.interventions import head_set_features
 from bugscope.layout import SAE_DIR, per_set
 from bugscope.model.load import ModelManifest, load_model
@@ -22,7 +22,7 @@ def main(smk):
     manifest = ModelManifest.load(smk.input.manifest)
     prompts = tables.frame(tables.PROMPTS, cfg, smk.input.prompts)
     overlap = tables.frame(tables.FEATURE_OVERLAP, cfg, smk.input.overlap) if "overlap" in smk.input.keys() else None
-    focus, focus_source = resolve_focus_layers(cfg, overlap)
+    focus, focus_source = choice_layers(cfg, overlap)  # a focus-only stage: the layers the choice picks
     unpatched = logit_diffs_by_prompt(tables.frame(tables.BASELINE_SCORES, cfg, smk.input.scores))
     model, tokenizer = load_model(manifest, cfg["device"])
     device = str(next(model.parameters()).device)

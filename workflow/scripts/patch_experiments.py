@@ -3,7 +3,7 @@ patching experiments of bugscope.patching.study (params.mode), per prompt and su
 
 from bugscope import tables
 from bugscope.config import analysed_layers
-from bugscope.focus import resolve_focus_layers
+from bugscope.focus import choice_layers, resolve_focus_layers
 from bugscope.model.load import ModelManifest, load_model
 from bugscope.patching import study
 from bugscope.patching.study import listed_pairs, logit_diffs_by_prompt, patcher_from_config
@@ -31,7 +31,9 @@ def main(smk):
         overlap = None
         if "overlap" in smk.input.keys():
             overlap = tables.frame(tables.FEATURE_OVERLAP, cfg, smk.input.overlap)
-        layers, focus_source = resolve_focus_layers(cfg, overlap)
+        # the exhaustive subsets are a focus-only stage: they run at the layers the choice picks
+        resolve = choice_layers if mode == "exhaustive" else resolve_focus_layers
+        layers, focus_source = resolve(cfg, overlap)
         meta.update(focus_layers=layers, focus_layer_source=focus_source)
         log.info("focus layers %s (from %s)", layers, focus_source)
 

@@ -147,7 +147,8 @@ class Context:
     focus: list[int] | None  # None: unresolved (focus_layers auto and no overlap table)
     sae_sets: tuple[dict, ...] = ({"name": "main", "source": "train", "release": None, "site": "resid_post"},)
     # claims.verdicts of the config, and the confidence of its intervals (bootstrap.confidence)
-    verdicts: Mapping = field(default_factory=lambda: {**verdict_defaults(), "confidence": 0.95})
+    verdicts: Mapping = field(default_factory=lambda: {**verdict_defaults(), "confidence": 0.95,
+                                                       "focus_min_frequency": 0.05})
     # with focus_layers auto: {layer: how often the overlap bootstrap chooses it} (focus.focus_frequencies)
     focus_choice: Mapping[int, float] = field(default_factory=dict)
 
@@ -155,7 +156,8 @@ class Context:
     def from_config(cls, config: Mapping, focus: list[int] | None, focus_choice: Mapping[int, float] | None = None
                     ) -> "Context":
         sets = tuple({k: s[k] for k in ("name", "source", "release", "site")} for s in config["sae"]["sets"])
-        verdicts = {**config["claims"]["verdicts"], "confidence": config["bootstrap"]["confidence"]}
+        verdicts = {**config["claims"]["verdicts"], "confidence": config["bootstrap"]["confidence"],
+                    "focus_min_frequency": config["focus_min_frequency"]}
         focus_choice = dict(focus_choice or {}) if config["focus_layers"] == "auto" else {}
         return cls(config["model"]["name"], config["model"]["checkpoint"], config["model"]["num_layers"],
                    config["model"]["num_heads"], config["prompts"]["buggy_format"], config["prompts"]["correct_format"],
@@ -663,7 +665,7 @@ def _uses_focus(form: dict) -> bool:
 def _with_other_focus_layers(row: dict, claim: dict, form: dict, tables, ctx: Context, alpha: float) -> dict:
     """The claim evaluated again at every other layer the focus choice picks often (research notes
     section 9: the layer choice inside the uncertainty); "layer-dependent" where the verdicts differ."""
-    floor = float(ctx.verdicts.get("layer_min_frequency", 0.05))
+    floor = float(ctx.verdicts["focus_min_frequency"])
     others = sorted(layer for layer, f in ctx.focus_choice.items() if f >= floor and [layer] != list(ctx.focus or []))
     if not others or not _uses_focus(form):
         return row
@@ -688,7 +690,7 @@ def precondition_rows(tables: Mapping[str, pl.DataFrame | None], ctx: Context) -
     """The ledger's opening rows: the premise, and the ceiling and eligible pairs at each focus layer."""
     rows = []
     outcomes = [premise(tables, ctx.verdicts)]
-    floor = float(ctx.verdicts.get("layer_min_frequency", 0.05))
+    floor = float(ctx.verdicts["focus_min_frequency"])
     chosen = sorted(set(ctx.focus or []) | {layer for layer, f in ctx.focus_choice.items() if f >= floor})
     for layer in chosen:
         c = ceiling(tables, layer, ctx.verdicts)
