@@ -145,8 +145,13 @@ def test_ci_workflow_runs_the_feature_interventions(ci_workflow, ci_config):
     assert (ident["success_rate"].fill_nan(0) == 0).all() and (ident["accuracy"] == ident["baseline_accuracy"]).all()
     tested = pooled.filter(pl.col("family") == "tested").select("layer", "feature_set", "intervention", "scale",
                                                                 "pairs", "n_features")
-    control = pooled.filter(pl.col("family") == "random_control").select(tested.columns)
-    assert tested.sort(tested.columns).equals(control.sort(tested.columns), null_equal=True)
+    control = pooled.filter(pl.col("family") == "random_control")
+    # every tested condition has its n_random_controls random controls, samples 0, 1, ...
+    n_controls = ci_config["interventions"]["n_random_controls"]
+    assert control.group_by(tested.columns).agg(pl.col("sample").n_unique())["sample"].to_list() == [n_controls] * (
+        tested.height)
+    assert tested.sort(tested.columns).equals(control.select(tested.columns).unique().sort(tested.columns),
+                                              null_equal=True)
     top = pooled.filter(pl.col("feature_set") == "top", pl.col("intervention") == "ablate")
     assert top.height and (top["n_features"] <= ci_config["interventions"]["top_n"]).all()
     assert set(pooled["intervention"]) == {"none", "ablate", "clamp", "steer"}
