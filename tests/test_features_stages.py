@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from bugscope import tables
 from bugscope.config import check_features_config, primary_sae_set, with_sae_set
 from bugscope.features.overlap import (
     HELDOUT_VARIANT,
@@ -84,6 +85,14 @@ def test_stage_drivers(stage_inputs):
     cfg["sae_set"]["named"] = {"10": {"cat": [3, 25523]}}
     with pytest.raises(ValueError, match="out of range"):
         run_named(cfg, tmp / "prompts.parquet", paths)
+    # a set that names nothing reports this run's own top features of each layer
+    cfg["sae_set"]["named"] = {}
+    tables.write(tables.DISCRIMINATIVE_FEATURES, table, tmp / "discriminative.parquet",
+                 {"config_hash": tables.DISCRIMINATIVE_FEATURES.config_hash(cfg)})
+    own, own_meta = run_named(cfg, tmp / "prompts.parquet", paths, tmp / "discriminative.parquet")
+    top = table.filter(pl.col("comparison") == "buggy_vs_correct", pl.col("rank") < 5)
+    assert sorted(own["feature_id"].to_list()) == sorted(top["feature_id"].to_list())
+    assert set(own["category"]) <= {"buggy_format_up", "correct_format_up"} and "this run" in own_meta["named_source"]
     cfg["features"]["position"] = "aligned_mean"
     summary_aligned, _, _ = run_overlap(cfg, tmp / "prompts.parquet", paths)
     assert not summary_aligned.equals(summary)

@@ -9,6 +9,7 @@ from bugscope.config import (
     layer_groups,
     primary_sae_set,
     sae_sets,
+    set_layers,
     stage_hash,
 )
 from bugscope.run import stages
@@ -53,7 +54,15 @@ def final_outputs():
 
 
 def named_layers(sae_set):
-    return sorted(int(layer) for layer in SAE_SETS[sae_set]["named"])
+    """The layers of a set's named features: those its config names, or (none named) every layer of
+    the set, whose ids the named stage then picks from this run's discriminative table.
+    """
+    named = SAE_SETS[sae_set]["named"]
+    return (
+        sorted(int(layer) for layer in named)
+        if named
+        else set_layers(config, SAE_SETS[sae_set])
+    )
 
 
 def attribution_layers(sae_set):

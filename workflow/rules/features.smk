@@ -66,6 +66,8 @@ rule named_features:
     input:
         prompts=layout.PROMPTS,
         features=lambda w: set_features(w.sae_set, named_layers(w.sae_set)),
+        # a set that names no features gets this run's own top features (bugscope.features.stages)
+        discriminative=layout.DISCRIMINATIVE_FEATURES,
     output:
         named=layout.NAMED_FEATURES,
     log:

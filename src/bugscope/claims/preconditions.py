@@ -26,8 +26,6 @@ import polars as pl
 from bugscope.data.prompts import ALL, BUG_PAIR_KIND
 from bugscope.stats import fisher_exact_p
 
-PRECONDITIONS = ("premise", "ceiling", "eligible_pairs", "sources_judged", "features_can_move")
-
 
 @dataclass
 class Outcome:

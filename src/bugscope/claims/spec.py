@@ -10,10 +10,11 @@ from pathlib import Path
 import yaml
 
 from bugscope import tables
-from bugscope.claims.preconditions import PRECONDITIONS
 
 TESTS = ("near", "range", "at_least", "at_most", "below", "above", "local_max", "selects")
 AGGREGATES = ("single", "min", "max", "max_abs", "min_abs")
+# What a claim may name in `needs:` (bugscope.claims.preconditions evaluates them).
+PRECONDITIONS = ("premise", "ceiling", "eligible_pairs", "sources_judged", "features_can_move")
 
 # The value of a metric under "no effect": a tolerance window around a claimed value must not
 # contain it (a "1.25x amplification" window of +/- 0.3 would pass at 1.0), and a bound equal to it

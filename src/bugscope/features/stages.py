@@ -114,9 +114,32 @@ def run_discriminative(config: dict, prompts_path, scores_path, feature_paths: d
     return pl.concat(out, how="vertical_relaxed"), meta
 
 
-def run_named(config: dict, prompts_path, feature_paths: dict[int, str]) -> tuple[pl.DataFrame, dict]:
+# Named features of a set whose config names none: this many top features per direction and layer.
+RUN_NAMED_TOP_N = 5
+
+
+def run_named_ids(discriminative: pl.DataFrame, top_n: int = RUN_NAMED_TOP_N) -> dict[int, dict[str, list[int]]]:
+    """{layer: {buggy_format_up: ids, correct_format_up: ids}}: the top-ranked features of this run's
+    buggy-vs-correct comparison (all pairs), so no config line names a latent of another host's SAEs."""
+    rows = discriminative.filter(pl.col("comparison") == "buggy_vs_correct", pl.col("rank") < top_n).sort(
+        "layer", "direction", "rank")
+    out: dict[int, dict[str, list[int]]] = {}
+    for (layer, direction), part in rows.group_by("layer", "direction", maintain_order=True):
+        category = "buggy_format_up" if direction == "up" else "correct_format_up"
+        out.setdefault(int(layer), {})[category] = [int(f) for f in part["feature_id"].to_list()]
+    return out
+
+
+def run_named(config: dict, prompts_path, feature_paths: dict[int, str],
+              discriminative_path=None) -> tuple[pl.DataFrame, dict]:
+    """The named-feature table: the set's configured ids, or (none configured) this run's top
+    buggy-vs-correct features of each layer (`run_named_ids`)."""
     fcfg, pcfg, boot = config["features"], config["prompts"], config["bootstrap"]
     named = named_feature_ids(config["sae_set"]["named"])
+    source = "config"
+    if not named and discriminative_path is not None:
+        named = run_named_ids(tables.frame(tables.DISCRIMINATIVE_FEATURES, config, discriminative_path))
+        source = f"this run's discriminative table (top {RUN_NAMED_TOP_N} per direction, all pairs)"
     prompts = load_prompt_frame(prompts_path, config)
     pairs = prompt_pairs(prompts, pcfg["buggy_format"], pcfg["correct_format"])
     weights = position_weights(prompts, fcfg["position"])
@@ -134,7 +157,8 @@ def run_named(config: dict, prompts_path, feature_paths: dict[int, str]) -> tupl
         out.append(named_features(values, pairs, layer=layer, named=named[layer], n_resamples=boot["n_resamples"],
                                   confidence=boot["confidence"], seed=derived_seed(config["seed"], 2, layer)))
     meta = {"position": fcfg["position"], "confidence": boot["confidence"], "n_resamples": boot["n_resamples"],
-            "named": {str(k): v for k, v in named.items()}, "sources": source_provenance(metas)}
+            "named": {str(k): v for k, v in named.items()}, "named_source": source,
+            "sources": source_provenance(metas)}
     return pl.concat(out, how="vertical_relaxed").cast(NAMED_SCHEMA), meta
 
 
