@@ -53,7 +53,10 @@ def accuracy_table() -> pl.DataFrame:
     return accuracy_by_format(scores, n_resamples=200, confidence=0.95, seed=0)
 
 
-HELDOUT_COLUMNS = ("heldout_mean_a", "heldout_mean_b", "heldout_firing_rate_a", "heldout_firing_rate_b")
+def _heldout_columns() -> tuple[str, ...]:
+    from bugscope.features.discriminative import HELDOUT_COLUMNS
+
+    return tuple(HELDOUT_COLUMNS)
 
 
 def discriminative_table(layer=8) -> pl.DataFrame:
@@ -69,15 +72,20 @@ def discriminative_table(layer=8) -> pl.DataFrame:
                          "feature_id": 100 * rank + (1 if sign > 0 else 2), "effect_size": sign * 1.2, "mean_diff": a - b,
                          "mean_a": a, "mean_b": b, "firing_rate_a": 0.8, "firing_rate_b": 0.4, "p_value": 0.001,
                          "q_value": 0.01, "significant": True, "n_a": 12, "n_b": 12, "n_tested": 50,
-                         **{c: None for c in HELDOUT_COLUMNS}})
-    return pl.DataFrame(rows, schema_overrides={c: pl.Float64 for c in HELDOUT_COLUMNS}).with_columns(
+                         "n_pairs": 6, "ratio": a / b, "ratio_low": 0.8 * a / b, "ratio_high": 1.2 * a / b,
+                         **{c: None for c in _heldout_columns()}})
+    held = {c: pl.Int64 if c == "n_heldout_pairs" else pl.Float64 for c in _heldout_columns()}
+    return pl.DataFrame(rows, schema_overrides=held).with_columns(
         pl.col("layer", "rank", "feature_id").cast(pl.Int32)).select(DISCRIMINATIVE_COLUMNS)
 
 
 def named_table(layer=8) -> pl.DataFrame:
     return pl.DataFrame({"layer": [layer], "category": ["format"], "feature_id": [777], "mean_buggy": [2.0],
                          "mean_correct": [1.25], "ratio": [1.6], "ratio_low": [1.3], "ratio_high": [1.9],
-                         "firing_rate_buggy": [0.9], "firing_rate_correct": [0.6], "n_pairs": [12]}, schema=NAMED_SCHEMA)
+                         "firing_rate_buggy": [0.9], "firing_rate_correct": [0.6], "n_pairs": [12],
+                         "mean_buggy_low": [1.8], "mean_buggy_high": [2.2], "mean_correct_low": [1.1],
+                         "mean_correct_high": [1.4], "firing_rate_buggy_low": [0.6], "firing_rate_buggy_high": [1.0],
+                         "firing_rate_correct_low": [0.3], "firing_rate_correct_high": [0.8]}, schema=NAMED_SCHEMA)
 
 
 def attribution_table(layer=8, n_heads=9, feature_ids=(5, 17, 99)) -> pl.DataFrame:

@@ -142,6 +142,10 @@ def interval_columns(a: np.ndarray, b: np.ndarray, clusters_a: np.ndarray, clust
     the orders apart, where one order is mostly wrong, then has a ratio near 1. A stratum without
     rows on both sides has no weight."""
     m = a.shape[1]
+    names = [f"{prefix}ratio", f"{prefix}ratio_low", f"{prefix}ratio_high", f"{prefix}firing_rate_a_low",
+             f"{prefix}firing_rate_a_high", f"{prefix}firing_rate_b_low", f"{prefix}firing_rate_b_high"]
+    if m == 0:  # no feature passed the firing-rate floor
+        return {**{k: np.empty(0) for k in names}, ("n_heldout_pairs" if prefix else "n_pairs"): np.empty(0, np.int64)}
     strata_a = np.zeros(len(a), dtype=np.int64) if strata_a is None else np.asarray(strata_a)
     strata_b = np.zeros(len(b), dtype=np.int64) if strata_b is None else np.asarray(strata_b)
     levels = sorted(set(strata_a.tolist()) | set(strata_b.tolist()))
