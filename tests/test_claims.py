@@ -7,7 +7,8 @@ import polars as pl
 import pytest
 
 from bugscope import layout, tables
-from bugscope.claims.evaluate import VERDICTS, Context, evaluate_claim, resolve_value
+from bugscope.claims.evaluate import VERDICTS, Context, evaluate_claim
+from bugscope.claims.select import resolve_value
 from bugscope.claims.spec import TABLES, LedgerError, load_ledger, referenced_columns
 from bugscope.config import load_config
 from bugscope.features.attribution import PARITY_COLUMNS
