@@ -6,30 +6,37 @@ usually `requires_model` Llama-3.1-8B); an `agnostic` form tests what the claim 
 ("a middle layer of maximum overlap between two layers of low overlap"). The first form that can be
 tested decides the verdict:
 
-- `holds`: every check of the form passes;
-- `fails`: a check does not pass;
+- `holds` / `fails` / `inconclusive`: decided on intervals (`bugscope.claims.decide`): every check
+  passes / one fails / neither;
 - `not testable here`: no form can be tested (the model is not the one the ids belong to, a table
-  was not produced, no row matches, the metric is null); `detail` says why, form by form.
+  was not produced, no row matches, the metric is null, or a precondition the claim `needs`
+  failed: `bugscope.claims.preconditions`); `detail` says why.
 
 A check selects rows of one table (`where`), reduces them to one row (`aggregate`), reads `metric`
-(a column, or `a / b` for the ratio of two columns) and applies one test:
+(a column) and its interval (`<metric>_low` / `<metric>_high`, the rate columns of
+`RATE_INTERVALS`, or the check's `ci: [low, high]`), and applies one test against a region:
 
-    near: {target, tolerance}     |value - target| <= tolerance (target defaults to study_value)
-    range: [low, high]            low <= value <= high
-    at_least: x / at_most: x      value >= x / value <= x
-    below: {where: {...}}         value < the same metric on the row the inner `where` selects
-    above: {where: {...}, ci: b}  value > the same metric on every row the inner `where` selects;
-                                  with `ci: true` the selected row's CI lies entirely above all of
-                                  theirs (its lower bound above the highest of their upper bounds)
+    near: {target, tolerance}     the interval within target +/- tolerance (target defaults to
+                                  study_value); an equivalence test (TOST) against that margin
+    range: [low, high]            the interval within [low, high]
+    at_least: x / at_most: x      the interval at or above / at or below x ($all / $none: the
+                                  config's claims.verdicts.all_fraction / none_fraction); a bound at
+                                  the metric's null (spec.METRIC_NULLS, or `null:`) is strict
+    below / above: {where: {...}} against the rows the inner `where` selects: Fisher's exact test
+                                  on success counts (success_rate with n_eligible), else separate
+                                  intervals
     local_max: true               the selected layer's CI lies above the CI of some earlier and
-                                  some later layer (feature_overlap rows)
+                                  some later layer (never "fails": not shown is not disproved)
+    selects: true                 the check only picks the row; its `also` conditions decide
 
-`also: {column: {at_most/at_least/above/below: x}}` adds a condition on other columns of the
-selected row (e.g. a p-value, or a CI bound: `{format_effect_pct_low: {above: 0}}`; above / below
-are strict). `beside: [columns]` reports other columns of the selected row (with their `_low` /
-`_high` interval where the table has one) in `detail` without testing them: an overlap is shown
-with its same-format chance level. Decisions use point estimates unless a check tests a CI bound;
-each row reports the interval and n beside them.
+Pass: the interval inside the region; fail: outside it; otherwise inconclusive. A value without an
+interval decides nothing unless the check says `exact: true` (named items measured without
+sampling); a bootstrap over fewer than `min_bootstrap_clusters` clusters decides nothing.
+`also: {column: {at_most/at_least/above/below: x}}` adds conditions on the selected row: on a
+p / q column a significance test (Holm within the claim's section, at claims.verdicts.alpha); on a
+`_low` / `_high` column an interval condition; on any other column a condition that can only
+withhold a verdict. `beside: [columns]` reports other columns of the selected row (with their
+interval) in `detail` without testing them: an overlap is shown with its same-format chance level.
 
 `where` values: a scalar (equality), a list (membership), `{not: v}`, `{between: [a, b]}`,
 `{depth: f}` (the layer round(f * (num_layers - 1)): a layer at the same relative depth as the
