@@ -164,3 +164,30 @@ def test_the_report_states_what_the_run_found_about_the_premise():
         text = to_markdown(ledger, "Claims ledger")
         assert found in text and "## Preconditions of this run" in text
         assert ("30 eligible number pairs" in text) == (low > 0.1)  # the claim's n, with its unit, once testable
+
+
+def test_a_claim_about_every_row_reads_every_rows_interval():
+    """min + at_least and max(_abs) + at_most are claims about every row: one row whose interval
+    lies outside fails the claim, one that straddles keeps it inconclusive, whatever the extreme
+    point estimate says; an interval of |x| that straddles 0 reaches from 0 to its larger end."""
+    form = {"form": "agnostic", "description": "no step moves it",
+            "checks": [{"table": "original_decomposition", "where": {"chain": True, "layer": 5},
+                        "metric": "delta_original_success", "aggregate": "max_abs", "at_most": 0.1,
+                        "ci": ["delta_low", "delta_high"]}]}
+    claim = {"id": "every", "section": "heads", "claim": "c", "study_value": 0, "forms": [form]}
+
+    def steps(*intervals):
+        return pl.DataFrame({"setting": [f"s{i}" for i in range(len(intervals))], "chain": True, "layer": 5,
+                             "head_set": "all", "delta_original_success": [(a + b) / 2 for a, b in intervals],
+                             "delta_low": [a for a, _ in intervals], "delta_high": [b for _, b in intervals],
+                             "n_pairs": 30, "pair_kind": "shorter_bigger", "order": "all"})
+
+    assert evaluate_claim(claim, {"original_decomposition": steps((-0.02, 0.04), (0.0, 0.06))}, ctx())["verdict"] \
+        == "holds"
+    # the largest point estimate (0.06) is inside, but another step's interval reaches 0.55
+    wide = evaluate_claim(claim, {"original_decomposition": steps((0.03, 0.09), (-0.45, 0.55))}, ctx())
+    assert wide["verdict"] == "inconclusive" and "every one of 2 rows: 1 pass, 0 fail" in wide["detail"]
+    # a step at 0.05 whose interval reaches -0.3: |x| may be 0.3
+    assert evaluate_claim(claim, {"original_decomposition": steps((-0.3, 0.05))}, ctx())["verdict"] == "inconclusive"
+    assert evaluate_claim(claim, {"original_decomposition": steps((0.0, 0.02), (-0.6, -0.4))}, ctx())["verdict"] \
+        == "fails"

@@ -175,14 +175,18 @@ def test_neuronpedia_ids_come_from_sae_lens_directory():
 # --- the ledger's token-level feature claims ---------------------------------------------------------
 
 def role_rows(feature: int, means: dict[str, float], *, layer: int = 10, selection: str = "named/format",
-              rank: int = 0, pairs: str = "all", fmt: str = "qa", rate: float = 0.9, ci: float = 0.2) -> pl.DataFrame:
-    """Hand-made feature_tokens role rows of one feature (every role; unlisted roles at 0)."""
+              rank: int = 0, pairs: str = "all", fmt: str = "qa", rate: float = 0.9, ci: float = 0.2,
+              n_pairs: int = 10) -> pl.DataFrame:
+    """Hand-made feature_tokens role rows of one feature (every role; unlisted roles at 0), each mean
+    with the bootstrap interval mean +/- `ci` (never below 0) over `n_pairs` number pairs: 10 is the
+    fewest from which a bootstrap interval decides."""
     rows = []
     for role in page_html.ROLES:
         m = means.get(role, 0.0)
         rows.append({"layer": layer, "feature_id": feature, "selection": selection, "rank": rank, "pairs": pairs,
-                     "format": fmt, "level": "role", "role": role, "token": "", "n_tokens": 40, "n_prompts": 20,
-                     "n_pairs": 10, "mean_activation": m, "mean_activation_low": m - ci,
+                     "format": fmt, "level": "role", "role": role, "token": "", "n_tokens": 4 * n_pairs,
+                     "n_prompts": 2 * n_pairs, "n_pairs": n_pairs, "mean_activation": m,
+                     "mean_activation_low": max(m - ci, 0.0),
                      "mean_activation_high": m + ci, "firing_rate": rate if m > 0 else 0.0,
                      "firing_rate_low": 0.0, "firing_rate_high": 1.0, "activation_share": None})
     return pl.DataFrame(rows, schema=pages.TOKEN_SCHEMA)
@@ -201,19 +205,33 @@ def lxm(df: pl.DataFrame) -> dict:
     return {"feature_tokens": df.with_columns(pl.lit("mlp_out").alias("sae_set"))}
 
 
+SEED_FORMAT_FEATURES = (22441, 18967, 14782)
+
+
 def test_format_token_claim_literal_needs_every_seed_feature_on_format_tokens():
+    # Decided on intervals: the format-token CI above every other role's CI (and above 0) passes.
     c = ledger()["feature_format_tokens"]
-    good = pl.concat([role_rows(f, {"format": 3.0, "number": 1.0, "other": 0.5}) for f in (22441, 18967, 14782)])
+    good = pl.concat([role_rows(f, {"format": 3.0, "number": 1.0, "other": 0.5}) for f in SEED_FORMAT_FEATURES])
     r = evaluate_claim(c, lxm(good), llama())
     assert r["form"] == "literal" and r["verdict"] == "holds", r["detail"]
-    assert r["measured"] == 3.0 and r["n"] == 10
-    # 14782 fires more on the numbers than on the format tokens: fails
-    bad = pl.concat([role_rows(f, {"format": 3.0, "number": 1.0}) for f in (22441, 18967)]
+    assert r["measured"] == 3.0 and (r["ci_low"], r["ci_high"]) == pytest.approx((2.8, 3.2)) and r["n"] == 10
+    # 14782's format-token CI [0.8, 1.2] lies entirely below its number-token CI [1.8, 2.2]: fails
+    bad = pl.concat([role_rows(f, {"format": 3.0, "number": 1.0}) for f in SEED_FORMAT_FEATURES[:2]]
                     + [role_rows(14782, {"format": 1.0, "number": 2.0})])
-    assert evaluate_claim(c, lxm(bad), llama())["verdict"] == "fails"
-    # on format tokens but with a CI reaching 0: fails
-    weak = pl.concat([role_rows(f, {"format": 0.1, "number": 0.05}) for f in (22441, 18967, 14782)])
-    assert evaluate_claim(c, lxm(weak), llama())["verdict"] == "fails"
+    r = evaluate_claim(c, lxm(bad), llama())
+    assert r["verdict"] == "fails" and "check 3: 1 [0.8, 1.2]" in r["detail"], r["detail"]
+    # 14782 never fires (every CI [0, 0]): "its format-token mean has a CI above 0" is shown false
+    silent = pl.concat([good.filter(pl.col("feature_id") != 14782), role_rows(14782, {}, ci=0.0)])
+    r = evaluate_claim(c, lxm(silent), llama())
+    assert r["verdict"] == "fails" and "mean_activation interval [0, 0] above 0 -> fail" in r["detail"], r["detail"]
+    # on format tokens, but the CIs overlap the other roles' and reach 0: neither shown nor refuted
+    weak = pl.concat([role_rows(f, {"format": 0.1, "number": 0.05}) for f in SEED_FORMAT_FEATURES])
+    assert evaluate_claim(c, lxm(weak), llama())["verdict"] == "inconclusive"
+    # the good table over 9 number pairs: a degenerate bootstrap decides nothing
+    few = pl.concat([role_rows(f, {"format": 3.0, "number": 1.0, "other": 0.5}, n_pairs=9)
+                     for f in SEED_FORMAT_FEATURES])
+    r = evaluate_claim(c, lxm(few), llama())
+    assert r["verdict"] == "inconclusive" and "fewer than 10" in r["detail"], r["detail"]
     # one of the ids missing (not named in the run): the literal form is not testable
     missing = evaluate_claim(c, lxm(good.filter(pl.col("feature_id") != 14782)), llama())
     assert missing["verdict"] == "not testable here" and "14782" in missing["detail"], missing["detail"]
@@ -246,13 +264,25 @@ def test_format_token_claim_agnostic_reads_the_heldout_ranked_feature_on_heldout
 def test_numerical_feature_claims(cid, feature, role, rivals_ignored):
     c = ledger()[cid]
     assert all(f["form"] == "literal" for f in c["forms"])  # no agnostic form: see config/claims.yaml
+
+    def verdict(means, **kw) -> str:
+        return evaluate_claim(c, lxm(role_rows(feature, means, **kw)), llama())["verdict"]
+
+    # CI [1.8, 2.2], above every compared role's (the ignored rivals may be higher)
     holds = evaluate_claim(c, lxm(role_rows(feature, {role: 2.0, "other": 0.5, **{
         r: 5.0 for r in rivals_ignored}})), llama())
     assert holds["verdict"] == "holds" and holds["measured"] == 2.0, holds["detail"]
-    # another role (format) is higher: fails
-    assert evaluate_claim(c, lxm(role_rows(feature, {role: 2.0, "format": 2.5})), llama())["verdict"] == "fails"
-    # highest there but firing on a fifth of those tokens only: fails
-    assert evaluate_claim(c, lxm(role_rows(feature, {role: 2.0}, rate=0.2)), llama())["verdict"] == "fails"
+    # another role (format) is higher, its CI [2.3, 2.7] entirely above: fails
+    assert verdict({role: 2.0, "format": 2.5}) == "fails"
+    # format at 2.1 [1.9, 2.3]: the intervals overlap, so "higher than every other role" is not shown
+    assert verdict({role: 2.0, "format": 2.1}) == "inconclusive"
+    # highest there but firing on a fifth of those tokens only: firing_rate is a point condition, which
+    # can only withhold the verdict
+    r = evaluate_claim(c, lxm(role_rows(feature, {role: 2.0}, rate=0.2)), llama())
+    assert r["verdict"] == "inconclusive" and "firing_rate=0.2 at_least 0.5 -> not met" in r["detail"], r["detail"]
+    # over 9 number pairs: decides nothing, in either direction
+    assert verdict({role: 2.0}, n_pairs=9) == "inconclusive"
+    assert verdict({role: 2.0, "format": 2.5}, n_pairs=9) == "inconclusive"
     # on the embedded model (or without the feature) it is not testable
     assert evaluate_claim(c, lxm(role_rows(feature, {role: 2.0})), ctx())["verdict"] == "not testable here"
     assert evaluate_claim(c, lxm(role_rows(1, {role: 2.0})), llama())["verdict"] == "not testable here"

@@ -15,6 +15,7 @@ from bugscope.model.sites import HEAD_SITE, attention_writer_hook, site_module
 from bugscope.patching.engine import HeadPatcher
 from bugscope.patching.head_sets import HeadSet
 from bugscope.patching.pairs import PatchSpec, make_pairs
+from bugscope.stats import clopper_pearson
 from tests.conftest import REPO
 from tests.numerics import forward_tolerance, max_abs, rounding_tolerance
 from tests.test_claims import ctx
@@ -121,32 +122,96 @@ def test_summary_means_cis_references_and_heldout_pairs():
 
 
 CLAIM = next(c for c in load_ledger(REPO / "config" / "claims.yaml") if c["id"] == "even_heads_activate_critical_features")
+CLAIM_PAIRS = 24  # 48 targets; the held-out half (odd pair ids) has 12 number pairs, over the bootstrap's floor of 10
+
+
+def preconditions_at(layers, gap_low: float = 0.3, ceiling: tuple[int, int] = (38, 40)) -> dict[str, pl.DataFrame]:
+    """The premise and ceiling tables of research notes 9, passing by default: a format gap on the bug's
+    kind with lower bound `gap_low` (premise_min_gap is 0.10), and at each of `layers` (decision position)
+    a whole-residual patch fixing `ceiling` = (fixed, eligible) targets against a random-head control's
+    2/40 (Fisher p < 1e-10), over 20 eligible number pairs."""
+    contrast = pl.DataFrame({"pair_kind": ["shorter_bigger"], "n_pairs": [20], "accuracy_gap": [gap_low + 0.2],
+                             "accuracy_gap_low": [gap_low], "accuracy_gap_high": [gap_low + 0.4]})
+    rows = []
+    for layer in layers:
+        for name, family, (k, n) in (("resid_post", "ceiling", ceiling), ("random_k4", "random_control", (2, 40))):
+            low, high = clopper_pearson(k, n, 0.95)
+            rows.append({"method": "per_head", "positions": "decision", "pair_kind": "shorter_bigger", "order": "all",
+                         "layer": layer, "head_set": name, "family": family, "n_eligible": n, "n_eligible_pairs": 20,
+                         "success_rate": k / n, "success_low": float(low), "success_high": float(high)})
+    return {"baseline_contrast": contrast, "head_patching": pl.DataFrame(rows)}
+
+
+def _claim_table(half, quarter, none=None, n_pairs: int = CLAIM_PAIRS) -> pl.DataFrame:
+    """The summary of a made-up run at layer 4 of a 9-head model (5 even heads: half of them = 2 heads,
+    a quarter = 1 head): every half set but one turns on all 5 features, `half` / `quarter` per target."""
+    n = 2 * n_pairs
+    counts = {"none": none or [1] * n, "even_k2_0000": [5] * n, "even_k2_0001": half, "even_k1_0000": quarter}
+    return summarise(_per_prompt(counts, n_pairs=n_pairs), CONFIG)
+
+
+def _agnostic(table: pl.DataFrame, **pre) -> dict:
+    return evaluate_claim(CLAIM, {"head_set_features": table, **preconditions_at([4], **pre)}, ctx(focus=(4,)))
+
+
+N = 2 * CLAIM_PAIRS
 
 
 @pytest.mark.parametrize("half, quarter, verdict", [
-    ([5] * 12, [2] * 12, "holds"),
-    ([5] * 10 + [4, 4], [2] * 12, "fails"),  # a set of half the even heads leaves a feature off on one pair
-    ([5] * 12, [4] * 12, "fails"),  # a quarter of the even heads already turns on 4
+    ([5] * N, [2] * N, "holds"),
+    # a set of half the even heads leaves one feature off on one order of every pair: [4.5, 4.5] < 5
+    ([4, 5] * CLAIM_PAIRS, [2] * N, "fails"),
+    ([5] * N, [4] * N, "fails"),  # a quarter of the even heads already turns on 4: [4, 4] > 3
+    # one held-out pair (id 23) with a feature off: the bootstrap interval (~[4.8, 5]) straddles 5
+    ([5] * (N - 2) + [4, 4], [2] * N, "inconclusive"),
+    ([5] * N, [3] * (N - 2) + [4, 4], "inconclusive"),  # likewise ~[3, 3.2] against "at most 3"
 ])
 def test_agnostic_rule_fails_where_the_claim_is_false(half, quarter, verdict):
-    # 9 heads: 5 even; half of them = 2 heads, a quarter = 1 head. The last pair (ids 10, 11) is odd: held out.
-    counts = {"none": [1] * 12, "even_k2_0000": [5] * 12, "even_k2_0001": half, "even_k1_0000": quarter}
-    row = evaluate_claim(CLAIM, {"head_set_features": summarise(_per_prompt(counts), CONFIG)}, ctx(focus=(4,)))
-    assert (row["verdict"], row["form"]) == (verdict, "agnostic")
+    row = _agnostic(_claim_table(half, quarter))
+    assert (row["verdict"], row["form"]) == (verdict, "agnostic"), row["detail"]
+    assert row["n"] == CLAIM_PAIRS // 2 and row["n_unit"] == "number pairs"  # the held-out half
+    assert "features_can_move: 1 features active unpatched, 5 in the source -> pass" in row["detail"]
+
+
+def test_the_feature_claim_needs_the_bug_features_that_can_move_and_enough_pairs():
+    holds = ([5] * N, [2] * N)
+    # no bug to fix (the format gap's lower bound 0.05 is under 0.10): not testable, not failed
+    for table in (_claim_table(*holds), _claim_table([4] * N, [4] * N)):
+        row = _agnostic(table, gap_low=0.05)
+        assert row["verdict"] == "not testable here" and row["detail"].startswith("not testable: premise: "), row
+    # the whole residual fixes 12/40 at the focus layer: no head set there can be expected to
+    row = _agnostic(_claim_table(*holds), ceiling=(12, 40))
+    assert row["detail"].startswith("not testable: ceiling: whole-residual patch at layer 4")
+    # all five features are on in the unpatched target already: a patch cannot move them
+    row = _agnostic(_claim_table(*holds, none=[5] * N))
+    assert row["verdict"] == "not testable here"
+    assert row["detail"] == "not testable: features_can_move: 5 features active unpatched, 5 in the source -> fail"
+    # 6 pairs, 3 of them held out: a bootstrap over fewer than 10 pairs decides nothing
+    row = _agnostic(_claim_table([5] * 12, [2] * 12, n_pairs=6))
+    assert row["verdict"] == "inconclusive" and "fewer than 10" in row["detail"]
 
 
 def test_literal_rule_reads_the_seed_ids_of_the_mlp_output_set():
-    counts = {"none": [1] * 12, "even_k8_0000": [5] * 12, "even_k4_0000": [3] * 12}
-    table = summarise(_per_prompt(counts, sae_set="mlp_out", layer=10, feature_set="critical"), CONFIG)
+    def table(k4, sae_set="mlp_out"):
+        counts = {"none": [1] * N, "even_k8_0000": [5] * N, "even_k4_0000": k4}
+        return summarise(_per_prompt(counts, sae_set=sae_set, layer=10, feature_set="critical", n_pairs=CLAIM_PAIRS),
+                         CONFIG)
+
     llama = ctx(model="Llama-3.1-8B-Instruct", focus=(10,), num_heads=32, num_layers=32)
-    row = evaluate_claim(CLAIM, {"head_set_features": table}, llama)
-    assert (row["verdict"], row["form"], row["sae_set"]) == ("holds", "literal", "mlp_out")
-    counts["even_k4_0000"] = [4] * 12  # 4 even heads turn on more than the "2-3" the seed says
-    table = summarise(_per_prompt(counts, sae_set="mlp_out", layer=10, feature_set="critical"), CONFIG)
-    assert evaluate_claim(CLAIM, {"head_set_features": table}, llama)["verdict"] == "fails"
+    pre = preconditions_at([10])
+    row = evaluate_claim(CLAIM, {"head_set_features": table([3] * N), **pre}, llama)
+    assert (row["verdict"], row["form"], row["sae_set"]) == ("holds", "literal", "mlp_out"), row["detail"]
+    assert row["n"] == CLAIM_PAIRS  # pairs: all
+    # 4 even heads turn on more than the "2-3" the seed says
+    assert evaluate_claim(CLAIM, {"head_set_features": table([4] * N), **pre}, llama)["verdict"] == "fails"
+    assert evaluate_claim(CLAIM, {"head_set_features": table([3] * (N - 2) + [4, 4]), **pre},
+                          llama)["verdict"] == "inconclusive"
+    # no ceiling at layer 10 (only at 12): the literal form is not testable
+    r = evaluate_claim(CLAIM, {"head_set_features": table([3] * N), **preconditions_at([12])}, llama)
+    assert r["verdict"] == "not testable here" and "ceiling: no whole-residual row at layer 10" in r["detail"]
     # the residual set's rows alone: the literal form is not scored on another set's ids
-    table = summarise(_per_prompt(counts, sae_set="residual", layer=10, feature_set="critical"), CONFIG)
-    assert evaluate_claim(CLAIM, {"head_set_features": table}, llama)["form"] != "literal"
+    residual = table([4] * N, sae_set="residual")
+    assert evaluate_claim(CLAIM, {"head_set_features": residual, **pre}, llama)["form"] != "literal"
 
 
 def test_figure_draws_every_size_and_both_references(tmp_path):

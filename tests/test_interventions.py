@@ -221,6 +221,12 @@ def test_config_section(ci_config):
 
 
 # --- the claims ledger's interventions claims, on made-up tables -----------------------------------
+# Every success rate is k of 40 eligible targets (both orders of 20 eligible number pairs), with its exact
+# (Clopper-Pearson) interval; rows are compared by Fisher's exact test on the counts, Holm-adjusted within
+# the claim: 32/40 vs 2/40 p = 3e-12, 8/40 vs 30/40 p = 1e-6, 32/40 vs 28/40 p = 0.44, 24/40 vs 40/40
+# p = 5e-6, 12/40 vs 30/40 p = 1e-4, 12/40 vs 0/40 p = 2e-4.
+
+TARGETS, PAIRS, CONTROLS = 40, 20, 5  # CONTROLS: random controls per tested set (samples 0..4)
 
 
 def _ledger_claim(cid):
@@ -229,32 +235,37 @@ def _ledger_claim(cid):
     return next(c for c in load_ledger(REPO / "config" / "claims.yaml") if c["id"] == cid)
 
 
-def _summary_rows(cells, sae_set="main"):
-    """cells: (layer, feature_set, family, intervention, pairs, success, low, high)."""
+def _summary_rows(cells, sae_set="main", n_eligible_pairs=PAIRS):
+    """cells: (layer, feature_set, family, sample, intervention, pairs, fixed of the 40 eligible targets)."""
+    from bugscope.stats import clopper_pearson
+
     rows = []
-    for layer, fset, family, intervention, pairs, rate, lo, hi in cells:
-        rows.append({"sae_set": sae_set, "layer": layer, "feature_set": fset, "family": family,
-                     "sample": 0 if family == "random_control" else -1, "intervention": intervention, "scale": None,
-                     "n_features": 4, "pairs": pairs, "pair_kind": "shorter_bigger", "order": "all", "n_eligible": 20,
-                     "success_rate": rate, "success_low": lo, "success_high": hi, "recovery": rate,
-                     "recovery_low": lo, "recovery_high": hi, "accuracy": rate, "accuracy_low": lo,
-                     "accuracy_high": hi, "baseline_accuracy": 0.1, "broken_rate": 0.0, "broken_low": 0.0,
-                     "broken_high": 0.0, "n_prompts": 40, "n_pairs": 10})
+    for layer, fset, family, sample, intervention, pairs, k in cells:
+        lo, hi = (float(b) for b in clopper_pearson(k, TARGETS, 0.95))
+        rate = k / TARGETS
+        rows.append({"sae_set": sae_set, "layer": layer, "feature_set": fset, "family": family, "sample": sample,
+                     "intervention": intervention, "scale": None, "n_features": 4, "pairs": pairs,
+                     "pair_kind": "shorter_bigger", "order": "all", "n_eligible": TARGETS,
+                     "n_eligible_pairs": n_eligible_pairs, "success_rate": rate, "success_low": lo,
+                     "success_high": hi, "recovery": rate, "recovery_low": lo, "recovery_high": hi, "accuracy": rate,
+                     "accuracy_low": lo, "accuracy_high": hi, "baseline_accuracy": 0.1, "broken_rate": 0.0,
+                     "broken_low": 0.0, "broken_high": 0.1, "n_prompts": 2 * TARGETS, "n_pairs": 2 * PAIRS})
     # a control-kind row that must never be read (DEFAULT_WHERE: the bug's kind, orders pooled)
-    rows.append({**rows[0], "pair_kind": "same_length", "success_rate": 0.0, "success_low": 0.0, "success_high": 0.0})
+    rows.append({**rows[0], "pair_kind": "same_length", "success_rate": 0.0, "success_low": 0.0, "success_high": 0.1})
     return pl.DataFrame(rows)
 
 
-def _table(focus_tested=(0.8, 0.6, 0.9), random=(0.05, 0.0, 0.1), other_layer=(0.1, 0.0, 0.3),
-           interventions=("clamp", "ablate"), layers=(5, 9), fset="top", pairs="heldout", sae_set="main"):
+def _table(tested=32, random=2, other_layer=4, interventions=("clamp", "ablate"), layers=(5, 9), fset="top",
+           pairs="heldout", sae_set="main", n_eligible_pairs=PAIRS):
+    """The tested set fixes `tested` of 40 at layers[0], `other_layer` at the others; each of the 5 random
+    controls `random` (or random[sample]) at every layer."""
+    controls = random if isinstance(random, tuple) else (random,) * CONTROLS
     cells = []
     for intervention in interventions:
-        cells.append((layers[0], fset, "tested", intervention, pairs, *focus_tested))
-        cells.append((layers[0], fset, "random_control", intervention, pairs, *random))
-        for other in layers[1:]:
-            cells.append((other, fset, "tested", intervention, pairs, *other_layer))
-            cells.append((other, fset, "random_control", intervention, pairs, *random))
-    return _summary_rows(cells, sae_set)
+        for layer in layers:
+            cells.append((layer, fset, "tested", -1, intervention, pairs, tested if layer == layers[0] else other_layer))
+            cells += [(layer, fset, "random_control", s, intervention, pairs, k) for s, k in enumerate(controls)]
+    return _summary_rows(cells, sae_set, n_eligible_pairs)
 
 
 def _ctx(model="SmolLM2-135M-Instruct", focus=(5,)):
@@ -263,41 +274,60 @@ def _ctx(model="SmolLM2-135M-Instruct", focus=(5,)):
     return claims.Context(model, "embedded", 30, 9, "qa", "simple", list(focus))
 
 
+def _evaluate(cid, table, ctx=None, layers=(5,), **pre):
+    """The claim's ledger row on `table`, with the premise and the ceiling at `layers` passing unless `pre` says."""
+    from bugscope.claims import evaluate as claims
+    from tests.test_head_set_features import preconditions_at
+
+    return claims.evaluate_claim(_ledger_claim(cid), {"interventions": table, **preconditions_at(layers, **pre)},
+                                 ctx or _ctx())
+
+
 @pytest.mark.parametrize("cid", ["target_features_correct", "format_features_ablation_corrects"])
 def test_feature_correction_claims_hold_only_above_the_random_control(cid):
-    from bugscope.claims import evaluate as claims
-
-    c = _ledger_claim(cid)
-    r = claims.evaluate_claim(c, {"interventions": _table()}, _ctx())
-    assert (r["verdict"], r["form"], r["measured"], r["sae_set"]) == ("holds", "agnostic", 0.8, "main")
-    assert "literal" in r["detail"]  # the literal form needs Llama-3.1-8B
-    # the random features fix about as many: the tested features' CI is not above the control's
-    r = claims.evaluate_claim(c, {"interventions": _table(random=(0.6, 0.4, 0.85))}, _ctx())
-    assert r["verdict"] == "fails"
-    # a high success that the random control matches is no correction either
-    r = claims.evaluate_claim(c, {"interventions": _table(focus_tested=(1.0, 1.0, 1.0), random=(1.0, 1.0, 1.0))},
-                              _ctx())
-    assert r["verdict"] == "fails"
+    r = _evaluate(cid, _table())
+    assert (r["verdict"], r["form"], r["measured"], r["sae_set"]) == ("holds", "agnostic", 0.8, "main"), r["detail"]
+    assert (r["n"], r["n_unit"]) == (PAIRS, "eligible number pairs")
+    assert "literal form" not in r["detail"]  # it needs Llama-3.1-8B: says nothing about this run
+    # the tested set is compared with each of the 5 random controls, Holm-adjusted over the 5
+    assert r["detail"].count("32/40 vs 2/40 at layer=5") == CONTROLS  # one test per random control
+    assert all(f"sample={i}" in r["detail"] for i in range(CONTROLS))
+    assert "eligible_pairs: 20 eligible number pairs; needs >= 20 -> pass" in r["detail"]
+    # the random features fix significantly more: refuted
+    assert _evaluate(cid, _table(tested=8, random=30))["verdict"] == "fails"
+    # one of the five controls fixes about as many (28/40 against 32/40, p = 0.44): a correction is not shown
+    assert _evaluate(cid, _table(random=(2, 2, 2, 2, 28)))["verdict"] == "inconclusive"
+    # a high success that the random control matches is no correction either; nor is 0 against 0
+    assert _evaluate(cid, _table(tested=40, random=40))["verdict"] == "inconclusive"
+    assert _evaluate(cid, _table(tested=0, random=0))["verdict"] == "inconclusive"
     # the all-pairs rows (on which the top set was ranked) are never read
-    r = claims.evaluate_claim(c, {"interventions": _table(pairs="all")}, _ctx())
-    assert r["verdict"] == "not testable here"
+    assert _evaluate(cid, _table(pairs="all"))["verdict"] == "not testable here"
+    # no bug to correct (the format gap's lower bound 0.05 is under 0.10): not testable, whatever the rows
+    for table in (_table(), _table(tested=8, random=30)):
+        r = _evaluate(cid, table, gap_low=0.05)
+        assert r["verdict"] == "not testable here" and r["detail"].startswith("not testable: premise: ")
+    # 12 eligible number pairs are too few to test a correction
+    r = _evaluate(cid, _table(n_eligible_pairs=12))
+    assert r["detail"] == "not testable: eligible_pairs: 12 eligible number pairs; needs >= 20 -> fail"
 
 
 def test_feature_layer_only_claim_needs_the_focus_layer_above_every_other_layer():
-    from bugscope.claims import evaluate as claims
-
-    c = _ledger_claim("feature_layer_10_only")
-    assert claims.evaluate_claim(c, {"interventions": _table()}, _ctx())["verdict"] == "holds"
-    # another layer works as well: not "only"
-    r = claims.evaluate_claim(c, {"interventions": _table(other_layer=(0.7, 0.5, 0.85))}, _ctx())
-    assert r["verdict"] == "fails"
-    # the focus layer does not beat its random control: fails even though it beats the other layer
-    r = claims.evaluate_claim(c, {"interventions": _table(random=(0.5, 0.3, 0.7), other_layer=(0.0, 0.0, 0.0))},
-                              _ctx())
-    assert r["verdict"] == "fails"
+    cid = "feature_layer_10_only"
+    assert _evaluate(cid, _table())["verdict"] == "holds"
+    # another layer works significantly better (40/40 against 24/40): not "only"
+    assert _evaluate(cid, _table(tested=24, other_layer=40))["verdict"] == "fails"
+    # another layer works about as well (30/40 against 32/40): "only" is not shown
+    assert _evaluate(cid, _table(other_layer=30))["verdict"] == "inconclusive"
+    # the random controls fix more than the focus layer: fails even though it beats the other layer
+    r = _evaluate(cid, _table(tested=12, random=30, other_layer=0))
+    assert r["verdict"] == "fails" and "check 1:" in r["detail"] and "-> fail" in r["detail"].split("check 2:")[0]
     # only the focus layer was intervened at: nothing to compare with
-    r = claims.evaluate_claim(c, {"interventions": _table(layers=(5,))}, _ctx())
+    assert _evaluate(cid, _table(layers=(5,)))["verdict"] == "not testable here"
+    # the whole residual fixes 12/40 at the focus layer: nothing there can be expected to fix the bug
+    r = _evaluate(cid, _table(), ceiling=(12, 40))
     assert r["verdict"] == "not testable here"
+    assert r["detail"].startswith("not testable: ceiling: whole-residual patch at layer 5, decision position, "
+                                  "fixes 12/40")
 
 
 def test_literal_feature_claims_read_the_seed_ids_on_the_mlp_output_set():
@@ -307,24 +337,29 @@ def test_literal_feature_claims_read_the_seed_ids_on_the_mlp_output_set():
 
     sets = claims.Context.from_config(load_config(REPO / "config" / "llama31_8b.yaml"), None).sae_sets
     llama = claims.Context("Llama-3.1-8B-Instruct", "x", 32, 32, "qa", "simple", [12], sets)
-    c = _ledger_claim("target_features_correct")
+    layers = (10, 12)  # the ceiling at the literal layer and at the focus layer
     seed = _table(fset="seed_targets", layers=(10,), pairs="all", sae_set="mlp_out")
     top = _table(layers=(12,), sae_set="residual")
-    r = claims.evaluate_claim(c, {"interventions": pl.concat([seed, top])}, llama)
-    assert (r["verdict"], r["form"], r["sae_set"]) == ("holds", "literal", "mlp_out")
-    bad = _table(fset="seed_targets", layers=(10,), pairs="all", sae_set="mlp_out", random=(0.7, 0.5, 0.9))
-    r = claims.evaluate_claim(c, {"interventions": pl.concat([bad, top])}, llama)
+    r = _evaluate("target_features_correct", pl.concat([seed, top]), llama, layers)
+    assert (r["verdict"], r["form"], r["sae_set"]) == ("holds", "literal", "mlp_out"), r["detail"]
+    bad = _table(fset="seed_targets", layers=(10,), pairs="all", sae_set="mlp_out", tested=8, random=30)
+    r = _evaluate("target_features_correct", pl.concat([bad, top]), llama, layers)
     assert (r["verdict"], r["form"]) == ("fails", "literal")
+    # no ceiling at layer 10: the literal form is not testable though its rows are there; the agnostic
+    # form (layer 12, where the ceiling is) decides, and the ledger says why the literal one did not
+    r = _evaluate("target_features_correct", pl.concat([seed, top]), llama, (12,))
+    assert (r["verdict"], r["form"]) == ("holds", "agnostic")
+    assert "literal form not tested: ceiling: no whole-residual row at layer 10" in r["detail"]
     # a run without the seed's feature set: the literal form is not testable, the agnostic one decides
-    r = claims.evaluate_claim(c, {"interventions": top}, llama)
+    r = _evaluate("target_features_correct", top, llama, layers)
     assert (r["verdict"], r["form"], r["sae_set"]) == ("holds", "agnostic", "residual")
     # literal "layer 10 only"
-    c = _ledger_claim("feature_layer_10_only")
     ten = _table(layers=(10, 14), sae_set="mlp_out")
-    assert claims.evaluate_claim(c, {"interventions": ten}, llama)["form"] == "literal"
-    assert claims.evaluate_claim(c, {"interventions": ten}, llama)["verdict"] == "holds"
-    assert claims.evaluate_claim(c, {"interventions": _table(layers=(10, 14), sae_set="mlp_out",
-                                                             other_layer=(0.9, 0.8, 1.0))}, llama)["verdict"] == "fails"
+    r = _evaluate("feature_layer_10_only", ten, llama, layers)
+    assert (r["verdict"], r["form"]) == ("holds", "literal")
+    r = _evaluate("feature_layer_10_only", _table(layers=(10, 14), sae_set="mlp_out", tested=24, other_layer=40),
+                  llama, layers)
+    assert (r["verdict"], r["form"]) == ("fails", "literal")
 
 
 def test_the_ledger_reads_columns_the_summary_writes():

@@ -1,6 +1,7 @@
 """The original procedure in full (bugscope.patching.original_method): batched generation against the original
 code one prompt at a time, the string criterion, the decomposition summary, its ledger rows (made-up
-tables where each claim holds and where it is false) and the real ci.yaml tables."""
+tables, with the precondition tables, where each claim holds, fails, is inconclusive or is not testable)
+and the real ci.yaml tables."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from bugscope.claims.spec import load_ledger
 from bugscope.io import read_table
 from bugscope.patching import original_decomposition, original_method
 from bugscope.patching.head_sets import HeadSet
+from bugscope.stats import clopper_pearson
 from tests.conftest import REPO
+from tests.test_claims_paper import preconditions
+from tests.test_claims_paper import rows as summary_rows
 
 LAYER = 10
 LEDGER = {c["id"]: c for c in load_ledger(REPO / "config" / "claims.yaml")}
@@ -125,67 +129,141 @@ def test_summary_rates_eligibility_and_paired_deltas():
 
 
 # --- ledger rows ------------------------------------------------------------------------------------
+# The three claims need the bug (premise: baseline_contrast), a working whole-residual patch at the
+# claim's layer (ceiling: head_patching) and sources judged right on every row they read
+# (sources_judged). Rates are decided on intervals: success_rate on its exact interval over the
+# n_eligible targets, original_success / delta_original_success on a bootstrap over n_pairs number
+# pairs (fewer than 10 decide nothing). "100 %" is $all (0.8).
+
+PAIRS = 20  # number pairs of the made-up decomposition: 40 targets, both orders
 
 
 def _ctx(model="SmolLM2-135M-Instruct", focus=(5,)):
     return Context(model, "embedded", 14, 9, "qa", "simple", list(focus))
 
 
+LLAMA = _ctx("Llama-3.1-8B-Instruct", (LAYER,))
+
+
+def _needs(gap_low: float = 0.3, ceiling: float = 1.0) -> dict[str, pl.DataFrame]:
+    """The precondition tables, passing by default: a format gap with lower bound `gap_low`, and at
+    layers 5 and 10 a whole-residual patch fixing `ceiling` of 40 targets against 0/40 random heads."""
+    ceil = [{"head_set": "resid_post", "family": "ceiling", "success_rate": ceiling},
+            {"head_set": "random_k4", "family": "random_control", "success_rate": 0.0}]
+    return {"baseline_contrast": preconditions(gap_low=gap_low)["baseline_contrast"],
+            "head_patching": pl.concat([summary_rows(ceil, positions="decision", layer=layer) for layer in (5, 10)])}
+
+
 def _table(**by_setting) -> pl.DataFrame:
-    """A decomposition table at layer 5 (and 10), head set all: setting -> {column: value}."""
-    plan = original_method.settings("decision")
+    """A decomposition table at layers 5 and 10, head set all: setting -> {column: value} overrides
+    (`ci`: the half-width of the bootstrap intervals, 0.02 unless given). Every setting judges 40
+    targets of 20 pairs (the seed pair's settings one), sources right half of the time; a success
+    rate is k of n_eligible targets with its exact interval."""
     rows = []
     for layer in (5, 10):
-        for s in plan:
-            v = {"success_rate": 0.0, "original_success": 0.0, "delta_original_success": 0.0, **by_setting.get(s.name, {})}
-            rows.append({**original_decomposition.setting_columns(s), "layer": layer, "head_set": "all", "n_prompts": 8,
-                         "n_eligible": 2, "success_rate": v["success_rate"], "success_low": v["success_rate"] - 0.1,
-                         "success_high": v["success_rate"] + 0.1, "original_success": v["original_success"],
-                         "original_success_low": v["original_success"] - 0.1,
-                         "original_success_high": v["original_success"] + 0.1,
+        for s in original_method.settings("decision"):
+            seed = s.pairs == "seed"
+            v = {"success_rate": 0.0, "original_success": 0.0, "delta_original_success": 0.0, "ci": 0.02,
+                 "n_pairs": 1 if seed else PAIRS, "n_eligible": 1 if seed else 2 * PAIRS,
+                 "source_success": 0.5, **by_setting.get(s.name, {})}
+            n, ci, rate = v["n_eligible"], v["ci"], v["success_rate"]
+            low, high = clopper_pearson(round(rate * n) if rate == rate else 0, n, 0.95)
+            rows.append({**original_decomposition.setting_columns(s), "layer": layer, "head_set": "all",
+                         "n_prompts": 1 if seed else 2 * PAIRS, "n_pairs": v["n_pairs"], "n_eligible": n,
+                         "n_eligible_pairs": min(n, v["n_pairs"]), "success_rate": rate,
+                         "success_low": float(low), "success_high": float(high),
+                         "original_success": v["original_success"],
+                         "original_success_low": max(v["original_success"] - ci, 0.0),
+                         "original_success_high": min(v["original_success"] + ci, 1.0),
                          "delta_original_success": v["delta_original_success"],
-                         "delta_low": v["delta_original_success"] - 0.1,
-                         "delta_high": v["delta_original_success"] + 0.1})
+                         "delta_low": v["delta_original_success"] - ci, "delta_high": v["delta_original_success"] + ci,
+                         "baseline_success": 0.5, "source_success": v["source_success"]})
     return pl.DataFrame(rows)
 
 
-def _verdict(claim_id, table, ctx=None):
-    return evaluate_claim(LEDGER[claim_id], {"original_decomposition": table}, ctx or _ctx())
+def _result(claim_id, table, ctx=None, **needs) -> dict:
+    return evaluate_claim(LEDGER[claim_id], {**_needs(**needs), "original_decomposition": table}, ctx or _ctx())
+
+
+def _verdict(claim_id, table, ctx=None, **needs) -> str:
+    return _result(claim_id, table, ctx, **needs)["verdict"]
+
+
+def _not_testable(r: dict, why: str) -> None:
+    assert r["verdict"] == "not testable here" and r["measured"] is None, r["detail"]
+    assert r["detail"].startswith(f"not testable: {why}"), r["detail"]
 
 
 def test_whole_attention_output_rows():
-    holds = _verdict("whole_attention_output", _table(all_pairs={"success_rate": 1.0}))
+    # 40/40 eligible targets fixed, [0.91, 1]: holds; 20/40 [0.34, 0.66]: fails; 36/40 [0.76, 0.97]: neither
+    holds = _result("whole_attention_output", _table(all_pairs={"success_rate": 1.0}))
     assert holds["verdict"] == "holds" and holds["form"] == "agnostic" and "setting=all_pairs" in holds["selected"]
-    assert _verdict("whole_attention_output", _table(all_pairs={"success_rate": 0.5}))["verdict"] == "fails"
-    # no eligible target: the original's own measure decides
-    none = _table(all_pairs={"success_rate": float("nan"), "original_success": 0.0})
-    r = _verdict("whole_attention_output", none)
-    assert r["verdict"] == "fails" and r["metric"] == "original_success" and "null" in r["detail"]
-    none = _table(all_pairs={"success_rate": float("nan"), "original_success": 1.0})
-    assert _verdict("whole_attention_output", none)["verdict"] == "holds"
-    # the literal form: the seed pair at layer 10 on Llama
-    llama = Context("Llama-3.1-8B-Instruct", "x", 32, 32, "qa", "simple", [10])
-    assert _verdict("whole_attention_output", _table(original={"original_success": 1.0}), llama)["verdict"] == "holds"
-    r = _verdict("whole_attention_output", _table(original={"original_success": 0.0}), llama)
-    assert r["verdict"] == "fails" and r["form"] == "literal"
+    assert holds["n"] == PAIRS and "premise: format gap" in holds["detail"] and "ceiling: " in holds["detail"]
+    r = _result("whole_attention_output", _table(all_pairs={"success_rate": 0.5}))
+    assert r["verdict"] == "fails" and r["ci_high"] < 0.8, r["detail"]
+    r = _result("whole_attention_output", _table(all_pairs={"success_rate": 0.9}))
+    assert r["verdict"] == "inconclusive" and r["ci_low"] < 0.8 < r["ci_high"], r["detail"]
+    # no eligible target (every target already right unpatched): the original's own measure decides
+    none = {"success_rate": float("nan"), "n_eligible": 0}
+    r = _result("whole_attention_output", _table(all_pairs={**none, "original_success": 0.0}))
+    assert r["verdict"] == "fails" and r["metric"] == "original_success" and "null" in r["detail"], r["detail"]
+    r = _result("whole_attention_output", _table(all_pairs={**none, "original_success": 1.0}))
+    assert r["verdict"] == "holds" and r["metric"] == "original_success" and r["n"] == PAIRS
+    r = _result("whole_attention_output", _table(all_pairs={**none, "original_success": 0.85, "ci": 0.1}))
+    assert r["verdict"] == "inconclusive"
+    # ... but not where the string criterion judges no source right: that measures the criterion
+    r = _result("whole_attention_output", _table(all_pairs={**none, "original_success": 0.0, "source_success": 0.0}))
+    _not_testable(r, "sources_judged: 0 of the sources")
+    # a failing precondition withholds the verdict, whatever the decomposition says
+    fixed = _table(all_pairs={"success_rate": 1.0})
+    _not_testable(_result("whole_attention_output", fixed, gap_low=0.05), "premise: format gap on shorter_bigger")
+    _not_testable(_result("whole_attention_output", fixed, ceiling=0.3), "ceiling: whole-residual patch at layer 5")
+    # the literal form: the seed pair at layer 10 on Llama, one target judged. Its bootstrap is over
+    # one number pair, so it decides nothing either way (the ledger would need `exact: true` for it)
+    for value in (1.0, 0.0):
+        r = _result("whole_attention_output", _table(original={"original_success": value}), LLAMA)
+        assert r["verdict"] == "inconclusive" and r["form"] == "literal" and r["n"] == 1, r["detail"]
+        assert "fewer than 10" in r["detail"]
 
 
 def test_decode_time_row():
-    assert _verdict("whole_attention_output_decode_time",
-                    _table(no_decode_patch={"delta_original_success": 0.02}))["verdict"] == "holds"
-    r = _verdict("whole_attention_output_decode_time", _table(no_decode_patch={"delta_original_success": -0.6}))
+    def result(delta, **kw):
+        return _result("whole_attention_output_decode_time", _table(no_decode_patch={"delta_original_success": delta,
+                                                                                     **kw}))
+
+    r = result(0.02)  # [0, 0.04] inside +/- 0.05
+    assert r["verdict"] == "holds" and r["n"] == PAIRS and r["n_unit"] == "number pairs", r["detail"]
+    r = result(-0.6)  # [-0.62, -0.58]
     assert r["verdict"] == "fails" and r["measured"] == pytest.approx(-0.6)
+    assert result(0.02, ci=0.1)["verdict"] == "inconclusive"  # [-0.08, 0.12]: neither inside nor outside
+    # 8 number pairs: a degenerate bootstrap decides nothing, however narrow
+    r = result(0.02, n_pairs=8)
+    assert r["verdict"] == "inconclusive" and "fewer than 10" in r["detail"]
+    assert result(-0.6, n_pairs=8)["verdict"] == "inconclusive"
+    r = _result("whole_attention_output_decode_time", _table(no_decode_patch={"delta_original_success": 0.02}),
+                ceiling=0.3)
+    _not_testable(r, "ceiling: whole-residual patch at layer 5")
 
 
 def test_procedure_is_sound_row_names_the_factor_that_carries_the_gap():
-    small = _table(parse_answer={"delta_original_success": 0.05}, o_proj_input={"delta_original_success": -0.08})
-    assert _verdict("original_procedure_is_sound", small)["verdict"] == "holds"
+    # the step of largest |delta| is read, its interval flipped to |delta|: [0.05, 0.09] <= 0.10
+    small = _table(parse_answer={"delta_original_success": 0.05}, o_proj_input={"delta_original_success": -0.07})
+    r = _result("original_procedure_is_sound", small)
+    assert r["verdict"] == "holds" and "setting=o_proj_input" in r["selected"], r["detail"]
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.05, 0.09))
     big = _table(parse_answer={"delta_original_success": 0.05}, o_proj_input={"delta_original_success": -0.7})
-    r = _verdict("original_procedure_is_sound", big)
+    r = _result("original_procedure_is_sound", big)
     assert r["verdict"] == "fails" and r["measured"] == pytest.approx(0.7) and "setting=o_proj_input" in r["selected"]
+    # |delta| 0.08 in [0.03, 0.13]: not shown to stay within 10 points, nor to leave them
+    wide = _table(o_proj_input={"delta_original_success": -0.08, "ci": 0.05})
+    assert _verdict("original_procedure_is_sound", wide) == "inconclusive"
     # departures (step -1) are not on the chain and never decide it
     off_chain = _table(per_head_generation_string={"delta_original_success": -0.9})
-    assert _verdict("original_procedure_is_sound", off_chain)["verdict"] == "holds"
+    assert _verdict("original_procedure_is_sound", off_chain) == "holds"
+    # every step the claim reads must judge some source right, not only the one it selects
+    unjudged = _table(o_proj_input={"delta_original_success": -0.7}, scoring_input={"source_success": 0.0})
+    _not_testable(_result("original_procedure_is_sound", unjudged), "sources_judged: 0 of the sources")
+    _not_testable(_result("original_procedure_is_sound", big, gap_low=0.05), "premise: format gap")
 
 
 # --- the real ci.yaml run -----------------------------------------------------------------------------

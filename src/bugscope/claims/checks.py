@@ -177,15 +177,14 @@ def _compare(check: dict, sel: pl.DataFrame, row: int, other: pl.DataFrame, wher
     mine = _counts(sel, row, metric)
     ref_values = metric_values(other, metric)
     if mine is not None and all(_counts(other, j, metric) is not None for j in range(other.height)):
-        tests, notes = [], []
+        tests = []
         for j in range(other.height):
             k2, n2 = _counts(other, j, metric)
             p = fisher_exact_p(*mine, k2, n2)
             r1, r2 = mine[0] / max(mine[1], 1), k2 / max(n2, 1)
             label = f"{mine[0]}/{mine[1]} vs {k2}/{n2} at {describe_row(other, j, where)}"
             tests.append(PTest(label, p, "effect", r1 > r2 if direction == "above" else r1 < r2))
-            notes.append(label)
-        return None, tests, "Fisher's exact test: " + "; ".join(notes)
+        return None, tests, f"Fisher's exact test on success counts against {other.height} row(s), Holm in the section"
     if check.get("exact"):  # named items measured without sampling: the values themselves compare
         finite = [j for j, v in enumerate(ref_values) if v is not None and math.isfinite(v)]
         if not finite:
@@ -211,9 +210,42 @@ def _compare(check: dict, sel: pl.DataFrame, row: int, other: pl.DataFrame, wher
                          f"{describe_row(other, j, where)}: separate intervals decide")
 
 
-def _also(check: dict, sel: pl.DataFrame, row: int) -> tuple[list[str], list[PTest], list[str]]:
-    """The `also` conditions: p-value gates (tests), interval bounds (outcomes), other columns
-    (a condition not met makes the check inconclusive; met, it decides nothing)."""
+def _is_universal(check: dict) -> bool:
+    """min with a lower bound, max (or max_abs) with an upper bound: a claim about every row."""
+    agg = check.get("aggregate", "single")
+    return (agg == "min" and "at_least" in check) or (agg in ("max", "max_abs") and "at_most" in check)
+
+
+def _row_n(sel: pl.DataFrame, row: int, check: dict) -> tuple[int | None, str | None]:
+    """(n, unit) of a row: its independent clusters for the check's metric."""
+    spec = TABLES[check["table"]]
+    n = (int(sel[spec.n_column][row]) if spec.n_column in sel.columns and sel[spec.n_column][row] is not None
+         else None)
+    n_unit = spec.n_unit
+    if n is None and check["table"] == "baseline_scores":
+        n, n_unit = 1, "named prompt"
+    if check["metric"].startswith("heldout_") and "n_heldout_pairs" in sel.columns:  # the held-out half's own n
+        n, n_unit = sel["n_heldout_pairs"][row], "held-out number pairs"
+    elif check["metric"].strip() in OVER_ALL_TARGETS and "n_pairs" in sel.columns:
+        n, n_unit = sel["n_pairs"][row], "number pairs"
+    return n, n_unit
+
+
+def _row_outcome(sel: pl.DataFrame, i: int, check: dict, values, region, ctx: Context) -> str:
+    """One row's outcome against the region, on its own interval."""
+    n, n_unit = _row_n(sel, i, check)
+    low, high, _, why = _interval(sel, i, check, float(values[i]), n_unit, n, ctx)
+    if why:
+        return INCONCLUSIVE
+    lo, hi, strict_lo, strict_hi = region
+    return region_outcome(low, high, lo, hi, strict_lo=strict_lo, strict_hi=strict_hi)
+
+
+def _also(check: dict, sel: pl.DataFrame, row: int, degenerate: bool = False) -> tuple[list[str], list[PTest],
+                                                                                      list[str]]:
+    """The `also` conditions: p-value gates (tests), interval bounds (outcomes; inconclusive where
+    the check's bootstrap is `degenerate`), other columns (a condition not met makes the check
+    inconclusive; met, it decides nothing)."""
     outcomes, tests, notes = [], [], []
     for col, cond in check.get("also", {}).items():
         v = sel[col][row]
@@ -232,7 +264,7 @@ def _also(check: dict, sel: pl.DataFrame, row: int) -> tuple[list[str], list[PTe
             if other in sel.columns and sel[other][row] is not None and op in ALSO_OPS:
                 w = sel[other][row]
                 excluded = not ALSO_OPS[op](w, x) if col.endswith("_low") == (op in ("above", "at_least")) else False
-                outcome = PASS if met else FAIL if excluded else INCONCLUSIVE
+                outcome = INCONCLUSIVE if degenerate else PASS if met else FAIL if excluded else INCONCLUSIVE
                 notes.append(f"{base} interval [{min(v, w):.3g}, {max(v, w):.3g}] {op} {x} -> {outcome}")
             else:
                 outcome = PASS if met else INCONCLUSIVE
@@ -264,16 +296,7 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
     values = metric_values(sel, check["metric"])
     row = pick_row(sel, values, check.get("aggregate", "single"))
     value = float(values[row])
-    spec = TABLES[name]
-    n = (int(sel[spec.n_column][row]) if spec.n_column in sel.columns and sel[spec.n_column][row] is not None
-         else None)
-    n_unit = spec.n_unit
-    if n is None and name == "baseline_scores":
-        n, n_unit = 1, "named prompt"
-    if check["metric"].startswith("heldout_") and "n_heldout_pairs" in sel.columns:  # the held-out half's own n
-        n, n_unit = sel["n_heldout_pairs"][row], "held-out number pairs"
-    elif check["metric"].strip() in OVER_ALL_TARGETS and "n_pairs" in sel.columns:
-        n, n_unit = sel["n_pairs"][row], "number pairs"
+    n, n_unit = _row_n(sel, row, check)
     low, high, kind, why = _interval(sel, row, check, value, n_unit, n, ctx)
     if check.get("aggregate", "single").endswith("_abs"):
         value = abs(value)
@@ -306,6 +329,15 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
         lo, hi, strict_lo, strict_hi = _region(check, study_value, ctx)
         if why:
             outcomes.append(INCONCLUSIVE)
+        elif _is_universal(check):
+            # "every row is at least x" (min) / "at most x" (max): each row's interval counts, not
+            # only the extreme point estimate's
+            per_row = [_row_outcome(sel, i, check, values, (lo, hi, strict_lo, strict_hi), ctx)
+                       for i in range(sel.height) if values[i] is not None and math.isfinite(values[i])]
+            outcomes.append(combine(per_row))
+            if len(per_row) > 1:
+                notes.append(f"every one of {len(per_row)} rows: {sum(o == PASS for o in per_row)} pass, "
+                             f"{sum(o == FAIL for o in per_row)} fail")
         else:
             outcomes.append(region_outcome(low, high, lo, hi, strict_lo=strict_lo, strict_hi=strict_hi))
         fewest = _fewest(check, ctx)
@@ -313,7 +345,7 @@ def run_check(check: dict, tables: Mapping[str, pl.DataFrame | None], ctx: Conte
             notes.append(fewest)
     if why:
         notes.append(why)
-    more, more_tests, also_notes = _also(check, sel, row)
+    more, more_tests, also_notes = _also(check, sel, row, degenerate=bool(why) and kind == "bootstrap")
     outcomes += more
     tests += more_tests
     notes += also_notes

@@ -209,8 +209,9 @@ def interval_of(df: pl.DataFrame, row: int, check: dict, value: float) -> tuple[
     if "/" in metric or not all(n in df.columns for n in names):
         return None, None
     lo, hi = df[names[0]][row], df[names[1]][row]
-    if check.get("aggregate", "").endswith("_abs") and value < 0 and lo is not None and hi is not None:
-        lo, hi = -hi, -lo
+    if check.get("aggregate", "").endswith("_abs") and lo is not None and hi is not None:
+        # the interval of |x|: an interval that straddles 0 reaches from 0 to its larger end
+        lo, hi = (-hi, -lo) if hi <= 0 else (lo, hi) if lo >= 0 else (0.0, max(-lo, hi))
     return lo, hi
 
 
@@ -232,4 +233,6 @@ def describe_row(df: pl.DataFrame, row: int, where: Mapping) -> str:
     keys = [k for k in ("layer", "feature_id", "head_set", "setting") if k in df.columns]
     keys += [k for k, v in where.items() if k in df.columns and k not in keys and not k.startswith("is_")
              and not isinstance(v, (dict, list))]
+    if "sample" in df.columns and df["sample"][row] is not None and df["sample"][row] >= 0:
+        keys.append("sample")  # which random control
     return ", ".join(f"{k}={df[k][row]}" for k in keys if df[k][row] is not None)
