@@ -117,10 +117,11 @@ STEPS = {
         "input": {"prompts": layout.PROMPTS, "scores": layout.BASELINE_SCORES, "features": FEATURES},
         "output": {"discriminative": per_set(layout.DISCRIMINATIVE_FEATURES)},
         "params": {"sae_set": SET, "layers": LAYERS, "config_hash": FEATURE_HASH}}),
-    "named_features": ([], {
+    "named_features": (["discriminative_features"], {
         "script": "named_features.py",
         "input": {"prompts": layout.PROMPTS,
-                  "features": [layout.per_set(layout.FEATURES, SET, hook=hook_name(la)) for la in NAMED_LAYERS]},
+                  "features": [layout.per_set(layout.FEATURES, SET, hook=hook_name(la)) for la in NAMED_LAYERS],
+                  "discriminative": per_set(layout.DISCRIMINATIVE_FEATURES)},
         "output": {"named": per_set(layout.NAMED_FEATURES)},
         "params": {"sae_set": SET, "layers": NAMED_LAYERS, "config_hash": FEATURE_HASH}}),
     "aggregate_sae_quality": ([], {
