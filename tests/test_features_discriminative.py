@@ -28,7 +28,8 @@ def test_discriminative_finds_planted_feature():
             rows.append((pid, 5, 200, 3.0 + (1.5 if j == 1 else 0.0) + rng.normal(0, 0.3)))  # down in buggy
             rows += [(pid, 5, f, float(rng.exponential())) for f in range(10) if rng.random() < 0.5]
     values = prompt_values(sparse_features(rows), position_weights(prompts, "decision"))
-    scores = pl.DataFrame({"prompt_id": np.arange(2 * n_q, dtype=np.int32), "is_correct": np.arange(2 * n_q) % 4 < 2})
+    # wrong and right answers in both question orders (the wrong-vs-right test is stratified by order)
+    scores = pl.DataFrame({"prompt_id": np.arange(2 * n_q, dtype=np.int32), "is_correct": np.arange(2 * n_q) % 8 < 4})
     cfg = {"test": "wilcoxon", "min_firing_rate": 0.05, "fdr_alpha": 0.05, "top_n": 3, "min_group_size": 5}
     out = discriminative_features(values, pairs, scores, layer=7, cfg=cfg, boot=BOOT)
     bvc = out.filter(pl.col("comparison") == "buggy_vs_correct")
@@ -38,7 +39,8 @@ def test_discriminative_finds_planted_feature():
     assert down["feature_id"] == 200 and down["significant"]
     assert bvc.filter(~pl.col("feature_id").is_in([100, 200]))["significant"].sum() == 0
     assert set(out["comparison"].unique()) == {"buggy_vs_correct", "buggy_vs_correct_heldout", "wrong_vs_right"}
-    assert out.filter(pl.col("comparison") == "wrong_vs_right")["n_a"].unique().to_list() == [n_q // 2]
+    n_wrong = int((np.arange(0, 2 * n_q, 2) % 8 >= 4).sum())  # buggy-format prompts answered wrong
+    assert out.filter(pl.col("comparison") == "wrong_vs_right")["n_a"].unique().to_list() == [n_wrong]
     # Held out: ranked on the even pair ids, measured on the odd ones. The planted feature stays on
     # top and keeps its ratio on pairs that did not rank it.
     held = out.filter(pl.col("comparison") == "buggy_vs_correct_heldout", pl.col("direction") == "up",
@@ -117,3 +119,29 @@ def test_wrong_vs_right_ratio_is_stratified_by_question_order():
     assert naive[0] > 3 and cols["ratio"][0] == pytest.approx(1.0, abs=0.1)
     assert cols["ratio_low"][0] < 1.1 and cols["ratio_high"][0] > 0.9
     assert cols["ratio"][1] == pytest.approx(2.0, abs=0.15) and cols["ratio_low"][1] > 1.5
+
+
+def test_wrong_vs_right_test_is_stratified_by_question_order():
+    """van Elteren's test: with one stratum it is the Mann-Whitney normal approximation; an order
+    feature is not significant within orders, a wrong-answer feature is."""
+    from scipy import stats as sps
+
+    from bugscope.features.discriminative import stratified_unpaired_test
+
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(0.4, 1, size=(30, 3)), rng.normal(0, 1, size=(40, 3))
+    p, d = stratified_unpaired_test(a, b, np.zeros(30), np.zeros(40), "wilcoxon")
+    ref = sps.mannwhitneyu(a, b, axis=0, method="asymptotic", use_continuity=False).pvalue
+    assert p == pytest.approx(ref, rel=1e-9)
+    pooled = np.sqrt((29 * a.var(axis=0, ddof=1) + 39 * b.var(axis=0, ddof=1)) / 68)
+    assert d == pytest.approx((a.mean(axis=0) - b.mean(axis=0)) / pooled, rel=1e-9)
+
+    n = 400
+    order = np.where(np.arange(n) % 2 == 0, "correct_first", "wrong_first")
+    wrong = np.where(order == "correct_first", rng.random(n) < 0.9, rng.random(n) < 0.1)
+    x = np.column_stack([np.where(order == "correct_first", 3.0, 0.0) + rng.exponential(0.1, n),
+                         np.where(wrong, 2.0, 1.0) + rng.exponential(0.1, n)])
+    for test in ("wilcoxon", "ttest"):
+        p, d = stratified_unpaired_test(x[wrong], x[~wrong], order[wrong], order[~wrong], test)
+        assert p[0] > 0.01 and abs(d[0]) < 0.5, test  # the order feature: no effect within an order
+        assert p[1] < 1e-6 and d[1] > 2, test

@@ -64,24 +64,52 @@ def paired_test(a: np.ndarray, b: np.ndarray, test: str) -> tuple[np.ndarray, np
     return p, effect
 
 
-def unpaired_test(a: np.ndarray, b: np.ndarray, test: str) -> tuple[np.ndarray, np.ndarray]:
-    """Column-wise two-sample test of a ([n_a, m]) vs b ([n_b, m]): (p-value, Cohen's d, pooled SD)."""
-    n_a, n_b = a.shape[0], b.shape[0]
-    pooled = np.sqrt(((n_a - 1) * a.var(axis=0, ddof=1) + (n_b - 1) * b.var(axis=0, ddof=1)) / (n_a + n_b - 2))
+def stratified_unpaired_test(a: np.ndarray, b: np.ndarray, strata_a, strata_b,
+                             test: str) -> tuple[np.ndarray, np.ndarray]:
+    """Column-wise two-sample test of a vs b within strata (the question order), pooled across them:
+    (p-value, stratified Cohen's d). Within one order each number pair gives at most one prompt, so
+    the rows of a stratum are independent, and a feature that only tells the orders apart shows no
+    effect.
+
+    wilcoxon: van Elteren's stratified rank-sum test (weights 1 / (n_s + 1), ties corrected); ttest:
+    the strata's mean differences pooled with Mantel-Haenszel weights over their pooled variance.
+    d: the same weighted mean difference over the within-stratum pooled SD. A stratum without rows
+    on both sides has no weight; with none left, p = 1 and d = 0.
+    """
+    strata_a, strata_b = np.asarray(strata_a), np.asarray(strata_b)
+    m = a.shape[1]
+    num, var, diff, w_sum, ss, dof = (np.zeros(m) for _ in range(6))
+    for level in sorted(set(strata_a.tolist()) & set(strata_b.tolist())):
+        xa, xb = a[strata_a == level], b[strata_b == level]
+        na, nb = len(xa), len(xb)
+        n = na + nb
+        w = na * nb / n
+        d = xa.mean(axis=0) - xb.mean(axis=0)
+        diff += w * d
+        w_sum += w
+        ss += (na - 1) * xa.var(axis=0, ddof=1) if na > 1 else 0.0
+        ss += (nb - 1) * xb.var(axis=0, ddof=1) if nb > 1 else 0.0
+        dof += n - 2
+        if test == "wilcoxon":
+            ranks = sps.rankdata(np.concatenate([xa, xb]), axis=0)
+            ties = np.array([np.sum(c ** 3 - c) for c in (np.unique(col, return_counts=True)[1] for col in
+                                                           np.concatenate([xa, xb]).T)], dtype=np.float64)
+            v = na * nb / 12 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else np.zeros(m)
+            ws = 1.0 / (n + 1)
+            num += ws * (ranks[:na].sum(axis=0) - na * (n + 1) / 2)
+            var += ws * ws * v
+        elif test == "ttest":
+            pooled = (((na - 1) * xa.var(axis=0, ddof=1) if na > 1 else 0) +
+                      ((nb - 1) * xb.var(axis=0, ddof=1) if nb > 1 else 0)) / max(n - 2, 1)
+            num += w * d
+            var += w * w * pooled * (1 / na + 1 / nb)
+        else:
+            raise ValueError(f"features.discriminative.test is {test!r}; expected wilcoxon or ttest")
     with np.errstate(all="ignore"):
-        effect = np.where(pooled > 0, (a.mean(axis=0) - b.mean(axis=0)) / pooled, 0.0)
-    varying = np.concatenate([a, b]).std(axis=0) > 0
-    p = np.ones(a.shape[1])
-    if varying.any():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            if test == "wilcoxon":
-                res = sps.mannwhitneyu(a[:, varying], b[:, varying], axis=0, method="asymptotic")
-            elif test == "ttest":
-                res = sps.ttest_ind(a[:, varying], b[:, varying], axis=0, equal_var=False)
-            else:
-                raise ValueError(f"features.discriminative.test is {test!r}; expected wilcoxon or ttest")
-        p[varying] = np.where(np.isfinite(res.pvalue), res.pvalue, 1.0)
+        z = np.where(var > 0, num / np.sqrt(var), 0.0)
+        sd = np.sqrt(np.where(dof > 0, ss / dof, 0.0))
+        effect = np.where((sd > 0) & (w_sum > 0), diff / np.where(w_sum > 0, w_sum, 1) / sd, 0.0)
+    p = np.where(var > 0, 2 * sps.norm.sf(np.abs(z)), 1.0)
     return p, effect
 
 
@@ -252,12 +280,14 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
     else:
         wrong_m, right_m = a[~right], a[right]
         keep = np.maximum((wrong_m > 0).mean(axis=0), (right_m > 0).mean(axis=0)) >= cfg["min_firing_rate"]
-        p, effect = unpaired_test(wrong_m[:, keep], right_m[:, keep], cfg["test"])
+        order = pairs["order"].to_numpy() if "order" in pairs.columns else np.zeros(len(right), dtype=np.int64)
+        p, effect = stratified_unpaired_test(wrong_m[:, keep], right_m[:, keep], order[~right], order[right],
+                                             cfg["test"])
         top = _top_rows(layer, "wrong_vs_right", feature_ids[keep], wrong_m[:, keep], right_m[:, keep], p,
                         effect, top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum()))
-        # Stratified by question order: the model names the number asked last, so which prompts are
-        # wrong follows the order, and an order feature would pass for a wrong-answer feature.
-        order = pairs["order"].to_numpy() if "order" in pairs.columns else np.zeros(len(right), dtype=np.int64)
+        # Stratified by question order (the test above and the ratio): the model names the number
+        # asked last, so which prompts are wrong follows the order, and an order feature would pass
+        # for a wrong-answer feature.
         out.append(_with_intervals(top, feature_ids, wrong_m, right_m, number_pair[~right], number_pair[right], boot,
                                    strata=(order[~right], order[right])))
     for col in HELDOUT_COLUMNS:
