@@ -110,6 +110,15 @@ def cluster_bootstrap_ratio_ci_columns(numerator, denominator, clusters, *, n_re
     return point, low, high
 
 
+def cluster_means(matrix, clusters) -> np.ndarray:
+    """[n_clusters, m]: the mean of each cluster's rows (NaN cells left out), clusters in sorted
+    label order: one row per independent unit for a test that assumes independence."""
+    x = np.asarray(matrix, dtype=np.float64)
+    sums, counts = _cluster_sums(x, *_cluster_index(clusters))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts
+
+
 def _cluster_index(clusters) -> tuple[np.ndarray, int]:
     labels, cluster_of = np.unique(np.asarray(clusters), return_inverse=True)
     return cluster_of, len(labels)

@@ -86,6 +86,7 @@ from bugscope.claims.select import (
     require_every_listed_value,
     resolve_value,
     select,
+    success_counts,
     where_for,
 )
 from bugscope.claims.spec import TABLES, LedgerError, metric_null
@@ -164,10 +165,7 @@ def _counts(df: pl.DataFrame, i: int, metric: str) -> tuple[int, int] | None:
     """(successes, targets) of a success rate on eligible targets, for Fisher's test."""
     if metric.strip() not in EXACT_INTERVAL_METRICS or "n_eligible" not in df.columns:
         return None
-    rate, n = df[metric.strip()][i], df["n_eligible"][i]
-    if n is None or rate is None or not math.isfinite(rate):
-        return (0, int(n or 0)) if n is not None and not n else None
-    return int(round(rate * n)), int(n)
+    return success_counts(df[metric.strip()][i], df["n_eligible"][i])
 
 
 def _compare(check: dict, sel: pl.DataFrame, row: int, other: pl.DataFrame, where: Mapping, value: float,

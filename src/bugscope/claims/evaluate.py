@@ -127,8 +127,7 @@ def _uses_focus(form: dict) -> bool:
 def _with_other_focus_layers(row: dict, claim: dict, form: dict, tables, ctx: Context, alpha: float) -> dict:
     """The claim evaluated again at every other layer the focus choice picks often (research notes
     section 9: the layer choice inside the uncertainty); "layer-dependent" where the verdicts differ."""
-    floor = float(ctx.verdicts["focus_min_frequency"])
-    others = sorted(layer for layer, f in ctx.focus_choice.items() if f >= floor and [layer] != list(ctx.focus or []))
+    others = [layer for layer in ctx.chosen_layers() if layer not in (ctx.focus or [])]
     if not others or not _uses_focus(form):
         return row
     freq = ctx.focus_choice
@@ -152,9 +151,7 @@ def precondition_rows(tables: Mapping[str, pl.DataFrame | None], ctx: Context) -
     """The ledger's opening rows: the premise, and the ceiling and eligible pairs at each focus layer."""
     rows = []
     outcomes = [premise(tables, ctx.verdicts)]
-    floor = float(ctx.verdicts["focus_min_frequency"])
-    chosen = sorted(set(ctx.focus or []) | {layer for layer, f in ctx.focus_choice.items() if f >= floor})
-    for layer in chosen:
+    for layer in ctx.chosen_layers():
         c = ceiling(tables, layer, ctx.verdicts)
         outcomes.append(Outcome(f"ceiling_layer_{layer}", c.ok, c.text))
     for o in outcomes:

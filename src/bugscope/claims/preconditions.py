@@ -24,6 +24,7 @@ from typing import Mapping
 
 import polars as pl
 
+from bugscope.claims.select import success_counts
 from bugscope.data.prompts import ALL, BUG_PAIR_KIND
 from bugscope.stats import fisher_exact_p
 
@@ -60,9 +61,7 @@ def _bug_rows(df: pl.DataFrame, layer: int) -> pl.DataFrame:
 
 
 def _count(r: Mapping) -> tuple[int, int]:
-    n = int(r["n_eligible"] or 0)
-    rate = r["success_rate"]
-    return (0 if rate is None or rate != rate else int(round(rate * n))), n
+    return success_counts(r["success_rate"], r["n_eligible"]) or (0, int(r["n_eligible"] or 0))
 
 
 def ceiling(tables: Mapping[str, pl.DataFrame | None], layer: int | None, verdicts: Mapping) -> Outcome:

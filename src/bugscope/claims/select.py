@@ -86,6 +86,12 @@ class Context:
                    config["model"]["num_heads"], config["prompts"]["buggy_format"], config["prompts"]["correct_format"],
                    focus, focus_choice=focus_choice, sae_sets=sets, verdicts=verdicts)
 
+    def chosen_layers(self) -> list[int]:
+        """The focus layers and every layer the focus choice picks in at least focus_min_frequency
+        of the overlap bootstrap's resamples."""
+        floor = float(self.verdicts["focus_min_frequency"])
+        return sorted(set(self.focus or []) | {layer for layer, f in self.focus_choice.items() if f >= floor})
+
     def sae_set_for(self, form: Mapping) -> str:
         """The SAE set a form reads: the one its `requires_sae` names (release and site), else the primary."""
         wanted = form.get("requires_sae")
@@ -213,6 +219,19 @@ def interval_of(df: pl.DataFrame, row: int, check: dict, value: float) -> tuple[
         # the interval of |x|: an interval that straddles 0 reaches from 0 to its larger end
         lo, hi = (-hi, -lo) if hi <= 0 else (lo, hi) if lo >= 0 else (0.0, max(-lo, hi))
     return lo, hi
+
+
+def success_counts(rate, n_eligible) -> tuple[int, int] | None:
+    """(successes, eligible targets) of a success rate, for Fisher's test; (0, 0) with no eligible
+    target, None where the count is unknown."""
+    if n_eligible is None:
+        return None
+    n = int(n_eligible)
+    if n == 0:
+        return 0, 0
+    if rate is None or not math.isfinite(rate):
+        return None
+    return int(round(rate * n)), n
 
 
 ALSO_OPS = {"at_most": lambda v, x: v <= x, "at_least": lambda v, x: v >= x,

@@ -13,6 +13,7 @@ from scipy import stats as sps
 from bugscope.data.prompts import is_selection_pair
 from bugscope.features.values import dense_matrix
 from bugscope.stats import (
+    cluster_means,
     cluster_resample_weights,
     cluster_resampled_means,
     clustered_proportion_columns,
@@ -28,14 +29,6 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
     if p.size == 0:
         return p
     return sps.false_discovery_control(p, method="bh")
-
-
-def pair_means(x: np.ndarray, clusters: np.ndarray) -> np.ndarray:
-    """[n_clusters, m]: the mean of each cluster's rows (the two orders of a number pair)."""
-    labels, index = np.unique(clusters, return_inverse=True)
-    sums = np.zeros((len(labels), x.shape[1]))
-    np.add.at(sums, index, x)
-    return sums / np.bincount(index, minlength=len(labels))[:, None]
 
 
 def paired_test(a: np.ndarray, b: np.ndarray, test: str) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +57,17 @@ def paired_test(a: np.ndarray, b: np.ndarray, test: str) -> tuple[np.ndarray, np
     return p, effect
 
 
+def _tie_term(x: np.ndarray) -> np.ndarray:
+    """Per column of [n, m]: sum over groups of tied values of t^3 - t (the rank-sum variance's tie
+    correction), from the runs of equal values in each sorted column."""
+    ordered = np.sort(x, axis=0)
+    new_run = np.vstack([np.ones((1, x.shape[1]), bool), ordered[1:] != ordered[:-1]])
+    run_id = np.cumsum(new_run, axis=0) - 1  # run index within each column
+    counts = np.zeros((x.shape[0], x.shape[1]))
+    np.add.at(counts, (run_id, np.broadcast_to(np.arange(x.shape[1]), x.shape)), 1.0)
+    return (counts ** 3 - counts).sum(axis=0)
+
+
 def stratified_unpaired_test(a: np.ndarray, b: np.ndarray, strata_a, strata_b,
                              test: str) -> tuple[np.ndarray, np.ndarray]:
     """Column-wise two-sample test of a vs b within strata (the question order), pooled across them:
@@ -85,24 +89,23 @@ def stratified_unpaired_test(a: np.ndarray, b: np.ndarray, strata_a, strata_b,
         n = na + nb
         w = na * nb / n
         d = xa.mean(axis=0) - xb.mean(axis=0)
+        ss_a = (na - 1) * xa.var(axis=0, ddof=1) if na > 1 else 0.0
+        ss_b = (nb - 1) * xb.var(axis=0, ddof=1) if nb > 1 else 0.0
         diff += w * d
         w_sum += w
-        ss += (na - 1) * xa.var(axis=0, ddof=1) if na > 1 else 0.0
-        ss += (nb - 1) * xb.var(axis=0, ddof=1) if nb > 1 else 0.0
+        ss += ss_a
+        ss += ss_b
         dof += n - 2
         if test == "wilcoxon":
-            ranks = sps.rankdata(np.concatenate([xa, xb]), axis=0)
-            ties = np.array([np.sum(c ** 3 - c) for c in (np.unique(col, return_counts=True)[1] for col in
-                                                           np.concatenate([xa, xb]).T)], dtype=np.float64)
-            v = na * nb / 12 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else np.zeros(m)
+            both = np.concatenate([xa, xb])
+            ranks = sps.rankdata(both, axis=0)
+            v = na * nb / 12 * ((n + 1) - _tie_term(both) / (n * (n - 1))) if n > 1 else np.zeros(m)
             ws = 1.0 / (n + 1)
             num += ws * (ranks[:na].sum(axis=0) - na * (n + 1) / 2)
             var += ws * ws * v
         elif test == "ttest":
-            pooled = (((na - 1) * xa.var(axis=0, ddof=1) if na > 1 else 0) +
-                      ((nb - 1) * xb.var(axis=0, ddof=1) if nb > 1 else 0)) / max(n - 2, 1)
             num += w * d
-            var += w * w * pooled * (1 / na + 1 / nb)
+            var += w * w * ((ss_a + ss_b) / max(n - 2, 1)) * (1 / na + 1 / nb)
         else:
             raise ValueError(f"features.discriminative.test is {test!r}; expected wilcoxon or ttest")
     with np.errstate(all="ignore"):
@@ -208,11 +211,16 @@ def interval_columns(a: np.ndarray, b: np.ndarray, clusters_a: np.ndarray, clust
             "n_heldout_pairs" if prefix else "n_pairs": np.full(m, len(labels), dtype=np.int64)}
 
 
+def _top_columns(top: pl.DataFrame, feature_ids: np.ndarray) -> np.ndarray:
+    """The columns of `top`'s features among `feature_ids` (the columns of the dense matrices)."""
+    column = {int(f): i for i, f in enumerate(feature_ids)}
+    return np.array([column[int(f)] for f in top["feature_id"].to_list()], dtype=np.int64)
+
+
 def _with_intervals(top: pl.DataFrame, feature_ids: np.ndarray, a: np.ndarray, b: np.ndarray, clusters_a, clusters_b,
                     boot: dict, prefix: str = "", strata=(None, None)) -> pl.DataFrame:
     """`top` with `interval_columns` of its features on a and b (all of a side's rows)."""
-    column = {int(f): i for i, f in enumerate(feature_ids)}
-    idx = np.array([column[int(f)] for f in top["feature_id"].to_list()], dtype=np.int64)
+    idx = _top_columns(top, feature_ids)
     cols = interval_columns(a[:, idx], b[:, idx], clusters_a, clusters_b, boot=boot, prefix=prefix,
                             strata_a=strata[0], strata_b=strata[1])
     if not prefix:  # the firing-rate intervals are the held-out rows' (the tested ones)
@@ -245,7 +253,7 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
     b = dense_matrix(values, correct_ids, feature_ids)
     keep = np.maximum((a > 0).mean(axis=0), (b > 0).mean(axis=0)) >= cfg["min_firing_rate"]
     number_pair = pairs["pair_id"].to_numpy()
-    p, effect = paired_test(pair_means(a[:, keep], number_pair), pair_means(b[:, keep], number_pair), cfg["test"])
+    p, effect = paired_test(cluster_means(a[:, keep], number_pair), cluster_means(b[:, keep], number_pair), cfg["test"])
     top = _top_rows(layer, "buggy_vs_correct", feature_ids[keep], a[:, keep], b[:, keep], p, effect,
                     top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep.sum()))
     out.append(_with_intervals(top, feature_ids, a, b, number_pair, number_pair, boot))
@@ -253,12 +261,11 @@ def discriminative_features(values: pl.DataFrame, pairs: pl.DataFrame, scores: p
     if chosen.sum() > 1 and (~chosen).sum() > 1:
         sa, sb = a[chosen], b[chosen]
         keep_s = np.maximum((sa > 0).mean(axis=0), (sb > 0).mean(axis=0)) >= cfg["min_firing_rate"]
-        p_s, effect_s = paired_test(pair_means(sa[:, keep_s], number_pair[chosen]),
-                                    pair_means(sb[:, keep_s], number_pair[chosen]), cfg["test"])
+        p_s, effect_s = paired_test(cluster_means(sa[:, keep_s], number_pair[chosen]),
+                                    cluster_means(sb[:, keep_s], number_pair[chosen]), cfg["test"])
         top = _top_rows(layer, SPLIT_COMPARISON, feature_ids[keep_s], sa[:, keep_s], sb[:, keep_s], p_s, effect_s,
                         top_n=cfg["top_n"], alpha=cfg["fdr_alpha"], n_tested=int(keep_s.sum()))
-        column = {int(f): i for i, f in enumerate(feature_ids)}
-        idx = np.array([column[int(f)] for f in top["feature_id"].to_list()], dtype=np.int64)
+        idx = _top_columns(top, feature_ids)
         held_a, held_b = a[~chosen][:, idx], b[~chosen][:, idx]
         top = _with_intervals(top, feature_ids, sa, sb, number_pair[chosen], number_pair[chosen], boot)
         top = top.with_columns(pl.Series("heldout_mean_a", held_a.mean(axis=0)),
