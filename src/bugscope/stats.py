@@ -185,6 +185,8 @@ def subset_generator(master_seed: int, layer: int, pool_index: int, k: int, *mor
 def percentile_interval(resampled: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval per column of [n_resamples, m], ignoring NaN resamples."""
     alpha = (1 - confidence) / 2
+    if resampled.shape[-1] == 0:  # no column: numpy's quantile of an empty axis has no rows to unpack
+        return np.empty(0), np.empty(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanquantile(resampled, [alpha, 1 - alpha], axis=0)

@@ -173,10 +173,6 @@ def interval_columns(a: np.ndarray, b: np.ndarray, clusters_a: np.ndarray, clust
     the orders apart, where one order is mostly wrong, then has a ratio near 1. A stratum without
     rows on both sides has no weight."""
     m = a.shape[1]
-    names = [f"{prefix}ratio", f"{prefix}ratio_low", f"{prefix}ratio_high", f"{prefix}firing_rate_a_low",
-             f"{prefix}firing_rate_a_high", f"{prefix}firing_rate_b_low", f"{prefix}firing_rate_b_high"]
-    if m == 0:  # no feature passed the firing-rate floor
-        return {**{k: np.empty(0) for k in names}, ("n_heldout_pairs" if prefix else "n_pairs"): np.empty(0, np.int64)}
     strata_a = np.zeros(len(a), dtype=np.int64) if strata_a is None else np.asarray(strata_a)
     strata_b = np.zeros(len(b), dtype=np.int64) if strata_b is None else np.asarray(strata_b)
     levels = sorted(set(strata_a.tolist()) | set(strata_b.tolist()))
@@ -196,7 +192,8 @@ def interval_columns(a: np.ndarray, b: np.ndarray, clusters_a: np.ndarray, clust
     labels, index = np.unique(clusters, return_inverse=True)
     weights = cluster_resample_weights(len(labels), n_resamples=boot["n_resamples"], seed=boot["seed"])
     w = np.asarray(weights_s)[:, None]  # [S, 1]
-    means = cluster_resampled_means(stacked, index, weights).reshape(-1, 2, s, m)  # [R, side, S, m]
+    # [R, side, S, m]; the resample count is named, so that no feature (m = 0) reshapes too
+    means = cluster_resampled_means(stacked, index, weights).reshape(len(weights), 2, s, m)
     resampled = _stratified_ratio(means[:, 0], means[:, 1], w)
     with warnings.catch_warnings():  # a stratum without rows on one side: NaN, and weight 0
         warnings.simplefilter("ignore", RuntimeWarning)
