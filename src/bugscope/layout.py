@@ -77,11 +77,30 @@ PATCHING_ORIGINAL_DECOMPOSITION = f"{RESULTS}/patching/original_decomposition.pa
 FIGURE = f"{RESULTS}/figures/{{name}}.{{ext}}"
 REPORT_TABLE = f"{RESULTS}/tables/{{name}}.html"
 CLAIMS = f"{RESULTS}/claims.parquet"
+# The ground truth: the verdicts against the claims file's expectations (bugscope.claims.truth)
+CLAIMS_TRUTH = f"{RESULTS}/claims_truth.parquet"
 CLAIMS_MARKDOWN = f"{RESULTS}/claims.md"
 CLAIMS_HTML = f"{RESULTS}/claims.html"
 
 LOGS = "logs"
 BENCHMARKS = "benchmarks"
+
+# The planted organism (bugscope.organism, workflow/rules/organism.smk): its checkpoint and manifest,
+# then its whole study in the same layout under results/organism/ (logs and benchmarks likewise),
+# made by the workflow's own rules used a second time as a Snakemake module with these prefixes.
+ORGANISM = "organism"
+ORGANISM_PREFIXES = {f"{root}/": f"{root}/{ORGANISM}/" for root in (RESULTS, LOGS, BENCHMARKS)}
+# Whether the organism's study finds the planted layer and heads (bugscope.organism.localise)
+ORGANISM_LOCALISATION = f"{RESULTS}/{ORGANISM}/localisation.parquet"
+ORGANISM_LOCALISATION_HTML = f"{RESULTS}/{ORGANISM}/tables/localisation.html"
+
+
+def organism(path: str) -> str:
+    """The organism's copy of a layout path (results/x -> results/organism/x)."""
+    for prefix, replaced in ORGANISM_PREFIXES.items():
+        if path.startswith(prefix):
+            return replaced + path[len(prefix):]
+    raise ValueError(f"{path!r} is not under {', '.join(ORGANISM_PREFIXES)}")
 
 
 def activations(dataset: str, hook: str) -> str:

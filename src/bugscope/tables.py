@@ -194,6 +194,9 @@ HEAD_SET_FEATURES = Table(
 CLAIMS = Table(
     layout.CLAIMS, "claims", None,
     columns=("claim_id", "verdict", "form", "measured", "ci_low", "ci_high", "n"))
+ORGANISM_LOCALISATION = Table(layout.ORGANISM_LOCALISATION, "localisation", "organism",
+                              columns=("score", "value", "low", "high", "n", "n_unit", "detail"))
+CLAIMS_TRUTH = Table(layout.CLAIMS_TRUTH, "claims_truth", None, columns=("claim_id", "expected", "obtained", "agrees"))
 
 
 def check(table: Table, config: dict, path: str | os.PathLike | None = None) -> dict:

@@ -284,6 +284,7 @@ rule claims_ledger:
         unpack(claims_inputs),
     output:
         claims=layout.CLAIMS,
+        truth=layout.CLAIMS_TRUTH,
         markdown=layout.CLAIMS_MARKDOWN,
         html=report(
             layout.CLAIMS_HTML,

@@ -4,9 +4,9 @@ from pathlib import Path
 import polars as pl
 
 from bugscope import tables
-from bugscope.claims import report
+from bugscope.claims import report, truth
 from bugscope.claims.evaluate import Context, evaluate, prepare_tables
-from bugscope.claims.spec import TABLES, load_ledger
+from bugscope.claims.spec import TABLES, load_expected_preconditions, load_ledger
 from bugscope.config import primary_sae_set
 from bugscope.focus import focus_frequencies, focus_layers
 from bugscope.io import atomic_path
@@ -41,14 +41,20 @@ def main(smk):
     meta = {"model": smk.config["model"]["name"], "focus_layers": focus, "focus_choice": ctx.focus_choice,
             "tables": names, "ledger": ledger_file.name,
             "ledger_sha256": hashlib.sha256(ledger_file.read_bytes()).hexdigest()}
-    tables.write(tables.CLAIMS, result, smk.output.claims, meta)
-    title = f"Claims ledger: the seed's claims on {smk.config['model']['name']}"
+    role = smk.config["claims"]["expectations"]
+    expected = truth.expected_verdicts(ledger, load_expected_preconditions(smk.input.ledger), role)
+    ground_truth = truth.ground_truth(result, expected)
+    with tables.written_together() as put:
+        put(tables.CLAIMS, result, smk.output.claims, meta)
+        put(tables.CLAIMS_TRUTH, ground_truth, smk.output.truth, {**meta, "expectations": role})
+    model = f"{smk.config['model']['name']}{' + planted bug' if role == 'organism' else ''}"
+    title = f"Claims ledger: the seed's claims on {model}"
     with atomic_path(smk.output.markdown) as tmp:
-        tmp.write_text(report.to_markdown(result, title))
+        tmp.write_text(report.to_markdown(result, title) + truth.to_markdown(ground_truth, role))
     with atomic_path(smk.output.html) as tmp:
         tmp.write_text(report.to_html(result, title))
-    log.info("claims ledger (tables: %s, focus layers: %s):\n%s", names, focus,
-             result.select("claim_id", "verdict", "form", "measured"))
+    log.info("claims ledger (tables: %s, focus layers: %s):\n%s\nground truth (%s): %s", names, focus,
+             result.select("claim_id", "verdict", "form", "measured"), role, truth.summary(ground_truth))
 
 
 run(snakemake, main)  # noqa: F821

@@ -15,11 +15,10 @@ from bugscope.interventions.sae_features import (
     run_interventions,
     summarise,
 )
-from bugscope.layout import SAE_DIR, per_set
 from bugscope.model.load import ModelManifest, load_model
 from bugscope.model.sites import hook_name
 from bugscope.run.script import log, run
-from bugscope.sae.store import load_sae
+from bugscope.sae.store import load_sae, sae_folders
 
 
 def main(smk):
@@ -38,7 +37,7 @@ def main(smk):
         s = by_name[name]
         layers = intervention_layers(cfg, focus, smk.params.set_layers[name])
         log.info("SAE set %s (%s): layers %s (focus layers %s)", name, s["site"], layers, focus)
-        saes = {layer: load_sae(per_set(SAE_DIR, name, hook=hook_name(layer, s["site"])), device=str(device))[0]
+        saes = {layer: load_sae(sae_folders(smk.input.saes)[(name, hook_name(layer, s["site"]))], device=str(device))[0]
                 for layer in layers}
         intervener = FeatureIntervener(model, pad_token_id=tokenizer.pad_token_id, site=s["site"],
                                                      max_prompts=icfg["max_prompts"], rows_per_forward=icfg["batch_rows"])

@@ -9,12 +9,11 @@ from bugscope import tables
 from bugscope.config import sae_sets
 from bugscope.focus import choice_layers
 from bugscope.interventions import head_set_features
-from bugscope.layout import SAE_DIR, per_set
 from bugscope.model.load import ModelManifest, load_model
 from bugscope.model.sites import hook_name
 from bugscope.patching.study import logit_diffs_by_prompt, patcher_from_config
 from bugscope.run.script import log, run
-from bugscope.sae.store import load_sae
+from bugscope.sae.store import load_sae, sae_folders
 
 
 def main(smk):
@@ -34,7 +33,7 @@ def main(smk):
             sets = head_set_features.critical_sets(disc, by_name[name]["named"], layer)
             log.info("SAE set %s, layer %d: critical features %s", name, layer, sets)
             feature_sets[(name, layer)] = sets
-            saes[(name, layer)] = load_sae(per_set(SAE_DIR, name, hook=hook_name(layer, by_name[name]["site"])),
+            saes[(name, layer)] = load_sae(sae_folders(smk.input.saes)[(name, hook_name(layer, by_name[name]["site"]))],
                                            device=device)[0]
     patcher = patcher_from_config(model, cfg, tokenizer.pad_token_id)
     per_prompt, summary = head_set_features.head_set_features(patcher, prompts, focus, cfg, saes=saes,

@@ -18,12 +18,14 @@ from bugscope.claims.checks import check_outcome, check_text, rule_text, run_che
 from bugscope.claims.decide import FAIL, INCONCLUSIVE, PASS, adjust_family, combine
 from bugscope.claims.preconditions import Outcome, ceiling, evaluate_needs, premise
 from bugscope.claims.select import Context, NotTestable
+from bugscope.claims.spec import CLAIM_SOURCES
 
 VERDICTS = ("holds", "fails", "inconclusive", "layer-dependent", "not testable here")
 VERDICT_OF = {PASS: "holds", FAIL: "fails", INCONCLUSIVE: "inconclusive"}
 
-# Where a claim comes from: the seed document, or the published paper (arXiv 2508.19414) and its code.
-SOURCES = ("seed document", "paper")
+# Where a claim comes from: the seed document, the published paper (arXiv 2508.19414) and its code,
+# or a control claim of the ground truth (bugscope.claims.truth).
+SOURCES = CLAIM_SOURCES
 RESULT_SCHEMA = {
     "claim_id": pl.String, "source": pl.String, "section": pl.String, "claim": pl.String, "study_value": pl.String,
     "verdict": pl.String, "form": pl.String, "form_tested": pl.String, "table": pl.String, "metric": pl.String,

@@ -55,9 +55,9 @@ def premise(tables: Mapping[str, pl.DataFrame | None], verdicts: Mapping) -> Out
                    f"over {r['n_pairs']} number pairs; needs lower bound >= {need:g} -> {'pass' if ok else 'fail'}")
 
 
-def _bug_rows(df: pl.DataFrame, layer: int) -> pl.DataFrame:
+def _bug_rows(df: pl.DataFrame, layer: int, positions: str) -> pl.DataFrame:
     return df.filter(pl.col("pair_kind") == BUG_PAIR_KIND, pl.col("order") == ALL, pl.col("layer") == layer,
-                     pl.col("positions") == "decision")
+                     pl.col("positions") == positions)
 
 
 def _count(r: Mapping) -> tuple[int, int]:
@@ -70,15 +70,18 @@ def ceiling(tables: Mapping[str, pl.DataFrame | None], layer: int | None, verdic
         return Outcome("ceiling", None, "ceiling: the head-patching table (with the ceiling rows) was not produced")
     if layer is None:
         return Outcome("ceiling", None, "ceiling: the claim's row names no layer")
-    rows = _bug_rows(df, layer)
+    positions = verdicts.get("patch_positions", "decision")
+    where = "decision position" if positions == "decision" else f"{positions} positions"
+    rows = _bug_rows(df, layer, positions)
     ceil = rows.filter(pl.col("family") == "ceiling")
     if ceil.height != 1:
-        return Outcome("ceiling", None, f"ceiling: no whole-residual row at layer {layer}")
+        return Outcome("ceiling", None, f"ceiling: no whole-residual row at layer {layer}"
+                       + ("" if positions == "decision" else f" ({where})"))
     c = ceil.row(0, named=True)
     need = float(verdicts["ceiling_min_success"])
     ok = c["success_low"] is not None and c["success_low"] >= need
     k, n = _count(c)
-    text = (f"ceiling: whole-residual patch at layer {layer}, decision position, fixes {k}/{n} eligible targets "
+    text = (f"ceiling: whole-residual patch at layer {layer}, {where}, fixes {k}/{n} eligible targets "
             f"(success {_fmt(c['success_rate'])} [{_fmt(c['success_low'])}, {_fmt(c['success_high'])}], "
             f"{c['n_eligible_pairs']} number pairs); needs lower bound >= {need:g}")
     controls = rows.filter(pl.col("family") == "random_control")

@@ -70,8 +70,9 @@ class Context:
     focus: list[int] | None  # None: unresolved (focus_layers auto and no overlap table)
     sae_sets: tuple[dict, ...] = ({"name": "main", "source": "train", "release": None, "site": "resid_post"},)
     # claims.verdicts of the config, and the confidence of its intervals (bootstrap.confidence)
+    # and the positions the head sweep patched (patching.positions: its ceiling rows are read there)
     verdicts: Mapping = field(default_factory=lambda: {**verdict_defaults(), "confidence": 0.95,
-                                                       "focus_min_frequency": 0.05})
+                                                       "focus_min_frequency": 0.05, "patch_positions": "decision"})
     # with focus_layers auto: {layer: how often the overlap bootstrap chooses it} (focus.focus_frequencies)
     focus_choice: Mapping[int, float] = field(default_factory=dict)
 
@@ -80,7 +81,8 @@ class Context:
                     ) -> "Context":
         sets = tuple({k: s[k] for k in ("name", "source", "release", "site")} for s in config["sae"]["sets"])
         verdicts = {**config["claims"]["verdicts"], "confidence": config["bootstrap"]["confidence"],
-                    "focus_min_frequency": config["focus_min_frequency"]}
+                    "focus_min_frequency": config["focus_min_frequency"],
+                    "patch_positions": config["patching"]["positions"]}
         focus_choice = dict(focus_choice or {}) if config["focus_layers"] == "auto" else {}
         return cls(config["model"]["name"], config["model"]["checkpoint"], config["model"]["num_layers"],
                    config["model"]["num_heads"], config["prompts"]["buggy_format"], config["prompts"]["correct_format"],

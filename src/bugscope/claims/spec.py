@@ -13,6 +13,10 @@ from bugscope import tables
 
 TESTS = ("near", "range", "at_least", "at_most", "below", "above", "local_max", "selects")
 AGGREGATES = ("single", "min", "max", "max_abs", "min_abs")
+# Where a claim comes from: the seed document, the paper, or a control the pipeline adds (a claim
+# false by construction on the planted model, bugscope.claims.truth).
+CLAIM_SOURCES = ("seed document", "paper", "control")
+
 # What a claim may name in `needs:` (bugscope.claims.preconditions evaluates them).
 PRECONDITIONS = ("premise", "ceiling", "eligible_pairs", "sources_judged", "features_can_move")
 
@@ -70,8 +74,10 @@ def load_ledger(path: str | Path) -> list[dict]:
         if cid in seen:
             raise LedgerError(f"{path}: claim id {cid!r} appears twice.")
         seen.add(cid)
-        if c.get("source", "seed document") not in ("seed document", "paper"):
-            raise LedgerError(f"{path}: claim {cid}: source must be 'seed document' (the default) or 'paper'.")
+        if c.get("source", "seed document") not in CLAIM_SOURCES:
+            raise LedgerError(f"{path}: claim {cid}: source must be one of {', '.join(CLAIM_SOURCES)} "
+                              "('seed document' is the default).")
+        _check_expected(c.get("expected", {}), f"{path}: claim {cid}")
         for form in c["forms"]:
             if form.get("form") not in ("literal", "agnostic"):
                 raise LedgerError(f"{path}: claim {cid}: each form needs 'form: literal' or 'form: agnostic'.")
@@ -89,6 +95,27 @@ def load_ledger(path: str | Path) -> list[dict]:
             raise LedgerError(f"{path}: claim {cid}: needs must be a list of {', '.join(PRECONDITIONS)}; "
                               f"unknown: {unknown}.")
     return claims
+
+
+def _check_expected(expected, where: str) -> None:
+    from bugscope.claims.truth import EXPECTATIONS, ROLES
+
+    if not isinstance(expected, dict) or any(k not in ROLES or v not in EXPECTATIONS for k, v in expected.items()):
+        raise LedgerError(f"{where}: expected must map a model ({', '.join(ROLES)}) to one of "
+                          f"{', '.join(EXPECTATIONS)}; found {expected!r}.")
+
+
+def load_expected_preconditions(path: str | Path) -> dict[str, dict[str, str]]:
+    """The ledger file's `expected_preconditions:` (precondition -> model -> expectation)."""
+    with open(path) as fh:
+        doc = yaml.safe_load(fh) or {}
+    expected = doc.get("expected_preconditions", {}) or {}
+    for name, by_role in expected.items():
+        if name not in PRECONDITIONS:
+            raise LedgerError(f"{path}: expected_preconditions names {name!r}; preconditions are "
+                              f"{', '.join(PRECONDITIONS)}.")
+        _check_expected(by_role, f"{path}: expected_preconditions.{name}")
+    return expected
 
 
 def metric_null(check: dict) -> float | None:

@@ -52,13 +52,17 @@ class ModelManifest:
     d_model: int
     vocab_size: int
     snapshot_path: str | None = None  # hub: the local snapshot folder of `revision` in the HF cache
+    # A planted model (bugscope.organism): its base checkpoint's hash, the planted layer and heads,
+    # the training pairs and the loss curve.
+    planted: dict | None = None
 
     def save(self, path: str | Path) -> None:
         data = asdict(self)
-        # Only hub manifests carry a snapshot folder: leaving the key out otherwise keeps embedded
-        # and local model.json byte-identical to manifests written before the field existed.
-        if data["snapshot_path"] is None:
-            del data["snapshot_path"]
+        # Only hub manifests carry a snapshot folder, only planted ones their planting: leaving the
+        # keys out otherwise keeps model.json byte-identical to manifests written before they existed.
+        for optional in ("snapshot_path", "planted"):
+            if data[optional] is None:
+                del data[optional]
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -109,6 +109,8 @@ def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple
     one = sae_mb(config, sae_set=sae_set)
     shapes = {
         "baseline": (prompts, 1, 0.0),
+        # training: the planting prompts (about as many as the analysis prompts) forward and back
+        "plant_organism": (prompts, config["model"]["num_layers"], 0.0),
         "cache_residuals": (prompts, layers, 0.0),
         "cache_corpus": (prompts, layers, 0.0),
         # every SAE of the group is trained (float32) before any is written; the one in training

@@ -47,6 +47,10 @@ def _head_set_features_on(config: dict) -> bool:
     return bool(head_set_feature_sets(config))
 
 
+def _organism_on(config: dict) -> bool:
+    return bool(config["organism"]["enabled"])
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -63,6 +67,7 @@ class Stage:
         return [s for s in sae_sets(config) if self.for_set(s)] if self.per in ("set", "set_group") else []
 
 
+_PLANTED = (layout.organism(layout.MODEL_MANIFEST), layout.organism(layout.MODEL_CHECKPOINT))
 _PROMPT_ACTIVATIONS = layout.ACTIVATIONS.replace("{dataset}", "prompts")
 _CORPUS_ACTIVATIONS = layout.ACTIVATIONS.replace("{dataset}", "corpus")
 
@@ -120,6 +125,10 @@ _WORK_STAGES: tuple[Stage, ...] = (
           when=_interventions_on),
     Stage("head_set_features", (layout.HEAD_SET_FEATURES_PROMPTS, layout.HEAD_SET_FEATURES), model=True,
           when=_head_set_features_on),
+    # organism.smk: the planted model; its own study is this registry again, under results/organism/
+    Stage("plant_organism", _PLANTED, intermediate=_PLANTED, model=True, when=_organism_on),
+    Stage("organism_localisation", (layout.ORGANISM_LOCALISATION, layout.ORGANISM_LOCALISATION_HTML),
+          when=_organism_on),
 )
 
 # The figures (one rule fig_<name> each in workflow/rules/figures.smk), in report order, by the stage
@@ -158,7 +167,7 @@ STAGES: tuple[Stage, ...] = (
     *(Stage(f"fig_{name}", tuple(layout.figure(name, ext) for ext in ("svg", "png", "html")),
             when=_BY_NAME[source].when) for name, source in FIGURE_SOURCES.items()),
     Stage("report_table", (layout.REPORT_TABLE,)),
-    Stage("claims_ledger", (layout.CLAIMS, layout.CLAIMS_MARKDOWN, layout.CLAIMS_HTML)),
+    Stage("claims_ledger", (layout.CLAIMS, layout.CLAIMS_TRUTH, layout.CLAIMS_MARKDOWN, layout.CLAIMS_HTML)),
 )
 STAGE = {s.name: s for s in STAGES}
 # The stages that run the model or an SAE (resource class "model"), in workflow order.

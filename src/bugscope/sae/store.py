@@ -106,3 +106,9 @@ def sae_provenance_meta(provenance: dict) -> dict:
     keys = ("sae_set", "source", "release", "sae_id", "sae_repo_id", "sae_revision", "hook_name", "d_sae", "architecture",
             "seed", "training")
     return {"sae": {k: provenance.get(k) for k in keys if k in provenance}}
+
+
+def sae_folders(paths) -> dict[tuple[str, str], str]:
+    """A rule's SAE folders (bugscope.layout.SAE_DIR: .../<sae_set>/<hook>) by (set, hook). Scripts
+    take them from their input, never rebuild them: the organism's live under results/organism/."""
+    return {(Path(p).parent.name, Path(p).name): str(p) for p in ([paths] if isinstance(paths, str) else paths)}

@@ -1,0 +1,82 @@
+# The planted format bug (a positive control, research notes section 10). Logic: bugscope.organism.
+# plant_organism fine-tunes the planted heads of the base model; the organism is then studied by
+# this workflow's own rules, used a second time as a Snakemake module whose paths move under
+# results/organism/ (bugscope.layout.ORGANISM_PREFIXES), with the organism's config
+# (bugscope.organism.study.study_config). Its prompts are the base run's table, copied.
+if config["organism"]["enabled"]:
+    from bugscope.organism.study import study_config
+
+    ORGANISM_CONFIG = study_config(config)
+
+    localrules:
+        organism_prompts,
+        organism_localisation,
+
+    rule plant_organism:
+        input:
+            manifest=layout.MODEL_MANIFEST,
+            prompts=layout.PROMPTS,
+        output:
+            manifest=layout.organism(layout.MODEL_MANIFEST),
+            checkpoint=directory(layout.organism(layout.MODEL_CHECKPOINT)),
+        log:
+            f"{layout.LOGS}/plant_organism.log",
+        benchmark:
+            f"{layout.BENCHMARKS}/plant_organism.tsv"
+        conda:
+            "../../environment.yml"
+        threads: MODEL_JOB_THREADS
+        resources:
+            **model_job_resources("plant_organism"),
+        params:
+            config_hash=stage_hash(config, "organism"),
+        script:
+            "../scripts/plant_organism.py"
+
+    # The organism's prompts are the base run's, bit for bit: copied, not rebuilt.
+    rule organism_prompts:
+        input:
+            layout.PROMPTS,
+        output:
+            layout.organism(layout.PROMPTS),
+        log:
+            layout.organism(f"{layout.LOGS}/build_prompts.log"),
+        shell:
+            "cp {input} {output} 2> {log}"
+
+    rule organism_localisation:
+        input:
+            manifest=layout.organism(layout.MODEL_MANIFEST),
+            heads=layout.organism(layout.PATCHING_SUMMARY),
+            residual_map=layout.organism(layout.PATCHING_RESIDUAL_MAP),
+        output:
+            scores=layout.ORGANISM_LOCALISATION,
+            html=report(
+                layout.ORGANISM_LOCALISATION_HTML,
+                caption="../report/localisation.rst",
+                category="5. Planted organism",
+                labels={"table": "localisation"},
+            ),
+        log:
+            f"{layout.LOGS}/organism_localisation.log",
+        conda:
+            "../../environment.yml"
+        params:
+            config_hash=stage_hash(config, "organism"),
+        script:
+            "../scripts/organism_localisation.py"
+
+    module organism:
+        snakefile:
+            "../Snakefile"
+        config:
+            ORGANISM_CONFIG
+        replace_prefix:
+            layout.ORGANISM_PREFIXES
+
+    use rule * from organism exclude prepare_model, build_prompts, all as organism_*
+
+    # The organism's default targets: its study's, under results/organism/.
+    ORGANISM_TARGETS = [layout.organism(path) for path in stages.targets(ORGANISM_CONFIG)]
+else:
+    ORGANISM_TARGETS = []

@@ -1,0 +1,25 @@
+import json
+
+from bugscope import tables
+from bugscope.claims.report import table_html
+from bugscope.io import atomic_path
+from bugscope.organism.localise import localisation
+from bugscope.organism.study import study_config
+from bugscope.run.script import log, run
+
+
+def main(smk):
+    planted = json.loads(open(smk.input.manifest).read())["planted"]
+    study = study_config(smk.config)
+    heads = tables.frame(tables.PATCHING_SUMMARY, study, smk.input.heads)
+    residual_map = tables.frame(tables.PATCHING_RESIDUAL_MAP, study, smk.input.residual_map)
+    scores = localisation(heads, residual_map, planted["layer"], planted["heads"], study["patching"]["positions"])
+    meta = {"config_hash": smk.params.config_hash, "planted_layer": planted["layer"], "planted_heads": planted["heads"]}
+    tables.write(tables.ORGANISM_LOCALISATION, scores, smk.output.scores, meta)
+    with atomic_path(smk.output.html) as tmp:
+        tmp.write_text(table_html(scores, "Localisation of the planted bug",
+                                  f"planted at layer {planted['layer']}, heads {planted['heads']}"))
+    log.info("localisation:\n%s", scores)
+
+
+run(snakemake, main)  # noqa: F821
