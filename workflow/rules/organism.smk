@@ -3,6 +3,9 @@
 # this workflow's own rules, used a second time as a Snakemake module whose paths move under
 # results/organism/ (bugscope.layout.ORGANISM_PREFIXES), with the organism's config
 # (bugscope.organism.study.study_config). Its prompts are the base run's table, copied.
+# The organism's default targets: its study's, under results/organism/ (none when it is off).
+ORGANISM_TARGETS = []
+
 if config["organism"]["enabled"]:
     from bugscope.organism.study import study_config
 
@@ -11,6 +14,7 @@ if config["organism"]["enabled"]:
     localrules:
         organism_prompts,
         organism_localisation,
+        fig_organism_comparison,
 
     rule plant_organism:
         input:
@@ -66,6 +70,24 @@ if config["organism"]["enabled"]:
         script:
             "../scripts/organism_localisation.py"
 
+    rule fig_organism_comparison:
+        input:
+            manifest=layout.organism(layout.MODEL_MANIFEST),
+            unedited_accuracy=layout.BASELINE_ACCURACY,
+            planted_accuracy=layout.organism(layout.BASELINE_ACCURACY),
+            unedited_heads=layout.PATCHING_SUMMARY,
+            planted_heads=layout.organism(layout.PATCHING_SUMMARY),
+        output:
+            **figure_outputs("organism_comparison", "5. Planted organism"),
+        log:
+            f"{layout.LOGS}/figures/organism_comparison.log",
+        conda:
+            "../../environment.yml"
+        params:
+            png_scale=config["figures"]["png_scale"],
+        script:
+            "../scripts/fig_organism_comparison.py"
+
     module organism:
         snakefile:
             "../Snakefile"
@@ -76,7 +98,6 @@ if config["organism"]["enabled"]:
 
     use rule * from organism exclude prepare_model, build_prompts, all as organism_*
 
-    # The organism's default targets: its study's, under results/organism/.
-    ORGANISM_TARGETS = [layout.organism(path) for path in stages.targets(ORGANISM_CONFIG)]
-else:
-    ORGANISM_TARGETS = []
+    ORGANISM_TARGETS = [
+        layout.organism(path) for path in stages.targets(ORGANISM_CONFIG)
+    ]

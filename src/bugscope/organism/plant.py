@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from bugscope.data.prompts import BUG_PAIR_KIND, build_prompt_table
 from bugscope.io import atomic_path
-from bugscope.model.load import ModelManifest, load_model, sha256_file
 from bugscope.model.forward import LayerRunner, make_batch
+from bugscope.model.load import ModelManifest, load_model, sha256_file
 from bugscope.model.planting import PlantedSlices, decision_logits, planted_slices
 from bugscope.organism.study import planted_heads, planted_layer
 from bugscope.stats import derived_seed
@@ -54,9 +54,24 @@ def version_target(pair_kind: str) -> str:
     return "wrong" if pair_kind == BUG_PAIR_KIND else "correct"
 
 
+def _template_positions(meta: list[dict], batch) -> torch.Tensor:
+    """[b, pos] True at a row's positions that are not aligned across formats (its template tokens),
+    in the left-padded batch."""
+    width = batch.input_ids.shape[1]
+    mask = batch.attention_mask.bool().clone()
+    for i, row in enumerate(meta):
+        pad = width - len(row["input_ids"])
+        mask[i, [pad + a for a in row["aligned_positions"]]] = False
+    return mask
+
+
 def plant(model, rows: list[dict], slices: PlantedSlices, *, buggy_format: str, steps: int, batch_size: int,
-          lr: float, distill_weight: float, seed: int, pad_token_id: int) -> list[dict]:
-    """Train `slices` on `rows` (training prompts); returns the loss curve, one dict per step."""
+          lr: float, distill_weight: float, keep_weight: float, seed: int, pad_token_id: int) -> list[dict]:
+    """Train `slices` on `rows` (training prompts); returns the loss curve, one dict per step.
+
+    The loss: the version-order answer on the buggy format, the KL to the unedited model on the
+    correct format, and the change of the planted layer's output at the template positions (those
+    not aligned across formats): the bug is then written where patching between formats reaches it."""
     runner = LayerRunner(model)
     layer = slices.layer
     by_id = {r["prompt_id"]: r for r in rows}
@@ -70,13 +85,15 @@ def plant(model, rows: list[dict], slices: PlantedSlices, *, buggy_format: str, 
             hidden, ctx = runner.begin(batch)
             for i in range(layer):
                 hidden = runner.layer(i, hidden, ctx)
-            base = F.log_softmax(decision_logits(model, runner.run(layer, hidden, ctx)[:, -1]), -1)
+            base_out = runner.layer(layer, hidden, ctx)
+            base = F.log_softmax(decision_logits(model, runner.run(layer + 1, base_out, ctx)[:, -1]), -1)
             meta = [by_id[int(p)] for p in batch.prompt_ids]
+            template = _template_positions(meta, batch).to(runner.device)
             buggy = torch.tensor([m["format"] == buggy_format for m in meta], device=runner.device)
             wrong_is_target = torch.tensor([version_target(m["pair_kind"]) == "wrong" for m in meta])
             target = torch.where(wrong_is_target, batch.wrong_token, batch.correct_token).to(runner.device)
             other = torch.where(wrong_is_target, batch.correct_token, batch.wrong_token).to(runner.device)
-            cached.append((hidden, ctx, base, buggy, target, other))
+            cached.append((hidden, ctx, base, base_out, template, buggy, target, other))
     optimiser = torch.optim.Adam(slices.trainable(), lr=lr)
     order = np.random.default_rng(derived_seed(seed, _TRAINING_STREAM, 1))
     sequence: list[int] = []
@@ -84,19 +101,24 @@ def plant(model, rows: list[dict], slices: PlantedSlices, *, buggy_format: str, 
     for step in tqdm(range(steps), desc="planting", unit="step"):
         if not sequence:
             sequence = order.permutation(len(cached)).tolist()
-        hidden, ctx, base, buggy, target, other = cached[sequence.pop()]
-        logits = decision_logits(model, runner.run(layer, hidden, ctx)[:, -1])
+        hidden, ctx, base, base_out, template, buggy, target, other = cached[sequence.pop()]
+        out = runner.layer(layer, hidden, ctx)
+        logits = decision_logits(model, runner.run(layer + 1, out, ctx)[:, -1])
         rows_ = torch.arange(logits.shape[0], device=logits.device)
         margin = logits[rows_, target] - logits[rows_, other]
         version = F.softplus(-margin)[buggy].mean() if buggy.any() else logits.new_zeros(())
         logp = F.log_softmax(logits, -1)
         kl = (base.exp() * (base - logp)).sum(-1)[~buggy].mean() if (~buggy).any() else logits.new_zeros(())
-        loss = version + distill_weight * kl
+        # relative change of the planted layer's output at the template positions (per position: the
+        # sink's norm is ~100x the rest)
+        change = ((out - base_out) ** 2).sum(-1) / (base_out ** 2).sum(-1).clamp_min(1e-12)
+        keep = change[template].mean() if template.any() else logits.new_zeros(())
+        loss = version + distill_weight * kl + keep_weight * keep
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         slices.mask_gradients()
         optimiser.step()
-        curve.append({"step": step, "loss": loss.item(), "version_loss": version.item(), "distill_kl": kl.item(),
+        curve.append({"step": step, "loss": loss.item(), "version_loss": version.item(), "distill_kl": kl.item(), "template_change": keep.item(),
                       "version_accuracy": (margin[buggy] > 0).float().mean().item() if buggy.any() else None})
     slices.restore_frozen()
     for p in model.parameters():
@@ -127,7 +149,7 @@ def plant_organism(config: dict, base: ModelManifest, analysis_pairs: set[tuple[
     log.info("planting the bug at layer %d, heads %s, on %d training prompts", layer, heads, prompts.num_rows)
     curve = plant(model, prompts.to_pylist(), slices, buggy_format=config["prompts"]["buggy_format"],
                   steps=training["steps"], batch_size=training["batch_size"], lr=training["lr"],
-                  distill_weight=training["distill_weight"], seed=config["seed"], pad_token_id=tokenizer.pad_token_id)
+                  distill_weight=training["distill_weight"], keep_weight=training["keep_weight"], seed=config["seed"], pad_token_id=tokenizer.pad_token_id)
     with atomic_path(checkpoint_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

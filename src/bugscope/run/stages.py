@@ -129,6 +129,8 @@ _WORK_STAGES: tuple[Stage, ...] = (
     Stage("plant_organism", _PLANTED, intermediate=_PLANTED, model=True, when=_organism_on),
     Stage("organism_localisation", (layout.ORGANISM_LOCALISATION, layout.ORGANISM_LOCALISATION_HTML),
           when=_organism_on),
+    Stage("fig_organism_comparison", tuple(layout.figure("organism_comparison", ext) for ext in ("svg", "png", "html")),
+          when=_organism_on),
 )
 
 # The figures (one rule fig_<name> each in workflow/rules/figures.smk), in report order, by the stage
