@@ -28,6 +28,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"sae"}),
     frozenset({"features", "patching"}),
     frozenset({"interventions"}),
+    frozenset({"organism"}),
     frozenset({"figures", "claims"}),
     frozenset({"run"}),
 )

@@ -127,8 +127,8 @@ def test_the_organisms_study_is_the_planted_layer_and_its_neighbours(ci_config):
     study = study_config(cfg)
     assert study["layers"] == study_layers(cfg) == [8, 9, 10]
     assert study["focus_layers"] == [9]
-    assert [s["layers"] for s in study["sae"]["sets"]] == [[9, 10]]  # below 9: the base model's, not retrained
-    assert study["patching"]["positions"] == "aligned"
+    assert [s["layers"] for s in study["sae"]["sets"]] == [[9]]  # below 9: the base model's, not retrained
+    assert study["patching"]["positions"] == "decision"
     assert study["patching"]["residual_map"]["layers"] == [8, 9, 10]
     assert study["claims"]["expectations"] == "organism"
     assert not study["organism"]["enabled"]  # the organism does not plant again

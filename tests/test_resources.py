@@ -134,7 +134,9 @@ def test_local_model_jobs_hold_a_gpu_only_where_they_run_on_one(tmp_path, device
     """On a host without a GPU the model jobs ask for none, so the local profile's cap of one GPU job
     does not make them wait for each other: they run side by side, one thread each."""
     found = _dry_run_resources(tmp_path, device)
-    model_rules = {r: next(s for s in resources.MODEL_RULES if r == s or r.startswith(s + "_"))
+    # the organism's study runs the same rules under an organism_ prefix (workflow/rules/organism.smk)
+    model_rules = {r: next(s for s in resources.MODEL_RULES
+                           if r.removeprefix("organism_") == s or r.removeprefix("organism_").startswith(s + "_"))
                    for r, line in found.items() if "cpus_per_task=" in line}
     assert {"baseline", "cache_corpus", "head_sweep", "train_sae"} <= set(model_rules.values())
     for rule in model_rules:

@@ -6,87 +6,93 @@
 # The organism's default targets: its study's, under results/organism/ (none when it is off).
 ORGANISM_TARGETS = []
 
+
+localrules:
+    organism_prompts,
+    organism_localisation,
+    fig_organism_comparison,
+
+
+rule plant_organism:
+    input:
+        manifest=layout.MODEL_MANIFEST,
+        prompts=layout.PROMPTS,
+    output:
+        manifest=layout.organism(layout.MODEL_MANIFEST),
+        checkpoint=directory(layout.organism(layout.MODEL_CHECKPOINT)),
+    log:
+        f"{layout.LOGS}/plant_organism.log",
+    benchmark:
+        f"{layout.BENCHMARKS}/plant_organism.tsv"
+    conda:
+        "../../environment.yml"
+    threads: MODEL_JOB_THREADS
+    resources:
+        **model_job_resources("plant_organism"),
+    params:
+        config_hash=stage_hash(config, "organism"),
+    script:
+        "../scripts/plant_organism.py"
+
+
+# The organism's prompts are the base run's, bit for bit: copied, not rebuilt.
+rule organism_prompts:
+    input:
+        layout.PROMPTS,
+    output:
+        layout.organism(layout.PROMPTS),
+    log:
+        layout.organism(f"{layout.LOGS}/build_prompts.log"),
+    shell:
+        "cp {input} {output} 2> {log}"
+
+
+rule organism_localisation:
+    input:
+        manifest=layout.organism(layout.MODEL_MANIFEST),
+        heads=layout.organism(layout.PATCHING_SUMMARY),
+        residual_map=layout.organism(layout.PATCHING_RESIDUAL_MAP),
+    output:
+        scores=layout.ORGANISM_LOCALISATION,
+        html=report(
+            layout.ORGANISM_LOCALISATION_HTML,
+            caption="../report/localisation.rst",
+            category="5. Planted organism",
+            labels={"table": "localisation"},
+        ),
+    log:
+        f"{layout.LOGS}/organism_localisation.log",
+    conda:
+        "../../environment.yml"
+    params:
+        config_hash=stage_hash(config, "organism"),
+    script:
+        "../scripts/organism_localisation.py"
+
+
+rule fig_organism_comparison:
+    input:
+        manifest=layout.organism(layout.MODEL_MANIFEST),
+        unedited_accuracy=layout.BASELINE_ACCURACY,
+        planted_accuracy=layout.organism(layout.BASELINE_ACCURACY),
+        unedited_heads=layout.PATCHING_SUMMARY,
+        planted_heads=layout.organism(layout.PATCHING_SUMMARY),
+    output:
+        **figure_outputs("organism_comparison", "5. Planted organism"),
+    log:
+        f"{layout.LOGS}/figures/organism_comparison.log",
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=config["figures"]["png_scale"],
+    script:
+        "../scripts/fig_organism_comparison.py"
+
+
 if config["organism"]["enabled"]:
     from bugscope.organism.study import study_config
 
     ORGANISM_CONFIG = study_config(config)
-
-    localrules:
-        organism_prompts,
-        organism_localisation,
-        fig_organism_comparison,
-
-    rule plant_organism:
-        input:
-            manifest=layout.MODEL_MANIFEST,
-            prompts=layout.PROMPTS,
-        output:
-            manifest=layout.organism(layout.MODEL_MANIFEST),
-            checkpoint=directory(layout.organism(layout.MODEL_CHECKPOINT)),
-        log:
-            f"{layout.LOGS}/plant_organism.log",
-        benchmark:
-            f"{layout.BENCHMARKS}/plant_organism.tsv"
-        conda:
-            "../../environment.yml"
-        threads: MODEL_JOB_THREADS
-        resources:
-            **model_job_resources("plant_organism"),
-        params:
-            config_hash=stage_hash(config, "organism"),
-        script:
-            "../scripts/plant_organism.py"
-
-    # The organism's prompts are the base run's, bit for bit: copied, not rebuilt.
-    rule organism_prompts:
-        input:
-            layout.PROMPTS,
-        output:
-            layout.organism(layout.PROMPTS),
-        log:
-            layout.organism(f"{layout.LOGS}/build_prompts.log"),
-        shell:
-            "cp {input} {output} 2> {log}"
-
-    rule organism_localisation:
-        input:
-            manifest=layout.organism(layout.MODEL_MANIFEST),
-            heads=layout.organism(layout.PATCHING_SUMMARY),
-            residual_map=layout.organism(layout.PATCHING_RESIDUAL_MAP),
-        output:
-            scores=layout.ORGANISM_LOCALISATION,
-            html=report(
-                layout.ORGANISM_LOCALISATION_HTML,
-                caption="../report/localisation.rst",
-                category="5. Planted organism",
-                labels={"table": "localisation"},
-            ),
-        log:
-            f"{layout.LOGS}/organism_localisation.log",
-        conda:
-            "../../environment.yml"
-        params:
-            config_hash=stage_hash(config, "organism"),
-        script:
-            "../scripts/organism_localisation.py"
-
-    rule fig_organism_comparison:
-        input:
-            manifest=layout.organism(layout.MODEL_MANIFEST),
-            unedited_accuracy=layout.BASELINE_ACCURACY,
-            planted_accuracy=layout.organism(layout.BASELINE_ACCURACY),
-            unedited_heads=layout.PATCHING_SUMMARY,
-            planted_heads=layout.organism(layout.PATCHING_SUMMARY),
-        output:
-            **figure_outputs("organism_comparison", "5. Planted organism"),
-        log:
-            f"{layout.LOGS}/figures/organism_comparison.log",
-        conda:
-            "../../environment.yml"
-        params:
-            png_scale=config["figures"]["png_scale"],
-        script:
-            "../scripts/fig_organism_comparison.py"
 
     module organism:
         snakefile:
@@ -96,7 +102,9 @@ if config["organism"]["enabled"]:
         replace_prefix:
             layout.ORGANISM_PREFIXES
 
-    use rule * from organism exclude prepare_model, build_prompts, all as organism_*
+    # The organism's own model and prompts come from plant_organism and organism_prompts; the rules
+    # about the organism exist once, here.
+    use rule * from organism exclude prepare_model, build_prompts, all, plant_organism, organism_prompts, organism_localisation, fig_organism_comparison as organism_*
 
     ORGANISM_TARGETS = [
         layout.organism(path) for path in stages.targets(ORGANISM_CONFIG)

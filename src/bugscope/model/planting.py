@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bugscope.model.sites import decoder_layers, final_norm, logit_softcap, unembedding
+from bugscope.model.sites import final_norm, logit_softcap, query_and_output_projections, unembedding
 
 
 @dataclass
@@ -58,8 +58,7 @@ def planted_slices(model, layer: int, heads) -> PlantedSlices:
     bad = [h for h in heads if not 0 <= h < n_heads]
     if bad or not heads:
         raise ValueError(f"organism.heads={list(heads)} must name heads 0..{n_heads - 1} of this model.")
-    attention = decoder_layers(model)[layer].self_attn
-    d_head = getattr(attention, "head_dim", model.config.hidden_size // n_heads)
+    q_proj, o_proj, d_head = query_and_output_projections(model, layer)
     own = torch.zeros(n_heads * d_head, dtype=torch.bool)
     for h in heads:
         own[h * d_head:(h + 1) * d_head] = True
@@ -67,9 +66,9 @@ def planted_slices(model, layer: int, heads) -> PlantedSlices:
     for p in model.parameters():
         p.requires_grad_(False)
     params, masks = {}, {}
-    targets = [(attention.q_proj.weight, own[:, None]), (attention.o_proj.weight, own[None, :])]
-    if attention.q_proj.bias is not None:
-        targets.append((attention.q_proj.bias, own))
+    targets = [(q_proj.weight, own[:, None]), (o_proj.weight, own[None, :])]
+    if q_proj.bias is not None:
+        targets.append((q_proj.bias, own))
     for param, mask in targets:
         name = names[id(param)]
         param.requires_grad_(True)

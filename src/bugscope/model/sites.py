@@ -164,6 +164,14 @@ def output_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def query_and_output_projections(model, layer: int) -> tuple[torch.nn.Linear, torch.nn.Linear, int]:
+    """(q_proj, o_proj, head_dim) of `layer`'s attention: query head h owns rows h*d:(h+1)*d of
+    q_proj and columns h*d:(h+1)*d of o_proj."""
+    attention = decoder_layers(model)[layer].self_attn
+    d_head = getattr(attention, "head_dim", model.config.hidden_size // model.config.num_attention_heads)
+    return attention.q_proj, attention.o_proj, d_head
+
+
 def head_input_module(model, layer: int) -> torch.nn.Module:
     """`o_proj`: its *input* is the concatenation of the per-head outputs, [batch, pos, head*d_head]."""
     return decoder_layers(model)[layer].self_attn.o_proj

@@ -54,14 +54,10 @@ def version_target(pair_kind: str) -> str:
     return "wrong" if pair_kind == BUG_PAIR_KIND else "correct"
 
 
-def _template_positions(meta: list[dict], batch) -> torch.Tensor:
-    """[b, pos] True at a row's positions that are not aligned across formats (its template tokens),
-    in the left-padded batch."""
-    width = batch.input_ids.shape[1]
+def _before_decision(batch) -> torch.Tensor:
+    """[b, pos] True at every real position of a row but its decision position (the last column)."""
     mask = batch.attention_mask.bool().clone()
-    for i, row in enumerate(meta):
-        pad = width - len(row["input_ids"])
-        mask[i, [pad + a for a in row["aligned_positions"]]] = False
+    mask[:, -1] = False
     return mask
 
 
@@ -70,8 +66,10 @@ def plant(model, rows: list[dict], slices: PlantedSlices, *, buggy_format: str, 
     """Train `slices` on `rows` (training prompts); returns the loss curve, one dict per step.
 
     The loss: the version-order answer on the buggy format, the KL to the unedited model on the
-    correct format, and the change of the planted layer's output at the template positions (those
-    not aligned across formats): the bug is then written where patching between formats reaches it."""
+    correct format, and the change of the planted layer's output before the decision position: the
+    bug is then written at the decision position, where patching the planted heads reaches it (left
+    free, the heads also write it at the format's own tokens, which no patch between formats can
+    replace)."""
     runner = LayerRunner(model)
     layer = slices.layer
     by_id = {r["prompt_id"]: r for r in rows}
@@ -88,12 +86,12 @@ def plant(model, rows: list[dict], slices: PlantedSlices, *, buggy_format: str, 
             base_out = runner.layer(layer, hidden, ctx)
             base = F.log_softmax(decision_logits(model, runner.run(layer + 1, base_out, ctx)[:, -1]), -1)
             meta = [by_id[int(p)] for p in batch.prompt_ids]
-            template = _template_positions(meta, batch).to(runner.device)
+            before = _before_decision(batch).to(runner.device)
             buggy = torch.tensor([m["format"] == buggy_format for m in meta], device=runner.device)
             wrong_is_target = torch.tensor([version_target(m["pair_kind"]) == "wrong" for m in meta])
             target = torch.where(wrong_is_target, batch.wrong_token, batch.correct_token).to(runner.device)
             other = torch.where(wrong_is_target, batch.correct_token, batch.wrong_token).to(runner.device)
-            cached.append((hidden, ctx, base, base_out, template, buggy, target, other))
+            cached.append((hidden, ctx, base, base_out, before, buggy, target, other))
     optimiser = torch.optim.Adam(slices.trainable(), lr=lr)
     order = np.random.default_rng(derived_seed(seed, _TRAINING_STREAM, 1))
     sequence: list[int] = []
@@ -101,7 +99,7 @@ def plant(model, rows: list[dict], slices: PlantedSlices, *, buggy_format: str, 
     for step in tqdm(range(steps), desc="planting", unit="step"):
         if not sequence:
             sequence = order.permutation(len(cached)).tolist()
-        hidden, ctx, base, base_out, template, buggy, target, other = cached[sequence.pop()]
+        hidden, ctx, base, base_out, before, buggy, target, other = cached[sequence.pop()]
         out = runner.layer(layer, hidden, ctx)
         logits = decision_logits(model, runner.run(layer + 1, out, ctx)[:, -1])
         rows_ = torch.arange(logits.shape[0], device=logits.device)
@@ -109,16 +107,16 @@ def plant(model, rows: list[dict], slices: PlantedSlices, *, buggy_format: str, 
         version = F.softplus(-margin)[buggy].mean() if buggy.any() else logits.new_zeros(())
         logp = F.log_softmax(logits, -1)
         kl = (base.exp() * (base - logp)).sum(-1)[~buggy].mean() if (~buggy).any() else logits.new_zeros(())
-        # relative change of the planted layer's output at the template positions (per position: the
-        # sink's norm is ~100x the rest)
+        # relative change of the planted layer's output before the decision position (per position:
+        # the sink's norm is ~100x the rest)
         change = ((out - base_out) ** 2).sum(-1) / (base_out ** 2).sum(-1).clamp_min(1e-12)
-        keep = change[template].mean() if template.any() else logits.new_zeros(())
+        keep = change[before].mean() if before.any() else logits.new_zeros(())
         loss = version + distill_weight * kl + keep_weight * keep
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         slices.mask_gradients()
         optimiser.step()
-        curve.append({"step": step, "loss": loss.item(), "version_loss": version.item(), "distill_kl": kl.item(), "template_change": keep.item(),
+        curve.append({"step": step, "loss": loss.item(), "version_loss": version.item(), "distill_kl": kl.item(), "change_before_decision": keep.item(),
                       "version_accuracy": (margin[buggy] > 0).float().mean().item() if buggy.any() else None})
     slices.restore_frozen()
     for p in model.parameters():

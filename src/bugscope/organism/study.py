@@ -12,8 +12,8 @@ from bugscope.config import ConfigError, primary_sae_set, validate_config
 # The seed study's layer (Llama-3.1-8B's layer 10 of 32): "auto" plants at the same relative depth.
 STUDY_LAYER, STUDY_LAYERS = 10, 32
 # What the organism's own study leaves out: stages that test the seed's procedure rather than a
-# location (the original method and its decomposition, generation-based) and the SAE-feature
-# interventions. Each can be turned back on under organism.study.
+# location (the original method and its decomposition, generation-based), the SAE-feature
+# interventions and the replacement curve. Each can be turned back on under organism.study.
 _OFF = {
     "patching": {"original_method": False, "bidirectional": False, "replacement": {"enabled": False},
                  "original_generation": {"enabled": False}},
@@ -58,20 +58,23 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def study_config(config: dict) -> dict:
-    """The organism's study: the base config on the planted checkpoint, at the planted layer and its
-    neighbours (the model section stays the base's: the organism's tables are made from the same
-    prompt table, and its manifest names the planted checkpoint), with every location claim read at the planted layer and every aligned position
-    (planting changes the planted heads at every position). The primary SAE set covers the planted
-    layer and the layers after it: below it the residual stream is the base model's, bit for bit, so
-    its SAEs and features would be the base run's. organism.study is merged on top."""
+    """The organism's study: the base config on the planted checkpoint (the model section stays the
+    base's: the organism's tables are made from the same prompt table, and its manifest names the
+    planted checkpoint), at the planted layer and its neighbours, with every location claim read at
+    the planted layer and the decision position, where planting writes the bug
+    (bugscope.organism.plant). The primary SAE set covers the planted layer only: below it the
+    residual stream is the base model's, bit for bit, so its SAEs and features would be the base
+    run's, and above it the budget of README command 1 does not reach. Greedy generation checks 4
+    prompts per format. organism.study is merged on top."""
     layer, layers = planted_layer(config), study_layers(config)
     primary = next(s for s in config["sae"]["sets"] if s["name"] == primary_sae_set(config))
     derived = {
         "layers": layers,
         "focus_layers": [layer],
         "organism": {"enabled": False},
-        "sae": {"sets": [{**copy.deepcopy(primary), "layers": [x for x in layers if x >= layer]}]},
-        "patching": {**_OFF["patching"], "positions": "aligned", "residual_map": {"layers": layers}},
+        "sae": {"sets": [{**copy.deepcopy(primary), "layers": [layer]}]},
+        "baseline": {"generation_sample": min(4, config["baseline"]["generation_sample"])},
+        "patching": {**_OFF["patching"], "positions": "decision", "residual_map": {"layers": layers}},
         "interventions": _OFF["interventions"],
         "claims": {"expectations": "organism"},
     }

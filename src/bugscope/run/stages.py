@@ -127,6 +127,8 @@ _WORK_STAGES: tuple[Stage, ...] = (
           when=_head_set_features_on),
     # organism.smk: the planted model; its own study is this registry again, under results/organism/
     Stage("plant_organism", _PLANTED, intermediate=_PLANTED, model=True, when=_organism_on),
+    Stage("organism_prompts", (layout.organism(layout.PROMPTS),), intermediate=(layout.organism(layout.PROMPTS),),
+          when=_organism_on),
     Stage("organism_localisation", (layout.ORGANISM_LOCALISATION, layout.ORGANISM_LOCALISATION_HTML),
           when=_organism_on),
     Stage("fig_organism_comparison", tuple(layout.figure("organism_comparison", ext) for ext in ("svg", "png", "html")),
