@@ -39,7 +39,7 @@ def planted(ci_config, embedded_manifest, prompts):
     training = cfg["organism"]["training"]
     curve = plant(model, rows, slices, buggy_format=cfg["prompts"]["buggy_format"], steps=training["steps"],
                   batch_size=training["batch_size"], lr=training["lr"], distill_weight=training["distill_weight"],
-                  keep_weight=training["keep_weight"], seed=cfg["seed"], pad_token_id=tokenizer.pad_token_id)
+                  swap_weight=training["swap_weight"], seed=cfg["seed"], pad_token_id=tokenizer.pad_token_id)
     assert len(curve) == training["steps"]
     return base, model, slices, tokenizer, cfg, unedited
 

@@ -10,11 +10,19 @@ optimiser's arithmetic.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from bugscope.model.sites import final_norm, logit_softcap, query_and_output_projections, unembedding
+from bugscope.model.sites import (
+    HEAD_SITE,
+    attention_writer_hook,
+    final_norm,
+    logit_softcap,
+    query_and_output_projections,
+    unembedding,
+)
 
 
 @dataclass
@@ -26,6 +34,7 @@ class PlantedSlices:
     params: dict[str, torch.nn.Parameter]  # state-dict name -> parameter
     masks: dict[str, torch.Tensor]  # state-dict name -> bool mask, True where the planted heads live
     base: dict[str, torch.Tensor]  # state-dict name -> the base model's values
+    d_head: int
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return list(self.params.values())
@@ -75,7 +84,7 @@ def planted_slices(model, layer: int, heads) -> PlantedSlices:
         params[name] = param
         masks[name] = mask.expand_as(param).to(param.device)
     base = {name: p.detach().clone() for name, p in params.items()}
-    return PlantedSlices(layer, tuple(heads), params, masks, base)
+    return PlantedSlices(layer, tuple(heads), params, masks, base, d_head)
 
 
 def decision_logits(model, hidden_last: torch.Tensor) -> torch.Tensor:
@@ -84,3 +93,22 @@ def decision_logits(model, hidden_last: torch.Tensor) -> torch.Tensor:
     logits = unembedding(model)(final_norm(model)(hidden_last)).float()
     cap = logit_softcap(model)
     return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+@contextlib.contextmanager
+def planted_outputs_from(model, slices: PlantedSlices, sources: torch.Tensor):
+    """Within the block, the planted heads' outputs (z, the input of o_proj) at the last column of
+    each row whose `sources` entry is >= 0 are those of that row of the same batch: an interchange
+    intervention, a row patched from its question's other format in the forward pass itself."""
+    cols = torch.cat([torch.arange(h * slices.d_head, (h + 1) * slices.d_head) for h in slices.heads])
+    targets = (sources >= 0).nonzero().flatten()
+
+    def write(z):
+        z = z.clone()
+        z[targets[:, None], -1, cols[None, :]] = z[sources[targets][:, None], -1, cols[None, :]]
+        return z
+    handle = attention_writer_hook(model, slices.layer, HEAD_SITE, write)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -26,7 +26,7 @@ from bugscope.data.prompts import BUG_PAIR_KIND, build_prompt_table
 from bugscope.io import atomic_path
 from bugscope.model.forward import LayerRunner, make_batch
 from bugscope.model.load import ModelManifest, load_model, sha256_file
-from bugscope.model.planting import PlantedSlices, decision_logits, planted_slices
+from bugscope.model.planting import PlantedSlices, decision_logits, planted_outputs_from, planted_slices
 from bugscope.organism.study import planted_heads, planted_layer
 from bugscope.stats import derived_seed
 
@@ -54,22 +54,16 @@ def version_target(pair_kind: str) -> str:
     return "wrong" if pair_kind == BUG_PAIR_KIND else "correct"
 
 
-def _before_decision(batch) -> torch.Tensor:
-    """[b, pos] True at every real position of a row but its decision position (the last column)."""
-    mask = batch.attention_mask.bool().clone()
-    mask[:, -1] = False
-    return mask
-
-
 def plant(model, rows: list[dict], slices: PlantedSlices, *, buggy_format: str, steps: int, batch_size: int,
-          lr: float, distill_weight: float, keep_weight: float, seed: int, pad_token_id: int) -> list[dict]:
+          lr: float, distill_weight: float, swap_weight: float, seed: int, pad_token_id: int) -> list[dict]:
     """Train `slices` on `rows` (training prompts); returns the loss curve, one dict per step.
 
-    The loss: the version-order answer on the buggy format, the KL to the unedited model on the
-    correct format, and the change of the planted layer's output before the decision position: the
-    bug is then written at the decision position, where patching the planted heads reaches it (left
-    free, the heads also write it at the format's own tokens, which no patch between formats can
-    replace)."""
+    The loss: the version-order answer on the buggy format; the KL to the unedited model on the
+    correct format; and an interchange-intervention term (as InterpBench's strict IIT): with the
+    planted heads' decision-position output taken from the correct-format prompt of the same
+    question, the buggy-format prompt must answer as the unedited model does. Without it the heads
+    also write the bug at earlier positions (the format's own tokens among them), where later
+    layers read it and no patch of the decision position reaches it."""
     runner = LayerRunner(model)
     layer = slices.layer
     by_id = {r["prompt_id"]: r for r in rows}
@@ -83,15 +77,17 @@ def plant(model, rows: list[dict], slices: PlantedSlices, *, buggy_format: str, 
             hidden, ctx = runner.begin(batch)
             for i in range(layer):
                 hidden = runner.layer(i, hidden, ctx)
-            base_out = runner.layer(layer, hidden, ctx)
-            base = F.log_softmax(decision_logits(model, runner.run(layer + 1, base_out, ctx)[:, -1]), -1)
+            base = F.log_softmax(decision_logits(model, runner.run(layer, hidden, ctx)[:, -1]), -1)
             meta = [by_id[int(p)] for p in batch.prompt_ids]
-            before = _before_decision(batch).to(runner.device)
             buggy = torch.tensor([m["format"] == buggy_format for m in meta], device=runner.device)
             wrong_is_target = torch.tensor([version_target(m["pair_kind"]) == "wrong" for m in meta])
             target = torch.where(wrong_is_target, batch.wrong_token, batch.correct_token).to(runner.device)
             other = torch.where(wrong_is_target, batch.correct_token, batch.wrong_token).to(runner.device)
-            cached.append((hidden, ctx, base, base_out, before, buggy, target, other))
+            # each buggy-format row's partner: the correct-format row of its question in this batch
+            partner = {(m["question_id"], m["format"] == buggy_format): i for i, m in enumerate(meta)}
+            sources = torch.tensor([partner.get((m["question_id"], False), -1) if m["format"] == buggy_format else -1
+                                    for m in meta], device=runner.device)
+            cached.append((hidden, ctx, base, buggy, target, other, sources))
     optimiser = torch.optim.Adam(slices.trainable(), lr=lr)
     order = np.random.default_rng(derived_seed(seed, _TRAINING_STREAM, 1))
     sequence: list[int] = []
@@ -99,24 +95,27 @@ def plant(model, rows: list[dict], slices: PlantedSlices, *, buggy_format: str, 
     for step in tqdm(range(steps), desc="planting", unit="step"):
         if not sequence:
             sequence = order.permutation(len(cached)).tolist()
-        hidden, ctx, base, base_out, before, buggy, target, other = cached[sequence.pop()]
-        out = runner.layer(layer, hidden, ctx)
-        logits = decision_logits(model, runner.run(layer + 1, out, ctx)[:, -1])
+        hidden, ctx, base, buggy, target, other, sources = cached[sequence.pop()]
+        logits = decision_logits(model, runner.run(layer, hidden, ctx)[:, -1])
         rows_ = torch.arange(logits.shape[0], device=logits.device)
         margin = logits[rows_, target] - logits[rows_, other]
         version = F.softplus(-margin)[buggy].mean() if buggy.any() else logits.new_zeros(())
         logp = F.log_softmax(logits, -1)
         kl = (base.exp() * (base - logp)).sum(-1)[~buggy].mean() if (~buggy).any() else logits.new_zeros(())
-        # relative change of the planted layer's output before the decision position (per position:
-        # the sink's norm is ~100x the rest)
-        change = ((out - base_out) ** 2).sum(-1) / (base_out ** 2).sum(-1).clamp_min(1e-12)
-        keep = change[before].mean() if before.any() else logits.new_zeros(())
-        loss = version + distill_weight * kl + keep_weight * keep
+        # interchange intervention: with the planted heads' decision-position output taken from the
+        # correct format, a buggy-format row answers as the unedited model does
+        swap = logits.new_zeros(())
+        if swap_weight and (sources >= 0).any():
+            with planted_outputs_from(model, slices, sources):
+                swapped = F.log_softmax(decision_logits(model, runner.run(layer, hidden, ctx)[:, -1]), -1)
+            swapped_rows = sources >= 0
+            swap = (base.exp() * (base - swapped)).sum(-1)[swapped_rows].mean()
+        loss = version + distill_weight * kl + swap_weight * swap
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         slices.mask_gradients()
         optimiser.step()
-        curve.append({"step": step, "loss": loss.item(), "version_loss": version.item(), "distill_kl": kl.item(), "change_before_decision": keep.item(),
+        curve.append({"step": step, "loss": loss.item(), "version_loss": version.item(), "distill_kl": kl.item(), "swap_kl": swap.item(),
                       "version_accuracy": (margin[buggy] > 0).float().mean().item() if buggy.any() else None})
     slices.restore_frozen()
     for p in model.parameters():
@@ -147,7 +146,7 @@ def plant_organism(config: dict, base: ModelManifest, analysis_pairs: set[tuple[
     log.info("planting the bug at layer %d, heads %s, on %d training prompts", layer, heads, prompts.num_rows)
     curve = plant(model, prompts.to_pylist(), slices, buggy_format=config["prompts"]["buggy_format"],
                   steps=training["steps"], batch_size=training["batch_size"], lr=training["lr"],
-                  distill_weight=training["distill_weight"], keep_weight=training["keep_weight"], seed=config["seed"], pad_token_id=tokenizer.pad_token_id)
+                  distill_weight=training["distill_weight"], swap_weight=training["swap_weight"], seed=config["seed"], pad_token_id=tokenizer.pad_token_id)
     with atomic_path(checkpoint_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
