@@ -74,3 +74,11 @@ def test_an_unknown_expectation_is_refused(tmp_path):
         "expected: {organism: holds}", "expected: {organism: true}", 1))
     with pytest.raises(LedgerError, match="expected must map a model"):
         load_ledger(path)
+
+
+def test_the_html_section_lists_every_row_and_the_summary():
+    table = truth.ground_truth(_result(fix="holds", half="fails"), {"fix": "holds", "half": "unknown"})
+    page = truth.to_html(table, "organism")
+    assert "Ground truth (organism model)" in page and "sensitivity: 1 of 1" in page
+    assert page.count("<tr>") == 3 and "(not scored)" in page
+    assert truth.to_html(table.head(0), "organism") == ""

@@ -52,7 +52,7 @@ def main(smk):
     with atomic_path(smk.output.markdown) as tmp:
         tmp.write_text(report.to_markdown(result, title) + truth.to_markdown(ground_truth, role))
     with atomic_path(smk.output.html) as tmp:
-        tmp.write_text(report.to_html(result, title))
+        tmp.write_text(report.to_html(result, title, truth.to_html(ground_truth, role)))
     log.info("claims ledger (tables: %s, focus layers: %s):\n%s\nground truth (%s): %s", names, focus,
              result.select("claim_id", "verdict", "form", "measured"), role, truth.summary(ground_truth))
 

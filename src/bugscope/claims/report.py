@@ -98,7 +98,8 @@ def to_markdown(ledger: pl.DataFrame, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_html(ledger: pl.DataFrame, title: str) -> str:
+def to_html(ledger: pl.DataFrame, title: str, appendix: str = "") -> str:
+    """The ledger as a page; `appendix` (HTML) goes after its table (the ground truth)."""
     import html
 
     counts = html.escape(_counts(ledger))
@@ -120,4 +121,4 @@ def to_html(ledger: pl.DataFrame, title: str) -> str:
             "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:left}"
             "th{background:#eee}</style></head><body>"
             f"<h2>{html.escape(title)}</h2><p>{html.escape(premise_statement(ledger))}</p><p>{counts}</p>"
-            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></body></html>")
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{appendix}</body></html>")

@@ -84,3 +84,18 @@ def to_markdown(truth: pl.DataFrame, role: str) -> str:
         agrees = {True: "yes", False: "**no**", None: "(not scored)"}[r["agrees"]]
         lines.append(f"| {r['claim_id']} | {r['expected']} | {r['obtained']} | {agrees} |")
     return "\n".join(lines) + "\n"
+
+
+def to_html(truth: pl.DataFrame, role: str) -> str:
+    """The ground-truth section of a ledger's HTML page."""
+    import html
+
+    if truth.height == 0:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(r['claim_id'])}</td><td>{r['expected']}</td><td>{html.escape(r['obtained'])}</td>"
+        f"<td>{ {True: 'yes', False: '<b>no</b>', None: '(not scored)'}[r['agrees']] }</td></tr>"
+        for r in truth.to_dicts())
+    return (f"<h3>Ground truth ({role} model)</h3><p>{html.escape(summary(truth))}.</p>"
+            "<table><thead><tr><th>claim</th><th>expected</th><th>obtained</th><th>agrees</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>")

@@ -74,7 +74,10 @@ def study_config(config: dict) -> dict:
         "organism": {"enabled": False},
         "sae": {"sets": [{**copy.deepcopy(primary), "layers": [layer]}]},
         "baseline": {"generation_sample": min(4, config["baseline"]["generation_sample"])},
-        "patching": {**_OFF["patching"], "positions": "decision", "residual_map": {"layers": layers}},
+        # the exhaustive sets up to 4 heads (every odd-only set, the half and quarter of the even
+        # heads) and 2 random subsets per size: the claims read no more
+        "patching": {**_OFF["patching"], "positions": "decision", "residual_map": {"layers": layers},
+                     "exhaustive": {"sizes": [1, 2, 3, 4]}, "subsets": {"samples": 2}},
         "interventions": _OFF["interventions"],
         "claims": {"expectations": "organism"},
     }
