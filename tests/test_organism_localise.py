@@ -14,7 +14,7 @@ def _row(layer, head_set, recovery, family="head_set", low=None, high=None, posi
 
 def _heads(planted_layer=9, found=(0, 2, 4, 6, 8, 3)):
     rows = [_row(layer, "all", 0.9 if layer == planted_layer else 0.1) for layer in (8, 9, 10)]
-    rows += [_row(9, f"head{h}", 0.4 if h in found else 0.0) for h in range(9)]
+    rows += [_row(9, f"head{h}", 0.4 if h in found else 0.0, low=0.3 if h in found else -0.1) for h in range(9)]
     rows += [_row(9, "even", 0.85), _row(9, "odd", 0.02), _row(9, "resid_post", 0.95, family="ceiling"),
              _row(9, "random_k5", 0.1, family="random_control", high=0.2),
              _row(9, "all", 0.1, positions="decision")]  # another positions: not read
@@ -31,6 +31,7 @@ def test_the_planted_layer_and_heads_are_found():
                                  for layer in (8, 9, 10) for rank in (0, 1)])
     s = _scores(_heads(), residual_map)
     assert s["head_sweep_layer_rank"]["value"] == 1.0 and s["head_sweep_layer_rank"]["n"] == 3
+    assert s["head_sweep_choice"]["value"] == 9.0 and "the planted layer" in s["head_sweep_choice"]["detail"]
     assert s["residual_map_layer_rank"]["value"] == 1.0
     assert s["planted_head_precision"]["value"] == 5 / 6 and s["planted_head_recall"]["value"] == 1.0
     assert s["planted_set_recovery"]["value"] == 0.85 and s["ceiling_recovery"]["value"] == 0.95
@@ -40,5 +41,6 @@ def test_the_planted_layer_and_heads_are_found():
 def test_a_missed_layer_ranks_low_and_no_head_above_the_control_gives_no_precision():
     s = _scores(_heads(planted_layer=10, found=()))
     assert s["head_sweep_layer_rank"]["value"] == 2.0
+    assert s["head_sweep_choice"]["value"] == 10.0 and "not the planted layer 9" in s["head_sweep_choice"]["detail"]
     assert s["planted_head_precision"]["value"] is None and s["planted_head_recall"]["value"] == 0.0
     assert "residual_map_layer_rank" not in s
