@@ -43,6 +43,8 @@ rule organism_prompts:
         layout.organism(layout.PROMPTS),
     log:
         layout.organism(f"{layout.LOGS}/build_prompts.log"),
+    conda:
+        "../../environment.yml"
     shell:
         "cp {input} {output} 2> {log}"
 
