@@ -75,9 +75,11 @@ def study_config(config: dict) -> dict:
         "sae": {"sets": [{**copy.deepcopy(primary), "layers": [layer]}]},
         "baseline": {"generation_sample": min(4, config["baseline"]["generation_sample"])},
         # the exhaustive sets up to 4 heads (every odd-only set, the half and quarter of the even
-        # heads) and 2 random subsets per size: the claims read no more
+        # heads): the claims read no more. The random subsets stay at the base's samples: they are
+        # the ceiling's random-head control, and with 2 a draw that holds the strongest planted head
+        # decides it.
         "patching": {**_OFF["patching"], "positions": "decision", "residual_map": {"layers": layers},
-                     "exhaustive": {"sizes": [1, 2, 3, 4]}, "subsets": {"samples": 2}},
+                     "exhaustive": {"sizes": [1, 2, 3, 4]}},
         "interventions": _OFF["interventions"],
         "claims": {"expectations": "organism"},
     }
