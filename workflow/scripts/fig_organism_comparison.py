@@ -12,6 +12,7 @@ def main(smk):
     configs = {"unedited": smk.config, "planted": study}
     accuracy = {m: tables.frame(tables.BASELINE_ACCURACY, configs[m], smk.input[f"{m}_accuracy"]) for m in configs}
     heads = {m: tables.frame(tables.PATCHING_SUMMARY, configs[m], smk.input[f"{m}_heads"]) for m in configs}
+    # the manifest as JSON, not ModelManifest.load: bugscope.model.load imports torch, which a light job never does
     layer = json.loads(open(smk.input.manifest).read())["planted"]["layer"]
     chart = organism_comparison(accuracy, heads, Labels.from_config(smk.config), layer,
                                 {m: c["patching"]["positions"] for m, c in configs.items()})

@@ -9,6 +9,7 @@ from bugscope.run.script import log, run
 
 
 def main(smk):
+    # the manifest as JSON, not ModelManifest.load: bugscope.model.load imports torch, which a light job never does
     planted = json.loads(open(smk.input.manifest).read())["planted"]
     study = study_config(smk.config)
     heads = tables.frame(tables.PATCHING_SUMMARY, study, smk.input.heads)
