@@ -78,6 +78,20 @@ def run_snakemake(workdir: Path, *args: str, configfile: str | Path = REPO / "co
     return proc
 
 
+def workflow_rules(workdir: Path, configfile: Path = REPO / "config" / "ci.yaml") -> dict:
+    """The workflow's rules as Snakemake parses them, without running anything: {name: (local, resources)}.
+    Whether a rule is local is read from the workflow's own register (Snakemake has no public call for it
+    outside a cluster executor): `localrule: True`, carried by `use rule` to the organism's copies."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+    with SnakemakeApi(OutputSettings(quiet=True)) as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(cores=2),
+                                config_settings=ConfigSettings(configfiles=[Path(configfile)]),
+                                snakefile=REPO / "Snakefile", workdir=Path(workdir))._workflow
+        return {rule.name: (rule.name in workflow._localrules, dict(rule.resources)) for rule in workflow.rules}
+
+
 @pytest.fixture(scope="session")
 def ci_workflow(tmp_path_factory, embedded_manifest):
     """A finished run of the ci.yaml workflow (all default targets); returns its work directory."""

@@ -215,20 +215,20 @@ def test_light_step_at_8b_sizes_stays_under_2_gb(study, rule):
     assert result["peak_mb"] <= LIMIT_MB, f"{rule} peaked at {result['peak_mb']:.0f} MB (limit {LIMIT_MB} MB)"
 
 
-def test_every_local_rule_of_the_workflow_is_measured():
-    """A new local rule gets a memory test: every `localrules:` name but the ones that only prepare inputs."""
-    import re
+def test_every_local_rule_of_the_workflow_is_measured(tmp_path):
+    """A new local rule gets a memory test: every `localrule: True` rule but the ones that only prepare
+    inputs. The organism's copies (organism_*) run the same scripts as the base rules measured here."""
+    from tests.conftest import workflow_rules
 
-    local = set()
-    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
-        for block in re.findall(r"^localrules:\n((?:    .+\n)+)", smk.read_text(), flags=re.M):
-            local |= {name.strip().rstrip(",") for name in block.splitlines()}
-    # all: a target; prepare_model, build_prompts, prepare_corpus: they read the tokenizer and the
-    # prompt and corpus sources, no table of the study's sizes.
+    rules = workflow_rules(tmp_path)
+    local = {name for name, (is_local, _) in rules.items()
+             if is_local and name.removeprefix("organism_") not in rules.keys() - {name}}
+    # all, default: targets; prepare_model, build_prompts, prepare_corpus: they read the tokenizer and
+    # the prompt and corpus sources, no table of the study's sizes.
     # organism_prompts copies the prompt table; organism_localisation and fig_organism_comparison
     # read the head-patching summaries (the organism's of 3 layers) and baseline accuracy tables that
     # fig_head_sweep and fig_baseline_accuracy are measured on here (not measured on their own: open).
-    unmeasured = local - {"all", "prepare_model", "build_prompts", "prepare_corpus", "organism_prompts",
+    unmeasured = local - {"all", "default", "prepare_model", "build_prompts", "prepare_corpus", "organism_prompts",
                           "organism_localisation", "fig_organism_comparison"}
     measured = {rule.split("_table_")[0] + "_table" if rule.startswith("report_table") else rule for rule in STEPS}
     assert unmeasured <= measured, f"local rules without a memory test: {sorted(unmeasured - measured)}"

@@ -145,3 +145,21 @@ def test_local_model_jobs_hold_a_gpu_only_where_they_run_on_one(tmp_path, device
         assert re.search(r"\bcpus_per_task=1\b", line), (rule, line)
     light = [r for r, line in found.items() if r not in model_rules]
     assert light and not any("gpu=" in found[r] for r in light)
+
+
+@pytest.mark.parametrize("config", ["config.yaml", "ci.yaml"])
+def test_the_organisms_rules_are_local_exactly_where_the_base_rules_are(tmp_path, config):
+    """The organism's rules are the base rules again (`use rule * from organism as organism_*`): each is
+    local where its base rule is, and every rule that goes to the cluster asks for a GPU. (A module's
+    `localrules:` list does not reach its renamed rules; `localrule: True` does.)"""
+    from tests.conftest import workflow_rules
+
+    rules = workflow_rules(tmp_path, REPO / "config" / config)
+    copies = {name: name.removeprefix("organism_") for name in rules
+              if name.startswith("organism_") and name.removeprefix("organism_") in rules}
+    assert len(copies) > 30, sorted(rules)
+    differ = [name for name, base in copies.items() if rules[name][0] != rules[base][0]]
+    assert not differ, f"organism rules whose locality differs from their base rule: {differ}"
+    remote = [name for name, (local, res) in rules.items() if not local]
+    assert "organism_report_table" not in remote and "organism_baseline" in remote
+    assert all("gpu" in rules[name][1] for name in remote), [n for n in remote if "gpu" not in rules[n][1]]

@@ -112,7 +112,7 @@ def check_jobs(jobs: list[Job], workdir: Path, problems: list[str]) -> None:
                 problems.append(f"local rule {name} was submitted to SLURM")
             continue
         if not job.gpu:
-            problems.append(f"{name} went to SLURM without gpu=1: a light rule missing from localrules?")
+            problems.append(f"{name} went to SLURM without gpu=1: a light rule without `localrule: True`?")
         if not job.slurm_ids:
             problems.append(f"{name} was never submitted to SLURM")
         for slurm_id, call in zip(job.slurm_ids, job.sbatch):

@@ -42,12 +42,6 @@ wildcard_constraints:
     dataset=r"prompts|corpus",
 
 
-localrules:
-    all,
-    prepare_model,
-    build_prompts,
-
-
 def final_outputs():
     """The default target: every output of the stages the config runs (bugscope.run.stages.targets)."""
     return stages.targets(config)

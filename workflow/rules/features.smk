@@ -13,13 +13,8 @@ wildcard_constraints:
     sae_set="|".join(SAE_SETS),
 
 
-localrules:
-    feature_overlap,
-    discriminative_features,
-    named_features,
-
-
 rule feature_overlap:
+    localrule: True
     input:
         prompts=layout.PROMPTS,
         features=lambda w: set_features(w.sae_set),
@@ -42,6 +37,7 @@ rule feature_overlap:
 
 
 rule discriminative_features:
+    localrule: True
     input:
         prompts=layout.PROMPTS,
         scores=layout.BASELINE_SCORES,
@@ -63,6 +59,7 @@ rule discriminative_features:
 
 
 rule named_features:
+    localrule: True
     input:
         prompts=layout.PROMPTS,
         features=lambda w: set_features(w.sae_set, named_layers(w.sae_set)),

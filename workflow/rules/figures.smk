@@ -11,27 +11,8 @@ CLAIMS_LEDGER = config["claims"]["ledger"] or str(
 PNG_SCALE = config["figures"]["png_scale"]
 
 
-localrules:
-    fig_baseline_accuracy,
-    fig_feature_overlap,
-    fig_amplification,
-    fig_format_features,
-    fig_head_attribution,
-    fig_sae_quality,
-    fig_head_sweep,
-    fig_head_subsets,
-    fig_original_method,
-    fig_replacement,
-    fig_residual_map,
-    fig_subsets_exhaustive,
-    fig_head_set_features,
-    fig_interventions,
-    fig_original_decomposition,
-    report_table,
-    claims_ledger,
-
-
 rule fig_baseline_accuracy:
+    localrule: True
     input:
         accuracy=layout.BASELINE_ACCURACY,
     output:
@@ -47,6 +28,7 @@ rule fig_baseline_accuracy:
 
 
 rule fig_feature_overlap:
+    localrule: True
     input:
         overlap=layout.per_set(layout.FEATURE_OVERLAP, PRIMARY_SET),
     output:
@@ -62,6 +44,7 @@ rule fig_feature_overlap:
 
 
 rule fig_amplification:
+    localrule: True
     input:
         overlap=layout.per_set(layout.FEATURE_OVERLAP, PRIMARY_SET),
     output:
@@ -77,6 +60,7 @@ rule fig_amplification:
 
 
 rule fig_format_features:
+    localrule: True
     input:
         unpack(focus_layer_input),
         discriminative=layout.per_set(layout.DISCRIMINATIVE_FEATURES, PRIMARY_SET),
@@ -94,6 +78,7 @@ rule fig_format_features:
 
 
 rule fig_head_attribution:
+    localrule: True
     input:
         unpack(focus_layer_input),
         attribution=layout.per_set(layout.HEAD_FEATURE_ATTRIBUTION, PRIMARY_SET),
@@ -110,6 +95,7 @@ rule fig_head_attribution:
 
 
 rule fig_sae_quality:
+    localrule: True
     input:
         quality=layout.SAE_QUALITY,
     output:
@@ -125,6 +111,7 @@ rule fig_sae_quality:
 
 
 rule fig_head_sweep:
+    localrule: True
     input:
         summary=layout.PATCHING_SUMMARY,
     output:
@@ -140,6 +127,7 @@ rule fig_head_sweep:
 
 
 rule fig_head_subsets:
+    localrule: True
     input:
         summary=layout.PATCHING_SUMMARY,
     output:
@@ -155,6 +143,7 @@ rule fig_head_subsets:
 
 
 rule fig_interventions:
+    localrule: True
     input:
         summary=layout.INTERVENTIONS,
     output:
@@ -170,6 +159,7 @@ rule fig_interventions:
 
 
 rule fig_original_method:
+    localrule: True
     input:
         comparison=layout.PATCHING_ORIGINAL_METHOD,
     output:
@@ -185,6 +175,7 @@ rule fig_original_method:
 
 
 rule fig_replacement:
+    localrule: True
     input:
         summary=layout.PATCHING_REPLACEMENT,
     output:
@@ -200,6 +191,7 @@ rule fig_replacement:
 
 
 rule fig_residual_map:
+    localrule: True
     input:
         summary=layout.PATCHING_RESIDUAL_MAP,
     output:
@@ -215,6 +207,7 @@ rule fig_residual_map:
 
 
 rule fig_subsets_exhaustive:
+    localrule: True
     input:
         summary=layout.PATCHING_EXHAUSTIVE,
     output:
@@ -230,6 +223,7 @@ rule fig_subsets_exhaustive:
 
 
 rule fig_head_set_features:
+    localrule: True
     input:
         summary=layout.HEAD_SET_FEATURES,
     output:
@@ -245,6 +239,7 @@ rule fig_head_set_features:
 
 
 rule fig_original_decomposition:
+    localrule: True
     input:
         decomposition=layout.PATCHING_ORIGINAL_DECOMPOSITION,
     output:
@@ -260,6 +255,7 @@ rule fig_original_decomposition:
 
 
 rule report_table:
+    localrule: True
     input:
         table=lambda wildcards: REPORT_TABLES[wildcards.name],
     output:
@@ -280,6 +276,7 @@ rule report_table:
 
 
 rule claims_ledger:
+    localrule: True
     input:
         unpack(claims_inputs),
     output:

@@ -1,4 +1,5 @@
 rule prepare_model:
+    localrule: True
     output:
         manifest=layout.MODEL_MANIFEST,
     log:
@@ -13,6 +14,7 @@ rule prepare_model:
 
 
 rule build_prompts:
+    localrule: True
     input:
         manifest=layout.MODEL_MANIFEST,
     output:

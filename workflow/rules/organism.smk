@@ -7,12 +7,6 @@
 ORGANISM_TARGETS = []
 
 
-localrules:
-    organism_prompts,
-    organism_localisation,
-    fig_organism_comparison,
-
-
 rule plant_organism:
     input:
         manifest=layout.MODEL_MANIFEST,
@@ -37,6 +31,7 @@ rule plant_organism:
 
 # The organism's prompts are the base run's, bit for bit: copied, not rebuilt.
 rule organism_prompts:
+    localrule: True
     input:
         layout.PROMPTS,
     output:
@@ -50,6 +45,7 @@ rule organism_prompts:
 
 
 rule organism_localisation:
+    localrule: True
     input:
         manifest=layout.organism(layout.MODEL_MANIFEST),
         heads=layout.organism(layout.PATCHING_SUMMARY),
@@ -73,6 +69,7 @@ rule organism_localisation:
 
 
 rule fig_organism_comparison:
+    localrule: True
     input:
         manifest=layout.organism(layout.MODEL_MANIFEST),
         unedited_accuracy=layout.BASELINE_ACCURACY,

@@ -8,10 +8,6 @@ PATCH_FOCUS_HASH = stage_hash(config, "patching_focus")
 PATCH_SUMMARY_HASH = stage_hash(config, "patching_summary")
 
 
-localrules:
-    head_patching_summary,
-
-
 # One rule per layer group, named <stage>_<group> like the SAE stage's (workflow/rules/sae.smk).
 for group, group_layers in LAYER_GROUPS.items():
 
@@ -89,6 +85,7 @@ rule head_original_method:
 
 
 rule head_patching_summary:
+    localrule: True
     input:
         sweep=[
             layout.PATCHING_SWEEP_GROUP.format(group=group) for group in LAYER_GROUPS

@@ -15,12 +15,8 @@ SAE_IDS = {
 }
 
 
-localrules:
-    prepare_corpus,
-    aggregate_sae_quality,
-
-
 rule prepare_corpus:
+    localrule: True
     input:
         manifest=layout.MODEL_MANIFEST,
         prompts=layout.PROMPTS,
@@ -202,6 +198,7 @@ for sae_set, group, group_layers in [
 
 
 rule aggregate_sae_quality:
+    localrule: True
     input:
         quality=[
             layout.per_set(layout.SAE_QUALITY_LAYER, name, hook=hook)
