@@ -176,6 +176,8 @@ def check_saved(tmp: Path, name: str, chart, scale: float = 2.0) -> dict:
 
 EXPECTED = {
     "baseline_accuracy": {"format_role", "order_label", "pair_kind", "accuracy", "accuracy_low", "accuracy_high"},
+    "lens": {"layer", "format_role", "lens_logit_diff", "lens_logit_diff_low", "lens_logit_diff_high", "block", "value",
+             "low", "high"},
     "feature_overlap": {"layer", "overlap_pct", "overlap_pct_low", "overlap_pct_high", "variant", "set", "features"},
     "amplification": {"layer", "amplification", "amplification_low", "amplification_high", "variant"},
     "format_features": {"mean_buggy", "mean_correct", "direction", "label"},

@@ -250,3 +250,34 @@ def test_head_attribution_refuses_a_normalised_attention_output(family_model):
             head_outputs(model, 0, z, N_HEADS)
     else:
         assert head_outputs(model, 0, z, N_HEADS).shape == (N_HEADS, 2, D_MODEL)
+
+
+def test_the_lens_reads_the_models_logit_difference_and_the_attributions_add_up(family_model, prompts):
+    """The logit lens at the last layer is the model's own decision logit difference (soft-capped for
+    Gemma 2); the embedding's and every block's direct attribution add up to it before the soft-cap.
+    Without the soft-cap, or reading the residual before the last layer, it would not match."""
+    from bugscope.model.capture import decision_lens
+
+    family, model = family_model
+    rows = prompts.to_dicts()
+    batch = make_batch(rows, PAD, "cpu")
+    with torch.inference_mode():
+        logits = decision_logits(model, batch)
+    expected = dict(zip(batch.prompt_ids.tolist(), logit_diff(logits, batch).tolist()))
+    lens = decision_lens(model, rows, batch_size=4, pad_token_id=PAD)
+    mine = torch.tensor(lens.lens[:, -1])
+    theirs = torch.tensor([expected[int(i)] for i in lens.prompt_ids])
+    tol = forward_tolerance(model, scale=_logit_scale(model, rows))
+    assert (mine - theirs).abs().max() <= tol
+    assert (torch.tensor(lens.lens[:, -2]) - theirs).abs().max() > 100 * tol
+    total = torch.tensor(lens.embedding + lens.attn.sum(-1) + lens.mlp.sum(-1))
+    cap = model.config.final_logit_softcapping if family == "gemma2" else None
+    if cap is None:
+        uncapped = theirs
+    else:  # the logits before the cap, from the capped ones
+        rows_ = torch.arange(logits.shape[0])
+        raw = cap * torch.atanh(logits.double() / cap)
+        by_id = dict(zip(batch.prompt_ids.tolist(), (raw[rows_, batch.correct_token] - raw[rows_, batch.wrong_token]).tolist()))
+        uncapped = torch.tensor([by_id[int(i)] for i in lens.prompt_ids])
+        assert (total - theirs).abs().max() > 100 * tol
+    assert (total - uncapped).abs().max() <= tol * max(1.0, max_abs(uncapped) / max_abs(theirs))

@@ -145,3 +145,29 @@ def test_a_planted_site_outside_the_model_is_refused(ci_config, key, value, mess
     cfg = _config(ci_config, **{key: value})
     with pytest.raises(ConfigError, match=message):
         planted_layer(cfg) if key == "layer" else planted_heads(cfg)
+
+
+def test_rerunning_the_last_column_matches_the_full_run_and_its_gradient(embedded, prompts):
+    """Planting's interchange term runs only the last column again, on the keys and values of the full
+    run (LayerRunner.rerun_last_column): the same residual and the same gradient as a full rerun, to
+    float32 rounding over the layers run."""
+    model, tokenizer = embedded
+    runner, layer = LayerRunner(model), 9
+    batch = _batch(prompts, tokenizer)
+    with torch.no_grad():
+        hidden, ctx = runner.begin(batch)
+        for i in range(layer):
+            hidden = runner.layer(i, hidden, ctx)
+    grads, lasts = [], []
+    for rerun in (False, True):
+        entering = hidden.clone().requires_grad_(True)
+        final, kv = runner.run_keeping_kv(layer, entering, ctx)
+        last = runner.rerun_last_column(layer, entering, ctx, kv)[:, -1] if rerun else final[:, -1]
+        last.square().sum().backward()
+        grads.append(entering.grad)
+        lasts.append(last.detach())
+    n_layers = model.config.num_hidden_layers - layer
+    tol = torch.finfo(torch.float32).eps * model.config.hidden_size ** 0.5 * n_layers
+    for mine, full in ((lasts[1], lasts[0]), (grads[1], grads[0])):
+        assert (mine - full).abs().max() <= tol * full.abs().max(), (mine - full).abs().max() / full.abs().max()
+    assert grads[1][:, :-1].abs().max() > 0  # the earlier columns get their gradient through the keys and values

@@ -19,6 +19,9 @@ BASELINE_SCORES = f"{RESULTS}/baseline/scores.parquet"
 BASELINE_ACCURACY = f"{RESULTS}/baseline/accuracy.parquet"
 BASELINE_GENERATION = f"{RESULTS}/baseline/generation.parquet"
 BASELINE_CONTRAST = f"{RESULTS}/baseline/format_contrast.parquet"
+# The logit lens and direct logit attribution of the unpatched run (bugscope.data.lens), per prompt and layer
+LENS_PROMPTS = f"{RESULTS}/baseline/lens_prompts.parquet"
+LENS = f"{RESULTS}/baseline/lens.parquet"
 
 ACTIVATIONS = f"{RESULTS}/activations/{{dataset}}/{{hook}}.parquet"
 CORPUS = f"{RESULTS}/corpus/corpus.parquet"

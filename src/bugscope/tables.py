@@ -60,6 +60,14 @@ BASELINE_GENERATION = Table(
     layout.BASELINE_GENERATION, "baseline_generation", "baseline",
     columns=("prompt_id", "generated_answer", "format", "is_correct"))
 
+LENS_PROMPTS = Table(layout.LENS_PROMPTS, "lens_prompts", "baseline",
+                     columns=("prompt_id", "pair_id", "pair_kind", "order", "format", "layer", "lens_logit_diff",
+                              "attn_attribution", "mlp_attribution", "embedding_attribution"))
+LENS = Table(layout.LENS, "lens", "baseline", "n_pairs", "number pairs",
+             columns=("format", "pair_kind", "order", "layer", "n_pairs", "lens_logit_diff", "lens_logit_diff_low",
+                      "lens_logit_diff_high", "lens_accuracy", "lens_accuracy_low", "lens_accuracy_high",
+                      "attn_attribution", "mlp_attribution"))
+
 PROMPT_ACTIVATIONS = Table(
     layout.ACTIVATIONS.replace("{dataset}", "prompts"), "activations", "activations",
     columns=("prompt_id", "position", "activation"))

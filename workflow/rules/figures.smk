@@ -27,6 +27,22 @@ rule fig_baseline_accuracy:
         "../scripts/fig_baseline_accuracy.py"
 
 
+rule fig_lens:
+    localrule: True
+    input:
+        lens=layout.LENS,
+    output:
+        **figure_outputs("lens", "1. Baseline"),
+    log:
+        f"{layout.LOGS}/figures/lens.log",
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
+    script:
+        "../scripts/fig_lens.py"
+
+
 rule fig_feature_overlap:
     localrule: True
     input:

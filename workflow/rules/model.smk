@@ -38,6 +38,8 @@ rule baseline:
         accuracy=layout.BASELINE_ACCURACY,
         contrast=layout.BASELINE_CONTRAST,
         generation=layout.BASELINE_GENERATION,
+        lens_prompts=layout.LENS_PROMPTS,
+        lens=layout.LENS,
     log:
         f"{layout.LOGS}/baseline.log",
     benchmark:

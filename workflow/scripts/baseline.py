@@ -2,6 +2,8 @@ import polars as pl
 
 from bugscope import tables
 from bugscope.data.baseline import accuracy_by_format, format_contrast, greedy_check, score_prompts
+from bugscope.data.lens import lens_rows, lens_summary
+from bugscope.model.capture import decision_lens
 from bugscope.model.load import ModelManifest, load_model
 from bugscope.run.script import log, run
 
@@ -19,6 +21,12 @@ def main(smk):
     contrast = format_contrast(scores, buggy_format=cfg["prompts"]["buggy_format"],
                                correct_format=cfg["prompts"]["correct_format"], n_resamples=boot["n_resamples"],
                                confidence=boot["confidence"], seed=cfg["seed"])
+
+    lens_prompts = lens_rows(decision_lens(model, rows, batch_size=cfg["cache"]["batch_size"],
+                                           pad_token_id=tokenizer.pad_token_id), prompts)
+    lens = lens_summary(lens_prompts, buggy_format=cfg["prompts"]["buggy_format"],
+                        correct_format=cfg["prompts"]["correct_format"], n_resamples=boot["n_resamples"],
+                        confidence=boot["confidence"], seed=cfg["seed"])
 
     # Greedy generation on the first prompts of each format, as a second opinion on the logit metric.
     n = cfg["baseline"]["generation_sample"]
@@ -40,6 +48,8 @@ def main(smk):
         put(tables.BASELINE_SCORES, scores, smk.output.scores, meta)
         put(tables.BASELINE_ACCURACY, accuracy, smk.output.accuracy, meta)
         put(tables.BASELINE_CONTRAST, contrast, smk.output.contrast, meta)
+        put(tables.LENS_PROMPTS, lens_prompts, smk.output.lens_prompts, meta)
+        put(tables.LENS, lens, smk.output.lens, meta)
         put(tables.BASELINE_GENERATION, generation, smk.output.generation,
             {"n_parsed": parsed.height, "agreement": agreement, **meta})
     log.info("accuracy by format:\n%s\nformat contrast:\n%s", accuracy, contrast)

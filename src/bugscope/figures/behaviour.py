@@ -53,3 +53,51 @@ def baseline_accuracy(accuracy: pl.DataFrame, labels: Labels) -> alt.FacetChart:
             f"Baseline accuracy per prompt format, question order and pair kind ({labels.model})",
             [f"decision-token logit difference > 0; number pairs: {n_pairs}; {KIND_NOTE}",
              f"bars: {labels.ci} (bootstrap over number pairs); dashed: chance"]))
+
+
+def lens(summary: pl.DataFrame, labels: Labels) -> alt.HConcatChart:
+    """The logit lens by layer on the bug's pair kind (both orders pooled): the decision logit
+    difference each format's residual stream would give if the model stopped after that layer, and
+    which blocks write the format gap (the correct format minus the buggy one, direct attribution)."""
+    from bugscope.data.lens import FORMAT_GAP
+    from bugscope.data.prompts import BUG_PAIR_KIND
+
+    bug = summary.filter(pl.col("pair_kind") == BUG_PAIR_KIND, pl.col("order") == ALL)
+    role = {labels.buggy_format: " (buggy)", labels.correct_format: " (correct)"}
+    formats = null_nan(bug.filter(pl.col("format") != FORMAT_GAP), "lens_logit_diff", "lens_logit_diff_low",
+                       "lens_logit_diff_high").with_columns(
+        (pl.col("format") + pl.col("format").replace_strict(role, default="")).alias("format_role"))
+    x = alt.X("layer:Q", title="layer (residual stream after it)", axis=alt.Axis(tickMinStep=1))
+    colour = alt.Color("format_role:N", title="prompt format", legend=alt.Legend(orient="top"))
+    band = alt.Chart().mark_area(opacity=0.2).encode(x=x, y=alt.Y("lens_logit_diff_low:Q", title=""),
+                                                     y2="lens_logit_diff_high:Q", color=colour)
+    line = alt.Chart().mark_line(point=True).encode(
+        x=x, color=colour, y=alt.Y("lens_logit_diff:Q", title="logit lens: correct - wrong logit"),
+        tooltip=["format", "layer", "n_pairs", alt.Tooltip("lens_logit_diff:Q", format=".3f"),
+                 alt.Tooltip("lens_accuracy:Q", format=".3f")])
+    zero = alt.Chart().mark_rule(strokeDash=[4, 4], color=OKABE_ITO["grey"]).encode(y=alt.datum(0))
+    left = alt.layer(band, line, zero, data=formats).properties(width=WIDTH // 2, height=HEIGHT,
+                                                                 title="logit lens per format")
+    gap = bug.filter(pl.col("format") == FORMAT_GAP)
+    blocks = pl.concat([
+        gap.select("layer", "n_pairs", pl.lit(block).alias("block"), pl.col(f"{block}_attribution").alias("value"),
+                   pl.col(f"{block}_attribution_low").alias("low"), pl.col(f"{block}_attribution_high").alias("high"))
+        for block in ("attn", "mlp")])
+    blocks = null_nan(blocks, "value", "low", "high")
+    bar_colour = alt.Color("block:N", title="block", legend=alt.Legend(orient="top"),
+                           scale=alt.Scale(domain=["attn", "mlp"], range=[OKABE_ITO["sky_blue"], OKABE_ITO["orange"]]))
+    bars = alt.Chart().mark_bar(opacity=0.8).encode(
+        x=alt.X("layer:O", title="layer"), xOffset="block:N", color=bar_colour,
+        y=alt.Y("value:Q", title=f"direct attribution to the gap ({labels.correct_format} - {labels.buggy_format})"),
+        tooltip=["layer", "block", "n_pairs", alt.Tooltip("value:Q", format=".3f"), alt.Tooltip("low:Q", format=".3f"),
+                 alt.Tooltip("high:Q", format=".3f")])
+    err = alt.Chart().mark_errorbar(ticks=True, color="black").encode(
+        x=alt.X("layer:O"), xOffset="block:N", y=alt.Y("low:Q", title=""), y2="high:Q")
+    right = alt.layer(bars, err, data=blocks).properties(width=WIDTH // 2, height=HEIGHT,
+                                                          title="which blocks write the format gap")
+    return alt.hconcat(left, right).resolve_scale(color="independent").properties(title=chart_title(
+        f"Logit lens and direct logit attribution at the decision position ({labels.model}, {BUG_PAIR_KIND})",
+        [f"number pairs: {n_label(bug['n_pairs'])}; both question orders pooled; bands and bars: {labels.ci} "
+         "(bootstrap over number pairs)",
+         "attribution: each block's write through the final norm (its scale fixed) onto the correct - wrong "
+         "unembedding; the gap is paired per question"]))

@@ -1,6 +1,7 @@
 """Reading tensors out of a forward pass without changing it: a layer's tensors at the decision
-position (`capture_decision`, for the direct head attribution) and one module's output
-(`recorded_output`, e.g. an SAE-Lens hook point)."""
+position (`capture_decision`, for the direct head attribution), the decision logit difference read
+at every layer (`decision_lens`) and one module's output (`recorded_output`, e.g. an SAE-Lens hook
+point)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import numpy as np
 import torch
 
 from bugscope.model.forward import iter_batches, run_decoder
-from bugscope.model.sites import decoder_layers, head_input_module, output_tensor, site_module
+from bugscope.model.sites import (
+    decoder_layers,
+    final_norm,
+    final_norm_epsilon,
+    head_input_module,
+    logit_softcap,
+    output_tensor,
+    site_module,
+    unembedding,
+)
 
 
 @contextlib.contextmanager
@@ -88,3 +98,68 @@ def capture_decision(model, rows: Sequence[dict], *, layers: Sequence[int], batc
             h.remove()
     caps = {layer: LayerCapture(**{k: torch.cat(v) for k, v in parts.items()}) for layer, parts in store.items()}
     return np.concatenate(ids), caps
+
+
+@dataclass
+class DecisionLens:
+    """Per prompt ([n] or [n, layers]), the correct-minus-wrong logit difference at the decision position."""
+
+    prompt_ids: np.ndarray  # [n]
+    lens: np.ndarray  # [n, layers] the logit lens: the final norm and unembedding applied to the residual after each layer
+    embedding: np.ndarray  # [n] direct attribution of the token embedding
+    attn: np.ndarray  # [n, layers] direct attribution of each attention block's write
+    mlp: np.ndarray  # [n, layers] direct attribution of each MLP block's write
+
+
+@torch.inference_mode()
+def decision_lens(model, rows: Sequence[dict], *, batch_size: int, pad_token_id: int) -> DecisionLens:
+    """The decision logit difference read at every layer, and its direct attribution to each block.
+
+    The lens applies the final norm (its own scale for each residual) and the unembedding, then the
+    family's logit soft-cap, so its last layer is the model's own logit difference. The direct
+    attributions hold the final residual's norm scale fixed (the norm is RMS: linear once its scale
+    is fixed) and sum to the last layer's lens before any soft-cap, to rounding: the embedding plus
+    every block's write is the final residual. Computed batch by batch, so memory does not grow with
+    the prompts times the layers."""
+    n_layers = model.config.num_hidden_layers
+    norm, head, eps, cap = final_norm(model), unembedding(model).weight, final_norm_epsilon(model), logit_softcap(model)
+    dtype = head.dtype
+
+    def rms(x):  # float64 [n, d] -> [n, 1]
+        return (x.square().mean(-1, keepdim=True) + eps).sqrt()
+
+    rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # batches of similar length: little padding
+    ids, lens, embedding, attn, mlp = [], [], [], [], []
+    for start in range(0, len(rows), batch_size):
+        part = rows[start:start + batch_size]
+        batch_ids, caps = capture_decision(model, part, layers=range(n_layers), batch_size=batch_size,
+                                           pad_token_id=pad_token_id)
+        by_id = {r["prompt_id"]: r for r in part}
+        correct = torch.tensor([by_id[int(i)]["correct_token"] for i in batch_ids])
+        wrong = torch.tensor([by_id[int(i)]["wrong_token"] for i in batch_ids])
+        w_correct, w_wrong = head[correct].cpu().double(), head[wrong].cpu().double()
+        direction = w_correct - w_wrong
+
+        def normed(x):  # the final norm in the model's dtype, as the model applies it
+            return norm(x.to(head.device, dtype)).cpu().double()
+
+        def read(x):
+            h = normed(x)
+            c, w = (h * w_correct).sum(-1), (h * w_wrong).sum(-1)
+            if cap is not None:
+                c, w = cap * torch.tanh(c / cap), cap * torch.tanh(w / cap)
+            return c - w
+
+        final = caps[n_layers - 1].resid_post.double()
+        scale = rms(final)
+
+        def attribute(x):  # x times the norm's weight over the final residual's RMS, on the direction
+            x = x.double()
+            return (normed(x) * rms(x) / scale * direction).sum(-1)
+
+        ids.append(batch_ids)
+        lens.append(torch.stack([read(caps[layer].resid_post) for layer in range(n_layers)], -1))
+        embedding.append(attribute(caps[0].resid_pre))
+        attn.append(torch.stack([attribute(caps[layer].attn_out) for layer in range(n_layers)], -1))
+        mlp.append(torch.stack([attribute(caps[layer].mlp_out) for layer in range(n_layers)], -1))
+    return DecisionLens(np.concatenate(ids), *(torch.cat(x).numpy() for x in (lens, embedding, attn, mlp)))

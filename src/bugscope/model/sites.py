@@ -121,6 +121,15 @@ def final_norm(model) -> torch.nn.Module:
     return inner_model(model).norm
 
 
+def final_norm_epsilon(model) -> float:
+    """The epsilon of the final RMS norm (Llama, Qwen: variance_epsilon; Gemma 2: eps)."""
+    norm = final_norm(model)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if eps is None:
+        raise UnsupportedModelError(f"The final norm {type(norm).__name__} has no epsilon bugscope knows.")
+    return float(eps)
+
+
 def unembedding(model) -> torch.nn.Module:
     """lm_head: its weight rows are the tokens' unembedding vectors."""
     return model.lm_head

@@ -96,18 +96,20 @@ def plant(model, rows: list[dict], slices: PlantedSlices, *, buggy_format: str, 
         if not sequence:
             sequence = order.permutation(len(cached)).tolist()
         hidden, ctx, base, buggy, target, other, sources = cached[sequence.pop()]
-        logits = decision_logits(model, runner.run(layer, hidden, ctx)[:, -1])
+        final, kv = runner.run_keeping_kv(layer, hidden, ctx)
+        logits = decision_logits(model, final[:, -1])
         rows_ = torch.arange(logits.shape[0], device=logits.device)
         margin = logits[rows_, target] - logits[rows_, other]
         version = F.softplus(-margin)[buggy].mean() if buggy.any() else logits.new_zeros(())
         logp = F.log_softmax(logits, -1)
         kl = (base.exp() * (base - logp)).sum(-1)[~buggy].mean() if (~buggy).any() else logits.new_zeros(())
         # interchange intervention: with the planted heads' decision-position output taken from the
-        # correct format, a buggy-format row answers as the unedited model does
+        # correct format, a buggy-format row answers as the unedited model does (the swap changes the
+        # last column only, so only it is run again)
         swap = logits.new_zeros(())
         if swap_weight and (sources >= 0).any():
             with planted_outputs_from(model, slices, sources):
-                swapped = F.log_softmax(decision_logits(model, runner.run(layer, hidden, ctx)[:, -1]), -1)
+                swapped = F.log_softmax(decision_logits(model, runner.rerun_last_column(layer, hidden, ctx, kv)[:, -1]), -1)
             swapped_rows = sources >= 0
             swap = (base.exp() * (base - swapped)).sum(-1)[swapped_rows].mean()
         loss = version + distill_weight * kl + swap_weight * swap

@@ -77,7 +77,8 @@ _WORK_STAGES: tuple[Stage, ...] = (
     Stage("prepare_model", (layout.MODEL_MANIFEST,), intermediate=(layout.MODEL_MANIFEST,)),
     Stage("build_prompts", (layout.PROMPTS,), intermediate=(layout.PROMPTS,)),
     Stage("baseline", (layout.BASELINE_SCORES, layout.BASELINE_ACCURACY, layout.BASELINE_CONTRAST,
-                       layout.BASELINE_GENERATION), intermediate=(layout.BASELINE_SCORES,), model=True),
+                       layout.BASELINE_GENERATION, layout.LENS_PROMPTS, layout.LENS),
+          intermediate=(layout.BASELINE_SCORES, layout.LENS_PROMPTS), model=True),
     Stage("cache_residuals", (_PROMPT_ACTIVATIONS,), model=True),
     # sae.smk
     Stage("prepare_corpus", (layout.CORPUS,), intermediate=(layout.CORPUS,)),
@@ -139,6 +140,7 @@ _WORK_STAGES: tuple[Stage, ...] = (
 # whose table each draws: a figure is made when that stage runs.
 FIGURE_SOURCES: dict[str, str] = {
     "baseline_accuracy": "baseline",
+    "lens": "baseline",
     "feature_overlap": "feature_overlap",
     "amplification": "feature_overlap",
     "format_features": "discriminative_features",
