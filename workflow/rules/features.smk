@@ -14,7 +14,6 @@ wildcard_constraints:
 
 
 rule feature_overlap:
-    localrule: True
     input:
         prompts=layout.PROMPTS,
         features=lambda w: set_features(w.sae_set),
@@ -26,6 +25,7 @@ rule feature_overlap:
     benchmark:
         f"{layout.BENCHMARKS}/features/{{sae_set}}/feature_overlap.tsv"
     priority: SAE_CHAIN_PRIORITY
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -37,7 +37,6 @@ rule feature_overlap:
 
 
 rule discriminative_features:
-    localrule: True
     input:
         prompts=layout.PROMPTS,
         scores=layout.BASELINE_SCORES,
@@ -48,6 +47,7 @@ rule discriminative_features:
         f"{layout.LOGS}/features/{{sae_set}}/discriminative_features.log",
     benchmark:
         f"{layout.BENCHMARKS}/features/{{sae_set}}/discriminative_features.tsv"
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -59,7 +59,6 @@ rule discriminative_features:
 
 
 rule named_features:
-    localrule: True
     input:
         prompts=layout.PROMPTS,
         features=lambda w: set_features(w.sae_set, named_layers(w.sae_set)),
@@ -69,6 +68,7 @@ rule named_features:
         named=layout.NAMED_FEATURES,
     log:
         f"{layout.LOGS}/features/{{sae_set}}/named_features.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:

@@ -12,13 +12,13 @@ PNG_SCALE = config["figures"]["png_scale"]
 
 
 rule fig_baseline_accuracy:
-    localrule: True
     input:
         accuracy=layout.BASELINE_ACCURACY,
     output:
         **figure_outputs("baseline_accuracy", "1. Baseline"),
     log:
         f"{layout.LOGS}/figures/baseline_accuracy.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -28,13 +28,13 @@ rule fig_baseline_accuracy:
 
 
 rule fig_lens:
-    localrule: True
     input:
         lens=layout.LENS,
     output:
         **figure_outputs("lens", "1. Baseline"),
     log:
         f"{layout.LOGS}/figures/lens.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -44,13 +44,13 @@ rule fig_lens:
 
 
 rule fig_feature_overlap:
-    localrule: True
     input:
         overlap=layout.per_set(layout.FEATURE_OVERLAP, PRIMARY_SET),
     output:
         **figure_outputs("feature_overlap", "2. SAE features"),
     log:
         f"{layout.LOGS}/figures/feature_overlap.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -60,13 +60,13 @@ rule fig_feature_overlap:
 
 
 rule fig_amplification:
-    localrule: True
     input:
         overlap=layout.per_set(layout.FEATURE_OVERLAP, PRIMARY_SET),
     output:
         **figure_outputs("amplification", "2. SAE features"),
     log:
         f"{layout.LOGS}/figures/amplification.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -76,7 +76,6 @@ rule fig_amplification:
 
 
 rule fig_format_features:
-    localrule: True
     input:
         unpack(focus_layer_input),
         discriminative=layout.per_set(layout.DISCRIMINATIVE_FEATURES, PRIMARY_SET),
@@ -85,6 +84,7 @@ rule fig_format_features:
         **figure_outputs("format_features", "2. SAE features"),
     log:
         f"{layout.LOGS}/figures/format_features.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -94,7 +94,6 @@ rule fig_format_features:
 
 
 rule fig_head_attribution:
-    localrule: True
     input:
         unpack(focus_layer_input),
         attribution=layout.per_set(layout.HEAD_FEATURE_ATTRIBUTION, PRIMARY_SET),
@@ -102,6 +101,7 @@ rule fig_head_attribution:
         **figure_outputs("head_attribution", "3. Attention heads"),
     log:
         f"{layout.LOGS}/figures/head_attribution.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -111,13 +111,13 @@ rule fig_head_attribution:
 
 
 rule fig_sae_quality:
-    localrule: True
     input:
         quality=layout.SAE_QUALITY,
     output:
         **figure_outputs("sae_quality", "2. SAE features"),
     log:
         f"{layout.LOGS}/figures/sae_quality.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -127,13 +127,13 @@ rule fig_sae_quality:
 
 
 rule fig_head_sweep:
-    localrule: True
     input:
         summary=layout.PATCHING_SUMMARY,
     output:
         **figure_outputs("head_sweep", "3. Attention heads"),
     log:
         f"{layout.LOGS}/figures/head_sweep.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -143,13 +143,13 @@ rule fig_head_sweep:
 
 
 rule fig_head_subsets:
-    localrule: True
     input:
         summary=layout.PATCHING_SUMMARY,
     output:
         **figure_outputs("head_subsets", "3. Attention heads"),
     log:
         f"{layout.LOGS}/figures/head_subsets.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -159,13 +159,13 @@ rule fig_head_subsets:
 
 
 rule fig_interventions:
-    localrule: True
     input:
         summary=layout.INTERVENTIONS,
     output:
         **figure_outputs("interventions", "2. SAE features"),
     log:
         f"{layout.LOGS}/figures/interventions.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -175,13 +175,13 @@ rule fig_interventions:
 
 
 rule fig_original_method:
-    localrule: True
     input:
         comparison=layout.PATCHING_ORIGINAL_METHOD,
     output:
         **figure_outputs("original_method", "3. Attention heads"),
     log:
         f"{layout.LOGS}/figures/original_method.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -191,13 +191,13 @@ rule fig_original_method:
 
 
 rule fig_replacement:
-    localrule: True
     input:
         summary=layout.PATCHING_REPLACEMENT,
     output:
         **figure_outputs("replacement", "3. Attention heads"),
     log:
         f"{layout.LOGS}/figures/replacement.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -207,13 +207,13 @@ rule fig_replacement:
 
 
 rule fig_residual_map:
-    localrule: True
     input:
         summary=layout.PATCHING_RESIDUAL_MAP,
     output:
         **figure_outputs("residual_map", "3. Attention heads"),
     log:
         f"{layout.LOGS}/figures/residual_map.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -223,13 +223,13 @@ rule fig_residual_map:
 
 
 rule fig_subsets_exhaustive:
-    localrule: True
     input:
         summary=layout.PATCHING_EXHAUSTIVE,
     output:
         **figure_outputs("subsets_exhaustive", "3. Attention heads"),
     log:
         f"{layout.LOGS}/figures/subsets_exhaustive.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -239,13 +239,13 @@ rule fig_subsets_exhaustive:
 
 
 rule fig_head_set_features:
-    localrule: True
     input:
         summary=layout.HEAD_SET_FEATURES,
     output:
         **figure_outputs("head_set_features", "3. Attention heads"),
     log:
         f"{layout.LOGS}/figures/head_set_features.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -255,13 +255,13 @@ rule fig_head_set_features:
 
 
 rule fig_original_decomposition:
-    localrule: True
     input:
         decomposition=layout.PATCHING_ORIGINAL_DECOMPOSITION,
     output:
         **figure_outputs("original_decomposition", "3. Attention heads"),
     log:
         f"{layout.LOGS}/figures/original_decomposition.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -271,7 +271,6 @@ rule fig_original_decomposition:
 
 
 rule report_table:
-    localrule: True
     input:
         table=lambda wildcards: REPORT_TABLES[wildcards.name],
     output:
@@ -285,6 +284,7 @@ rule report_table:
         f"{layout.LOGS}/figures/table_{{name}}.log",
     wildcard_constraints:
         name="|".join(REPORT_TABLES),
+    localrule: True
     conda:
         "../../environment.yml"
     script:
@@ -292,7 +292,6 @@ rule report_table:
 
 
 rule claims_ledger:
-    localrule: True
     input:
         unpack(claims_inputs),
     output:
@@ -307,6 +306,7 @@ rule claims_ledger:
         ),
     log:
         f"{layout.LOGS}/figures/claims_ledger.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:

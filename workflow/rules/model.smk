@@ -1,9 +1,9 @@
 rule prepare_model:
-    localrule: True
     output:
         manifest=layout.MODEL_MANIFEST,
     log:
         f"{layout.LOGS}/prepare_model.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -14,13 +14,13 @@ rule prepare_model:
 
 
 rule build_prompts:
-    localrule: True
     input:
         manifest=layout.MODEL_MANIFEST,
     output:
         prompts=layout.PROMPTS,
     log:
         f"{layout.LOGS}/build_prompts.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:

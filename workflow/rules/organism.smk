@@ -31,13 +31,13 @@ rule plant_organism:
 
 # The organism's prompts are the base run's, bit for bit: copied, not rebuilt.
 rule organism_prompts:
-    localrule: True
     input:
         layout.PROMPTS,
     output:
         layout.organism(layout.PROMPTS),
     log:
         layout.organism(f"{layout.LOGS}/build_prompts.log"),
+    localrule: True
     conda:
         "../../environment.yml"
     shell:
@@ -45,7 +45,6 @@ rule organism_prompts:
 
 
 rule organism_localisation:
-    localrule: True
     input:
         manifest=layout.organism(layout.MODEL_MANIFEST),
         heads=layout.organism(layout.PATCHING_SUMMARY),
@@ -60,6 +59,7 @@ rule organism_localisation:
         ),
     log:
         f"{layout.LOGS}/organism_localisation.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -69,7 +69,6 @@ rule organism_localisation:
 
 
 rule fig_organism_comparison:
-    localrule: True
     input:
         manifest=layout.organism(layout.MODEL_MANIFEST),
         unedited_accuracy=layout.BASELINE_ACCURACY,
@@ -80,6 +79,7 @@ rule fig_organism_comparison:
         **figure_outputs("organism_comparison", "5. Planted organism"),
     log:
         f"{layout.LOGS}/figures/organism_comparison.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:

@@ -85,7 +85,6 @@ rule head_original_method:
 
 
 rule head_patching_summary:
-    localrule: True
     input:
         sweep=[
             layout.PATCHING_SWEEP_GROUP.format(group=group) for group in LAYER_GROUPS
@@ -97,6 +96,7 @@ rule head_patching_summary:
         summary=layout.PATCHING_SUMMARY,
     log:
         f"{layout.LOGS}/patching/head_patching_summary.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:

@@ -16,7 +16,6 @@ SAE_IDS = {
 
 
 rule prepare_corpus:
-    localrule: True
     input:
         manifest=layout.MODEL_MANIFEST,
         prompts=layout.PROMPTS,
@@ -25,6 +24,7 @@ rule prepare_corpus:
     log:
         f"{layout.LOGS}/sae/prepare_corpus.log",
     priority: SAE_CHAIN_PRIORITY
+    localrule: True
     conda:
         "../../environment.yml"
     params:
@@ -198,7 +198,6 @@ for sae_set, group, group_layers in [
 
 
 rule aggregate_sae_quality:
-    localrule: True
     input:
         quality=[
             layout.per_set(layout.SAE_QUALITY_LAYER, name, hook=hook)
@@ -209,6 +208,7 @@ rule aggregate_sae_quality:
         quality=layout.SAE_QUALITY,
     log:
         f"{layout.LOGS}/sae/aggregate_sae_quality.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:
