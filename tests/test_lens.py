@@ -28,7 +28,7 @@ def _made_up(n_pairs=20, n_layers=3, right_from=1):
     lens = np.where(fmt[:, None] & (layer[None] >= right_from), 1.0, -1.0) + 0.01 * prompts["pair_id"].to_numpy()[:, None]
     attn = np.full((len(prompts), n_layers), 0.5)
     mlp = np.where(fmt[:, None], 0.25, -0.25) * np.ones(n_layers)
-    return prompts, DecisionLens(prompts["prompt_id"].to_numpy(), lens, np.zeros(len(prompts)), attn, mlp)
+    return prompts, DecisionLens(prompts["prompt_id"].to_numpy(), lens[:, -1], lens, np.zeros(len(prompts)), attn, mlp)
 
 
 def test_the_summary_reads_where_each_format_turns_and_the_paired_gap():
@@ -48,6 +48,20 @@ def test_the_summary_reads_where_each_format_turns_and_the_paired_gap():
     one = simple.filter(pl.col("layer") == 1).row(0, named=True)
     assert one["lens_logit_diff_low"] < one["lens_logit_diff"] < one["lens_logit_diff_high"]
     assert set(summary["order"].unique()) == {ALL, "correct_first", "wrong_first"}
+
+
+def test_the_lens_scores_in_the_same_forward_as_score_prompts_bit_for_bit(embedded, prompts):
+    """The baseline's scores come from the lens' forward: the same batches, the same model call."""
+    from bugscope.data.baseline import score_prompts, scores_frame
+    from bugscope.model.capture import decision_lens
+
+    model, tokenizer = embedded
+    rows = prompts.head(40).to_dicts()  # every format: batches of several lengths
+    lens = decision_lens(model, rows, batch_size=16, pad_token_id=tokenizer.pad_token_id)
+    mine = scores_frame(lens.prompt_ids, lens.logit_diff).sort("prompt_id")
+    theirs = score_prompts(model, rows, batch_size=16, pad_token_id=tokenizer.pad_token_id).sort("prompt_id")
+    assert mine.equals(theirs)
+    assert lens.lens.shape == (40, model.config.num_hidden_layers)
 
 
 def test_the_ci_runs_lens_ends_at_the_models_own_scores(ci_workflow, ci_config, embedded, prompts):

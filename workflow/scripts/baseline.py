@@ -1,7 +1,7 @@
 import polars as pl
 
 from bugscope import tables
-from bugscope.data.baseline import accuracy_by_format, format_contrast, greedy_check, score_prompts
+from bugscope.data.baseline import accuracy_by_format, format_contrast, greedy_check, scores_frame
 from bugscope.data.lens import lens_rows, lens_summary
 from bugscope.model.capture import decision_lens
 from bugscope.model.load import ModelManifest, load_model
@@ -14,7 +14,9 @@ def main(smk):
     prompts = tables.frame(tables.PROMPTS, smk.config, smk.input.prompts)
     model, tokenizer = load_model(manifest, cfg["device"])
     rows = prompts.to_dicts()
-    scores = score_prompts(model, rows, batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id)
+    # one forward per batch scores every prompt and reads the lens at every layer
+    lens = decision_lens(model, rows, batch_size=cfg["cache"]["batch_size"], pad_token_id=tokenizer.pad_token_id)
+    scores = scores_frame(lens.prompt_ids, lens.logit_diff)
     scores = prompts.select("prompt_id", "question_id", "pair_id", "pair_kind", "order", "format").join(scores, on="prompt_id")
     boot = cfg["bootstrap"]
     accuracy = accuracy_by_format(scores, n_resamples=boot["n_resamples"], confidence=boot["confidence"], seed=cfg["seed"])
@@ -22,9 +24,8 @@ def main(smk):
                                correct_format=cfg["prompts"]["correct_format"], n_resamples=boot["n_resamples"],
                                confidence=boot["confidence"], seed=cfg["seed"])
 
-    lens_prompts = lens_rows(decision_lens(model, rows, batch_size=cfg["cache"]["batch_size"],
-                                           pad_token_id=tokenizer.pad_token_id), prompts)
-    lens = lens_summary(lens_prompts, buggy_format=cfg["prompts"]["buggy_format"],
+    lens_prompts = lens_rows(lens, prompts)
+    lens_table = lens_summary(lens_prompts, buggy_format=cfg["prompts"]["buggy_format"],
                         correct_format=cfg["prompts"]["correct_format"], n_resamples=boot["n_resamples"],
                         confidence=boot["confidence"], seed=cfg["seed"])
 
@@ -49,7 +50,7 @@ def main(smk):
         put(tables.BASELINE_ACCURACY, accuracy, smk.output.accuracy, meta)
         put(tables.BASELINE_CONTRAST, contrast, smk.output.contrast, meta)
         put(tables.LENS_PROMPTS, lens_prompts, smk.output.lens_prompts, meta)
-        put(tables.LENS, lens, smk.output.lens, meta)
+        put(tables.LENS, lens_table, smk.output.lens, meta)
         put(tables.BASELINE_GENERATION, generation, smk.output.generation,
             {"n_parsed": parsed.height, "agreement": agreement, **meta})
     log.info("accuracy by format:\n%s\nformat contrast:\n%s", accuracy, contrast)

@@ -30,12 +30,14 @@ def score_prompts(model, rows: Sequence[dict], *, batch_size: int, pad_token_id:
     for batch in tqdm(list(iter_batches(rows, batch_size, pad_token_id, device)), desc="scoring", unit="batch"):
         diffs.append(logit_diff(decision_logits(model, batch), batch))
         ids.append(batch.prompt_ids)
-    diff = torch.cat(diffs)
-    return pl.DataFrame({
-        "prompt_id": torch.cat(ids).numpy().astype("int32"),
-        "logit_diff": diff.numpy().astype("float64"),
-        "is_correct": (diff > 0).numpy(),
-    })
+    return scores_frame(torch.cat(ids).numpy(), torch.cat(diffs).numpy())
+
+
+def scores_frame(prompt_ids: np.ndarray, logit_diffs: np.ndarray) -> pl.DataFrame:
+    """The scores table of `score_prompts` from prompt ids and float32 logit differences (also
+    `bugscope.model.capture.decision_lens`'s, which scores in the same forward as the lens)."""
+    return pl.DataFrame({"prompt_id": prompt_ids.astype("int32"), "logit_diff": logit_diffs.astype("float64"),
+                         "is_correct": logit_diffs > 0})
 
 
 def accuracy_by_format(scores: pl.DataFrame, *, n_resamples: int, confidence: float, seed: int) -> pl.DataFrame:

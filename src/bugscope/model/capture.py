@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from bugscope.model.forward import iter_batches, run_decoder
+from bugscope.model.forward import Batch, decision_logits, iter_batches, logit_diff, run_decoder
 from bugscope.model.sites import (
     decoder_layers,
     final_norm,
@@ -51,18 +51,20 @@ class _StopForward(Exception):
     pass
 
 
-@torch.inference_mode()
-def capture_decision(model, rows: Sequence[dict], *, layers: Sequence[int], batch_size: int,
-                     pad_token_id: int) -> tuple[np.ndarray, dict[int, LayerCapture]]:
-    """One forward pass per batch; returns prompt ids and, per layer, the decision-position tensors."""
+def _decision_batches(model, rows: Sequence[dict], *, layers: Sequence[int], batch_size: int, pad_token_id: int,
+                      logits: bool) -> Iterator[tuple[Batch, dict[int, LayerCapture], torch.Tensor | None]]:
+    """Per batch (iter_batches: by length), the decision-position tensors of `layers` and, with
+    `logits`, the model's own decision logits of the same forward (else the forward stops after the
+    last captured layer)."""
     device = next(model.parameters()).device
-    store = {layer: {k: [] for k in ("resid_pre", "z", "attn_out", "mlp_out", "resid_post")} for layer in layers}
+    keys = ("resid_pre", "z", "attn_out", "mlp_out", "resid_post")
+    store: dict[int, dict[str, torch.Tensor]] = {}
     last = max(layers)
     handles = []
 
     def keep(layer, key, t):
         # float32 holds a float32 or bfloat16 model's values exactly; the attribution works in float64
-        store[layer][key].append(t[:, -1, :].detach().to("cpu", torch.float32))
+        store.setdefault(layer, {})[key] = t[:, -1, :].detach().to("cpu", torch.float32)
 
     for layer in layers:
         block = decoder_layers(model)[layer]
@@ -72,7 +74,7 @@ def capture_decision(model, rows: Sequence[dict], *, layers: Sequence[int], batc
 
         def post_hook(_m, _i, out, layer=layer):
             keep(layer, "resid_post", output_tensor(out))
-            if layer == last:
+            if layer == last and not logits:
                 raise _StopForward
 
         handles += [
@@ -85,19 +87,36 @@ def capture_decision(model, rows: Sequence[dict], *, layers: Sequence[int], batc
                 lambda _m, _i, out, layer=layer: keep(layer, "mlp_out", output_tensor(out))),
             block.register_forward_hook(post_hook),
         ]
-    ids = []
     try:
         for batch in iter_batches(rows, batch_size, pad_token_id, device):
-            ids.append(batch.prompt_ids.numpy())
-            try:
-                run_decoder(model, batch)
-            except _StopForward:
-                pass
+            store.clear()
+            out = None
+            if logits:
+                out = decision_logits(model, batch)
+            else:
+                try:
+                    run_decoder(model, batch)
+                except _StopForward:
+                    pass
+            yield batch, {layer: LayerCapture(**{k: store[layer][k] for k in keys}) for layer in layers}, out
     finally:
         for h in handles:
             h.remove()
-    caps = {layer: LayerCapture(**{k: torch.cat(v) for k, v in parts.items()}) for layer, parts in store.items()}
-    return np.concatenate(ids), caps
+
+
+@torch.inference_mode()
+def capture_decision(model, rows: Sequence[dict], *, layers: Sequence[int], batch_size: int,
+                     pad_token_id: int) -> tuple[np.ndarray, dict[int, LayerCapture]]:
+    """One forward pass per batch; returns prompt ids and, per layer, the decision-position tensors."""
+    ids, parts = [], {layer: [] for layer in layers}
+    for batch, caps, _ in _decision_batches(model, rows, layers=layers, batch_size=batch_size,
+                                            pad_token_id=pad_token_id, logits=False):
+        ids.append(batch.prompt_ids.numpy())
+        for layer in layers:
+            parts[layer].append(caps[layer])
+    return np.concatenate(ids), {layer: LayerCapture(**{k: torch.cat([getattr(c, k) for c in caps])
+                                                        for k in LayerCapture.__dataclass_fields__})
+                                 for layer, caps in parts.items()}
 
 
 @dataclass
@@ -105,6 +124,7 @@ class DecisionLens:
     """Per prompt ([n] or [n, layers]), the correct-minus-wrong logit difference at the decision position."""
 
     prompt_ids: np.ndarray  # [n]
+    logit_diff: np.ndarray  # [n] the model's own (float32, as bugscope.data.baseline.score_prompts has it)
     lens: np.ndarray  # [n, layers] the logit lens: the final norm and unembedding applied to the residual after each layer
     embedding: np.ndarray  # [n] direct attribution of the token embedding
     attn: np.ndarray  # [n, layers] direct attribution of each attention block's write
@@ -119,8 +139,9 @@ def decision_lens(model, rows: Sequence[dict], *, batch_size: int, pad_token_id:
     family's logit soft-cap, so its last layer is the model's own logit difference. The direct
     attributions hold the final residual's norm scale fixed (the norm is RMS: linear once its scale
     is fixed) and sum to the last layer's lens before any soft-cap, to rounding: the embedding plus
-    every block's write is the final residual. Computed batch by batch, so memory does not grow with
-    the prompts times the layers."""
+    every block's write is the final residual. One forward per batch, the batches of
+    `score_prompts`: its `logit_diff` is the model's own, bit for bit. Memory does not grow with the
+    prompts times the layers."""
     n_layers = model.config.num_hidden_layers
     norm, head, eps, cap = final_norm(model), unembedding(model).weight, final_norm_epsilon(model), logit_softcap(model)
     dtype = head.dtype
@@ -128,16 +149,10 @@ def decision_lens(model, rows: Sequence[dict], *, batch_size: int, pad_token_id:
     def rms(x):  # float64 [n, d] -> [n, 1]
         return (x.square().mean(-1, keepdim=True) + eps).sqrt()
 
-    rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # batches of similar length: little padding
-    ids, lens, embedding, attn, mlp = [], [], [], [], []
-    for start in range(0, len(rows), batch_size):
-        part = rows[start:start + batch_size]
-        batch_ids, caps = capture_decision(model, part, layers=range(n_layers), batch_size=batch_size,
-                                           pad_token_id=pad_token_id)
-        by_id = {r["prompt_id"]: r for r in part}
-        correct = torch.tensor([by_id[int(i)]["correct_token"] for i in batch_ids])
-        wrong = torch.tensor([by_id[int(i)]["wrong_token"] for i in batch_ids])
-        w_correct, w_wrong = head[correct].cpu().double(), head[wrong].cpu().double()
+    ids, scores, lens, embedding, attn, mlp = [], [], [], [], [], []
+    for batch, caps, logits in _decision_batches(model, rows, layers=range(n_layers), batch_size=batch_size,
+                                                 pad_token_id=pad_token_id, logits=True):
+        w_correct, w_wrong = head[batch.correct_token].cpu().double(), head[batch.wrong_token].cpu().double()
         direction = w_correct - w_wrong
 
         def normed(x):  # the final norm in the model's dtype, as the model applies it
@@ -150,16 +165,16 @@ def decision_lens(model, rows: Sequence[dict], *, batch_size: int, pad_token_id:
                 c, w = cap * torch.tanh(c / cap), cap * torch.tanh(w / cap)
             return c - w
 
-        final = caps[n_layers - 1].resid_post.double()
-        scale = rms(final)
+        scale = rms(caps[n_layers - 1].resid_post.double())
 
         def attribute(x):  # x times the norm's weight over the final residual's RMS, on the direction
             x = x.double()
             return (normed(x) * rms(x) / scale * direction).sum(-1)
 
-        ids.append(batch_ids)
+        ids.append(batch.prompt_ids.numpy())
+        scores.append(logit_diff(logits, batch))
         lens.append(torch.stack([read(caps[layer].resid_post) for layer in range(n_layers)], -1))
         embedding.append(attribute(caps[0].resid_pre))
         attn.append(torch.stack([attribute(caps[layer].attn_out) for layer in range(n_layers)], -1))
         mlp.append(torch.stack([attribute(caps[layer].mlp_out) for layer in range(n_layers)], -1))
-    return DecisionLens(np.concatenate(ids), *(torch.cat(x).numpy() for x in (lens, embedding, attn, mlp)))
+    return DecisionLens(np.concatenate(ids), *(torch.cat(x).numpy() for x in (scores, lens, embedding, attn, mlp)))
