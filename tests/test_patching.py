@@ -309,3 +309,37 @@ def test_workflow_tables(ci_workflow):
     assert last["success_rate"] == 1.0 and abs(last["recovery"] - 1) < 1e-3
     seed, _ = read_table(ci_workflow / layout.PATCHING_ORIGINAL_METHOD, kind="patching_summary")
     assert set(pl.from_arrow(seed)["method"].unique()) == {"original", "per_head"}
+
+
+def test_ceiling_share_is_what_a_set_fixes_over_what_the_whole_residual_fixes():
+    """20 eligible targets (10 pairs x 2 orders); at layer 3 the ceiling fixes 16, the even heads 16 of
+    them (share 1 where success is only 0.8), the odd heads 8 (share 0.5); layer 4 has no ceiling row."""
+    import numpy as np
+    import polars as pl
+
+    from bugscope.patching.summary import summary_table
+
+    fixed = {"resid_post": set(range(16)), "even": set(range(16)), "odd": set(range(8))}
+    rows = []
+    for layer, sets in ((3, ("resid_post", "even", "odd")), (4, ("even",))):
+        for name in sets:
+            for p in range(20):
+                rows.append({"layer": layer, "head_set": name, "prompt_id": p, "pair_id": p // 2,
+                             "family": "ceiling" if name == "resid_post" else "named",
+                             "logit_diff": 1.0 if p in fixed[name] else -1.0})
+    per_prompt = pl.DataFrame(rows).with_columns(
+        method=pl.lit("per_head"), positions=pl.lit("decision"), operation=pl.lit("patch"), direction=pl.lit("fix"),
+        target_format=pl.lit("qa"), source_format=pl.lit("simple"), pool=pl.lit(None, pl.String), k=pl.lit(0),
+        sample=pl.lit(0), heads=pl.lit([], pl.List(pl.Int64)), pair_kind=pl.lit("shorter_bigger"),
+        order=pl.when(pl.col("prompt_id") % 2 == 0).then(pl.lit("correct_first")).otherwise(pl.lit("wrong_first")),
+        baseline_logit_diff=pl.lit(-1.0), source_logit_diff=pl.lit(1.0))
+    out = summary_table(per_prompt, n_resamples=500, confidence=0.95, seed=0).filter(
+        pl.col("pair_kind") == "all", pl.col("order") == "all")
+    share = {(r["layer"], r["head_set"]): r for r in out.iter_rows(named=True)}
+    assert share[(3, "even")]["success_rate"] == pytest.approx(0.8)
+    assert share[(3, "even")]["ceiling_share"] == pytest.approx(1.0)
+    assert share[(3, "even")]["ceiling_share_low"] == pytest.approx(1.0)  # fixes every target the ceiling fixes
+    assert share[(3, "resid_post")]["ceiling_share"] == pytest.approx(1.0)
+    odd = share[(3, "odd")]
+    assert odd["ceiling_share"] == pytest.approx(0.5) and odd["ceiling_share_low"] < 0.5 < odd["ceiling_share_high"]
+    assert np.isnan(share[(4, "even")]["ceiling_share"])

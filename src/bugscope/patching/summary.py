@@ -22,7 +22,8 @@ the success rate rests on. Every other interval is a percentile bootstrap over n
 pairs (the same seed), so their intervals are comparable. Rows are given per pair kind and question order, and pooled ("all").
 
 Two reference rows sit beside the head sets at the same layer and positions: the ceiling (family
-`ceiling`: the whole residual stream patched) and, where the subsets were run, the random-head
+`ceiling`: the whole residual stream patched; each row's `ceiling_share` is the eligible targets it
+fixes over those the ceiling fixes, with its CI) and, where the subsets were run, the random-head
 control (family `random_control`, head set `random_k{k}`: the mean over the random all-head
 subsets of k heads, k the size of the even or the odd pool).
 """
@@ -73,11 +74,12 @@ def is_eligible(baseline_logit_diff, source_logit_diff, direction: str):
 
 
 def rate_columns(ld: np.ndarray, right: np.ndarray, base: np.ndarray, src: np.ndarray, pairs: np.ndarray,
-           boot: dict, direction: str = "fix") -> dict[str, np.ndarray]:
+           boot: dict, direction: str = "fix", ceiling: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The columns of the module docstring for targets x groups matrices (right: fraction right).
 
     Success is taking the source's answer, on the targets whose answer differs from it
-    (`is_eligible`): in the break direction, a right target turned wrong by a wrong source."""
+    (`is_eligible`): in the break direction, a right target turned wrong by a wrong source.
+    `ceiling` [groups]: the column of each group's ceiling (-1: none), for the ceiling share."""
     m = ld.shape[1]
     wrong_base, right_base = base <= 0, base > 0
     eligible = is_eligible(base, src, direction)
@@ -94,6 +96,7 @@ def rate_columns(ld: np.ndarray, right: np.ndarray, base: np.ndarray, src: np.nd
         return out["rate"], out["low"], out["high"], out["n_clusters"]
 
     succ = exact(only(eligible, takes_source))
+    share = ceiling_share(only(eligible, takes_source), ceiling, pairs, boot)
     rec = cluster_bootstrap_ratio_ci_columns(only(eligible, ld - base[:, None]),
                                              only(eligible, np.broadcast_to((src - base)[:, None], ld.shape)),
                                              pairs, **boot)
@@ -110,6 +113,7 @@ def rate_columns(ld: np.ndarray, right: np.ndarray, base: np.ndarray, src: np.nd
         "n_baseline_wrong": np.full(m, int(wrong_base.sum())),
         "n_baseline_right": np.full(m, int(right_base.sum())),
         "success_rate": succ[0], "success_low": succ[1], "success_high": succ[2],
+        "ceiling_share": share[0], "ceiling_share_low": share[1], "ceiling_share_high": share[2],
         "recovery": rec[0], "recovery_low": rec[1], "recovery_high": rec[2],
         "flip_rate": flip[0], "flip_low": flip[1], "flip_high": flip[2],
         "fixed_rate_all_wrong": fixed[0], "fixed_all_wrong_low": fixed[1], "fixed_all_wrong_high": fixed[2],
@@ -121,6 +125,33 @@ def rate_columns(ld: np.ndarray, right: np.ndarray, base: np.ndarray, src: np.nd
         "baseline_mean_logit_diff": np.full(m, b_ld[0]),
         "baseline_logit_diff_low": np.full(m, b_ld[1]), "baseline_logit_diff_high": np.full(m, b_ld[2]),
     }
+
+
+def ceiling_share(success: np.ndarray, ceiling: np.ndarray | None, pairs: np.ndarray, boot: dict):
+    """(share, low, high) [groups]: the eligible targets a group fixes over those its ceiling (the
+    whole residual stream patched at the same layer and positions) fixes, a ratio of sums over the
+    same targets with its cluster-bootstrap CI. "X fixes the bug" at a site is read against what
+    any patch there can fix: where the ceiling fixes 51 of 63 targets, a head set fixing 50 fixes
+    what the site carries. NaN without a ceiling column or with no target the ceiling fixes."""
+    m = success.shape[1]
+    if ceiling is None or (ceiling < 0).all():
+        nan = np.full(m, np.nan)
+        return nan, nan.copy(), nan.copy()
+    has = ceiling >= 0
+    denominator = np.where(has[None, :], success[:, np.where(has, ceiling, 0)], np.nan)
+    return cluster_bootstrap_ratio_ci_columns(np.where(has[None, :], success, np.nan), denominator, pairs, **boot)
+
+
+def ceiling_columns(groups: pl.DataFrame, keys: Sequence[str]) -> np.ndarray:
+    """[groups]: the row index of each group's ceiling group (family `ceiling`, the same `keys` but
+    the head set), -1 where there is none."""
+    keys = [k for k in keys if k != "head_set" and k in groups.columns]
+    index = groups.with_row_index("_g")
+    ceilings = index.filter(pl.col("family") == "ceiling").select(*keys, pl.col("_g").alias("_ceiling"))
+    if "family" not in groups.columns or ceilings.height == 0:
+        return np.full(groups.height, -1)
+    joined = index.join(ceilings, on=keys, how="left", maintain_order="left")
+    return joined["_ceiling"].fill_null(-1).to_numpy().astype(int)
 
 
 def _frame(groups: pl.DataFrame, cols: dict[str, np.ndarray], confidence: float) -> pl.DataFrame:
@@ -180,10 +211,11 @@ def summary_table(per_prompt: pl.DataFrame, *, n_resamples: int, confidence: flo
             groups, ld, right = _with_random_control(groups, ld, right, n_heads)
         base, src = targets["baseline_logit_diff"].to_numpy(), targets["source_logit_diff"].to_numpy()
         pairs = targets["pair_id"].to_numpy()
+        ceiling = ceiling_columns(groups, set_keys)
         for kind, order, mask in kind_order_splits(targets["pair_kind"].cast(pl.String).to_list(),
                                                    targets["order"].cast(pl.String).to_list()):
             cols = rate_columns(ld[mask], right[mask], base[mask], src[mask], pairs[mask], boot,
-                          by_method["direction"][0])
+                          by_method["direction"][0], ceiling)
             parts.append(_frame(groups.with_columns(pl.lit(kind).alias("pair_kind"), pl.lit(order).alias("order")),
                                 cols, confidence))
     return concat_summaries(parts)
