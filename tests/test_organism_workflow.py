@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from bugscope import layout, tables
 from bugscope.data.prompts import BUG_PAIR_KIND
 from bugscope.organism.plant import checkpoint_hash
-from bugscope.organism.study import study_config
+from bugscope.organism.study import planted_layer, study_config
 
 
 def test_the_planted_checkpoint_differs_from_the_base_only_in_the_planted_heads(ci_workflow):
@@ -75,3 +75,30 @@ def test_the_localisation_scores_rank_the_planted_layer(ci_workflow):
     assert scores["head_sweep_layer_rank"]["value"] == 1.0
     assert scores["planted_head_recall"]["n"] == 5
     assert 0 < scores["planted_set_recovery"]["value"] <= scores["ceiling_recovery"]["high"]
+
+
+def test_the_comparison_figure_draws_both_models_in_every_panel(ci_workflow, ci_config):
+    """Rebuilt from the ci run's tables: accuracy, head sweep, logit lens and residual map each carry
+    the unedited and the planted model."""
+    from bugscope.figures.organism import MODELS, organism_comparison
+    from bugscope.figures.style import Labels
+    from tests.helpers import titles
+
+    study = study_config(ci_config)
+    configs = {"unedited": ci_config, "planted": study}
+    where = {"unedited": lambda p: ci_workflow / p, "planted": lambda p: ci_workflow / layout.organism(p)}
+
+    def both(table, path):
+        return {m: tables.frame(table, configs[m], where[m](path)) for m in MODELS}
+    chart = organism_comparison(both(tables.BASELINE_ACCURACY, layout.BASELINE_ACCURACY),
+                                both(tables.PATCHING_SUMMARY, layout.PATCHING_SUMMARY), Labels.from_config(ci_config),
+                                planted_layer(ci_config), {m: c["patching"]["positions"] for m, c in configs.items()},
+                                both(tables.LENS, layout.LENS),
+                                both(tables.PATCHING_RESIDUAL_MAP, layout.PATCHING_RESIDUAL_MAP))
+    spec = chart.to_dict()
+    data = [r for d in spec["datasets"].values() for r in d]
+    lens_models = {r["model"] for r in data if "lens_logit_diff" in r}
+    map_models = {r["model"] for r in data if "rank" in r and "recovery" in r}
+    assert lens_models == set(MODELS) and map_models == set(MODELS)
+    assert "logit lens" in titles(spec)
+    assert (ci_workflow / layout.figure("organism_comparison", "svg")).stat().st_size > 1000

@@ -70,11 +70,20 @@ rule organism_localisation:
 
 rule fig_organism_comparison:
     input:
+        **(
+            {"unedited_residual_map": layout.PATCHING_RESIDUAL_MAP}
+            if config["patching"]["residual_map"]["enabled"]
+            else {}
+        ),
         manifest=layout.organism(layout.MODEL_MANIFEST),
         unedited_accuracy=layout.BASELINE_ACCURACY,
         planted_accuracy=layout.organism(layout.BASELINE_ACCURACY),
         unedited_heads=layout.PATCHING_SUMMARY,
         planted_heads=layout.organism(layout.PATCHING_SUMMARY),
+        unedited_lens=layout.LENS,
+        planted_lens=layout.organism(layout.LENS),
+        # the unedited model's residual map where its config makes one (the organism's always does)
+        planted_residual_map=layout.organism(layout.PATCHING_RESIDUAL_MAP),
     output:
         **figure_outputs("organism_comparison", "5. Planted organism"),
     log:
