@@ -102,3 +102,21 @@ def test_the_comparison_figure_draws_both_models_in_every_panel(ci_workflow, ci_
     assert lens_models == set(MODELS) and map_models == set(MODELS)
     assert "logit lens" in titles(spec)
     assert (ci_workflow / layout.figure("organism_comparison", "svg")).stat().st_size > 1000
+
+
+def test_the_organisms_verdicts_agree_across_cpu_kernels(ci_workflow, tmp_path):
+    """The planted model's ci study again under torch's portable kernels (ATEN_CPU_CAPABILITY=default:
+    other summation orders, so other planted and SAE bits): every claim gets the same verdict. The
+    organism's focus layer is the planted one, not chosen from noisy tables, so nothing may move."""
+    from tests.conftest import run_snakemake
+
+    portable = tmp_path / "portable"
+    run_snakemake(portable, layout.organism(layout.CLAIMS), env={"ATEN_CPU_CAPABILITY": "default"})
+    verdicts = {}
+    for name, workdir in (("native", ci_workflow), ("portable", portable)):
+        ledger = pl.read_parquet(workdir / layout.organism(layout.CLAIMS))
+        verdicts[name] = dict(zip(ledger["claim_id"], ledger["verdict"]))
+    assert verdicts["native"].keys() == verdicts["portable"].keys()
+    differ = {c: (v, verdicts["portable"][c]) for c, v in verdicts["native"].items() if verdicts["portable"][c] != v}
+    assert not differ, f"verdicts that change with the CPU kernels (native, portable): {differ}"
+    assert sum(v == "holds" for v in verdicts["native"].values()) >= 3
