@@ -25,9 +25,12 @@ import torch
 from bugscope import layout, tables
 from bugscope.config import analysed_layers, layer_groups
 from bugscope.data.baseline import accuracy_by_format, format_contrast
+from bugscope.data.lens import lens_rows, lens_summary
 from bugscope.data.prompts import PROMPT_SCHEMA
 from bugscope.features.attribution import COMPONENTS, parity_rows, summarise_attribution
 from bugscope.features.named import named_feature_ids
+from bugscope.io import vectors_to_arrow
+from bugscope.model.capture import DecisionLens
 from bugscope.model.sites import hook_name
 from bugscope.patching import original_decomposition, original_method
 from bugscope.patching.head_sets import (
@@ -46,6 +49,7 @@ D_SAE = 32_768
 L0 = 64  # active latents per position (Llama Scope's L0 is 50-150)
 N_TOKENS = 40
 N_ALIGNED = 12  # cached positions per prompt (cache.positions: aligned)
+PROBE_LAYERS = (0, 1)  # the prompt activations written for the probes
 EXTRA_SUBSETS = 40  # random subsets per layer beyond the sweep's 35 head sets
 EXHAUSTIVE_SETS = 500  # of the exhaustive head sets (the 8B config has 24,570): the ledger reads one row per set
 
@@ -173,6 +177,24 @@ def build_inputs(config: dict, root: Path) -> None:
                                                   correct_format=pr["correct_format"], n_resamples=boot["n_resamples"],
                                                   confidence=boot["confidence"], seed=config["seed"]),
         layout.BASELINE_CONTRAST)
+    n_layers = config["model"]["num_layers"]
+    n = prompts.height
+    lens = DecisionLens(prompts["prompt_id"].to_numpy(), rng.normal(size=n), rng.normal(size=(n, n_layers)),
+                        rng.normal(size=n), rng.normal(size=(n, n_layers)), rng.normal(size=(n, n_layers)))
+    put(tables.LENS, lens_summary(lens_rows(lens, prompts), buggy_format=pr["buggy_format"],
+                                  correct_format=pr["correct_format"], n_resamples=boot["n_resamples"],
+                                  confidence=boot["confidence"], seed=config["seed"]), layout.LENS)
+    # the prompt activations the probes read, at 2 layers (the probe job holds one layer at a time)
+    d_model = config["resources"]["d_model"] or 4096
+    for layer in PROBE_LAYERS:
+        pos = prompts.select("prompt_id", "aligned_positions").explode("aligned_positions")
+        x = torch.from_numpy(rng.normal(size=(pos.height, d_model)).astype(np.float32))
+        table = pa.Table.from_arrays([pa.array(pos["prompt_id"].to_numpy().astype(np.int32)),
+                                      pa.array(pos["aligned_positions"].to_numpy().astype(np.int32)),
+                                      vectors_to_arrow(x, "bfloat16")], names=["prompt_id", "position", "activation"])
+        hook = hook_name(layer)
+        put(tables.PROMPT_ACTIVATIONS, table, layout.activations("prompts", hook), dataset="prompts", layer=layer,
+            site="resid_post", hook_name=hook, dtype="bfloat16", d_model=d_model, positions="aligned")
 
     sae_set = config["sae"]["sets"][0]  # the primary set's tables: every light step reads one set's
     for layer in layers:

@@ -270,7 +270,7 @@ def test_the_lens_reads_the_models_logit_difference_and_the_attributions_add_up(
     tol = forward_tolerance(model, scale=_logit_scale(model, rows))
     assert (mine - theirs).abs().max() <= tol
     assert (torch.tensor(lens.lens[:, -2]) - theirs).abs().max() > 100 * tol
-    total = torch.tensor(lens.embedding + lens.attn.sum(-1) + lens.mlp.sum(-1))
+    total = torch.tensor(lens.embedding_attribution + lens.attn_attribution.sum(-1) + lens.mlp_attribution.sum(-1))
     cap = model.config.final_logit_softcapping if family == "gemma2" else None
     if cap is None:
         uncapped = theirs

@@ -33,7 +33,7 @@ from tests.helpers import (
 )
 
 # The ten figures of the study (FIGURES in workflow/rules/common.smk): the ci workflow draws them all.
-ALL_FIGURES = ["baseline_accuracy", "lens", "feature_overlap", "amplification", "format_features", "sae_quality", "head_sweep",
+ALL_FIGURES = ["baseline_accuracy", "lens", "probes", "feature_overlap", "amplification", "format_features", "sae_quality", "head_sweep",
                "head_subsets", "head_attribution", "original_method", "original_decomposition"]
 
 

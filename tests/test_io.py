@@ -135,3 +135,14 @@ def test_registry_refuses_a_table_without_its_declared_columns(tmp_path, ci_conf
     write_table(good.drop(["is_correct"]), path, {"kind": "baseline_scores", **meta})  # an older writer
     with pytest.raises(StaleTableError, match="--force"):
         tables.read(tables.BASELINE_SCORES, cfg, path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_light_decoder_reads_what_the_torch_one_reads(dtype):
+    import torch
+
+    from bugscope.io import arrow_to_numpy_vectors, arrow_to_vectors, vectors_to_arrow
+
+    x = torch.randn(7, 12, generator=torch.Generator().manual_seed(0)) * 100
+    col = vectors_to_arrow(x, dtype).slice(2)  # an offset into the buffer
+    assert np.array_equal(arrow_to_numpy_vectors(col, dtype), arrow_to_vectors(col, dtype).numpy())

@@ -24,7 +24,7 @@ from bugscope.claims.spec import TABLES
 from bugscope.config import analysed_layers, layer_groups, primary_sae_set, stage_hash, validate_config
 from bugscope.model.sites import hook_name
 from tests.conftest import REPO
-from tests.eightb_tables import build_attribution, build_inputs
+from tests.eightb_tables import PROBE_LAYERS, build_attribution, build_inputs
 
 LIMIT_MB = 2048
 CONFIG = REPO / "config" / "llama31_8b.yaml"
@@ -130,6 +130,14 @@ STEPS = {
         "output": {"quality": layout.SAE_QUALITY},
         "params": {"config_hash": stage_hash(CFG, "sae")}}),
     "fig_baseline_accuracy": ([], _figure("baseline_accuracy", accuracy=layout.BASELINE_ACCURACY)),
+    "fig_lens": ([], _figure("lens", lens=layout.LENS)),
+    "probes": ([], {
+        "script": "probes.py",
+        "input": {"prompts": layout.PROMPTS, "scores": layout.BASELINE_SCORES,
+                  "activations": [layout.activations("prompts", hook_name(layer)) for layer in PROBE_LAYERS]},
+        "output": {"predictions": layout.PROBE_PROMPTS, "summary": layout.PROBES},
+        "params": {"config_hash": stage_hash(CFG, "probes")}}),
+    "fig_probes": (["probes"], _figure("probes", probes=layout.PROBES)),
     "fig_feature_overlap": (["feature_overlap"], _figure("feature_overlap", overlap=per_set(layout.FEATURE_OVERLAP))),
     "fig_amplification": (["feature_overlap"], _figure("amplification", overlap=per_set(layout.FEATURE_OVERLAP))),
     "fig_format_features": (["discriminative_features", "named_features"], _figure(

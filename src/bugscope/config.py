@@ -372,6 +372,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     # the original procedure with generation and the decomposition of the gap (its table has CIs)
     "patching_original": (*_BASE, *_PATCH, "patching.original_generation", "focus_layers", "bootstrap"),
     "organism": (*_BASE, "organism"),
+    "probes": (*_BASE, "cache", "baseline", "probes", "bootstrap"),
 }
 
 

@@ -68,6 +68,14 @@ LENS = Table(layout.LENS, "lens", "baseline", "n_pairs", "number pairs",
                       "lens_logit_diff_high", "lens_accuracy", "lens_accuracy_low", "lens_accuracy_high",
                       "attn_attribution", "mlp_attribution"))
 
+PROBE_PROMPTS = Table(layout.PROBE_PROMPTS, "probe_prompts", "probes",
+                      columns=("prompt_id", "pair_id", "pair_kind", "order", "test_format", "layer", "family",
+                               "train_format", "probe_right"))
+PROBES = Table(layout.PROBES, "probes", "probes", "n_pairs", "number pairs",
+               columns=("layer", "family", "train_format", "test_format", "pair_kind", "order", "n_pairs",
+                        "probe_accuracy", "probe_accuracy_low", "probe_accuracy_high", "output_accuracy",
+                        "knows_minus_says", "knows_minus_says_low", "knows_minus_says_high"))
+
 PROMPT_ACTIVATIONS = Table(
     layout.ACTIVATIONS.replace("{dataset}", "prompts"), "activations", "activations",
     columns=("prompt_id", "position", "activation"))

@@ -43,6 +43,22 @@ rule fig_lens:
         "../scripts/fig_lens.py"
 
 
+rule fig_probes:
+    input:
+        probes=layout.PROBES,
+    output:
+        **figure_outputs("probes", "1. Baseline"),
+    log:
+        f"{layout.LOGS}/figures/probes.log",
+    localrule: True
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
+    script:
+        "../scripts/fig_probes.py"
+
+
 rule fig_feature_overlap:
     input:
         overlap=layout.per_set(layout.FEATURE_OVERLAP, PRIMARY_SET),

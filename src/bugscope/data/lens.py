@@ -32,9 +32,9 @@ def lens_rows(lens, prompts: pl.DataFrame) -> pl.DataFrame:
         "prompt_id": np.repeat(lens.prompt_ids, n_layers).astype("int32"),
         "layer": np.tile(np.arange(n_layers), n).astype("int32"),
         "lens_logit_diff": lens.lens.reshape(-1),
-        "attn_attribution": lens.attn.reshape(-1),
-        "mlp_attribution": lens.mlp.reshape(-1),
-        "embedding_attribution": np.repeat(lens.embedding, n_layers),
+        "attn_attribution": lens.attn_attribution.reshape(-1),
+        "mlp_attribution": lens.mlp_attribution.reshape(-1),
+        "embedding_attribution": np.repeat(lens.embedding_attribution, n_layers),
     }).with_columns(lens_is_correct=pl.col("lens_logit_diff") > 0)
     meta = prompts.select(pl.col("prompt_id").cast(pl.Int32), *PROMPT_KEYS[1:])
     return meta.join(frame, on="prompt_id").sort("prompt_id", "layer")

@@ -101,3 +101,36 @@ def lens(summary: pl.DataFrame, labels: Labels) -> alt.HConcatChart:
          "(bootstrap over number pairs)",
          "attribution: each block's write through the final norm (its scale fixed) onto the correct - wrong "
          "unembedding; the gap is paired per question"]))
+
+
+def probes(summary: pl.DataFrame, labels: Labels) -> alt.LayerChart:
+    """Knows vs says on the bug's pair kind (both orders pooled), per layer: the accuracy of a probe
+    trained on each format and tested on the held-out pairs of a format, beside the model's own
+    accuracy on those prompts; the shuffled-label control stays at chance."""
+    from bugscope.data.prompts import BUG_PAIR_KIND
+    from bugscope.data.probes import PROBE, SHUFFLED
+
+    bug = summary.filter(pl.col("pair_kind") == BUG_PAIR_KIND, pl.col("order") == ALL)
+    probe = bug.filter(pl.col("family").is_in([PROBE, SHUFFLED])).with_columns(
+        (pl.col("family") + ": train " + pl.col("train_format") + ", test " + pl.col("test_format")).alias("series"),
+        pl.col("probe_accuracy").alias("accuracy"), pl.col("probe_accuracy_low").alias("low"),
+        pl.col("probe_accuracy_high").alias("high"))
+    said = bug.filter(pl.col("family") == PROBE).unique(["layer", "test_format"], keep="first").with_columns(
+        ("model's answer: " + pl.col("test_format")).alias("series"), pl.col("output_accuracy").alias("accuracy"),
+        pl.col("output_accuracy_low").alias("low"), pl.col("output_accuracy_high").alias("high"))
+    keep = ["layer", "series", "family", "train_format", "test_format", "n_pairs", "accuracy", "low", "high"]
+    rows = null_nan(pl.concat([probe.select(keep), said.select(keep)]), "accuracy", "low", "high")
+    x = alt.X("layer:Q", title="layer (residual stream after it, decision position)", axis=alt.Axis(tickMinStep=1))
+    colour = alt.Color("series:N", title=None, legend=alt.Legend(orient="right", labelLimit=320))
+    line = alt.Chart().mark_line(point=True).encode(
+        x=x, color=colour, y=alt.Y("accuracy:Q", title=f"accuracy ({labels.ci})", scale=alt.Scale(domain=[0, 1])),
+        tooltip=["series", "layer", "n_pairs", alt.Tooltip("accuracy:Q", format=".3f"),
+                 alt.Tooltip("low:Q", format=".3f"), alt.Tooltip("high:Q", format=".3f")])
+    band = alt.Chart().mark_area(opacity=0.12).encode(x=x, color=colour, y=alt.Y("low:Q", title=""), y2="high:Q")
+    chance = alt.Chart().mark_rule(strokeDash=[4, 4], color=OKABE_ITO["grey"]).encode(y=alt.datum(0.5))
+    return alt.layer(band, line, chance, data=rows).properties(width=WIDTH, height=HEIGHT, title=chart_title(
+        f"Knows vs says: a linear probe for 'the first-named number is bigger' against the model's answer "
+        f"({labels.model}, {BUG_PAIR_KIND})",
+        [f"number pairs: {n_label(bug['n_pairs'])}; both question orders pooled; cross-validated over number pairs, "
+         "every pair kind weighing the same in training; bands: " + labels.ci + " (bootstrap over number pairs)",
+         "shuffled_labels: the same probe on labels flipped per number pair at random (chance)"]))

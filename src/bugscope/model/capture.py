@@ -126,9 +126,9 @@ class DecisionLens:
     prompt_ids: np.ndarray  # [n]
     logit_diff: np.ndarray  # [n] the model's own (float32, as bugscope.data.baseline.score_prompts has it)
     lens: np.ndarray  # [n, layers] the logit lens: the final norm and unembedding applied to the residual after each layer
-    embedding: np.ndarray  # [n] direct attribution of the token embedding
-    attn: np.ndarray  # [n, layers] direct attribution of each attention block's write
-    mlp: np.ndarray  # [n, layers] direct attribution of each MLP block's write
+    embedding_attribution: np.ndarray  # [n] direct attribution of the token embedding
+    attn_attribution: np.ndarray  # [n, layers] direct attribution of each attention block's write
+    mlp_attribution: np.ndarray  # [n, layers] direct attribution of each MLP block's write
 
 
 @torch.inference_mode()

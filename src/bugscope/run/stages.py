@@ -47,6 +47,15 @@ def _head_set_features_on(config: dict) -> bool:
     return bool(head_set_feature_sets(config))
 
 
+def _probes_on(config: dict) -> bool:
+    return bool(config["probes"]["enabled"]) and bool(probe_hooks(config))
+
+
+def probe_hooks(config: dict) -> list[str]:
+    """The cached resid_post hooks of the prompts: the layers the probes read."""
+    return [h for h in hooks(config) if parse_hook_name(h)[1] == "resid_post"]
+
+
 def _organism_on(config: dict) -> bool:
     return bool(config["organism"]["enabled"])
 
@@ -80,6 +89,7 @@ _WORK_STAGES: tuple[Stage, ...] = (
                        layout.BASELINE_GENERATION, layout.LENS_PROMPTS, layout.LENS),
           intermediate=(layout.BASELINE_SCORES, layout.LENS_PROMPTS), model=True),
     Stage("cache_residuals", (_PROMPT_ACTIVATIONS,), model=True),
+    Stage("probes", (layout.PROBE_PROMPTS, layout.PROBES), intermediate=(layout.PROBE_PROMPTS,), when=_probes_on),
     # sae.smk
     Stage("prepare_corpus", (layout.CORPUS,), intermediate=(layout.CORPUS,)),
     Stage("cache_corpus", (_CORPUS_ACTIVATIONS,), intermediate=(_CORPUS_ACTIVATIONS,), model=True),
@@ -141,6 +151,7 @@ _WORK_STAGES: tuple[Stage, ...] = (
 FIGURE_SOURCES: dict[str, str] = {
     "baseline_accuracy": "baseline",
     "lens": "baseline",
+    "probes": "probes",
     "feature_overlap": "feature_overlap",
     "amplification": "feature_overlap",
     "format_features": "discriminative_features",
