@@ -6,7 +6,9 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
-from bugscope.data.prompts import ALL, ORDERS
+from bugscope.data.lens import FORMAT_GAP
+from bugscope.data.probes import PROBE, SHUFFLED
+from bugscope.data.prompts import ALL, BUG_PAIR_KIND, ORDERS
 from bugscope.figures.style import (
     HEIGHT,
     KIND_NOTE,
@@ -59,9 +61,6 @@ def lens(summary: pl.DataFrame, labels: Labels) -> alt.HConcatChart:
     """The logit lens by layer on the bug's pair kind (both orders pooled): the decision logit
     difference each format's residual stream would give if the model stopped after that layer, and
     which blocks write the format gap (the correct format minus the buggy one, direct attribution)."""
-    from bugscope.data.lens import FORMAT_GAP
-    from bugscope.data.prompts import BUG_PAIR_KIND
-
     bug = summary.filter(pl.col("pair_kind") == BUG_PAIR_KIND, pl.col("order") == ALL)
     role = {labels.buggy_format: " (buggy)", labels.correct_format: " (correct)"}
     formats = null_nan(bug.filter(pl.col("format") != FORMAT_GAP), "lens_logit_diff", "lens_logit_diff_low",
@@ -107,9 +106,6 @@ def probes(summary: pl.DataFrame, labels: Labels) -> alt.LayerChart:
     """Knows vs says on the bug's pair kind (both orders pooled), per layer: the accuracy of a probe
     trained on each format and tested on the held-out pairs of a format, beside the model's own
     accuracy on those prompts; the shuffled-label control stays at chance."""
-    from bugscope.data.prompts import BUG_PAIR_KIND
-    from bugscope.data.probes import PROBE, SHUFFLED
-
     bug = summary.filter(pl.col("pair_kind") == BUG_PAIR_KIND, pl.col("order") == ALL)
     probe = bug.filter(pl.col("family").is_in([PROBE, SHUFFLED])).with_columns(
         (pl.col("family") + ": train " + pl.col("train_format") + ", test " + pl.col("test_format")).alias("series"),
