@@ -5,8 +5,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from bugscope.data.prompts import ALL
 from bugscope.data.probes import PROBE, SHUFFLED, first_is_bigger, kind_weights, probe_predictions, probe_summary
+from bugscope.data.prompts import ALL
 
 BOOT = dict(n_resamples=500, confidence=0.95, seed=0)
 KINDS = {"shorter_bigger": 40, "longer_bigger": 12, "same_length": 12}

@@ -1,8 +1,8 @@
 import polars as pl
 
 from bugscope import tables
-from bugscope.model.sites import parse_hook_name
 from bugscope.data.probes import decision_vectors, probe_predictions, probe_summary
+from bugscope.model.sites import parse_hook_name
 from bugscope.run.script import log, run
 
 
