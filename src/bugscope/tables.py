@@ -72,7 +72,7 @@ PROBE_PROMPTS = Table(layout.PROBE_PROMPTS, "probe_prompts", "probes",
                       columns=("prompt_id", "pair_id", "pair_kind", "order", "test_format", "layer", "family",
                                "train_format", "probe_right"))
 PROBES = Table(layout.PROBES, "probes", "probes", "n_pairs", "number pairs",
-               columns=("layer", "family", "train_format", "test_format", "pair_kind", "order", "n_pairs",
+               columns=("variant", "layer", "family", "train_format", "test_format", "pair_kind", "order", "n_pairs",
                         "probe_accuracy", "probe_accuracy_low", "probe_accuracy_high", "output_accuracy",
                         "knows_minus_says", "knows_minus_says_low", "knows_minus_says_high"))
 

@@ -37,6 +37,7 @@ DEFAULT_WHERE: dict[str, dict] = {
     "residual_map": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
     "head_bidirectional": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
     "interventions": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "probes": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
 }
 
 
@@ -128,12 +129,14 @@ def resolve_value(value: Any, ctx: Context) -> Any:
             return float(ctx.verdicts["all_fraction"])
         if value == "$none":
             return float(ctx.verdicts["none_fraction"])
+        if value == "$min_gap":  # the smallest accuracy gap that counts as an effect (the premise's)
+            return float(ctx.verdicts["premise_min_gap"])
         if value == "$half_even_heads":
             return (ctx.num_heads + 1) // 2 // 2
         if value == "$quarter_even_heads":
             return max(1, (ctx.num_heads + 1) // 2 // 4)
         raise LedgerError(f"unknown token {value!r}; expected $focus, $buggy_format, $correct_format, "
-                          "$all, $none, $half_even_heads or $quarter_even_heads.")
+                          "$all, $none, $min_gap, $half_even_heads or $quarter_even_heads.")
     return value
 
 

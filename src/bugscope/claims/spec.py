@@ -15,7 +15,7 @@ TESTS = ("near", "range", "at_least", "at_most", "below", "above", "local_max", 
 AGGREGATES = ("single", "min", "max", "max_abs", "min_abs")
 # Where a claim comes from: the seed document, the paper, or a control the pipeline adds (a claim
 # false by construction on the planted model, bugscope.claims.truth).
-CLAIM_SOURCES = ("seed document", "paper", "control")
+CLAIM_SOURCES = ("seed document", "paper", "rival explanation", "control")
 
 # What a claim may name in `needs:` (bugscope.claims.preconditions evaluates them).
 PRECONDITIONS = ("premise", "ceiling", "eligible_pairs", "sources_judged", "features_can_move")
@@ -51,6 +51,7 @@ TABLES: dict[str, tables.Table] = {
     "sae_quality": tables.SAE_QUALITY,
     "interventions": tables.INTERVENTIONS,
     "head_set_features": tables.HEAD_SET_FEATURES,
+    "probes": tables.PROBES,
 }
 
 

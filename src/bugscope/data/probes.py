@@ -29,11 +29,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from bugscope.data.prompts import kind_order_splits
+from bugscope.data.prompts import BUG_PAIR_KIND, is_selection_pair, kind_order_splits
 from bugscope.stats import cluster_bootstrap_mean_ci_columns, derived_seed
 
 # Probe families: the probe itself and its shuffled-label control.
 PROBE, SHUFFLED = "probe", "shuffled_labels"
+# Summary variants: every layer on every pair; the layer of the largest gap, chosen and measured apart.
+ALL_PAIRS, HELDOUT_SELECTED = "all_pairs", "heldout_selected"
 _PROBE_STREAM = 32  # derived seed stream of the probes' label shuffles
 
 
@@ -102,29 +104,54 @@ def probe_predictions(vectors: Mapping[int, np.ndarray], meta: pl.DataFrame, *, 
     return pl.concat(rows)
 
 
+def _summary_rows(part: pl.DataFrame, key: dict, *, n_resamples: int, confidence: float, seed: int) -> list[dict]:
+    """Rows per (pair kind, order; each also pooled) of one group of joined predictions."""
+    out = []
+    for kind, order, mask in kind_order_splits(part["pair_kind"].to_list(), part["order"].to_list()):
+        sub = part.filter(pl.Series(mask))
+        probe = sub["probe_right"].cast(pl.Float64).to_numpy()
+        said = sub["output_right"].cast(pl.Float64).to_numpy()
+        point, low, high = cluster_bootstrap_mean_ci_columns(
+            np.stack([probe, said, probe - said], axis=1), sub["pair_id"].to_numpy(),
+            n_resamples=n_resamples, confidence=confidence, seed=seed)
+        out.append({**key, "pair_kind": kind, "order": order, "n_prompts": sub.height, "n_pairs": sub["pair_id"].n_unique(),
+                    "probe_accuracy": point[0], "probe_accuracy_low": low[0], "probe_accuracy_high": high[0],
+                    "output_accuracy": point[1], "output_accuracy_low": low[1], "output_accuracy_high": high[1],
+                    "knows_minus_says": point[2], "knows_minus_says_low": low[2], "knows_minus_says_high": high[2],
+                    "confidence": confidence})
+    return out
+
+
 def probe_summary(predictions: pl.DataFrame, scores: pl.DataFrame, *, n_resamples: int, confidence: float,
                   seed: int) -> pl.DataFrame:
-    """Per (layer, family, train format, test format, pair kind, order; kind and order also pooled):
-    the probe's accuracy, the model's output accuracy on the same prompts and their paired gap
-    (probe - output), with CIs over number pairs."""
+    """Per (variant, layer, family, train format, test format, pair kind, order; kind and order also
+    pooled): the probe's accuracy, the model's output accuracy on the same prompts and their paired
+    gap (probe - output), with CIs over number pairs.
+
+    variant `all_pairs`: every layer on every pair. variant `heldout_selected`: one layer per (train,
+    test) format, the one whose gap on the bug's kind is largest on the selection pairs (even
+    pair_id), measured on the held-out pairs (odd pair_id), for the probe and its shuffled control
+    alike: "the largest gap over the layers" tested without the optimism of picking it on the same data."""
+    boot = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
     joined = predictions.join(scores.select("prompt_id", pl.col("is_correct").alias("output_right")), on="prompt_id")
     out = []
-    for key, part in joined.group_by("layer", "family", "train_format", "test_format", maintain_order=True):
-        layer, family, train_format, test_format = key
-        for kind, order, mask in kind_order_splits(part["pair_kind"].to_list(), part["order"].to_list()):
-            sub = part.filter(pl.Series(mask))
-            probe = sub["probe_right"].cast(pl.Float64).to_numpy()
-            said = sub["output_right"].cast(pl.Float64).to_numpy()
-            point, low, high = cluster_bootstrap_mean_ci_columns(
-                np.stack([probe, said, probe - said], axis=1), sub["pair_id"].to_numpy(),
-                n_resamples=n_resamples, confidence=confidence, seed=seed)
-            out.append({"layer": layer, "family": family, "train_format": train_format, "test_format": test_format,
-                        "pair_kind": kind, "order": order, "n_prompts": sub.height, "n_pairs": sub["pair_id"].n_unique(),
-                        "probe_accuracy": point[0], "probe_accuracy_low": low[0], "probe_accuracy_high": high[0],
-                        "output_accuracy": point[1], "output_accuracy_low": low[1], "output_accuracy_high": high[1],
-                        "knows_minus_says": point[2], "knows_minus_says_low": low[2], "knows_minus_says_high": high[2],
-                        "confidence": confidence})
-    return pl.DataFrame(out).sort("family", "train_format", "test_format", "pair_kind", "order", "layer")
+    for (layer, family, train_format, test_format), part in joined.group_by(
+            "layer", "family", "train_format", "test_format", maintain_order=True):
+        out += _summary_rows(part, {"variant": ALL_PAIRS, "layer": layer, "family": family, "train_format": train_format,
+                                    "test_format": test_format}, **boot)
+    selection = is_selection_pair(pl.col("pair_id"))
+    gaps = (joined.filter(selection, pl.col("family") == PROBE, pl.col("pair_kind") == BUG_PAIR_KIND)
+            .group_by("train_format", "test_format", "layer")
+            .agg((pl.col("probe_right").cast(pl.Float64) - pl.col("output_right").cast(pl.Float64)).mean().alias("gap"))
+            .sort("train_format", "test_format", pl.col("gap"), "layer", descending=[False, False, True, False]))
+    for (train_format, test_format), chosen in gaps.group_by("train_format", "test_format", maintain_order=True):
+        layer = chosen["layer"][0]
+        for family in (PROBE, SHUFFLED):
+            part = joined.filter(~selection, pl.col("layer") == layer, pl.col("family") == family,
+                                 pl.col("train_format") == train_format, pl.col("test_format") == test_format)
+            out += _summary_rows(part, {"variant": HELDOUT_SELECTED, "layer": layer, "family": family,
+                                        "train_format": train_format, "test_format": test_format}, **boot)
+    return pl.DataFrame(out).sort("variant", "family", "train_format", "test_format", "pair_kind", "order", "layer")
 
 
 def decision_vectors(path, dtype: str, prompts: pl.DataFrame) -> np.ndarray:

@@ -7,7 +7,7 @@ import altair as alt
 import polars as pl
 
 from bugscope.data.lens import FORMAT_GAP
-from bugscope.data.probes import PROBE, SHUFFLED
+from bugscope.data.probes import ALL_PAIRS, PROBE, SHUFFLED
 from bugscope.data.prompts import ALL, BUG_PAIR_KIND, ORDERS
 from bugscope.figures.style import (
     HEIGHT,
@@ -106,7 +106,7 @@ def probes(summary: pl.DataFrame, labels: Labels) -> alt.LayerChart:
     """Knows vs says on the bug's pair kind (both orders pooled), per layer: the accuracy of a probe
     trained on each format and tested on the held-out pairs of a format, beside the model's own
     accuracy on those prompts; the shuffled-label control stays at chance."""
-    bug = summary.filter(pl.col("pair_kind") == BUG_PAIR_KIND, pl.col("order") == ALL)
+    bug = summary.filter(pl.col("pair_kind") == BUG_PAIR_KIND, pl.col("order") == ALL, pl.col("variant") == ALL_PAIRS)
     probe = bug.filter(pl.col("family").is_in([PROBE, SHUFFLED])).with_columns(
         (pl.col("family") + ": train " + pl.col("train_format") + ", test " + pl.col("test_format")).alias("series"),
         pl.col("probe_accuracy").alias("accuracy"), pl.col("probe_accuracy_low").alias("low"),
