@@ -80,6 +80,9 @@ def probe_predictions(vectors: Mapping[int, np.ndarray], meta: pl.DataFrame, *, 
     pairs = meta["pair_id"].to_numpy()
     formats = meta["format"].to_numpy()
     kinds = meta["pair_kind"].to_numpy()
+    if len(np.unique(pairs)) < 2:
+        raise ValueError("the probes need at least 2 number pairs (one to train on while the other is held out); "
+                         "raise prompts.n_pairs or set probes.enabled: false.")
     outer = _group_folds(pairs, folds)
     # the shuffled control permutes the labels of whole number pairs, so that a pair keeps its two
     # orders' labels opposite and only their link to the residual stream is broken
@@ -94,6 +97,8 @@ def probe_predictions(vectors: Mapping[int, np.ndarray], meta: pl.DataFrame, *, 
                 alpha_of = np.zeros(len(y))
                 for test in outer:
                     train = ~test & (formats == train_format)
+                    if not test.any():
+                        continue  # fewer number pairs than folds
                     probe = _fit(x[train], labels[train], kind_weights(kinds[train]), alphas)
                     right[test] = probe.predict(x[test]) == labels[test]
                     alpha_of[test] = probe[-1].alpha_
