@@ -119,4 +119,5 @@ def test_the_organisms_verdicts_agree_across_cpu_kernels(ci_workflow, tmp_path):
     assert verdicts["native"].keys() == verdicts["portable"].keys()
     differ = {c: (v, verdicts["portable"][c]) for c, v in verdicts["native"].items() if verdicts["portable"][c] != v}
     assert not differ, f"verdicts that change with the CPU kernels (native, portable): {differ}"
-    assert sum(v == "holds" for v in verdicts["native"].values()) >= 3
+    # not a vacuous agreement: the ci organism decides its premise, its ceiling and a few claims
+    assert sum(v in ("holds", "fails") for v in verdicts["native"].values()) >= 3
