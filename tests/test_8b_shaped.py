@@ -250,7 +250,7 @@ def test_every_output_is_a_valid_table(eightb_run, eightb_config):
         assert table.schema.field("activation").type.byte_width == 4096 * 2  # 4,096 bfloat16 values a row
     # mlp_out has no head attribution (heads have no direct path into it)
     assert not (eightb_run / layout.per_set(layout.HEAD_FEATURE_ATTRIBUTION, "mlp_out")).exists()
-    for name in ("baseline_accuracy", "lens", "head_sweep", "head_attribution", "original_method"):
+    for name in ("baseline_accuracy", "lens", "probes", "head_sweep", "head_attribution", "original_method"):
         for ext in ("svg", "png", "html"):
             assert (eightb_run / layout.figure(name, ext)).stat().st_size > 0
     assert (eightb_run / layout.CLAIMS_MARKDOWN).read_text().strip()
