@@ -6,19 +6,18 @@ point)."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from bugscope.model.forward import Batch, decision_logits, iter_batches, logit_diff, run_decoder
+from bugscope.model.forward import Batch, LayerRunner, decision_logits, iter_batches, logit_diff, run_decoder
 from bugscope.model.sites import (
     decoder_layers,
     final_norm,
     final_norm_epsilon,
     head_input_module,
-    logit_softcap,
     output_tensor,
     site_module,
     unembedding,
@@ -47,6 +46,10 @@ class LayerCapture:
     resid_post: torch.Tensor  # [n, d_model] output of the decoder layer
 
 
+# The tensors a LayerCapture holds, by name.
+_CAPTURED = tuple(f.name for f in fields(LayerCapture))
+
+
 class _StopForward(Exception):
     pass
 
@@ -57,7 +60,6 @@ def _decision_batches(model, rows: Sequence[dict], *, layers: Sequence[int], bat
     `logits`, the model's own decision logits of the same forward (else the forward stops after the
     last captured layer)."""
     device = next(model.parameters()).device
-    keys = ("resid_pre", "z", "attn_out", "mlp_out", "resid_post")
     store: dict[int, dict[str, torch.Tensor]] = {}
     last = max(layers)
     handles = []
@@ -98,7 +100,7 @@ def _decision_batches(model, rows: Sequence[dict], *, layers: Sequence[int], bat
                     run_decoder(model, batch)
                 except _StopForward:
                     pass
-            yield batch, {layer: LayerCapture(**{k: store[layer][k] for k in keys}) for layer in layers}, out
+            yield batch, {layer: LayerCapture(**{k: store[layer][k] for k in _CAPTURED}) for layer in layers}, out
     finally:
         for h in handles:
             h.remove()
@@ -114,8 +116,7 @@ def capture_decision(model, rows: Sequence[dict], *, layers: Sequence[int], batc
         ids.append(batch.prompt_ids.numpy())
         for layer in layers:
             parts[layer].append(caps[layer])
-    return np.concatenate(ids), {layer: LayerCapture(**{k: torch.cat([getattr(c, k) for c in caps])
-                                                        for k in LayerCapture.__dataclass_fields__})
+    return np.concatenate(ids), {layer: LayerCapture(**{k: torch.cat([getattr(c, k) for c in caps]) for k in _CAPTURED})
                                  for layer, caps in parts.items()}
 
 
@@ -135,46 +136,38 @@ class DecisionLens:
 def decision_lens(model, rows: Sequence[dict], *, batch_size: int, pad_token_id: int) -> DecisionLens:
     """The decision logit difference read at every layer, and its direct attribution to each block.
 
-    The lens applies the final norm (its own scale for each residual) and the unembedding, then the
-    family's logit soft-cap, so its last layer is the model's own logit difference. The direct
+    The lens reads each layer's residual as the model's head reads the last one
+    (`LayerRunner.decision_logit_diff`: the final norm with its own scale, the two unembedding rows,
+    the family's soft-cap), so its last layer is the model's own logit difference. The direct
     attributions hold the final residual's norm scale fixed (the norm is RMS: linear once its scale
     is fixed) and sum to the last layer's lens before any soft-cap, to rounding: the embedding plus
     every block's write is the final residual. One forward per batch, the batches of
     `score_prompts`: its `logit_diff` is the model's own, bit for bit. Memory does not grow with the
     prompts times the layers."""
     n_layers = model.config.num_hidden_layers
-    norm, head, eps, cap = final_norm(model), unembedding(model).weight, final_norm_epsilon(model), logit_softcap(model)
-    dtype = head.dtype
+    runner = LayerRunner(model)  # its decision_logit_diff reads a residual as the model's head does
+    norm, head, eps = final_norm(model), unembedding(model).weight, final_norm_epsilon(model)
 
-    def rms(x):  # float64 [n, d] -> [n, 1]
+    def rms(x):  # float64 [..., d] -> [..., 1]
         return (x.square().mean(-1, keepdim=True) + eps).sqrt()
 
     ids, scores, lens, embedding, attn, mlp = [], [], [], [], [], []
     for batch, caps, logits in _decision_batches(model, rows, layers=range(n_layers), batch_size=batch_size,
                                                  pad_token_id=pad_token_id, logits=True):
-        w_correct, w_wrong = head[batch.correct_token].cpu().double(), head[batch.wrong_token].cpu().double()
-        direction = w_correct - w_wrong
-
-        def normed(x):  # the final norm in the model's dtype, as the model applies it
-            return norm(x.to(head.device, dtype)).cpu().double()
-
-        def read(x):
-            h = normed(x)
-            c, w = (h * w_correct).sum(-1), (h * w_wrong).sum(-1)
-            if cap is not None:
-                c, w = cap * torch.tanh(c / cap), cap * torch.tanh(w / cap)
-            return c - w
-
-        scale = rms(caps[n_layers - 1].resid_post.double())
-
-        def attribute(x):  # x times the norm's weight over the final residual's RMS, on the direction
-            x = x.double()
-            return (normed(x) * rms(x) / scale * direction).sum(-1)
-
+        # every layer's residual as one replica of the batch (layer-major), read in one call
+        residuals = torch.cat([caps[layer].resid_post for layer in range(n_layers)])
+        read = runner.decision_logit_diff(residuals.to(head.device, head.dtype), batch, replicas=n_layers)
+        # the embedding and every block's write: x times the norm's weight (the norm of x in the model's
+        # dtype, times x's own RMS) over the final residual's RMS, on the correct - wrong unembedding
+        writes = torch.stack([caps[0].resid_pre, *(caps[layer].attn_out for layer in range(n_layers)),
+                              *(caps[layer].mlp_out for layer in range(n_layers))]).double()  # [1 + 2L, b, d]
+        weighted = norm(writes.to(head.device, head.dtype)).cpu().double() * rms(writes)
+        direction = head[batch.correct_token].cpu().double() - head[batch.wrong_token].cpu().double()
+        attribution = (weighted / rms(caps[n_layers - 1].resid_post.double()) * direction).sum(-1)  # [1 + 2L, b]
         ids.append(batch.prompt_ids.numpy())
         scores.append(logit_diff(logits, batch))
-        lens.append(torch.stack([read(caps[layer].resid_post) for layer in range(n_layers)], -1))
-        embedding.append(attribute(caps[0].resid_pre))
-        attn.append(torch.stack([attribute(caps[layer].attn_out) for layer in range(n_layers)], -1))
-        mlp.append(torch.stack([attribute(caps[layer].mlp_out) for layer in range(n_layers)], -1))
+        lens.append(read.double().reshape(n_layers, -1).T)
+        embedding.append(attribution[0])
+        attn.append(attribution[1:1 + n_layers].T)
+        mlp.append(attribution[1 + n_layers:].T)
     return DecisionLens(np.concatenate(ids), *(torch.cat(x).numpy() for x in (scores, lens, embedding, attn, mlp)))
