@@ -139,10 +139,14 @@ def test_registry_refuses_a_table_without_its_declared_columns(tmp_path, ci_conf
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_the_light_decoder_reads_what_the_torch_one_reads(dtype):
+    """Both decoders (arrow_to_vectors is the light one as a tensor) give torch's own cast of the
+    stored values back, bfloat16 included, from an offset into the buffer."""
     import torch
 
-    from bugscope.io import arrow_to_numpy_vectors, arrow_to_vectors, vectors_to_arrow
+    from bugscope.io import arrow_to_numpy_vectors, arrow_to_vectors, storage_torch_dtype, vectors_to_arrow
 
     x = torch.randn(7, 12, generator=torch.Generator().manual_seed(0)) * 100
-    col = vectors_to_arrow(x, dtype).slice(2)  # an offset into the buffer
-    assert np.array_equal(arrow_to_numpy_vectors(col, dtype), arrow_to_vectors(col, dtype).numpy())
+    col = vectors_to_arrow(x, dtype).slice(2)
+    stored = x[2:].to(storage_torch_dtype(dtype)).float().numpy()
+    assert np.array_equal(arrow_to_numpy_vectors(col, dtype), stored)
+    assert np.array_equal(arrow_to_vectors(col, dtype).numpy(), stored)

@@ -225,21 +225,9 @@ def vectors_to_arrow(x: torch.Tensor, dtype: str) -> pa.FixedSizeBinaryArray:
     return pa.Array.from_buffers(vector_type(d, dtype), n, [None, pa.py_buffer(raw)])
 
 
-def arrow_to_vectors(col: pa.ChunkedArray | pa.FixedSizeBinaryArray, dtype: str) -> torch.Tensor:
-    """Inverse of `vectors_to_arrow`, always returning float32 [n, d]."""
-    import torch
-
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    width = col.type.byte_width
-    raw = np.frombuffer(col.buffers()[1], dtype=np.uint8, count=len(col) * width, offset=col.offset * width)
-    t = torch.from_numpy(raw.copy()).view(storage_torch_dtype(dtype))
-    return t.to(torch.float32).reshape(len(col), -1)
-
-
 def arrow_to_numpy_vectors(col: pa.ChunkedArray | pa.FixedSizeBinaryArray, dtype: str) -> np.ndarray:
-    """`arrow_to_vectors` without torch, for the light jobs: float32 [n, d]. bfloat16 has no NumPy
-    dtype: its 16 bits are the top half of the float32 with the same value."""
+    """Inverse of `vectors_to_arrow`, without torch (the light jobs read it): float32 [n, d].
+    bfloat16 has no NumPy dtype: its 16 bits are the top half of the float32 with the same value."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     width = col.type.byte_width
@@ -247,3 +235,10 @@ def arrow_to_numpy_vectors(col: pa.ChunkedArray | pa.FixedSizeBinaryArray, dtype
     if dtype == "bfloat16":
         return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(len(col), -1)
     return raw.view({"float32": "<f4", "float16": "<f2"}[dtype]).astype(np.float32).reshape(len(col), -1)
+
+
+def arrow_to_vectors(col: pa.ChunkedArray | pa.FixedSizeBinaryArray, dtype: str) -> torch.Tensor:
+    """`arrow_to_numpy_vectors` as a torch tensor: float32 [n, d]."""
+    import torch
+
+    return torch.from_numpy(arrow_to_numpy_vectors(col, dtype))
