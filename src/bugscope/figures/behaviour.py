@@ -28,10 +28,8 @@ ORDERS_POOLED = "both orders"
 def baseline_accuracy(accuracy: pl.DataFrame, labels: Labels) -> alt.FacetChart:
     """Accuracy per prompt format (x) and question order (bars: each order and both pooled), one
     column per pair kind, decision-logit metric, with the pair-level CIs."""
-    role = {labels.buggy_format: " (buggy)", labels.correct_format: " (correct)"}
     df = null_nan(accuracy.filter(pl.col("pair_kind") != ALL), "accuracy", "accuracy_low", "accuracy_high").with_columns(
-        (pl.col("format") + pl.col("format").replace_strict(role, default="")).alias("format_role"),
-        pl.col("order").replace({ALL: ORDERS_POOLED}).alias("order_label"))
+        labels.format_role(), pl.col("order").replace({ALL: ORDERS_POOLED}).alias("order_label"))
     orders = [o for o in (ORDERS_POOLED, *ORDERS) if o in df["order_label"].to_list()]
     colour = alt.Color("order_label:N", title="question order", sort=orders, legend=alt.Legend(orient="top"),
                        scale=alt.Scale(domain=orders, range=[OKABE_ITO["black"], OKABE_ITO["sky_blue"],
@@ -62,10 +60,8 @@ def lens(summary: pl.DataFrame, labels: Labels) -> alt.HConcatChart:
     difference each format's residual stream would give if the model stopped after that layer, and
     which blocks write the format gap (the correct format minus the buggy one, direct attribution)."""
     bug = summary.filter(pl.col("pair_kind") == BUG_PAIR_KIND, pl.col("order") == ALL)
-    role = {labels.buggy_format: " (buggy)", labels.correct_format: " (correct)"}
     formats = null_nan(bug.filter(pl.col("format") != FORMAT_GAP), "lens_logit_diff", "lens_logit_diff_low",
-                       "lens_logit_diff_high").with_columns(
-        (pl.col("format") + pl.col("format").replace_strict(role, default="")).alias("format_role"))
+                       "lens_logit_diff_high").with_columns(labels.format_role())
     x = alt.X("layer:Q", title="layer (residual stream after it)", axis=alt.Axis(tickMinStep=1))
     colour = alt.Color("format_role:N", title="prompt format", legend=alt.Legend(orient="top"))
     band = alt.Chart().mark_area(opacity=0.2).encode(x=x, y=alt.Y("lens_logit_diff_low:Q", title=""),

@@ -63,11 +63,9 @@ def organism_comparison(accuracy: dict[str, pl.DataFrame], heads: dict[str, pl.D
 
 
 def _lens_and_map(lens: dict[str, pl.DataFrame], residual_map: dict[str, pl.DataFrame], labels: Labels) -> alt.HConcatChart:
-    formats = {labels.buggy_format: "buggy", labels.correct_format: "correct"}
     rows = pl.concat([t.filter(pl.col("pair_kind") == BUG_PAIR_KIND, pl.col("order") == ALL,
-                               pl.col("format").is_in(list(formats))).with_columns(
-        pl.lit(m).alias("model"), (pl.col("format") + " (" + pl.col("format").replace_strict(formats) + ")").alias(
-            "format_role")) for m, t in lens.items()], how="diagonal_relaxed")
+                               pl.col("format").is_in([labels.buggy_format, labels.correct_format])).with_columns(
+        pl.lit(m).alias("model"), labels.format_role()) for m, t in lens.items()], how="diagonal_relaxed")
     rows = null_nan(rows, "lens_logit_diff", "lens_logit_diff_low", "lens_logit_diff_high")
     colour = alt.Color("model:N", sort=list(MODELS), legend=alt.Legend(orient="top"),
                        scale=alt.Scale(domain=list(MODELS), range=[OKABE_ITO["grey"], OKABE_ITO["vermillion"]]))

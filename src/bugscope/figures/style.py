@@ -56,6 +56,11 @@ class Labels:
     def ci(self) -> str:
         return f"{round(100 * self.confidence)} % CI"
 
+    def format_role(self, column: str = "format") -> pl.Expr:
+        """A format's name with its role in the contrast: 'qa (buggy)', 'simple (correct)'; others as named."""
+        role = {self.buggy_format: " (buggy)", self.correct_format: " (correct)"}
+        return (pl.col(column) + pl.col(column).replace_strict(role, default="")).alias("format_role")
+
     @classmethod
     def from_config(cls, config) -> "Labels":
         return cls(config["model"]["name"], config["prompts"]["buggy_format"], config["prompts"]["correct_format"],
