@@ -24,11 +24,11 @@ LENS_PROMPTS = f"{RESULTS}/baseline/lens_prompts.parquet"
 LENS = f"{RESULTS}/baseline/lens.parquet"
 
 ACTIVATIONS = f"{RESULTS}/activations/{{dataset}}/{{hook}}.parquet"
+CORPUS = f"{RESULTS}/corpus/corpus.parquet"
 
 # Knows vs says (bugscope.data.probes): probe predictions per prompt, and probe against output accuracy
 PROBE_PROMPTS = f"{RESULTS}/probes/probe_prompts.parquet"
 PROBES = f"{RESULTS}/probes/probes.parquet"
-CORPUS = f"{RESULTS}/corpus/corpus.parquet"
 
 # The SAE stage (workflow/rules/sae.smk): per set, its SAEs, their sparse codes of the prompts and
 # their quality; the quality of every set in one table.

@@ -41,22 +41,21 @@ def lens_rows(lens, prompts: pl.DataFrame) -> pl.DataFrame:
 
 
 def _summarise(per_prompt: pl.DataFrame, fmt: str, *, n_resamples: int, confidence: float, seed: int) -> list[dict]:
-    """Rows per (pair kind, order, layer) of one format's (or the gap's) per-prompt lens rows."""
-    layers = sorted(per_prompt["layer"].unique().to_list())
-    wide = per_prompt.sort("layer").group_by("prompt_id", maintain_order=True).agg(
-        "pair_id", "pair_kind", "order", *[pl.col(c) for c in QUANTITIES.values()]).with_columns(
-        pl.col("pair_id").list.first(), pl.col("pair_kind").list.first(), pl.col("order").list.first())
+    """Rows per (pair kind, order, layer) of one format's (or the gap's) per-prompt lens rows: every
+    prompt has every layer, so sorted by (prompt, layer) each column is a [prompts, layers] matrix."""
+    ordered = per_prompt.sort("prompt_id", "layer")
+    layers = sorted(ordered["layer"].unique().to_list())
+    prompts = ordered.filter(pl.col("layer") == layers[0])  # one row per prompt, in the matrices' order
+    matrix = np.concatenate([ordered[c].cast(pl.Float64).to_numpy().reshape(-1, len(layers))
+                             for c in QUANTITIES.values()], axis=1)
     out = []
-    for kind, order, mask in kind_order_splits(wide["pair_kind"].to_list(), wide["order"].to_list()):
-        sub = wide.filter(pl.Series(mask))
-        if sub.height == 0:
-            continue
-        matrix = np.concatenate([np.asarray(sub[c].to_list(), dtype=np.float64) for c in QUANTITIES.values()], axis=1)
-        point, low, high = cluster_bootstrap_mean_ci_columns(matrix, sub["pair_id"].to_numpy(),
-                                                             n_resamples=n_resamples, confidence=confidence, seed=seed)
+    for kind, order, mask in kind_order_splits(prompts["pair_kind"].to_list(), prompts["order"].to_list()):
+        pairs = prompts["pair_id"].to_numpy()[mask]
+        point, low, high = cluster_bootstrap_mean_ci_columns(matrix[mask], pairs, n_resamples=n_resamples,
+                                                             confidence=confidence, seed=seed)
         for i, layer in enumerate(layers):
-            row = {"format": fmt, "pair_kind": kind, "order": order, "layer": layer, "n_prompts": sub.height,
-                   "n_pairs": sub["pair_id"].n_unique()}
+            row = {"format": fmt, "pair_kind": kind, "order": order, "layer": layer, "n_prompts": int(mask.sum()),
+                   "n_pairs": len(np.unique(pairs))}
             for j, name in enumerate(QUANTITIES):
                 k = j * len(layers) + i
                 row |= {name: point[k], f"{name}_low": low[k], f"{name}_high": high[k]}
