@@ -159,6 +159,36 @@ def _check_semantics(config: dict, source: str) -> None:
         raise ConfigError(f"Invalid config ({source}): prompts.integer_range {lo}..{hi} is empty.")
     _check_sae_sets(config, source)
     _check_interventions(config, source)
+    _check_reading(config, source)
+
+
+def _check_reading(config: dict, source: str) -> None:
+    families = config["reading"]["families"]
+    decimal = [name for name, f in families.items() if f["numbers"] == "decimal"]
+    if len(decimal) != 1:
+        raise ConfigError(f"Invalid config ({source}): reading.families needs exactly one family with numbers: decimal "
+                          f"(the reference the reading families are told from); it has {decimal or 'none'}.")
+    if decimal != ["decimal"]:
+        raise ConfigError(f"Invalid config ({source}): the decimal-style family must be named 'decimal', not {decimal[0]!r}.")
+    for name, f in families.items():
+        for wording in ("train", "test"):
+            if "{a}" not in f[wording] or "{b}" not in f[wording]:
+                raise ConfigError(f"Invalid config ({source}): reading.families.{name}.{wording} must contain both {{a}} and {{b}}.")
+        if f["train"] == f["test"]:
+            raise ConfigError(f"Invalid config ({source}): reading.families.{name} has one wording for train and test; "
+                              "the probe is tested on another wording so that the template cannot carry it.")
+    steer = config["reading"]["steer"]["layers"]
+    if steer != "all":
+        outside = sorted(set(steer) - set(analysed_layers(config)))
+        if outside:
+            raise ConfigError(f"Invalid config ({source}): reading.steer.layers {outside} are not analysed layers "
+                              f"({analysed_layers(config)}): the reading direction is read there. Add them to 'layers'.")
+
+
+def steer_layers(config: dict) -> list[int]:
+    """The layers the causal test of the reading steers (reading.steer.layers)."""
+    layers = config["reading"]["steer"]["layers"]
+    return analysed_layers(config) if layers == "all" else sorted(layers)
 
 
 def _check_sae_sets(config: dict, source: str) -> None:
@@ -373,6 +403,10 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "patching_original": (*_BASE, *_PATCH, "patching.original_generation", "focus_layers", "bootstrap"),
     "organism": (*_BASE, "organism"),
     "probes": (*_BASE, "cache", "baseline", "probes", "bootstrap"),
+    # the reading families' prompts; the model job's scores and the closeness and steering summaries
+    "reading_prompts": (*_BASE, "reading.families", "reading.n_pairs"),
+    "reading_model": (*_BASE, "layers", "reading.families", "reading.n_pairs", "reading.steer"),
+    "reading": (*_BASE, "cache", "baseline", "layers", "reading", "probes.alphas", "bootstrap"),
 }
 
 

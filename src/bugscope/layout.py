@@ -2,7 +2,7 @@
 
 Snakemake rules (workflow/rules/common.smk) and tests both read paths from here. `{hook}` is a
 hook name such as `blocks.10.hook_resid_post` (see `bugscope.model.sites`); `{dataset}` is `prompts`
-(the analysis prompts) or `corpus` (SAE training text); `{sae_set}` is the name of an SAE set
+(the analysis prompts), `reading` (the reading families) or `corpus` (SAE training text); `{sae_set}` is the name of an SAE set
 (`sae.sets`): every SAE and feature-analysis output is per set.
 """
 
@@ -14,6 +14,8 @@ MODEL_MANIFEST = f"{RESULTS}/model/model.json"
 MODEL_CHECKPOINT = f"{RESULTS}/model/checkpoint"
 
 PROMPTS = f"{RESULTS}/prompts/prompts.parquet"
+# The reading families (bugscope.data.reading): prompts in which the version order is right
+READING_PROMPTS = f"{RESULTS}/prompts/reading_prompts.parquet"
 
 BASELINE_SCORES = f"{RESULTS}/baseline/scores.parquet"
 BASELINE_ACCURACY = f"{RESULTS}/baseline/accuracy.parquet"
@@ -29,6 +31,15 @@ CORPUS = f"{RESULTS}/corpus/corpus.parquet"
 # Knows vs says (bugscope.data.probes): probe predictions per prompt, and probe against output accuracy
 PROBE_PROMPTS = f"{RESULTS}/probes/probe_prompts.parquet"
 PROBES = f"{RESULTS}/probes/probes.parquet"
+
+# Version or date reading (bugscope.data.reading, workflow/rules/reading.smk): the model's logit
+# differences per prompt and steering condition; the accuracy on each family; the closeness probe
+# per prompt and summarised; the causal test of the reading direction against random directions.
+READING_SCORES = f"{RESULTS}/reading/scores.parquet"
+READING_ACCURACY = f"{RESULTS}/reading/accuracy.parquet"
+READING_CLOSENESS_PROMPTS = f"{RESULTS}/reading/closeness_prompts.parquet"
+READING_CLOSENESS = f"{RESULTS}/reading/closeness.parquet"
+READING_STEERING = f"{RESULTS}/reading/steering.parquet"
 
 # The SAE stage (workflow/rules/sae.smk): per set, its SAEs, their sparse codes of the prompts and
 # their quality; the quality of every set in one table.

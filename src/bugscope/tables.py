@@ -46,7 +46,9 @@ PATCH_SUMMARY_COLUMNS = ("method", "positions", "pair_kind", "order", "layer", "
 
 # `columns` names what identifies a row and what every reader of the table uses, not all columns.
 PROMPTS = Table(layout.PROMPTS, "prompts", "prompts",
-               columns=("prompt_id", "question_id", "pair_id", "pair_kind", "order", "format"))
+               columns=("prompt_id", "question_id", "pair_id", "pair_kind", "order", "format", "family", "wording",
+                        "numbers_pos", "decision_pos"))
+READING_PROMPTS = Table(layout.READING_PROMPTS, "reading_prompts", "reading_prompts", columns=PROMPTS.columns)
 
 BASELINE_SCORES = Table(layout.BASELINE_SCORES, "baseline_scores", "baseline",
                         columns=("prompt_id", "pair_id", "pair_kind", "order", "format", "is_correct"))
@@ -76,8 +78,25 @@ PROBES = Table(layout.PROBES, "probes", "probes", "n_pairs", "number pairs",
                         "probe_accuracy", "probe_accuracy_low", "probe_accuracy_high", "output_accuracy",
                         "knows_minus_says", "knows_minus_says_low", "knows_minus_says_high"))
 
+READING_SCORES = Table(layout.READING_SCORES, "reading_scores", "reading_model",
+                       columns=("prompt_id", "condition", "draw", "logit_diff"))
+READING_ACCURACY = Table(layout.READING_ACCURACY, "reading_accuracy", "reading", "n_pairs", "number pairs",
+                         columns=("family", "wording", "format", "n_prompts", "n_pairs", "accuracy", "accuracy_low",
+                                  "accuracy_high"))
+READING_CLOSENESS_PROMPTS = Table(layout.READING_CLOSENESS_PROMPTS, "reading_closeness_prompts", "reading",
+                                  columns=("prompt_id", "pair_id", "format", "family", "wording", "layer", "position",
+                                           "score", "read_as_version"))
+_LONG = ("n_prompts", "n_pairs", "measure", "value", "value_low", "value_high")
+READING_CLOSENESS = Table(layout.READING_CLOSENESS, "reading_closeness", "reading", "n_pairs", "number pairs",
+                          columns=("variant", "layer", "position", "family", "format", "pair_kind", *_LONG))
+READING_STEERING = Table(layout.READING_STEERING, "reading_steering", "reading", "n_pairs", "number pairs",
+                         columns=("condition", "subject", "pair_kind", *_LONG))
+
 PROMPT_ACTIVATIONS = Table(
     layout.ACTIVATIONS.replace("{dataset}", "prompts"), "activations", "activations",
+    columns=("prompt_id", "position", "activation"))
+READING_ACTIVATIONS = Table(
+    layout.ACTIVATIONS.replace("{dataset}", "reading"), "activations", "reading_model",
     columns=("prompt_id", "position", "activation"))
 CORPUS = Table(layout.CORPUS, "corpus", "sae", columns=("prompt_id", "source", "split", "input_ids", "n_tokens"))
 CORPUS_ACTIVATIONS = Table(

@@ -39,7 +39,7 @@ LAYER_GROUPS = layer_groups(LAYERS, config["resources"]["layers_per_job"])
 
 wildcard_constraints:
     hook=r"blocks\.\d+\.hook_(resid_post|mlp_out|attn_out)",
-    dataset=r"prompts|corpus",
+    dataset=r"prompts|reading|corpus",
 
 
 def final_outputs():

@@ -59,6 +59,39 @@ rule fig_probes:
         "../scripts/fig_probes.py"
 
 
+rule fig_reading:
+    input:
+        accuracy=layout.READING_ACCURACY,
+        closeness=layout.READING_CLOSENESS,
+    output:
+        **figure_outputs("reading", "1. Baseline"),
+    log:
+        f"{layout.LOGS}/figures/reading.log",
+    localrule: True
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
+    script:
+        "../scripts/fig_reading.py"
+
+
+rule fig_reading_steering:
+    input:
+        steering=layout.READING_STEERING,
+    output:
+        **figure_outputs("reading_steering", "1. Baseline"),
+    log:
+        f"{layout.LOGS}/figures/reading_steering.log",
+    localrule: True
+    conda:
+        "../../environment.yml"
+    params:
+        png_scale=PNG_SCALE,
+    script:
+        "../scripts/fig_reading_steering.py"
+
+
 rule fig_feature_overlap:
     input:
         overlap=layout.per_set(layout.FEATURE_OVERLAP, PRIMARY_SET),

@@ -29,19 +29,21 @@ rule plant_organism:
         "../scripts/plant_organism.py"
 
 
-# The organism's prompts are the base run's, bit for bit: copied, not rebuilt.
+# The organism's prompts (and its reading families') are the base run's, bit for bit: copied, not rebuilt.
 rule organism_prompts:
     input:
-        layout.PROMPTS,
+        prompts=layout.PROMPTS,
+        reading_prompts=layout.READING_PROMPTS,
     output:
-        layout.organism(layout.PROMPTS),
+        prompts=layout.organism(layout.PROMPTS),
+        reading_prompts=layout.organism(layout.READING_PROMPTS),
     log:
         layout.organism(f"{layout.LOGS}/build_prompts.log"),
     localrule: True
     conda:
         "../../environment.yml"
     shell:
-        "cp {input} {output} 2> {log}"
+        "(cp {input.prompts} {output.prompts} && cp {input.reading_prompts} {output.reading_prompts}) 2> {log}"
 
 
 rule organism_localisation:
@@ -112,7 +114,7 @@ if config["organism"]["enabled"]:
 
     # The organism's own model and prompts come from plant_organism and organism_prompts; the rules
     # about the organism exist once, here.
-    use rule * from organism exclude prepare_model, build_prompts, all, plant_organism, organism_prompts, organism_localisation, fig_organism_comparison as organism_*
+    use rule * from organism exclude prepare_model, build_prompts, build_reading_prompts, all, plant_organism, organism_prompts, organism_localisation, fig_organism_comparison as organism_*
 
     ORGANISM_TARGETS = [
         layout.organism(path) for path in stages.targets(ORGANISM_CONFIG)

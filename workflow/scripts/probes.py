@@ -1,7 +1,7 @@
 import polars as pl
 
 from bugscope import tables
-from bugscope.data.probes import decision_vectors, probe_predictions, probe_summary
+from bugscope.data.probes import position_vectors, probe_predictions, probe_summary
 from bugscope.model.sites import parse_hook_name
 from bugscope.run.script import log, run
 
@@ -16,7 +16,7 @@ def main(smk):
     for path in smk.input.activations:  # one layer's vectors in memory at a time (8B: 2,304 x 4,096 floats)
         meta = tables.check(tables.PROMPT_ACTIVATIONS, cfg, path)
         layer = parse_hook_name(meta["hook_name"])[0]
-        vectors = {layer: decision_vectors(path, meta["dtype"], prompts)}
+        vectors = {layer: position_vectors(path, meta["dtype"], prompts)}
         parts.append(probe_predictions(vectors, prompts, train_formats=train, folds=probes["folds"],
                                        alphas=probes["alphas"], seed=cfg["seed"]))
         layers.append(layer)

@@ -159,21 +159,22 @@ def probe_summary(predictions: pl.DataFrame, scores: pl.DataFrame, *, n_resample
     return pl.DataFrame(out).sort("variant", "family", "train_format", "test_format", "pair_kind", "order", "layer")
 
 
-def decision_vectors(path, dtype: str, prompts: pl.DataFrame) -> np.ndarray:
-    """[n, d] float32, rows in `prompts`' order: each prompt's cached activation at its decision
-    position (a prompt activation file of bugscope.model.cache, read without torch)."""
+def position_vectors(path, dtype: str, prompts: pl.DataFrame, column: str = "decision_pos") -> np.ndarray:
+    """[n, d] float32, rows in `prompts`' order: each prompt's cached activation at the position its
+    `column` names (the decision position by default), from a prompt activation file of
+    bugscope.model.cache, read without torch."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from bugscope.io import arrow_to_numpy_vectors
 
-    decision = dict(zip(prompts["prompt_id"].to_list(), prompts["decision_pos"].to_list()))
-    table = pq.read_table(path, filters=[("position", "in", sorted(set(decision.values())))])
+    wanted = dict(zip(prompts["prompt_id"].to_list(), prompts[column].to_list()))
+    table = pq.read_table(path, filters=[("prompt_id", "in", sorted(wanted)), ("position", "in", sorted(set(wanted.values())))])
     ids, positions = table.column("prompt_id").to_numpy(), table.column("position").to_numpy()
-    row_of = {int(i): r for r, (i, p) in enumerate(zip(ids, positions)) if decision.get(int(i)) == p}
-    missing = [p for p in decision if p not in row_of]
+    row_of = {int(i): r for r, (i, p) in enumerate(zip(ids, positions)) if wanted.get(int(i)) == p}
+    missing = [p for p in wanted if p not in row_of]
     if missing:
-        raise ValueError(f"{path} has no activation at the decision position of {len(missing)} prompts "
-                         f"(e.g. prompt {missing[0]}): the cache must hold the aligned positions (cache.positions).")
+        raise ValueError(f"{path} has no activation at the {column} of {len(missing)} prompts "
+                         f"(e.g. prompt {missing[0]}): the cache must hold those positions (cache.positions: aligned).")
     take = pa.array([row_of[p] for p in prompts["prompt_id"].to_list()])
     return arrow_to_numpy_vectors(table.column("activation").take(take), dtype)

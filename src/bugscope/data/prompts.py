@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -202,46 +203,96 @@ def _alignment_keys(scored: _Scored, text: str, question: str) -> dict[tuple, in
     return keys
 
 
+@dataclass(frozen=True)
+class Question:
+    """One question of a prompt table: a number pair asked in one order and one wording."""
+
+    pair_id: int
+    correct: str  # the right answer in the question's reading (its family)
+    wrong: str
+    pair_kind: str
+    order: str
+    family: str  # DECIMAL for the analysis prompts; the reading families (bugscope.data.reading) otherwise
+    wording: str  # ANALYSIS for the analysis prompts; a reading family's TRAIN or TEST wording
+    template: str  # the question, with {a} and {b}
+
+
+# The analysis prompts are the decimal family in the one wording of prompts.question.
+DECIMAL, ANALYSIS = "decimal", "analysis"
+
+
+def _second_number_span(question: Question, a: str, b: str) -> tuple[int, int]:
+    """The characters of the number named second ({b}) inside the rendered question."""
+    t = question.template
+    before = t[:t.index("{b}")].replace("{a}", a)
+    return len(before), len(before) + len(b)
+
+
+def _numbers_pos(scored: _Scored, q0: int, span: tuple[int, int]) -> int:
+    """The last token over the number named second: where both numbers have been read."""
+    inside = [pos for pos, (s, e) in enumerate(scored.offsets) if e > q0 + span[0] and s < q0 + span[1]]
+    return inside[-1]
+
+
+def questions_of(pairs: Sequence[tuple[str, str]], template: str, *, family: str = DECIMAL,
+                 wording: str = ANALYSIS, first_pair_id: int = 0, kinds: Sequence[str] | None = None) -> list[Question]:
+    """Both orders of every (correct, wrong) pair, numbered from `first_pair_id`."""
+    out = []
+    for i, (correct, wrong) in enumerate(pairs):
+        kind = kinds[i] if kinds is not None else pair_kind(correct, wrong)
+        for order in ORDERS:
+            out.append(Question(first_pair_id + i, correct, wrong, kind, order, family, wording, template))
+    return out
+
+
 def build_prompt_table(config: dict, tokenizer) -> pa.Table:
+    """The analysis prompts: every pair of draw_number_pairs in both orders, in every format."""
     pcfg = config["prompts"]
-    pairs = draw_number_pairs(pcfg, config["seed"])
-    first = first_token_text(pcfg, tokenizer)
+    return prompt_table(questions_of(draw_number_pairs(pcfg, config["seed"]), pcfg["question"]), pcfg["formats"],
+                        tokenizer, first_token_text(pcfg, tokenizer))
+
+
+def prompt_table(questions: Sequence[Question], formats: dict, tokenizer, first: str, *, first_prompt_id: int = 0,
+                 first_question_id: int = 0) -> pa.Table:
+    """Every question rendered in every format, scored and aligned (module docstring); prompt ids
+    from `first_prompt_id`, in question order, then format order."""
     rows, problems = [], []
-    for pair_id, (correct, wrong) in enumerate(pairs):
-        for order_idx, order in enumerate(ORDERS):
-            a, b = (correct, wrong) if order == "correct_first" else (wrong, correct)
-            question = pcfg["question"].replace("{a}", a).replace("{b}", b)
-            question_id = 2 * pair_id + order_idx
-            group = []
-            for fmt_name, fmt in pcfg["formats"].items():
-                text, special = render(fmt, question, tokenizer, first)
-                scored = _score_tokens(tokenizer, text, fmt["answer_prefix"], correct, wrong, special)
-                if isinstance(scored, str):
-                    problems.append(f"question {question_id} ({correct} vs {wrong}, {order}), format {fmt_name}: {scored}")
-                    continue
-                group.append((fmt_name, text, scored, _alignment_keys(scored, text + fmt["answer_prefix"], question)))
-            if len(group) != len(pcfg["formats"]):
+    for q_index, q in enumerate(questions):
+        a, b = (q.correct, q.wrong) if q.order == "correct_first" else (q.wrong, q.correct)
+        question = q.template.replace("{a}", a).replace("{b}", b)
+        question_id = first_question_id + q_index
+        span = _second_number_span(q, a, b)
+        group = []
+        for fmt_name, fmt in formats.items():
+            text, special = render(fmt, question, tokenizer, first)
+            scored = _score_tokens(tokenizer, text, fmt["answer_prefix"], q.correct, q.wrong, special)
+            if isinstance(scored, str):
+                problems.append(f"question {question_id} ({q.correct} vs {q.wrong}, {q.order}), format {fmt_name}: {scored}")
                 continue
-            shared = set.intersection(*(set(k) for *_, k in group))
-            if not any(key[0] == "question" for key in shared):
-                problems.append(
-                    f"question {question_id} ({correct} vs {wrong}, {order}): formats "
-                    f"{', '.join(g[0] for g in group)} share no question token, so they cannot be aligned"
-                )
-                continue
-            ordered = sorted(shared, key=lambda k: (k[0] != "question", k[1]))
-            for fmt_name, text, scored, keys in group:
-                aligned = [keys[k] for k in ordered if keys[k] != scored.decision_pos] + [scored.decision_pos]
-                rows.append({
-                    "question_id": question_id, "pair_id": pair_id, "pair_kind": pair_kind(correct, wrong),
-                    "order": order, "format": fmt_name,
-                    "text": text, "correct": correct, "wrong": wrong,
-                    "input_ids": scored.input_ids, "n_tokens": len(scored.input_ids),
-                    "decision_pos": scored.decision_pos, "correct_token": scored.correct_token,
-                    "wrong_token": scored.wrong_token, "aligned_positions": aligned,
-                    "first_token": tokenizer.convert_ids_to_tokens(scored.input_ids[0]),
-                    "prompt_last_pos": _prompt_last(scored, len(text)),
-                })
+            group.append((fmt_name, text, scored, _alignment_keys(scored, text + fmt["answer_prefix"], question)))
+        if len(group) != len(formats):
+            continue
+        shared = set.intersection(*(set(k) for *_, k in group))
+        if not any(key[0] == "question" for key in shared):
+            problems.append(
+                f"question {question_id} ({q.correct} vs {q.wrong}, {q.order}): formats "
+                f"{', '.join(g[0] for g in group)} share no question token, so they cannot be aligned"
+            )
+            continue
+        ordered = sorted(shared, key=lambda k: (k[0] != "question", k[1]))
+        for fmt_name, text, scored, keys in group:
+            aligned = [keys[k] for k in ordered if keys[k] != scored.decision_pos] + [scored.decision_pos]
+            rows.append({
+                "question_id": question_id, "pair_id": q.pair_id, "pair_kind": q.pair_kind,
+                "order": q.order, "format": fmt_name, "family": q.family, "wording": q.wording,
+                "text": text, "correct": q.correct, "wrong": q.wrong,
+                "input_ids": scored.input_ids, "n_tokens": len(scored.input_ids),
+                "decision_pos": scored.decision_pos, "correct_token": scored.correct_token,
+                "wrong_token": scored.wrong_token, "aligned_positions": aligned,
+                "first_token": tokenizer.convert_ids_to_tokens(scored.input_ids[0]),
+                "prompt_last_pos": _prompt_last(scored, len(text)),
+                "numbers_pos": _numbers_pos(scored, text.find(question), span),
+            })
     if problems:
         shown = "\n  ".join(problems[:20])
         raise PromptError(
@@ -251,16 +302,17 @@ def build_prompt_table(config: dict, tokenizer) -> pa.Table:
         )
     if not rows:
         raise PromptError("The prompt set is empty: set prompts.n_pairs > 0 or list prompts.extra_pairs.")
-    for prompt_id, row in enumerate(rows):
+    for prompt_id, row in enumerate(rows, start=first_prompt_id):
         row["prompt_id"] = prompt_id
     return pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
 
 
 PROMPT_SCHEMA = pa.schema([
     ("prompt_id", pa.int32()), ("question_id", pa.int32()), ("pair_id", pa.int32()),
-    ("pair_kind", pa.string()), ("order", pa.string()), ("format", pa.string()), ("text", pa.string()),
+    ("pair_kind", pa.string()), ("order", pa.string()), ("format", pa.string()), ("family", pa.string()),
+    ("wording", pa.string()), ("text", pa.string()),
     ("correct", pa.string()), ("wrong", pa.string()), ("input_ids", pa.list_(pa.int32())),
     ("n_tokens", pa.int32()), ("decision_pos", pa.int32()), ("correct_token", pa.int32()),
     ("wrong_token", pa.int32()), ("aligned_positions", pa.list_(pa.int32())), ("first_token", pa.string()),
-    ("prompt_last_pos", pa.int32()),
+    ("prompt_last_pos", pa.int32()), ("numbers_pos", pa.int32()),
 ])

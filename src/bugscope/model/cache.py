@@ -126,6 +126,22 @@ def cache_activations(
     return written
 
 
+def write_activations(path: str, prompt_ids, positions, vectors: torch.Tensor, *, hook: str, dtype: str,
+                      meta: dict) -> None:
+    """One hook's activations gathered elsewhere (bugscope.model.steering.reading_pass) as a prompt
+    activation file of this module's layout, written atomically."""
+    layer, site = parse_hook_name(hook)
+    if not bool(torch.isfinite(vectors).all()):
+        raise NonFiniteActivationError(f"NaN or Inf activations at {hook}: run the model in float32 (model.dtype).")
+    schema = activation_schema(vectors.shape[1], dtype, {
+        **meta, "kind": tables.PROMPT_ACTIVATIONS.kind, "layer": layer, "site": site, "hook_name": hook,
+        "dtype": dtype, "d_model": vectors.shape[1]})
+    table = pa.Table.from_arrays([pa.array(prompt_ids, pa.int32()), pa.array(positions, pa.int32()),
+                                  vectors_to_arrow(vectors.to(storage_torch_dtype(dtype)), dtype)], schema=schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="none", use_dictionary=INDEX_COLUMNS, write_statistics=INDEX_COLUMNS)
+
+
 def _start_host_copy(acts: torch.Tensor, finite: torch.Tensor, dtype: str):
     """(acts in the storage dtype, the finite flag, copy-done event) on the host. From a GPU both go
     to pinned memory without blocking and the event marks the end of the copy; on the CPU they are

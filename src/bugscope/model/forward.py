@@ -194,12 +194,13 @@ class LayerRunner:
         recorder = KVRecorder()
         return self.run(start, hidden, ctx, recorder), recorder.kv
 
-    def rerun_last_column(self, start: int, hidden: torch.Tensor, ctx: LayerContext, kv) -> torch.Tensor:
-        """[b, 1, d_model]: run() of the last column alone, the earlier columns' keys and values taken
-        from `kv` (run_keeping_kv of the same input). A change confined to the last column needs no
-        more: the earlier columns cannot see it."""
+    def rerun_last_column(self, start: int, hidden: torch.Tensor, ctx: LayerContext, kv,
+                          replicas: int = 1) -> torch.Tensor:
+        """[replicas * b, 1, d_model]: run() of the last column alone over `replicas` copies of the
+        batch, the earlier columns' keys and values taken from `kv` (run_keeping_kv of the same
+        input). A change confined to the last column needs no more: the earlier columns cannot see it."""
         n = hidden.shape[1] - 1
-        return self.run(start, hidden[:, n:], ctx.tail(n), KVPrefix(kv, n, 1))
+        return self.run(start, hidden[:, n:].repeat(replicas, 1, 1), ctx.tail(n, replicas), KVPrefix(kv, n, replicas))
 
     def decision_logit_diff(self, hidden_last: torch.Tensor, batch: Batch, replicas: int = 1) -> torch.Tensor:
         """[replicas * b] correct-minus-wrong logit from the last column's residual [replicas * b, d_model]:

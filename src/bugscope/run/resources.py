@@ -69,6 +69,12 @@ def n_exhaustive_sets(config: dict) -> int:
     return out
 
 
+def n_reading_prompts(config: dict) -> int:
+    """The reading families' prompts: per family, its pairs in two orders, two wordings and two formats."""
+    r = config["reading"]
+    return len(r["families"]) * r["n_pairs"] * 2 * 2 * 2
+
+
 def d_model(config: dict) -> int:
     """The model's residual width: resources.d_model, else estimated from model.size_b and num_layers."""
     given = config["resources"].get("d_model")
@@ -112,6 +118,10 @@ def _shape(config: dict, rule: str, n_group: int, sae_set: dict | None) -> tuple
         # training: the planting prompts (about as many as the analysis prompts) forward and back
         "plant_organism": (prompts, config["model"]["num_layers"], 0.0),
         "cache_residuals": (prompts, layers, 0.0),
+        # the reading families and the analysis prompts of two formats, scored unsteered and under
+        # the reading and every random direction: a forward each, counted as layers of work
+        "reading": (n_prompts(config, n_formats=2) + n_reading_prompts(config),
+                    2 + config["reading"]["steer"]["random_directions"], 0.0),
         "cache_corpus": (prompts, layers, 0.0),
         # every SAE of the group is trained (float32) before any is written; the one in training
         # also has its gradients and Adam's two moments

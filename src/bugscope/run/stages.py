@@ -56,6 +56,10 @@ def probe_hooks(config: dict) -> list[str]:
     return [h for h in hooks(config) if parse_hook_name(h)[1] == "resid_post"]
 
 
+def _reading_on(config: dict) -> bool:
+    return bool(config["reading"]["enabled"]) and bool(probe_hooks(config))
+
+
 def _organism_on(config: dict) -> bool:
     return bool(config["organism"]["enabled"])
 
@@ -79,6 +83,9 @@ class Stage:
 _PLANTED = (layout.organism(layout.MODEL_MANIFEST), layout.organism(layout.MODEL_CHECKPOINT))
 _PROMPT_ACTIVATIONS = layout.ACTIVATIONS.replace("{dataset}", "prompts")
 _CORPUS_ACTIVATIONS = layout.ACTIVATIONS.replace("{dataset}", "corpus")
+_READING_ACTIVATIONS = layout.ACTIVATIONS.replace("{dataset}", "reading")
+
+_ORGANISM_PROMPTS = (layout.organism(layout.PROMPTS), layout.organism(layout.READING_PROMPTS))
 
 # Workflow order: the model stages in this order are the rows of the resource table (docs/cluster.md).
 _WORK_STAGES: tuple[Stage, ...] = (
@@ -90,6 +97,13 @@ _WORK_STAGES: tuple[Stage, ...] = (
           intermediate=(layout.BASELINE_SCORES, layout.LENS_PROMPTS), model=True),
     Stage("cache_residuals", (_PROMPT_ACTIVATIONS,), model=True),
     Stage("probes", (layout.PROBE_PROMPTS, layout.PROBES), intermediate=(layout.PROBE_PROMPTS,), when=_probes_on),
+    # reading.smk
+    Stage("build_reading_prompts", (layout.READING_PROMPTS,), intermediate=(layout.READING_PROMPTS,), when=_reading_on),
+    Stage("reading", (layout.READING_SCORES, _READING_ACTIVATIONS),
+          intermediate=(layout.READING_SCORES, _READING_ACTIVATIONS), model=True, when=_reading_on),
+    Stage("reading_summary", (layout.READING_ACCURACY, layout.READING_CLOSENESS_PROMPTS, layout.READING_CLOSENESS,
+                              layout.READING_STEERING),
+          intermediate=(layout.READING_CLOSENESS_PROMPTS,), when=_reading_on),
     # sae.smk
     Stage("prepare_corpus", (layout.CORPUS,), intermediate=(layout.CORPUS,)),
     Stage("cache_corpus", (_CORPUS_ACTIVATIONS,), intermediate=(_CORPUS_ACTIVATIONS,), model=True),
@@ -138,8 +152,7 @@ _WORK_STAGES: tuple[Stage, ...] = (
           when=_head_set_features_on),
     # organism.smk: the planted model; its own study is this registry again, under results/organism/
     Stage("plant_organism", _PLANTED, intermediate=_PLANTED, model=True, when=_organism_on),
-    Stage("organism_prompts", (layout.organism(layout.PROMPTS),), intermediate=(layout.organism(layout.PROMPTS),),
-          when=_organism_on),
+    Stage("organism_prompts", _ORGANISM_PROMPTS, intermediate=_ORGANISM_PROMPTS, when=_organism_on),
     Stage("organism_localisation", (layout.ORGANISM_LOCALISATION, layout.ORGANISM_LOCALISATION_HTML),
           when=_organism_on),
     Stage("fig_organism_comparison", tuple(layout.figure("organism_comparison", ext) for ext in ("svg", "png", "html")),
@@ -152,6 +165,8 @@ FIGURE_SOURCES: dict[str, str] = {
     "baseline_accuracy": "baseline",
     "lens": "baseline",
     "probes": "probes",
+    "reading": "reading_summary",
+    "reading_steering": "reading_summary",
     "feature_overlap": "feature_overlap",
     "amplification": "feature_overlap",
     "format_features": "discriminative_features",
