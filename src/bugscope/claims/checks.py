@@ -43,7 +43,8 @@ interval) in `detail` without testing them: an overlap is shown with its same-fo
 seed's), `{after: <bool column>, by: n}` (the analysed layer n places after the row marked by that
 column), and the tokens `$focus` (the focus layers), `$buggy_format`, `$correct_format`,
 `$half_even_heads` / `$quarter_even_heads` (half / a quarter of the even heads: 8 / 4 of Llama's 16),
-`$min_gap` (claims.verdicts.premise_min_gap: the smallest accuracy gap that counts as an effect).
+`$min_gap` (claims.verdicts.premise_min_gap: the smallest accuracy gap that counts as an effect),
+`$damage_floor` (minus claims.verdicts.max_control_damage: the largest drop on the controls that is no damage).
 A list in `where` (feature ids, `$focus`) must be matched in full: a check whose listed values are
 not all in the table is not testable, never scored on the ones present. Correlation claims are
 signed ("tied to the even heads" is r < 0 with odd = 1); an aggregate ending in `_abs` tests the

@@ -12,7 +12,10 @@ a component or a feature count can be decided at all. A claim names the ones it 
 - sources_judged: every row the claim reads judges some source right under its criterion;
 - features_can_move: the mean count of active features differs by at least half a feature between
   the unpatched target and the source, so a patch can move it (five features active in every
-  condition cannot).
+  condition cannot);
+- reading_probe: the closeness probe (bugscope.data.reading) at the claim's layer and position tells
+  the reading families from the decimal family on the held-out wording and pairs, its accuracy's
+  lower bound at least `reading_probe_min_accuracy`.
 
 The thresholds are the config's `claims.verdicts`.
 """
@@ -128,6 +131,24 @@ def features_can_move(row: Mapping) -> Outcome:
                    f"unpatched, {_fmt(row['source_active'])} in the source -> {'pass' if ok else 'fail'}")
 
 
+def reading_probe(tables: Mapping[str, pl.DataFrame | None], row: Mapping, verdicts: Mapping) -> Outcome:
+    df = tables.get("reading_closeness")
+    if df is None:
+        return Outcome("reading_probe", None, "reading_probe: the reading closeness table was not produced")
+    where = {k: row.get(k) for k in ("variant", "layer", "position")}
+    match = df.filter(pl.col("measure") == "transfer_accuracy", pl.col("family") == ALL,
+                      *(pl.col(k) == v for k, v in where.items()))
+    if match.height != 1:
+        return Outcome("reading_probe", None, f"reading_probe: no single held-out accuracy row at {where}")
+    r = match.row(0, named=True)
+    need = float(verdicts["reading_probe_min_accuracy"])
+    ok = r["value_low"] is not None and r["value_low"] >= need
+    return Outcome("reading_probe", ok, f"reading_probe: the closeness probe at layer {r['layer']} ({r['position']}) "
+                   f"tells the families apart on the held-out wording and pairs with accuracy {_fmt(r['value'])} "
+                   f"[{_fmt(r['value_low'])}, {_fmt(r['value_high'])}] over {r['n_pairs']} number pairs; "
+                   f"needs lower bound >= {need:g} -> {'pass' if ok else 'fail'}")
+
+
 def evaluate_needs(needs, rows: list[Mapping], tables: Mapping[str, pl.DataFrame | None],
                    verdicts: Mapping, matched: pl.DataFrame | None = None) -> list[Outcome]:
     """The outcome of each precondition a claim names, on the rows its checks selected: the first
@@ -144,6 +165,8 @@ def evaluate_needs(needs, rows: list[Mapping], tables: Mapping[str, pl.DataFrame
             out.append(eligible_pairs(min(counted, key=lambda r: r["n_eligible_pairs"]) if counted else row, verdicts))
         elif name == "sources_judged":
             out.append(sources_judged(matched if matched is not None else pl.DataFrame([row])))
+        elif name == "reading_probe":
+            out.append(reading_probe(tables, row, verdicts))
         else:
             out.append(features_can_move(row))
     return out

@@ -38,6 +38,8 @@ DEFAULT_WHERE: dict[str, dict] = {
     "head_bidirectional": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
     "interventions": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
     "probes": {"pair_kind": BUG_PAIR_KIND, "order": ALL},
+    "reading_closeness": {"pair_kind": BUG_PAIR_KIND},
+    "reading_steering": {"pair_kind": BUG_PAIR_KIND},
 }
 
 
@@ -131,12 +133,14 @@ def resolve_value(value: Any, ctx: Context) -> Any:
             return float(ctx.verdicts["none_fraction"])
         if value == "$min_gap":  # the smallest accuracy gap that counts as an effect (the premise's)
             return float(ctx.verdicts["premise_min_gap"])
+        if value == "$damage_floor":  # the largest accuracy drop on the controls that is no damage, negated
+            return -float(ctx.verdicts["max_control_damage"])
         if value == "$half_even_heads":
             return (ctx.num_heads + 1) // 2 // 2
         if value == "$quarter_even_heads":
             return max(1, (ctx.num_heads + 1) // 2 // 4)
         raise LedgerError(f"unknown token {value!r}; expected $focus, $buggy_format, $correct_format, "
-                          "$all, $none, $min_gap, $half_even_heads or $quarter_even_heads.")
+                          "$all, $none, $min_gap, $damage_floor, $half_even_heads or $quarter_even_heads.")
     return value
 
 

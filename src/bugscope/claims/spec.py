@@ -18,7 +18,7 @@ AGGREGATES = ("single", "min", "max", "max_abs", "min_abs")
 CLAIM_SOURCES = ("seed document", "paper", "rival explanation", "control")
 
 # What a claim may name in `needs:` (bugscope.claims.preconditions evaluates them).
-PRECONDITIONS = ("premise", "ceiling", "eligible_pairs", "sources_judged", "features_can_move")
+PRECONDITIONS = ("premise", "ceiling", "eligible_pairs", "sources_judged", "features_can_move", "reading_probe")
 
 # The value of a metric under "no effect": a tolerance window around a claimed value must not
 # contain it (a "1.25x amplification" window of +/- 0.3 would pass at 1.0), and a bound equal to it
@@ -52,6 +52,9 @@ TABLES: dict[str, tables.Table] = {
     "interventions": tables.INTERVENTIONS,
     "head_set_features": tables.HEAD_SET_FEATURES,
     "probes": tables.PROBES,
+    "reading_accuracy": tables.READING_ACCURACY,
+    "reading_closeness": tables.READING_CLOSENESS,
+    "reading_steering": tables.READING_STEERING,
 }
 
 
