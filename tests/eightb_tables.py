@@ -50,6 +50,7 @@ L0 = 64  # active latents per position (Llama Scope's L0 is 50-150)
 N_TOKENS = 40
 N_ALIGNED = 12  # cached positions per prompt (cache.positions: aligned)
 PROBE_LAYERS = (0, 1)  # the prompt activations written for the probes
+NUMBERS_POS = N_TOKENS - 5  # the last token of the second number: an aligned position
 EXTRA_SUBSETS = 40  # random subsets per layer beyond the sweep's 35 head sets
 EXHAUSTIVE_SETS = 500  # of the exhaustive head sets (the 8B config has 24,570): the ledger reads one row per set
 
@@ -75,10 +76,50 @@ def prompt_table(config: dict) -> pl.DataFrame:
                              "correct": f"{pair}.{o + 1}", "wrong": f"{pair}.{o + 11}",
                              "input_ids": list(range(1000, 1000 + N_TOKENS)), "n_tokens": N_TOKENS,
                              "decision_pos": N_TOKENS - 1, "correct_token": 17, "wrong_token": 18,
-                             "aligned_positions": aligned, "prompt_last_pos": N_TOKENS - 3})
+                             "aligned_positions": aligned, "prompt_last_pos": N_TOKENS - 3,
+                             "family": "decimal", "wording": "analysis", "numbers_pos": NUMBERS_POS})
     for i, row in enumerate(rows):
         row["prompt_id"] = i
     return pl.from_arrow(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
+
+
+def reading_table(config: dict, analysis: pl.DataFrame) -> pl.DataFrame:
+    """The reading families' prompts (bugscope.data.reading's sizes: families x pairs x 2 orders x 2
+    wordings x 2 formats), ids continuing the analysis table's."""
+    p, r = config["prompts"], config["reading"]
+    rows, pair = [], int(analysis["pair_id"].max()) + 1
+    aligned = [0, *range(N_TOKENS - N_ALIGNED + 1, N_TOKENS)]
+    for family in r["families"]:
+        for _ in range(r["n_pairs"]):
+            for wording in ("train", "test"):
+                for o, order in enumerate(("correct_first", "wrong_first")):
+                    for fmt in (p["buggy_format"], p["correct_format"]):
+                        rows.append({"question_id": 0, "pair_id": pair, "pair_kind": "shorter_bigger", "order": order,
+                                     "format": fmt, "family": family, "wording": wording,
+                                     "first_token": "<|begin_of_text|>", "text": f"{family} {pair}",
+                                     "correct": f"{pair}.{o + 11}", "wrong": f"{pair}.{o + 1}",
+                                     "input_ids": list(range(1000, 1000 + N_TOKENS)), "n_tokens": N_TOKENS,
+                                     "decision_pos": N_TOKENS - 1, "correct_token": 17, "wrong_token": 18,
+                                     "aligned_positions": aligned, "prompt_last_pos": N_TOKENS - 3,
+                                     "numbers_pos": NUMBERS_POS})
+            pair += 1
+    first = int(analysis["prompt_id"].max()) + 1
+    for i, row in enumerate(rows):
+        row["prompt_id"], row["question_id"] = first + i, first + i // 2
+    return pl.from_arrow(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA))
+
+
+def reading_scores(config: dict, analysis: pl.DataFrame, reading: pl.DataFrame, rng) -> pl.DataFrame:
+    """bugscope.data.reading's scores: unsteered for every family prompt and the buggy-format analysis
+    prompts, and under the reading and every random direction for the test wording and those prompts."""
+    buggy = analysis.filter(pl.col("format") == config["prompts"]["buggy_format"])["prompt_id"]
+    steered = pl.concat([reading.filter(pl.col("wording") == "test")["prompt_id"], buggy])
+    parts = [pl.DataFrame({"prompt_id": pl.concat([reading["prompt_id"], buggy]), "condition": "none", "draw": 0})]
+    parts.append(pl.DataFrame({"prompt_id": steered, "condition": "reading", "draw": 0}))
+    for draw in range(config["reading"]["steer"]["random_directions"]):
+        parts.append(pl.DataFrame({"prompt_id": steered, "condition": "random", "draw": draw}))
+    out = pl.concat(parts).with_columns(pl.col("prompt_id").cast(pl.Int32), pl.col("draw").cast(pl.Int32))
+    return out.with_columns(logit_diff=pl.Series(rng.normal(0.2, 2.0, size=out.height)))
 
 
 def feature_table(prompts: pl.DataFrame, layer: int, rng: np.random.Generator) -> pa.Table:
@@ -195,6 +236,19 @@ def build_inputs(config: dict, root: Path) -> None:
         hook = hook_name(layer)
         put(tables.PROMPT_ACTIVATIONS, table, layout.activations("prompts", hook), dataset="prompts", layer=layer,
             site="resid_post", hook_name=hook, dtype="bfloat16", d_model=d_model, positions="aligned")
+    # the reading families: their prompts, scores and activations at the numbers and the decision
+    reading = reading_table(config, prompts)
+    put(tables.READING_PROMPTS, reading, layout.READING_PROMPTS)
+    put(tables.READING_SCORES, reading_scores(config, prompts, reading, rng), layout.READING_SCORES)
+    for layer in PROBE_LAYERS:
+        ids = np.repeat(reading["prompt_id"].to_numpy(), 2).astype(np.int32)
+        positions = np.tile([NUMBERS_POS, N_TOKENS - 1], reading.height).astype(np.int32)
+        x = torch.from_numpy(rng.normal(size=(len(ids), d_model)).astype(np.float32))
+        table = pa.Table.from_arrays([pa.array(ids), pa.array(positions), vectors_to_arrow(x, "bfloat16")],
+                                     names=["prompt_id", "position", "activation"])
+        hook = hook_name(layer)
+        put(tables.READING_ACTIVATIONS, table, layout.activations("reading", hook), dataset="reading", layer=layer,
+            site="resid_post", hook_name=hook, dtype="bfloat16", d_model=d_model, positions="numbers, decision")
 
     sae_set = config["sae"]["sets"][0]  # the primary set's tables: every light step reads one set's
     for layer in layers:

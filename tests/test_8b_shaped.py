@@ -225,7 +225,8 @@ def _declared_tables() -> list[tuple[tables.Table, str]]:
     single = [tables.PROMPTS, tables.BASELINE_SCORES, tables.BASELINE_ACCURACY, tables.BASELINE_GENERATION,
               tables.CORPUS, tables.SAE_QUALITY, tables.PATCHING_SUBSETS_PROMPTS,
               tables.PATCHING_ORIGINAL_METHOD_PROMPTS, tables.PATCHING_ORIGINAL_METHOD, tables.PATCHING_PROMPTS,
-              tables.PATCHING_SUMMARY, tables.CLAIMS]
+              tables.PATCHING_SUMMARY, tables.CLAIMS, tables.READING_PROMPTS, tables.READING_SCORES,
+              tables.READING_ACCURACY, tables.READING_CLOSENESS, tables.READING_STEERING]
     return ([(t, t.path.format(hook=hook)) for t in per_hook for hook in CACHED_HOOKS]
             + [(t, layout.per_set(t.path, name, hook=hook)) for t in per_set_hook
                for name, hooks in SET_HOOKS.items() for hook in hooks]
@@ -250,7 +251,8 @@ def test_every_output_is_a_valid_table(eightb_run, eightb_config):
         assert table.schema.field("activation").type.byte_width == 4096 * 2  # 4,096 bfloat16 values a row
     # mlp_out has no head attribution (heads have no direct path into it)
     assert not (eightb_run / layout.per_set(layout.HEAD_FEATURE_ATTRIBUTION, "mlp_out")).exists()
-    for name in ("baseline_accuracy", "lens", "probes", "head_sweep", "head_attribution", "original_method"):
+    for name in ("baseline_accuracy", "lens", "probes", "reading", "reading_steering", "head_sweep", "head_attribution",
+                 "original_method"):
         for ext in ("svg", "png", "html"):
             assert (eightb_run / layout.figure(name, ext)).stat().st_size > 0
     assert (eightb_run / layout.CLAIMS_MARKDOWN).read_text().strip()

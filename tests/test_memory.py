@@ -138,6 +138,18 @@ STEPS = {
         "output": {"predictions": layout.PROBE_PROMPTS, "summary": layout.PROBES},
         "params": {"config_hash": stage_hash(CFG, "probes")}}),
     "fig_probes": (["probes"], _figure("probes", probes=layout.PROBES)),
+    "reading_summary": ([], {
+        "script": "reading_summary.py",
+        "input": {"prompts": layout.PROMPTS, "reading_prompts": layout.READING_PROMPTS, "scores": layout.READING_SCORES,
+                  "baseline": layout.BASELINE_SCORES,
+                  "activations": [layout.activations("prompts", hook_name(layer)) for layer in PROBE_LAYERS],
+                  "reading_activations": [layout.activations("reading", hook_name(layer)) for layer in PROBE_LAYERS]},
+        "output": {"accuracy": layout.READING_ACCURACY, "closeness_prompts": layout.READING_CLOSENESS_PROMPTS,
+                   "closeness": layout.READING_CLOSENESS, "steering": layout.READING_STEERING},
+        "params": {"config_hash": stage_hash(CFG, "reading")}}),
+    "fig_reading": (["reading_summary"], _figure("reading", accuracy=layout.READING_ACCURACY,
+                                                 closeness=layout.READING_CLOSENESS)),
+    "fig_reading_steering": (["reading_summary"], _figure("reading_steering", steering=layout.READING_STEERING)),
     "fig_feature_overlap": (["feature_overlap"], _figure("feature_overlap", overlap=per_set(layout.FEATURE_OVERLAP))),
     "fig_amplification": (["feature_overlap"], _figure("amplification", overlap=per_set(layout.FEATURE_OVERLAP))),
     "fig_format_features": (["discriminative_features", "named_features"], _figure(
@@ -231,12 +243,13 @@ def test_every_local_rule_of_the_workflow_is_measured(tmp_path):
     rules = workflow_rules(tmp_path)
     copies = {name for name in rules if name.startswith("organism_") and name.removeprefix("organism_") in rules}
     local = {name for name, (is_local, _) in rules.items() if is_local and name not in copies}
-    # all, default: targets; prepare_model, build_prompts, prepare_corpus: they read the tokenizer and
-    # the prompt and corpus sources, no table of the study's sizes.
+    # all, default: targets; prepare_model, build_prompts, build_reading_prompts, prepare_corpus: they
+    # read the tokenizer and the prompt and corpus sources, no table of the study's sizes.
     # organism_prompts copies the prompt table; organism_localisation and fig_organism_comparison
     # read the head-patching summaries (the organism's of 3 layers) and baseline accuracy tables that
     # fig_head_sweep and fig_baseline_accuracy are measured on here (not measured on their own: open).
-    unmeasured = local - {"all", "default", "prepare_model", "build_prompts", "prepare_corpus", "organism_prompts",
+    unmeasured = local - {"all", "default", "prepare_model", "build_prompts", "build_reading_prompts", "prepare_corpus",
+                          "organism_prompts",
                           "organism_localisation", "fig_organism_comparison"}
     measured = {rule.split("_table_")[0] + "_table" if rule.startswith("report_table") else rule for rule in STEPS}
     assert unmeasured <= measured, f"local rules without a memory test: {sorted(unmeasured - measured)}"
