@@ -240,6 +240,15 @@ def build_inputs(config: dict, root: Path) -> None:
     reading = reading_table(config, prompts)
     put(tables.READING_PROMPTS, reading, layout.READING_PROMPTS)
     put(tables.READING_SCORES, reading_scores(config, prompts, reading, rng), layout.READING_SCORES)
+    # the reading features: top_n per analysed layer, their summed activation per family prompt
+    top_n = config["reading"]["features"]["top_n"]
+    put(tables.READING_FEATURES, pl.DataFrame(
+        {"layer": np.repeat(layers, top_n), "role": "reading_features", "draw": 0,
+         "feature_id": rng.integers(0, D_SAE, size=len(layers) * top_n), "score": rng.random(len(layers) * top_n)}),
+        layout.READING_FEATURES)
+    put(tables.READING_FEATURE_PROMPTS, pl.DataFrame(
+        {"layer": np.repeat(layers, reading.height), "prompt_id": np.tile(reading["prompt_id"].to_numpy(), len(layers)),
+         "activation": rng.exponential(1.0, size=len(layers) * reading.height)}), layout.READING_FEATURE_PROMPTS)
     for layer in PROBE_LAYERS:
         ids = np.repeat(reading["prompt_id"].to_numpy(), 2).astype(np.int32)
         positions = np.tile([NUMBERS_POS, N_TOKENS - 1], reading.height).astype(np.int32)

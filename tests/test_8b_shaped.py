@@ -226,7 +226,8 @@ def _declared_tables() -> list[tuple[tables.Table, str]]:
               tables.CORPUS, tables.SAE_QUALITY, tables.PATCHING_SUBSETS_PROMPTS,
               tables.PATCHING_ORIGINAL_METHOD_PROMPTS, tables.PATCHING_ORIGINAL_METHOD, tables.PATCHING_PROMPTS,
               tables.PATCHING_SUMMARY, tables.CLAIMS, tables.READING_PROMPTS, tables.READING_SCORES,
-              tables.READING_ACCURACY, tables.READING_CLOSENESS, tables.READING_STEERING]
+              tables.READING_ACCURACY, tables.READING_CLOSENESS, tables.READING_STEERING, tables.READING_FEATURES,
+              tables.READING_FEATURE_SUMMARY]
     return ([(t, t.path.format(hook=hook)) for t in per_hook for hook in CACHED_HOOKS]
             + [(t, layout.per_set(t.path, name, hook=hook)) for t in per_set_hook
                for name, hooks in SET_HOOKS.items() for hook in hooks]

@@ -128,7 +128,7 @@ def test_the_reading_direction_is_the_difference_of_the_family_means():
 
 def test_the_no_op_steering_leaves_the_logits_unchanged_and_a_projection_removes_its_direction(embedded, tables_of):
     from bugscope.data.baseline import score_prompts
-    from bugscope.model.steering import reading_pass
+    from bugscope.model.steering import Steer, reading_pass
 
     model, tok = embedded
     _, reading = tables_of
@@ -136,7 +136,7 @@ def test_the_no_op_steering_leaves_the_logits_unchanged_and_a_projection_removes
     d = model.config.hidden_size
     zero = {layer: torch.zeros(d) for layer in (3, 7)}
     u = torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(0)), dim=0)
-    out = reading_pass(model, rows, capture_layers=[3], conditions=[zero, {3: u}], batch_size=8,
+    out = reading_pass(model, rows, capture_layers=[3], conditions=[Steer(zero), Steer({3: u})], batch_size=8,
                        pad_token_id=tok.pad_token_id)
     own = score_prompts(model, rows, batch_size=8, pad_token_id=tok.pad_token_id)
     expected = dict(zip(own["prompt_id"].to_list(), own["logit_diff"].to_list()))
@@ -154,7 +154,7 @@ def test_projecting_out_at_a_layer_leaves_no_component_along_the_direction(embed
     from bugscope.model.capture import recorded_output
     from bugscope.model.forward import KVRecorder, LayerRunner, iter_batches
     from bugscope.model.sites import decoder_layers, output_tensor, site_writer_hook
-    from bugscope.model.steering import _projector
+    from bugscope.model.steering import Steer, _writer
 
     model, tok = embedded
     _, reading = tables_of
@@ -169,7 +169,7 @@ def test_projecting_out_at_a_layer_leaves_no_component_along_the_direction(embed
         for layer in range(runner.n_layers):
             entering = hidden if layer == 5 else entering
             hidden = runner.layer(layer, hidden, ctx, rec)
-        handle = site_writer_hook(model, 5, "resid_post", _projector(units, 2))
+        handle = site_writer_hook(model, 5, "resid_post", _writer([Steer({5: units[0]}), Steer({5: units[1]})], 5, d))
         try:  # registered after the write, the recorder sees the written output
             with recorded_output(decoder_layers(model)[5]) as seen:
                 runner.rerun_last_column(5, entering, ctx, rec.kv, replicas=2)
@@ -308,3 +308,57 @@ def test_the_ci_run_reads_every_family_and_steers_against_random_directions(ci_w
     # the organism reads the same family prompts, bit for bit
     assert (ci_workflow / layout.organism(layout.READING_PROMPTS)).read_bytes() == \
         (ci_workflow / layout.READING_PROMPTS).read_bytes()
+
+
+# --- the reading features ----------------------------------------------------------------------------
+
+
+def test_reading_features_are_shared_by_every_reading_family_not_one_familys_tokens():
+    from bugscope.data.reading import select_reading_features
+
+    family = np.array([DECIMAL] * 4 + ["versions"] * 4 + ["dates"] * 4)
+    acts = np.zeros((12, 6))
+    acts[4:, 1] = 2.0          # every reading family: the shared reading
+    acts[8:, 2] = 9.0          # the dates' own tokens: large, but only one family
+    acts[:4, 3] = 1.0          # a decimal feature
+    acts[[0, 5], 4] = 0.5      # active somewhere: a candidate for the random sets
+    chosen, randoms, score = select_reading_features(acts, family, top_n=2, random_sets=3, seed=0, layer=4)
+    assert chosen == [1]  # feature 2 scores 0 on versions: its smallest margin is 0
+    assert score[2] == 0.0 and score[1] == 2.0
+    assert all(len(r) == 1 and r[0] in {2, 3, 4} for r in randoms)  # drawn from the active ones, chosen left out
+
+
+def test_ablating_sae_features_removes_their_decoded_contribution():
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from bugscope.model.steering import Steer, _writer
+
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=32))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    h = torch.randn(2 * 3, 1, 16)  # 2 replicas of a batch of 3, the decision column
+    write = _writer([Steer(features={7: [1, 4]}), Steer()], 7, 16, sae)
+    out = write(h.clone())
+    f = sae.encode(h[:3])
+    expected = h[:3] - (f[..., [1, 4]] @ sae.W_dec[[1, 4]])
+    assert torch.allclose(out[:3], expected, atol=1e-5)
+    assert torch.equal(out[3:], h[3:])  # the replica without features is left exactly as it was
+
+
+def test_the_feature_summary_asks_whether_the_buggy_format_fires_them_more():
+    from bugscope.data.reading import feature_summary
+
+    meta = _meta(n_pairs=8)
+    reading = meta.filter(pl.col("wording") != "analysis").with_columns(
+        layer=pl.lit(4), activation=pl.when(pl.col("family") == DECIMAL).then(0.0).otherwise(3.0))
+    analysis = meta.filter(pl.col("wording") == "analysis").with_columns(
+        layer=pl.lit(4), question_id=pl.col("prompt_id") // 2,
+        activation=pl.when(pl.col("format") == "qa").then(2.0).otherwise(0.5))
+    out = feature_summary(reading, analysis, buggy_format="qa", correct_format="simple", **BOOT)
+    get = {(r["measure"], r["family"], r["format"], r["pair_kind"]): r for r in out.iter_rows(named=True)}
+    assert get[("heldout_activation", "versions", ALL, BUG_PAIR_KIND)]["value"] == 3.0
+    assert get[("heldout_activation", DECIMAL, ALL, BUG_PAIR_KIND)]["value"] == 0.0
+    assert get[("heldout_activation", "versions", ALL, BUG_PAIR_KIND)]["n_pairs"] == 4  # the odd pair ids
+    assert get[("buggy_minus_correct", DECIMAL, "qa-simple", BUG_PAIR_KIND)]["value"] == pytest.approx(1.5)

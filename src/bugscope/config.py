@@ -191,6 +191,15 @@ def steer_layers(config: dict) -> list[int]:
     return analysed_layers(config) if layers == "all" else sorted(layers)
 
 
+def reading_feature_layers(config: dict) -> list[int]:
+    """The steered layers whose reading features are tested: those the primary SAE set covers, when it
+    reads the residual stream the steering writes (none with reading.features.top_n 0)."""
+    if not config["reading"]["features"]["top_n"]:
+        return []
+    primary = next(s for s in sae_sets(config) if s["name"] == primary_sae_set(config))
+    return sorted(set(steer_layers(config)) & set(primary["layers"])) if primary["site"] == "resid_post" else []
+
+
 def _check_sae_sets(config: dict, source: str) -> None:
     analysed = set(analysed_layers(config))
     names = [s["name"] for s in config["sae"]["sets"]]
@@ -405,7 +414,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "probes": (*_BASE, "cache", "baseline", "probes", "bootstrap"),
     # the reading families' prompts; the model job's scores and the closeness and steering summaries
     "reading_prompts": (*_BASE, "reading.families", "reading.n_pairs"),
-    "reading_model": (*_BASE, "layers", "reading.families", "reading.n_pairs", "reading.steer"),
+    "reading_model": (*_BASE, "cache", "sae", "layers", "reading.families", "reading.n_pairs", "reading.steer",
+                      "reading.features"),
     "reading": (*_BASE, "cache", "baseline", "layers", "reading", "probes.alphas", "bootstrap"),
 }
 

@@ -40,6 +40,11 @@ READING_ACCURACY = f"{RESULTS}/reading/accuracy.parquet"
 READING_CLOSENESS_PROMPTS = f"{RESULTS}/reading/closeness_prompts.parquet"
 READING_CLOSENESS = f"{RESULTS}/reading/closeness.parquet"
 READING_STEERING = f"{RESULTS}/reading/steering.parquet"
+# The reading features (SAE): the ones chosen per layer and their random controls; their summed
+# activation per family prompt; summarised on the held-out wording and on both formats
+READING_FEATURES = f"{RESULTS}/reading/features.parquet"
+READING_FEATURE_PROMPTS = f"{RESULTS}/reading/feature_prompts.parquet"
+READING_FEATURE_SUMMARY = f"{RESULTS}/reading/feature_summary.parquet"
 
 # The SAE stage (workflow/rules/sae.smk): per set, its SAEs, their sparse codes of the prompts and
 # their quality; the quality of every set in one table.

@@ -80,6 +80,10 @@ PROBES = Table(layout.PROBES, "probes", "probes", "n_pairs", "number pairs",
 
 READING_SCORES = Table(layout.READING_SCORES, "reading_scores", "reading_model",
                        columns=("prompt_id", "condition", "draw", "logit_diff"))
+READING_FEATURES = Table(layout.READING_FEATURES, "reading_features", "reading_model",
+                         columns=("layer", "role", "draw", "feature_id", "score"))
+READING_FEATURE_PROMPTS = Table(layout.READING_FEATURE_PROMPTS, "reading_feature_prompts", "reading_model",
+                                columns=("layer", "prompt_id", "activation"))
 READING_ACCURACY = Table(layout.READING_ACCURACY, "reading_accuracy", "reading", "n_pairs", "number pairs",
                          columns=("family", "wording", "format", "n_prompts", "n_pairs", "accuracy", "accuracy_low",
                                   "accuracy_high"))
@@ -89,6 +93,8 @@ READING_CLOSENESS_PROMPTS = Table(layout.READING_CLOSENESS_PROMPTS, "reading_clo
 _LONG = ("n_prompts", "n_pairs", "measure", "value", "value_low", "value_high")
 READING_CLOSENESS = Table(layout.READING_CLOSENESS, "reading_closeness", "reading", "n_pairs", "number pairs",
                           columns=("variant", "layer", "position", "family", "format", "pair_kind", *_LONG))
+READING_FEATURE_SUMMARY = Table(layout.READING_FEATURE_SUMMARY, "reading_feature_summary", "reading", "n_pairs",
+                                "number pairs", columns=("layer", "family", "format", "pair_kind", *_LONG))
 READING_STEERING = Table(layout.READING_STEERING, "reading_steering", "reading", "n_pairs", "number pairs",
                          columns=("condition", "subject", "pair_kind", *_LONG))
 

@@ -3,7 +3,15 @@ import polars as pl
 
 from bugscope import tables
 from bugscope.data.probes import position_vectors
-from bugscope.data.reading import POSITIONS, closeness_predictions, closeness_summary, family_accuracy, steering_summary
+from bugscope.data.reading import (
+    POSITIONS,
+    READING_FEATURES,
+    closeness_predictions,
+    closeness_summary,
+    family_accuracy,
+    feature_summary,
+    steering_summary,
+)
 from bugscope.model.sites import parse_hook_name
 from bugscope.run.script import log, run
 
@@ -41,13 +49,40 @@ def main(smk):
     closeness = closeness_summary(predictions, buggy_format=formats[0], correct_format=formats[1], **boot)
     baseline = tables.frame(tables.BASELINE_SCORES, cfg, smk.input.baseline)
     steering = steering_summary(scores, meta, baseline, buggy_format=formats[0], correct_format=formats[1], **boot)
+    features = feature_summary(*_feature_activations(smk, cfg, analysis, reading), buggy_format=formats[0],
+                               correct_format=formats[1], **boot)
     out = {"config_hash": smk.params.config_hash, "seed": cfg["seed"]}
     with tables.written_together() as put:
         put(tables.READING_ACCURACY, accuracy, smk.output.accuracy, out)
         put(tables.READING_CLOSENESS_PROMPTS, predictions, smk.output.closeness_prompts, out)
         put(tables.READING_CLOSENESS, closeness, smk.output.closeness, out)
         put(tables.READING_STEERING, steering, smk.output.steering, out)
+        put(tables.READING_FEATURE_SUMMARY, features, smk.output.feature_summary, out)
     log.info("reading: %d family prompts scored, closeness at %d layers", unsteered.height, len(parts))
+
+
+def _feature_activations(smk, cfg, analysis, reading):
+    """The reading features' summed activation at the decision position: per family prompt (the model
+    job's), and per analysis prompt from the SAE codes of the features stage (0 where none fires)."""
+    chosen = tables.frame(tables.READING_FEATURES, cfg, smk.input.features).filter(pl.col("role") == READING_FEATURES)
+    per_family = (tables.frame(tables.READING_FEATURE_PROMPTS, cfg, smk.input.feature_prompts)
+                  .join(reading.select("prompt_id", "pair_id", "family", "wording"), on="prompt_id"))
+    parts = []
+    for path in smk.input.feature_codes:  # one layer's codes at a time
+        info = tables.check(tables.FEATURES, cfg, path)
+        layer = int(info["layer"])
+        ids = chosen.filter(pl.col("layer") == layer)["feature_id"].to_list()
+        codes = pl.read_parquet(path, columns=["prompt_id", "position", "feature_id", "activation"]).filter(
+            pl.col("feature_id").is_in(ids))
+        summed = (analysis.select("prompt_id", pl.col("decision_pos").alias("position"))
+                  .join(codes, on=["prompt_id", "position"], how="left")
+                  .group_by("prompt_id").agg(pl.col("activation").fill_null(0.0).sum()))
+        parts.append(analysis.select("prompt_id", "question_id", "pair_id", "pair_kind", "format")
+                     .join(summed, on="prompt_id").with_columns(layer=pl.lit(layer)))
+    empty = pl.DataFrame(schema={"prompt_id": pl.Int32, "question_id": pl.Int32, "pair_id": pl.Int32,
+                                 "pair_kind": pl.String, "format": pl.String, "activation": pl.Float64,
+                                 "layer": pl.Int32})
+    return per_family, (pl.concat(parts, how="vertical_relaxed") if parts else empty)
 
 
 run(snakemake, main)  # noqa: F821

@@ -57,8 +57,11 @@ _READING_STREAM = 33  # derived seed stream of the families' pairs
 _DIRECTION_STREAM = 34  # derived seed stream of the random control directions
 # The positions the closeness probe reads: the last token of the number named second, and the decision.
 POSITIONS = {"numbers": "numbers_pos", "decision": "decision_pos"}
-# Steering conditions: the reading direction and the random directions of the same layers.
+# Steering conditions: the reading direction and the random directions of the same layers; the reading
+# features (SAE) and random features of the same layers, each tested against its own control.
 NONE, READING, RANDOM = "none", "reading", "random"
+READING_FEATURES, RANDOM_FEATURES = "reading_features", "random_features"
+CONTROL_OF = {READING: RANDOM, READING_FEATURES: RANDOM_FEATURES}
 
 
 def _draw(style: str, rng: random.Random, lo: int, hi: int) -> tuple[int, int, int]:
@@ -281,6 +284,7 @@ def steering_summary(steered: pl.DataFrame, prompts: pl.DataFrame, baseline: pl.
     """The causal test per condition (reading; random pooled over its draws), long format: per
     (condition, subject, pair kind, measure) value with its CI over number pairs.
 
+    A tested condition (reading, reading_features) is compared with its own control (CONTROL_OF).
     `steered`: (prompt_id, condition, draw, logit_diff): condition `none` (unsteered) for every
     prompt it scores, the others for the steered ones; `prompts`: both tables' rows; `baseline`: the
     analysis prompts' unsteered (prompt_id, logit_diff) of the baseline stage, whose correct-format
@@ -299,10 +303,9 @@ def steering_summary(steered: pl.DataFrame, prompts: pl.DataFrame, baseline: pl.
                                                              .alias("right"))
                      .join(none, on="prompt_id").join(meta, on="prompt_id")
                      .with_columns(change=pl.col("right") - (pl.col("unsteered") > 0).cast(pl.Float64)))
-    random_change = (per_condition.filter(pl.col("condition") == RANDOM)
-                     .select("prompt_id", pl.col("change").alias("random_change")))
     out = []
-    for condition in (READING, RANDOM):
+    present = set(per_condition["condition"])
+    for condition in [c for pair in CONTROL_OF.items() for c in pair if c in present]:
         rows = per_condition.filter(pl.col("condition") == condition, pl.col("format") == buggy_format)
         decimal = rows.filter(pl.col("family") == DECIMAL, pl.col("wording") == ANALYSIS)
         for kind, part in _kinds(decimal):
@@ -310,7 +313,9 @@ def steering_summary(steered: pl.DataFrame, prompts: pl.DataFrame, baseline: pl.
             key = {"condition": condition, "subject": DECIMAL, "pair_kind": kind}
             out.append({**key, "measure": "accuracy", **_ci_row(part["right"].to_numpy(), pairs, boot)})
             out.append({**key, "measure": "accuracy_change", **_ci_row(part["change"].to_numpy(), pairs, boot)})
-            if condition == READING:
+            if condition in CONTROL_OF and CONTROL_OF[condition] in present:
+                random_change = (per_condition.filter(pl.col("condition") == CONTROL_OF[condition])
+                                 .select("prompt_id", pl.col("change").alias("random_change")))
                 vs = part.join(random_change, on="prompt_id")
                 out.append({**key, "measure": "change_vs_random",
                             **_ci_row((vs["change"] - vs["random_change"]).to_numpy(), vs["pair_id"].to_numpy(),
@@ -349,3 +354,59 @@ def _eligible_rows(decimal: pl.DataFrame, baseline: pl.DataFrame, meta: pl.DataF
         {**key, "measure": "recovery", "n_prompts": targets.height, "n_pairs": int(len(np.unique(pairs))),
          "value": float(point[0]), "value_low": float(low[0]), "value_high": float(high[0])},
     ]
+
+
+# --- the reading features (SAE) -------------------------------------------------------------------
+
+
+def select_reading_features(acts: np.ndarray, family: np.ndarray, *, top_n: int, random_sets: int,
+                            seed: int, layer: int) -> tuple[list[int], list[list[int]], np.ndarray]:
+    """(the reading features, the random control sets, every feature's score) from the SAE codes
+    [n, d_sae] of the training wording's decision positions: the top_n features by their score, the
+    smallest margin by which a reading family's mean activation exceeds the decimal family's, among
+    those that score above 0. The smallest margin, not the mean: a feature of one family's own tokens
+    (the month names of the dates) would otherwise outscore any reading the families share. Each
+    random set: as many features drawn from those active on some training row (the reading features
+    left out)."""
+    decimal = acts[family == DECIMAL].mean(0)
+    score = np.min([acts[family == f].mean(0) - decimal for f in sorted(set(family)) if f != DECIMAL], axis=0)
+    order = np.argsort(-score, kind="stable")
+    chosen = [int(i) for i in order[:top_n] if score[i] > 0]
+    active = np.flatnonzero((acts > 0).any(0))
+    pool = np.setdiff1d(active, chosen)
+    rng = np.random.default_rng(derived_seed(seed, _DIRECTION_STREAM, 1_000 + layer))
+    randoms = [sorted(int(i) for i in rng.choice(pool, size=min(len(chosen), len(pool)), replace=False))
+               for _ in range(random_sets)]
+    return chosen, randoms, score
+
+
+def feature_summary(reading_acts: pl.DataFrame, analysis_acts: pl.DataFrame, *, buggy_format: str,
+                    correct_format: str, n_resamples: int, confidence: float, seed: int) -> pl.DataFrame:
+    """Per layer, the summed activation of its reading features at the decision position, with CIs
+    over number pairs: on each family's held-out wording and pairs (the test wording, odd pair ids:
+    the features were chosen on the training wording), and on the analysis prompts per format and
+    kind with the buggy - correct difference paired per question: do they fire more in the buggy format?
+
+    `reading_acts` / `analysis_acts`: (layer, prompt_id, pair_id, family / pair_kind, format, wording
+    / question_id, activation)."""
+    boot = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
+    out = []
+    for (layer,), acts in reading_acts.group_by("layer", maintain_order=True):
+        held = acts.filter(pl.col("wording") == TEST, ~is_selection_pair(pl.col("pair_id")))
+        for family in sorted(set(held["family"])):
+            f = held.filter(pl.col("family") == family)
+            out.append({"layer": layer, "measure": "heldout_activation", "family": family, "format": ALL,
+                        "pair_kind": BUG_PAIR_KIND, **_ci_row(f["activation"].to_numpy(), f["pair_id"].to_numpy(), boot)})
+    for (layer,), acts in analysis_acts.group_by("layer", maintain_order=True):
+        for kind, rows in _kinds(acts):
+            for fmt in (buggy_format, correct_format):
+                f = rows.filter(pl.col("format") == fmt)
+                out.append({"layer": layer, "measure": "activation", "family": DECIMAL, "format": fmt, "pair_kind": kind,
+                            **_ci_row(f["activation"].to_numpy(), f["pair_id"].to_numpy(), boot)})
+            paired = (rows.filter(pl.col("format") == buggy_format).select("question_id", "pair_id", pl.col("activation").alias("b"))
+                      .join(rows.filter(pl.col("format") == correct_format).select("question_id", pl.col("activation").alias("c")),
+                            on="question_id"))
+            out.append({"layer": layer, "measure": "buggy_minus_correct", "family": DECIMAL,
+                        "format": f"{buggy_format}-{correct_format}", "pair_kind": kind,
+                        **_ci_row((paired["b"] - paired["c"]).to_numpy(), paired["pair_id"].to_numpy(), boot)})
+    return pl.DataFrame(out).with_columns(confidence=pl.lit(confidence))

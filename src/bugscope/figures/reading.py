@@ -8,7 +8,7 @@ import altair as alt
 import polars as pl
 
 from bugscope.data.prompts import ALL, BUG_PAIR_KIND, DECIMAL
-from bugscope.data.reading import RANDOM, READING
+from bugscope.data.reading import RANDOM, RANDOM_FEATURES, READING, READING_FEATURES
 from bugscope.figures.style import HEIGHT, OKABE_ITO, WIDTH, Labels, chart_title, n_label, null_nan
 
 
@@ -66,8 +66,11 @@ def reading_steering(steering: pl.DataFrame, labels: Labels) -> alt.LayerChart:
         pl.when(pl.col("subject") == DECIMAL).then(pl.lit("decimal: ") + pl.col("pair_kind"))
         .otherwise(pl.col("subject") + pl.lit(" (family)")).alias("target"),
         pl.col("condition").alias("series"), pl.col("value_low").alias("low"), pl.col("value_high").alias("high"))
-    colour = alt.Color("series:N", title="direction projected out", legend=alt.Legend(orient="top"),
-                       scale=alt.Scale(domain=[READING, RANDOM], range=[OKABE_ITO["vermillion"], OKABE_ITO["grey"]]))
+    conditions = [c for c in (READING, RANDOM, READING_FEATURES, RANDOM_FEATURES) if c in set(rows["series"])]
+    palette = {READING: OKABE_ITO["vermillion"], RANDOM: OKABE_ITO["grey"], READING_FEATURES: OKABE_ITO["blue"],
+               RANDOM_FEATURES: OKABE_ITO["sky_blue"]}
+    colour = alt.Color("series:N", title="removed", legend=alt.Legend(orient="top"), sort=conditions,
+                       scale=alt.Scale(domain=conditions, range=[palette[c] for c in conditions]))
     chart = _bars(rows, "target", "prompts (buggy format)", colour,
                   f"accuracy change, steered - unsteered ({labels.ci})")
     zero = alt.Chart().mark_rule(color="black").encode(y=alt.datum(0))
@@ -76,8 +79,8 @@ def reading_steering(steering: pl.DataFrame, labels: Labels) -> alt.LayerChart:
                       for r in eligible.iter_rows(named=True) if r["value"] is not None) or "no eligible targets"
     return alt.layer(chart, zero).properties(width=WIDTH, height=HEIGHT, title=chart_title(
         f"Removing the reading direction in the {labels.buggy_format} format, against random directions ({labels.model})",
-        [f"the difference of the family means at the decision position, projected out of the residual stream at every "
-         f"steered layer and position but the sink; random: unit directions of the same layers, pooled; "
-         f"{labels.ci} (bootstrap over number pairs)",
+        [f"reading: the difference of the family means, projected out at the decision position of every steered layer; "
+         f"random: unit directions of the same layers; reading_features: the SAE features shared by every reading family, "
+         f"ablated; random_features: as many random features; draws pooled; {labels.ci} (bootstrap over number pairs)",
          f"eligible targets of the bug's kind (reading direction): {notes}; a drop on the families is evidence that "
          "the direction is the reading, not damage"]))

@@ -1,17 +1,18 @@
-"""Removing a direction from the residual stream at the decision position: the causal test of a
-reading (bugscope.data.reading).
+"""Removing a reading from the residual stream at the decision position: the causal test of
+bugscope.data.reading.
 
 `reading_pass` runs each batch once, unsteered, keeping every layer's keys and values and the
 residual stream after the captured layers at each row's `positions`; then it reruns the decision
-column alone from the first steered layer, one replica per condition, in which every steered layer's
-output loses its component along that condition's unit direction: h <- h - (h . u) u. The earlier
-columns are left as they are: the direction is read and removed where the answer is made, and the
-rerun costs one column per condition, not a forward pass.
+column alone from the first steered layer, one replica per condition (`Steer`). In a replica, every
+steered layer's output loses its component along the condition's unit direction, h <- h - (h . u) u,
+and the condition's SAE features are ablated: h <- h + decode(f with them zeroed) - decode(f), f =
+encode(h), so the SAE's error term stays. The earlier columns are left as they are: the reading is
+removed where the answer is made, and the rerun costs one column per condition, not a forward pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -20,6 +21,17 @@ from tqdm import tqdm
 
 from bugscope.model.forward import KVRecorder, LayerRunner, iter_batches
 from bugscope.model.sites import site_writer_hook
+
+
+@dataclass(frozen=True)
+class Steer:
+    """One condition: per layer, a unit direction to project out and SAE feature ids to ablate."""
+
+    directions: Mapping[int, torch.Tensor] = field(default_factory=dict)  # layer -> [d_model]
+    features: Mapping[int, Sequence[int]] = field(default_factory=dict)  # layer -> feature ids (needs its SAE)
+
+    def steered_layers(self) -> set[int]:
+        return set(self.directions) | {layer for layer, ids in self.features.items() if len(ids)}
 
 
 @dataclass
@@ -31,26 +43,43 @@ class ReadingPass:
     vectors: dict[int, torch.Tensor]  # layer -> [m, d_model], in the model's dtype, on the host
 
 
-def _projector(units: torch.Tensor, replicas: int):
-    """A resid_post write that removes, from replica r of the column, its component along units[r] ([R, d])."""
+def _writer(conditions: Sequence[Steer], layer: int, d_model: int, sae=None):
+    """The resid_post write of `layer` over len(conditions) replicas of the decision column."""
+    replicas = len(conditions)
+    units = torch.stack([torch.as_tensor(c.directions[layer], dtype=torch.float32) if layer in c.directions
+                         else torch.zeros(d_model) for c in conditions])  # [R, d]
+    ablated = [list(c.features.get(layer, ())) for c in conditions]
+    keep = None
+    if any(ablated):
+        if sae is None:
+            raise ValueError(f"features are ablated at layer {layer}, but no SAE was given for it")
+        keep = torch.ones(replicas, sae.W_dec.shape[0])
+        for r, ids in enumerate(ablated):
+            keep[r, ids] = 0.0
+
     def write(hidden):
         h = hidden.reshape(replicas, -1, *hidden.shape[1:])  # [R, b, 1, d]
         u = units.to(hidden.device, hidden.dtype)[:, None, None, :]
-        return (h - (h * u).sum(-1, keepdim=True) * u).reshape(hidden.shape)
+        h = h - (h * u).sum(-1, keepdim=True) * u
+        if keep is not None:
+            x = h.to(sae.W_dec.dtype)
+            # SAE-Lens's normalising SAEs keep the last encode's statistics for one decode: encode before each
+            kept = sae.decode(sae.encode(x) * keep.to(x.device, x.dtype)[:, None, None, :])
+            h = h + (kept - sae.decode(sae.encode(x))).to(h.dtype)
+        return h.reshape(hidden.shape)
     return write
 
 
 @torch.inference_mode()
-def reading_pass(model, rows: Sequence[dict], *, capture_layers: Sequence[int],
-                 conditions: Sequence[Mapping[int, torch.Tensor]], batch_size: int, pad_token_id: int) -> ReadingPass:
+def reading_pass(model, rows: Sequence[dict], *, capture_layers: Sequence[int], conditions: Sequence[Steer],
+                 batch_size: int, pad_token_id: int, saes: Mapping[int, object] | None = None) -> ReadingPass:
     """rows: prompt rows with `positions` (the positions to capture, possibly none); `conditions`:
-    each a layer -> [d_model] unit vector mapping (a layer missing from one condition is left as it is)."""
+    the `Steer` of each replica; `saes`: layer -> SAE-Lens SAE, for the layers whose features a
+    condition ablates."""
     runner = LayerRunner(model)
-    steered = sorted({layer for c in conditions for layer in c})
+    steered = sorted(set().union(*(c.steered_layers() for c in conditions))) if conditions else []
     start = steered[0] if steered else None
     d = model.config.hidden_size
-    units = {layer: torch.stack([torch.as_tensor(c[layer], dtype=torch.float32) if layer in c else torch.zeros(d)
-                                 for c in conditions]) for layer in steered}
     by_id = {r["prompt_id"]: r for r in rows}
     ids, diffs, cap_ids, cap_pos = [], [], [], []
     vectors: dict[int, list[torch.Tensor]] = {layer: [] for layer in capture_layers}
@@ -68,8 +97,8 @@ def reading_pass(model, rows: Sequence[dict], *, capture_layers: Sequence[int],
             if layer in vectors and pairs:
                 vectors[layer].append(hidden[row_idx.to(hidden.device), col_idx.to(hidden.device)].cpu())
         per_condition = [runner.decision_logit_diff(hidden[:, -1], batch)]
-        if conditions:
-            handles = [site_writer_hook(model, layer, "resid_post", _projector(units[layer], len(conditions)))
+        if steered:
+            handles = [site_writer_hook(model, layer, "resid_post", _writer(conditions, layer, d, (saes or {}).get(layer)))
                        for layer in steered]
             try:
                 out = runner.rerun_last_column(start, entering, ctx, rec.kv, replicas=len(conditions))

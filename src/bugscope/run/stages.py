@@ -99,10 +99,12 @@ _WORK_STAGES: tuple[Stage, ...] = (
     Stage("probes", (layout.PROBE_PROMPTS, layout.PROBES), intermediate=(layout.PROBE_PROMPTS,), when=_probes_on),
     # reading.smk
     Stage("build_reading_prompts", (layout.READING_PROMPTS,), intermediate=(layout.READING_PROMPTS,), when=_reading_on),
-    Stage("reading", (layout.READING_SCORES, _READING_ACTIVATIONS),
-          intermediate=(layout.READING_SCORES, _READING_ACTIVATIONS), model=True, when=_reading_on),
+    Stage("reading", (layout.READING_SCORES, _READING_ACTIVATIONS, layout.READING_FEATURES,
+                      layout.READING_FEATURE_PROMPTS),
+          intermediate=(layout.READING_SCORES, _READING_ACTIVATIONS, layout.READING_FEATURE_PROMPTS), model=True,
+          when=_reading_on),
     Stage("reading_summary", (layout.READING_ACCURACY, layout.READING_CLOSENESS_PROMPTS, layout.READING_CLOSENESS,
-                              layout.READING_STEERING),
+                              layout.READING_STEERING, layout.READING_FEATURE_SUMMARY),
           intermediate=(layout.READING_CLOSENESS_PROMPTS,), when=_reading_on),
     # sae.smk
     Stage("prepare_corpus", (layout.CORPUS,), intermediate=(layout.CORPUS,)),
