@@ -59,7 +59,7 @@ def kind_weights(kinds: np.ndarray) -> np.ndarray:
     return 1.0 / counts[inverse]
 
 
-def _fit(x: np.ndarray, y: np.ndarray, weight: np.ndarray, alphas: Sequence[float]):
+def fit_probe(x: np.ndarray, y: np.ndarray, weight: np.ndarray, alphas: Sequence[float]):
     """A standardised ridge probe whose L2 penalty is chosen on the training rows alone (efficient
     leave-one-out, sklearn's RidgeClassifierCV), every pair kind weighing the same."""
     from sklearn.linear_model import RidgeClassifierCV
@@ -99,7 +99,7 @@ def probe_predictions(vectors: Mapping[int, np.ndarray], meta: pl.DataFrame, *, 
                     train = ~test & (formats == train_format)
                     if not test.any():
                         continue  # fewer number pairs than folds
-                    probe = _fit(x[train], labels[train], kind_weights(kinds[train]), alphas)
+                    probe = fit_probe(x[train], labels[train], kind_weights(kinds[train]), alphas)
                     right[test] = probe.predict(x[test]) == labels[test]
                     alpha_of[test] = probe[-1].alpha_
                 rows.append(meta.select("prompt_id", "pair_id", "pair_kind", "order", pl.col("format").alias("test_format"))

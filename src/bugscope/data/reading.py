@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import polars as pl
 
+from bugscope.data.probes import fit_probe
 from bugscope.data.prompts import (
     ALL,
     ANALYSIS,
@@ -43,7 +44,6 @@ from bugscope.data.prompts import (
     prompt_table,
     questions_of,
 )
-from bugscope.data.probes import _fit
 from bugscope.stats import cluster_bootstrap_mean_ci_columns, derived_seed
 
 TRAIN, TEST = "train", "test"  # the wordings of a reading family
@@ -154,7 +154,7 @@ def closeness_predictions(vectors: Mapping[tuple[int, str], np.ndarray], meta: p
     label = family != DECIMAL
     rows = []
     for (layer, position), x in sorted(vectors.items()):
-        probe = _fit(x[train], label[train], _family_weights(family[train]), alphas)
+        probe = fit_probe(x[train], label[train], _family_weights(family[train]), alphas)
         score = probe.decision_function(x)
         rows.append(meta.select("prompt_id", "pair_id", "pair_kind", "order", "format", "family", "wording")
                     .with_columns(layer=pl.lit(layer, pl.Int32), position=pl.lit(position),
