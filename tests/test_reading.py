@@ -95,7 +95,7 @@ def _vectors(meta, *, reading_axis: float, template_axis: float, qa_shift: float
 
 def _closeness(meta, x):
     pred = closeness_predictions({(5, "decision"): x}, meta, alphas=[0.1, 1.0, 10.0, 100.0])
-    summary = closeness_summary(pred, buggy_format="qa", correct_format="simple", **BOOT)
+    summary = closeness_summary(pred, buggy_format="qa", correct_format="simple", min_accuracy=0.75, **BOOT)
     return {(r["measure"], r["family"], r["format"]): r
             for r in summary.filter(pl.col("variant") == "all_pairs", pl.col("pair_kind").is_in([BUG_PAIR_KIND]))
             .iter_rows(named=True)}
@@ -356,9 +356,37 @@ def test_the_feature_summary_asks_whether_the_buggy_format_fires_them_more():
     analysis = meta.filter(pl.col("wording") == "analysis").with_columns(
         layer=pl.lit(4), question_id=pl.col("prompt_id") // 2,
         activation=pl.when(pl.col("format") == "qa").then(2.0).otherwise(0.5))
-    out = feature_summary(reading, analysis, buggy_format="qa", correct_format="simple", **BOOT)
+    out = feature_summary(reading, analysis, buggy_format="qa", correct_format="simple", test="wilcoxon", **BOOT)
     get = {(r["measure"], r["family"], r["format"], r["pair_kind"]): r for r in out.iter_rows(named=True)}
     assert get[("heldout_activation", "versions", ALL, BUG_PAIR_KIND)]["value"] == 3.0
     assert get[("heldout_activation", DECIMAL, ALL, BUG_PAIR_KIND)]["value"] == 0.0
     assert get[("heldout_activation", "versions", ALL, BUG_PAIR_KIND)]["n_pairs"] == 4  # the odd pair ids
     assert get[("buggy_minus_correct", DECIMAL, "qa-simple", BUG_PAIR_KIND)]["value"] == pytest.approx(1.5)
+    assert get[("buggy_minus_correct", DECIMAL, "qa-simple", BUG_PAIR_KIND)]["p_value"] < 0.01
+    assert get[("reading_over_decimal", ALL, ALL, BUG_PAIR_KIND)]["p_value"] < 0.01
+
+
+def test_a_probe_that_calls_everything_a_version_is_at_chance_and_is_not_chosen():
+    from bugscope.data.reading import balanced_accuracy_row
+
+    is_decimal = np.array([True] * 8 + [False] * 24)
+    row = balanced_accuracy_row(~is_decimal, is_decimal, np.arange(32) // 2, BOOT)  # right on readings only
+    assert row["value"] == 0.5  # the pooled accuracy would be 0.75
+    meta = _meta(n_pairs=12)
+    reading = (meta["family"] != DECIMAL).to_numpy()
+    qa = ((meta["format"] == "qa") & (meta["wording"] == "analysis")).to_numpy()
+    frames = []
+    for layer, says in ((3, np.ones(meta.height, bool)),      # everything a version; qa - simple gap 0
+                        (5, reading | qa)):                   # right on the families; the buggy format read as one
+        says = says.copy()
+        if layer == 3:
+            says[((meta["format"] == "simple") & (meta["wording"] == "analysis")).to_numpy()] = False  # gap 1
+        frames.append(meta.with_columns(layer=pl.lit(layer, pl.Int32), position=pl.lit("numbers"),
+                                        score=pl.Series(np.where(says, 1.0, -1.0)), read_as_version=pl.Series(says),
+                                        trained_on=pl.lit(False)))
+    summary = closeness_summary(pl.concat(frames), buggy_format="qa", correct_format="simple", min_accuracy=0.75, **BOOT)
+    chosen = summary.filter(pl.col("variant") == "heldout_selected")
+    assert set(chosen["layer"]) == {5}  # layer 3's larger gap is read by a probe at chance
+    transfer = summary.filter(pl.col("variant") == "all_pairs", pl.col("layer") == 3,
+                              pl.col("measure") == "transfer_accuracy", pl.col("family") == ALL).row(0, named=True)
+    assert transfer["value"] == 0.5 and transfer["value_high"] < 0.75

@@ -416,7 +416,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "reading_prompts": (*_BASE, "reading.families", "reading.n_pairs"),
     "reading_model": (*_BASE, "cache", "sae", "layers", "reading.families", "reading.n_pairs", "reading.steer",
                       "reading.features"),
-    "reading": (*_BASE, "cache", "baseline", "layers", "reading", "probes.alphas", "bootstrap"),
+    "reading": (*_BASE, "cache", "baseline", "layers", "reading", "probes.alphas", "features.discriminative.test",
+                "claims.verdicts.reading_probe_min_accuracy", "bootstrap"),
 }
 
 

@@ -46,11 +46,12 @@ def main(smk):
             vectors[(layer, name)] = x
         parts.append(closeness_predictions(vectors, meta, alphas=cfg["probes"]["alphas"]))
     predictions = pl.concat(parts)
-    closeness = closeness_summary(predictions, buggy_format=formats[0], correct_format=formats[1], **boot)
+    closeness = closeness_summary(predictions, buggy_format=formats[0], correct_format=formats[1],
+                                  min_accuracy=cfg["claims"]["verdicts"]["reading_probe_min_accuracy"], **boot)
     baseline = tables.frame(tables.BASELINE_SCORES, cfg, smk.input.baseline)
     steering = steering_summary(scores, meta, baseline, buggy_format=formats[0], correct_format=formats[1], **boot)
     features = feature_summary(*_feature_activations(smk, cfg, analysis, reading), buggy_format=formats[0],
-                               correct_format=formats[1], **boot)
+                               correct_format=formats[1], test=cfg["features"]["discriminative"]["test"], **boot)
     out = {"config_hash": smk.params.config_hash, "seed": cfg["seed"]}
     with tables.written_together() as put:
         put(tables.READING_ACCURACY, accuracy, smk.output.accuracy, out)

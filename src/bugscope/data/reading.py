@@ -44,7 +44,13 @@ from bugscope.data.prompts import (
     prompt_table,
     questions_of,
 )
-from bugscope.stats import cluster_bootstrap_mean_ci_columns, derived_seed
+from bugscope.stats import (
+    cluster_bootstrap_mean_ci_columns,
+    cluster_resample_weights,
+    cluster_resampled_means,
+    derived_seed,
+    percentile_interval,
+)
 
 TRAIN, TEST = "train", "test"  # the wordings of a reading family
 # How a family writes a pair and which of its numbers is right: decimal order, version order, or a
@@ -169,6 +175,21 @@ def _ci_row(values: np.ndarray, pairs: np.ndarray, boot: dict) -> dict:
             "value_low": float(low[0]), "value_high": float(high[0])}
 
 
+def balanced_accuracy_row(right: np.ndarray, is_decimal: np.ndarray, pairs: np.ndarray, boot: dict) -> dict:
+    """The probe's balanced accuracy, the mean of its accuracy on the decimal family and on the reading
+    families (each family has as many rows): a probe that calls everything a version scores 0.5, not
+    the reading families' share of the rows. CI: the same resamples of number pairs for both halves."""
+    both = np.stack([np.where(is_decimal, right, np.nan), np.where(is_decimal, np.nan, right)], axis=1)
+    labels, index = np.unique(pairs, return_inverse=True)
+    weights = cluster_resample_weights(len(labels), n_resamples=boot["n_resamples"], seed=boot["seed"])
+    resampled = cluster_resampled_means(both, index, weights).mean(1)
+    low, high = percentile_interval(resampled[:, None], boot["confidence"])
+    point = 0.5 * (right[is_decimal].mean() + right[~is_decimal].mean()) if is_decimal.any() and (~is_decimal).any() \
+        else float("nan")
+    return {"n_prompts": int(len(right)), "n_pairs": int(len(labels)), "value": float(point),
+            "value_low": float(low[0]), "value_high": float(high[0])}
+
+
 def _kinds(frame: pl.DataFrame):
     """(pair kind, rows) for every kind, the controls pooled, and all kinds pooled."""
     yield ALL, frame
@@ -186,10 +207,13 @@ def _closeness_rows(part: pl.DataFrame, key: dict, formats: tuple[str, str], boo
     held_out = part.filter(pl.col("wording") == TEST, ~is_selection_pair(pl.col("pair_id")))
     right = (held_out["read_as_version"] == (held_out["family"] != DECIMAL)).cast(pl.Float64).to_numpy()
     families = held_out["family"].to_numpy()
-    for family in [ALL, *sorted(set(families))]:
-        mask = np.ones(len(right), bool) if family == ALL else families == family
+    pairs = held_out["pair_id"].to_numpy()
+    out.append({**key, "measure": "transfer_accuracy", "family": ALL, "format": ALL, "pair_kind": BUG_PAIR_KIND,
+                **balanced_accuracy_row(right, families == DECIMAL, pairs, boot)})
+    for family in sorted(set(families)):
+        mask = families == family
         out.append({**key, "measure": "transfer_accuracy", "family": family, "format": ALL, "pair_kind": BUG_PAIR_KIND,
-                    **_ci_row(right[mask], held_out["pair_id"].to_numpy()[mask], boot)})
+                    **_ci_row(right[mask], pairs[mask], boot)})
     analysis = part.filter(pl.col("family") == DECIMAL, pl.col("wording") == ANALYSIS)
     buggy, correct = formats
     for kind, rows in _kinds(analysis):
@@ -207,23 +231,35 @@ def _closeness_rows(part: pl.DataFrame, key: dict, formats: tuple[str, str], boo
     return out
 
 
-def closeness_summary(predictions: pl.DataFrame, *, buggy_format: str, correct_format: str, n_resamples: int,
-                      confidence: float, seed: int) -> pl.DataFrame:
+def closeness_summary(predictions: pl.DataFrame, *, buggy_format: str, correct_format: str, min_accuracy: float,
+                      n_resamples: int, confidence: float, seed: int) -> pl.DataFrame:
     """Per (variant, layer, position, measure, family, format, pair kind): value with its CI over
     number pairs (module docstring). variant `all_pairs`: every layer and position on every pair;
     `heldout_selected`: the (layer, position) whose buggy - correct gap on the bug's kind is largest
-    on the even analysis pairs, every measure there on the odd ones."""
+    on the even analysis pairs, every measure there on the odd ones. The choice is made among the
+    probes that tell the families apart, a balanced accuracy of at least `min_accuracy` on the test
+    wording of the even family pairs (claims.verdicts.reading_probe_min_accuracy; among all of them
+    where none does): a gap read by a probe that calls everything a version means nothing."""
     boot = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
     formats = (buggy_format, correct_format)
     out = []
     for (layer, position), part in predictions.group_by("layer", "position", maintain_order=True):
         out += _closeness_rows(part, {"variant": "all_pairs", "layer": layer, "position": position}, formats, boot)
-    analysis = predictions.filter(pl.col("wording") == ANALYSIS, pl.col("pair_kind") == BUG_PAIR_KIND,
-                                  is_selection_pair(pl.col("pair_id")))
+    selection = is_selection_pair(pl.col("pair_id"))
+    valid = (predictions.filter(pl.col("wording") == TEST, selection)
+             .with_columns(right=(pl.col("read_as_version") == (pl.col("family") != DECIMAL)).cast(pl.Float64),
+                           decimal=pl.col("family") == DECIMAL)
+             .group_by("layer", "position", "decimal").agg(pl.col("right").mean())
+             .group_by("layer", "position").agg(balanced=pl.col("right").mean()))
+    analysis = predictions.filter(pl.col("wording") == ANALYSIS, pl.col("pair_kind") == BUG_PAIR_KIND, selection)
     gaps = (analysis.group_by("layer", "position", "format").agg(pl.col("read_as_version").cast(pl.Float64).mean())
             .pivot(on="format", index=["layer", "position"], values="read_as_version")
             .with_columns(gap=pl.col(buggy_format) - pl.col(correct_format))
-            .sort(pl.col("gap"), "layer", "position", descending=[True, False, False]))
+            .join(valid, on=["layer", "position"], how="left")
+            .with_columns(valid=pl.col("balanced") >= min_accuracy))
+    if gaps["valid"].any():
+        gaps = gaps.filter(pl.col("valid"))
+    gaps = gaps.sort(pl.col("gap"), "layer", "position", descending=[True, False, False])
     layer, position = gaps["layer"][0], gaps["position"][0]
     chosen = predictions.filter(pl.col("layer") == layer, pl.col("position") == position,
                                 ~(is_selection_pair(pl.col("pair_id")) & (pl.col("wording") == ANALYSIS)))
@@ -381,14 +417,21 @@ def select_reading_features(acts: np.ndarray, family: np.ndarray, *, top_n: int,
 
 
 def feature_summary(reading_acts: pl.DataFrame, analysis_acts: pl.DataFrame, *, buggy_format: str,
-                    correct_format: str, n_resamples: int, confidence: float, seed: int) -> pl.DataFrame:
+                    correct_format: str, test: str, n_resamples: int, confidence: float, seed: int) -> pl.DataFrame:
     """Per layer, the summed activation of its reading features at the decision position, with CIs
     over number pairs: on each family's held-out wording and pairs (the test wording, odd pair ids:
     the features were chosen on the training wording), and on the analysis prompts per format and
     kind with the buggy - correct difference paired per question: do they fire more in the buggy format?
+    Each comparison is also tested as the discriminative stage tests features (`test`: wilcoxon or
+    ttest; bugscope.features.discriminative): `reading_over_decimal` (the held-out reading families
+    over the decimal family, a ratio of means stratified by question order, CI over number pairs) by
+    the stratified two-sample test on pair means, and `buggy_minus_correct` by the paired test on pair
+    means (`p_value`).
 
     `reading_acts` / `analysis_acts`: (layer, prompt_id, pair_id, family / pair_kind, format, wording
     / question_id, activation)."""
+    from bugscope.features.discriminative import interval_columns, paired_test, stratified_unpaired_test
+
     boot = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
     out = []
     for (layer,), acts in reading_acts.group_by("layer", maintain_order=True):
@@ -397,6 +440,18 @@ def feature_summary(reading_acts: pl.DataFrame, analysis_acts: pl.DataFrame, *, 
             f = held.filter(pl.col("family") == family)
             out.append({"layer": layer, "measure": "heldout_activation", "family": family, "format": ALL,
                         "pair_kind": BUG_PAIR_KIND, **_ci_row(f["activation"].to_numpy(), f["pair_id"].to_numpy(), boot)})
+        # one row per (pair, order): the formats' mean, so that within an order the rows are independent
+        units = held.group_by("pair_id", "order", "family").agg(pl.col("activation").mean()).sort("pair_id", "order")
+        a, b = units.filter(pl.col("family") != DECIMAL), units.filter(pl.col("family") == DECIMAL)
+        p, _ = stratified_unpaired_test(a["activation"].to_numpy()[:, None], b["activation"].to_numpy()[:, None],
+                                        a["order"].to_numpy(), b["order"].to_numpy(), test)
+        ratio = interval_columns(a["activation"].to_numpy()[:, None], b["activation"].to_numpy()[:, None],
+                                 a["pair_id"].to_numpy(), b["pair_id"].to_numpy(), boot=boot,
+                                 strata_a=a["order"].to_numpy(), strata_b=b["order"].to_numpy())
+        out.append({"layer": layer, "measure": "reading_over_decimal", "family": ALL, "format": ALL,
+                    "pair_kind": BUG_PAIR_KIND, "n_prompts": held.height, "n_pairs": held["pair_id"].n_unique(),
+                    "value": float(ratio["ratio"][0]), "value_low": float(ratio["ratio_low"][0]),
+                    "value_high": float(ratio["ratio_high"][0]), "p_value": float(p[0])})
     for (layer,), acts in analysis_acts.group_by("layer", maintain_order=True):
         for kind, rows in _kinds(acts):
             for fmt in (buggy_format, correct_format):
@@ -406,7 +461,10 @@ def feature_summary(reading_acts: pl.DataFrame, analysis_acts: pl.DataFrame, *, 
             paired = (rows.filter(pl.col("format") == buggy_format).select("question_id", "pair_id", pl.col("activation").alias("b"))
                       .join(rows.filter(pl.col("format") == correct_format).select("question_id", pl.col("activation").alias("c")),
                             on="question_id"))
+            means = paired.group_by("pair_id").agg(pl.col("b").mean(), pl.col("c").mean())
+            p, _ = paired_test(means["b"].to_numpy()[:, None], means["c"].to_numpy()[:, None], test)
             out.append({"layer": layer, "measure": "buggy_minus_correct", "family": DECIMAL,
                         "format": f"{buggy_format}-{correct_format}", "pair_kind": kind,
-                        **_ci_row((paired["b"] - paired["c"]).to_numpy(), paired["pair_id"].to_numpy(), boot)})
-    return pl.DataFrame(out).with_columns(confidence=pl.lit(confidence))
+                        **_ci_row((paired["b"] - paired["c"]).to_numpy(), paired["pair_id"].to_numpy(), boot),
+                        "p_value": float(p[0])})
+    return pl.DataFrame([{"p_value": None, **row} for row in out]).with_columns(confidence=pl.lit(confidence))
