@@ -67,7 +67,7 @@ def _feature_activations(smk, cfg, analysis, reading):
     job's), and per analysis prompt from the SAE codes of the features stage (0 where none fires)."""
     chosen = tables.frame(tables.READING_FEATURES, cfg, smk.input.features).filter(pl.col("role") == READING_FEATURES)
     per_family = (tables.frame(tables.READING_FEATURE_PROMPTS, cfg, smk.input.feature_prompts)
-                  .join(reading.select("prompt_id", "pair_id", "family", "wording"), on="prompt_id"))
+                  .join(reading.select("prompt_id", "pair_id", "order", "family", "wording"), on="prompt_id"))
     parts = []
     for path in smk.input.feature_codes:  # one layer's codes at a time
         info = tables.check(tables.FEATURES, cfg, path)
