@@ -12,10 +12,12 @@ from bugscope.data.reading import RANDOM, RANDOM_FEATURES, READING, READING_FEAT
 from bugscope.figures.style import HEIGHT, OKABE_ITO, WIDTH, Labels, chart_title, n_label, null_nan
 
 
-def _bars(df: pl.DataFrame, x: str, x_title: str, colour: alt.Color, y_title: str, domain=None) -> alt.LayerChart:
+def _bars(df: pl.DataFrame, x: str, x_title: str, colour: alt.Color, y_title: str, domain=None,
+          label_angle: int = 0) -> alt.LayerChart:
     y = alt.Y("value:Q", title=y_title, scale=alt.Scale(domain=domain) if domain else alt.Undefined)
     bars = alt.Chart().mark_bar(opacity=0.8).encode(
-        x=alt.X(f"{x}:N", title=x_title, axis=alt.Axis(labelAngle=0)), xOffset="series:N", color=colour, y=y,
+        x=alt.X(f"{x}:N", title=x_title, axis=alt.Axis(labelAngle=label_angle, labelLimit=200)), xOffset="series:N",
+        color=colour, y=y,
         tooltip=[x, "series", "n_pairs", alt.Tooltip("value:Q", format=".3f"), alt.Tooltip("low:Q", format=".3f"),
                  alt.Tooltip("high:Q", format=".3f")])
     err = alt.Chart().mark_errorbar(ticks=True, color="black").encode(
@@ -72,15 +74,17 @@ def reading_steering(steering: pl.DataFrame, labels: Labels) -> alt.LayerChart:
     colour = alt.Color("series:N", title="removed", legend=alt.Legend(orient="top"), sort=conditions,
                        scale=alt.Scale(domain=conditions, range=[palette[c] for c in conditions]))
     chart = _bars(rows, "target", "prompts (buggy format)", colour,
-                  f"accuracy change, steered - unsteered ({labels.ci})")
+                  f"accuracy change, steered - unsteered ({labels.ci})", label_angle=-30)
     zero = alt.Chart().mark_rule(color="black").encode(y=alt.datum(0))
     eligible = steering.filter(pl.col("subject") == "eligible", pl.col("condition") == READING)
     notes = ", ".join(f"{r['measure']} {r['value']:.2f} [{r['value_low']:.2f}, {r['value_high']:.2f}] (n={r['n_prompts']})"
                       for r in eligible.iter_rows(named=True) if r["value"] is not None) or "no eligible targets"
-    return alt.layer(chart, zero).properties(width=WIDTH, height=HEIGHT, title=chart_title(
-        f"Removing the reading direction in the {labels.buggy_format} format, against random directions ({labels.model})",
-        [f"reading: the difference of the family means, projected out at the decision position of every steered layer; "
-         f"random: unit directions of the same layers; reading_features: the SAE features shared by every reading family, "
-         f"ablated; random_features: as many random features; draws pooled; {labels.ci} (bootstrap over number pairs)",
-         f"eligible targets of the bug's kind (reading direction): {notes}; a drop on the families is evidence that "
-         "the direction is the reading, not damage"]))
+    width = max(WIDTH, 40 * len(conditions) * rows["target"].n_unique())
+    return alt.layer(chart, zero).properties(width=width, height=HEIGHT, title=chart_title(
+        f"Removing the version reading in the {labels.buggy_format} format, against random controls ({labels.model})",
+        ["reading: the difference of the family means, projected out at the decision position of every steered layer; "
+         "random: unit directions of the same layers",
+         "reading_features: the SAE features every reading family shares, ablated there; random_features: as many "
+         f"random features; draws pooled; {labels.ci} (bootstrap over number pairs)",
+         f"eligible targets of the bug's kind (reading direction): {notes}",
+         "a drop on the families is evidence that what was removed is the reading, not damage"]))
