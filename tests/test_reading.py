@@ -314,7 +314,7 @@ def test_the_ci_run_reads_every_family_and_steers_against_random_directions(ci_w
 
 
 def test_reading_features_are_shared_by_every_reading_family_not_one_familys_tokens():
-    from bugscope.data.reading import select_reading_features
+    from bugscope.features.reading import select_reading_features
 
     family = np.array([DECIMAL] * 4 + ["versions"] * 4 + ["dates"] * 4)
     acts = np.zeros((12, 6))
@@ -348,7 +348,7 @@ def test_ablating_sae_features_removes_their_decoded_contribution():
 
 
 def test_the_feature_summary_asks_whether_the_buggy_format_fires_them_more():
-    from bugscope.data.reading import feature_summary
+    from bugscope.features.reading import feature_summary
 
     meta = _meta(n_pairs=8)
     reading = meta.filter(pl.col("wording") != "analysis").with_columns(

@@ -13,8 +13,8 @@ from bugscope.data.reading import (
     TRAIN,
     random_directions,
     reading_directions,
-    select_reading_features,
 )
+from bugscope.features.reading import select_reading_features
 from bugscope.model.cache import write_activations
 from bugscope.model.load import ModelManifest, load_model
 from bugscope.model.sites import parse_hook_name

@@ -9,9 +9,9 @@ from bugscope.data.reading import (
     closeness_predictions,
     closeness_summary,
     family_accuracy,
-    feature_summary,
     steering_summary,
 )
+from bugscope.features.reading import feature_summary
 from bugscope.model.sites import parse_hook_name
 from bugscope.run.script import log, run
 

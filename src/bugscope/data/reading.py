@@ -169,7 +169,7 @@ def closeness_predictions(vectors: Mapping[tuple[int, str], np.ndarray], meta: p
     return pl.concat(rows)
 
 
-def _ci_row(values: np.ndarray, pairs: np.ndarray, boot: dict) -> dict:
+def pair_ci_row(values: np.ndarray, pairs: np.ndarray, boot: dict) -> dict:
     point, low, high = cluster_bootstrap_mean_ci_columns(values[:, None], pairs, **boot)
     return {"n_prompts": int(len(values)), "n_pairs": int(len(np.unique(pairs))), "value": float(point[0]),
             "value_low": float(low[0]), "value_high": float(high[0])}
@@ -190,7 +190,7 @@ def balanced_accuracy_row(right: np.ndarray, is_decimal: np.ndarray, pairs: np.n
             "value_low": float(low[0]), "value_high": float(high[0])}
 
 
-def _kinds(frame: pl.DataFrame):
+def kind_groups(frame: pl.DataFrame):
     """(pair kind, rows) for every kind, the controls pooled, and all kinds pooled."""
     yield ALL, frame
     for kind in sorted(set(frame["pair_kind"])):
@@ -213,21 +213,21 @@ def _closeness_rows(part: pl.DataFrame, key: dict, formats: tuple[str, str], boo
     for family in sorted(set(families)):
         mask = families == family
         out.append({**key, "measure": "transfer_accuracy", "family": family, "format": ALL, "pair_kind": BUG_PAIR_KIND,
-                    **_ci_row(right[mask], pairs[mask], boot)})
+                    **pair_ci_row(right[mask], pairs[mask], boot)})
     analysis = part.filter(pl.col("family") == DECIMAL, pl.col("wording") == ANALYSIS)
     buggy, correct = formats
-    for kind, rows in _kinds(analysis):
+    for kind, rows in kind_groups(analysis):
         for fmt in formats:
             f = rows.filter(pl.col("format") == fmt)
             out.append({**key, "measure": "version_rate", "family": DECIMAL, "format": fmt, "pair_kind": kind,
-                        **_ci_row(f["read_as_version"].cast(pl.Float64).to_numpy(), f["pair_id"].to_numpy(), boot)})
+                        **pair_ci_row(f["read_as_version"].cast(pl.Float64).to_numpy(), f["pair_id"].to_numpy(), boot)})
         paired = (rows.filter(pl.col("format") == buggy).select("pair_id", "order", pl.col("read_as_version").alias("b"))
                   .join(rows.filter(pl.col("format") == correct).select("pair_id", "order",
                                                                        pl.col("read_as_version").alias("c")),
                         on=["pair_id", "order"]))
         gap = paired["b"].cast(pl.Float64).to_numpy() - paired["c"].cast(pl.Float64).to_numpy()
         out.append({**key, "measure": "buggy_minus_correct", "family": DECIMAL, "format": f"{buggy}-{correct}",
-                    "pair_kind": kind, **_ci_row(gap, paired["pair_id"].to_numpy(), boot)})
+                    "pair_kind": kind, **pair_ci_row(gap, paired["pair_id"].to_numpy(), boot)})
     return out
 
 
@@ -282,7 +282,7 @@ def family_accuracy(scores: pl.DataFrame, *, n_resamples: int, confidence: float
             for fmt in [ALL, *sorted(set(rows["format"]))]:
                 f = rows.filter(((pl.col("wording") == wording) | (wording == ALL)) &
                                 ((pl.col("format") == fmt) | (fmt == ALL)))
-                r = _ci_row(f["is_correct"].cast(pl.Float64).to_numpy(), f["pair_id"].to_numpy(), boot)
+                r = pair_ci_row(f["is_correct"].cast(pl.Float64).to_numpy(), f["pair_id"].to_numpy(), boot)
                 out.append({"family": family, "wording": wording, "format": fmt, "n_prompts": r["n_prompts"],
                             "n_pairs": r["n_pairs"], "accuracy": r["value"], "accuracy_low": r["value_low"],
                             "accuracy_high": r["value_high"], "confidence": confidence})
@@ -344,23 +344,23 @@ def steering_summary(steered: pl.DataFrame, prompts: pl.DataFrame, baseline: pl.
     for condition in [c for pair in CONTROL_OF.items() for c in pair if c in present]:
         rows = per_condition.filter(pl.col("condition") == condition, pl.col("format") == buggy_format)
         decimal = rows.filter(pl.col("family") == DECIMAL, pl.col("wording") == ANALYSIS)
-        for kind, part in _kinds(decimal):
+        for kind, part in kind_groups(decimal):
             pairs = part["pair_id"].to_numpy()
             key = {"condition": condition, "subject": DECIMAL, "pair_kind": kind}
-            out.append({**key, "measure": "accuracy", **_ci_row(part["right"].to_numpy(), pairs, boot)})
-            out.append({**key, "measure": "accuracy_change", **_ci_row(part["change"].to_numpy(), pairs, boot)})
+            out.append({**key, "measure": "accuracy", **pair_ci_row(part["right"].to_numpy(), pairs, boot)})
+            out.append({**key, "measure": "accuracy_change", **pair_ci_row(part["change"].to_numpy(), pairs, boot)})
             if condition in CONTROL_OF and CONTROL_OF[condition] in present:
                 random_change = (per_condition.filter(pl.col("condition") == CONTROL_OF[condition])
                                  .select("prompt_id", pl.col("change").alias("random_change")))
                 vs = part.join(random_change, on="prompt_id")
                 out.append({**key, "measure": "change_vs_random",
-                            **_ci_row((vs["change"] - vs["random_change"]).to_numpy(), vs["pair_id"].to_numpy(),
+                            **pair_ci_row((vs["change"] - vs["random_change"]).to_numpy(), vs["pair_id"].to_numpy(),
                                       boot)})
         out += _eligible_rows(decimal, baseline, meta, condition, correct_format, boot)
         for family in sorted(set(rows["family"]) - {DECIMAL}):
             part = rows.filter(pl.col("family") == family, pl.col("wording") == TEST)
             out.append({"condition": condition, "subject": family, "pair_kind": BUG_PAIR_KIND,
-                        "measure": "accuracy_change", **_ci_row(part["change"].to_numpy(), part["pair_id"].to_numpy(),
+                        "measure": "accuracy_change", **pair_ci_row(part["change"].to_numpy(), part["pair_id"].to_numpy(),
                                                                 boot)})
     return pl.DataFrame(out).with_columns(confidence=pl.lit(confidence))
 
@@ -386,85 +386,7 @@ def _eligible_rows(decimal: pl.DataFrame, baseline: pl.DataFrame, meta: pl.DataF
     gap = targets["source"].to_numpy() - targets["unsteered"].to_numpy()
     point, low, high = cluster_bootstrap_ratio_ci_columns(gained[:, None], gap[:, None], pairs, **boot)
     return [
-        {**key, "measure": "success_rate", **_ci_row(targets["right"].to_numpy(), pairs, boot)},
+        {**key, "measure": "success_rate", **pair_ci_row(targets["right"].to_numpy(), pairs, boot)},
         {**key, "measure": "recovery", "n_prompts": targets.height, "n_pairs": int(len(np.unique(pairs))),
          "value": float(point[0]), "value_low": float(low[0]), "value_high": float(high[0])},
     ]
-
-
-# --- the reading features (SAE) -------------------------------------------------------------------
-
-
-def select_reading_features(acts: np.ndarray, family: np.ndarray, *, top_n: int, random_sets: int,
-                            seed: int, layer: int) -> tuple[list[int], list[list[int]], np.ndarray]:
-    """(the reading features, the random control sets, every feature's score) from the SAE codes
-    [n, d_sae] of the training wording's decision positions: the top_n features by their score, the
-    smallest margin by which a reading family's mean activation exceeds the decimal family's, among
-    those that score above 0. The smallest margin, not the mean: a feature of one family's own tokens
-    (the month names of the dates) would otherwise outscore any reading the families share. Each
-    random set: as many features drawn from those active on some training row (the reading features
-    left out)."""
-    decimal = acts[family == DECIMAL].mean(0)
-    score = np.min([acts[family == f].mean(0) - decimal for f in sorted(set(family)) if f != DECIMAL], axis=0)
-    order = np.argsort(-score, kind="stable")
-    chosen = [int(i) for i in order[:top_n] if score[i] > 0]
-    active = np.flatnonzero((acts > 0).any(0))
-    pool = np.setdiff1d(active, chosen)
-    rng = np.random.default_rng(derived_seed(seed, _DIRECTION_STREAM, 1_000 + layer))
-    randoms = [sorted(int(i) for i in rng.choice(pool, size=min(len(chosen), len(pool)), replace=False))
-               for _ in range(random_sets)]
-    return chosen, randoms, score
-
-
-def feature_summary(reading_acts: pl.DataFrame, analysis_acts: pl.DataFrame, *, buggy_format: str,
-                    correct_format: str, test: str, n_resamples: int, confidence: float, seed: int) -> pl.DataFrame:
-    """Per layer, the summed activation of its reading features at the decision position, with CIs
-    over number pairs: on each family's held-out wording and pairs (the test wording, odd pair ids:
-    the features were chosen on the training wording), and on the analysis prompts per format and
-    kind with the buggy - correct difference paired per question: do they fire more in the buggy format?
-    Each comparison is also tested as the discriminative stage tests features (`test`: wilcoxon or
-    ttest; bugscope.features.discriminative): `reading_over_decimal` (the held-out reading families
-    over the decimal family, a ratio of means stratified by question order, CI over number pairs) by
-    the stratified two-sample test on pair means, and `buggy_minus_correct` by the paired test on pair
-    means (`p_value`).
-
-    `reading_acts` / `analysis_acts`: (layer, prompt_id, pair_id, family / pair_kind, format, wording
-    / question_id, activation)."""
-    from bugscope.features.discriminative import interval_columns, paired_test, stratified_unpaired_test
-
-    boot = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
-    out = []
-    for (layer,), acts in reading_acts.group_by("layer", maintain_order=True):
-        held = acts.filter(pl.col("wording") == TEST, ~is_selection_pair(pl.col("pair_id")))
-        for family in sorted(set(held["family"])):
-            f = held.filter(pl.col("family") == family)
-            out.append({"layer": layer, "measure": "heldout_activation", "family": family, "format": ALL,
-                        "pair_kind": BUG_PAIR_KIND, **_ci_row(f["activation"].to_numpy(), f["pair_id"].to_numpy(), boot)})
-        # one row per (pair, order): the formats' mean, so that within an order the rows are independent
-        units = held.group_by("pair_id", "order", "family").agg(pl.col("activation").mean()).sort("pair_id", "order")
-        a, b = units.filter(pl.col("family") != DECIMAL), units.filter(pl.col("family") == DECIMAL)
-        p, _ = stratified_unpaired_test(a["activation"].to_numpy()[:, None], b["activation"].to_numpy()[:, None],
-                                        a["order"].to_numpy(), b["order"].to_numpy(), test)
-        ratio = interval_columns(a["activation"].to_numpy()[:, None], b["activation"].to_numpy()[:, None],
-                                 a["pair_id"].to_numpy(), b["pair_id"].to_numpy(), boot=boot,
-                                 strata_a=a["order"].to_numpy(), strata_b=b["order"].to_numpy())
-        out.append({"layer": layer, "measure": "reading_over_decimal", "family": ALL, "format": ALL,
-                    "pair_kind": BUG_PAIR_KIND, "n_prompts": held.height, "n_pairs": held["pair_id"].n_unique(),
-                    "value": float(ratio["ratio"][0]), "value_low": float(ratio["ratio_low"][0]),
-                    "value_high": float(ratio["ratio_high"][0]), "p_value": float(p[0])})
-    for (layer,), acts in analysis_acts.group_by("layer", maintain_order=True):
-        for kind, rows in _kinds(acts):
-            for fmt in (buggy_format, correct_format):
-                f = rows.filter(pl.col("format") == fmt)
-                out.append({"layer": layer, "measure": "activation", "family": DECIMAL, "format": fmt, "pair_kind": kind,
-                            **_ci_row(f["activation"].to_numpy(), f["pair_id"].to_numpy(), boot)})
-            paired = (rows.filter(pl.col("format") == buggy_format).select("question_id", "pair_id", pl.col("activation").alias("b"))
-                      .join(rows.filter(pl.col("format") == correct_format).select("question_id", pl.col("activation").alias("c")),
-                            on="question_id"))
-            means = paired.group_by("pair_id").agg(pl.col("b").mean(), pl.col("c").mean())
-            p, _ = paired_test(means["b"].to_numpy()[:, None], means["c"].to_numpy()[:, None], test)
-            out.append({"layer": layer, "measure": "buggy_minus_correct", "family": DECIMAL,
-                        "format": f"{buggy_format}-{correct_format}", "pair_kind": kind,
-                        **_ci_row((paired["b"] - paired["c"]).to_numpy(), paired["pair_id"].to_numpy(), boot),
-                        "p_value": float(p[0])})
-    return pl.DataFrame([{"p_value": None, **row} for row in out]).with_columns(confidence=pl.lit(confidence))
