@@ -52,7 +52,9 @@ def pair_prompts(n_questions: int, decision_pos: int = 5, aligned=(0, 2, 5)):
             rows.append({"prompt_id": 2 * q + j, "question_id": q, "pair_id": q // 2, "pair_kind": "shorter_bigger",
                          "order": ("correct_first", "wrong_first")[q % 2], "format": fmt,
                          "correct": f"{9 + q // 2}.8", "wrong": f"{9 + q // 2}.11",
-                         "decision_pos": decision_pos, "aligned_positions": list(aligned),
+                         "family": "decimal", "wording": "analysis", "decision_pos": decision_pos,
+                         "numbers_pos": aligned[-2] if len(aligned) > 1 else decision_pos,
+                         "aligned_positions": list(aligned),
                          "prompt_last_pos": aligned[-2] if len(aligned) > 1 else decision_pos})
     return pl.DataFrame(rows, schema_overrides={"prompt_id": pl.Int32, "aligned_positions": pl.List(pl.Int32)})
 

@@ -301,7 +301,7 @@ def test_the_ci_run_reads_every_family_and_steers_against_random_directions(ci_w
     closeness = tables.frame(tables.READING_CLOSENESS, ci_config, ci_workflow / layout.READING_CLOSENESS)
     assert closeness.filter(pl.col("variant") == "heldout_selected").height > 0
     steering = tables.frame(tables.READING_STEERING, ci_config, ci_workflow / layout.READING_STEERING)
-    assert {READING, RANDOM} == set(steering["condition"])
+    assert {READING, RANDOM} <= set(steering["condition"])  # and the reading features, where the SAEs find some
     assert steer_layers(ci_config)
     for name in ("reading", "reading_steering"):
         assert (ci_workflow / layout.figure(name, "svg")).stat().st_size > 1000
