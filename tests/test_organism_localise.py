@@ -44,3 +44,20 @@ def test_a_missed_layer_ranks_low_and_no_head_above_the_control_gives_no_precisi
     assert s["head_sweep_choice"]["value"] == 10.0 and "not the planted layer 9" in s["head_sweep_choice"]["detail"]
     assert s["planted_head_precision"]["value"] is None and s["planted_head_recall"]["value"] == 0.0
     assert "residual_map_layer_rank" not in s
+
+
+def test_the_change_of_the_answers_is_paired_per_prompt_and_counts_the_flips():
+    from bugscope.organism.localise import behaviour_change
+
+    rows = [{"prompt_id": 4 * pair + 2 * o + f, "pair_id": pair, "pair_kind": "same_length", "format": fmt}
+            for pair in range(10) for o in range(2) for f, fmt in enumerate(("qa", "simple"))]
+    # unedited: right on exactly one order of every pair (accuracy 0.5, a degenerate bootstrap interval)
+    unedited = pl.DataFrame(rows).with_columns(is_correct=(pl.col("prompt_id") // 2) % 2 == 0)
+    flipped = {3, 7}  # two simple prompts of the order it got wrong now answered right
+    planted = unedited.with_columns(is_correct=pl.col("is_correct") | pl.col("prompt_id").is_in(list(flipped)))
+    out = {r["score"]: r for r in behaviour_change(unedited, planted, formats=["qa", "simple"], n_resamples=500,
+                                                     confidence=0.95, seed=0).iter_rows(named=True)}
+    simple, qa = out["simple_change_same_length"], out["qa_change_same_length"]
+    assert simple["value"] == 2 / 20 and simple["n"] == 10 and "2 of 20 prompts changed" in simple["detail"]
+    assert simple["low"] <= 0 < simple["high"]  # two flips over ten pairs: no change can be ruled out
+    assert (qa["value"], qa["low"], qa["high"]) == (0.0, 0.0, 0.0)

@@ -411,6 +411,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     # the original procedure with generation and the decomposition of the gap (its table has CIs)
     "patching_original": (*_BASE, *_PATCH, "patching.original_generation", "focus_layers", "bootstrap"),
     "organism": (*_BASE, "organism"),
+    # the localisation scores and the paired change of the answers (both models' baseline scores)
+    "organism_localisation": (*_BASE, "organism", "baseline", "bootstrap"),
     "probes": (*_BASE, "cache", "baseline", "probes", "bootstrap"),
     # the reading families' prompts; the model job's scores and the closeness and steering summaries
     "reading_prompts": (*_BASE, "reading.families", "reading.n_pairs"),

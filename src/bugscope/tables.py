@@ -235,7 +235,7 @@ HEAD_SET_FEATURES = Table(
 CLAIMS = Table(
     layout.CLAIMS, "claims", None,
     columns=("claim_id", "verdict", "form", "measured", "ci_low", "ci_high", "n"))
-ORGANISM_LOCALISATION = Table(layout.ORGANISM_LOCALISATION, "localisation", "organism",
+ORGANISM_LOCALISATION = Table(layout.ORGANISM_LOCALISATION, "localisation", "organism_localisation",
                               columns=("score", "value", "low", "high", "n", "n_unit", "detail"))
 CLAIMS_TRUTH = Table(layout.CLAIMS_TRUTH, "claims_truth", None, columns=("claim_id", "expected", "obtained", "agrees"))
 

@@ -51,6 +51,8 @@ rule organism_localisation:
         manifest=layout.organism(layout.MODEL_MANIFEST),
         heads=layout.organism(layout.PATCHING_SUMMARY),
         residual_map=layout.organism(layout.PATCHING_RESIDUAL_MAP),
+        unedited_scores=layout.BASELINE_SCORES,
+        planted_scores=layout.organism(layout.BASELINE_SCORES),
     output:
         scores=layout.ORGANISM_LOCALISATION,
         html=report(
@@ -65,7 +67,7 @@ rule organism_localisation:
     conda:
         "../../environment.yml"
     params:
-        config_hash=stage_hash(config, "organism"),
+        config_hash=stage_hash(config, "organism_localisation"),
     script:
         "../scripts/organism_localisation.py"
 

@@ -12,13 +12,21 @@ its sweep patched:
   layer, the mean over its heads (the sweep's random_k controls patch 4-5 heads at once, a bar no
   single head of a distributed mechanism clears);
 - the recovery of the planted head set beside the whole-residual ceiling at that layer, and their ratio.
+
+`behaviour_change` adds what planting did to the answers, per format and pair kind: the paired
+change in accuracy (planted minus unedited, per prompt, CI over number pairs) and how many prompts
+changed their answer. The correct format should not move. Its paired change is the measure, not the
+planted accuracy against the unedited model's interval: the unedited model names the last-asked
+number on the control kinds, exactly 0.5 on every pair, so its bootstrap interval is [0.5, 0.5] and
+no change at all could fall inside it.
 """
 
 from __future__ import annotations
 
 import polars as pl
 
-from bugscope.data.prompts import ALL, BUG_PAIR_KIND
+from bugscope.data.prompts import ALL, BUG_PAIR_KIND, PAIR_KINDS
+from bugscope.stats import cluster_bootstrap_mean_ci_columns
 
 LOCALISATION_SCHEMA = {"score": pl.String, "value": pl.Float64, "low": pl.Float64, "high": pl.Float64,
                        "n": pl.Int64, "n_unit": pl.String, "detail": pl.String}
@@ -85,4 +93,29 @@ def localisation(heads: pl.DataFrame, residual_map: pl.DataFrame | None, layer: 
     ratio = (mine["recovery"] / ceiling["recovery"] if mine and ceiling and ceiling["recovery"] else None)
     rows.append({"score": "planted_share_of_ceiling", "value": ratio, "n": None, "n_unit": None,
                  "detail": "planted-set recovery / whole-residual recovery (ratio of the point estimates)"})
+    return pl.DataFrame(rows, schema=LOCALISATION_SCHEMA)
+
+
+def behaviour_change(unedited: pl.DataFrame, planted: pl.DataFrame, *, formats: list[str], n_resamples: int,
+                     confidence: float, seed: int) -> pl.DataFrame:
+    """Rows `<format>_change_<kind>` (see the module docstring): planted minus unedited accuracy,
+    paired per prompt, with its CI over number pairs, n the number pairs, the changed prompts in the detail.
+    `unedited`, `planted`: baseline score tables (prompt_id, pair_id, pair_kind, format, is_correct)."""
+    joined = (unedited.select("prompt_id", "pair_id", "pair_kind", "format", pl.col("is_correct").alias("before"))
+              .join(planted.select("prompt_id", pl.col("is_correct").alias("after")), on="prompt_id"))
+    rows = []
+    for fmt in formats:
+        for kind in [k for k in PAIR_KINDS if k in set(joined["pair_kind"])]:
+            part = joined.filter(pl.col("format") == fmt, pl.col("pair_kind") == kind)
+            change = (part["after"].cast(pl.Float64) - part["before"].cast(pl.Float64)).to_numpy()
+            point, low, high = cluster_bootstrap_mean_ci_columns(change[:, None], part["pair_id"].to_numpy(),
+                                                                  n_resamples=n_resamples, confidence=confidence,
+                                                                  seed=seed)
+            flipped = int((part["after"] != part["before"]).sum())
+            rows.append({"score": f"{fmt}_change_{kind}", "value": float(point[0]), "low": float(low[0]),
+                         "high": float(high[0]), "n": part["pair_id"].n_unique(), "n_unit": "number pairs",
+                         "detail": f"{fmt} accuracy, planted minus unedited, paired per prompt: {flipped} of "
+                         f"{part.height} prompts changed their answer ({int((part['after'] & ~part['before']).sum())} "
+                         f"now right, {int((~part['after'] & part['before']).sum())} now wrong); unedited "
+                         f"{part['before'].mean():.3g}, planted {part['after'].mean():.3g}"})
     return pl.DataFrame(rows, schema=LOCALISATION_SCHEMA)
