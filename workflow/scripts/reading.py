@@ -44,20 +44,27 @@ def main(smk):
         return [{**r, "positions": sorted({r["numbers_pos"], r["decision_pos"]})} for r in frame.to_dicts()]
 
     # 1. the training wording, unsteered: the reading direction and features of each steered layer
+    decision_of = dict(zip(reading["prompt_id"].to_list(), reading["decision_pos"].to_list()))
+    family_of = dict(zip(reading["prompt_id"].to_list(), reading["family"].to_list()))
+
+    def at_decision(captured):  # the captured rows at their prompt's decision position
+        return np.array([decision_of[int(i)] == p for i, p in zip(captured.captured_ids, captured.captured_positions)])
+
+    def feature_codes(sae, vectors):  # [n, d_sae] float32 on the host
+        with torch.inference_mode():
+            return sae.encode(vectors.to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
+
     train = reading.filter(pl.col("wording") == TRAIN)
     first = reading_pass(model, family_rows(train), capture_layers=sorted({*layers, *steered}), conditions=[], **batch)
-    decision = dict(zip(train["prompt_id"].to_list(), train["decision_pos"].to_list()))
-    at_decision = np.array([decision[int(i)] == p for i, p in zip(first.captured_ids, first.captured_positions)])
-    family = dict(zip(train["prompt_id"].to_list(), train["family"].to_list()))
-    families = np.array([family[int(i)] for i in first.captured_ids[at_decision]])
-    directions = {layer: reading_directions(first.vectors[layer][at_decision].double().numpy(), families)
+    first_decision = at_decision(first)
+    families = np.array([family_of[int(i)] for i in first.captured_ids[first_decision]])
+    directions = {layer: reading_directions(first.vectors[layer][first_decision].double().numpy(), families)
                   for layer in steered}
     controls = random_directions(model.config.hidden_size, steered, rcfg["steer"]["random_directions"], cfg["seed"])
     chosen, random_sets, feature_rows = {}, [{} for _ in range(rcfg["features"]["random_sets"])], []
-    for layer, sae in saes.items():
-        with torch.inference_mode():
-            codes = sae.encode(first.vectors[layer][at_decision].to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu().numpy()
-        ids, randoms, score = select_reading_features(codes, families, top_n=rcfg["features"]["top_n"],
+    train_codes = {layer: feature_codes(sae, first.vectors[layer][first_decision]) for layer, sae in saes.items()}
+    for layer in saes:
+        ids, randoms, score = select_reading_features(train_codes[layer].numpy(), families, top_n=rcfg["features"]["top_n"],
                                                       random_sets=rcfg["features"]["random_sets"], seed=cfg["seed"],
                                                       layer=layer)
         chosen[layer] = ids
@@ -87,17 +94,14 @@ def main(smk):
                           np.concatenate([first.captured_positions, second.captured_positions]),
                           torch.cat([first.vectors[layer], second.vectors[layer]]),
                           hook=hook, dtype=cfg["cache"]["dtype"], meta=meta)
-    # the reading features' summed activation at every family prompt's decision position
-    decision_of = dict(zip(reading["prompt_id"].to_list(), reading["decision_pos"].to_list()))
+    # the reading features' summed activation at every family prompt's decision position (the training
+    # wording's codes are the ones the features were chosen on)
+    second_decision = at_decision(second)
+    prompt_ids = np.concatenate([first.captured_ids[first_decision], second.captured_ids[second_decision]])
     prompt_rows = []
     for layer, sae in saes.items():
-        ids = np.concatenate([first.captured_ids, second.captured_ids])
-        pos = np.concatenate([first.captured_positions, second.captured_positions])
-        keep = np.array([decision_of[int(i)] == p for i, p in zip(ids, pos)])
-        x = torch.cat([first.vectors[layer], second.vectors[layer]])[torch.from_numpy(keep)]
-        with torch.inference_mode():
-            codes = sae.encode(x.to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
-        prompt_rows.append(pl.DataFrame({"layer": layer, "prompt_id": ids[keep],
+        codes = torch.cat([train_codes[layer], feature_codes(sae, second.vectors[layer][second_decision])])
+        prompt_rows.append(pl.DataFrame({"layer": layer, "prompt_id": prompt_ids,
                                          "activation": codes[:, chosen[layer]].sum(1).double().numpy()}))
     feature_prompts = (pl.concat(prompt_rows) if prompt_rows else
                        pl.DataFrame(schema={"layer": pl.Int64, "prompt_id": pl.Int32, "activation": pl.Float64}))

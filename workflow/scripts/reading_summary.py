@@ -2,7 +2,7 @@ import numpy as np
 import polars as pl
 
 from bugscope import tables
-from bugscope.data.probes import position_vectors
+from bugscope.data.probes import vectors_at
 from bugscope.data.reading import (
     POSITIONS,
     READING_FEATURES,
@@ -38,11 +38,13 @@ def main(smk):
         info = tables.check(tables.PROMPT_ACTIVATIONS, cfg, prompt_path)
         tables.check(tables.READING_ACTIVATIONS, cfg, reading_path)
         layer = parse_hook_name(info["hook_name"])[0]
+        columns = list(POSITIONS.values())
+        cached = vectors_at(prompt_path, info["dtype"], meta.filter(pl.Series(in_analysis)), columns)
+        families = vectors_at(reading_path, info["dtype"], meta.filter(~pl.Series(in_analysis)), columns)
         vectors = {}
         for name, column in POSITIONS.items():
             x = np.empty((meta.height, int(info["d_model"])), np.float32)
-            x[in_analysis] = position_vectors(prompt_path, info["dtype"], meta.filter(pl.Series(in_analysis)), column)
-            x[~in_analysis] = position_vectors(reading_path, info["dtype"], meta.filter(~pl.Series(in_analysis)), column)
+            x[in_analysis], x[~in_analysis] = cached[column], families[column]
             vectors[(layer, name)] = x
         parts.append(closeness_predictions(vectors, meta, alphas=cfg["probes"]["alphas"]))
     predictions = pl.concat(parts)

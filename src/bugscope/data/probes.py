@@ -163,18 +163,28 @@ def position_vectors(path, dtype: str, prompts: pl.DataFrame, column: str = "dec
     """[n, d] float32, rows in `prompts`' order: each prompt's cached activation at the position its
     `column` names (the decision position by default), from a prompt activation file of
     bugscope.model.cache, read without torch."""
+    return vectors_at(path, dtype, prompts, [column])[column]
+
+
+def vectors_at(path, dtype: str, prompts: pl.DataFrame, columns) -> dict[str, np.ndarray]:
+    """`position_vectors` for each position column of `columns`, the file read once."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from bugscope.io import arrow_to_numpy_vectors
 
-    wanted = dict(zip(prompts["prompt_id"].to_list(), prompts[column].to_list()))
-    table = pq.read_table(path, filters=[("prompt_id", "in", sorted(wanted)), ("position", "in", sorted(set(wanted.values())))])
-    ids, positions = table.column("prompt_id").to_numpy(), table.column("position").to_numpy()
-    row_of = {int(i): r for r, (i, p) in enumerate(zip(ids, positions)) if wanted.get(int(i)) == p}
-    missing = [p for p in wanted if p not in row_of]
-    if missing:
-        raise ValueError(f"{path} has no activation at the {column} of {len(missing)} prompts "
-                         f"(e.g. prompt {missing[0]}): the cache must hold those positions (cache.positions: aligned).")
-    take = pa.array([row_of[p] for p in prompts["prompt_id"].to_list()])
-    return arrow_to_numpy_vectors(table.column("activation").take(take), dtype)
+    ids = prompts["prompt_id"].to_list()
+    wanted = {c: dict(zip(ids, prompts[c].to_list())) for c in columns}
+    positions = sorted({p for w in wanted.values() for p in w.values()})
+    table = pq.read_table(path, filters=[("prompt_id", "in", sorted(ids)), ("position", "in", positions)])
+    row_of = {(int(i), int(p)): r for r, (i, p) in enumerate(zip(table.column("prompt_id").to_numpy(),
+                                                                 table.column("position").to_numpy()))}
+    out = {}
+    for column, pos in wanted.items():
+        missing = [p for p in ids if (p, pos[p]) not in row_of]
+        if missing:
+            raise ValueError(f"{path} has no activation at the {column} of {len(missing)} prompts "
+                             f"(e.g. prompt {missing[0]}): the cache must hold those positions (cache.positions: aligned).")
+        take = pa.array([row_of[(p, pos[p])] for p in ids])
+        out[column] = arrow_to_numpy_vectors(table.column("activation").take(take), dtype)
+    return out

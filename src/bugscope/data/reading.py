@@ -46,6 +46,7 @@ from bugscope.data.prompts import (
 )
 from bugscope.stats import (
     cluster_bootstrap_mean_ci_columns,
+    cluster_bootstrap_ratio_ci_columns,
     cluster_resample_weights,
     cluster_resampled_means,
     derived_seed,
@@ -379,8 +380,6 @@ def _eligible_rows(decimal: pl.DataFrame, baseline: pl.DataFrame, meta: pl.DataF
     if not targets.height:
         empty = {"n_prompts": 0, "n_pairs": 0, "value": None, "value_low": None, "value_high": None}
         return [{**key, "measure": m, **empty} for m in ("success_rate", "recovery")]
-    from bugscope.stats import cluster_bootstrap_ratio_ci_columns
-
     # each draw's logit difference over the unsteered one, on the source's gap: a ratio of sums
     gained = np.array([np.mean(ld) for ld in targets["logit_diff"].to_list()]) - targets["unsteered"].to_numpy()
     gap = targets["source"].to_numpy() - targets["unsteered"].to_numpy()
